@@ -166,7 +166,9 @@ class _Loader(yaml.SafeLoader):
     """SafeLoader that reads 1e-5 as a float (YAML 1.1 wants a dot) and keeps key line numbers."""
 
 
-_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?(?:[eE][-+]?[0-9]+)$|^[-+]?\.?[0-9][0-9_]*\.[0-9_]*$")
+_FLOAT = re.compile(
+    r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?(?:[eE][-+]?[0-9]+)$|^[-+]?\.?[0-9][0-9_]*\.[0-9_]*$"
+)
 _Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
 
 
@@ -275,7 +277,9 @@ def _check_keys(data: dict, docs: list[_Doc], prefix: tuple = ()) -> None:
     for key, value in data.items():
         path = (*prefix, key)
         if key not in valid:
-            raise ConfigError(f"{_locate(docs, path)}: {'.'.join(map(str, path))}: unknown key{_suggest(str(key), valid)}")
+            raise ConfigError(
+                f"{_locate(docs, path)}: {'.'.join(map(str, path))}: unknown key{_suggest(str(key), valid)}"
+            )
         if isinstance(value, dict):
             _check_keys(value, docs, path)
 
@@ -342,17 +346,20 @@ def load_config(
     docs = _profile_docs(profile or "base", config_dir)
     if user_file is not None:
         user = _read_yaml(Path(user_file))
-        if "extends" in user.data:  # a user file may name its profile itself
-            if profile is None:
-                docs = _profile_docs(user.data["extends"], config_dir)
-                profile = user.data["extends"]
+        parent = user.data.get("extends")  # a user file may name its profile itself
+        if parent and profile is None:
+            docs, profile = _profile_docs(parent, config_dir), parent
+        elif parent and parent != profile:
+            raise ConfigError(f"{user.where(('extends',))}: extends {parent!r}, but --profile {profile!r} was given")
         docs.append(user)
     for assignment in overrides:
         keys, value = parse_set(assignment)
         nested: Any = value
         for key in reversed(keys):
             nested = {key: nested}
-        docs.append(_Doc(nested, f"--set {assignment}", {tuple(keys[:i]): 0 for i in range(1, len(keys) + 1)}))
+        docs.append(
+            _Doc(nested, f"--set {assignment}", {tuple(keys[:i]): 0 for i in range(1, len(keys) + 1)})
+        )
     data: dict = {}
     for doc in docs:
         data = _merge(_drop_shadowed_scale(data, doc), doc.data)

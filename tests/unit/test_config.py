@@ -4,7 +4,15 @@ from pathlib import Path
 
 import pytest
 
-from finetune.config import ConfigError, RunConfig, list_profiles, load_config, load_file, parse_set, save_config
+from finetune.config import (
+    ConfigError,
+    RunConfig,
+    list_profiles,
+    load_config,
+    load_file,
+    parse_set,
+    save_config,
+)
 
 
 def write(tmp_path: Path, text: str, name: str = "user.yaml") -> Path:
@@ -53,7 +61,9 @@ def test_unknown_key_names_file_line_and_nearest(tmp_path):
 def test_misspelled_section_and_set_key():
     with pytest.raises(ConfigError, match=r"trainig: unknown key; did you mean training\?"):
         load_config(overrides=["trainig.iters=3"])
-    with pytest.raises(ConfigError, match=r"--set training.itrs=3: training.itrs: unknown key; did you mean iters\?"):
+    with pytest.raises(
+        ConfigError, match=r"--set training.itrs=3: training.itrs: unknown key; did you mean iters\?"
+    ):
         load_config(overrides=["training.itrs=3"])
 
 
@@ -93,7 +103,9 @@ def test_save_then_load_round_trips(tmp_path):
 
 
 def test_validation_errors_for_ranges(tmp_path):
-    with pytest.raises(ConfigError, match="data.splits: splits must be three non-negative shares summing to 1"):
+    with pytest.raises(
+        ConfigError, match="data.splits: splits must be three non-negative shares summing to 1"
+    ):
         load_config(overrides=["data.splits=[0.5, 0.1, 0.1]"])
     with pytest.raises(ConfigError, match="lora.num_layers"):
         load_config(overrides=["lora.num_layers=0"])
