@@ -86,16 +86,12 @@ def loss_convergence(
 # ---------------------------------------------------------------- model learning
 
 
-def _norm(text: str) -> str:
-    return " ".join(text.lower().strip().rstrip(".!").split())
-
-
 def answer_score(answer: str, reference: str) -> int:
-    """2 = exact, 1 = contains the reference, 0 = neither (case and trailing punctuation ignored)."""
-    a, r = _norm(answer), _norm(reference)
-    if a == r:
-        return 2
-    return 1 if r and r in a else 0
+    """2 = exact, 1 = contains the reference as whole words, 0 = neither (see synthetic.score_answer)."""
+    from finetune.synthetic import score_answer
+
+    score = score_answer(answer, reference)
+    return 2 if score["exact"] else int(score["contains"])
 
 
 def model_learning(

