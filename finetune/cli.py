@@ -74,6 +74,14 @@ def main(argv: Sequence[str] | None = None, *, stages=None, out=None) -> int:
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        from finetune.data import DatasetError
+        from finetune.templates import TemplateError
+
+        if isinstance(exc, DatasetError | TemplateError):
+            print(f"data error: {exc}", file=sys.stderr)
+            return 2
+        raise
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -252,9 +252,14 @@ def train_run(
     resume: bool = False,
     load=None,
     train_fn=mlx_train,
+    on_ready=None,
     log=print,
 ) -> TrainResult:
-    """Train per `cfg`; everything lands in `run_dir`. `load` and `train_fn` are injectable for tests."""
+    """Train per `cfg`; everything lands in `run_dir`.
+
+    `load` and `train_fn` are injectable for tests; `on_ready(model)` sees the model with adapters
+    attached before the first step, and the same object is trained in place (gates snapshot it).
+    """
     if load is None:
         from mlx_lm import load
     run_dir = Path(run_dir)
@@ -284,6 +289,8 @@ def train_run(
     elif not resume:
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     _truncate_metrics(run_dir / "metrics.jsonl", start_step)
+    if on_ready is not None:
+        on_ready(model)
     mx.random.seed(step_seed(t.seed, start_step))
 
     iterate = make_iterate_batches(t.seed, start_batch=start_step)
