@@ -61,11 +61,9 @@ class TrainResult:
 
 def adapter_config(cfg: RunConfig, n_layers: int) -> dict[str, Any]:
     """What mlx_lm.load(..., adapter_path=) and fuse need beside the weights."""
-    num_layers = (
-        n_layers
-        if cfg.lora.num_layers == -1 or cfg.training.fine_tune_type == "full"
-        else cfg.lora.num_layers
-    )
+    # Like mlx-lm, a count above the model's depth means every block (quick's 8 on a 2-layer test model).
+    full_depth = cfg.lora.num_layers == -1 or cfg.training.fine_tune_type == "full"
+    num_layers = n_layers if full_depth else min(cfg.lora.num_layers, n_layers)
     params = {"rank": cfg.lora.rank, "scale": cfg.lora.scale, "dropout": cfg.lora.dropout}
     if cfg.lora.keys:
         params["keys"] = list(cfg.lora.keys)
