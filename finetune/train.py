@@ -298,6 +298,8 @@ def train_run(
     )  # fmt: skip
     n_trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
     n_total = sum(v.size for _, v in tree_flatten(model.parameters()))
+    if n_trainable == 0:
+        raise ValueError("no trainable parameters: every adapter and weight is frozen")
     result = TrainResult(str(run_dir), str(run_dir / ADAPTER_DIR), None, start_step, start_step)
     result.trainable_params, result.total_params = n_trainable, n_total
     mx.reset_peak_memory()
