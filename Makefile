@@ -46,7 +46,7 @@ test-e2e-quick: test-e2e-workflow
 
 test-e2e-all: test-e2e-workflow
 	FT_REAL_MODEL_ENABLE=1 $(MAKE) --no-print-directory test-e2e-real-model
-	FT_E2E_MLX_ENABLE=1 $(MAKE) --no-print-directory test-e2e-mlx
+	$(MAKE) --no-print-directory test-e2e-mlx
 
 run: setup
 	$(BIN)/finetune run --profile quick

@@ -137,8 +137,9 @@ def _dispatch(args, stages, out) -> int:
             print(v, file=out)
         return 0 if all(v.passed for v in verdicts) else 1
     if args.command == "pipeline":
-        print("finetune pipeline: not implemented yet (tier 3 issue)", file=sys.stderr)
-        return 1
+        from finetune.pipeline import pipeline_main
+
+        return pipeline_main(args.profile, args.config, args.set, args.run_dir, out)
     raise AssertionError(args.command)
 
 

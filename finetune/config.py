@@ -332,7 +332,10 @@ def parse_set(assignment: str) -> tuple[list[str], Any]:
     key, raw = assignment.split("=", 1)
     if not key.strip():
         raise ConfigError(f"--set {assignment!r}: empty key")
-    value = yaml.load(raw, Loader=_Loader) if raw.strip() else ""
+    try:
+        value = yaml.load(raw, Loader=_Loader) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw  # not YAML (e.g. a Go template like {{ .Prompt }}): take the text as it is
     return key.strip().split("."), value
 
 

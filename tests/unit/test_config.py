@@ -126,3 +126,8 @@ def test_profile_inheritance_loop_is_refused(tmp_path):
 
 def test_defaults_are_a_valid_config():
     assert RunConfig().training.fine_tune_type == "lora"
+
+
+def test_set_value_that_is_not_yaml_is_taken_as_text():
+    assert parse_set("deploy.template={{ .Prompt }}") == (["deploy", "template"], "{{ .Prompt }}")
+    assert load_config(overrides=["deploy.template={{ .Prompt }}"]).deploy.template == "{{ .Prompt }}"
