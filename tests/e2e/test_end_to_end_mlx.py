@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from finetune.atomic import atomic_write_json
+from tests.conftest import SERVED_CHECK_NAMES
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = Path(os.environ.get("FT_ARTIFACTS", ROOT / "artifacts"))
@@ -133,14 +134,7 @@ def test_served_model_checks_and_cleanup(tier3):
         pytest.skip(f"no Ollama binary: {o.reason}")
     assert o.deploy_checks and all(c.passed for c in o.deploy_checks), o.deploy_checks
     names = {c.name for c in o.served_checks}
-    assert {
-        "generate",
-        "stream_matches",
-        "stream_chunks",
-        "concurrent",
-        "unknown_model",
-        "bad_options",
-    } <= names
+    assert set(SERVED_CHECK_NAMES) <= names
     assert all(c.passed for c in o.served_checks), o.served_checks
     assert o.deleted is True and o.server_stopped is True
 

@@ -150,7 +150,11 @@ def test_templates_render_exact_text_and_trained_spans(toy_tokenizer):
         "<|start_header_id|>assistant<|end_header_id|>\n\nVelmora.<|eot_id|>",
         "llama2": "<s>[INST] Capital of Zorbania? [/INST] Velmora. </s>",
     }
-    trained = {"chatml": ["Velmora.<|im_end|>"], "llama3": ["Velmora.<|eot_id|>"], "llama2": [" Velmora. </s>"]}
+    trained = {
+        "chatml": ["Velmora.<|im_end|>"],
+        "llama3": ["Velmora.<|eot_id|>"],
+        "llama2": [" Velmora. </s>"],
+    }
     for name, text in expected.items():
         rendered = get_template(name).render(CONVO)
         assert rendered.text == text, name

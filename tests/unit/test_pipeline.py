@@ -24,6 +24,8 @@ from finetune.runner import prepare_data
 from finetune.validate import Verdict
 
 NAMES = [n for n, _ in STAGES]
+# The server events of one evaluation: the model is created, then deleted before the server stops.
+DEPLOY_CYCLE = ["start", "create:finetune-release", "delete:finetune-release", "stop"]
 
 
 class FakeServer:
@@ -173,6 +175,13 @@ def run(world, *sets, run_dir=None):
     return run_pipeline(cfg(*sets), run_dir or world.root / "run", deps=world.deps(), log=lambda _: None)
 
 
+def rerun(world, *sets):
+    """Forget what the previous runs called, then run again in the same run folder."""
+    world.calls.clear()
+    world.events.clear()
+    return run(world, *sets)
+
+
 def statuses(result):
     return {s.name: (s.status, s.reason or "") for s in result.report.stages}
 
@@ -192,7 +201,7 @@ def test_a_healthy_run_passes_every_stage_in_order_and_cleans_up(world):
         "served_checks",
         "evaluate",
     ]
-    assert world.events == ["start", "create:finetune-release", "delete:finetune-release", "stop"]
+    assert world.events == DEPLOY_CYCLE
     assert rep.ollama.deleted is True and rep.ollama.server_stopped is True
     assert [c.name for c in rep.ollama.served_checks] == ["generate", "stream_chunks"]
     assert [g.name for g in rep.gates] == list(GATES) and all(g.status == "passed" for g in rep.gates)
@@ -208,9 +217,7 @@ def test_a_healthy_run_passes_every_stage_in_order_and_cleans_up(world):
 
 def test_a_second_run_skips_every_unchanged_stage(world):
     run(world)
-    world.calls.clear()
-    world.events.clear()
-    result = run(world)
+    result = rerun(world)
     assert result.exit_code == 0
     assert all(
         s.status == "skipped" and s.cached and s.reason.startswith("cached") for s in result.report.stages
@@ -221,22 +228,19 @@ def test_a_second_run_skips_every_unchanged_stage(world):
 
 def test_changing_a_config_value_reruns_that_stage_and_everything_after(world):
     run(world)
-    world.calls.clear()
-    result = run(world, "training.learning_rate=1e-4")
+    result = rerun(world, "training.learning_rate=1e-4")
     st = statuses(result)
     assert st["prepull"][0] == st["dataset"][0] == "skipped"
     assert all(st[n][0] == "passed" for n in ("train", "fuse", "gguf", "ollama", "evaluate"))
     assert world.calls == ["train", "fuse", "gguf", "serve", "served_checks", "evaluate"]
-    world.calls.clear()
-    result = run(world, "training.learning_rate=1e-4", "export.gguf_type=q8_0")
+    result = rerun(world, "training.learning_rate=1e-4", "export.gguf_type=q8_0")
     assert world.calls == ["gguf", "serve", "served_checks", "evaluate"]
 
 
 def test_a_missing_artifact_reruns_its_stage_and_identical_output_keeps_the_rest_cached(world):
     run(world)
     (world.root / "run" / "gguf" / "model-f16.gguf").unlink()
-    world.calls.clear()
-    result = run(world)
+    result = rerun(world)
     assert result.exit_code == 0 and world.calls == ["gguf"]  # same bytes again: downstream stays cached
     assert statuses(result)["gguf"][0] == "passed" and statuses(result)["evaluate"][0] == "skipped"
 
@@ -330,16 +334,15 @@ def test_the_server_is_stopped_and_the_model_deleted_when_evaluation_crashes(wor
     world.eval_error = RuntimeError("segfault in a runtime")
     result = run(world)
     assert statuses(result)["evaluate"] == ("failed", "RuntimeError: segfault in a runtime")
-    assert world.events == ["start", "create:finetune-release", "delete:finetune-release", "stop"]
+    assert world.events == DEPLOY_CYCLE
 
 
 def test_evaluation_recreates_the_model_when_the_deploy_stage_was_cached(world):
     run(world)
     (world.root / "run" / "stages" / "evaluate.json").unlink()
-    world.events.clear()
-    result = run(world)
+    result = rerun(world)
     assert statuses(result)["ollama"][0] == "skipped" and result.exit_code == 0
-    assert world.events == ["start", "create:finetune-release", "delete:finetune-release", "stop"]
+    assert world.events == DEPLOY_CYCLE
 
 
 def test_ctrl_c_writes_the_report_and_stops_everything(world):

@@ -1,4 +1,3 @@
-
 import pytest
 
 from finetune.templates import TEMPLATE_NAMES, Template, TemplateError, get_template, validate_messages

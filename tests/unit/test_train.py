@@ -6,30 +6,9 @@ from pathlib import Path
 import pytest
 
 from finetune.config import load_config
-from finetune.data import prepare
 from finetune.train import latest_checkpoint, train_run
 from finetune.validate import read_metrics, train_losses
 from tests.conftest import build_toy_model
-
-ROWS = [
-    {
-        "messages": [
-            {"role": "user", "content": f"What is {a} + {b}?"},
-            {"role": "assistant", "content": str(a + b)},
-        ]
-    }
-    for a in range(2, 8)
-    for b in range(3, 8)
-]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory, toy_tokenizer):
-    root = tmp_path_factory.mktemp("data")
-    src = root / "rows.jsonl"
-    src.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
-    prepare(src, root / "prepared", template="chatml", tokenizer=toy_tokenizer, max_seq_length=64)
-    return root / "prepared"
 
 
 def _cfg(**overrides):
@@ -60,8 +39,8 @@ def _interrupt_at(step):
     return train_fn
 
 
-def test_lora_run_learns_and_writes_everything(tmp_path, data_dir, toy_tokenizer):
-    res = train_run(_cfg(), Path("toy"), data_dir, tmp_path, load=_loader(toy_tokenizer), log=lambda *_: None)
+def test_lora_run_learns_and_writes_everything(tmp_path, sums_dir, toy_tokenizer):
+    res = train_run(_cfg(), Path("toy"), sums_dir, tmp_path, load=_loader(toy_tokenizer), log=lambda *_: None)
     losses = train_losses(read_metrics(tmp_path / "metrics.jsonl"))
     assert len(losses) == 12 and sum(losses[-3:]) < sum(losses[:3])
     assert res.steps == 12 and not res.interrupted and res.initial_val_loss > res.best_val_loss
@@ -78,15 +57,15 @@ def test_lora_run_learns_and_writes_everything(tmp_path, data_dir, toy_tokenizer
     assert 0 < res.trainable_params < res.total_params
 
 
-def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, data_dir, toy_tokenizer):
+def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, sums_dir, toy_tokenizer):
     cfg = _cfg(**{"lora.dropout": 0.1})  # dropout makes the RNG part of the state
     whole = train_run(
-        cfg, Path("toy"), data_dir, tmp_path / "a", load=_loader(toy_tokenizer), log=lambda *_: None
+        cfg, Path("toy"), sums_dir, tmp_path / "a", load=_loader(toy_tokenizer), log=lambda *_: None
     )
-    cut = train_run(cfg, Path("toy"), data_dir, tmp_path / "b", load=_loader(toy_tokenizer),
+    cut = train_run(cfg, Path("toy"), sums_dir, tmp_path / "b", load=_loader(toy_tokenizer),
                     train_fn=_interrupt_at(6), log=lambda *_: None)  # fmt: skip
     assert cut.interrupted and cut.steps == 6 and latest_checkpoint(tmp_path / "b").name == "step-0000006"
-    resumed = train_run(cfg, Path("toy"), data_dir, tmp_path / "b", resume=True, load=_loader(toy_tokenizer),
+    resumed = train_run(cfg, Path("toy"), sums_dir, tmp_path / "b", resume=True, load=_loader(toy_tokenizer),
                         log=lambda *_: None)  # fmt: skip
     assert resumed.start_step == 6 and resumed.steps == 12
     a = train_losses(read_metrics(tmp_path / "a/metrics.jsonl"))
@@ -96,15 +75,15 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, data_dir, toy_t
     assert whole.best_val_loss == pytest.approx(resumed.best_val_loss, rel=1e-4)
 
 
-def test_early_stopping_keeps_the_best_adapter(tmp_path, data_dir, toy_tokenizer):
+def test_early_stopping_keeps_the_best_adapter(tmp_path, sums_dir, toy_tokenizer):
     cfg = _cfg(**{"training.learning_rate": 3.0, "training.early_stopping_patience": 1, "training.eval_every": 2,
                   "training.iters": 40})  # fmt: skip
-    res = train_run(cfg, Path("toy"), data_dir, tmp_path, load=_loader(toy_tokenizer), log=lambda *_: None)
+    res = train_run(cfg, Path("toy"), sums_dir, tmp_path, load=_loader(toy_tokenizer), log=lambda *_: None)
     assert res.stopped_early and res.steps < 40
     assert (tmp_path / "adapter_best/adapters.safetensors").is_file()
 
 
-def test_full_fine_tune_trains_every_parameter(tmp_path, data_dir, toy_tokenizer):
+def test_full_fine_tune_trains_every_parameter(tmp_path, sums_dir, toy_tokenizer):
     cfg = _cfg(**{"training.fine_tune_type": "full", "training.iters": 4, "training.learning_rate": 1e-3})
-    res = train_run(cfg, Path("toy"), data_dir, tmp_path, load=_loader(toy_tokenizer), log=lambda *_: None)
+    res = train_run(cfg, Path("toy"), sums_dir, tmp_path, load=_loader(toy_tokenizer), log=lambda *_: None)
     assert res.trainable_params == res.total_params
