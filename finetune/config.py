@@ -353,7 +353,9 @@ def load_config(
         if parent and profile is None:
             docs, profile = _profile_docs(parent, config_dir), parent
         elif parent and parent != profile:
-            raise ConfigError(f"{user.where(('extends',))}: extends {parent!r}, but --profile {profile!r} was given")
+            raise ConfigError(
+                f"{user.where(('extends',))}: extends {parent!r}, but --profile {profile!r} was given"
+            )
         docs.append(user)
     for assignment in overrides:
         keys, value = parse_set(assignment)

@@ -1,0 +1,1 @@
+"""FineTune benchmarks: `python -m bench.run` (or `make bench`) writes docs/benchmarks.md and .json."""

@@ -1,0 +1,141 @@
+"""Wall time of the test tiers and of `make test` against their budgets.
+
+Live in every bench run: the pytest part of `make test` (unit + tier 1 + README) and tier 1 alone.
+Tiers 2 and 3 take 5-15 minutes, so by default they are read from their latest recorded reports
+(artifacts/tier2-last.json, artifacts/<run>/report.json), saying when they were recorded; `--tiers`
+runs them live instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench.stats import Figure, Goal, Section
+
+ROOT = Path(__file__).resolve().parents[1]
+# The README's budgets. The issue gives three (30 s, 5 min, 15 min) for the tiers; `make test` (unit tests +
+# tier 1, what CI runs) gets tier 2's 5 minutes here: an assumption, not a stated goal.
+BUDGETS_S = {"make_test": 300.0, "tier1": 30.0, "tier2": 300.0, "tier3": 900.0}
+MAKE_TEST = ["tests/unit", "tests/e2e/test_end_to_end_workflow.py", "tests/test_readme.py"]
+TIER1 = ["tests/e2e/test_end_to_end_workflow.py"]
+TIER2 = ["tests/e2e/test_end_to_end_real_model.py"]
+TIER3 = ["tests/e2e/test_end_to_end_mlx.py"]
+SUMMARY = re.compile(r"=*\s*((?:\d+ \w+(?:, )?)+) in [\d.]+s")
+
+
+def pytest_summary(output: str) -> str:
+    """pytest's closing "3 passed, 1 failed in 2.1s" counts, or "" (pure)."""
+    found = SUMMARY.findall(output)
+    return found[-1] if found else ""
+
+
+def run_pytest(
+    paths: list[str], env_extra: dict[str, str] | None = None, timeout: float = 1800
+) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *paths]
+    env = {**os.environ, **(env_extra or {})}
+    env.pop("LD_PRELOAD", None)
+    tic = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=timeout)
+    return {"seconds": time.perf_counter() - tic, "exit_code": proc.returncode,
+            "summary": pytest_summary(proc.stdout + proc.stderr), "command": " ".join(cmd[1:])}  # fmt: skip
+
+
+def _mtime(path: Path) -> str:
+    return datetime.fromtimestamp(path.stat().st_mtime, UTC).isoformat(timespec="seconds")
+
+
+def recorded_tier2(artifacts: Path) -> dict[str, Any] | None:
+    path = artifacts / "tier2-last.json"
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    return {"seconds": data.get("seconds"), "status": data.get("status"), "model": data.get("model"),
+            "recorded": data.get("finished_at") or _mtime(path), "source": str(path)}  # fmt: skip
+
+
+def recorded_tier3(artifacts: Path) -> dict[str, Any] | None:
+    """The newest tier-3 report.json; a passed run on a real model beats a smoke run on tiny-llama."""
+    found = []
+    for path in artifacts.glob("*/report.json"):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if not isinstance(data, dict) or "seconds" not in data:
+            continue
+        rank = (
+            data.get("status") == "passed",
+            data.get("model") != "tiny-llama",
+            data.get("finished_at") or "",
+        )
+        found.append((rank, path, data))
+    if not found:
+        return None
+    _, path, data = max(found, key=lambda x: x[0])
+    return {"seconds": data.get("seconds"), "status": data.get("status"), "model": data.get("model"),
+            "recorded": data.get("finished_at") or _mtime(path), "source": str(path)}  # fmt: skip
+
+
+def summarize(live: dict[str, dict], recorded: dict[str, dict | None]) -> Section:
+    """live: key -> run_pytest() result; recorded: tier2/tier3 -> recorded report or None (pure)."""
+    s = Section("tiers", "Test tiers: wall time against budgets")
+    labels = {"make_test": "`make test` (pytest part: unit + tier 1 + README)", "tier1": "tier 1 (test-e2e-workflow)",
+              "tier2": "tier 2 (test-e2e-real-model)", "tier3": "tier 3 (test-e2e-mlx)"}  # fmt: skip
+    rows = []
+    for key in ("make_test", "tier1", "tier2", "tier3"):
+        goal = Goal("<=", BUDGETS_S[key], f"≤ {BUDGETS_S[key]:g} s")
+        if key in live:
+            r = live[key]
+            fig = s.add(Figure(f"tiers.{key}_s", labels[key], r["seconds"], "s", goal,
+                               detail=f"measured live: {r['summary'] or 'exit ' + str(r['exit_code'])}"))  # fmt: skip
+            if r["exit_code"] not in (0, 5):
+                fig.reason = (
+                    f"the tests did not all pass (exit {r['exit_code']}: {r['summary']}); time still counted"
+                )
+            rows.append([labels[key], f"{r['seconds']:.1f}", f"{BUDGETS_S[key]:g}", "live", r["summary"]])
+            continue
+        rec = recorded.get(key)
+        if rec is None or rec.get("seconds") is None:
+            s.add(Figure(f"tiers.{key}_s", labels[key], None, "s", goal,
+                         reason="no recorded report; run it, or `python -m bench.run --tiers`"))  # fmt: skip
+            rows.append([labels[key], "—", f"{BUDGETS_S[key]:g}", "not recorded", ""])
+            continue
+        valid = rec.get("status") == "passed"
+        s.add(Figure(f"tiers.{key}_s", labels[key], float(rec["seconds"]) if valid else None, "s", goal,
+                     recorded=rec["recorded"], detail=f"from {rec['source']} ({rec.get('status')}, model {rec.get('model')})",
+                     reason="" if valid else f"the latest recorded run did not pass ({rec.get('status')}, "
+                     f"{float(rec['seconds']):.0f} s): not a valid tier time"))  # fmt: skip
+        rows.append([labels[key], f"{float(rec['seconds']):.1f}", f"{BUDGETS_S[key]:g}", f"recorded {rec['recorded']}",
+                     f"{rec.get('status')}, {rec.get('model')}"])  # fmt: skip
+    s.table(["tier", "seconds", "budget s", "how", "result"], rows)
+    s.notes.append("Tier times include pytest start-up. Tiers 2 and 3 are not rerun by default (together they "
+                   "would take most of the 15-minute bench budget): their figures come from the latest recorded "
+                   "report, with its date. `python -m bench.run --tiers` runs them live.")  # fmt: skip
+    s.data = {"live": live, "recorded": recorded, "budgets_s": BUDGETS_S}
+    return s
+
+
+def run_section(artifacts: Path, *, live_slow: bool = False, quick: bool = False, log=print) -> Section:
+    live = {}
+    if not quick:
+        live["make_test"] = run_pytest(MAKE_TEST)
+        log(f"  make test: {live['make_test']['seconds']:.1f} s ({live['make_test']['summary']})")
+    live["tier1"] = run_pytest(TIER1)
+    log(f"  tier 1: {live['tier1']['seconds']:.1f} s ({live['tier1']['summary']})")
+    if live_slow:
+        live["tier2"] = run_pytest(TIER2, {"FT_REAL_MODEL_ENABLE": "1"})
+        log(f"  tier 2: {live['tier2']['seconds']:.1f} s")
+        if (ROOT / TIER3[0]).exists():
+            live["tier3"] = run_pytest(TIER3, {"FT_E2E_MLX_ENABLE": "1"})
+            log(f"  tier 3: {live['tier3']['seconds']:.1f} s")
+    recorded = {"tier2": recorded_tier2(artifacts), "tier3": recorded_tier3(artifacts)}
+    return summarize(live, recorded)
