@@ -1,14 +1,18 @@
 """Training-memory estimate for Llama-family models on MLX: LoRA, DoRA and full fine-tuning.
 
-The numbers predict `mx.get_peak_memory()` over a training step, as FineTune trains: mlx-lm's `train()`
-with our masked cross-entropy, `finetune.train.prepare_model` (full = every parameter trainable) and
-MLX's CPU backend. Parameter counts are exact; the activation model is fitted to measured peaks of
-random-weight Llamas (bench/calibrate_memory.py prints predicted vs measured).
+Predicts `mx.get_peak_memory()` over a training step as FineTune trains: mlx-lm's `train()` with our
+masked cross-entropy, `finetune.train.prepare_model` (full = every parameter trainable), MLX's CPU
+backend with MLX_DISABLE_COMPILE=1 (finetune.blas's default). Parameter counts are exact; the activation
+coefficients below are fitted to measured peaks of random-weight Llamas (bench/calibrate_memory.py
+prints predicted vs measured: 176 runs fit within 10.5%, the float32 LoRA/DoRA ones within 4%).
 
-The peak is the larger of two moments of a step:
-  loss    end of the forward pass: every saved activation plus the vocabulary-sized loss buffers.
-  update  end of the backward pass (full fine-tuning only): gradients and new weights/optimizer states
-          of the layers being updated, while the activations of the others are still held.
+The peak is the largest of these moments of a step:
+  loss              end of the forward pass: saved activations + the vocabulary-sized loss buffers.
+  update (full)     a tensor being updated: its gradient, new weight and new optimizer states coexist
+                    with the old ones; the largest tensor is the embedding (about 3.4x its size with Adam)
+                    or, for small vocabularies, a transformer block.
+Measured, not assumed: in bfloat16/float16, LoRA's `x @ lora_a` promotes each adapted input to a float32
+copy that the backward pass keeps, so a half-precision LoRA run can peak above full fine-tuning.
 """
 
 from __future__ import annotations
@@ -34,19 +38,26 @@ BLOCK_LINEARS = (
     "mlp.down_proj",
 )
 
-# ---- fitted activation model (bench/calibrate_memory.py); units are elements of the model dtype.
-# Saved per token per trained block, times block_width (4*hidden + 2*q + 2*kv + 3*intermediate).
-ACT_PER_TOKEN = 1.28
-# Attention probabilities saved per trained block, times batch * heads * seq_len**2.
-ACT_ATTENTION = 1.63
-# Backward transients of the block being processed, per token, times block_width.
-ACT_TRANSIENT = 1.51
-# Vocabulary-sized buffers alive at the loss (logits, shifted logits, exp, their gradient).
-LOGIT_COPIES = 4.0
-# Full fine-tuning's update moment: gradient + new weight + new optimizer states of about two blocks.
-UPDATE_BLOCKS = 2.0
-DORA_PER_TOKEN = 1.0  # DoRA keeps each adapted linear's un-normalised output (elements per output feature)
-CHECKPOINT_PER_TOKEN = 1.0  # with gradient checkpointing a block keeps only its input (times hidden)
+# ---- fitted to measured MLX peaks (bench/calibrate_memory.py); units are elements of the model dtype.
+# Saved for the backward pass, per token per trained block, times block_width.
+ACT_PER_TOKEN = 1.34
+# Saved attention buffers per trained block, times batch * heads * seq_len**2.
+ACT_ATTENTION = 0.68
+# Backward transients of the block being processed: per token (times block_width) and per score.
+TRANSIENT_PER_TOKEN = 1.07
+TRANSIENT_ATTENTION = 2.66
+# Vocabulary-sized buffers alive at the loss: logits, shifted logits, exp, their gradient.
+LOGIT_COPIES = 4
+# Gradient checkpointing: each block keeps its input (times hidden per token); the block being
+# recomputed briefly holds its saved activations.
+CHECKPOINT_INPUT = 0.76
+CHECKPOINT_RECOMPUTE = 0.91
+# DoRA keeps each adapted linear's un-normalised output (elements per output feature per token).
+DORA_PER_TOKEN = 1.0
+# Full fine-tuning keeps a little more per block than LoRA (cotangents held for weight gradients).
+FULL_SAVED_EXTRA = 0.1
+# Updating the (tied) embedding: its two partial gradients and their sum, times the embedding.
+EMBED_GRAD_COPIES = 1.36
 
 
 @dataclass(frozen=True)
@@ -67,11 +78,16 @@ class ModelShape:
     model_type: str = "llama"
 
     def __post_init__(self) -> None:
-        for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"model shape: {name} must be >= 1, got {getattr(self, name)}")
-        for name in ("intermediate_size", "vocab_size"):
-            if int(getattr(self, name)) < 1:
+        for name in (
+            "hidden_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "intermediate_size",
+            "vocab_size",
+        ):
+            if getattr(self, name) < 1:
                 raise ValueError(f"model shape: {name} must be >= 1, got {getattr(self, name)}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
@@ -85,7 +101,8 @@ class ModelShape:
         """Read a Hugging Face config.json dict, with mlx-lm's defaults for missing optional keys."""
         if not isinstance(cfg, Mapping):
             raise TypeError(f"model config must be a dict (config.json), got {type(cfg).__name__}")
-        cfg = dict(cfg.get("text_config") or {}, **cfg) if "hidden_size" not in cfg else cfg
+        if "hidden_size" not in cfg and isinstance(cfg.get("text_config"), Mapping):
+            cfg = {**cfg["text_config"], **cfg}  # multimodal configs nest the language model's shape
 
         def need(key: str) -> int:
             if cfg.get(key) is None:
@@ -214,8 +231,10 @@ def resolve_lora_keys(shape: ModelShape, keys: Iterable[str] | None) -> tuple[st
     keys = tuple(keys)
     unknown = [k for k in keys if k not in BLOCK_LINEARS]
     if unknown:
-        raise ValueError(f"lora keys {unknown} are not Linear layers of a {shape.model_type} block; "
-                         f"valid keys: {list(BLOCK_LINEARS)}")  # fmt: skip
+        raise ValueError(
+            f"lora keys {unknown} are not Linear layers of a {shape.model_type} block; "
+            f"valid keys: {list(BLOCK_LINEARS)}"
+        )
     if not keys:
         raise ValueError("lora keys is empty: no layer would get an adapter")
     return tuple(dict.fromkeys(keys))
@@ -231,14 +250,20 @@ def adapted_layers(shape: ModelShape, num_layers: int) -> int:
 
 
 def adapter_param_count(
-    shape: ModelShape, *, rank: int, keys: Iterable[str] | None = None, num_layers: int = -1, dora: bool = False
+    shape: ModelShape,
+    *,
+    rank: int,
+    keys: Iterable[str] | None = None,
+    num_layers: int = -1,
+    dora: bool = False,
 ) -> int:
     """Exact trainable parameters mlx-lm adds: r*(in+out) per adapted Linear, plus `out` magnitudes for DoRA."""
     if rank < 1:
         raise ValueError(f"lora rank must be >= 1, got {rank}")
     dims = shape.linear_shapes()
-    per_block = sum(rank * (dims[k][0] + dims[k][1]) + (dims[k][1] if dora else 0)
-                    for k in resolve_lora_keys(shape, keys))  # fmt: skip
+    per_block = sum(
+        rank * (dims[k][0] + dims[k][1]) + (dims[k][1] if dora else 0) for k in resolve_lora_keys(shape, keys)
+    )
     return adapted_layers(shape, num_layers) * per_block
 
 
@@ -274,79 +299,125 @@ def estimate(
     dtype = param_dtype or shape.dtype
     pb = _dtype_bytes(dtype)
     full = fine_tune_type == "full"
+    states = OPTIMIZER_STATES[optimizer]
     tokens = batch_size * seq_len
 
     keys: tuple[str, ...] = ()
     if full:
         trainable, train_bytes, adapters = shape.param_count, shape.param_count * pb, 0
-        trained_blocks = shape.num_layers
+        blocks = shape.num_layers
     else:
         keys = resolve_lora_keys(shape, lora_keys)
-        trained_blocks = adapted_layers(shape, lora_num_layers)
+        blocks = adapted_layers(shape, lora_num_layers)
         adapters = adapter_param_count(
             shape, rank=lora_rank, keys=keys, num_layers=lora_num_layers, dora=fine_tune_type == "dora"
         )
         trainable, train_bytes = adapters, adapters * ADAPTER_BYTES
 
-    weights = shape.param_count * pb + adapters * ADAPTER_BYTES
-    optimizer_bytes = OPTIMIZER_STATES[optimizer] * train_bytes
-    saved, transient = _activation_bytes(
-        shape, batch_size, seq_len, pb, trained_blocks, grad_checkpoint,
-        dora_keys=keys if fine_tune_type == "dora" else (),
-    )  # fmt: skip
-    logits = int(LOGIT_COPIES * tokens * shape.vocab_size * pb)
-
-    # loss moment: LoRA gradients are tiny and counted whole; full gradients do not exist yet.
-    loss_moment = {"activations": saved + transient, "logits": logits, "gradients": 0 if full else train_bytes}
-    phase, moment = "loss", loss_moment
+    acts = activation_bytes(
+        shape,
+        batch_size,
+        seq_len,
+        pb,
+        blocks=blocks,
+        grad_checkpoint=grad_checkpoint,
+        adapter_keys=keys,
+        dora=fine_tune_type == "dora",
+        full=full,
+    )
+    logits = LOGIT_COPIES * tokens * shape.vocab_size * pb
+    # The loss moment: every saved activation plus the loss buffers. Adapter gradients are tiny and
+    # counted whole; full gradients do not exist yet.
+    moments = {
+        "loss": {
+            "activations": acts.saved + acts.transient,
+            "logits": logits,
+            "gradients": 0 if full else train_bytes,
+        }
+    }
     if full:
-        # update moment: ~2 blocks' gradient + new weight + new optimizer states (before the old are freed).
-        update_block = (shape.block_params * pb) * (2 + OPTIMIZER_STATES[optimizer])
-        update_moment = {"activations": saved, "logits": 0, "gradients": int(UPDATE_BLOCKS * update_block)}
-        if sum(update_moment.values()) > sum(loss_moment.values()):
-            phase, moment = "update", update_moment
+        moments.update(_update_moments(shape, pb, states, acts.saved, tokens * shape.vocab_size * pb))
+    phase = max(moments, key=lambda k: sum(moments[k].values()))
 
-    breakdown = {"weights": weights, "optimizer": optimizer_bytes, **{k: int(v) for k, v in moment.items()}}
+    breakdown = {
+        "weights": shape.param_count * pb + adapters * ADAPTER_BYTES,
+        "optimizer": states * train_bytes,
+        **{k: int(v) for k, v in moments[phase].items()},
+    }
     inputs = {
-        "batch_size": batch_size, "seq_len": seq_len, "lora_rank": lora_rank, "lora_num_layers": lora_num_layers,
-        "lora_keys": list(lora_keys) if lora_keys is not None else None, "grad_checkpoint": grad_checkpoint,
-        "param_dtype": dtype, "optimizer": optimizer, "model": asdict(shape),
-    }  # fmt: skip
+        "batch_size": batch_size,
+        "seq_len": seq_len,
+        "lora_rank": lora_rank,
+        "lora_num_layers": lora_num_layers,
+        "lora_keys": list(lora_keys) if lora_keys is not None else None,
+        "grad_checkpoint": grad_checkpoint,
+        "param_dtype": dtype,
+        "optimizer": optimizer,
+        "model": asdict(shape),
+    }
     return MemoryEstimate(
         breakdown=breakdown,
         trainable_params=trainable,
         total_params=shape.param_count + adapters,
         fine_tune_type=fine_tune_type,
-        peak_phase=phase,
+        peak_phase=phase if phase == "loss" else "update",
         inputs=inputs,
     )
 
 
-def _activation_bytes(
+def _update_moments(shape: ModelShape, pb: int, states: int, saved: int, one_logits: int) -> dict[str, dict]:
+    """Full fine-tuning's optimizer update: a tensor's gradient, new weight and new states coexist with the old."""
+    block = shape.block_params * pb
+    embed = shape.embedding_params * pb
+    # Untied models also hold lm_head's gradient and the blocks' activations while the embedding updates.
+    held = 0 if shape.tie_word_embeddings else 2 * saved
+    return {
+        "update_blocks": {"activations": saved, "logits": 0, "gradients": (2 + states) * block},
+        "update_embedding": {
+            "activations": held,
+            "logits": one_logits,
+            "gradients": int((EMBED_GRAD_COPIES + states) * embed),
+        },
+    }
+
+
+@dataclass(frozen=True)
+class Activations:
+    saved: int  # kept from the forward pass until the backward pass uses it
+    transient: int  # the block being processed in the backward pass
+
+
+def activation_bytes(
     shape: ModelShape,
     batch: int,
     seq: int,
     pb: int,
+    *,
     blocks: int,
-    grad_checkpoint: bool,
-    dora_keys: Iterable[str] = (),
-) -> tuple[int, int]:
-    """(saved for the backward pass, transient at the loss) in bytes.
-
-    Only blocks from the first trained one onward keep activations: nothing before it needs a gradient.
-    """
+    grad_checkpoint: bool = False,
+    adapter_keys: Iterable[str] = (),
+    dora: bool = False,
+    full: bool = False,
+) -> Activations:
+    """Activation bytes of the trained span: blocks before the first trained one keep nothing."""
     tokens = batch * seq
-    per_block = ACT_PER_TOKEN * tokens * shape.block_width + ACT_ATTENTION * batch * shape.num_heads * seq * seq
+    scores = batch * shape.num_heads * seq * seq
     dims = shape.linear_shapes()
-    per_block += DORA_PER_TOKEN * tokens * sum(dims[k][1] for k in dora_keys)
-    transient = ACT_TRANSIENT * tokens * shape.block_width
+    per_block = (ACT_PER_TOKEN * tokens * shape.block_width + ACT_ATTENTION * scores) * pb
+    if dora:
+        per_block += DORA_PER_TOKEN * tokens * sum(dims[k][1] for k in adapter_keys) * pb
+    if pb != ADAPTER_BYTES:
+        # x @ lora_a promotes a half-precision input to a float32 copy, which the backward pass keeps.
+        per_block += tokens * sum(dims[k][0] for k in adapter_keys) * ADAPTER_BYTES
+    if full:
+        per_block *= 1 + FULL_SAVED_EXTRA
     if grad_checkpoint:
-        # Blocks keep their input; the one being recomputed holds its full activations for a moment.
-        saved = CHECKPOINT_PER_TOKEN * tokens * shape.hidden_size * blocks
-        transient += per_block
+        saved = CHECKPOINT_INPUT * tokens * shape.hidden_size * pb * blocks
+        transient = CHECKPOINT_RECOMPUTE * per_block
     else:
         saved = per_block * blocks
-    return int(saved * pb), int(transient * pb)
+        transient = (TRANSIENT_PER_TOKEN * tokens * shape.block_width + TRANSIENT_ATTENTION * scores) * pb
+    return Activations(int(saved), int(transient))
 
 
 def predicted_saving(shape: ModelShape, **run: Any) -> float:

@@ -46,6 +46,7 @@ def measure(cfg_path: Path, model_path: Path, data_dir: Path, fine_tune_type: st
     for _ in range(steps):
         (loss, _ntoks), grads = value_and_grad(model, *batch)
         optimizer.update(model, grads)
+        del grads  # held here, every gradient would stay alive through the eval (not so in train())
         mx.eval(model.parameters(), optimizer.state, loss)
         losses.append(loss.item())
     trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))

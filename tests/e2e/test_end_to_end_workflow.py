@@ -25,7 +25,7 @@ from finetune.workflow import Stages
 SMOLLM2_SHAPE = {
     "model_type": "llama", "hidden_size": 576, "num_hidden_layers": 30, "num_attention_heads": 9,
     "num_key_value_heads": 3, "intermediate_size": 1536, "vocab_size": 49152, "tie_word_embeddings": True,
-    "torch_dtype": "bfloat16",
+    "torch_dtype": "float32",  # what models.py builds; in bf16 LoRA can cost more than full
 }  # fmt: skip
 
 

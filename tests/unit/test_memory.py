@@ -88,8 +88,15 @@ def test_adapter_params_match_linear_to_lora_layers(fine_tune_type, num_layers, 
     if keys:
         params["keys"] = keys
     linear_to_lora_layers(model, num_layers, params, use_dora=fine_tune_type == "dora")
-    est = estimate(ModelShape.from_hf_config(TINY), fine_tune_type=fine_tune_type, batch_size=1, seq_len=8,
-                   lora_rank=rank, lora_num_layers=num_layers, lora_keys=keys)  # fmt: skip
+    est = estimate(
+        ModelShape.from_hf_config(TINY),
+        fine_tune_type=fine_tune_type,
+        batch_size=1,
+        seq_len=8,
+        lora_rank=rank,
+        lora_num_layers=num_layers,
+        lora_keys=keys,
+    )
     assert est.trainable_params == count(model.trainable_parameters())
     assert est.total_params == count(model.parameters())
 
@@ -119,15 +126,20 @@ def test_bad_config_values_are_rejected():
         ModelShape.from_hf_config({**TINY, "torch_dtype": "int8"})
     with pytest.raises(ValueError, match="integer"):
         ModelShape.from_hf_config({**TINY, "hidden_size": "64"})
+    with pytest.raises(ValueError, match="num_layers must be >= 1"):
+        ModelShape.from_hf_config({**TINY, "num_hidden_layers": 0})
     with pytest.raises(TypeError):
         ModelShape.from_hf_config(["not", "a", "dict"])
 
 
 def test_defaults_follow_mlx_lm_and_dtype_spellings():
-    shape = ModelShape.from_hf_config({k: v for k, v in TINY.items() if k not in ("tie_word_embeddings",
-                                                                                  "torch_dtype")})  # fmt: skip
+    shape = ModelShape.from_hf_config(
+        {k: v for k, v in TINY.items() if k not in ("tie_word_embeddings", "torch_dtype")}
+    )
     assert shape.tie_word_embeddings and shape.dtype == "float32"
     assert ModelShape.from_hf_config({**TINY, "torch_dtype": None, "dtype": "float16"}).dtype == "float16"
+    nested = ModelShape.from_hf_config({"model_type": "vlm", "text_config": TINY})
+    assert nested.param_count == ModelShape.from_hf_config(TINY).param_count
 
 
 def test_bad_run_arguments_are_rejected():
@@ -137,9 +149,9 @@ def test_bad_run_arguments_are_rejected():
     with pytest.raises(ValueError, match="optimizer"):
         estimate(shape, fine_tune_type="lora", optimizer="lion", **RUN)
     # more layers than the model has means all of them, as in mlx-lm
-    assert estimate(shape, fine_tune_type="lora", lora_num_layers=4, **RUN) == estimate(
-        shape, fine_tune_type="lora", lora_num_layers=-1, **RUN
-    )
+    over = estimate(shape, fine_tune_type="lora", lora_num_layers=4, **RUN)
+    every = estimate(shape, fine_tune_type="lora", lora_num_layers=-1, **RUN)
+    assert over.breakdown == every.breakdown and over.trainable_params == every.trainable_params
     with pytest.raises(ValueError, match="lm_head"):
         estimate(shape, fine_tune_type="lora", lora_keys=["lm_head"], **RUN)
     with pytest.raises(ValueError, match="param_dtype"):
@@ -153,7 +165,8 @@ def test_bad_run_arguments_are_rejected():
 
 @pytest.fixture
 def smol() -> ModelShape:
-    return ModelShape.from_hf_config(SMOLLM2)
+    # float32, as FineTune trains it on CPU (models.py converts SmolLM2 to a float32 folder).
+    return ModelShape.from_hf_config({**SMOLLM2, "torch_dtype": "float32"})
 
 
 def total(shape, **kw) -> int:
@@ -201,22 +214,33 @@ def test_adapting_fewer_layers_needs_less(smol):
 def test_optimizer_state_counts(smol):
     adam = estimate(smol, fine_tune_type="full", optimizer="adam", **RUN)
     sgd = estimate(smol, fine_tune_type="full", optimizer="sgd", **RUN)
-    per_param = smol.param_count * 2  # bfloat16 weights: states in bfloat16 too
+    per_param = smol.param_count * 4
     assert adam.breakdown["optimizer"] == 2 * per_param
     assert sgd.breakdown["optimizer"] == per_param
     lora = estimate(smol, fine_tune_type="lora", **RUN)
     assert lora.breakdown["optimizer"] == 2 * 4 * lora.trainable_params  # adapters are float32
 
 
-def test_param_dtype_defaults_to_the_model_and_can_be_overridden(smol):
-    bf16 = estimate(smol, fine_tune_type="lora", **RUN)
-    f32 = estimate(smol, fine_tune_type="lora", param_dtype="float32", **RUN)
-    assert bf16.inputs["param_dtype"] == "bfloat16"
-    assert f32.breakdown["weights"] > 1.9 * bf16.breakdown["weights"]
+def test_param_dtype_defaults_to_the_model_and_can_be_overridden():
+    shape = ModelShape.from_hf_config(SMOLLM2)
+    bf16 = estimate(shape, fine_tune_type="full", **RUN)
+    f32 = estimate(shape, fine_tune_type="full", param_dtype="float32", **RUN)
+    assert bf16.inputs["param_dtype"] == "bfloat16" and f32.inputs["param_dtype"] == "float32"
+    assert f32.breakdown["weights"] == 2 * bf16.breakdown["weights"]
+    assert f32.breakdown["optimizer"] == 2 * bf16.breakdown["optimizer"]
+
+
+def test_half_precision_lora_keeps_float32_adapter_inputs():
+    """x @ lora_a promotes a bfloat16 input to float32, and the backward pass keeps that copy."""
+    shape = ModelShape.from_hf_config(SMOLLM2)
+    bf16 = estimate(shape, fine_tune_type="lora", **RUN).breakdown
+    f32 = estimate(shape, fine_tune_type="lora", param_dtype="float32", **RUN).breakdown
+    assert bf16["weights"] < 0.6 * f32["weights"] and bf16["logits"] == f32["logits"] // 2
+    assert 0.6 * f32["activations"] < bf16["activations"] < f32["activations"]
 
 
 def test_logits_are_vocabulary_sized(smol):
-    est = estimate(smol, fine_tune_type="lora", param_dtype="float32", **RUN)
+    est = estimate(smol, fine_tune_type="lora", **RUN)
     assert est.breakdown["logits"] == memory.LOGIT_COPIES * RUN["batch_size"] * RUN["seq_len"] * 49152 * 4
 
 
@@ -244,10 +268,13 @@ def test_format_estimate_lists_components_and_total(smol):
 
 def test_from_run_config_uses_the_run(smol):
     cfg = RunConfig.model_validate(
-        {"data": {"max_seq_length": 256}, "training": {"batch_size": 4, "fine_tune_type": "dora"},
-         "lora": {"rank": 4, "num_layers": 8}}  # fmt: skip
+        {
+            "data": {"max_seq_length": 256},
+            "training": {"batch_size": 4, "fine_tune_type": "dora"},
+            "lora": {"rank": 4, "num_layers": 8},
+        }
     )
-    est = memory.from_run_config(SMOLLM2, cfg)
+    est = memory.from_run_config({**SMOLLM2, "torch_dtype": "float32"}, cfg)
     direct = estimate(smol, fine_tune_type="dora", lora_rank=4, lora_num_layers=8, **RUN)
     assert est.total_bytes == direct.total_bytes and est.fine_tune_type == "dora"
 
@@ -257,9 +284,10 @@ def test_from_run_config_uses_the_run(smol):
 
 def test_tiny_measured_lora_step_is_near_the_estimate():
     """A real MLX step on a small random Llama (~1 s); the full calibration is bench/calibrate_memory.py."""
-    from finetune.batches import masked_loss
     import mlx.nn as nn
     import mlx.optimizers as optim
+
+    from finetune.batches import masked_loss
 
     cfg = {**TINY, "hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 2, "vocab_size": 4096}
     batch, seq = 2, 128
