@@ -12,26 +12,13 @@ import json
 import os
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 
 import finetune  # noqa: F401  (loads OpenBLAS before any mlx import in this process)
 from bench.stats import Figure, Goal, Section, median, ratio
+from finetune import doctor
+from finetune.blas import gflops
 
 N = 1024
-# finetune.doctor flags MLX as "on a reference BLAS" below this MLX/numpy ratio (measured 0.03-0.1 vs 0.5-1.4).
-SLOW_RATIO = 0.25
-
-
-def gflops(run: Callable[[], object], n: int, budget_s: float) -> float:
-    run()  # warm-up
-    reps, start = 0, time.perf_counter()
-    while True:
-        run()
-        reps += 1
-        elapsed = time.perf_counter() - start
-        if elapsed >= budget_s or reps >= 200:
-            return 2 * n**3 * reps / elapsed / 1e9
 
 
 def measure(n: int = N, reps: int = 5, budget_s: float = 0.4) -> dict:
@@ -46,8 +33,8 @@ def measure(n: int = N, reps: int = 5, budget_s: float = 0.4) -> dict:
     bn = np.random.default_rng(1).standard_normal((n, n), dtype=np.float32)
     mlx_runs, np_runs = [], []
     for _ in range(reps):
-        mlx_runs.append(gflops(lambda: mx.eval(a @ b), n, budget_s))
-        np_runs.append(gflops(lambda: an @ bn, n, budget_s))
+        mlx_runs.append(gflops(lambda: mx.eval(a @ b), n, budget_s, max_reps=200))
+        np_runs.append(gflops(lambda: an @ bn, n, budget_s, max_reps=200))
     blas = active_blas()
     return {
         "n": n,
@@ -91,7 +78,7 @@ def summarize(project: dict, stock: dict | None) -> Section:
                         f"OPENBLAS_NUM_THREADS={project['openblas_threads']}"))  # fmt: skip
     s.add(Figure("blas.numpy_gflops", f"numpy {n}² f32 matmul (same process)", npy, "GFLOP/s"))
     fig = s.add(Figure("blas.mlx_over_numpy", "MLX / numpy matmul speed (same process)", r, "×",
-                       Goal(">=", SLOW_RATIO, f"≥ {SLOW_RATIO} (finetune doctor's 'not slow' line)"),
+                       Goal(">=", doctor.SLOW_RATIO, f"≥ {doctor.SLOW_RATIO} (finetune doctor's 'not slow' line)"),
                        detail="median of per-rep ratios, MLX and numpy reps alternating"))  # fmt: skip
     if fig.met is False:
         fig.reason = f"MLX is on the {project['active_blas']} BLAS, not OpenBLAS: see `finetune doctor`."

@@ -270,14 +270,15 @@ def status() -> BlasStatus | None:
 # ---------------------------------------------------------------- measurement
 
 
-def _gflops(run: Callable[[], object], n: int, budget_s: float) -> float:
+def gflops(run: Callable[[], object], n: int, budget_s: float, max_reps: int = 50) -> float:
+    """GFLOP/s of `run` (an n x n matmul), repeated for `budget_s` after one warm-up call."""
     run()  # warm-up: allocations and first-use setup
     reps, start = 0, time.perf_counter()
     while True:
         run()
         reps += 1
         elapsed = time.perf_counter() - start
-        if elapsed >= budget_s or reps >= 50:
+        if elapsed >= budget_s or reps >= max_reps:
             return 2 * n**3 * reps / elapsed / 1e9
 
 
@@ -302,5 +303,5 @@ def measure_matmul(n: int = 512, *, budget_s: float = 0.2) -> MatmulSpeed:
 
     a, b = mx.random.normal((n, n)), mx.random.normal((n, n))
     an = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
-    mlx_speed = _gflops(lambda: mx.eval(a @ b), n, budget_s)
-    return MatmulSpeed(n, round(mlx_speed, 1), round(_gflops(lambda: an @ an, n, budget_s), 1))
+    mlx_speed = gflops(lambda: mx.eval(a @ b), n, budget_s)
+    return MatmulSpeed(n, round(mlx_speed, 1), round(gflops(lambda: an @ an, n, budget_s), 1))
