@@ -61,7 +61,7 @@ def git_commit() -> str | None:
 
 def metadata(mode: str) -> dict:
     from finetune import doctor
-    from finetune.models import total_memory_bytes
+    from finetune.resources import total_memory_bytes
 
     versions = {"python": platform.python_version(), "finetune": finetune.__version__}
     versions |= {name: doctor.package_version(name) for name in doctor.PACKAGES}

@@ -363,9 +363,9 @@ def prepare(
 ) -> tuple[Any, Path, dict, Path]:
     """Resolve the model, prepare the profile's data once, and tokenize it for the peft child."""
     from finetune.config import load_config
-    from finetune.data import tokenize_example
     from finetune.models import resolve_model
     from finetune.runner import load_tokenizer, prepare_data
+    from finetune.tokens import tokenize_example
 
     cfg = load_config(profile, None, base_overrides(model_spec, list(overrides)))
     model = resolve_model(model_spec)

@@ -15,7 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from finetune.data import tokenize_example
+from finetune.tokens import tokenize_example
 
 PAD_TO = 32  # same bucket rounding as mlx-lm, so compiled shapes repeat
 

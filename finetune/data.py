@@ -1,41 +1,34 @@
 """Datasets: load local files or Hugging Face datasets, normalize records, and prepare mlx-lm style splits.
 
+Reading files and the Hub is in finetune.data_sources, tokenizing and loss masks in finetune.tokens.
+
 Bad rows are collected as Rejections (1-based line/item/row + reason) instead of aborting the load.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
 import random
-import re
-import socket
 import statistics
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from finetune.atomic import atomic_write_text
+from finetune.data_sources import DatasetError, _hub_reachable, _load_hub, _Reject, _rows
+from finetune.data_sources import DatasetNotFoundError as DatasetNotFoundError  # re-exported: public
 from finetune.templates import Template, TemplateError, get_template, validate_messages
+from finetune.tokens import _encode, _mask
 
 FORMATS = ("auto", "alpaca", "chat", "completion", "text")
 FORMAT_ALIASES = {"prompt_completion": "completion", "completions": "completion", "messages": "chat"}
 ROLE_ALIASES = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant"}
-LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".arrow")
 SPLIT_NAMES = ("train", "valid", "test")
 MAX_LISTED = 20  # cap on line numbers listed in reports and error messages
-
-
-class DatasetError(ValueError):
-    """A dataset cannot be used; the message names the file and, where there is one, the line."""
-
-
-class DatasetNotFoundError(DatasetError, FileNotFoundError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -67,141 +60,6 @@ class LoadResult:
     rejected: list[Rejection]
     rows_read: int
     unit: str = "line"
-
-
-class _Reject(Exception):
-    pass
-
-
-# ---------------------------------------------------------------- reading rows
-
-
-def _hub_reachable() -> bool:
-    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
-        return False
-    try:
-        socket.create_connection(("huggingface.co", 443), timeout=3).close()
-        return True
-    except OSError:
-        return False
-
-
-def _load_hub(repo_id: str, split: str) -> Any:
-    import datasets
-
-    return datasets.load_dataset(repo_id, split=split)
-
-
-def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:
-    with path.open("rb") as fh:
-        for lineno, raw in enumerate(fh, start=1):
-            try:
-                line = raw.decode("utf-8").strip()
-            except UnicodeDecodeError as exc:
-                yield lineno, _Reject(f"not valid UTF-8 ({exc.reason} at byte {exc.start})")
-                continue
-            if not line:
-                continue
-            try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as exc:
-                yield lineno, _Reject(f"invalid JSON ({exc.msg} at column {exc.colno})")
-
-
-def _json_rows(path: Path) -> Iterator[tuple[int, Any]]:
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as exc:
-        raise DatasetError(f"{path}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from exc
-    except json.JSONDecodeError as exc:
-        raise DatasetError(
-            f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
-        ) from exc
-    if isinstance(doc, dict) and isinstance(doc.get("data"), list):
-        doc = doc["data"]
-    if not isinstance(doc, list):
-        raise DatasetError(f"{path}: expected a JSON array of records or an object with a 'data' array")
-    yield from enumerate(doc, start=1)
-
-
-def _csv_rows(path: Path) -> Iterator[tuple[int, Any]]:
-    with path.open(encoding="utf-8", newline="") as fh:
-        reader = csv.reader(fh)
-        try:
-            header = next(reader)
-        except StopIteration:
-            return
-        except (csv.Error, UnicodeDecodeError) as exc:
-            raise DatasetError(f"{path}: cannot read the CSV header: {exc}") from exc
-        start = reader.line_num + 1
-        while True:
-            try:
-                cells = next(reader)
-            except StopIteration:
-                return
-            except (csv.Error, UnicodeDecodeError) as exc:
-                raise DatasetError(f"{path}: line {start}: unreadable CSV: {exc}") from exc
-            if any(c.strip() for c in cells):
-                if len(cells) != len(header):
-                    yield start, _Reject(f"row has {len(cells)} columns, the header has {len(header)}")
-                else:
-                    yield start, dict(zip(header, cells, strict=True))
-            start = reader.line_num + 1
-
-
-def _table_rows(table: Any) -> Iterator[tuple[int, Any]]:
-    yield from enumerate(table, start=1)
-
-
-def _open_saved(path: Path, split: str) -> Any:
-    import datasets
-
-    loaded = datasets.load_from_disk(str(path))
-    if isinstance(loaded, datasets.DatasetDict):
-        if split not in loaded:
-            raise DatasetError(f"{path}: saved dataset has no split {split!r} (splits: {', '.join(loaded)})")
-        return loaded[split]
-    return loaded
-
-
-def _rows(
-    source: str, split: str, is_online: Callable[[], bool], hub_loader: Callable
-) -> tuple[str, Iterator]:
-    """(unit, iterator of (position, row or _Reject)) for a local file, saved dataset, or Hub id."""
-    path = Path(source).expanduser()
-    hub_id = re.sub(r"^hf:(//)?(datasets/)?", "", source) if source.startswith("hf:") else None
-    if hub_id is None and path.is_dir():
-        if not any((path / f).exists() for f in ("dataset_info.json", "dataset_dict.json", "state.json")):
-            raise DatasetError(
-                f"{path}: a folder, but not one saved with datasets' save_to_disk; pass a .jsonl/.json/.csv file"
-            )
-        return "row", _table_rows(_open_saved(path, split))
-    if hub_id is None and path.is_file():
-        suffix = path.suffix.lower()
-        if suffix == ".jsonl":
-            return "line", _jsonl_rows(path)
-        if suffix == ".json":
-            return "item", _json_rows(path)
-        if suffix == ".csv":
-            return "line", _csv_rows(path)
-        if suffix in (".parquet", ".arrow"):
-            import datasets
-
-            kind = suffix[1:]
-            return "row", _table_rows(datasets.load_dataset(kind, data_files=str(path), split="train"))
-        raise DatasetError(
-            f"{path}: unsupported file type {suffix!r}; use one of {', '.join(LOCAL_SUFFIXES)}"
-        )
-    looks_like_hub = hub_id is not None or re.fullmatch(r"[\w.-]+/[\w.-]+", source) and not path.suffix
-    if not looks_like_hub:
-        raise DatasetNotFoundError(f"{source}: dataset file not found")
-    hub_id = hub_id or source
-    if not is_online():
-        raise DatasetNotFoundError(
-            f"{source!r} is not a local file or folder and the Hugging Face Hub is unreachable (no network). "
-            "Use a local path: a .jsonl, .json, .csv or .parquet file, or a folder saved with save_to_disk."
-        )
-    return "row", _table_rows(hub_loader(hub_id, split))
 
 
 # ---------------------------------------------------------------- normalizing records
@@ -335,54 +193,6 @@ def load_records(
         why = f"{len(rejected)} rejected: {detail}" if rejected else "no records found"
         raise DatasetError(f"{source}: no usable rows ({why})")
     return LoadResult(source, examples, rejected, read, unit)
-
-
-# ---------------------------------------------------------------- tokenizing
-
-
-def _hf_tokenizer(tokenizer: Any) -> Any:
-    # mlx-lm's TokenizerWrapper is not callable; the Hugging Face tokenizer sits in its _tokenizer.
-    if not callable(tokenizer) and hasattr(tokenizer, "_tokenizer"):
-        return tokenizer._tokenizer
-    return tokenizer
-
-
-def _encode(tokenizer: Any, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-    tok = _hf_tokenizer(tokenizer)
-    try:
-        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
-    except NotImplementedError as exc:
-        raise TypeError(
-            "tokenize_example needs a fast (Rust) tokenizer that returns offset mappings"
-        ) from exc
-    ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
-    # Prepend BOS the way the tokenizer's default encode would, unless the text already carries it.
-    bos, bos_id = getattr(tok, "bos_token", None), getattr(tok, "bos_token_id", None)
-    if bos and bos_id is not None and not text.startswith(bos):
-        default = tok("a")["input_ids"]
-        if len(default) > len(tok("a", add_special_tokens=False)["input_ids"]) and default[0] == bos_id:
-            ids, offsets = [bos_id, *ids], [(0, 0), *offsets]
-    return ids, offsets
-
-
-def tokenize_example(
-    tokenizer: Any,
-    text: str,
-    train_spans: Sequence[Sequence[int]],
-    max_seq_length: int,
-    mask_prompt: bool = True,
-) -> tuple[list[int], list[int]]:
-    """Token ids and a 0/1 loss mask (1 = token overlaps a train span), both cut to max_seq_length."""
-    if max_seq_length < 1:
-        raise ValueError(f"max_seq_length must be >= 1, got {max_seq_length}")
-    ids, offsets = _encode(tokenizer, text)
-    mask = _mask(offsets, train_spans) if mask_prompt else [1] * len(ids)
-    return ids[:max_seq_length], mask[:max_seq_length]
-
-
-def _mask(offsets: Sequence[tuple[int, int]], spans: Sequence[Sequence[int]]) -> list[int]:
-    # A token is trained when its characters overlap a span; zero-width (added special) tokens never are.
-    return [int(s < e and any(s < se and e > ss for ss, se in spans)) for s, e in offsets]
 
 
 # ---------------------------------------------------------------- preparing splits

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from finetune import blas
-from finetune.models import available_memory_bytes, total_memory_bytes
+from finetune.resources import available_memory_bytes, total_memory_bytes
 
 PACKAGES = (
     "mlx",

@@ -12,10 +12,7 @@ Specs:
 Cache: $FT_CACHE_DIR or ~/.cache/finetune, under models/. Builds go to a temp dir renamed into place, under
 a lock file, so concurrent runs build once and never see half a folder.
 
-Memory table (choose_for_memory; measured MLX peak for smollm2 f32 LoRA, batch 4 x 64 tokens: ~0.85 GB):
-  available >= 4 GiB    smollm2-135m, batch 4
-  available >= 1.5 GiB  smollm2-135m, batch 1
-  below                 no model: skip, with the reason
+The conversion itself is in finetune.convert; memory sizing (choose_for_memory) in finetune.resources.
 """
 
 from __future__ import annotations
@@ -26,10 +23,8 @@ import hashlib
 import importlib.util
 import json
 import os
-import platform
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,7 +32,6 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-GIB = 1024**3
 SMOLLM2 = "smollm2-135m"
 TINY = "tiny-llama"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -88,13 +82,6 @@ class ResolvedModel:
     path: Path
     source: str  # "package" | "local" | "hub" | "built"
     config: dict
-
-
-@dataclass(frozen=True)
-class Choice:
-    model_spec: str | None
-    batch_size: int
-    reason: str
 
 
 Downloader = Callable[[str, Path], Path]
@@ -310,91 +297,14 @@ def build_smollm2(root: Path, *, gguf: Path | None = None, log: Log = _stderr) -
     target = root / f"{SMOLLM2}-{sha[:16]}-{SMOLLM2_DTYPE}-v{BUILD_VERSION}"
 
     def build(tmp: Path) -> dict:
+        # Imported here: finetune.convert imports this module, so a top-level import would be a cycle.
+        from finetune.convert import convert_gguf
+
         log(f"converting {gguf.name} to a {SMOLLM2_DTYPE} HF folder (once, 15-30 s) -> {target}")
         convert_gguf(gguf, tmp, dtype=SMOLLM2_DTYPE)
         return {"spec": SMOLLM2, "gguf": str(gguf), "gguf_sha256": sha, "dtype": SMOLLM2_DTYPE}
 
     return build_once(target, build, log)
-
-
-def convert_gguf(gguf: Path, out: Path, *, dtype: str = SMOLLM2_DTYPE) -> None:
-    """Dequantize a Llama GGUF into an HF folder with transformers (needs torch, gguf, accelerate)."""
-    try:
-        import torch
-        from transformers import AutoModelForCausalLM
-        from transformers.utils import logging as hf_logging
-    except ImportError as exc:
-        raise ModelUnavailable(f"converting {gguf.name} needs torch + transformers: {exc}") from exc
-    hf_logging.disable_progress_bar()  # drops 2 of 3 bars; the GGUF dequantize bar ignores this switch
-    model = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, dtype=getattr(torch, dtype)
-    )
-    # save_pretrained refuses a GGUF-quantized model; the weights in memory are already dequantized.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.save_pretrained(out)
-    del model
-    save_tokenizer(gguf, out)
-    fix_config_for_mlx(out / "config.json")
-
-
-def fix_config_for_mlx(config_file: Path) -> None:
-    """Copy rope_theta to the top level, where mlx_lm reads it (see rope_problem)."""
-    config = json.loads(config_file.read_text())
-    rope = config.get("rope_parameters") or {}
-    if "rope_theta" not in config and "rope_theta" in rope:
-        config["rope_theta"] = rope["rope_theta"]
-    _write_json(config_file, config)
-
-
-def save_tokenizer(gguf: Path, out: Path) -> None:
-    """Write the GGUF's tokenizer as HF files; reads tokenizer metadata only (~1-5 s, no weights)."""
-    from transformers.tokenization_utils_tokenizers import TokenizersBackend
-
-    tokenizer = TokenizersBackend.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    tokenizer.save_pretrained(str(out))
-    fix_tokenizer_config(out)
-    add_digit_split(out / "tokenizer.json")
-
-
-DIGIT_SPLIT = {"type": "Digits", "individual_digits": True}
-
-
-def add_digit_split(tokenizer_json: Path) -> None:
-    """Put back SmolLM2's Digits pre-tokenizer step, which transformers' GGUF loader drops.
-
-    Without it " ½" merges unlike llama.cpp's "smollm" pre-tokenizer (and unlike the original HF tokenizer),
-    so the GGUF's tokenization would differ from the one the model was trained with.
-    """
-    tj = json.loads(tokenizer_json.read_text(encoding="utf-8"))
-    pre = tj.get("pre_tokenizer") or {}
-    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre] if pre else []
-    if DIGIT_SPLIT not in steps:
-        tj["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [DIGIT_SPLIT, *steps]}
-        _write_json(tokenizer_json, tj)
-
-
-def fix_tokenizer_config(folder: Path) -> None:
-    """tokenizer_config.json must itself carry the ChatML template and eos <|im_end|> (GGUF exporters read it)."""
-    file = folder / "tokenizer_config.json"
-    config = json.loads(file.read_text())
-    jinja = folder / "chat_template.jinja"
-    if "chat_template" not in config and jinja.is_file():
-        config["chat_template"] = jinja.read_text()
-    for key in ("is_local", "local_files_only"):  # machine-specific noise from the load
-        config.pop(key, None)
-    if "<|im_start|>" not in config.get("chat_template", ""):
-        raise ModelUnavailable(f"{file}: no ChatML chat_template after conversion")
-    if config.get("eos_token") != "<|im_end|>":
-        raise ModelUnavailable(f"{file}: eos_token is {config.get('eos_token')!r}, expected '<|im_end|>'")
-    _write_json(file, config)
-
-
-def _write_json(file: Path, data: dict) -> None:
-    tmp = file.with_name(f".{file.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-    os.replace(tmp, file)
 
 
 def tiny_llama_weights(config: Mapping = TINY_CONFIG, seed: int = TINY_SEED) -> dict:
@@ -451,6 +361,8 @@ def build_tiny_llama(
     target = root / tiny_llama_dirname(config, seed, sha)
 
     def build(tmp: Path) -> dict:
+        from finetune.convert import _write_json, save_tokenizer  # see build_smollm2
+
         _write_json(tmp / "config.json", dict(config))
         save_file(tiny_llama_weights(config, seed), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         donor = _converted_smollm2(root, sha)
@@ -468,82 +380,3 @@ def build_tiny_llama(
 def _converted_smollm2(root: Path, sha: str) -> Path | None:
     folder = root / f"{SMOLLM2}-{sha[:16]}-{SMOLLM2_DTYPE}-v{BUILD_VERSION}"
     return folder if (folder / MARKER).is_file() else None
-
-
-# ---------------------------------------------------------------- memory
-
-
-def _meminfo() -> dict[str, int]:
-    info = {}
-    with open("/proc/meminfo") as fh:
-        for line in fh:
-            name, _, rest = line.partition(":")
-            parts = rest.split()
-            if parts and parts[0].isdigit():
-                info[name] = int(parts[0]) * (1024 if parts[1:] == ["kB"] else 1)
-    return info
-
-
-def _cgroup_limit() -> tuple[int, int] | None:
-    """(limit, usage) of a cgroup v2 memory limit, if the process runs under one."""
-    try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        usage = int(Path("/sys/fs/cgroup/memory.current").read_text())
-    except (OSError, ValueError):
-        return None
-    return None if limit == "max" else (int(limit), usage)
-
-
-def _sysctl(name: str) -> int | None:
-    try:
-        return int(subprocess.run(["sysctl", "-n", name], capture_output=True, text=True, timeout=5).stdout)
-    except (OSError, ValueError, subprocess.SubprocessError):
-        return None
-
-
-def total_memory_bytes() -> int | None:
-    if platform.system() == "Darwin":
-        return _sysctl("hw.memsize")
-    try:
-        total = _meminfo().get("MemTotal")
-    except OSError:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    cgroup = _cgroup_limit()
-    return min(total, cgroup[0]) if cgroup and total else total
-
-
-def available_memory_bytes() -> int | None:
-    """Memory a new job can use: MemAvailable, capped by a cgroup limit (containers); None if unknown."""
-    if platform.system() == "Darwin":
-        # vm_stat is awkward to parse; free + inactive pages via sysctl is close enough to sizing a batch.
-        page = _sysctl("hw.pagesize") or 4096
-        free = (_sysctl("vm.page_free_count") or 0) + (_sysctl("vm.page_inactive_count") or 0)
-        return free * page or None
-    try:
-        available = _meminfo().get("MemAvailable")
-    except OSError:
-        available = None
-    if available is None:
-        with contextlib.suppress(ValueError, OSError, AttributeError):
-            available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-    cgroup = _cgroup_limit()
-    if cgroup and available is not None:
-        available = min(available, max(0, cgroup[0] - cgroup[1]))
-    return available
-
-
-MEMORY_TABLE = ((4 * GIB, SMOLLM2, 4), (int(1.5 * GIB), SMOLLM2, 1))
-
-
-def choose_for_memory(available_bytes: int | None) -> Choice:
-    """Pick model and batch size from available memory (table in the module docstring)."""
-    if available_bytes is None:
-        return Choice(None, 0, "available memory unknown: not choosing a model")
-    have = available_bytes / GIB
-    for need, spec, batch in MEMORY_TABLE:
-        if available_bytes >= need:
-            return Choice(
-                spec, batch, f"{have:.1f} GiB available >= {need / GIB:.1f} GiB: {spec} batch {batch}"
-            )
-    floor = MEMORY_TABLE[-1][0] / GIB
-    return Choice(None, 0, f"only {have:.2f} GiB available; {SMOLLM2} needs >= {floor:.1f} GiB: skipping")

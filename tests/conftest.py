@@ -188,7 +188,7 @@ def tiny_hf(request, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_spec(tiny_hf):
-    from finetune.gguf_export import build_tokenizer_spec
+    from finetune.gguf_tokenizer import build_tokenizer_spec
 
     return build_tokenizer_spec(tiny_hf)
 

@@ -69,10 +69,11 @@ class _Progress(io.StringIO):
 
 @pytest.fixture(scope="module")
 def tier3(request):
-    from finetune.models import ModelUnavailable, available_memory_bytes, choose_for_memory, resolve_model
+    from finetune.models import ModelUnavailable, resolve_model
     from finetune.ollama_provision import locate_ollama
     from finetune.pipeline import pipeline_main
     from finetune.report import REPORT_NAME, validate_report
+    from finetune.resources import available_memory_bytes, choose_for_memory
 
     choice = choose_for_memory(available_memory_bytes())
     if choice.model_spec is None:

@@ -48,7 +48,8 @@ def _skip(reason: str):
 def tier2():
     if os.environ.get("FT_REAL_MODEL_ENABLE") != "1":
         _skip("FT_REAL_MODEL_ENABLE is not 1 (tier 2 trains a real model for up to 5 minutes)")
-    from finetune.models import ModelUnavailable, available_memory_bytes, choose_for_memory, resolve_model
+    from finetune.models import ModelUnavailable, resolve_model
+    from finetune.resources import available_memory_bytes, choose_for_memory
 
     choice = choose_for_memory(available_memory_bytes())
     if choice.model_spec is None:

@@ -8,9 +8,9 @@ from finetune.data import (
     load_records,
     prepare,
     split_counts,
-    tokenize_example,
 )
 from finetune.templates import get_template
+from finetune.tokens import tokenize_example
 
 
 def write_lines(path: Path, lines: list) -> Path:

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from finetune.fuse import FuseError, fuse, read_adapter_config
-from finetune.gguf_export import build_tokenizer_spec, check_gguf, export_gguf
+from finetune.gguf_export import export_gguf
+from finetune.gguf_inspect import check_gguf
+from finetune.gguf_tokenizer import build_tokenizer_spec
 
 LORA = {"rank": 4, "dropout": 0.0, "scale": 2.0}
 IDS = [19556, 905, 216, 1, 4093, 198, 33, 34, 35, 2]

@@ -9,17 +9,10 @@ import shutil
 import numpy as np
 import pytest
 
-from finetune.gguf_export import (
-    GGUFExportError,
-    build_tokenizer_spec,
-    check_gguf,
-    expected_tensor_shapes,
-    export_gguf,
-    inspect_gguf,
-    llama_params,
-    load_hf_tensors,
-    permute_qk,
-)
+from finetune.gguf_export import export_gguf, load_hf_tensors, permute_qk
+from finetune.gguf_inspect import check_gguf, inspect_gguf
+from finetune.gguf_params import GGUFExportError, expected_tensor_shapes, llama_params
+from finetune.gguf_tokenizer import build_tokenizer_spec
 
 # --------------------------------------------------------------------------- pure pieces
 

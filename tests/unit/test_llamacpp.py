@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from finetune import llamacpp as L
-from finetune.gguf_export import build_tokenizer_spec, export_gguf, load_hf_tensors, permute_qk
+from finetune.gguf_export import export_gguf, load_hf_tensors, permute_qk
+from finetune.gguf_tokenizer import build_tokenizer_spec
 
 needs_xllamacpp = pytest.mark.skipif(
     importlib.util.find_spec("xllamacpp") is None, reason="xllamacpp (llama.cpp) is not installed"
@@ -298,7 +299,7 @@ def spm_hf(tmp_path_factory) -> Path:
 def test_sentencepiece_llama_export_matches_hf_and_mlx(spm_hf, tmp_path):
     from transformers import AutoTokenizer
 
-    from finetune.gguf_export import check_gguf, inspect_gguf
+    from finetune.gguf_inspect import check_gguf, inspect_gguf
 
     spec = build_tokenizer_spec(spm_hf)
     assert (spec.model, spec.add_bos) == ("llama", True)
@@ -335,7 +336,7 @@ def test_sentencepiece_llama_export_matches_hf_and_mlx(spm_hf, tmp_path):
 def test_smollm2_export_matches_mlx_in_llamacpp(tmp_path):
     from transformers import AutoTokenizer
 
-    from finetune.gguf_export import check_gguf
+    from finetune.gguf_inspect import check_gguf
     from finetune.models import resolve_model
 
     hf = resolve_model("smollm2-135m").path

@@ -12,8 +12,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from finetune import models
-from finetune.models import GIB, ModelUnavailable, resolve_model
+from finetune import convert, models, resources
+from finetune.models import ModelUnavailable, resolve_model
+from finetune.resources import GIB
 
 SLOW = pytest.mark.skipif(
     os.environ.get("FT_SLOW_TESTS") != "1", reason="converts SmolLM2 from GGUF (~30 s): set FT_SLOW_TESTS=1"
@@ -134,7 +135,7 @@ def test_nested_rope_theta_is_refused_for_mlx(tmp_path):
     folder = write_folder(tmp_path / "m", {"model_type": "llama", "rope_parameters": {"rope_theta": 1e5}})
     with pytest.raises(ModelUnavailable, match="rope_theta"):
         resolve_model(str(folder))
-    models.fix_config_for_mlx(folder / "config.json")
+    convert.fix_config_for_mlx(folder / "config.json")
     assert resolve_model(str(folder)).config["rope_theta"] == 1e5
     assert models.rope_problem({"model_type": "llama", "rope_parameters": {"rope_theta": 10000.0}}) is None
 
@@ -234,10 +235,10 @@ def test_build_once_replaces_an_incomplete_folder(tmp_path):
 def test_tokenizer_config_without_chatml_is_refused(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
     with pytest.raises(ModelUnavailable, match="chat_template"):
-        models.fix_tokenizer_config(tmp_path)
+        convert.fix_tokenizer_config(tmp_path)
     (tmp_path / "chat_template.jinja").write_text("<|im_start|>{{ m }}<|im_end|>")
     with pytest.raises(ModelUnavailable, match="eos_token"):
-        models.fix_tokenizer_config(tmp_path)
+        convert.fix_tokenizer_config(tmp_path)
 
 
 # ---------------------------------------------------------------- memory
@@ -253,17 +254,17 @@ def test_tokenizer_config_without_chatml_is_refused(tmp_path):
     ],
 )
 def test_choose_for_memory_table(available, spec, batch):
-    choice = models.choose_for_memory(available)
+    choice = resources.choose_for_memory(available)
     assert (choice.model_spec, choice.batch_size) == (spec, batch) and choice.reason
 
 
 def test_choose_for_memory_explains_a_skip():
-    assert "skipping" in models.choose_for_memory(GIB // 2).reason
-    assert models.choose_for_memory(None).model_spec is None
+    assert "skipping" in resources.choose_for_memory(GIB // 2).reason
+    assert resources.choose_for_memory(None).model_spec is None
 
 
 def test_available_memory_is_measured():
-    available, total = models.available_memory_bytes(), models.total_memory_bytes()
+    available, total = resources.available_memory_bytes(), resources.total_memory_bytes()
     assert available and total and 0 < available <= total
 
 
