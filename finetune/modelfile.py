@@ -20,10 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+# One source for the texts training renders, so the served TEMPLATE cannot drift from it.
+from finetune.templates import ALPACA_PREAMBLE
+from finetune.templates import LLAMA2_DEFAULT_EOS as DEFAULT_EOS
+
 # Measured on this 2-core box: llama.cpp with 2 threads collapsed under load (OpenMP spin-waiting).
 DEFAULT_PARAMETERS: dict[str, Any] = {"num_thread": 1}
-ALPACA_PREAMBLE = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
-DEFAULT_EOS = "</s>"
 
 
 class ModelfileError(ValueError):
