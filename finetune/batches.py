@@ -85,7 +85,7 @@ def batch_at(dataset: TokenDataset, batch_size: int, seed: int, index: int) -> l
 def make_iterate_batches(seed: int, start_batch: int = 0) -> Callable[..., Iterator]:
     """An `iterate_batches` for mlx_lm.tuner.train that starts at batch `start_batch`."""
 
-    def iterate_batches(dataset, batch_size, max_seq_length, loop=False, seed_=None, comm_group=None, **_):
+    def iterate_batches(dataset, batch_size, max_seq_length, loop=False, comm_group=None, **_):
         if len(dataset) < batch_size:
             if loop:
                 raise ValueError(

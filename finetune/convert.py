@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
+from finetune.atomic import atomic_write_text
 from finetune.models import SMOLLM2_DTYPE, ModelUnavailable
 
 
@@ -84,6 +84,4 @@ def fix_tokenizer_config(folder: Path) -> None:
 
 
 def _write_json(file: Path, data: dict) -> None:
-    tmp = file.with_name(f".{file.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-    os.replace(tmp, file)
+    atomic_write_text(file, json.dumps(data, indent=2, ensure_ascii=False) + "\n")

@@ -17,6 +17,18 @@ from typing import Any
 LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".arrow")
 
 
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """Every row of a JSONL file we wrote ourselves; a bad line is an error naming file:line."""
+    rows = []
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{n}: invalid JSON ({exc.msg})") from None
+    return rows
+
+
 class DatasetError(ValueError):
     """A dataset cannot be used; the message names the file and, where there is one, the line."""
 

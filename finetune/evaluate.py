@@ -7,7 +7,6 @@ is a plain callable in `Backends`, so tests drive the evaluation with fakes.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from finetune import parity
+from finetune.data_sources import read_jsonl
 from finetune.llamacpp import LOGPROB_TOLERANCE, SAMPLE_TEXTS, logprob_parity
 from finetune.parity import Answer
 from finetune.validate import Verdict, answer_score
@@ -106,17 +106,6 @@ class EvalOutcome:
 # ---------------------------------------------------------------- prompts and scores
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{n}: invalid JSON ({exc.msg})") from None
-    return rows
-
-
 def build_prompts(data_dir: Path, template: Any, *, n_train: int, n_heldout: int) -> list[EvalPrompt]:
     """The first n_train training rows and n_heldout held-out rows (prepare_data's files, in their order).
 
@@ -125,10 +114,10 @@ def build_prompts(data_dir: Path, template: Any, *, n_train: int, n_heldout: int
     """
     data_dir = Path(data_dir)
     by_prompt = {}
-    for row in _read_jsonl(data_dir / "source.jsonl"):
+    for row in read_jsonl(data_dir / "source.jsonl"):
         by_prompt[template.render_prompt(row["messages"][:-1])] = row["messages"][-2]["content"]
     out = []
-    for i, row in enumerate(_read_jsonl(data_dir / "train.jsonl")[:n_train]):
+    for i, row in enumerate(read_jsonl(data_dir / "train.jsonl")[:n_train]):
         if row["prompt"] not in by_prompt:
             raise ValueError(f"{data_dir / 'train.jsonl'}: row {i + 1}'s prompt is not in source.jsonl")
         out.append(
@@ -136,7 +125,7 @@ def build_prompts(data_dir: Path, template: Any, *, n_train: int, n_heldout: int
                 "train", by_prompt[row["prompt"]], row["prompt"], row["reference"], row.get("kind", "")
             )
         )
-    for row in _read_jsonl(data_dir / "heldout.jsonl")[:n_heldout]:
+    for row in read_jsonl(data_dir / "heldout.jsonl")[:n_heldout]:
         messages = row["messages"]
         out.append(
             EvalPrompt(

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from finetune.ollama_server import free_port
 
 SAMPLE_TEXTS = [
     "Hello world! The quick brown fox jumps over the lazy dog.",
@@ -309,12 +310,6 @@ class MlxReference:
 # --------------------------------------------------------------------------- child side
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _post(port: int, path: str, body: dict[str, Any], timeout: float = 120.0) -> Any:
     req = urllib.request.Request(
         f"http://127.0.0.1:{port}{path}",
@@ -333,7 +328,7 @@ def _post(port: int, path: str, body: dict[str, Any], timeout: float = 120.0) ->
 def _serve(req: dict[str, Any]) -> Any:
     import xllamacpp as xlc
 
-    port = _free_port()
+    port = free_port()
     params = xlc.CommonParams()
     params.model.path = req["gguf"]
     params.n_ctx = int(req.get("n_ctx", 2048))

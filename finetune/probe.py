@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -11,12 +10,13 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from finetune.batches import TokenDataset, make_iterate_batches, masked_loss
+from finetune.data_sources import read_jsonl
 
 ADAPTER_LEAVES = ("lora_a", "lora_b", "m")
 
 
 def read_split(path: Path, limit: int | None = None) -> list[dict]:
-    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    rows = read_jsonl(path)
     return rows[:limit] if limit else rows
 
 

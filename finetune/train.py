@@ -21,9 +21,10 @@ from mlx_lm.tuner.trainer import TrainingArgs, evaluate
 from mlx_lm.tuner.trainer import train as mlx_train
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
-from finetune.atomic import atomic_dir, atomic_write_bytes, atomic_write_json
+from finetune.atomic import atomic_dir, atomic_write_json, atomic_write_text
 from finetune.batches import load_split, make_iterate_batches, masked_loss
 from finetune.config import RunConfig, save_config
+from finetune.validate import read_metrics
 
 CHECKPOINTS = "checkpoints"
 ADAPTER_DIR = "adapter"
@@ -149,15 +150,12 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """Drop metrics past the resume point so a resumed run's log equals an uninterrupted one."""
     if not path.exists():
         return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a torn last line from a crash
-        if row.get("step", 0) <= step and not (row.get("kind") == "val" and row.get("step") == step):
-            kept.append(line)
-    atomic_write_bytes(path, ("\n".join(kept) + "\n" if kept else "").encode())
+    kept = [
+        json.dumps(row)
+        for row in read_metrics(path)  # skips a torn last line from a crash
+        if row.get("step", 0) <= step and not (row.get("kind") == "val" and row.get("step") == step)
+    ]
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 # ---------------------------------------------------------------- the callback
@@ -166,9 +164,9 @@ def _truncate_metrics(path: Path, step: int) -> None:
 class RunCallback(TrainingCallback):
     """Metrics, evaluation, checkpoints, best adapter and early stopping, on global steps."""
 
-    def __init__(self, *, run_dir, cfg, model, optimizer, acfg, val_set, iterate, start_step, state, log):
+    def __init__(self, *, run_dir, cfg, model, optimizer, acfg, val_set, iterate, start_step, state):
         self.run_dir, self.cfg, self.model, self.optimizer = run_dir, cfg, model, optimizer
-        self.acfg, self.val_set, self.iterate, self.log = acfg, val_set, iterate, log
+        self.acfg, self.val_set, self.iterate = acfg, val_set, iterate
         self.step = start_step
         self.best_val = state.get("best_val")
         self.bad_evals = state.get("bad_evals", 0)
@@ -294,7 +292,7 @@ def train_run(
     iterate = make_iterate_batches(t.seed, start_batch=start_step)
     cb = RunCallback(
         run_dir=run_dir, cfg=cfg, model=model, optimizer=optimizer, acfg=acfg, val_set=val_set,
-        iterate=make_iterate_batches(t.seed), start_step=start_step, state=state, log=log,
+        iterate=make_iterate_batches(t.seed), start_step=start_step, state=state,
     )  # fmt: skip
     n_trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
     n_total = sum(v.size for _, v in tree_flatten(model.parameters()))
