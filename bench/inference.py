@@ -54,7 +54,7 @@ def mlx_child(model: str, prompt: str, max_tokens: int, reps: int) -> dict[str, 
 
 
 def llamacpp_op(port: int, req: dict[str, Any]) -> list[dict[str, Any]]:
-    from finetune.llamacpp import _post
+    from finetune.serve.llamacpp import _post
 
     out = []
     for _ in range(req["reps"] + 1):
@@ -73,7 +73,7 @@ def llamacpp_op(port: int, req: dict[str, Any]) -> list[dict[str, Any]]:
 
 def llamacpp_child(gguf: str, prompt: str, max_tokens: int, reps: int) -> dict[str, Any]:
     # Reuse finetune.llamacpp's server start-up (1 thread, loopback port, health wait) with one more op.
-    from finetune import llamacpp
+    from finetune.serve import llamacpp
 
     llamacpp._OPS["speed"] = llamacpp_op
     out = llamacpp._serve({"op": "speed", "gguf": gguf, "prompt": prompt, "max_tokens": max_tokens,
@@ -105,8 +105,8 @@ def run_child(kind: str, target: str, max_tokens: int, reps: int, timeout: float
 
 def ollama_speed(gguf: Path, work: Path, max_tokens: int, reps: int) -> dict[str, Any]:
     """Serve the GGUF with a private Ollama server; None-free dict or raises with the reason."""
-    from finetune.ollama_provision import locate_ollama
-    from finetune.ollama_server import OllamaServer
+    from finetune.serve.ollama_provision import locate_ollama
+    from finetune.serve.ollama_server import OllamaServer
 
     where = locate_ollama()
     if where.binary is None:
@@ -174,7 +174,7 @@ def summarize(model: str, results: dict[str, dict[str, Any]], max_tokens: int) -
 def run_section(
     work: Path, model_path: Path, model: str, *, max_tokens: int = 64, reps: int = 3, log=print
 ) -> Section:
-    from finetune.gguf_export import export_gguf
+    from finetune.export.gguf_export import export_gguf
 
     work.mkdir(parents=True, exist_ok=True)
     gguf = work / "model-f16.gguf"

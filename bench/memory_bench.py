@@ -18,7 +18,7 @@ MIB = 2**20
 
 
 def predict(model_config: dict, cfg: Any, fine_tune_type: str, batch_shape: list[int]):
-    from finetune.memory import ModelShape, estimate
+    from finetune.train.memory import ModelShape, estimate
 
     return estimate(
         ModelShape.from_hf_config(model_config),
@@ -68,9 +68,9 @@ def summarize(model: str, rows: dict[str, dict[str, Any]]) -> Section:
 def run_section(
     work: Path, cfg: Any, model_path: Path, data_dir: Path, *, steps: int = 3, log=print
 ) -> Section:
-    from finetune.config import save_config
-    from finetune.memory import compare
-    from finetune.memprobe import measure_in_subprocess
+    from finetune.config.loader import save_config
+    from finetune.train.memory import compare
+    from finetune.train.memprobe import measure_in_subprocess
 
     cfg_path = save_config(cfg, work / "memprobe.yaml")
     model_config = json.loads((Path(model_path) / "config.json").read_text())

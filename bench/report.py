@@ -107,7 +107,7 @@ def to_json(meta: dict[str, Any], sections: Sequence[Section]) -> dict[str, Any]
 
 
 def write(out_dir: Path, meta: dict[str, Any], sections: Sequence[Section]) -> tuple[Path, Path]:
-    from finetune.atomic import atomic_write_text
+    from finetune.system.atomic import atomic_write_text
 
     out_dir.mkdir(parents=True, exist_ok=True)
     md, js = out_dir / "benchmarks.md", out_dir / "benchmarks.json"

@@ -60,8 +60,8 @@ def git_commit() -> str | None:
 
 
 def metadata(mode: str) -> dict:
-    from finetune import doctor
-    from finetune.resources import total_memory_bytes
+    from finetune.system import doctor
+    from finetune.system.resources import total_memory_bytes
 
     versions = {"python": platform.python_version(), "finetune": finetune.__version__}
     versions |= {name: doctor.package_version(name) for name in doctor.PACKAGES}
@@ -118,21 +118,22 @@ def build_plan(
             peft_threads=args.peft_threads, matmul_gflops=shared.get("mlx_gflops"), log=log)  # fmt: skip
 
     def memory() -> Section:
-        from finetune.config import load_config
-        from finetune.models import resolve_model
-        from finetune.runner import load_tokenizer, prepare_data
+        from finetune.config.loader import load_config
+        from finetune.data.prepare import prepare_for_run
+        from finetune.models.resolve import resolve_model
+        from finetune.models.tokenizer import load_tokenizer
 
         cfg = load_config(args.profile, None, training.base_overrides(model, overrides))
         path = Path(resolve_model(model).path)
         data_dir = work / "training" / "data"
         if not (data_dir / "train.jsonl").exists():
-            prepare_data(cfg, data_dir, load_tokenizer(path))
+            prepare_for_run(cfg.data, data_dir, load_tokenizer(path))
         return memory_bench.run_section(
             work / "memory", cfg, path, data_dir, steps=2 if quick else 3, log=log
         )
 
     def infer() -> Section:
-        from finetune.models import resolve_model
+        from finetune.models.resolve import resolve_model
 
         path = Path(resolve_model(model).path)
         return inference.run_section(work / "inference", path, model, max_tokens=16 if quick else 64,

@@ -263,7 +263,7 @@ def _tail(path: Path, n: int = 15) -> str:
 
 def child_env() -> dict[str, str]:
     """The parent's environment (finetune's BLAS/thread defaults included), unbuffered, OpenBLAS preloaded."""
-    from finetune import blas
+    from finetune.system import blas
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     st = blas.status()
@@ -362,16 +362,17 @@ def prepare(
     model_spec: str, profile: str, work: Path, overrides: list[str] = ()
 ) -> tuple[Any, Path, dict, Path]:
     """Resolve the model, prepare the profile's data once, and tokenize it for the peft child."""
-    from finetune.config import load_config
-    from finetune.models import resolve_model
-    from finetune.runner import load_tokenizer, prepare_data
-    from finetune.tokens import tokenize_example
+    from finetune.config.loader import load_config
+    from finetune.data.prepare import prepare_for_run
+    from finetune.data.tokens import tokenize_example
+    from finetune.models.resolve import resolve_model
+    from finetune.models.tokenizer import load_tokenizer
 
     cfg = load_config(profile, None, base_overrides(model_spec, list(overrides)))
     model = resolve_model(model_spec)
     tok = load_tokenizer(Path(model.path))
     data_dir = work / "data"
-    prepare_data(cfg, data_dir, tok)
+    prepare_for_run(cfg.data, data_dir, tok)
     ids, masks = [], []
     for line in (data_dir / "train.jsonl").read_text(encoding="utf-8").splitlines():
         row = json.loads(line)

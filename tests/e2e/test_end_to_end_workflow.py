@@ -1,140 +1,172 @@
 """Tier 1: the whole workflow through the CLI with the model and trainer mocked (< 30 s, always in CI).
 
-The fakes replace only the model (a locally trained toy tokenizer + a SmolLM2-shaped config) and
-the trainer (writes metrics and adapter files the way train_run does). Config, data preparation,
-templates, memory estimation, orchestration, gates and error handling are all real.
+The fakes (tests/fakes.py) replace only the model (a locally trained toy tokenizer + a SmolLM2-shaped
+config) and the trainer (it writes the files train_run writes). Config, data preparation, templates, memory
+estimation, orchestration, the run directory's own config, signals, every gate and error handling are real.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import math
+import signal
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import yaml
 
 from finetune import cli
-from finetune.config import ConfigError, list_profiles, load_config
-from finetune.runner import estimate_for, prepare_data, workflow_gates
-from finetune.templates import get_template
-from finetune.workflow import Stages
+from finetune.config.loader import ConfigError, list_profiles, load_config
+from finetune.data.templates import get_template
+from finetune.report.models import read_report
+from finetune.system.signals import Interrupted
+from finetune.train.memory import from_run_config
+from tests.fakes import SMOLLM2_SHAPE, FakeTrainer, fake_deps
 
-SMOLLM2_SHAPE = {
-    "model_type": "llama", "hidden_size": 576, "num_hidden_layers": 30, "num_attention_heads": 9,
-    "num_key_value_heads": 3, "intermediate_size": 1536, "vocab_size": 49152, "tie_word_embeddings": True,
-    "torch_dtype": "float32",  # what models.py builds; in bf16 LoRA can cost more than full
-}  # fmt: skip
-
-
-class FakeTrainer:
-    """Writes what train_run writes; the loss falls at a rate set by the learning rate (flat at lr=0)."""
-
-    def __init__(self, interrupt_at: int | None = None):
-        self.calls: list[dict] = []
-        self.interrupt_at = interrupt_at
-
-    def __call__(self, cfg, model_path, data_dir, run_dir, resume=False):
-        self.calls.append({"cfg": cfg, "data_dir": Path(data_dir), "resume": resume})
-        assert (Path(data_dir) / "train.jsonl").stat().st_size > 0, "trainer called before data was prepared"
-        steps = cfg.training.iters if self.interrupt_at is None else self.interrupt_at
-        rate = cfg.training.learning_rate * 100
-        rows = [
-            {"kind": "train", "step": s, "train_loss": 3.0 * math.exp(-rate * s)} for s in range(1, steps + 1)
-        ]
-        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        for sub in ("adapter", f"checkpoints/step-{steps:07d}"):
-            (run_dir / sub).mkdir(parents=True, exist_ok=True)
-            (run_dir / sub / "adapters.safetensors").write_bytes(b"fake")
-            (run_dir / sub / "adapter_config.json").write_text(json.dumps({"fine_tune_type": "lora"}))
-        return SimpleNamespace(steps=steps, interrupted=self.interrupt_at is not None,
-                               to_dict=lambda: {"steps": steps, "interrupted": self.interrupt_at is not None})  # fmt: skip
+SEED_GATES = [
+    "loss_convergence",
+    "model_learning",
+    "artifacts",
+    "parameter_updates",
+    "label_mask",
+    "memory_efficiency",
+]
 
 
-def fake_stages(toy_tokenizer, trainer=None, calls=None) -> Stages:
-    calls = [] if calls is None else calls
-
-    def record(name, fn):
-        def inner(*args, **kwargs):
-            calls.append(name)
-            return fn(*args, **kwargs)
-
-        return inner
-
-    return Stages(
-        resolve_model=record(
-            "model", lambda spec: SimpleNamespace(path=Path("/models") / spec, config=SMOLLM2_SHAPE)
-        ),
-        load_tokenizer=record("tokenizer", lambda _path: toy_tokenizer),
-        prepare_data=record("data", prepare_data),
-        estimate=record("estimate", estimate_for),
-        train=record("train", trainer or FakeTrainer()),
-        gates=record("gates", workflow_gates),
-        log=lambda _msg: None,
-    )
+def deps(tokenizer, tmp_path, trainer=None, calls=None):
+    return fake_deps(tokenizer, tmp_path / "models", trainer, calls)
 
 
-def run_cli(argv, stages=None) -> tuple[int, str]:
+def run_cli(argv, d=None) -> tuple[int, str]:
     out = io.StringIO()
-    code = cli.main(argv, stages=stages, out=out)
+    code = cli.main(argv, deps=d, out=out)
     return code, out.getvalue()
+
+
+def gates_of(run_dir: Path) -> dict[str, str]:
+    return {g.name: g.status for g in read_report(run_dir).gates}
 
 
 # ---------------------------------------------------------------- every profile, through the CLI
 
 
 @pytest.mark.parametrize("profile", list_profiles())
-def test_every_profile_runs_end_to_end_through_the_cli(profile, tmp_path, toy_tokenizer):
-    calls, trainer = [], FakeTrainer()
+def test_every_profile_runs_end_to_end_and_is_judged_by_every_seed_gate(profile, tmp_path, toy_tokenizer):
+    calls, trainer, run = [], FakeTrainer(), tmp_path / "run"
     code, out = run_cli(
-        ["run", "--profile", profile, "--run-dir", str(tmp_path)], fake_stages(toy_tokenizer, trainer, calls)
+        ["run", "--profile", profile, "--run-dir", str(run)], deps(toy_tokenizer, tmp_path, trainer, calls)
     )
     assert code == 0, out
-    assert calls == ["model", "tokenizer", "data", "estimate", "train", "gates"]
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    assert [s["stage"] for s in summary["stages"]] == [
-        "model",
-        "tokenizer",
-        "data",
-        "estimate",
-        "train",
-        "gates",
-    ]
-    assert summary["passed"] and all(s["status"] == "passed" for s in summary["stages"])
-    assert trainer.calls[0]["cfg"] == load_config(profile)
-    for split in ("train", "valid", "test"):
-        assert (tmp_path / "data" / f"{split}.jsonl").stat().st_size > 0
-    assert f"report: {tmp_path / 'summary.json'}" in out
-
-
-def test_a_broken_profile_is_refused_with_its_file_and_line(tmp_path):
-    (tmp_path / "base.yaml").write_text((Path(cli.__file__).parents[1] / "configs/base.yaml").read_text())
-    (tmp_path / "broken.yaml").write_text("extends: base\ntraining:\n  batch_size: many\n")
-    with pytest.raises(
-        ConfigError, match=r"broken.yaml:3: training.batch_size: Input should be a valid integer"
-    ):
-        load_config("broken", config_dir=tmp_path)
-
-
-def test_lr_zero_fails_the_loss_gate_and_the_run(tmp_path, toy_tokenizer):
-    code, out = run_cli(["run", "-p", "quick", "--set", "training.learning_rate=0", "--run-dir", str(tmp_path)],
-                        fake_stages(toy_tokenizer))  # fmt: skip
-    assert code == 1
-    assert "[FAIL] loss_convergence: initial 3.0000 -> final 3.0000 (x1.000, window 5)" in out
-    assert json.loads((tmp_path / "summary.json").read_text())["passed"] is False
-
-
-def test_resume_and_interrupt_are_passed_through(tmp_path, toy_tokenizer):
-    code, out = run_cli(
-        ["train", "-p", "quick", "--run-dir", str(tmp_path)], fake_stages(toy_tokenizer, FakeTrainer(5))
+    assert calls == ["model", "data", "estimate", "train", "learning", "memory"]
+    report = read_report(run)
+    assert [s.name for s in report.stages] == ["model", "data", "estimate", "train", "judge"]
+    assert report.status == "passed" and all(s.status == "passed" for s in report.stages)
+    assert sorted(gates_of(run)) == sorted(SEED_GATES) and set(gates_of(run).values()) == {"passed"}
+    assert all(g.why and g.measured is not None for g in report.gates), (
+        "every verdict says why and what it measured"
     )
-    assert code == 130 and f"finetune train --run-dir {tmp_path} --resume" in out
+    assert trainer.calls[0]["cfg"] == load_config(profile)
+    assert load_config(None, run / "config.yaml").model_dump() == load_config(profile).model_dump(), (
+        "the run owns its config"
+    )
+    for split in ("train", "valid", "test"):
+        assert (run / "data" / f"{split}.jsonl").stat().st_size > 0
+    assert f"report: {run / 'report.json'}" in out
+    for gate in SEED_GATES:  # the CLI prints every verdict with its measured value
+        assert f"[PASS] {gate}: measured " in out
+
+
+def test_lr_zero_fails_the_loss_and_update_gates_and_the_run(tmp_path, toy_tokenizer):
+    code, out = run_cli(["run", "-p", "quick", "--set", "training.learning_rate=0", "--run-dir", str(tmp_path / "r")],
+                        deps(toy_tokenizer, tmp_path))  # fmt: skip
+    assert code == 1
+    assert (
+        "[FAIL] loss_convergence: measured 1 vs 0.95: initial 3.0000 -> final 3.0000 (x1.000, window 5)"
+        in out
+    )
+    gates = gates_of(tmp_path / "r")
+    assert gates["parameter_updates"] == "failed" and gates["model_learning"] == "failed"
+    assert read_report(tmp_path / "r").status == "failed"
+
+
+def test_train_is_never_called_passed(tmp_path, toy_tokenizer):
+    code, out = run_cli(
+        ["train", "-p", "quick", "--run-dir", str(tmp_path / "t")], deps(toy_tokenizer, tmp_path)
+    )
+    report = read_report(tmp_path / "t")
+    assert code == 0 and report.status == "not_judged" and report.gates == []
+    assert "NOT_JUDGED" in out
+
+
+def test_a_truncated_adapter_fails_validate_naming_the_gate(tmp_path, toy_tokenizer):
+    run = tmp_path / "r"
+    assert run_cli(["run", "-p", "quick", "--run-dir", str(run)], deps(toy_tokenizer, tmp_path))[0] == 0
+    data = (run / "adapter/adapters.safetensors").read_bytes()
+    (run / "adapter/adapters.safetensors").write_bytes(data[: len(data) // 2])
+    code, out = run_cli(["validate", str(run)], deps(toy_tokenizer, tmp_path))
+    assert code == 1 and "[FAIL] artifacts:" in out and "truncated" in out
+    assert read_report(run).tier == "validate"
+
+
+def test_a_skipped_gate_is_reported_and_allowed_only_when_asked(tmp_path, toy_tokenizer):
+    run = tmp_path / "r"
+    code, out = run_cli(["run", "-p", "quick", "--set", "gates.skip=[memory_efficiency]", "--run-dir", str(run)],
+                        deps(toy_tokenizer, tmp_path))  # fmt: skip
+    report = read_report(run)
+    assert code == 0 and gates_of(run)["memory_efficiency"] == "skipped"
+    assert report.allowed_skips and "memory_efficiency" in report.allowed_skips[0]
+
+
+# ---------------------------------------------------------------- the run directory owns its config
+
+
+def test_interrupt_prints_a_complete_resume_command_that_continues_with_the_runs_config(
+    tmp_path, toy_tokenizer
+):
+    run = tmp_path / "r"
+    trainer = FakeTrainer(interrupt_at=5, interrupt=Interrupted(signal.SIGTERM))
+    code, out = run_cli(["run", "-p", "quick", "--set", "training.iters=20", "--run-dir", str(run)],
+                        deps(toy_tokenizer, tmp_path, trainer))  # fmt: skip
+    resume = f"finetune run --run-dir {run.absolute()} --resume"
+    assert code == 143 and f"interrupted; resume with: {resume}" in out
+    report = read_report(run)
+    assert report.status == "interrupted" and report.resume_command == resume
     trainer = FakeTrainer()
-    assert run_cli(["train", "-p", "quick", "--run-dir", str(tmp_path), "--resume"],
-                   fake_stages(toy_tokenizer, trainer))[0] == 0  # fmt: skip
-    assert trainer.calls[0]["resume"] is True
+    code, out = run_cli(resume.split()[1:], deps(toy_tokenizer, tmp_path, trainer))
+    assert code == 0, out
+    assert trainer.calls[0]["cfg"].training.iters == 20 and trainer.calls[0]["cfg"].profile == "quick"
+    assert trainer.calls[0]["resume"] is True, "the checkpoint on disk belongs to these inputs: continue it"
+
+
+def test_options_that_differ_from_the_runs_config_are_refused_naming_the_keys(
+    tmp_path, toy_tokenizer, capsys
+):
+    run = tmp_path / "r"
+    assert run_cli(["train", "-p", "quick", "--run-dir", str(run)], deps(toy_tokenizer, tmp_path))[0] == 0
+    code, _ = run_cli(
+        ["run", "-p", "default", "--run-dir", str(run), "--resume"], deps(toy_tokenizer, tmp_path)
+    )
+    err = capsys.readouterr().err
+    assert (
+        code == 2
+        and "training.iters: run has 48, given 200" in err
+        and "lora.num_layers: run has 8, given -1" in err
+    )
+
+
+def test_an_override_of_an_allowed_key_is_applied_and_recorded(tmp_path, toy_tokenizer, capsys):
+    run = tmp_path / "r"
+    assert run_cli(["train", "-p", "quick", "--run-dir", str(run)], deps(toy_tokenizer, tmp_path))[0] == 0
+    trainer = FakeTrainer()
+    code, _ = run_cli(["train", "--run-dir", str(run), "--resume", "--override", "training.iters=40"],
+                      deps(toy_tokenizer, tmp_path, trainer))  # fmt: skip
+    assert code == 0 and trainer.calls[0]["cfg"].training.iters == 40
+    assert load_config(None, run / "config.yaml").training.iters == 40
+    assert json.loads((run / "overrides.jsonl").read_text().splitlines()[0])["old"] == 48
+    code, _ = run_cli(
+        ["train", "--run-dir", str(run), "--override", "lora.rank=4"], deps(toy_tokenizer, tmp_path)
+    )
+    assert code == 2 and "lora.rank changes what this run trains" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- templates
@@ -194,7 +226,7 @@ def test_prepare_reports_bad_rows_with_line_numbers(tmp_path, toy_tokenizer):
     user = tmp_path / "user.yaml"
     user.write_text(f"data:\n  source: {src}\n  template: alpaca\n")
     code, out = run_cli(
-        ["prepare", "-c", str(user), "--out", str(tmp_path / "out")], fake_stages(toy_tokenizer)
+        ["prepare", "-c", str(user), "--out", str(tmp_path / "out")], deps(toy_tokenizer, tmp_path)
     )
     assert code == 0
     report = json.loads(out)
@@ -203,17 +235,17 @@ def test_prepare_reports_bad_rows_with_line_numbers(tmp_path, toy_tokenizer):
     assert "missing field 'output'" in report["rejected"][1]["reason"]
     assert report["length_unit"] == "tokens" and sum(report["split_counts"].values()) == 12
     first = (tmp_path / "out/train.jsonl").read_text()
-    run_cli(["prepare", "-c", str(user), "--out", str(tmp_path / "again")], fake_stages(toy_tokenizer))
+    run_cli(["prepare", "-c", str(user), "--out", str(tmp_path / "again")], deps(toy_tokenizer, tmp_path))
     assert (tmp_path / "again/train.jsonl").read_text() == first, "same seed must give the same split"
 
 
 # ---------------------------------------------------------------- memory estimate
 
 
-def test_memory_estimate_sanity():
+def test_memory_estimate_sanity(tmp_path, toy_tokenizer):
     def total(**sets):
         cfg = load_config(overrides=[f"{k}={v}" for k, v in sets.items()])
-        return estimate_for(cfg, SMOLLM2_SHAPE)
+        return from_run_config(SMOLLM2_SHAPE, cfg)
 
     lora, full = total(), total(**{"training.fine_tune_type": "full"})
     assert lora.total_bytes < full.total_bytes and lora.trainable_params < full.trainable_params
@@ -221,7 +253,7 @@ def test_memory_estimate_sanity():
     assert total(**{"data.max_seq_length": 512}).total_bytes > lora.total_bytes
     ckpt = total(**{"training.grad_checkpoint": "true"})
     assert ckpt.breakdown["activations"] < lora.breakdown["activations"]
-    code, out = run_cli(["estimate", "-p", "low-memory", "--json"], fake_stages(None))
+    code, out = run_cli(["estimate", "-p", "low-memory", "--json"], deps(toy_tokenizer, tmp_path))
     assert code == 0 and json.loads(out)["total_bytes"] < total().total_bytes
 
 
@@ -243,14 +275,29 @@ def test_errors_are_specific(tmp_path, toy_tokenizer, capsys):
     )
 
     missing = tmp_path / "nope.jsonl"
-    code, _ = run_cli(["run", "-p", "quick", "--set", f"data.source={missing}", "--run-dir", str(tmp_path / "r1")],
-                      fake_stages(toy_tokenizer))  # fmt: skip
-    assert code == 2 and f"data error: {missing}: dataset file not found" in capsys.readouterr().err
-    summary = json.loads((tmp_path / "r1/summary.json").read_text())
-    assert summary["stages"][-1]["stage"] == "data" and summary["stages"][-1]["status"] == "failed"
+    code, out = run_cli(["run", "-p", "quick", "--set", f"data.source={missing}", "--run-dir", str(tmp_path / "r1")],
+                        deps(toy_tokenizer, tmp_path))  # fmt: skip
+    assert code == 2 and f"DatasetNotFoundError: {missing}: dataset file not found" in out
+    report = read_report(tmp_path / "r1")
+    assert report.status == "bad_input" and [s.status for s in report.stages][:3] == [
+        "passed",
+        "failed",
+        "skipped",
+    ]
 
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    code, _ = run_cli(["run", "-p", "quick", "--set", f"data.source={empty}", "--run-dir", str(tmp_path / "r2")],
-                      fake_stages(toy_tokenizer))  # fmt: skip
-    assert code == 2 and f"data error: {empty}: no usable rows (no records found)" in capsys.readouterr().err
+    code, out = run_cli(["run", "-p", "quick", "--set", f"data.source={empty}", "--run-dir", str(tmp_path / "r2")],
+                        deps(toy_tokenizer, tmp_path))  # fmt: skip
+    assert code == 2 and f"{empty}: no usable rows (no records found)" in out
+
+
+def test_a_broken_profile_is_refused_with_its_file_and_line(tmp_path):
+    from finetune.config.loader import CONFIG_DIR
+
+    (tmp_path / "base.yaml").write_text((CONFIG_DIR / "base.yaml").read_text())
+    (tmp_path / "broken.yaml").write_text("extends: base\ntraining:\n  batch_size: many\n")
+    with pytest.raises(
+        ConfigError, match=r"broken.yaml:3: training.batch_size: Input should be a valid integer"
+    ):
+        load_config("broken", config_dir=tmp_path)

@@ -1,0 +1,178 @@
+"""`finetune` command line: config, prepare, estimate, doctor, train, run, validate, pipeline.
+
+Exit codes: 0 passed (or trained, for `train`), 1 a stage or gate failed, 2 bad input (config, data,
+model folder), 3 degraded (something required was skipped; FT_ALLOW_SKIP allows named skips),
+130 / 143 / 129 interrupted by SIGINT / SIGTERM / SIGHUP (resumable with the printed command).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import yaml
+
+from finetune.config.loader import list_profiles, load_config, load_file
+from finetune.errors import UserError
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile", "-p", help=f"a profile ({', '.join(list_profiles())})")
+    p.add_argument("--config", "-c", help="your YAML, applied over the profile")
+    p.add_argument(
+        "--set", "-s", action="append", default=[], metavar="KEY=VALUE", help="e.g. training.iters=50"
+    )
+
+
+def _run_args(p: argparse.ArgumentParser) -> None:
+    _config_args(p)
+    p.add_argument(
+        "--run-dir", help="default: <output_dir>/<profile>-<time>; an existing run uses its own config"
+    )
+    p.add_argument("--resume", action="store_true", help="continue the run in --run-dir with its own config")
+    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="change an allowed key of an existing run (training.iters, cadences, gates.*); recorded")  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="finetune", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    cfg = sub.add_parser("config", help="show or validate configs").add_subparsers(
+        dest="action", required=True
+    )
+    _config_args(cfg.add_parser("show", help="print the resolved config"))
+    cfg.add_parser("validate", help="check a config file").add_argument("file")
+    cfg.add_parser("profiles", help="list the profiles")
+
+    prep = sub.add_parser("prepare", help="write train/valid/test.jsonl and a validation report")
+    _config_args(prep)
+    prep.add_argument("--out", required=True, help="output folder")
+    prep.add_argument("--no-tokenizer", action="store_true", help="skip token statistics (no model needed)")
+
+    est = sub.add_parser("estimate", help="predict training memory")
+    _config_args(est)
+    est.add_argument("--model-config", help="a config.json (default: the profile's model)")
+    est.add_argument("--json", action="store_true")
+
+    sub.add_parser("doctor", help="MLX backend, BLAS, threads, versions, memory")
+
+    _run_args(sub.add_parser("train", help="prepare and train only (not judged)"))
+    _run_args(
+        sub.add_parser("run", help="prepare, train and judge with the five seed gates and the label mask")
+    )
+    _run_args(
+        sub.add_parser("pipeline", help="tier 3: LoRA -> fuse -> GGUF -> Ollama -> evaluation -> report")
+    )
+
+    v = sub.add_parser("validate", help="judge a finished run again from what it saved (fresh process)")
+    v.add_argument("run_dir")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, *, deps=None, out=None) -> int:
+    """Entry point. `deps` (a tiers.context.Deps) replaces the real model and trainer in tests."""
+    out = out or sys.stdout
+    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args, deps, out)
+    except UserError as exc:
+        from finetune.config.loader import ConfigError
+
+        print(f"{'config' if isinstance(exc, ConfigError) else 'input'} error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _deps(deps):
+    if deps is not None:
+        return deps
+    from finetune.tiers.real import real_deps
+
+    return real_deps()
+
+
+def _dispatch(args, deps, out) -> int:
+    if args.command == "config":
+        if args.action == "show":
+            cfg = load_config(args.profile, args.config, args.set)
+            print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), file=out, end="")
+        elif args.action == "validate":
+            cfg = load_file(args.file)
+            print(f"{args.file}: valid (profile {cfg.profile or 'none'}, model {cfg.model.name})", file=out)
+        else:
+            print("\n".join(list_profiles()), file=out)
+        return 0
+    if args.command == "doctor":
+        from finetune.system import doctor
+
+        print(doctor.render(doctor.collect()), file=out)
+        return 0
+    if args.command == "prepare":
+        cfg = load_config(args.profile, args.config, args.set)
+        d = _deps(deps)
+        tok = None if args.no_tokenizer else d.load_tokenizer(Path(d.resolve_model(cfg.model.name).path))
+        print(json.dumps(d.prepare_data(cfg.data, Path(args.out), tok).to_dict(), indent=2), file=out)
+        return 0
+    if args.command == "estimate":
+        cfg = load_config(args.profile, args.config, args.set)
+        if args.model_config:
+            model_cfg = json.loads(Path(args.model_config).read_text())
+        else:
+            model_cfg = _deps(deps).resolve_model(cfg.model.name).config
+        from finetune.train.memory import format_estimate, from_run_config
+
+        est = from_run_config(model_cfg, cfg)
+        print(json.dumps(est.to_dict(), indent=2) if args.json else format_estimate(est), file=out)
+        return 0
+    if args.command in ("train", "run", "pipeline", "validate"):
+        return _tier(args, _deps(deps), out)
+    raise AssertionError(args.command)
+
+
+def _tier(args, deps, out) -> int:
+    from finetune.tiers.rundir import new_run_dir, own_config
+    from finetune.tiers.tiers import TIERS, print_result, run_tier
+
+    if args.command == "validate":
+        run_dir = Path(args.run_dir)
+        cfg = own_config(run_dir, None, command="validate")
+        result = run_tier(TIERS["validate"], cfg, run_dir, deps, log=_printer(out), force=("judge",))
+        print_result(result, out)
+        return result.exit_code
+    given = bool(args.profile or args.config or args.set)
+    if args.resume and not args.run_dir:
+        from finetune.config.loader import ConfigError
+
+        raise ConfigError("--resume needs --run-dir RUN (the run to continue)")
+    exists = bool(args.run_dir) and (Path(args.run_dir) / "config.yaml").is_file()
+    requested = load_config(args.profile, args.config, args.set) if given or not exists else None
+    if requested is not None and requested.profile is None:
+        requested = requested.model_copy(update={"profile": "custom"})
+    run_dir = Path(args.run_dir) if args.run_dir else new_run_dir(requested)
+    cfg = own_config(run_dir, requested, args.override, command=args.command)
+    settings = None
+    if args.command == "pipeline":
+        from finetune.evaluate.evaluation import EvalSettings
+
+        settings = EvalSettings()
+    result = run_tier(TIERS[args.command], cfg, run_dir, deps, log=_printer(out), settings=settings,
+                      command=args.command)  # fmt: skip
+    print_result(result, out)
+    return result.exit_code
+
+
+def _printer(out):
+    def log(message: str) -> None:
+        print(message, file=out, flush=True)
+
+    return log
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,191 @@
+"""The run configuration's typed schema: one pydantic model per section, every field validated.
+
+Profiles (profiles/*.yaml) and user files are read into this by finetune.config.loader.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    # A packaged name (smollm2-135m, tiny-llama), a local HF folder, or a Hub id (online only).
+    name: str = "smollm2-135m"
+    trust_remote_code: bool = False
+
+
+class DataConfig(_Section):
+    # A file (jsonl/json/csv), a saved HF dataset, a Hub id, or builtin:<geography|arithmetic|patterns|mixed>.
+    source: str = "builtin:mixed"
+    format: Literal["auto", "alpaca", "chat", "prompt_completion", "text"] = "auto"
+    template: Literal["tokenizer", "chatml", "alpaca", "llama2", "llama3"] = "tokenizer"
+    splits: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    max_seq_length: int = Field(256, ge=8)
+    mask_prompt: bool = True
+    seed: int = 0
+    num_examples: int = Field(120, ge=1)
+
+    @field_validator("splits")
+    @classmethod
+    def _splits_sum(cls, splits: tuple[float, float, float]) -> tuple[float, float, float]:
+        if any(s < 0 for s in splits) or abs(sum(splits) - 1.0) > 1e-6:
+            raise ValueError(f"splits must be three non-negative shares summing to 1, got {list(splits)}")
+        return splits
+
+
+class LoraConfig(_Section):
+    rank: int = Field(8, ge=1)
+    # mlx-lm's `scale` multiplies the adapter output; PEFT/llama.cpp's `alpha` gives scale = alpha / rank.
+    scale: float = Field(20.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    keys: list[str] | None = None
+    num_layers: int = Field(-1, ge=-1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _alpha_to_scale(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("alpha") is not None:
+            if data.get("scale") is not None:
+                raise ValueError(
+                    "give either scale (mlx-lm, a raw multiplier) or alpha (PEFT, scale = alpha / rank), not both"
+                )
+            data = dict(data)
+            data["scale"] = float(data.pop("alpha")) / float(data.get("rank", 8))
+        elif isinstance(data, dict) and "alpha" in data:
+            data = {k: v for k, v in data.items() if k != "alpha"}
+        return data
+
+    @property
+    def alpha(self) -> float:
+        return self.scale * self.rank
+
+    @model_validator(mode="after")
+    def _num_layers(self) -> LoraConfig:
+        if self.num_layers == 0:
+            raise ValueError("num_layers must be -1 (all layers) or a positive count")
+        return self
+
+
+class TrainingConfig(_Section):
+    fine_tune_type: Literal["lora", "dora", "full"] = "lora"
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    learning_rate: float = Field(1e-4, ge=0)
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    iters: int = Field(100, ge=1)
+    batch_size: int = Field(4, ge=1)
+    grad_accumulation_steps: int = Field(1, ge=1)
+    grad_checkpoint: bool = False
+    seed: int = 0
+    eval_every: int = Field(25, ge=1)
+    val_batches: int = Field(-1, ge=-1)
+    save_every: int = Field(50, ge=1)
+    # 0 disables early stopping; otherwise stop after this many evaluations without a better val loss.
+    early_stopping_patience: int = Field(0, ge=0)
+
+
+def _why(text: str) -> Any:
+    return Field(description=text)
+
+
+class LogprobTolerance(_Section):
+    # Measured on SmolLM2-135M (top-10 logprobs, f32 MLX reference): f32 max 0.022, f16 max 0.041, q8_0 max 0.81.
+    f32: float = Field(0.06, gt=0)
+    f16: float = Field(0.1, gt=0)
+    q8_0: float = Field(1.5, gt=0)
+
+
+class GatesConfig(_Section):
+    """Thresholds of the gates; each description is the fault the gate exists to catch (shown in verdicts)."""
+
+    loss_drop: float = Field(
+        0.05, ge=0, lt=1, description="lr ~ 0, frozen adapters or a broken loss leave the training loss flat"
+    )
+    loss_window: int = Field(5, ge=1, description="steps averaged at each end, so one lucky step cannot pass")
+    max_initial_loss: float | None = Field(
+        None, description="a base model that starts absurdly high is the wrong model or template"
+    )
+    max_final_loss: float | None = Field(
+        None, description="an upper bound on where training must end, when known"
+    )
+    learning_improvement: float = Field(
+        0.30,
+        ge=0,
+        le=1,
+        description="base + SAVED adapter must answer training questions better than the base",
+    )
+    learning_probes: int = Field(
+        16,
+        ge=1,
+        description="training questions asked before and after (a 30% share is then 5 answers, not a fluke)",
+    )
+    memory_saving: float = Field(
+        0.30,
+        ge=0,
+        lt=1,
+        description="LoRA that costs as much memory as full fine-tuning is mis-wired (e.g. everything trainable)",
+    )
+    lora_params_changed: float = Field(
+        0.80,
+        ge=0,
+        le=1,
+        description="frozen or disconnected adapters do not move; a trained base weight is not LoRA",
+    )
+    text_agreement: float = Field(
+        0.9, ge=0, le=1, description="runtimes that ship the same weights must give the same greedy answers"
+    )
+    quantized_text_agreement: float = Field(
+        0.5, ge=0, le=1, description="a quantized GGUF may flip near-ties, not answer differently"
+    )
+    adapter_min_changed: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="a runtime that serves the base model (adapter lost) answers like the base",
+    )
+    adapter_min_score: float = Field(
+        0.5, ge=0, le=1, description="a runtime that lost the adapter does not give the trained answers"
+    )
+    logprob_max_abs: LogprobTolerance = Field(
+        default_factory=LogprobTolerance, description="a wrong tensor layout moves logprobs by ~3"
+    )
+    fuse_max_rel: float = Field(
+        1e-3, gt=0, description="a fuse that drops or mis-scales the adapter, or touches other tensors"
+    )
+    skip: list[str] = Field(
+        default_factory=list, description="gates you choose not to run: reported as skipped, allowed"
+    )
+
+
+class ExportConfig(_Section):
+    gguf_type: Literal["f16", "q8_0", "f32"] = "f16"
+
+
+class DeployConfig(_Section):
+    model_name: str = "finetune-model"
+    template: str | None = None  # Ollama TEMPLATE; None derives it from the data template
+    stop: list[str] = Field(default_factory=list)
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"temperature": 0, "num_thread": 1})
+    system: str | None = None
+
+
+class RunConfig(_Section):
+    profile: str | None = None
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    gates: GatesConfig = Field(default_factory=GatesConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    deploy: DeployConfig = Field(default_factory=DeployConfig)
+    output_dir: str = "artifacts"
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")

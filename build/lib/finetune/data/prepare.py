@@ -1,0 +1,234 @@
+"""Preparing a dataset for training: render with a chat template, dedupe, shuffle with a seed, split into
+train/valid/test.jsonl, and report what was used, rejected and truncated (prepare_report.json).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import statistics
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from finetune.data.records import Example, LoadResult, Rejection, load_records
+from finetune.data.sources import DatasetError
+from finetune.data.templates import Template, TemplateError, get_template
+from finetune.data.tokens import encode, mask_for
+from finetune.system.atomic import atomic_write_text
+
+SPLIT_NAMES = ("train", "valid", "test")
+MAX_LISTED = 20  # cap on line numbers listed in reports and error messages
+
+
+# ---------------------------------------------------------------- preparing splits
+
+
+@dataclass
+class PrepareReport:
+    source: str
+    out_dir: str
+    template: str
+    seed: int
+    splits: tuple[float, float, float]
+    max_seq_length: int
+    mask_prompt: bool
+    rows_read: int
+    rows_used: int
+    rejected: list[Rejection]
+    duplicates_removed: int
+    duplicate_lines: list[int]
+    split_counts: dict[str, int]
+    shapes: dict[str, int]
+    length_unit: str  # "tokens" with a tokenizer, otherwise "chars"
+    length_stats: dict[str, float]
+    truncated_share: float | None = None
+    rows_without_trained_tokens: int | None = None
+    notes: list[str] = field(default_factory=list)
+    files: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["splits"] = list(self.splits)
+        out["rejected"] = [{"line": r.line, "unit": r.unit, "reason": r.reason} for r in self.rejected]
+        return out
+
+
+def split_counts(n: int, splits: Sequence[float]) -> dict[str, int]:
+    """Rows per split; each split gets at least one row or DatasetError explains why it cannot."""
+    if len(splits) != 3 or any(not 0 < s < 1 for s in splits) or abs(sum(splits) - 1) > 1e-6:
+        raise ValueError(f"splits must be three fractions in (0, 1) summing to 1, got {tuple(splits)}")
+    valid, test = max(1, round(n * splits[1])), max(1, round(n * splits[2]))
+    if n - valid - test < 1:
+        raise DatasetError(
+            f"only {n} usable rows: too few for splits {tuple(splits)}; train, valid and test each need at "
+            "least 1 row (3 rows minimum)"
+        )
+    return {"train": n - valid - test, "valid": valid, "test": test}
+
+
+def _stats(values: Sequence[int]) -> dict[str, float]:
+    ordered = sorted(values)
+
+    def pct(p: float) -> int:
+        return ordered[max(0, math.ceil(p * len(ordered)) - 1)]
+
+    return {
+        "min": ordered[0],
+        "mean": round(statistics.fmean(ordered), 2),
+        "p50": pct(0.5),
+        "p95": pct(0.95),
+        "max": ordered[-1],
+    }
+
+
+def _render(example: Example, template: Template, mask_prompt: bool) -> dict:
+    if example.text is not None:
+        text, spans, prompt = example.text, [(0, len(example.text))], ""
+    else:
+        rendered = template.render(example.messages)
+        text, spans, prompt = rendered.text, rendered.train_spans, rendered.prompt
+    if not mask_prompt:
+        spans = [(0, len(text))]
+    row = {
+        "text": text,
+        "train_spans": [list(s) for s in spans],
+        "prompt": prompt,
+        "reference": example.reference,
+    }
+    if example.messages is not None:  # evaluation asks runtimes that render their own template (Ollama)
+        row["messages"] = example.messages
+    if example.kind:
+        row["kind"] = example.kind
+    return row
+
+
+def prepare(
+    source: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    template: str | Template,
+    seed: int = 0,
+    splits: Sequence[float] = (0.8, 0.1, 0.1),
+    max_seq_length: int = 512,
+    mask_prompt: bool = True,
+    tokenizer: Any = None,
+    format: str = "auto",
+    load: Callable[..., LoadResult] = load_records,
+) -> PrepareReport:
+    """Load, render, dedupe, shuffle and split into out_dir/{train,valid,test}.jsonl + prepare_report.json."""
+    tmpl = template if isinstance(template, Template) else get_template(template, tokenizer)
+    loaded = load(source, format)
+    rejected = list(loaded.rejected)
+    rows, seen, dup_lines = [], set(), []
+    for ex in loaded.examples:
+        try:
+            row = _render(ex, tmpl, mask_prompt)
+        except TemplateError as exc:
+            rejected.append(Rejection(ex.line, f"template {tmpl.name!r}: {exc}", loaded.unit))
+            continue
+        if row["text"] in seen:
+            dup_lines.append(ex.line)
+            continue
+        seen.add(row["text"])
+        rows.append((ex, row))
+    if not rows:
+        detail = "; ".join(map(str, rejected[:3]))
+        raise DatasetError(
+            f"{loaded.source}: no usable rows after rendering ({len(rejected)} rejected: {detail})"
+        )
+    counts = split_counts(len(rows), splits)
+    random.Random(seed).shuffle(rows)
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files, start = {}, 0
+    for name in SPLIT_NAMES:
+        chunk = rows[start : start + counts[name]]
+        start += counts[name]
+        path = out / f"{name}.jsonl"
+        atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for _, r in chunk))
+        files[name] = str(path)
+
+    notes = []
+    truncated = untrained = None
+    if tokenizer is not None:
+        unit, lengths, truncated, untrained = "tokens", [], 0, 0
+        for _, r in rows:
+            ids, offsets = encode(tokenizer, r["text"])
+            lengths.append(len(ids))
+            truncated += len(ids) > max_seq_length
+            untrained += not any(mask_for(offsets[:max_seq_length], r["train_spans"]))
+        truncated = round(truncated / len(rows), 4)
+        if untrained:
+            notes.append(f"{untrained} rows have no trained tokens left after truncation to {max_seq_length}")
+    else:
+        unit, lengths = "chars", [len(r["text"]) for _, r in rows]
+        notes.append("lengths are in characters: token stats and truncation need a tokenizer")
+    if any(ex.text is not None for ex, _ in rows):
+        notes.append("text-shape rows are trained whole and have no prompt/reference for evaluation")
+
+    report = PrepareReport(
+        source=loaded.source,
+        out_dir=str(out),
+        template=tmpl.name,
+        seed=seed,
+        splits=tuple(splits),
+        max_seq_length=max_seq_length,
+        mask_prompt=mask_prompt,
+        rows_read=loaded.rows_read,
+        rows_used=len(rows),
+        rejected=rejected,
+        duplicates_removed=len(dup_lines),
+        duplicate_lines=dup_lines[:MAX_LISTED],
+        split_counts=counts,
+        shapes=dict(Counter(ex.shape for ex, _ in rows)),
+        length_unit=unit,
+        length_stats=_stats(lengths),
+        truncated_share=truncated,
+        rows_without_trained_tokens=untrained,
+        notes=notes,
+        files=files,
+    )
+    report_path = out / "prepare_report.json"
+    report.files["report"] = str(report_path)
+    atomic_write_text(report_path, json.dumps(report.to_dict(), indent=2, ensure_ascii=False) + "\n")
+    return report
+
+
+BUILTIN = "builtin:"
+
+
+def materialize_source(source: str, out_dir: Path, *, num_examples: int, seed: int) -> str:
+    """A `builtin:<name>` source becomes source.jsonl (plus heldout.jsonl, its unseen paraphrases) in out_dir."""
+    if not source.startswith(BUILTIN):
+        return source
+    from finetune.data import synthetic
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    built = synthetic.build(source[len(BUILTIN) :], n=num_examples, seed=seed)
+    synthetic.write_jsonl(built.train, out_dir / "source.jsonl")
+    synthetic.write_jsonl(built.heldout, out_dir / "heldout.jsonl")
+    return str(out_dir / "source.jsonl")
+
+
+def prepare_for_run(data_cfg: Any, out_dir: Path, tokenizer: Any) -> PrepareReport:
+    """prepare() as a run's `data:` section asks (template by name, built-in sources generated first)."""
+    template = get_template(data_cfg.template, tokenizer=tokenizer)
+    source = materialize_source(data_cfg.source, Path(out_dir), num_examples=data_cfg.num_examples,
+                                seed=data_cfg.seed)  # fmt: skip
+    return prepare(
+        source,
+        Path(out_dir),
+        template=template,
+        seed=data_cfg.seed,
+        splits=tuple(data_cfg.splits),
+        max_seq_length=data_cfg.max_seq_length,
+        mask_prompt=data_cfg.mask_prompt,
+        tokenizer=tokenizer,
+        format=data_cfg.format,
+    )

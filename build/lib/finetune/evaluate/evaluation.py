@@ -1,0 +1,153 @@
+"""Tier 3 evaluation: the same greedy probes through every runtime, plus the GGUF's tokenization and logprobs.
+
+Runtimes: mlx_base (the base model, for comparison), then the fine-tuned model as mlx_adapter (base + SAVED
+adapter), mlx_fused (the fused folder), llamacpp (the GGUF in llama.cpp) and ollama (the GGUF Ollama serves).
+This module only measures; finetune.gates.parity.judge_runtimes judges. Each runtime is a plain callable in
+`Backends`, so tests drive the evaluation with fakes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from finetune import faults
+from finetune.evaluate.prompts import TOKENIZER_TEXTS, EvalPrompt, build_prompts
+from finetune.gates.parity import Answer
+from finetune.gates.runtimes import RuntimeMeasurements
+from finetune.gates.scoring import answer_score
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    # Sized for a shared 2-core box: 24 prompts x 5 runtimes of <= 24 tokens.
+    n_train: int = 12
+    n_heldout: int = 12
+    max_tokens: int = 24
+    logprob_prompts: int = 2  # prompt + answer sequences compared position by position (~25 tokens each)
+    top_k: int = 10
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class EvalInputs:
+    base_dir: Path
+    adapter_dir: Path
+    fused_dir: Path
+    gguf: Path
+    gguf_type: str
+    data_dir: Path
+    template: str  # data.template
+    stops: list[str]
+    settings: EvalSettings = field(default_factory=EvalSettings)
+    llamacpp_reason: str | None = None  # why llama.cpp cannot run here; None = available
+    ollama: Callable[[Sequence[EvalPrompt], int], list[Answer]] | None = None  # None = not deployed
+    ollama_reason: str = "the model is not deployed to Ollama"
+
+
+@dataclass
+class Backends:
+    load_tokenizer: Callable[[Path], Any]
+    mlx_generate: Callable[[Path, Path | None, Sequence[str], int], list[Answer]]
+    mlx_logprobs: Callable[[Path, Sequence[int]], Any]
+    llamacpp_generate: Callable[[Path, Sequence[str], int, Sequence[str]], list[Answer]]
+    llamacpp_tokenize: Callable[[Path, Sequence[str]], list[list[int]]]
+    llamacpp_logprobs: Callable[[Path, Sequence[int], int], list[dict[int, float]]]
+
+
+def score_runtime(name: str, prompts: Sequence[EvalPrompt], answers: Sequence[Answer]) -> dict[str, Any]:
+    out: dict[str, Any] = {"runtime": name}
+    for kind in ("train", "heldout"):
+        scores = [
+            answer_score(a.text, p.reference) for p, a in zip(prompts, answers, strict=True) if p.kind == kind
+        ]
+        n = len(scores)
+        contains = sum(1 for s in scores if s >= 1)
+        out[kind] = {"n": n, "exact": sum(1 for s in scores if s == 2), "contains": contains,
+                     "score": contains / n if n else 0.0}  # fmt: skip
+    return out
+
+
+def score_runtimes(prompts: Sequence[EvalPrompt], answers: dict[str, list[Answer]]) -> list[dict[str, Any]]:
+    return [score_runtime(name, prompts, got) for name, got in answers.items()]
+
+
+def _timed(runtimes: dict, name: str, fn: Callable[[], Any], log: Log) -> Any:
+    tic = time.perf_counter()
+    log(f"[evaluate] {name} ...")
+    try:
+        out = fn()
+    except Exception as exc:  # one runtime failing is a gate failure, not a crash of the whole evaluation
+        runtimes[name] = {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"}
+        log(f"[evaluate] {name} failed: {runtimes[name]['reason']}")
+        return None
+    runtimes[name] = {"status": "passed", "reason": None, "seconds": round(time.perf_counter() - tic, 2)}
+    return out
+
+
+def run_evaluation(inputs: EvalInputs, backends: Backends, *, log: Log = print) -> RuntimeMeasurements:
+    from finetune.data.templates import get_template
+
+    s = inputs.settings
+    tokenizer = backends.load_tokenizer(inputs.fused_dir)
+    template = get_template(inputs.template, tokenizer=tokenizer)
+    prompts = build_prompts(inputs.data_dir, template, n_train=s.n_train, n_heldout=s.n_heldout)
+    texts = [p.prompt for p in prompts]
+    m = RuntimeMeasurements(prompts=prompts, gguf_type=inputs.gguf_type, stops=list(inputs.stops),
+                            end_ids=_end_ids(tokenizer, inputs.stops))  # fmt: skip
+
+    def run(name: str, fn: Callable[[], list[Answer]]) -> None:
+        got = _timed(m.runtimes, name, fn, log)
+        if got is not None:
+            m.answers[name] = list(got)
+
+    fused_dir = inputs.base_dir if faults.active("eval_runtime_base") else inputs.fused_dir
+    run("mlx_base", lambda: backends.mlx_generate(inputs.base_dir, None, texts, s.max_tokens))
+    run(
+        "mlx_adapter", lambda: backends.mlx_generate(inputs.base_dir, inputs.adapter_dir, texts, s.max_tokens)
+    )
+    run("mlx_fused", lambda: backends.mlx_generate(fused_dir, None, texts, s.max_tokens))
+    if inputs.llamacpp_reason is None:
+        run("llamacpp", lambda: backends.llamacpp_generate(inputs.gguf, texts, s.max_tokens, inputs.stops))
+    else:
+        m.runtimes["llamacpp"] = {"status": "skipped", "reason": inputs.llamacpp_reason}
+    if inputs.ollama is not None:
+        run("ollama", lambda: inputs.ollama(prompts, s.max_tokens))
+    else:
+        m.runtimes["ollama"] = {"status": "skipped", "reason": inputs.ollama_reason}
+    if inputs.llamacpp_reason is not None:
+        return m
+
+    m.tokenizer_texts = [*TOKENIZER_TEXTS, *(p.prompt for p in prompts[:4])]
+    m.hf_ids = [list(tokenizer.encode(t)) for t in m.tokenizer_texts]
+    log("[evaluate] tokenizer parity (llama.cpp) ...")
+    try:
+        m.gguf_ids = backends.llamacpp_tokenize(inputs.gguf, m.tokenizer_texts)
+    except Exception as exc:
+        m.gguf_ids_error = f"{type(exc).__name__}: {exc}"
+    log("[evaluate] logprob parity (llama.cpp vs fused MLX) ...")
+    try:
+        fused = m.answers["mlx_fused"]
+        ids: list[int] = []
+        for p, a in list(zip(prompts, fused, strict=True))[: s.logprob_prompts]:
+            ids += list(tokenizer.encode(p.prompt + a.text))
+        m.logprob_reference = backends.mlx_logprobs(inputs.fused_dir, ids)
+        m.logprob_candidate = backends.llamacpp_logprobs(inputs.gguf, ids, s.top_k)
+    except Exception as exc:
+        m.logprob_error = f"{type(exc).__name__}: {exc}"
+    return m
+
+
+def _end_ids(tokenizer: Any, stops: Sequence[str]) -> list[int]:
+    ids = {i for i in (tokenizer.convert_tokens_to_ids(t) for t in stops) if isinstance(i, int)}
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(tokenizer.eos_token_id)
+    ids.discard(getattr(tokenizer, "unk_token_id", None))
+    return sorted(ids)

@@ -1,0 +1,88 @@
+"""The real runtimes behind an evaluation: MLX (base, base + adapter, fused), llama.cpp and Ollama."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from finetune.evaluate import decode
+from finetune.evaluate.evaluation import Backends
+from finetune.evaluate.prompts import EvalPrompt
+from finetune.gates.parity import Answer
+
+
+def mlx_generate(
+    model_dir: Path, adapter_dir: Path | None, prompts: Sequence[str], max_tokens: int
+) -> list[Answer]:
+    """Greedy answers of model_dir (+ the saved adapter), loaded from disk."""
+    model, tokenizer = decode.load(model_dir, adapter_dir)
+    try:
+        return decode.greedy(model, tokenizer, prompts, max_tokens=max_tokens)
+    finally:
+        decode.release(model)
+
+
+def mlx_logprobs(model_dir: Path, token_ids: Sequence[int]) -> np.ndarray:
+    model, _ = decode.load(model_dir)
+    try:
+        return decode.logprobs(model, token_ids)
+    finally:
+        decode.release(model)
+
+
+def llamacpp_generate(
+    gguf: Path, prompts: Sequence[str], max_tokens: int, stops: Sequence[str]
+) -> list[Answer]:
+    from finetune.serve import llamacpp
+
+    return [
+        Answer(g.text, g.finish_reason, list(g.tokens))
+        for g in llamacpp.generate(gguf, prompts, max_tokens, stops)
+    ]
+
+
+def llamacpp_tokenize(gguf: Path, texts: Sequence[str]) -> list[list[int]]:
+    from finetune.serve import llamacpp
+
+    return llamacpp.tokenize(gguf, texts)
+
+
+def llamacpp_logprobs(gguf: Path, token_ids: Sequence[int], k: int) -> list[dict[int, float]]:
+    from finetune.serve import llamacpp
+
+    return llamacpp.top_logprobs(gguf, token_ids, k=k)
+
+
+def _field(r: Any, key: str) -> Any:
+    return r.get(key) if isinstance(r, dict) else getattr(r, key, None)
+
+
+def ollama_answers(client: Any, model: str, prompts: Sequence[EvalPrompt], max_tokens: int) -> list[Answer]:
+    """The conversation through the served TEMPLATE (/api/chat), greedy; stop strings come from the Modelfile."""
+    out = []
+    for p in prompts:
+        messages = [dict(m) for m in p.messages] or [{"role": "user", "content": p.question}]
+        r = client.chat(model=model, messages=messages,
+                        options={"temperature": 0, "seed": 0, "num_predict": max_tokens})  # fmt: skip
+        reason = _field(r, "done_reason")
+        text = _field(_field(r, "message"), "content") or ""
+        # An unexpected done_reason is kept as is, so the clean-endings gate shows it instead of hiding it.
+        out.append(Answer(text, reason if reason in ("stop", "length") else f"unknown:{reason}", None,
+                          _field(r, "prompt_eval_count")))  # fmt: skip
+    return out
+
+
+def real_backends() -> Backends:
+    from finetune.models.tokenizer import load_tokenizer
+
+    return Backends(
+        load_tokenizer=load_tokenizer,
+        mlx_generate=mlx_generate,
+        mlx_logprobs=mlx_logprobs,
+        llamacpp_generate=llamacpp_generate,
+        llamacpp_tokenize=llamacpp_tokenize,
+        llamacpp_logprobs=llamacpp_logprobs,
+    )

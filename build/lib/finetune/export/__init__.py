@@ -1,0 +1,1 @@
+"""Stage 5, export: fuse the adapter into a full-precision HF folder and write GGUF."""

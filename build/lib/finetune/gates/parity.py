@@ -1,0 +1,133 @@
+"""Comparing runtimes: answers, token ids and log-probabilities of the same weights in different runtimes.
+
+Pure functions over measurements; finetune.gates.runtimes turns them into verdicts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Answer:
+    text: str
+    finish_reason: str  # "stop" (end token or stop string) or "length" (hit max_tokens)
+    tokens: list[int] | None = (
+        None  # generated ids, the ending token included; None when the runtime hides them
+    )
+    prompt_tokens: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ParityResult:
+    ok: bool
+    problems: list[str]
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def tokenizer_parity(
+    texts: Sequence[str], reference: Sequence[Sequence[int]], candidate: Sequence[Sequence[int]] | Exception
+) -> ParityResult:
+    """Every text must tokenize to exactly the reference (HF) ids; a llama.cpp crash is a failure, not a hang."""
+    if isinstance(candidate, Exception):
+        return ParityResult(False, [f"llama.cpp could not tokenize: {candidate}"], {"match_rate": 0.0})
+    problems = []
+    for text, ref, got in zip(texts, reference, candidate, strict=True):
+        if list(ref) != list(got):
+            at = next(
+                (i for i, (a, b) in enumerate(zip(ref, got, strict=False)) if a != b), min(len(ref), len(got))
+            )
+            problems.append(
+                f"{text[:40]!r}: HF {list(ref)[at : at + 5]} vs llama.cpp {list(got)[at : at + 5]} "
+                f"at token {at} (lengths {len(ref)}/{len(got)})"
+            )
+    rate = 1.0 - len(problems) / max(1, len(texts))
+    return ParityResult(not problems, problems, {"match_rate": rate, "texts": float(len(texts))})
+
+
+def logprob_parity(
+    reference: np.ndarray,
+    candidate: Sequence[dict[int, float]],
+    *,
+    max_abs: float,
+    min_top1: float = 1.0,
+    tie_margin: float | None = None,
+) -> ParityResult:
+    """Compare llama.cpp's top-k logprobs with the reference's full log-softmax rows (positions x vocab).
+
+    Fails when any compared logprob differs by more than max_abs, or when llama.cpp's top-1 is not the
+    reference's top-1 at more than 1 - min_top1 of positions. A top-1 that differs only inside a near-tie
+    (reference gap <= tie_margin, default max_abs) counts as agreeing: either answer is within tolerance.
+    """
+    tie_margin = max_abs if tie_margin is None else tie_margin
+    reference = np.asarray(reference, dtype=np.float64)
+    if reference.ndim != 2 or len(reference) != len(candidate):
+        return ParityResult(
+            False, [f"shape mismatch: reference {reference.shape}, llama.cpp {len(candidate)} rows"]
+        )
+    worst, worst_at, strict, tolerant, diffs = 0.0, (0, 0), 0, 0, []
+    for pos, (ref, top) in enumerate(zip(reference, candidate, strict=True)):
+        if not top:
+            return ParityResult(False, [f"position {pos}: llama.cpp returned no logprobs"])
+        for tid, lp in top.items():
+            diffs.append(float(abs(ref[tid] - lp)))
+            if diffs[-1] > worst:
+                worst, worst_at = diffs[-1], (pos, tid)
+        cpp_top1 = max(top, key=top.get)
+        strict += int(cpp_top1 == int(np.argmax(ref)))
+        tolerant += int(ref[cpp_top1] >= ref.max() - tie_margin)
+    n = len(candidate)
+    metrics = {
+        "max_abs_diff": worst,
+        "median_abs_diff": float(np.median(diffs)),
+        "top1_agreement": strict / n,
+        "top1_agreement_tol": tolerant / n,
+        "positions": float(n),
+    }
+    problems = []
+    if worst > max_abs:
+        problems.append(
+            f"max |logprob diff| {worst:.3g} > {max_abs:g} (position {worst_at[0]}, token {worst_at[1]})"
+        )
+    if tolerant / n < min_top1:
+        problems.append(
+            f"top-1 agreement {tolerant / n:.1%} < {min_top1:.0%} ({n - tolerant} of {n} positions)"
+        )
+    return ParityResult(not problems, problems, metrics)
+
+
+def greedy_parity(
+    reference: Sequence[Sequence[int]], candidate: Sequence[Sequence[int]], *, min_match: float = 1.0
+) -> ParityResult:
+    """Greedy continuations must be identical token for token for at least min_match of the prompts."""
+    problems, same = [], 0
+    for i, (ref, got) in enumerate(zip(reference, candidate, strict=True)):
+        n = min(len(ref), len(got))
+        at = next((j for j in range(n) if ref[j] != got[j]), None if len(ref) == len(got) else n)
+        if at is None:
+            same += 1
+        else:
+            problems.append(
+                f"prompt {i}: greedy tokens diverge at step {at} ({list(ref)[at : at + 3]} vs "
+                f"{list(got)[at : at + 3]})"
+            )
+    rate = same / max(1, len(reference))
+    ok = rate >= min_match
+    return ParityResult(ok, [] if ok else problems, {"greedy_match_rate": rate})
+
+
+def content_tokens(tokens: Sequence[int], end_ids: Collection[int]) -> list[int]:
+    """Generated ids up to (not including) the first end token: runtimes differ in reporting the end token."""
+    out = []
+    for t in tokens:
+        if t in end_ids:
+            break
+        out.append(int(t))
+    return out

@@ -1,0 +1,138 @@
+"""Resolve a model spec to a local Hugging Face folder that `mlx_lm.load(path)` can load.
+
+Specs:
+  a packaged name  smollm2-135m (finetune.models.packaged); tiny-llama (finetune.models.tiny)
+  a local path     a folder with config.json, *.safetensors and a tokenizer
+  org/name         a Hugging Face Hub id (snapshot_download); offline it raises ModelUnavailable
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from finetune.models.cache import Log, ModelUnavailable, cache_root, stderr_log
+from finetune.models.packaged import SMOLLM2, build_smollm2
+from finetune.models.tiny import TINY, build_tiny_llama
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    name: str
+    path: Path
+    source: str  # "package" | "local" | "hub" | "built"
+    config: dict
+
+
+Downloader = Callable[[str, Path], Path]
+
+
+def resolve_model(
+    spec: str,
+    *,
+    cache_dir: Path | None = None,
+    downloader: Downloader | None = None,
+    env: Mapping[str, str] | None = None,
+    log: Log = stderr_log,
+) -> ResolvedModel:
+    """Turn a spec (see module docstring) into a loadable folder. Raises ModelUnavailable with a reason."""
+    env = os.environ if env is None else env
+    root = cache_root(cache_dir, env) / "models"
+    if spec == SMOLLM2:
+        return _resolved(spec, build_smollm2(root, log=log), "package")
+    if spec == TINY:
+        return _resolved(spec, build_tiny_llama(root, log=log), "built")
+    path = Path(spec).expanduser()
+    if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") >= 2:
+        return _resolved(spec, _check_local(path), "local")
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", spec):
+        return _resolved(spec, _from_hub(spec, root, downloader or hub_download, env), "hub")
+    raise ModelUnavailable(
+        f"unknown model spec {spec!r}: use {SMOLLM2!r}, {TINY!r}, a local folder path, or a Hub id 'org/name'"
+    )
+
+
+def _resolved(name: str, path: Path, source: str) -> ResolvedModel:
+    return ResolvedModel(name=name, path=path, source=source, config=read_config(path))
+
+
+def read_config(folder: Path) -> dict:
+    """config.json as a dict; a clear error naming the file and line if it is not valid JSON."""
+    file = Path(folder) / "config.json"
+    try:
+        config = json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelUnavailable(f"{file}:{exc.lineno}: invalid JSON: {exc.msg}") from exc
+    if not isinstance(config, dict):
+        raise ModelUnavailable(f"{file}: expected a JSON object, got {type(config).__name__}")
+    return config
+
+
+def missing_files(folder: Path) -> list[str]:
+    """What a folder lacks for mlx_lm.load + chat templating; empty when complete."""
+    folder = Path(folder)
+    missing = []
+    if not (folder / "config.json").is_file():
+        missing.append("config.json")
+    if not any(folder.glob("*.safetensors")):
+        missing.append("*.safetensors (weights)")
+    if not ((folder / "tokenizer.json").is_file() or (folder / "tokenizer.model").is_file()):
+        missing.append("tokenizer.json (or tokenizer.model)")
+    if not (folder / "tokenizer_config.json").is_file():
+        missing.append("tokenizer_config.json")
+    return missing
+
+
+def _check_local(path: Path) -> Path:
+    if not path.is_dir():
+        raise ModelUnavailable(f"model folder {path} does not exist (or is not a directory)")
+    missing = missing_files(path)
+    if missing:
+        raise ModelUnavailable(f"model folder {path} is missing: {', '.join(missing)}")
+    problem = rope_problem(read_config(path))
+    if problem:
+        raise ModelUnavailable(f"{path / 'config.json'}: {problem}")
+    return path.resolve()
+
+
+def rope_problem(config: Mapping) -> str | None:
+    """mlx_lm's llama reads only a top-level rope_theta (default 1e4); transformers 5 may nest it.
+
+    Measured: SmolLM2 (theta 1e5) read with 1e4 still said "Paris" to a bare prompt but answered chat in
+    garbled French, so this is refused rather than left to fail quietly.
+    """
+    nested = (config.get("rope_parameters") or {}).get("rope_theta")
+    if (
+        config.get("model_type") == "llama"
+        and "rope_theta" not in config
+        and nested not in (None, 10000, 1e4)
+    ):
+        return f'rope_theta {nested} is only in rope_parameters; mlx_lm would use 10000. Add "rope_theta": {nested}'
+    return None
+
+
+def hub_download(repo_id: str, cache: Path) -> Path:
+    """Default downloader: huggingface_hub.snapshot_download of weights, config and tokenizer files."""
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.txt"]
+    return Path(snapshot_download(repo_id, cache_dir=str(cache), allow_patterns=patterns))
+
+
+def _from_hub(repo_id: str, root: Path, downloader: Downloader, env: Mapping[str, str]) -> Path:
+    alternatives = (
+        f"Set FT_TEST_MODEL to {SMOLLM2!r} (packaged, offline) or {TINY!r}, or pass a local folder path."
+    )
+    if env.get("HF_HUB_OFFLINE") == "1":
+        raise ModelUnavailable(f"cannot download {repo_id!r}: HF_HUB_OFFLINE=1. {alternatives}")
+    try:
+        path = Path(downloader(repo_id, root / "hub"))
+    except Exception as exc:  # network, auth, 404: all mean "not available here"
+        raise ModelUnavailable(
+            f"cannot download {repo_id!r} from the Hugging Face Hub ({type(exc).__name__}: {exc}). {alternatives}"
+        ) from exc
+    return _check_local(path)

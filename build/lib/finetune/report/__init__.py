@@ -1,0 +1,1 @@
+"""Stage 8, reporting: the report schema (pydantic), artifacts with sha256, console summary."""

@@ -1,0 +1,1 @@
+"""Stage 6, serving: the runtimes that ship the GGUF (Ollama: provision, serve, deploy; llama.cpp)."""

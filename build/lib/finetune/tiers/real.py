@@ -1,0 +1,62 @@
+"""The real collaborators behind every stage (imports are lazy: the CLI starts fast)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+from finetune.tiers.context import Deps
+
+FUSE_DTYPE = "float32"
+
+
+def llamacpp_reason() -> str | None:
+    if importlib.util.find_spec("xllamacpp") is None:
+        return "PyPI xllamacpp is not installed (`make setup` installs it)"
+    return None
+
+
+def _train(cfg: Any, model_path: Path, data_dir: Path, run_dir: Path, **kw: Any) -> Any:
+    from finetune.system import doctor
+    from finetune.train.engine import train_run
+
+    kw.get("log", print)(doctor.render(doctor.collect()))
+    return train_run(cfg, model_path, data_dir, run_dir, **kw)
+
+
+def real_deps() -> Deps:
+    from finetune.data.prepare import prepare_for_run
+    from finetune.evaluate import probes
+    from finetune.evaluate.evaluation import run_evaluation
+    from finetune.evaluate.runtimes import ollama_answers, real_backends
+    from finetune.export import fuse, fuse_check, gguf_export, gguf_inspect
+    from finetune.models.resolve import resolve_model
+    from finetune.models.tokenizer import load_tokenizer
+    from finetune.serve import deploy, ollama_provision, ollama_server
+    from finetune.system import doctor, resources
+    from finetune.train.memory import from_run_config
+
+    return Deps(
+        resolve_model=resolve_model,
+        load_tokenizer=load_tokenizer,
+        prepare_data=prepare_for_run,
+        estimate=lambda cfg, model_config: from_run_config(model_config, cfg),
+        train=_train,
+        measure_learning=probes.measure_learning,
+        measure_memory=probes.measure_memory,
+        masked_rows=probes.masked_rows,
+        fuse=lambda base, adapter, out: fuse.fuse(base, adapter, out, dequantize=True, dtype=FUSE_DTYPE),
+        measure_fuse=fuse_check.measure_fuse,
+        export_gguf=lambda hf, out, outtype: gguf_export.export_gguf(hf, out, outtype=outtype),
+        check_gguf=gguf_inspect.check_gguf,
+        locate_ollama=ollama_provision.locate_ollama,
+        ollama_server=lambda binary, folder: ollama_server.OllamaServer(binary, folder),
+        deploy=deploy.deploy,
+        served_checks=deploy.served_checks,
+        ollama_answers=ollama_answers,
+        llamacpp_reason=llamacpp_reason,
+        evaluate=lambda inputs, log: run_evaluation(inputs, real_backends(), log=log),
+        collect_env=lambda: doctor.collect(),
+        available_memory=resources.available_memory_bytes,
+    )

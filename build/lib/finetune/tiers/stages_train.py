@@ -1,0 +1,243 @@
+"""The stages up to a judged adapter: model -> data -> estimate -> train -> judge.
+
+`finetune run` is exactly these; tier 3 adds the shipping stages (finetune.tiers.stages_ship).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from finetune import faults
+from finetune.gates import data as data_gates
+from finetune.gates import training as gates
+from finetune.gates.registry import GATES
+from finetune.gates.verdict import Verdict, judged, skipped
+from finetune.report.artifacts import artifact
+from finetune.system.atomic import atomic_dir
+from finetune.system.hashing import json_sha256
+from finetune.tiers.context import Ctx, Stage, StageError, StageResult
+from finetune.tiers.runner import code_version
+from finetune.train.batches import TOKENS
+from finetune.train.checkpoints import ADAPTER_DIR, BEST_DIR, CHECKPOINTS, INIT_DIR
+from finetune.train.engine import RESULT
+from finetune.train.metrics import METRICS, read_metrics, train_losses
+
+TRAIN_KEY = ".train-key"  # which inputs the checkpoints on disk belong to
+TRAIN_OUTPUTS = (CHECKPOINTS, ADAPTER_DIR, BEST_DIR, INIT_DIR, METRICS, RESULT, TOKENS, "probes")
+# Cadence keys: changing them (--override) continues the same training instead of restarting it.
+CADENCE = ("iters", "eval_every", "save_every", "early_stopping_patience", "val_batches")
+JUDGED = (
+    "loss_convergence",
+    "model_learning",
+    "memory_efficiency",
+    "parameter_updates",
+    "artifacts",
+    "label_mask",
+)
+
+
+# ---------------------------------------------------------------- model, data, estimate
+
+
+def stage_model(ctx: Ctx) -> StageResult:
+    from finetune.evaluate.probes import base_file_digests
+
+    m = ctx.deps.resolve_model(ctx.cfg.model.name)
+    outputs = {"name": m.name, "path": str(m.path), "source": m.source, "config": m.config,
+               "base_files": base_file_digests(Path(m.path))}  # fmt: skip
+    return StageResult(outputs, [artifact("base_model", m.path)], {"source": m.source, "path": str(m.path)})
+
+
+def stage_data(ctx: Ctx) -> StageResult:
+    tokenizer = ctx.deps.load_tokenizer(Path(ctx.outputs["model"]["path"]))
+    data_dir = ctx.run_dir / "data"
+    with atomic_dir(data_dir) as tmp:  # a config change must not leave another run's files behind
+        report = ctx.deps.prepare_data(ctx.cfg.data, tmp, tokenizer)
+    counts = {n: sum(1 for line in (data_dir / f"{n}.jsonl").read_text().splitlines() if line.strip())
+              for n in ("train", "valid", "test") if (data_dir / f"{n}.jsonl").is_file()}  # fmt: skip
+    if not counts.get("train"):
+        raise StageError(f"{data_dir / 'train.jsonl'}: no training rows")
+    details = {"counts": counts, "report": report.to_dict() if hasattr(report, "to_dict") else report}
+    return StageResult({"data_dir": str(data_dir), "counts": counts}, [artifact("data", data_dir)], details)
+
+
+def stage_estimate(ctx: Ctx) -> StageResult:
+    est = ctx.deps.estimate(ctx.cfg, ctx.outputs["model"]["config"])
+    return StageResult({"total_bytes": est.total_bytes}, details={"estimate": est.to_dict()})
+
+
+# ---------------------------------------------------------------- train
+
+
+def _train_key(ctx: Ctx) -> str:
+    inputs = ctx.section("data", "lora", "training")
+    for key in CADENCE:
+        inputs["training"].pop(key, None)
+    return json_sha256(
+        {
+            **inputs,
+            **ctx.upstream("model", "data"),
+            "code": code_version(),
+            "faults": faults.injected(),
+        }
+    )
+
+
+def _clear(run_dir: Path) -> None:
+    for name in TRAIN_OUTPUTS:
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def stage_train(ctx: Ctx) -> StageResult:
+    from finetune.data.templates import get_template
+    from finetune.evaluate.probes import probe_questions, record_in_memory
+
+    run_dir, key = ctx.run_dir, _train_key(ctx)
+    marker = run_dir / TRAIN_KEY
+    resume = (
+        marker.is_file() and marker.read_text().strip() == key and any((run_dir / CHECKPOINTS).glob("step-*"))
+    )
+    if not resume:
+        _clear(run_dir)
+    marker.write_text(key + "\n")
+    model_path, data_dir = Path(ctx.outputs["model"]["path"]), Path(ctx.outputs["data"]["data_dir"])
+    hook = None
+    if ctx.wants("artifacts"):
+        tokenizer = ctx.deps.load_tokenizer(model_path)
+        stops = get_template(ctx.cfg.data.template, tokenizer=tokenizer).stop_strings
+        hook = record_in_memory(run_dir, probe_questions(data_dir, ctx.cfg.gates.learning_probes), stops, 24)
+    result = ctx.deps.train(
+        ctx.cfg, model_path, data_dir, run_dir, resume=resume, on_trained=hook, log=ctx.log
+    )
+    keep = ("steps", "start_step", "stopped_early", "final_train_loss", "initial_val_loss", "best_val_loss",
+            "wall_time_s", "peak_memory_bytes", "trainable_params", "total_params", "extra")  # fmt: skip
+    summary = result.to_dict() if hasattr(result, "to_dict") else {}
+    details = {"resumed": resume, **{k: summary[k] for k in keep if k in summary}}
+    arts = [artifact("adapter", run_dir / ADAPTER_DIR), artifact("metrics", run_dir / METRICS)]
+    return StageResult(
+        {"adapter_dir": str(run_dir / ADAPTER_DIR), "steps": summary.get("steps")}, arts, details
+    )
+
+
+# ---------------------------------------------------------------- judge (the seed gates and the label mask)
+
+
+def _with_info(v: Verdict, judged_path: Path | None) -> Verdict:
+    if v.name in GATES:
+        v.why = GATES[v.name].why
+    if judged_path is not None:
+        v.artifact = judged(judged_path)
+    return v
+
+
+def stage_judge(ctx: Ctx) -> StageResult:
+    """Measure from what the run saved and judge; every gate the tier requires gets a verdict."""
+    from finetune.data.templates import get_template
+    from finetune.evaluate import probes
+
+    cfg, g, run_dir = ctx.cfg, ctx.cfg.gates, ctx.run_dir
+    base = Path(ctx.outputs["model"]["path"])
+    verdicts: list[Verdict] = []
+    for name in ctx.required_gates:
+        if (
+            name in g.skip
+            and name in GATES
+            and GATES[name].name
+            in (
+                "loss_convergence",
+                "model_learning",
+                "memory_efficiency",
+                "parameter_updates",
+                "artifacts",
+                "label_mask",
+            )
+        ):
+            verdicts.append(skipped(name, f"skipped by gates.skip ({name})"))
+    wanted = {n for n in ("loss_convergence", "model_learning", "memory_efficiency", "parameter_updates",
+                          "artifacts", "label_mask") if ctx.wants(n)}  # fmt: skip
+
+    if "loss_convergence" in wanted:
+        losses = train_losses(read_metrics(run_dir / METRICS))
+        window = min(g.loss_window, max(1, len(losses) // 2))
+        v = gates.loss_convergence(losses, drop=g.loss_drop, window=window, max_initial=g.max_initial_loss,
+                                   max_final=g.max_final_loss)  # fmt: skip
+        verdicts.append(_with_info(v, run_dir / METRICS))
+
+    tokenizer = ctx.deps.load_tokenizer(base)
+    stops = get_template(cfg.data.template, tokenizer=tokenizer).stop_strings
+    learning, load_problem = None, None
+    if wanted & {"model_learning", "artifacts"}:
+        try:
+            learning = ctx.deps.measure_learning(run_dir, base, cfg, stops)
+        except Exception as exc:  # the saved adapter does not load: that is the finding
+            load_problem = f"base + saved adapter does not load: {type(exc).__name__}: {str(exc)[:300]}"
+    if "model_learning" in wanted:
+        if learning is None:
+            v = gates.model_learning(
+                [], [], [], loss_before=0, loss_after=0, threshold=g.learning_improvement
+            )
+            v.detail = load_problem or v.detail
+        else:
+            v = gates.model_learning(learning.before, learning.after, learning.references, loss_before=learning.loss_before,
+                                     loss_after=learning.loss_after, threshold=g.learning_improvement)  # fmt: skip
+        verdicts.append(_with_info(v, run_dir / ADAPTER_DIR))
+    if "artifacts" in wanted:
+        problems = probes.artifact_problems(run_dir) + ([load_problem] if load_problem else [])
+        v = gates.artifacts(problems, learning.after if learning else None, probes.in_memory_answers(run_dir))
+        verdicts.append(_with_info(v, run_dir / ADAPTER_DIR))
+    if "parameter_updates" in wanted:
+        try:
+            init, final = (
+                probes.adapter_tensors(run_dir / INIT_DIR),
+                probes.adapter_tensors(run_dir / ADAPTER_DIR),
+            )
+        except Exception as exc:
+            init, final = {}, {}
+            load_problem = f"{type(exc).__name__}: {exc}"
+        steps = (
+            json.loads((run_dir / RESULT).read_text()).get("steps", 0) if (run_dir / RESULT).is_file() else 0
+        )
+        v = gates.parameter_updates(init, final, steps=steps, base_recorded=ctx.outputs["model"]["base_files"],
+                                    base_now=probes.base_file_digests(base), fine_tune_type=cfg.training.fine_tune_type,
+                                    threshold=g.lora_params_changed)  # fmt: skip
+        if not init and load_problem:
+            v.detail = f"{load_problem}; {v.detail}"
+        verdicts.append(_with_info(v, run_dir / ADAPTER_DIR))
+    if "label_mask" in wanted:
+        try:
+            rows = ctx.deps.masked_rows(run_dir, tokenizer, cfg.data.max_seq_length)
+            v = data_gates.label_mask(rows, mask_prompt=cfg.data.mask_prompt)
+        except (OSError, ValueError, KeyError) as exc:
+            v = data_gates.label_mask([], mask_prompt=cfg.data.mask_prompt)
+            v.detail = f"cannot read the recorded training rows: {exc}"
+        verdicts.append(_with_info(v, run_dir / TOKENS))
+    if "memory_efficiency" in wanted:
+        m = ctx.deps.measure_memory(run_dir, base, ctx.outputs["model"]["config"], cfg,
+                                    available=ctx.deps.available_memory())  # fmt: skip
+        v = gates.memory_efficiency(m.lora_peak, m.full_peak, saving=g.memory_saving, source=m.source)
+        v.detail += f" ({m.detail})"
+        verdicts.append(_with_info(v, None))
+    failed = [v.name for v in verdicts if v.status == "failed"]
+    details = {"failed": failed, "judged": [v.name for v in verdicts]}
+    return StageResult({"verdicts": [v.name for v in verdicts]}, verdicts=verdicts, details=details)
+
+
+def judge_inputs(ctx: Ctx) -> dict[str, Any]:
+    return {**ctx.section("gates"), "gates_wanted": sorted(n for n in ctx.required_gates if ctx.wants(n)),
+            **ctx.upstream("model", "data", "train")}  # fmt: skip
+
+
+TRAIN_STAGES = (
+    Stage("model", stage_model, lambda ctx: {"model": ctx.cfg.model.name}),
+    Stage("data", stage_data, lambda ctx: {**ctx.section("data"), **ctx.upstream("model")}),
+    Stage("estimate", stage_estimate, lambda ctx: {**ctx.section("data", "lora", "training"), **ctx.upstream("model")}),
+    Stage("train", stage_train, lambda ctx: {**ctx.section("data", "lora", "training"), **ctx.upstream("model", "data")}),
+)  # fmt: skip
+JUDGE = Stage("judge", stage_judge, judge_inputs)

@@ -1,0 +1,1 @@
+"""Stage 4, training: the memory estimate, masked batches and the engine on mlx-lm's train()."""

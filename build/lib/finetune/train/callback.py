@@ -1,0 +1,113 @@
+"""The training callback: everything mlx-lm's loop does not do, on FineTune's global step count.
+
+Per-step metrics, evaluation, checkpoints (adapter + optimizer + step), the best-validation adapter, early
+stopping, and stopping on a signal at the next step boundary with a checkpoint that resumes exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+from mlx_lm.tuner.callbacks import TrainingCallback
+from mlx_lm.tuner.trainer import evaluate
+
+from finetune.system import signals
+from finetune.train.checkpoints import BEST_DIR, save_adapter, save_checkpoint
+from finetune.train.metrics import METRICS
+
+
+class EarlyStop(Exception):  # noqa: N818 - control flow out of mlx-lm's loop, not an error
+    """Raised from the callback to leave mlx-lm's loop when validation stops improving."""
+
+
+def step_seed(seed: int, step: int) -> int:
+    # MLX cannot restore an arbitrary RNG key, so we reseed per step: any resume point is then exact.
+    return (seed * 1_000_003 + step) % (2**31)
+
+
+class RunCallback(TrainingCallback):
+    """Metrics, evaluation, checkpoints, best adapter, early stopping and signals, on global steps."""
+
+    def __init__(self, *, run_dir: Path, cfg: Any, model, optimizer, acfg: dict, val_set, iterate: Callable,
+                 loss: Callable, start_step: int, state: dict) -> None:  # fmt: skip
+        self.run_dir, self.cfg, self.model, self.optimizer = run_dir, cfg, model, optimizer
+        self.acfg, self.val_set, self.iterate, self.loss = acfg, val_set, iterate, loss
+        self.step = start_step
+        self.best_val = state.get("best_val")
+        self.bad_evals = state.get("bad_evals", 0)
+        self.last_train_loss = state.get("last_train_loss")
+        self.metrics = open(run_dir / METRICS, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()
+
+    def close(self) -> None:
+        self.metrics.close()
+
+    def _write(self, row: dict) -> None:
+        self.metrics.write(json.dumps(row) + "\n")
+        self.metrics.flush()
+
+    def state(self) -> dict:
+        return {
+            "best_val": self.best_val,
+            "bad_evals": self.bad_evals,
+            "last_train_loss": self.last_train_loss,
+        }
+
+    def checkpoint(self) -> Path:
+        return save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.acfg, self.state())
+
+    def evaluate(self) -> float | None:
+        if self.val_set is None:
+            return None
+        tic = time.perf_counter()
+        val = evaluate(
+            self.model,
+            self.val_set,
+            batch_size=self.cfg.training.batch_size,
+            num_batches=self.cfg.training.val_batches,
+            max_seq_length=self.cfg.data.max_seq_length,
+            loss=self.loss,
+            iterate_batches=self.iterate,
+        )
+        self.model.train()
+        self._write(
+            {"kind": "val", "step": self.step, "val_loss": val, "val_time": time.perf_counter() - tic}
+        )
+        if self.best_val is None or val < self.best_val:
+            self.best_val, self.bad_evals = val, 0
+            save_adapter(self.model, self.acfg, self.run_dir / BEST_DIR)
+        else:
+            self.bad_evals += 1
+        return val
+
+    def on_train_loss_report(self, info: dict) -> None:
+        self.step += 1
+        self.last_train_loss = info["train_loss"]
+        self._write(
+            {
+                "kind": "train",
+                "step": self.step,
+                "train_loss": info["train_loss"],
+                "learning_rate": info["learning_rate"],
+                "tokens_per_second": info["tokens_per_second"],
+                "trained_tokens": info["trained_tokens"],
+                "peak_memory_bytes": int(mx.get_peak_memory()),
+                "time": time.time(),
+            }
+        )
+        mx.random.seed(step_seed(self.cfg.training.seed, self.step))
+        t = self.cfg.training
+        if self.step % t.eval_every == 0 or self.step == t.iters:
+            self.evaluate()
+        at_update = self.step % t.grad_accumulation_steps == 0  # optimizer state is consistent only here
+        if at_update and self.step % t.save_every == 0:
+            self.checkpoint()
+        if at_update and signals.pending() is not None and self.step < t.iters:
+            self.checkpoint()  # stop on the signal with a checkpoint this exact step resumes from
+            signals.check()
+        if t.early_stopping_patience and self.bad_evals >= t.early_stopping_patience:
+            raise EarlyStop(f"no better val loss in {self.bad_evals} evaluations")

@@ -1,0 +1,87 @@
+"""Measure MLX's peak training memory for one configuration, in its own process.
+
+Peaks must not leak between LoRA and full fine-tuning, so each measurement is a fresh
+`python -m finetune.train.memprobe ...` whose last stdout line is JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import finetune  # noqa: F401  (loads the fast BLAS before mlx)
+
+
+def measure(cfg_path: Path, model_path: Path, data_dir: Path, fine_tune_type: str, steps: int = 3) -> dict:
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+    from mlx_lm import load
+
+    from finetune.config.loader import load_file
+    from finetune.train.batches import load_split, make_iterate_batches, masked_loss
+    from finetune.train.setup import make_optimizer, prepare_model
+
+    cfg = load_file(cfg_path)
+    cfg.training.fine_tune_type = fine_tune_type
+    mx.random.seed(cfg.training.seed)
+    model, tokenizer = load(str(model_path))
+    prepare_model(model, cfg)
+    optimizer = make_optimizer(cfg)
+    data = load_split(
+        Path(data_dir) / "train.jsonl", tokenizer, cfg.data.max_seq_length, cfg.data.mask_prompt
+    )
+    batches = make_iterate_batches(cfg.training.seed)(
+        data, cfg.training.batch_size, cfg.data.max_seq_length, loop=True
+    )
+    batch = next(batches)  # one fixed batch: both runs see the same shapes
+    value_and_grad = nn.value_and_grad(model, masked_loss)
+    mx.eval(model.parameters())
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    losses = []
+    for _ in range(steps):
+        (loss, _ntoks), grads = value_and_grad(model, *batch)
+        optimizer.update(model, grads)
+        del grads  # held here, every gradient would stay alive through the eval (not so in train())
+        mx.eval(model.parameters(), optimizer.state, loss)
+        losses.append(loss.item())
+    trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+    return {
+        "fine_tune_type": fine_tune_type,
+        "peak_bytes": int(mx.get_peak_memory()),
+        "batch_shape": list(batch[0].shape),
+        "trainable_params": int(trainable),
+        "losses": losses,
+    }
+
+
+def measure_in_subprocess(cfg_path: Path, model_path: Path, data_dir: Path, fine_tune_type: str, steps: int = 3,
+                          timeout: float = 600) -> dict:  # fmt: skip
+    cmd = [sys.executable, "-m", "finetune.train.memprobe", "--config", str(cfg_path), "--model", str(model_path),
+           "--data", str(data_dir), "--type", fine_tune_type, "--steps", str(steps)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"memory probe ({fine_tune_type}) failed with exit {proc.returncode}: {proc.stderr[-2000:]}"
+        )
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--config", required=True)
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--type", choices=["lora", "dora", "full"], required=True)
+    p.add_argument("--steps", type=int, default=3)
+    a = p.parse_args(argv)
+    print(json.dumps(measure(Path(a.config), Path(a.model), Path(a.data), a.type, a.steps)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

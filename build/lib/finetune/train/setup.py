@@ -1,0 +1,75 @@
+"""Setting a model up for training: adapters attached (or everything trainable), and the optimizer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlx.core as mx
+import mlx.optimizers as optim
+from mlx.utils import tree_map
+from mlx_lm.tuner.utils import linear_to_lora_layers
+
+from finetune import faults
+from finetune.config.schema import RunConfig
+
+
+def adapter_config(cfg: RunConfig, n_layers: int) -> dict[str, Any]:
+    """What mlx_lm.load(..., adapter_path=) and fuse need beside the weights."""
+    # Like mlx-lm, a count above the model's depth means every block (quick's 8 on a 2-layer test model).
+    full_depth = cfg.lora.num_layers == -1 or cfg.training.fine_tune_type == "full"
+    num_layers = n_layers if full_depth else min(cfg.lora.num_layers, n_layers)
+    params = {"rank": cfg.lora.rank, "scale": cfg.lora.scale, "dropout": cfg.lora.dropout}
+    if cfg.lora.keys:
+        params["keys"] = list(cfg.lora.keys)
+    return {
+        "fine_tune_type": cfg.training.fine_tune_type,
+        "num_layers": num_layers,
+        "lora_parameters": params,
+    }
+
+
+def prepare_model(model, cfg: RunConfig) -> dict[str, Any]:
+    """Freeze the base and add adapters (lora/dora), or unfreeze everything (full)."""
+    n_layers = len(model.layers)
+    acfg = adapter_config(cfg, n_layers)
+    model.freeze()
+    if cfg.training.fine_tune_type == "full":
+        model.unfreeze()
+    else:
+        linear_to_lora_layers(
+            model, acfg["num_layers"], acfg["lora_parameters"], use_dora=cfg.training.fine_tune_type == "dora"
+        )
+    if faults.active("base_weight_trained"):
+        _leave_one_base_tensor_trainable(model)
+    return acfg
+
+
+def _leave_one_base_tensor_trainable(model) -> None:
+    # The fault: the final norm's weight (every architecture has one) trains with the adapters.
+    name, module = [(n, m) for n, m in model.named_modules() if n.endswith(("norm", "ln_f"))][-1]
+    module.unfreeze(keys=["weight"], recurse=False)
+
+
+def make_optimizer(cfg: RunConfig) -> optim.Optimizer:
+    t = cfg.training
+    lr: Any = t.learning_rate
+    if t.lr_schedule == "cosine":
+        lr = optim.cosine_decay(t.learning_rate, max(1, t.iters - t.warmup_steps))
+    elif t.lr_schedule == "linear":
+        lr = optim.linear_schedule(t.learning_rate, 0.0, max(1, t.iters - t.warmup_steps))
+    if t.warmup_steps:
+        warm = optim.linear_schedule(0.0, t.learning_rate, t.warmup_steps)
+        rest = lr if callable(lr) else (lambda _step, v=lr: v)
+        lr = optim.join_schedules([warm, rest], [t.warmup_steps])
+    if faults.active("lr_zero"):
+        lr = 0.0
+    if t.optimizer == "adamw":
+        opt: optim.Optimizer = optim.AdamW(learning_rate=lr, weight_decay=t.weight_decay)
+    elif t.optimizer == "sgd":
+        opt = optim.SGD(learning_rate=lr, weight_decay=t.weight_decay)
+    else:
+        opt = optim.Adam(learning_rate=lr)
+    if faults.active("frozen_lora"):
+        real = opt.apply_gradients
+        opt.apply_gradients = lambda grads, params: real(tree_map(mx.zeros_like, grads), params)
+    return opt

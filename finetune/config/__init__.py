@@ -1,0 +1,1 @@
+"""Stage 1, configuration: the typed schema, the YAML profiles shipped in profiles/, and the precedence rule."""

@@ -1,0 +1,240 @@
+"""Chat templates: render a normalized conversation into training text with trainable character spans.
+
+A conversation is a list of {"role": "system"|"user"|"assistant", "content": str}: an optional system
+message, then user/assistant turns alternating, ending with an assistant message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from finetune.errors import UserError
+
+ROLES = ("system", "user", "assistant")
+ALPACA_PREAMBLE = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+LLAMA2_DEFAULT_EOS = "</s>"
+
+
+class TemplateError(UserError):
+    """A conversation cannot be rendered, or a tokenizer's chat template cannot be used."""
+
+
+@dataclass(frozen=True)
+class Rendered:
+    text: str
+    train_spans: list[tuple[int, int]]
+    prompt: str
+
+
+def validate_messages(messages: Sequence[dict], *, final_role: str = "assistant") -> None:
+    """Raise TemplateError unless messages are [system?] user, assistant, user, ... ending in final_role."""
+    if not isinstance(messages, Sequence) or isinstance(messages, str) or not messages:
+        raise TemplateError("messages must be a non-empty list of {'role', 'content'} objects")
+    expected = "user"
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, dict):
+            raise TemplateError(f"messages[{i}] must be an object, got {type(msg).__name__}")
+        role, content = msg.get("role"), msg.get("content")
+        if role not in ROLES:
+            raise TemplateError(f"messages[{i}].role is {role!r}; expected one of {', '.join(ROLES)}")
+        if not isinstance(content, str):
+            raise TemplateError(f"messages[{i}].content must be a string, got {type(content).__name__}")
+        if role == "system":
+            if i != 0:
+                raise TemplateError(f"messages[{i}]: a system message is only allowed first")
+            continue
+        if role != expected:
+            raise TemplateError(f"messages[{i}]: expected role {expected!r}, got {role!r}")
+        expected = "assistant" if role == "user" else "user"
+    if messages[-1]["role"] != final_role:
+        raise TemplateError(
+            f"conversation must end with an {final_role} message, not {messages[-1]['role']!r}"
+        )
+
+
+@dataclass(frozen=True)
+class _Segment:
+    text: str
+    trained: bool = False
+    answer_start: bool = False  # marks where an assistant response begins
+
+
+@dataclass
+class Template:
+    """Renders conversations. `segments(messages, add_generation_prompt)` yields the pieces of the text."""
+
+    name: str
+    stop_strings: list[str]
+    _segments: Callable[[Sequence[dict], bool], list[_Segment]] = field(repr=False)
+
+    def render(self, messages: Sequence[dict]) -> Rendered:
+        validate_messages(messages)
+        text, spans, prompt_end = _join(self._segments(messages, False))
+        return Rendered(text=text, train_spans=spans, prompt=text[:prompt_end])
+
+    def render_prompt(self, messages: Sequence[dict]) -> str:
+        """Text to feed a model so it generates the next assistant response (messages end with a user turn)."""
+        validate_messages(messages, final_role="user")
+        text, _, _ = _join(self._segments(messages, True))
+        return text
+
+
+def _join(segments: list[_Segment]) -> tuple[str, list[tuple[int, int]], int]:
+    parts: list[str] = []
+    spans: list[tuple[int, int]] = []
+    pos = prompt_end = 0
+    for seg in segments:
+        if seg.answer_start:
+            prompt_end = pos
+        if seg.trained and seg.text:
+            spans.append((pos, pos + len(seg.text)))
+        parts.append(seg.text)
+        pos += len(seg.text)
+    return "".join(parts), spans, prompt_end
+
+
+def _split_system(messages: Sequence[dict]) -> tuple[str | None, list[dict]]:
+    if messages and messages[0]["role"] == "system":
+        return messages[0]["content"], list(messages[1:])
+    return None, list(messages)
+
+
+def _chatml(messages: Sequence[dict], gen: bool) -> list[_Segment]:
+    out: list[_Segment] = []
+    for msg in messages:
+        header = f"<|im_start|>{msg['role']}\n"
+        if msg["role"] == "assistant":
+            out += [_Segment(header), _Segment(msg["content"] + "<|im_end|>", True, True), _Segment("\n")]
+        else:
+            out.append(_Segment(f"{header}{msg['content']}<|im_end|>\n"))
+    if gen:
+        out.append(_Segment("<|im_start|>assistant\n"))
+    return out
+
+
+def _llama3(messages: Sequence[dict], gen: bool) -> list[_Segment]:
+    out = [_Segment("<|begin_of_text|>")]
+    for msg in messages:
+        header = f"<|start_header_id|>{msg['role']}<|end_header_id|>\n\n"
+        if msg["role"] == "assistant":
+            out += [_Segment(header), _Segment(msg["content"] + "<|eot_id|>", True, True)]
+        else:
+            out.append(_Segment(f"{header}{msg['content']}<|eot_id|>"))
+    if gen:
+        out.append(_Segment("<|start_header_id|>assistant<|end_header_id|>\n\n"))
+    return out
+
+
+def _llama2(eos: str) -> Callable[[Sequence[dict], bool], list[_Segment]]:
+    # Meta's format: "<s>[INST] <<SYS>>\n{sys}\n<</SYS>>\n\n{user} [/INST] {answer} </s>" per turn. The space
+    # before the answer belongs to the answer, so a prompt ending in "[/INST]" tokenizes as in training.
+    def segments(messages: Sequence[dict], gen: bool) -> list[_Segment]:
+        system, turns = _split_system(messages)
+        out: list[_Segment] = []
+        for msg in turns:
+            if msg["role"] == "user":
+                sys_block = f"<<SYS>>\n{system}\n<</SYS>>\n\n" if system is not None and not out else ""
+                out.append(_Segment(f"<s>[INST] {sys_block}{msg['content']} [/INST]"))
+            else:
+                out.append(_Segment(f" {msg['content']} {eos}", True, True))
+        return out
+
+    return segments
+
+
+def _alpaca(eos: str) -> Callable[[Sequence[dict], bool], list[_Segment]]:
+    def segments(messages: Sequence[dict], gen: bool) -> list[_Segment]:
+        system, turns = _split_system(messages)
+        out = [_Segment(ALPACA_PREAMBLE if system is None else system)]
+        for msg in turns:
+            if msg["role"] == "user":
+                out.append(_Segment(f"\n\n### Instruction:\n{msg['content']}\n\n### Response:\n"))
+            else:
+                out.append(_Segment(msg["content"] + eos, True, True))
+        return out
+
+    return segments
+
+
+def _tokenizer_template(tokenizer: Any) -> Template:
+    def apply(messages: Sequence[dict], gen: bool) -> str:
+        try:
+            text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=gen)
+        except Exception as exc:  # jinja errors surface as many types; keep the template's own message
+            raise TemplateError(f"the tokenizer's chat template failed: {exc}") from exc
+        if not isinstance(text, str):
+            raise TemplateError(
+                f"apply_chat_template(tokenize=False) returned {type(text).__name__}, not str"
+            )
+        return text
+
+    def segments(messages: Sequence[dict], gen: bool) -> list[_Segment]:
+        # Render each prefix; the template must only ever append, so every boundary is a prefix length.
+        full = apply(messages, gen)
+        out: list[_Segment] = []
+        pos = 0
+        for i, msg in enumerate(messages):
+            if msg["role"] != "assistant":
+                continue
+            before = apply(messages[:i], True)
+            upto = apply(messages[: i + 1], False)
+            if not upto.startswith(before) or not full.startswith(upto) or len(before) < pos:
+                raise TemplateError(
+                    "the tokenizer's chat template is not prefix-stable (rendering a longer conversation "
+                    f"changes earlier text at message {i}); use a built-in template such as 'chatml'"
+                )
+            answer = upto[len(before) :].rstrip()
+            if msg["content"].strip() not in answer:
+                raise TemplateError(
+                    f"the tokenizer's chat template does not render message {i}'s content verbatim"
+                )
+            out += [_Segment(full[pos : len(before)]), _Segment(answer, True, True)]
+            pos = len(before) + len(answer)
+        out.append(_Segment(full[pos:]))
+        return out
+
+    return Template("tokenizer", _tokenizer_stop_strings(tokenizer, apply), segments)
+
+
+def _tokenizer_stop_strings(tokenizer: Any, apply: Callable[[Sequence[dict], bool], str]) -> list[str]:
+    probe = [{"role": "user", "content": "ping"}]
+    before = apply(probe, True)
+    after = apply([*probe, {"role": "assistant", "content": "pong"}], False)
+    stops = []
+    if after.startswith(before) and "pong" in after[len(before) :]:
+        end_marker = after[len(before) :].split("pong", 1)[1].strip()
+        if end_marker:
+            stops.append(end_marker)
+    eos = getattr(tokenizer, "eos_token", None)
+    if isinstance(eos, str) and eos and eos not in stops:
+        stops.append(eos)
+    return stops
+
+
+TEMPLATE_NAMES = ("alpaca", "chatml", "llama2", "llama3", "tokenizer")
+
+
+def get_template(name: str, tokenizer: Any = None) -> Template:
+    """Template by name. "tokenizer" uses tokenizer.apply_chat_template; alpaca ends answers with its EOS."""
+    if name == "chatml":
+        return Template("chatml", ["<|im_end|>"], _chatml)
+    if name == "llama3":
+        return Template("llama3", ["<|eot_id|>"], _llama3)
+    if name in ("llama2", "alpaca"):
+        eos = getattr(tokenizer, "eos_token", None) or LLAMA2_DEFAULT_EOS
+        if name == "llama2":
+            return Template("llama2", [eos], _llama2(eos))
+        return Template("alpaca", [eos, "### Instruction:"], _alpaca(eos))
+    if name == "tokenizer":
+        if tokenizer is None or not hasattr(tokenizer, "apply_chat_template"):
+            raise TemplateError(
+                "template 'tokenizer' needs a tokenizer with apply_chat_template (pass tokenizer=)"
+            )
+        if not getattr(tokenizer, "chat_template", None):
+            raise TemplateError(
+                "template 'tokenizer': this tokenizer has no chat_template; pick a built-in one"
+            )
+        return _tokenizer_template(tokenizer)
+    raise TemplateError(f"unknown template {name!r}; valid names: {', '.join(TEMPLATE_NAMES)}")

@@ -1,0 +1,51 @@
+"""Tokenize a rendered example with offsets, and mark which tokens are trained (the loss mask)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+
+def _hf_tokenizer(tokenizer: Any) -> Any:
+    # mlx-lm's TokenizerWrapper is not callable; the Hugging Face tokenizer sits in its _tokenizer.
+    if not callable(tokenizer) and hasattr(tokenizer, "_tokenizer"):
+        return tokenizer._tokenizer
+    return tokenizer
+
+
+def encode(tokenizer: Any, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    tok = _hf_tokenizer(tokenizer)
+    try:
+        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    except NotImplementedError as exc:
+        raise TypeError(
+            "tokenize_example needs a fast (Rust) tokenizer that returns offset mappings"
+        ) from exc
+    ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+    # Prepend BOS the way the tokenizer's default encode would, unless the text already carries it.
+    bos, bos_id = getattr(tok, "bos_token", None), getattr(tok, "bos_token_id", None)
+    if bos and bos_id is not None and not text.startswith(bos):
+        default = tok("a")["input_ids"]
+        if len(default) > len(tok("a", add_special_tokens=False)["input_ids"]) and default[0] == bos_id:
+            ids, offsets = [bos_id, *ids], [(0, 0), *offsets]
+    return ids, offsets
+
+
+def tokenize_example(
+    tokenizer: Any,
+    text: str,
+    train_spans: Sequence[Sequence[int]],
+    max_seq_length: int,
+    mask_prompt: bool = True,
+) -> tuple[list[int], list[int]]:
+    """Token ids and a 0/1 loss mask (1 = token overlaps a train span), both cut to max_seq_length."""
+    if max_seq_length < 1:
+        raise ValueError(f"max_seq_length must be >= 1, got {max_seq_length}")
+    ids, offsets = encode(tokenizer, text)
+    mask = mask_for(offsets, train_spans) if mask_prompt else [1] * len(ids)
+    return ids[:max_seq_length], mask[:max_seq_length]
+
+
+def mask_for(offsets: Sequence[tuple[int, int]], spans: Sequence[Sequence[int]]) -> list[int]:
+    # A token is trained when its characters overlap a span; zero-width (added special) tokens never are.
+    return [int(s < e and any(s < se and e > ss for ss, se in spans)) for s, e in offsets]

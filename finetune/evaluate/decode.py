@@ -1,0 +1,96 @@
+"""The one MLX decoder: greedy answers (batched), log-probabilities and teacher-forced loss of a model.
+
+Every MLX measurement (the learning probe, the artifacts probe, tier 3's mlx runtimes, the logprob
+reference for llama.cpp) goes through here, so they decode identically.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+
+from finetune.gates.parity import Answer
+from finetune.train.batches import TokenDataset, make_iterate_batches, masked_loss
+
+
+def load(model_dir: str | Path, adapter_dir: str | Path | None = None) -> tuple[Any, Any]:
+    """base (+ adapter) from disk, in eval mode."""
+    from mlx_lm import load as mlx_load
+
+    model, tokenizer = mlx_load(str(model_dir), adapter_path=str(adapter_dir) if adapter_dir else None)
+    model.eval()
+    return model, tokenizer
+
+
+def release(model: Any) -> None:
+    del model
+    mx.clear_cache()
+
+
+def prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
+    """Token ids of a rendered prompt, with BOS added the way mlx-lm's generate adds it."""
+    bos = getattr(tokenizer, "bos_token", None)
+    return list(tokenizer.encode(prompt, add_special_tokens=bos is None or not prompt.startswith(bos)))
+
+
+def cut_at_stops(text: str, stops: Sequence[str]) -> tuple[str, bool]:
+    """(text before the first stop string, whether one was found)."""
+    cut = min((text.index(s) for s in stops if s and s in text), default=None)
+    return (text, False) if cut is None else (text[:cut], True)
+
+
+def greedy(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_tokens: int = 24, stops: Sequence[str] = (),
+           batch_size: int = 8) -> list[Answer]:  # fmt: skip
+    """Temperature-0 answers, `batch_size` prompts decoded together (mlx-lm's BatchGenerator).
+
+    Generation ends at the tokenizer's EOS ids (the chat end token); text is cut at a stop string. tokens
+    are the generated ids including the EOS that ended them.
+    """
+    from mlx_lm.generate import BatchGenerator
+
+    model.eval()
+    eos_ids = getattr(tokenizer, "eos_token_ids", None) or tokenizer.eos_token_id  # a set (mlx-lm) or an int
+    eos = sorted([eos_ids] if isinstance(eos_ids, int) else eos_ids)
+    out: list[Answer] = []
+    for start in range(0, len(prompts), max(1, batch_size)):
+        chunk = [prompt_ids(tokenizer, p) for p in prompts[start : start + batch_size]]
+        gen = BatchGenerator(model, stop_tokens=[[t] for t in eos], completion_batch_size=len(chunk),
+                             prefill_batch_size=len(chunk))  # fmt: skip
+        uids = gen.insert(chunk, [max_tokens] * len(chunk))
+        tokens: dict[int, list[int]] = {u: [] for u in uids}
+        reasons: dict[int, str] = {}
+        while responses := gen.next_generated():
+            for r in responses:
+                tokens[r.uid].append(int(r.token))
+                if r.finish_reason is not None:
+                    reasons[r.uid] = r.finish_reason
+        gen.close()
+        for uid, ids in zip(uids, chunk, strict=True):
+            got = tokens[uid]
+            content = got[:-1] if reasons.get(uid) == "stop" and got and got[-1] in eos else got
+            text, stopped = cut_at_stops(tokenizer.decode(content), stops)
+            reason = "stop" if stopped or reasons.get(uid) == "stop" else "length"
+            out.append(Answer(text.strip(), reason, got, len(ids)))
+    return out
+
+
+def logprobs(model: Any, token_ids: Sequence[int]) -> np.ndarray:
+    """log_softmax of the model's logits at every position of one sequence (positions x vocab), float32."""
+    out = model(mx.array([list(token_ids)]))[0].astype(mx.float32)
+    return np.array(out - mx.logsumexp(out, axis=-1, keepdims=True))
+
+
+def teacher_forced_loss(model: Any, dataset: TokenDataset, batch_size: int, max_seq_length: int) -> float:
+    """Mean masked cross-entropy of the reference answers given their prompts."""
+    model.eval()
+    total, count = 0.0, 0.0
+    for batch in make_iterate_batches(0)(dataset, batch_size, max_seq_length, loop=False):
+        loss, ntoks = masked_loss(model, *batch)
+        mx.eval(loss, ntoks)
+        total += loss.item() * ntoks.item()
+        count += ntoks.item()
+    return total / count

@@ -1,0 +1,238 @@
+"""Measurements behind a training run's gates, made from what the run saved on disk.
+
+  learning   training questions answered by the base and by base + SAVED adapter, teacher-forced loss of both
+  artifacts  run files present and parseable, the saved adapter loads, its answers vs the in-memory model's
+  params     the saved adapter vs its saved step-0 state, base model files vs their recorded sha256
+  mask       the tokens that carried loss in the recorded training rows, decoded, vs the answers
+  memory     LoRA vs full fine-tuning peaks, each in its own process (or the estimate, labelled so)
+
+The in-memory answers are recorded by record_in_memory() while training's model is still loaded.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from finetune.evaluate import decode
+from finetune.gates.data import MaskedRow
+from finetune.models.cache import cache_root
+from finetune.system.atomic import atomic_write_json
+from finetune.system.hashing import file_sha256, json_sha256
+from finetune.system.jsonl import read_jsonl
+from finetune.train.checkpoints import ADAPTER_CONFIG, ADAPTER_DIR, ADAPTER_FILE, INIT_DIR
+from finetune.train.metrics import METRICS, read_metrics
+
+PROBES = "probes"
+IN_MEMORY = "in_memory.json"
+REQUIRED = ("config.yaml", METRICS, f"{ADAPTER_DIR}/{ADAPTER_FILE}", f"{ADAPTER_DIR}/{ADAPTER_CONFIG}",
+            f"{INIT_DIR}/{ADAPTER_FILE}")  # fmt: skip
+BASE_FILES = ("config.json", "*.safetensors", "tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+@dataclass(frozen=True)
+class Probe:
+    prompt: str  # rendered with the training template, ready for the answer
+    reference: str
+
+
+def probe_questions(data_dir: Path, n: int) -> list[Probe]:
+    """The first n training rows that are conversations: questions whose answers the run was taught."""
+    rows = [r for r in read_jsonl(Path(data_dir) / "train.jsonl") if r.get("prompt")]
+    return [Probe(r["prompt"], r["reference"]) for r in rows[:n]]
+
+
+def base_file_digests(model_dir: Path) -> dict[str, str]:
+    files = sorted({p for pattern in BASE_FILES for p in Path(model_dir).glob(pattern) if p.is_file()})
+    return {p.name: file_sha256(p) for p in files}
+
+
+# ---------------------------------------------------------------- answers
+
+
+def record_in_memory(
+    run_dir: Path, probes: Sequence[Probe], stops: Sequence[str], max_tokens: int
+) -> Callable:
+    """An on_trained hook: the trained in-memory model's answers, written to RUN/probes/in_memory.json."""
+
+    def hook(model: Any, tokenizer: Any) -> None:
+        answers = decode.greedy(
+            model, tokenizer, [p.prompt for p in probes], max_tokens=max_tokens, stops=stops
+        )
+        atomic_write_json(Path(run_dir) / PROBES / IN_MEMORY, {"answers": [a.text for a in answers]})
+
+    return hook
+
+
+def in_memory_answers(run_dir: Path) -> list[str] | None:
+    path = Path(run_dir) / PROBES / IN_MEMORY
+    try:
+        return list(json.loads(path.read_text())["answers"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+@dataclass
+class LearningMeasurement:
+    before: list[str]
+    after: list[str]
+    references: list[str]
+    loss_before: float
+    loss_after: float
+
+
+def _answers_and_loss(model_dir: Path, adapter_dir: Path | None, probes: Sequence[Probe], data_dir: Path,
+                      cfg: Any, stops: Sequence[str], max_tokens: int) -> tuple[list[str], float]:  # fmt: skip
+    from finetune.train.batches import load_split
+
+    model, tokenizer = decode.load(model_dir, adapter_dir)
+    try:
+        answers = decode.greedy(
+            model, tokenizer, [p.prompt for p in probes], max_tokens=max_tokens, stops=stops
+        )
+        questions = load_split(Path(data_dir) / "train.jsonl", tokenizer, cfg.data.max_seq_length, True)
+        questions.items, questions.rows = questions.items[: len(probes)], questions.rows[: len(probes)]
+        loss = decode.teacher_forced_loss(model, questions, cfg.training.batch_size, cfg.data.max_seq_length)
+        return [a.text for a in answers], loss
+    finally:
+        decode.release(model)
+
+
+def measure_learning(run_dir: Path, base_dir: Path, cfg: Any, stops: Sequence[str], *, max_tokens: int = 24,
+                     cache_dir: Path | None = None) -> LearningMeasurement:  # fmt: skip
+    """Base answers are cached per (base files, probes, settings): the base never changes between runs."""
+    data_dir = Path(run_dir) / "data"
+    probes = probe_questions(data_dir, cfg.gates.learning_probes)
+    key = json_sha256({"base": base_file_digests(base_dir), "probes": [asdict(p) for p in probes],
+                       "stops": list(stops), "max_tokens": max_tokens, "seq": cfg.data.max_seq_length,
+                       "batch": cfg.training.batch_size, "v": 1})  # fmt: skip
+    cache = (cache_dir or cache_root() / "base-answers") / f"{key[:32]}.json"
+    try:
+        cached = json.loads(cache.read_text())
+        before, loss_before = cached["answers"], cached["loss"]
+    except (OSError, ValueError, KeyError):
+        before, loss_before = _answers_and_loss(base_dir, None, probes, data_dir, cfg, stops, max_tokens)
+        atomic_write_json(cache, {"answers": before, "loss": loss_before})
+    after, loss_after = _answers_and_loss(base_dir, Path(run_dir) / ADAPTER_DIR, probes, data_dir, cfg, stops,
+                                          max_tokens)  # fmt: skip
+    return LearningMeasurement(before, after, [p.reference for p in probes], loss_before, loss_after)
+
+
+# ---------------------------------------------------------------- artifacts and parameters
+
+
+def artifact_problems(run_dir: Path) -> list[str]:
+    """Missing or unparseable run files; the adapter's loadability is tested by loading it (measure_learning)."""
+    from finetune.models.safetensors import SafetensorsError, read_header
+
+    run_dir = Path(run_dir)
+    problems = [f"missing {rel}" for rel in REQUIRED if not (run_dir / rel).is_file()]
+    if not list((run_dir / "checkpoints").glob("step-*")):
+        problems.append("no checkpoint under checkpoints/")
+    cfg_file = run_dir / ADAPTER_DIR / ADAPTER_CONFIG
+    if cfg_file.is_file():
+        try:
+            json.loads(cfg_file.read_text())
+        except ValueError as exc:
+            problems.append(f"{ADAPTER_DIR}/{ADAPTER_CONFIG} is not valid JSON ({exc})")
+    for rel in (f"{ADAPTER_DIR}/{ADAPTER_FILE}", f"{INIT_DIR}/{ADAPTER_FILE}"):
+        if (run_dir / rel).is_file():
+            try:
+                read_header(run_dir / rel)
+            except SafetensorsError as exc:
+                problems.append(str(exc))
+    if (run_dir / METRICS).is_file() and not read_metrics(run_dir / METRICS):
+        problems.append(f"{METRICS} has no rows")
+    return problems
+
+
+def adapter_tensors(folder: Path) -> dict[str, np.ndarray]:
+    from finetune.models.safetensors import load_file
+
+    return load_file(Path(folder) / ADAPTER_FILE)
+
+
+# ---------------------------------------------------------------- label mask
+
+
+def masked_rows(run_dir: Path, tokenizer: Any, max_seq_length: int) -> list[MaskedRow]:
+    """Decode the loss-carrying runs of the rows training recorded (train/engine.record_tokens)."""
+    from finetune.train.batches import TOKENS
+
+    recorded = json.loads((Path(run_dir) / TOKENS).read_text())
+    rows = read_jsonl(Path(run_dir) / "data" / "train.jsonl")
+    out = []
+    for rec in recorded["rows"]:
+        ids, mask = rec["ids"], rec["mask"]
+        runs, current = [], []
+        for i, (t, m) in enumerate(zip(ids, mask, strict=True)):
+            if m and i > 0:  # position 0 is never a target
+                current.append(t)
+            elif current:
+                runs.append(current)
+                current = []
+        if current:
+            runs.append(current)
+        messages = rows[rec["row"]].get("conversation") or []
+        answers = [m["content"] for m in messages if m["role"] == "assistant"]
+        out.append(MaskedRow(rec["row"], [tokenizer.decode(r) for r in runs], answers, len(ids),
+                             sum(mask[1:]), len(ids) >= max_seq_length))  # fmt: skip
+    return out
+
+
+# ---------------------------------------------------------------- memory
+
+
+@dataclass
+class MemoryMeasurement:
+    lora_peak: int
+    full_peak: int
+    source: str  # "measured" or "estimated"
+    detail: str
+
+
+def seen_length(run_dir: Path, cfg: Any) -> Any:
+    """A copy of cfg whose max_seq_length is the padded width of the run's longest example: what a batch
+    really holds (estimating at max_seq_length would price padding that never exists)."""
+    from finetune.train.batches import PAD_TO
+
+    out = cfg.model_copy(deep=True)
+    try:
+        report = json.loads((Path(run_dir) / "data" / "prepare_report.json").read_text())
+        longest = int(report["length_stats"]["max"]) if report.get("length_unit") == "tokens" else None
+    except (OSError, ValueError, KeyError):
+        longest = None
+    if longest:
+        out.data.max_seq_length = min(
+            1 + PAD_TO * ((longest + PAD_TO - 1) // PAD_TO), cfg.data.max_seq_length
+        )
+    return out
+
+
+FULL_FIT_MARGIN = 1.5  # measure full fine-tuning only when 1.5x its estimated peak is free
+
+
+def measure_memory(run_dir: Path, model_dir: Path, model_config: dict, cfg: Any, *, available: int | None,
+                   measure: Callable[..., dict] | None = None) -> MemoryMeasurement:  # fmt: skip
+    """LoRA vs full fine-tuning peaks for this run's model, batch and data, each in a fresh process."""
+    from finetune.train import memory
+    from finetune.train.memprobe import measure_in_subprocess
+
+    measure = measure or measure_in_subprocess
+    lora_cfg, full_cfg = seen_length(run_dir, cfg), seen_length(run_dir, cfg)
+    full_cfg.training.fine_tune_type = "full"
+    est_lora = memory.from_run_config(model_config, lora_cfg).total_bytes
+    est_full = memory.from_run_config(model_config, full_cfg).total_bytes
+    if available is None or est_full * FULL_FIT_MARGIN > available:
+        have = "unknown" if available is None else f"{available / 2**30:.1f} GiB"
+        return MemoryMeasurement(est_lora, est_full, "estimated",
+                                 f"full fine-tuning needs ~{est_full / 2**30:.1f} GiB, {have} free: not run")  # fmt: skip
+    cfg_file, data = Path(run_dir) / "config.yaml", Path(run_dir) / "data"
+    peaks = {kind: measure(cfg_file, model_dir, data, kind)["peak_bytes"] for kind in ("lora", "full")}
+    return MemoryMeasurement(peaks["lora"], peaks["full"], "measured",
+                             f"estimates were {est_lora / 2**20:.0f} / {est_full / 2**20:.0f} MiB")  # fmt: skip

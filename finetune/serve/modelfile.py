@@ -1,0 +1,324 @@
+"""Ollama Modelfiles: chat TEMPLATEs that match finetune.templates, and rendering with correct quoting.
+
+Ollama's parser (parser/parser.go) takes a value to the end of the line unless it starts with `"` or
+`\"\"\"`, in which case it runs to the matching closing quote (newlines included) with no escape sequences.
+So a value can hold anything except the triple quote.
+
+Templates are Go text/templates. Since Ollama 0.3, when a TEMPLATE mentions .Messages the server renders
+/api/generate through it too (the prompt becomes one user message), and system messages appear both in
+.System and as role "system" inside .Messages (measured on 0.5.4). The templates below therefore take the
+system text only from .Messages; the `else` branch, used when there are no messages, handles .System,
+.Prompt and .Response the way Ollama's library templates do.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# One source for the texts training renders, so the served TEMPLATE cannot drift from it.
+from finetune.data.templates import ALPACA_PREAMBLE
+from finetune.data.templates import LLAMA2_DEFAULT_EOS as DEFAULT_EOS
+from finetune.errors import UserError
+
+# Measured on this 2-core box: llama.cpp with 2 threads collapsed under load (OpenMP spin-waiting).
+DEFAULT_PARAMETERS: dict[str, Any] = {"num_thread": 1}
+
+
+class ModelfileError(UserError):
+    """A value cannot be written into a Modelfile, or a chat format is unknown."""
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    name: str
+    template: str
+    stop: list[str]
+
+
+# No BOS in any template: llama.cpp's tokenizer adds it when the GGUF says add_bos_token, as for Ollama's
+# own library templates. Text otherwise matches finetune.templates.get_template(name).render_prompt().
+_CHATML = """{{- if .Messages }}
+{{- range .Messages }}<|im_start|>{{ .Role }}
+{{ .Content }}<|im_end|>
+{{ end }}<|im_start|>assistant
+{{ else }}
+{{- if .System }}<|im_start|>system
+{{ .System }}<|im_end|>
+{{ end }}{{ if .Prompt }}<|im_start|>user
+{{ .Prompt }}<|im_end|>
+{{ end }}<|im_start|>assistant
+{{ .Response }}<|im_end|>
+{{ end }}"""
+
+_LLAMA3 = """{{- if .Messages }}
+{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>
+
+{{ .Content }}<|eot_id|>
+{{- end }}<|start_header_id|>assistant<|end_header_id|>
+
+{{ else }}
+{{- if .System }}<|start_header_id|>system<|end_header_id|>
+
+{{ .System }}<|eot_id|>
+{{- end }}{{ if .Prompt }}<|start_header_id|>user<|end_header_id|>
+
+{{ .Prompt }}<|eot_id|>
+{{- end }}<|start_header_id|>assistant<|end_header_id|>
+
+{{ .Response }}<|eot_id|>
+{{- end }}"""
+
+# Meta's format: "[INST] <<SYS>>\n{sys}\n<</SYS>>\n\n{user} [/INST] {answer} </s><s>[INST] ..." where the
+# first <s> is the tokenizer's BOS. The system block goes into the first user turn only.
+_LLAMA2 = """{{- if .Messages }}
+{{- $system := "" }}
+{{- range .Messages }}
+{{- if eq .Role "system" }}{{ $system = .Content }}
+{{- else if eq .Role "user" }}[INST] {{ if $system }}<<SYS>>
+{{ $system }}
+<</SYS>>
+
+{{ $system = "" }}{{ end }}{{ .Content }} [/INST]
+{{- else if eq .Role "assistant" }} {{ .Content }} @EOS@<s>
+{{- end }}
+{{- end }}
+{{- else }}[INST] {{ if .System }}<<SYS>>
+{{ .System }}
+<</SYS>>
+
+{{ end }}{{ .Prompt }} [/INST] {{ .Response }} @EOS@
+{{- end }}"""
+
+# Like finetune.templates: the system text, or the standard preamble, opens the prompt.
+_ALPACA = """{{- if .Messages }}
+{{- $system := "" }}
+{{- range .Messages }}{{ if eq .Role "system" }}{{ $system = .Content }}{{ end }}{{ end }}
+{{- if $system }}{{ $system }}{{ else }}@PREAMBLE@{{ end }}
+{{- range .Messages }}
+{{- if eq .Role "user" }}
+
+### Instruction:
+{{ .Content }}
+
+### Response:
+{{ else if eq .Role "assistant" }}{{ .Content }}@EOS@
+{{- end }}
+{{- end }}
+{{- else }}
+{{- if .System }}{{ .System }}{{ else }}@PREAMBLE@{{ end }}
+
+### Instruction:
+{{ .Prompt }}
+
+### Response:
+{{ .Response }}
+{{- end }}"""
+
+FORMAT_NAMES = ("chatml", "llama3", "llama2", "alpaca")
+
+
+def chat_format(name: str, *, eos: str = DEFAULT_EOS) -> ChatFormat:
+    """The Ollama TEMPLATE and stop strings for a chat format; `eos` is the model's end-of-sequence text."""
+    if name == "chatml":
+        return ChatFormat("chatml", _CHATML, ["<|im_end|>", "<|im_start|>"])
+    if name == "llama3":
+        return ChatFormat("llama3", _LLAMA3, ["<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"])
+    if name == "llama2":
+        return ChatFormat("llama2", _LLAMA2.replace("@EOS@", eos), [eos, "[INST]", "[/INST]"])
+    if name == "alpaca":
+        text = _ALPACA.replace("@EOS@", eos).replace("@PREAMBLE@", ALPACA_PREAMBLE)
+        return ChatFormat("alpaca", text, [eos, "### Instruction:"])
+    hint = (
+        " ('tokenizer' has no fixed format: pass deploy.template explicitly)" if name == "tokenizer" else ""
+    )
+    raise ModelfileError(f"unknown chat format {name!r}{hint}; valid names: {', '.join(FORMAT_NAMES)}")
+
+
+def template_for(name: str, *, eos: str = DEFAULT_EOS) -> str:
+    return chat_format(name, eos=eos).template
+
+
+def stop_for(name: str, *, eos: str = DEFAULT_EOS) -> list[str]:
+    return list(chat_format(name, eos=eos).stop)
+
+
+def chatml_template() -> str:
+    return _CHATML
+
+
+def served_chat(data_template: str, d: Any, tokenizer: Any) -> tuple[str, list[str], str | None]:
+    """(TEMPLATE, stop strings, SYSTEM) so that Ollama renders a question exactly as training rendered it.
+
+    d is the config's deploy section (template/stop/system override the derived ones).
+
+    data.template "tokenizer" is matched against ChatML; a default system prompt that the tokenizer's own
+    template injects (SmolLM2's does) becomes the Modelfile's SYSTEM.
+    """
+    from finetune.data.templates import get_template
+
+    eos = getattr(tokenizer, "eos_token", None) or "</s>"
+    if d.template is not None:
+        if not d.stop:
+            raise ModelfileError(
+                "deploy.template is set: give deploy.stop too (the model's end-of-turn strings)"
+            )
+        return d.template, list(d.stop), d.system
+    name = data_template
+    if name in FORMAT_NAMES:
+        fmt = chat_format(name, eos=eos)
+        return fmt.template, list(d.stop or fmt.stop), d.system
+    probe = [{"role": "user", "content": "ping"}]
+    got = get_template(name, tokenizer=tokenizer).render_prompt(probe)
+    chatml = get_template("chatml").render_prompt(probe)
+    fmt = chat_format("chatml")
+    if got == chatml:
+        return fmt.template, list(d.stop or fmt.stop), d.system
+    head, sep = got[: len(got) - len(chatml)], "<|im_start|>system\n"
+    if got.endswith(chatml) and head.startswith(sep) and head.endswith("<|im_end|>\n"):
+        system = head[len(sep) : -len("<|im_end|>\n")]
+        if d.system is not None and d.system != system:
+            raise ModelfileError(
+                f"deploy.system {d.system!r} differs from the system prompt the data template adds"
+            )
+        return fmt.template, list(d.stop or fmt.stop), system
+    raise ModelfileError(
+        f"data.template {name!r} renders {got[:80]!r}, which no Ollama template here reproduces: "
+        "set deploy.template and deploy.stop, or use a named data.template"
+    )
+
+
+def render_modelfile(
+    gguf_path: str | Path,
+    *,
+    template: str,
+    stop: Sequence[str],
+    parameters: Mapping[str, Any],
+    system: str | None = None,
+    adapter: str | Path | None = None,
+) -> str:
+    """Modelfile text. Paths become absolute; DEFAULT_PARAMETERS fill in what `parameters` leaves out.
+
+    A list value in `parameters` becomes one PARAMETER line per item (as `stop` does).
+    """
+    if isinstance(stop, str):
+        raise ModelfileError("stop must be a list of strings, not a single string")
+    params = {**DEFAULT_PARAMETERS, **dict(parameters)}
+    if "stop" in params:
+        raise ModelfileError("pass stop strings with stop=, not in parameters")
+    lines = [f"FROM {_path_value(gguf_path, 'FROM')}"]
+    if adapter is not None:
+        lines.append(f"ADAPTER {_path_value(adapter, 'ADAPTER')}")
+    lines.append(f"TEMPLATE {_triple_quote(template, 'TEMPLATE')}")
+    if system is not None:
+        lines.append(f"SYSTEM {_triple_quote(system, 'SYSTEM')}")
+    for s in stop:
+        if not isinstance(s, str) or not s:
+            raise ModelfileError(f"stop strings must be non-empty strings, got {s!r}")
+        lines.append(f"PARAMETER stop {_quote(s, 'stop')}")
+    for key, value in params.items():
+        if not key.replace("_", "").isalnum() or not key.isascii():
+            raise ModelfileError(f"parameter name {key!r} must be letters, digits and '_'")
+        for item in value if isinstance(value, list | tuple) else [value]:
+            lines.append(f"PARAMETER {key} {_scalar(item, key)}")
+    return "\n".join(lines) + "\n"
+
+
+def parse_modelfile(text: str) -> list[tuple[str, str]]:
+    """(command, value) pairs of a Modelfile, unquoted as Ollama does; PARAMETER values keep their name
+    as "name value". Only for checking what we rendered, not a full reimplementation of Ollama's parser."""
+    out: list[tuple[str, str]] = []
+    i, n = 0, len(text)
+    while i < n:
+        while i < n and text[i] in " \t\r\n":
+            i += 1
+        if i >= n:
+            break
+        if text[i] == "#":
+            i = _line_end(text, i) + 1
+            continue
+        j = i
+        while j < n and text[j] not in " \t\r\n":
+            j += 1
+        command = text[i:j].upper()
+        i = j
+        while i < n and text[i] in " \t":
+            i += 1
+        prefix = ""
+        if command == "PARAMETER":
+            j = i
+            while j < n and text[j] not in " \t\r\n":
+                j += 1
+            prefix = text[i:j] + " "
+            i = j
+            while i < n and text[i] in " \t":
+                i += 1
+        value, i = _read_value(text, i)
+        out.append((command, prefix + value))
+    return out
+
+
+def _read_value(text: str, i: int) -> tuple[str, int]:
+    # As Ollama does: a value ends at the first line break where the text so far is fully quoted.
+    j = i
+    while True:
+        end = _line_end(text, j)
+        ok, value = _unquote(text[i:end].strip())
+        if ok:
+            return value, end
+        if end >= len(text):
+            raise ModelfileError(f"unterminated quoted value starting at offset {i}: {text[i : i + 40]!r}")
+        j = end + 1
+
+
+def _unquote(s: str) -> tuple[bool, str]:
+    for quote in ('"""', '"'):
+        if s.startswith(quote):
+            closed = len(s) >= 2 * len(quote) and s.endswith(quote)
+            return closed, s[len(quote) : -len(quote)] if closed else ""
+    return True, s
+
+
+def _line_end(text: str, i: int) -> int:
+    ends = [e for e in (text.find("\n", i), text.find("\r", i)) if e >= 0]
+    return min(ends) if ends else len(text)
+
+
+def _path_value(path: str | Path, what: str) -> str:
+    value = str(Path(path).expanduser().resolve())
+    if "\n" in value or "\r" in value:
+        raise ModelfileError(f"{what} path must not contain a newline: {value!r}")
+    return _quote(value, what) if any(c in value for c in ' \t"') else value
+
+
+def _triple_quote(value: str, what: str) -> str:
+    if not isinstance(value, str):
+        raise ModelfileError(f"{what} must be a string, got {type(value).__name__}")
+    if '"""' in value:
+        raise ModelfileError(f'{what} must not contain \'"""\': a Modelfile cannot quote it')
+    return f'"""{value}"""'
+
+
+def _quote(value: str, what: str) -> str:
+    # A single `"` inside is fine within triple quotes; Ollama has no escape sequences at all.
+    return _triple_quote(value, what) if '"' in value else f'"{value}"'
+
+
+def _scalar(value: Any, key: str) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ModelfileError(f"parameter {key} must be finite, got {value}")
+        return json.dumps(value)
+    if isinstance(value, str):
+        if not value:
+            raise ModelfileError(f"parameter {key} must not be empty")
+        return _quote(value, key)
+    raise ModelfileError(f"parameter {key}: unsupported value {value!r} ({type(value).__name__})")

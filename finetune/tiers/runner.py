@@ -1,0 +1,150 @@
+"""Run a tier's stages in order with a digest cache, and write the run's report whatever happens.
+
+Each stage records RUN/stages/<name>.json with the sha256 of its inputs (code version and injected faults
+included) and its outputs, artifacts and verdicts; a rerun skips a stage whose digest matches and whose
+artifacts are intact, so a failed or interrupted run continues where it stopped. After a failed stage the
+later ones are skipped ("<stage> failed").
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import finetune
+from finetune import faults
+from finetune.errors import UserError
+from finetune.gates.verdict import Verdict
+from finetune.report.artifacts import artifact_intact
+from finetune.report.models import Artifact, StageReport
+from finetune.system import signals
+from finetune.system.atomic import atomic_write_json
+from finetune.system.hashing import json_sha256, source_sha256
+from finetune.tiers.context import Ctx, Stage, StageError, StageResult
+
+STAGE_DIR = "stages"
+
+
+def code_version() -> str:
+    return f"{finetune.__version__}+{source_sha256()[:16]}"
+
+
+def stage_digest(ctx: Ctx, stage: Stage) -> tuple[str, dict[str, Any]]:
+    inputs = {**stage.inputs(ctx), "code": code_version(), "faults": faults.injected_at(stage.name)}
+    return json_sha256(inputs), inputs
+
+
+def record_path(run_dir: Path, name: str) -> Path:
+    return run_dir / STAGE_DIR / f"{name}.json"
+
+
+def _cached(run_dir: Path, name: str, digest: str) -> dict[str, Any] | None:
+    """The stage's earlier record, if its inputs digest matches and its artifacts are still there."""
+    import json
+
+    try:
+        record = json.loads(record_path(run_dir, name).read_text())
+    except (OSError, ValueError):
+        return None
+    if record.get("digest") != digest or not all(artifact_intact(a) for a in record.get("artifacts", [])):
+        return None
+    return record
+
+
+class StageOutcome:
+    def __init__(self, report: StageReport, bad_input: bool = False):
+        self.report, self.bad_input = report, bad_input
+
+
+def run_stage(ctx: Ctx, stage: Stage) -> StageOutcome:
+    tic = time.perf_counter()
+    name = stage.name
+    try:
+        digest, inputs = stage_digest(ctx, stage)
+    except Exception as exc:
+        reason = f"inputs: {type(exc).__name__}: {exc}"
+        return StageOutcome(
+            StageReport(name=name, status="failed", reason=reason, seconds=0, required=stage.required)
+        )
+    ctx.digests[name] = digest
+    record = _cached(ctx.run_dir, name, digest)
+    if record is not None:
+        ctx.outputs[name] = record["outputs"]
+        ctx.artifacts[name] = {a["name"]: a["sha256"] for a in record.get("artifacts", [])}
+        ctx.verdicts += [Verdict.from_dict(v) for v in record.get("verdicts", [])]
+        ctx.log(f"[{name}] up to date (inputs {digest[:12]}): not rerun")
+        return StageOutcome(StageReport(
+            name=name, status="passed", reason=f"cached: inputs unchanged since {record.get('finished_at')}",
+            cached=True, required=stage.required, seconds=0, digest=digest,
+            artifacts=[Artifact.model_validate(a) for a in record.get("artifacts", [])],
+            details=record.get("details", {})))  # fmt: skip
+    ctx.log(f"[{name}] ...")
+    record_path(ctx.run_dir, name).unlink(missing_ok=True)  # a half-finished stage must not look done
+    try:
+        result: StageResult = stage.run(ctx)
+    except (signals.Interrupted, KeyboardInterrupt):
+        raise
+    except Exception as exc:
+        seconds = round(time.perf_counter() - tic, 3)
+        details = exc.details if isinstance(exc, StageError) else {}
+        reason = str(exc) if isinstance(exc, StageError) else f"{type(exc).__name__}: {exc}"
+        ctx.log(f"[{name}] FAILED after {seconds:.1f} s: {reason}")
+        return StageOutcome(
+            StageReport(
+                name=name,
+                status="failed",
+                reason=reason,
+                seconds=seconds,
+                digest=digest,
+                details=details,
+                required=stage.required,
+            ),  # fmt: skip
+            bad_input=isinstance(exc, UserError),
+        )
+    seconds = round(time.perf_counter() - tic, 3)
+    ctx.outputs[name] = result.outputs
+    ctx.artifacts[name] = {a.name: a.sha256 for a in result.artifacts}
+    ctx.verdicts += result.verdicts
+    if result.status == "passed" and result.cache:
+        atomic_write_json(record_path(ctx.run_dir, name), {
+            "name": name, "digest": digest, "inputs": inputs, "outputs": result.outputs,
+            "artifacts": [a.model_dump() for a in result.artifacts], "details": result.details,
+            "verdicts": [v.to_dict() for v in result.verdicts], "seconds": seconds,
+            "finished_at": datetime.now(UTC).isoformat(timespec="seconds")})  # fmt: skip
+    for v in result.verdicts:
+        ctx.log(f"  {v}")
+    ctx.log(f"[{name}] {result.status} in {seconds:.1f} s" + (f": {result.reason}" if result.reason else ""))
+    return StageOutcome(StageReport(
+        name=name, status=result.status, reason=result.reason, seconds=seconds, digest=digest,
+        artifacts=result.artifacts, details=result.details, required=stage.required))  # fmt: skip
+
+
+def run_stages(
+    ctx: Ctx, stages: Sequence[Stage]
+) -> tuple[list[StageReport], bool, signals.Interrupted | None]:
+    """(stage reports, some stage failed on bad input, the signal that stopped the run if one did)."""
+    reports: list[StageReport] = []
+    bad_input, failed = False, None
+    for stage in stages:
+        if failed is not None:
+            reports.append(StageReport(name=stage.name, status="skipped", reason=f"{failed} failed", seconds=0,
+                                       required=stage.required))  # fmt: skip
+            continue
+        try:
+            outcome = run_stage(ctx, stage)
+        except (signals.Interrupted, KeyboardInterrupt) as exc:
+            stop = signals.as_interrupted(exc)
+            done = {r.name for r in reports}
+            reports.append(StageReport(name=stage.name, status="failed", reason=f"interrupted by {stop.name}",
+                                       seconds=0, required=stage.required))  # fmt: skip
+            reports += [StageReport(name=s.name, status="skipped", reason="interrupted", seconds=0,
+                                    required=s.required) for s in stages if s.name not in done | {stage.name}]  # fmt: skip
+            return reports, bad_input, stop
+        reports.append(outcome.report)
+        bad_input = bad_input or outcome.bad_input
+        if outcome.report.status == "failed":
+            failed = stage.name
+    return reports, bad_input, None

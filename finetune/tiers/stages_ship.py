@@ -1,0 +1,198 @@
+"""The stages that ship the adapter: fuse -> gguf -> ollama -> evaluate (tier 3, after finetune.tiers.stages_train)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from finetune import faults
+from finetune.gates import export as export_gates
+from finetune.gates import served
+from finetune.gates.registry import GATES
+from finetune.gates.runtimes import judge_runtimes
+from finetune.gates.verdict import Verdict, judged
+from finetune.models.safetensors import dtype_counts
+from finetune.report.artifacts import artifact
+from finetune.system.atomic import atomic_write_json
+from finetune.system.jsonl import read_jsonl
+from finetune.tiers.context import Ctx, Stage, StageError, StageResult
+
+FUSE_DTYPE = "float32"  # keeps small LoRA deltas that bf16 would round away
+
+
+def _info(v: Verdict, path: Path | None) -> Verdict:
+    v.why = GATES[v.name].why if v.name in GATES else v.why
+    if path is not None:
+        v.artifact = judged(path)
+    return v
+
+
+def stage_fuse(ctx: Ctx) -> StageResult:
+    out = ctx.run_dir / "fused"
+    base, adapter = Path(ctx.outputs["model"]["path"]), Path(ctx.outputs["train"]["adapter_dir"])
+    ctx.deps.fuse(base, adapter, out)
+    config = json.loads((out / "config.json").read_text())
+    problems = [f"config.json has {k}" for k in ("quantization", "quantization_config") if k in config]
+    dtypes = dtype_counts(out)
+    if not dtypes:
+        problems.append("no *.safetensors weights")
+    if set(dtypes) - {"F32"}:
+        problems.append(f"weights are not all float32: {dtypes}")
+    if problems:  # never re-quantize (or round) silently: the GGUF export must start from full precision
+        raise StageError(
+            f"{out}: fused model is not full precision: {'; '.join(problems)}", {"dtypes": dtypes}
+        )
+    verdicts = []
+    if ctx.wants("fuse_exactness"):
+        if ctx.cfg.training.fine_tune_type == "lora":
+            m = ctx.deps.measure_fuse(base, adapter, out)
+            verdicts.append(_info(export_gates.fuse_exactness(m, max_rel=ctx.cfg.gates.fuse_max_rel), out))
+        else:
+            from finetune.gates.verdict import skipped
+
+            verdicts.append(
+                skipped("fuse_exactness", f"{ctx.cfg.training.fine_tune_type}: no LoRA delta to check")
+            )
+    return StageResult({"fused_dir": str(out)}, [artifact("fused_model", out)], {"dtypes": dtypes}, verdicts)
+
+
+def stage_gguf(ctx: Ctx) -> StageResult:
+    outtype = ctx.cfg.export.gguf_type
+    fused = Path(ctx.outputs["fuse"]["fused_dir"])
+    path = ctx.run_dir / "gguf" / f"model-{outtype}.gguf"
+    ctx.deps.export_gguf(fused, path, outtype)
+    problems = ctx.deps.check_gguf(path, fused)  # architecture, tensors and shapes, metadata
+    details = {"outtype": outtype, "problems": problems}
+    if problems:
+        raise StageError(f"{path}: {len(problems)} problem(s): {'; '.join(problems[:5])}", details)
+    return StageResult({"gguf": str(path), "outtype": outtype}, [artifact("gguf", path)], details)
+
+
+def _check(c: Any) -> dict[str, Any]:
+    return {"name": c.name, "passed": bool(c.passed), "detail": str(c.detail)}
+
+
+def stage_ollama(ctx: Ctx) -> StageResult:
+    from finetune.serve.deploy import shown_parameters
+    from finetune.serve.modelfile import chat_format, render_modelfile, served_chat
+
+    location = ctx.deps.locate_ollama()
+    if location.binary is None:
+        reason = f"no Ollama binary: {location.reason}"
+        return StageResult(
+            {"deployed": False, "reason": reason}, status="skipped", reason=reason, cache=False
+        )
+    gguf, name = Path(ctx.outputs["gguf"]["gguf"]), ctx.cfg.deploy.model_name
+    tokenizer = ctx.deps.load_tokenizer(Path(ctx.outputs["model"]["path"]))
+    template, stops, system = served_chat(ctx.cfg.data.template, ctx.cfg.deploy, tokenizer)
+    written_template, written_stops = template, stops
+    if faults.active("modelfile_wrong_template"):
+        other = "llama3" if "<|im_start|>" in template else "chatml"
+        written_template = chat_format(other).template
+    if faults.active("modelfile_no_stop"):
+        written_stops = []
+    text = render_modelfile(gguf, template=written_template, stop=written_stops,
+                            parameters=ctx.cfg.deploy.parameters, system=system)  # fmt: skip
+    try:
+        server = ctx.session.start(location.binary)
+    except Exception as exc:  # Ollama cannot run here: the run is degraded, loudly in the report
+        reason = f"ollama serve could not start ({location.binary}): {type(exc).__name__}: {exc}"
+        return StageResult(
+            {"deployed": False, "reason": reason}, status="skipped", reason=reason, cache=False
+        )
+    result = ctx.deps.deploy(server, name, gguf, text, ctx.session.folder)
+    ctx.session.models.add(name)
+    details: dict[str, Any] = {"binary": str(location.binary), "version": getattr(server, "version", None),
+                               "model": name, "modelfile": str(result.modelfile_path),
+                               "deploy_checks": [_check(c) for c in result.checks]}  # fmt: skip
+    fatal = [
+        c.name for c in result.checks if not c.passed and c.name in ("modelfile", "create", "show", "listed")
+    ]
+    if fatal:
+        raise StageError(f"Ollama could not serve the model: {', '.join(fatal)} failed", details)
+    shown = server.show(name)
+    shown_template = (
+        shown.get("template") if isinstance(shown, dict) else getattr(shown, "template", None)
+    ) or ""
+    params_text = (
+        shown.get("parameters") if isinstance(shown, dict) else getattr(shown, "parameters", None)
+    ) or ""
+    first = read_jsonl(Path(ctx.outputs["data"]["data_dir"]) / "train.jsonl")[0]
+    question = first["conversation"][-2]["content"] if first.get("conversation") else first["text"][:200]
+    checks = ctx.deps.served_checks(server.client(), name, question)
+    details["served_checks"] = [_check(c) for c in checks]
+    verdicts = [_info(served.served_api(checks), None)] if ctx.wants("served_api") else []
+    modelfile = Path(result.modelfile_path)
+    outputs = {"deployed": True, "binary": str(location.binary), "model": name, "modelfile": str(modelfile),
+               "shown_template": shown_template, "shown_stops": shown_parameters(params_text).get("stop", []),
+               "expected_template": template, "expected_stops": list(stops)}  # fmt: skip
+    return StageResult(outputs, [artifact("modelfile", modelfile)], details, verdicts)
+
+
+def stage_evaluate(ctx: Ctx) -> StageResult:
+    from finetune.data.templates import get_template
+    from finetune.evaluate.decode import prompt_ids
+    from finetune.evaluate.evaluation import EvalInputs, score_runtimes
+    from finetune.evaluate.prompts import EvalPrompt
+
+    ollama_out = ctx.outputs.get("ollama", {})
+    ollama = None
+    if ollama_out.get("deployed"):
+        binary, name, modelfile = (
+            Path(ollama_out["binary"]),
+            ollama_out["model"],
+            Path(ollama_out["modelfile"]),
+        )
+
+        def ollama(prompts: Sequence[EvalPrompt], max_tokens: int) -> list[Any]:
+            server = ctx.session.ensure_model(binary, name, modelfile)
+            return ctx.deps.ollama_answers(server.client(), name, prompts, max_tokens)
+
+    tokenizer = ctx.deps.load_tokenizer(Path(ctx.outputs["model"]["path"]))
+    inputs = EvalInputs(
+        base_dir=Path(ctx.outputs["model"]["path"]), adapter_dir=Path(ctx.outputs["train"]["adapter_dir"]),
+        fused_dir=Path(ctx.outputs["fuse"]["fused_dir"]), gguf=Path(ctx.outputs["gguf"]["gguf"]),
+        gguf_type=ctx.outputs["gguf"]["outtype"], data_dir=Path(ctx.outputs["data"]["data_dir"]),
+        template=ctx.cfg.data.template, stops=get_template(ctx.cfg.data.template, tokenizer=tokenizer).stop_strings,
+        settings=ctx.settings, llamacpp_reason=ctx.deps.llamacpp_reason(), ollama=ollama,
+        ollama_reason=ollama_out.get("reason", "the model is not deployed to Ollama"),
+    )  # fmt: skip
+    m = ctx.deps.evaluate(inputs, ctx.log)
+    verdicts = [_info(v, inputs.gguf if v.name in ("gguf_tokenizer", "logprob_parity") else None)
+                for v in judge_runtimes(m, ctx.cfg.gates) if ctx.wants(v.name)]  # fmt: skip
+    if "ollama" in m.answers:
+        train = [i for i, p in enumerate(m.prompts) if p.kind == "train"]
+        if ctx.wants("served_answers") and "mlx_adapter" in m.answers:
+            v = served.served_answers([m.answers["ollama"][i] for i in train], [m.answers["mlx_adapter"][i] for i in train],
+                                      [m.prompts[i].reference for i in train], threshold=ctx.cfg.gates.text_agreement)  # fmt: skip
+            verdicts.append(_info(v, None))
+        if ctx.wants("served_template"):
+            counts = {"served": [a.prompt_tokens for a in m.answers["ollama"]],
+                      "expected": [len(prompt_ids(tokenizer, p.prompt)) for p in m.prompts]}  # fmt: skip
+            v = served.served_template(ollama_out["shown_template"], ollama_out["shown_stops"],
+                                       ollama_out["expected_template"], ollama_out["expected_stops"], counts)  # fmt: skip
+            verdicts.append(_info(v, Path(ollama_out["modelfile"])))
+    results = {"prompts": [p.__dict__ | {"messages": list(p.messages)} for p in m.prompts],
+               "answers": {k: [a.to_dict() for a in v] for k, v in m.answers.items()}, "runtimes": m.runtimes,
+               "scores": score_runtimes(m.prompts, m.answers)}  # fmt: skip
+    path = ctx.run_dir / "eval" / "results.json"
+    atomic_write_json(path, results)
+    details = {"runtimes": m.runtimes, "scores": results["scores"]}
+    return StageResult({"scores": results["scores"]}, [artifact("eval_results", path)], details, verdicts)
+
+
+def evaluate_inputs(ctx: Ctx) -> dict[str, Any]:
+    return {"settings": ctx.settings.to_dict() if ctx.settings else None, **ctx.section("data", "deploy", "gates"),
+            "ollama_deployed": bool(ctx.outputs.get("ollama", {}).get("deployed")),
+            "llamacpp": ctx.deps.llamacpp_reason(), **ctx.upstream("model", "data", "train", "fuse", "gguf", "ollama")}  # fmt: skip
+
+
+SHIP_STAGES = (
+    Stage("fuse", stage_fuse, lambda ctx: {"dtype": FUSE_DTYPE, **ctx.section("gates"), **ctx.upstream("model", "train")}),
+    Stage("gguf", stage_gguf, lambda ctx: {**ctx.section("export"), **ctx.upstream("fuse")}),
+    Stage("ollama", stage_ollama, lambda ctx: {**ctx.section("deploy", "data"), **ctx.upstream("gguf"),
+                                               "binary": str(ctx.deps.locate_ollama().binary)}),
+    Stage("evaluate", stage_evaluate, evaluate_inputs),
+)  # fmt: skip

@@ -1,0 +1,132 @@
+"""Token datasets and batches for mlx-lm's trainer, with per-token loss masks.
+
+mlx-lm masks only a prompt prefix; we carry a mask per token so multi-turn chats train on every
+assistant turn. The batch order is a pure function of (seed, step), which is what makes resume exact.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from finetune import faults
+from finetune.data.tokens import tokenize_example
+from finetune.system.atomic import atomic_write_json
+
+PAD_TO = 32  # same bucket rounding as mlx-lm, so compiled shapes repeat
+
+
+@dataclass
+class TokenDataset:
+    """(ids, mask) pairs; mask is 1 where the token is a training target."""
+
+    items: list[tuple[list[int], list[int]]]
+    source: str = ""
+    rows: list[int] = field(default_factory=list)  # 0-based line of each item in the split file
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, idx: int) -> tuple[list[int], list[int]]:
+        return self.items[idx]
+
+
+def load_split(path: Path, tokenizer, max_seq_length: int, mask_prompt: bool) -> TokenDataset:
+    """Read a prepared split (train/valid/test.jsonl) and tokenize it once."""
+    items, rows = [], []
+    trained_prompt = faults.active("mask_prompt_ignored")
+    with open(path, encoding="utf-8") as fh:
+        for line_no, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                ids, mask = tokenize_example(
+                    tokenizer, row["text"], row.get("train_spans") or [], max_seq_length, mask_prompt
+                )
+            except (json.JSONDecodeError, KeyError) as exc:
+                raise ValueError(f"{path}:{line_no}: not a prepared example ({exc})") from None
+            if trained_prompt:
+                mask = [1] * len(ids)
+            if sum(mask[1:]) == 0:
+                continue  # nothing to learn after truncation
+            items.append((ids, mask))
+            rows.append(line_no - 1)
+    if not items:
+        raise ValueError(f"{path}: no usable examples after tokenization (max_seq_length={max_seq_length})")
+    return TokenDataset(items, str(path), rows)
+
+
+def _pack(rows: list[tuple[list[int], list[int]]], max_seq_length: int) -> tuple[mx.array, mx.array]:
+    longest = max(len(ids) for ids, _ in rows)
+    width = min(1 + PAD_TO * ((longest + PAD_TO - 1) // PAD_TO), max_seq_length)
+    ids_arr = np.zeros((len(rows), width), np.int32)
+    mask_arr = np.zeros((len(rows), width), np.float32)
+    for i, (ids, mask) in enumerate(rows):
+        n = min(len(ids), width)
+        ids_arr[i, :n] = ids[:n]
+        mask_arr[i, :n] = mask[:n]
+    return mx.array(ids_arr), mx.array(mask_arr)
+
+
+def _length_buckets(dataset: TokenDataset, batch_size: int) -> list[list[int]]:
+    """Group similar lengths into batches (less padding), like mlx-lm does."""
+    order = sorted(range(len(dataset)), key=lambda i: len(dataset[i][0]))
+    return [order[i : i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
+
+
+def batch_at(dataset: TokenDataset, batch_size: int, seed: int, index: int) -> list[int]:
+    """Example indices of training batch number `index` (0-based): a pure function, for exact resume."""
+    buckets = _length_buckets(dataset, batch_size)
+    epoch, pos = divmod(index, len(buckets))
+    perm = np.random.default_rng([seed, epoch]).permutation(len(buckets))
+    return buckets[perm[pos]]
+
+
+def make_iterate_batches(seed: int, start_batch: int = 0) -> Callable[..., Iterator]:
+    """An `iterate_batches` for mlx_lm.tuner.train that starts at batch `start_batch`."""
+
+    def iterate_batches(dataset, batch_size, max_seq_length, loop=False, comm_group=None, **_):
+        if len(dataset) < batch_size:
+            if loop:
+                raise ValueError(
+                    f"{dataset.source or 'dataset'}: {len(dataset)} examples, fewer than batch_size={batch_size}"
+                )
+            batch_size = len(dataset)
+        if not loop:  # evaluation: every example once, in a fixed order
+            for i in range(0, len(dataset), batch_size):
+                yield _pack([dataset[j] for j in range(i, min(i + batch_size, len(dataset)))], max_seq_length)
+            return
+        index = start_batch
+        while True:
+            yield _pack([dataset[j] for j in batch_at(dataset, batch_size, seed, index)], max_seq_length)
+            index += 1
+
+    return iterate_batches
+
+
+def masked_loss(model, batch: mx.array, mask: mx.array) -> tuple[mx.array, mx.array]:
+    """Mean cross-entropy over target tokens whose mask is 1 (mlx-lm's loss signature)."""
+    inputs, targets = batch[:, :-1], batch[:, 1:]
+    weights = mask[:, 1:]
+    logits = model(inputs)
+    ce = nn.losses.cross_entropy(logits, targets) * weights
+    ntoks = weights.sum()
+    return ce.astype(mx.float32).sum() / ntoks, ntoks
+
+
+TOKENS = "train_tokens.json"
+TOKENS_KEPT = 256  # rows of the training set recorded for the label-mask gate
+
+
+def record_tokens(dataset, path: Path) -> None:
+    """The token ids and loss masks training really used (the first TOKENS_KEPT rows), with their row numbers."""
+    rows = [{"row": r, "ids": ids, "mask": mask}
+            for r, (ids, mask) in zip(dataset.rows, dataset.items, strict=True)][:TOKENS_KEPT]  # fmt: skip
+    atomic_write_json(path, {"source": dataset.source, "rows": rows})

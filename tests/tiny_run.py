@@ -1,0 +1,42 @@
+"""The healthy run on the tiny model that the fault and chaos suites and the README's `make run` check share.
+
+A random 2-layer model cannot memorise 40 facts in seconds, but it learns one trained answer to varied
+questions in ~40 steps (measured): enough for every gate to have something real to judge (loss falls, the
+saved adapter changes answers, base and tuned differ, every runtime must agree).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from finetune.data import synthetic
+
+ANSWER = "Yes"  # one token and the end marker: a random 2-layer model learns it in ~100 steps (measured)
+
+
+def healthy_data(folder: Path, n: int = 24, seed: int = 0) -> Path:
+    """Questions from the built-in mixed set, each answered with ANSWER (JSONL, chat shape)."""
+    path = Path(folder) / f"tiny-healthy-{seed}.jsonl"
+    built = synthetic.build("mixed", n=n, seed=seed)
+    rows = [{"messages": [r["messages"][0], {"role": "assistant", "content": ANSWER}], "reference": ANSWER}
+            for r in built.train]  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def healthy_sets(folder: Path, seed: int = 0) -> list[str]:
+    """--set assignments over the quick profile for a healthy tiny run (seconds per stage, every gate real)."""
+    return [
+        "model.name=tiny-llama",
+        f"data.source={healthy_data(folder, seed=seed)}",
+        f"data.seed={seed}",
+        f"training.seed={seed}",
+        "data.max_seq_length=128",
+        "training.iters=150",
+        "training.learning_rate=2e-2",
+        "training.eval_every=50",
+        "training.save_every=50",
+        "gates.learning_probes=8",
+    ]

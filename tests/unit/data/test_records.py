@@ -1,0 +1,178 @@
+"""finetune.data.records: every row normalized to a conversation (or text), bad rows kept with line and reason."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from finetune.data.records import Rejection, load_records, normalize_record
+from finetune.data.sources import DatasetError, Reject
+
+
+def write_lines(path: Path, lines: list) -> Path:
+    path.write_text(
+        "".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines), encoding="utf-8"
+    )
+    return path
+
+
+def qa(i: int) -> dict:
+    return {
+        "messages": [
+            {"role": "user", "content": f"Question {i}?"},
+            {"role": "assistant", "content": f"Answer {i}."},
+        ]
+    }
+
+
+def test_jsonl_shapes_are_detected_and_normalized(tmp_path):
+    src = write_lines(
+        tmp_path / "d.jsonl",
+        [
+            {"instruction": "Add.", "input": "2 and 3", "output": "5"},
+            {"instruction": "Greet.", "output": "Hi", "system": "Be kind."},
+            {"prompt": "Capital of Zorbania?", "completion": " Velmora. "},
+            {"text": "Raw text to learn."},
+            {"conversations": [{"from": "human", "value": "Hey"}, {"from": "gpt", "value": "Yo"}]},
+            {**qa(1), "reference": "1", "kind": "arith"},
+        ],
+    )
+    result = load_records(src)
+    assert result.rejected == [] and result.rows_read == 6 and result.unit == "line"
+    assert result.source == str(src)
+    shapes = [ex.shape for ex in result.examples]
+    assert shapes == ["alpaca", "alpaca", "completion", "text", "chat", "chat"]
+    alpaca, system, completion, text, sharegpt, chat = result.examples
+    assert alpaca.messages == [
+        {"role": "user", "content": "Add.\n\n2 and 3"},
+        {"role": "assistant", "content": "5"},
+    ]
+    assert alpaca.reference == "5"
+    assert system.messages[0] == {"role": "system", "content": "Be kind."}
+    assert completion.messages[1] == {"role": "assistant", "content": "Velmora."}
+    assert text.text == "Raw text to learn." and text.messages is None
+    assert sharegpt.messages == [{"role": "user", "content": "Hey"}, {"role": "assistant", "content": "Yo"}]
+    assert (chat.reference, chat.kind, chat.line) == ("1", "arith", 6)
+
+
+def test_bad_jsonl_rows_are_reported_with_line_and_reason(tmp_path):
+    src = write_lines(
+        tmp_path / "d.jsonl",
+        [
+            qa(1),
+            "{not json",
+            {"instruction": "Do it."},
+            "",
+            {"instruction": "Do it.", "output": "   "},
+            {"prompt": "p", "completion": 42},
+            "[1, 2]",
+            {"question": "q", "answer": "a"},
+            {"messages": [{"role": "user", "content": "only a question"}]},
+            {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}]},
+            qa(2),
+        ],
+    )
+    result = load_records(src)
+    assert [ex.line for ex in result.examples] == [1, 11]
+    got = {r.line: r.reason for r in result.rejected}
+    assert got[2].startswith("invalid JSON")
+    assert got[3] == "missing field 'output'"
+    assert 4 not in got  # blank lines are skipped, not rejected
+    assert got[5] == "empty field 'output'"
+    assert got[6] == "field 'completion' must be a string, got int"
+    assert got[7] == "expected a JSON object, got list"
+    assert got[8].startswith("unrecognized record (keys: answer, question)")
+    assert got[9] == "conversation must end with an assistant message, not 'user'"
+    assert got[10] == "messages[1].content is empty"
+    assert str(result.rejected[1]) == "line 3: missing field 'output'"
+    assert result.rows_read == 10
+
+
+def test_json_array_rejections_name_the_item(tmp_path):
+    (tmp_path / "a.json").write_text(json.dumps([qa(1), {"text": 5}, qa(2)]))
+    result = load_records(tmp_path / "a.json")
+    assert len(result.examples) == 2 and result.unit == "item"
+    assert [str(r) for r in result.rejected] == ["item 2: field 'text' must be a non-empty string"]
+
+
+def test_csv_rows_and_a_chat_column_holding_json(tmp_path):
+    src = tmp_path / "d.csv"
+    src.write_text('instruction,input,output\nSay hi,,"Hi\nthere"\nSay bye,,\n\nCount,1 2,3\nbroken,row\n')
+    result = load_records(src)
+    assert [ex.line for ex in result.examples] == [2, 6]
+    assert result.examples[0].messages[1]["content"] == "Hi\nthere"
+    assert [str(r) for r in result.rejected] == [
+        "line 4: empty field 'output'",
+        "line 7: row has 2 columns, the header has 3",
+    ]
+    chat = tmp_path / "c.csv"
+    cell = json.dumps(qa(1)["messages"]).replace('"', '""')
+    chat.write_text(f'messages\n"{cell}"\n"[not json"\n', encoding="utf-8")
+    result = load_records(chat)
+    assert result.examples[0].messages == qa(1)["messages"]
+    assert result.rejected[0].reason.startswith("field 'messages' is a string but not a JSON list")
+
+
+def test_missing_file_is_file_not_found_naming_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        load_records(tmp_path / "nope.jsonl")
+
+
+def test_no_usable_rows_is_a_specific_error(tmp_path):
+    src = write_lines(tmp_path / "x.jsonl", [{"instruction": "a"}, "oops", {"text": ""}, {"text": 1}])
+    with pytest.raises(
+        DatasetError,
+        match=r"x.jsonl: no usable rows \(4 rejected: line 1: missing field 'output'.*; \.\.\.\)",
+    ):
+        load_records(src)
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    with pytest.raises(DatasetError, match="no usable rows \\(no records found\\)"):
+        load_records(tmp_path / "empty.jsonl")
+
+
+def test_hub_rows_are_numbered_as_rows():
+    result = load_records(
+        "hf://datasets/someone/ds", is_online=lambda: True, hub_loader=lambda r, s: [qa(1), {"x": 1}]
+    )
+    assert len(result.examples) == 1 and result.unit == "row"
+    assert str(result.rejected[0]).startswith("row 2: unrecognized record")
+
+
+def test_forced_format_aliases_and_unknown_format(tmp_path):
+    src = write_lines(tmp_path / "d.jsonl", [{"text": "t", "prompt": "p", "completion": "c"}])
+    assert load_records(src).examples[0].shape == "completion"
+    assert load_records(src, format="text").examples[0].text == "t"
+    assert load_records(src, format="prompt_completion").examples[0].messages[0]["content"] == "p"
+    chat = write_lines(tmp_path / "c.jsonl", [qa(1)])
+    assert load_records(chat, format="messages").examples[0].shape == "chat"
+    with pytest.raises(DatasetError, match="unknown dataset format 'yaml'"):
+        load_records(src, format="yaml")
+
+
+@pytest.mark.parametrize(
+    ("row", "reason"),
+    [
+        ({"messages": []}, "field 'messages' must be a non-empty list of messages"),
+        ({"messages": ["hi"]}, "messages[0] must be an object, got str"),
+        ({"messages": [{"role": "user"}]}, "messages[0] needs 'role' and 'content'"),
+        ({"messages": [{"role": "user", "content": 1}]}, "messages[0].content must be a string, got int"),
+        ({"conversations": None}, "missing field 'conversations'"),
+        ({"prompt": "only a prompt"}, "missing field 'completion'"),
+        ({"instruction": "i", "output": "o", "input": 3}, "field 'input' must be a string, got int"),
+        ({}, "unrecognized record (keys: none)"),
+    ],
+)
+def test_normalize_record_reasons(row, reason):
+    with pytest.raises(Reject) as err:
+        normalize_record(row, 1)
+    assert str(err.value).startswith(reason)
+
+
+def test_normalize_record_reference_and_kind():
+    ex = normalize_record({**qa(3), "reference": "  ", "kind": 7}, 4)
+    assert ex.reference == "Answer 3." and ex.kind is None and ex.line == 4  # blank reference: the answer
+    bot = normalize_record(
+        {"messages": [{"role": "user", "content": "q"}, {"role": "bot", "content": "a"}]}, 1
+    )
+    assert bot.messages[1]["role"] == "assistant"
+    assert str(Rejection(3, "why", "item")) == "item 3: why"

@@ -1,0 +1,131 @@
+"""The one MLX decoder on the tiny Llama: batched greedy == one at a time, logprobs, teacher-forced loss."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from finetune.evaluate import decode
+
+PROMPTS = [
+    "<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n<|im_start|>assistant\n",
+    "<|im_start|>user\nName the capital of Zorbania, please, in one word.<|im_end|>\n<|im_start|>assistant\n",
+    "Hello",
+    "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi!<|im_end|>\n<|im_start|>assistant\n",
+    "Digits 0 12 345 6789",
+]
+
+
+def _reference_greedy(model, ids: list[int], max_tokens: int, eos: set[int]) -> list[int]:
+    """Full recompute at every step: slow, but obviously right."""
+    out: list[int] = []
+    for _ in range(max_tokens):
+        nxt = int(np.argmax(decode.logprobs(model, ids + out)[-1]))
+        out.append(nxt)
+        if nxt in eos:
+            break
+    return out
+
+
+def test_batched_greedy_equals_one_prompt_at_a_time(tiny_model):
+    model, tok = tiny_model
+    batched = decode.greedy(model, tok, PROMPTS, max_tokens=8, batch_size=8)
+    single = decode.greedy(model, tok, PROMPTS, max_tokens=8, batch_size=1)
+    assert [a.tokens for a in batched] == [a.tokens for a in single]
+    assert batched == single
+    uneven = decode.greedy(model, tok, PROMPTS, max_tokens=8, batch_size=2)  # a last, smaller batch
+    assert uneven == single
+
+
+def test_greedy_equals_a_full_recompute_argmax(tiny_model):
+    model, tok = tiny_model
+    eos = set(tok.eos_token_ids)
+    answers = decode.greedy(model, tok, PROMPTS[:3], max_tokens=6)
+    for prompt, answer in zip(PROMPTS[:3], answers, strict=True):
+        ids = decode.prompt_ids(tok, prompt)
+        assert answer.tokens == _reference_greedy(model, ids, 6, eos)
+        assert answer.prompt_tokens == len(ids)
+
+
+def test_greedy_answers_are_decoded_and_bounded(tiny_model):
+    model, tok = tiny_model
+    for a in decode.greedy(model, tok, PROMPTS, max_tokens=5):
+        assert 1 <= len(a.tokens) <= 5
+        ended = a.tokens[-1] in tok.eos_token_ids
+        assert a.finish_reason == ("stop" if ended else "length")
+        content = a.tokens[:-1] if ended else a.tokens
+        assert a.text == tok.decode(content).strip()
+
+
+def test_greedy_cuts_the_text_at_a_stop_string(tiny_model):
+    model, tok = tiny_model
+    free = decode.greedy(model, tok, PROMPTS[:1], max_tokens=8)[0]
+    assert len(free.text) >= 3, free
+    stop = free.text[2:4]
+    cut = decode.greedy(model, tok, PROMPTS[:1], max_tokens=8, stops=[stop])[0]
+    assert cut.finish_reason == "stop" and stop not in cut.text and free.text.startswith(cut.text)
+    assert cut.tokens == free.tokens  # the tokens are what was generated; only the text is cut
+
+
+def test_cut_at_stops():
+    assert decode.cut_at_stops("Velmora.<|im_end|>more", ["<|im_end|>"]) == ("Velmora.", True)
+    assert decode.cut_at_stops("a STOP b END", ["END", "STOP"]) == ("a ", True)  # the earliest wins
+    assert decode.cut_at_stops("Velmora.", ["<|im_end|>", ""]) == ("Velmora.", False)
+
+
+def test_prompt_ids_add_bos_only_when_the_prompt_lacks_it(tiny_model):
+    _, tok = tiny_model
+    assert decode.prompt_ids(tok, "Hello") == list(tok.encode("Hello"))
+    bos = tok.bos_token
+    if bos is None:
+        pytest.skip("this tokenizer has no BOS token")
+    with_bos = decode.prompt_ids(tok, bos + "Hello")
+    assert with_bos.count(tok.bos_token_id) == 1  # never a doubled BOS
+
+
+def test_logprobs_are_a_normalized_log_softmax_of_the_logits(tiny_model):
+    import mlx.core as mx
+
+    model, tok = tiny_model
+    ids = decode.prompt_ids(tok, PROMPTS[0])
+    lp = decode.logprobs(model, ids)
+    assert lp.shape == (len(ids), model.args.vocab_size) and lp.dtype == np.float32
+    np.testing.assert_allclose(np.exp(lp.astype(np.float64)).sum(-1), 1.0, atol=1e-4)
+    logits = np.array(model(mx.array([ids]))[0].astype(mx.float32), dtype=np.float64)
+    np.testing.assert_allclose(
+        lp - lp.max(-1, keepdims=True), logits - logits.max(-1, keepdims=True), atol=1e-4
+    )
+    # causal: a prefix sees the same rows
+    np.testing.assert_allclose(decode.logprobs(model, ids[:4]), lp[:4], atol=1e-4)
+
+
+def test_teacher_forced_loss_is_the_mean_masked_cross_entropy(tiny_model, tiny_sums_dir):
+    from finetune.train.batches import load_split
+
+    model, tok = tiny_model
+    dataset = load_split(tiny_sums_dir / "train.jsonl", tok, 64, True)
+    dataset.items, dataset.rows = dataset.items[:6], dataset.rows[:6]
+    loss = decode.teacher_forced_loss(model, dataset, 2, 64)
+    total, count = 0.0, 0
+    for ids, mask in dataset.items:  # by hand: -log p(target) over the masked positions
+        lp = decode.logprobs(model, ids)
+        for t in range(1, len(ids)):
+            if mask[t]:
+                total -= float(lp[t - 1, ids[t]])
+                count += 1
+    assert loss == pytest.approx(total / count, rel=1e-4)
+    assert loss == pytest.approx(
+        decode.teacher_forced_loss(model, dataset, 6, 64), rel=1e-5
+    )  # batch-size free
+
+
+def test_load_with_an_adapter_changes_the_answers(tiny_hf, tiny_lora, tiny_model):
+    model, tok = tiny_model
+    tuned, _ = decode.load(tiny_hf, tiny_lora)
+    try:
+        base_lp = decode.logprobs(model, decode.prompt_ids(tok, PROMPTS[0]))
+        tuned_lp = decode.logprobs(tuned, decode.prompt_ids(tok, PROMPTS[0]))
+        assert np.abs(base_lp - tuned_lp).max() > 0.1
+        assert not tuned.training  # loaded in eval mode
+    finally:
+        decode.release(tuned)

@@ -1,0 +1,117 @@
+"""The real runtimes behind an evaluation: MLX from disk, llama.cpp's wrappers, Ollama's /api/chat answers."""
+
+from __future__ import annotations
+
+import importlib.util
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from finetune.evaluate import decode, runtimes
+from finetune.evaluate.prompts import EvalPrompt
+from finetune.gates.parity import Answer
+
+needs_xllamacpp = pytest.mark.skipif(
+    importlib.util.find_spec("xllamacpp") is None, reason="xllamacpp (llama.cpp) is not installed"
+)
+PROMPTS = ["<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n<|im_start|>assistant\n", "Hello world"]
+
+
+# ---------------------------------------------------------------- Ollama
+
+
+class FakeChatClient:
+    def __init__(self, reply):
+        self.reply, self.requests = reply, []
+
+    def chat(self, **kw):
+        self.requests.append(kw)
+        return self.reply
+
+
+REPLY = {"message": {"role": "assistant", "content": "Velmora."}, "done": True, "done_reason": "stop",
+         "prompt_eval_count": 15}  # fmt: skip
+
+
+def test_ollama_answers_send_the_conversation_greedily():
+    client = FakeChatClient(REPLY)
+    messages = (
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is the capital?"},
+    )
+    p = EvalPrompt("train", "What is the capital?", "<rendered>", "Velmora", messages=messages)
+    got = runtimes.ollama_answers(client, "m", [p], 24)
+    assert got == [Answer("Velmora.", "stop", None, 15)]
+    (req,) = client.requests
+    assert req["model"] == "m" and req["messages"] == list(messages)
+    assert req["options"] == {"temperature": 0, "seed": 0, "num_predict": 24}
+
+
+def test_ollama_answers_without_a_conversation_ask_the_question():
+    client = FakeChatClient(REPLY)
+    runtimes.ollama_answers(
+        client, "m", [EvalPrompt("heldout", "Capital of Zorbania?", "<rendered>", "Velmora")], 8
+    )
+    assert client.requests[0]["messages"] == [{"role": "user", "content": "Capital of Zorbania?"}]
+
+
+def test_ollama_answers_read_response_objects_and_keep_odd_done_reasons():
+    # the ollama client returns objects with attributes; an unexpected done_reason must stay visible
+    reply = SimpleNamespace(
+        message=SimpleNamespace(content="Velmora"), done_reason="load", prompt_eval_count=None
+    )
+    got = runtimes.ollama_answers(FakeChatClient(reply), "m", [EvalPrompt("train", "q", "p", "Velmora")], 8)
+    assert got == [Answer("Velmora", "unknown:load", None, None)]
+    length = {**REPLY, "done_reason": "length", "message": {"content": None}}
+    got = runtimes.ollama_answers(FakeChatClient(length), "m", [EvalPrompt("train", "q", "p", "Velmora")], 8)
+    assert got == [Answer("", "length", None, 15)]
+
+
+# ---------------------------------------------------------------- MLX from disk
+
+
+def test_mlx_generate_loads_and_decodes_like_decode_greedy(tiny_hf, tiny_lora, tiny_model):
+    model, tok = tiny_model
+    assert runtimes.mlx_generate(tiny_hf, None, PROMPTS, 5) == decode.greedy(
+        model, tok, PROMPTS, max_tokens=5
+    )
+    tuned = runtimes.mlx_generate(tiny_hf, tiny_lora, PROMPTS, 5)
+    reloaded, _ = decode.load(tiny_hf, tiny_lora)
+    try:
+        assert tuned == decode.greedy(reloaded, tok, PROMPTS, max_tokens=5)
+    finally:
+        decode.release(reloaded)
+
+
+def test_mlx_logprobs_loads_the_folder(tiny_hf, tiny_model):
+    model, tok = tiny_model
+    ids = decode.prompt_ids(tok, PROMPTS[0])
+    np.testing.assert_allclose(runtimes.mlx_logprobs(tiny_hf, ids), decode.logprobs(model, ids), atol=1e-5)
+
+
+def test_real_backends_are_these_runtimes():
+    from finetune.models.tokenizer import load_tokenizer
+
+    b = runtimes.real_backends()
+    assert b.load_tokenizer is load_tokenizer
+    assert (b.mlx_generate, b.mlx_logprobs) == (runtimes.mlx_generate, runtimes.mlx_logprobs)
+    assert (b.llamacpp_generate, b.llamacpp_tokenize, b.llamacpp_logprobs) == (
+        runtimes.llamacpp_generate, runtimes.llamacpp_tokenize, runtimes.llamacpp_logprobs)  # fmt: skip
+
+
+# ---------------------------------------------------------------- llama.cpp
+
+
+@needs_xllamacpp
+def test_llamacpp_runtimes_on_the_tiny_gguf(tiny_f16_gguf, tiny_model):
+    model, tok = tiny_model
+    got = runtimes.llamacpp_generate(tiny_f16_gguf, PROMPTS, 4, ["<|im_end|>"])
+    assert [len(a.tokens) for a in got] == [4, 4] and all(a.finish_reason == "length" for a in got)
+    assert [a.tokens for a in got] == [a.tokens for a in decode.greedy(model, tok, PROMPTS, max_tokens=4)]
+    assert runtimes.llamacpp_tokenize(tiny_f16_gguf, PROMPTS) == [tok.encode(p) for p in PROMPTS]
+    ids = tok.encode(PROMPTS[1])
+    top = runtimes.llamacpp_logprobs(tiny_f16_gguf, ids, 3)
+    assert len(top) == len(ids) and all(len(row) == 3 for row in top)
+    reference = decode.logprobs(model, ids)
+    assert [max(row, key=row.get) for row in top] == [int(np.argmax(r)) for r in reference]

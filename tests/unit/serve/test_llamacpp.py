@@ -1,0 +1,357 @@
+"""llama.cpp as a runtime: the guarded child process, and real runs on the tiny GGUF compared with MLX."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from finetune.config.schema import GatesConfig
+from finetune.evaluate import decode
+from finetune.evaluate.prompts import TOKENIZER_TEXTS
+from finetune.export.gguf_export import export_gguf, load_hf_tensors, permute_qk
+from finetune.export.gguf_tokenizer import build_tokenizer_spec
+from finetune.gates.parity import greedy_parity, logprob_parity, tokenizer_parity
+from finetune.gates.runtimes import TIE_SHARE
+from finetune.serve import llamacpp as L
+
+needs_xllamacpp = pytest.mark.skipif(
+    importlib.util.find_spec("xllamacpp") is None, reason="xllamacpp (llama.cpp) is not installed"
+)
+CHAT = (
+    "<|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>user\nHi!<|im_end|>\n<|im_start|>assistant\n"
+)
+TEXTS = [*TOKENIZER_TEXTS, CHAT]
+F16 = GatesConfig().logprob_max_abs.f16
+# With precise=True (no flash attention, f32 KV cache) an f32 GGUF agrees to 4.8e-5 on SmolLM2 and to 2.4e-3
+# on the random init-0.1 test Llama (measured); a wrong Q/K layout moves logprobs by ~3.
+F32_PRECISE = 5e-3
+
+
+# --------------------------------------------------------------------------- the child-process guard
+
+
+def _runner_writing(response):
+    def runner(cmd, **kwargs):
+        Path(cmd[-1]).write_text(json.dumps(response))
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    return runner
+
+
+def test_run_child_returns_the_childs_result_and_raises_its_error():
+    assert L.run_child({"op": "tokenize"}, runner=_runner_writing({"result": [[1]]})) == [[1]]
+    with pytest.raises(L.LlamaCppError, match="Failed to init server"):
+        L.run_child(
+            {"op": "tokenize"}, runner=_runner_writing({"error": "RuntimeError: Failed to init server"})
+        )
+
+
+def test_run_child_runs_the_module_with_one_thread_and_the_package_importable():
+    seen = {}
+
+    def runner(cmd, **kwargs):
+        seen.update(cmd=cmd, env=kwargs["env"], request=json.loads(Path(cmd[-2]).read_text()))
+        Path(cmd[-1]).write_text(json.dumps({"result": "ok"}))
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    L.run_child({"op": "tokenize", "gguf": "m.gguf"}, runner=runner)
+    assert seen["cmd"][:3] == [sys.executable, "-m", "finetune.serve.llamacpp"]
+    assert seen["request"] == {"op": "tokenize", "gguf": "m.gguf"}
+    assert seen["env"]["OMP_NUM_THREADS"] == "1"
+    root = str(Path(L.__file__).resolve().parents[2])
+    assert seen["env"]["PYTHONPATH"].split(os.pathsep)[0] == root
+
+
+def test_run_child_without_a_response_is_an_error():
+    def silent(cmd, **kwargs):
+        return subprocess.CompletedProcess(cmd, 0, "", "some log\n")
+
+    with pytest.raises(L.LlamaCppError, match="exited 0 without a response"):
+        L.run_child({"op": "tokenize", "gguf": "x.gguf"}, runner=silent)
+
+
+def test_run_child_reports_a_real_abort_with_exit_code_and_stderr():
+    def aborting(cmd, **kwargs):  # a real child that dies like llama.cpp on std::out_of_range
+        code = "import os,sys; sys.stderr.write('terminate called: std::out_of_range\\n'); sys.stderr.flush(); os.abort()"
+        return L.run_guarded([sys.executable, "-c", code], **kwargs)
+
+    with pytest.raises(L.LlamaCppError, match=r"code -6 \(SIGABRT\)[\s\S]*std::out_of_range"):
+        L.run_child({"op": "tokenize", "gguf": "x.gguf"}, runner=aborting)
+
+
+def test_run_child_times_out_instead_of_hanging_and_leaves_no_child(tmp_path):
+    pid_file = tmp_path / "child.pid"
+
+    def hanging(cmd, **kwargs):
+        code = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
+        return L.run_guarded([sys.executable, "-c", code], **kwargs)
+
+    start = time.monotonic()
+    with pytest.raises(L.LlamaCppError, match="timed out after 1 s"):
+        L.run_child({"op": "generate"}, timeout=1, runner=hanging)
+    assert time.monotonic() - start < 20
+    pid = int(pid_file.read_text())
+    assert (
+        not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split(")")[-1][:3]
+    )
+
+
+@needs_xllamacpp
+def test_a_file_llamacpp_cannot_load_is_an_error_with_its_log(tmp_path):
+    with pytest.raises(L.LlamaCppError, match=r"Failed to init server[\s\S]*failed to open GGUF file"):
+        L.tokenize(tmp_path / "missing.gguf", ["a"])
+
+
+def test_the_child_refuses_a_bad_command_line():
+    env = {**os.environ, "PYTHONPATH": str(Path(L.__file__).resolve().parents[2])}
+    bad = subprocess.run([sys.executable, "-m", "finetune.serve.llamacpp"], capture_output=True, text=True,
+                         timeout=120, env=env)  # fmt: skip
+    assert bad.returncode == 2 and "usage:" in bad.stderr
+
+
+# --------------------------------------------------------------------------- real llama.cpp on a tiny model
+
+
+@pytest.fixture(scope="module")
+def mlx_tiny(tiny_hf):
+    model, tokenizer = decode.load(tiny_hf)
+    return model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def cpp_tokens(tiny_f16_gguf):
+    return L.tokenize(tiny_f16_gguf, TEXTS)
+
+
+@needs_xllamacpp
+def test_tokenizer_parity_with_hf_on_a_correct_export(cpp_tokens, mlx_tiny):
+    _, tok = mlx_tiny
+    ref = [tok.encode(t) for t in TEXTS]
+    r = tokenizer_parity(TEXTS, ref, cpp_tokens)
+    assert r.ok, r.problems
+    assert 1 in ref[-1]  # the chat markup really was parsed as the <|im_start|> special token
+
+
+@needs_xllamacpp
+def test_tokenizer_parity_catches_an_hf_tokenizer_without_smollm2s_digit_split(tiny_hf, cpp_tokens, tmp_path):
+    from transformers import AutoTokenizer
+
+    # What transformers' GGUF loader produces: plain ByteLevel, so " ½" merges unlike llama.cpp's "smollm".
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).write_bytes((tiny_hf / name).read_bytes())
+    tj = json.loads((tmp_path / "tokenizer.json").read_text(encoding="utf-8"))
+    tj["pre_tokenizer"] = tj["pre_tokenizer"]["pretokenizers"][1]
+    (tmp_path / "tokenizer.json").write_text(json.dumps(tj), encoding="utf-8")
+    plain = AutoTokenizer.from_pretrained(str(tmp_path))
+    r = tokenizer_parity(TEXTS, [plain.encode(t) for t in TEXTS], cpp_tokens)
+    assert not r.ok and any("Fractions" in p for p in r.problems)
+
+
+@needs_xllamacpp
+def test_tokenizer_parity_fails_on_a_vocab_labelled_sentencepiece_without_merges(
+    tiny_hf, tiny_spec, mlx_tiny, tmp_path
+):
+    _, tok = mlx_tiny
+    broken = dataclasses.replace(
+        tiny_spec, model="llama", pre="default", merges=[], scores=[-1000.0] * len(tiny_spec.tokens)
+    )
+    gguf = export_gguf(tiny_hf, tmp_path / "mlx-lm-style.gguf", tokenizer_spec=broken)
+    try:
+        got = L.tokenize(gguf, TEXTS)
+    except L.LlamaCppError as exc:  # llama.cpp throws std::out_of_range (or aborts): the gate must not hang
+        got = exc
+    r = tokenizer_parity(TEXTS, [tok.encode(t) for t in TEXTS], got)
+    assert not r.ok
+
+
+@needs_xllamacpp
+def test_llamacpp_refuses_mlx_lms_own_export(tiny_hf, tmp_path):
+    import mlx.core as mx
+    from mlx_lm.gguf import convert_to_gguf
+
+    out = tmp_path / "mlx-lm.gguf"
+    config = json.loads((tiny_hf / "config.json").read_text())
+    convert_to_gguf(tiny_hf, mx.load(str(tiny_hf / "model.safetensors")), config, str(out))
+    with pytest.raises(L.LlamaCppError, match="invalid gguf type for tokenizer.ggml.token_type"):
+        L.tokenize(out, ["hello"])
+
+
+@needs_xllamacpp
+@pytest.mark.parametrize(("outtype", "precise", "max_abs"), [("f16", False, F16), ("f32", True, F32_PRECISE)])
+def test_logprob_parity_with_mlx(
+    tiny_hf, tiny_spec, tiny_f16_gguf, mlx_tiny, tmp_path, outtype, precise, max_abs
+):
+    model, tok = mlx_tiny
+    gguf = (
+        tiny_f16_gguf
+        if outtype == "f16"
+        else export_gguf(tiny_hf, tmp_path / "f32.gguf", outtype="f32", tokenizer_spec=tiny_spec)
+    )
+    ids = tok.encode(CHAT)
+    r = logprob_parity(decode.logprobs(model, ids), L.top_logprobs(gguf, ids, k=5, precise=precise),
+                       max_abs=max_abs, tie_margin=max_abs * TIE_SHARE)  # fmt: skip
+    assert r.ok, (r.problems, r.metrics)
+    assert r.metrics["top1_agreement"] == 1.0 and r.metrics["positions"] == len(ids)
+
+
+@needs_xllamacpp
+def test_logprob_parity_fails_when_qk_are_laid_out_wrong(tiny_hf, tiny_spec, mlx_tiny, tmp_path):
+    from safetensors.numpy import save_file
+
+    model, tok = mlx_tiny
+    # Permuting Q/K once more in the HF folder leaves the GGUF in the wrong RoPE layout.
+    bad = tmp_path / "hf"
+    bad.mkdir()
+    tensors = load_hf_tensors(tiny_hf)
+    for name in tensors:
+        if "q_proj" in name or "k_proj" in name:
+            tensors[name] = permute_qk(tensors[name], 4, 4 if "q_proj" in name else 2)
+    save_file(tensors, str(bad / "model.safetensors"))
+    (bad / "config.json").write_text((tiny_hf / "config.json").read_text())
+    gguf = export_gguf(bad, tmp_path / "bad.gguf", tokenizer_spec=tiny_spec)
+    ids = tok.encode(CHAT)
+    r = logprob_parity(decode.logprobs(model, ids), L.top_logprobs(gguf, ids, k=5), max_abs=F16)
+    assert not r.ok and r.metrics["max_abs_diff"] > 0.5
+
+
+@needs_xllamacpp
+def test_greedy_generation_matches_mlx(tiny_f16_gguf, mlx_tiny):
+    model, tok = mlx_tiny
+    texts = [TEXTS[0], CHAT]
+    mlx = decode.greedy(model, tok, texts, max_tokens=6)
+    gens = L.generate(tiny_f16_gguf, [decode.prompt_ids(tok, t) for t in texts], max_tokens=6)
+    assert [g.finish_reason for g in gens] == [a.finish_reason for a in mlx]
+    assert all(len(g.tokens) <= 6 for g in gens)
+    assert gens[0].text == tok.decode(gens[0].tokens)
+    r = greedy_parity([a.tokens for a in mlx], [g.tokens for g in gens])
+    assert r.ok, r.problems
+
+
+@needs_xllamacpp
+def test_generate_cuts_at_a_stop_string(tiny_f16_gguf, mlx_tiny):
+    _, tok = mlx_tiny
+    free = L.generate(tiny_f16_gguf, [CHAT], max_tokens=6)[0]
+    assert free.finish_reason == "length" and len(free.text) > 1, free
+    stop = free.text[1:3] if free.text[1:3].strip() else free.text[:2]
+    cut = L.generate(tiny_f16_gguf, [CHAT], max_tokens=6, stop=[stop])[0]
+    assert cut.finish_reason == "stop" and stop not in cut.text and free.text.startswith(cut.text)
+
+
+@pytest.fixture(scope="module")
+def spm_hf(tmp_path_factory) -> Path:
+    """A 1-layer Llama whose tokenizer is SentencePiece BPE with byte fallback, trained here in ~0.1 s."""
+    import io
+
+    spm = pytest.importorskip("sentencepiece")
+    torch = pytest.importorskip("torch")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("spm")
+    corpus = [*TEXTS, "The quick brown fox. Hello world 123.", "def f(x): return x * 2"] * 20
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus),
+        model_writer=model,
+        vocab_size=400,
+        model_type="bpe",
+        byte_fallback=True,
+        character_coverage=1.0,
+        minloglevel=2,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        normalization_rule_name="identity",  # as Llama's SentencePiece models
+        remove_extra_whitespaces=False,
+    )
+    (out / "tokenizer.model").write_bytes(model.getvalue())
+    tok_cfg = {
+        "tokenizer_class": "LlamaTokenizer",
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "add_bos_token": True,
+        "legacy": False,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+    cfg = LlamaConfig(
+        vocab_size=400,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        initializer_range=0.1,
+    )
+    torch.manual_seed(1)
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    return out
+
+
+@needs_xllamacpp
+def test_sentencepiece_llama_export_matches_hf_and_mlx(spm_hf, tmp_path):
+    from transformers import AutoTokenizer
+
+    from finetune.export.gguf_inspect import check_gguf, inspect_gguf
+
+    spec = build_tokenizer_spec(spm_hf)
+    assert (spec.model, spec.add_bos) == ("llama", True)
+    gguf = export_gguf(spm_hf, tmp_path / "spm.gguf", outtype="f32", tokenizer_spec=spec)
+    info = inspect_gguf(gguf)
+    assert (
+        info.scores and info.token_types[3] == 6 and "output.weight" in {t.name for t in info.tensors}
+    )  # BYTE
+    assert check_gguf(gguf, spm_hf, spec=spec) == []
+    tok = AutoTokenizer.from_pretrained(str(spm_hf))
+    # transformers 5 converts tokenizer.model to a Metaspace(prepend_scheme="first") tokenizer.json that adds no
+    # "▁" before leading spaces, unlike sentencepiece itself and llama.cpp: leave that text out here.
+    texts = [t for t in TEXTS if not t.startswith(" ")]
+    ref = [tok.encode(t) for t in texts]
+    r = tokenizer_parity(texts, ref, L.tokenize(gguf, texts))
+    assert r.ok, r.problems
+    model, _ = decode.load(spm_hf)
+    lp = logprob_parity(decode.logprobs(model, ref[0]), L.top_logprobs(gguf, ref[0], k=5, precise=True),
+                        max_abs=F32_PRECISE, tie_margin=F32_PRECISE)  # fmt: skip
+    assert lp.ok, (lp.problems, lp.metrics)
+
+
+# --------------------------------------------------------------------------- tier 2: the real SmolLM2-135M
+
+
+@needs_xllamacpp
+@pytest.mark.real_model
+@pytest.mark.skipif(
+    os.environ.get("FT_REAL_MODEL_ENABLE") != "1",
+    reason="tier 2: set FT_REAL_MODEL_ENABLE=1 to export SmolLM2-135M and check it against MLX (~1-2 min)",
+)
+def test_smollm2_export_matches_mlx_in_llamacpp(tmp_path):
+    from finetune.export.gguf_inspect import check_gguf
+    from finetune.models.resolve import resolve_model
+
+    hf = resolve_model("smollm2-135m").path
+    spec = build_tokenizer_spec(hf)
+    gguf = export_gguf(hf, tmp_path / "smollm2-f16.gguf", outtype="f16", tokenizer_spec=spec)
+    assert check_gguf(gguf, hf, spec=spec) == []
+    model, tok = decode.load(hf)
+    r = tokenizer_parity(TEXTS, [tok.encode(t) for t in TEXTS], L.tokenize(gguf, TEXTS))
+    assert r.ok, r.problems
+    chat = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}], tokenize=False,
+                                   add_generation_prompt=True)  # fmt: skip
+    ids = decode.prompt_ids(tok, chat)
+    r = logprob_parity(decode.logprobs(model, ids), L.top_logprobs(gguf, ids, k=10), max_abs=F16,
+                       tie_margin=F16 * TIE_SHARE)  # fmt: skip
+    assert r.ok, (r.problems, r.metrics)
+    gen = L.generate(gguf, [ids], max_tokens=8)[0]
+    mlx = decode.greedy(model, tok, [chat], max_tokens=8)[0]
+    assert greedy_parity([mlx.tokens], [gen.tokens]).ok
+    assert "Paris" in gen.text

@@ -1,0 +1,86 @@
+"""Running stages: digests with the code version, cached records with their verdicts, failures, signals."""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import pytest
+
+from finetune.config.loader import load_config
+from finetune.gates.verdict import verdict
+from finetune.system.signals import Interrupted
+from finetune.tiers.context import Ctx, Stage, StageError, StageResult
+from finetune.tiers.runner import code_version, record_path, run_stages
+from tests.fakes import fake_deps
+
+
+def ctx(tmp_path, toy_tokenizer, **kw) -> Ctx:
+    return Ctx(
+        load_config("quick"),
+        tmp_path,
+        fake_deps(toy_tokenizer, tmp_path / "m"),
+        lambda _: None,
+        "t",
+        ("g",),
+        **kw,
+    )
+
+
+def test_a_passed_stage_is_recorded_with_its_verdicts_and_reused_until_its_inputs_change(
+    tmp_path, toy_tokenizer
+):
+    calls, seed = [], {"v": 1}
+
+    def body(c):
+        calls.append(1)
+        return StageResult({"x": seed["v"]}, verdicts=[verdict("g", True, 1.0, 0.5, "ok")])
+
+    stage = Stage("s", body, lambda c: {"seed": seed["v"]})
+    reports, bad, stop = run_stages(ctx(tmp_path, toy_tokenizer), [stage])
+    assert [r.status for r in reports] == ["passed"] and not bad and stop is None
+    record = json.loads(record_path(tmp_path, "s").read_text())
+    assert record["inputs"]["code"] == code_version() and record["verdicts"][0]["name"] == "g"
+    c2 = ctx(tmp_path, toy_tokenizer)
+    reports, _, _ = run_stages(c2, [stage])
+    assert reports[0].cached and len(calls) == 1 and [v.name for v in c2.verdicts] == ["g"]
+    seed["v"] = 2
+    reports, _, _ = run_stages(ctx(tmp_path, toy_tokenizer), [stage])
+    assert not reports[0].cached and len(calls) == 2
+
+
+def test_a_failure_skips_the_rest_and_bad_input_is_flagged(tmp_path, toy_tokenizer):
+    from finetune.data.sources import DatasetError
+
+    def broken(c):
+        raise DatasetError("data.jsonl:3: no usable rows")
+
+    stages = [Stage("a", broken, lambda c: {}), Stage("b", lambda c: StageResult(), lambda c: {})]
+    reports, bad, _ = run_stages(ctx(tmp_path, toy_tokenizer), stages)
+    assert [(r.status, r.reason) for r in reports] == [("failed", "DatasetError: data.jsonl:3: no usable rows"),
+                                                        ("skipped", "a failed")] and bad  # fmt: skip
+    assert not record_path(tmp_path, "a").exists()
+
+
+def test_a_stage_error_keeps_its_details(tmp_path, toy_tokenizer):
+    def fails(c):
+        raise StageError("checks failed", {"checks": [1, 2]})
+
+    reports, bad, _ = run_stages(ctx(tmp_path, toy_tokenizer), [Stage("a", fails, lambda c: {})])
+    assert reports[0].details == {"checks": [1, 2]} and not bad
+
+
+@pytest.mark.parametrize(
+    "exc,name", [(Interrupted(signal.SIGTERM), "SIGTERM"), (KeyboardInterrupt(), "SIGINT")]
+)
+def test_a_signal_stops_the_run_and_marks_what_did_not_run(tmp_path, toy_tokenizer, exc, name):
+    def stopped(c):
+        raise exc
+
+    stages = [Stage("a", lambda c: StageResult(), lambda c: {}), Stage("b", stopped, lambda c: {}),
+              Stage("c", lambda c: StageResult(), lambda c: {})]  # fmt: skip
+    reports, _, stop = run_stages(ctx(tmp_path, toy_tokenizer), stages)
+    assert stop.name == name
+    assert [(r.name, r.status) for r in reports] == [("a", "passed"), ("b", "failed"), ("c", "skipped")]
+    assert Path(record_path(tmp_path, "a")).exists() and not record_path(tmp_path, "b").exists()

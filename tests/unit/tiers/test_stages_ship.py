@@ -1,0 +1,30 @@
+"""The shipping stages' own decisions (the full flow is in test_pipeline.py)."""
+
+from __future__ import annotations
+
+from finetune.config.loader import load_config
+from finetune.evaluate.evaluation import EvalSettings
+from finetune.tiers.rundir import own_config
+from finetune.tiers.tiers import TIERS, run_tier
+from tests.unit.tiers.test_pipeline import World
+
+
+def _run(world, *sets):
+    cfg = own_config(world.root / "run", load_config("release", overrides=["data.num_examples=40", *sets]))
+    return run_tier(
+        TIERS["pipeline"], cfg, world.root / "run", world.deps(), log=lambda _: None, settings=EvalSettings()
+    )
+
+
+def test_fuse_exactness_is_measured_for_lora(tmp_path, toy_tokenizer):
+    result = _run(World(tmp_path, toy_tokenizer))
+    g = next(g for g in result.report.gates if g.name == "fuse_exactness")
+    assert g.status == "passed" and g.measured == 1e-7 and g.artifact["path"].endswith("fused")
+
+
+def test_a_modelfile_without_stops_is_served_but_fails_served_template(tmp_path, toy_tokenizer, monkeypatch):
+    monkeypatch.setenv("FT_INJECT_FAULT", "modelfile_no_stop")
+    result = _run(World(tmp_path, toy_tokenizer))
+    g = next(g for g in result.report.gates if g.name == "served_template")
+    assert g.status == "failed" and "lack ['<|im_end|>', '<|im_start|>']" in g.detail
+    assert next(s for s in result.report.stages if s.name == "ollama").status == "passed"

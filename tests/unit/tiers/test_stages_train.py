@@ -1,0 +1,47 @@
+"""The train-side stages: training resumes only its own checkpoints; the judge reads what the run saved."""
+
+from __future__ import annotations
+
+from finetune.config.loader import load_config
+from finetune.tiers.rundir import own_config
+from finetune.tiers.stages_train import TRAIN_KEY
+from finetune.tiers.tiers import TIERS, run_tier
+from tests.fakes import FakeTrainer, fake_deps
+
+
+def _run(tmp_path, tokenizer, trainer, *sets, overrides=()):
+    run = tmp_path / "run"
+    cfg = own_config(run, load_config("quick", overrides=list(sets)) if not (run / "config.yaml").exists() else None,
+                     overrides)  # fmt: skip
+    return run_tier(
+        TIERS["train"], cfg, run, fake_deps(tokenizer, tmp_path / "m", trainer), log=lambda _: None
+    )
+
+
+def test_an_interrupted_training_resumes_and_a_cadence_override_still_resumes(tmp_path, toy_tokenizer):
+    assert _run(tmp_path, toy_tokenizer, FakeTrainer(interrupt_at=4)).exit_code == 130
+    key = (tmp_path / "run" / TRAIN_KEY).read_text()
+    trainer = FakeTrainer()
+    assert _run(tmp_path, toy_tokenizer, trainer, overrides=["training.iters=50"]).exit_code == 0
+    assert trainer.calls[0]["resume"] is True and (tmp_path / "run" / TRAIN_KEY).read_text() == key
+
+
+def test_checkpoints_of_other_inputs_are_cleared_not_resumed(tmp_path, toy_tokenizer):
+    assert _run(tmp_path, toy_tokenizer, FakeTrainer(interrupt_at=4)).exit_code == 130
+    (tmp_path / "run" / TRAIN_KEY).write_text("another run's inputs\n")
+    trainer = FakeTrainer()
+    assert _run(tmp_path, toy_tokenizer, trainer).exit_code == 0
+    assert trainer.calls[0]["resume"] is False
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-0000048"]
+
+
+def test_the_judge_says_why_each_gate_exists_and_which_artifact_it_read(tmp_path, toy_tokenizer):
+    run = tmp_path / "run"
+    cfg = own_config(run, load_config("quick"))
+    result = run_tier(TIERS["run"], cfg, run, fake_deps(toy_tokenizer, tmp_path / "m"), log=lambda _: None)
+    by = {g.name: g for g in result.report.gates}
+    assert (
+        by["artifacts"].artifact["path"].endswith("adapter") and len(by["artifacts"].artifact["sha256"]) == 64
+    )
+    assert by["loss_convergence"].artifact["path"].endswith("metrics.jsonl")
+    assert "frozen" in by["parameter_updates"].why and by["memory_efficiency"].data["source"] == "estimated"

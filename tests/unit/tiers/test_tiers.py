@@ -1,0 +1,32 @@
+"""The tiers differ only in stages and required gates; a run sweeps servers a crashed run left behind."""
+
+from __future__ import annotations
+
+import sys
+
+from finetune.config.loader import load_config
+from finetune.gates.registry import GATES
+from finetune.system import procs
+from finetune.tiers.rundir import own_config
+from finetune.tiers.tiers import GATE_STAGES, TIERS, run_tier
+from tests.fakes import fake_deps
+
+
+def test_every_required_gate_exists_and_train_is_not_judged():
+    for tier in TIERS.values():
+        assert set(tier.required_gates) <= set(GATES), tier.name
+    assert TIERS["train"].required_gates == () and not TIERS["train"].judged
+    assert [s.name for s in TIERS["run"].stages] == ["model", "data", "estimate", "train", "judge"]
+    assert set(GATE_STAGES) <= set(GATES)
+
+
+def test_a_run_stops_servers_an_earlier_crashed_command_recorded(tmp_path, toy_tokenizer):
+    run = tmp_path / "run"
+    stale = procs.spawn_guarded([sys.executable, "-c", "import time; time.sleep(60)"], pid_dir=run / "ollama" / "pids",
+                                name="ollama-serve")  # fmt: skip
+    stale.watchdog.kill()  # the command that started it died without cleaning up
+    cfg = own_config(run, load_config("quick"))
+    lines = []
+    run_tier(TIERS["train"], cfg, run, fake_deps(toy_tokenizer, tmp_path / "m"), log=lines.append)
+    assert stale.wait(timeout=15) is not None
+    assert any(f"stopped ollama-serve (pid {stale.pid})" in line for line in lines)

@@ -1,0 +1,63 @@
+"""finetune.train.memprobe: peak MLX memory of a few real training steps, measured (in its own process)."""
+
+import json
+
+import pytest
+
+from finetune.config.loader import load_config, save_config
+from finetune.models.tiny import tiny_llama_weights
+from finetune.train.memory import ModelShape
+from finetune.train.memprobe import main, measure, measure_in_subprocess
+from tests.conftest import TOY_MODEL_CONFIG
+
+
+@pytest.fixture(scope="module")
+def toy_folder(tmp_path_factory, toy_tokenizer):
+    """An HF folder mlx_lm.load reads: the toy Llama (vocab 512) and the toy tokenizer, built in ~0.1 s."""
+    from safetensors.numpy import save_file
+
+    folder = tmp_path_factory.mktemp("toy-model")
+    (folder / "config.json").write_text(json.dumps(TOY_MODEL_CONFIG))
+    save_file(
+        tiny_llama_weights(TOY_MODEL_CONFIG, 0), str(folder / "model.safetensors"), metadata={"format": "pt"}
+    )
+    toy_tokenizer.save_pretrained(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def probe_cfg(tmp_path_factory):
+    cfg = load_config(overrides=["training.batch_size=4", "data.max_seq_length=64", "lora.rank=4",
+                                 "training.learning_rate=1e-3"])  # fmt: skip
+    return save_config(cfg, tmp_path_factory.mktemp("probe") / "probe.yaml")
+
+
+def test_lora_and_full_measured_in_process(probe_cfg, toy_folder, sums_dir):
+    lora = measure(probe_cfg, toy_folder, sums_dir, "lora", steps=2)
+    full = measure(probe_cfg, toy_folder, sums_dir, "full", steps=2)
+    assert full["trainable_params"] == ModelShape.from_hf_config(TOY_MODEL_CONFIG).param_count  # every weight
+    assert 0 < lora["trainable_params"] < full["trainable_params"] // 5
+    for got, kind in ((lora, "lora"), (full, "full")):
+        assert got["fine_tune_type"] == kind and got["peak_bytes"] > 0 and len(got["losses"]) == 2
+        assert got["batch_shape"][0] == 4 and got["batch_shape"][1] <= 64
+    assert lora["batch_shape"] == full["batch_shape"]  # one fixed batch for both
+    assert full["peak_bytes"] > lora["peak_bytes"]  # gradients and Adam moments of every weight
+    assert lora["losses"][0] == pytest.approx(
+        full["losses"][0], rel=1e-5
+    )  # same model, same batch, before any update
+
+
+def test_main_prints_one_json_line(probe_cfg, toy_folder, sums_dir, capsys):
+    assert main(["--config", str(probe_cfg), "--model", str(toy_folder), "--data", str(sums_dir),
+                 "--type", "lora", "--steps", "1"]) == 0  # fmt: skip
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    got = json.loads(last)
+    assert got["fine_tune_type"] == "lora" and len(got["losses"]) == 1
+
+
+def test_a_failing_probe_process_is_an_error_with_its_stderr(probe_cfg, toy_folder, sums_dir):
+    """The child's own failure, named (a successful child costs ~7 s of imports: main() is tested in-process)."""
+    with pytest.raises(
+        RuntimeError, match=r"(?s)memory probe \(qlora\) failed with exit 2: .*invalid choice: 'qlora'"
+    ):
+        measure_in_subprocess(probe_cfg, toy_folder, sums_dir, "qlora", steps=1, timeout=60)
