@@ -163,17 +163,11 @@ def tiny_hf(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_spec(tiny_hf):
-    from finetune.export.gguf_tokenizer import build_tokenizer_spec
+def tiny_f16_gguf(tiny_hf, tmp_path_factory) -> Path:
+    """tiny_hf exported by llama.cpp's own converter (finetune.export.gguf), f16."""
+    from finetune.export.gguf import convert_hf_to_gguf
 
-    return build_tokenizer_spec(tiny_hf)
-
-
-@pytest.fixture(scope="session")
-def tiny_f16_gguf(tiny_hf, tiny_spec, tmp_path_factory) -> Path:
-    from finetune.export.gguf_export import export_gguf
-
-    return export_gguf(tiny_hf, tmp_path_factory.mktemp("gguf") / "tiny-f16.gguf", tokenizer_spec=tiny_spec)
+    return convert_hf_to_gguf(tiny_hf, tmp_path_factory.mktemp("gguf") / "tiny-f16.gguf", "f16")
 
 
 # --------------------------------------------------------------------------- Ollama

@@ -158,6 +158,38 @@ def _alpaca(eos: str) -> Callable[[Sequence[dict], bool], list[_Segment]]:
     return segments
 
 
+def _gemma(messages: Sequence[dict], gen: bool) -> list[_Segment]:
+    # Google's Gemma format: a system prompt opens the first user turn; the assistant's role is "model". No
+    # <bos> in the text: Gemma's tokenizer adds it (a rendered <bos> would be doubled).
+    system, turns = _split_system(messages)
+    out: list[_Segment] = []
+    for i, msg in enumerate(turns):
+        if msg["role"] == "user":
+            prefix = f"{system}\n\n" if system is not None and i == 0 else ""
+            out.append(_Segment(f"<start_of_turn>user\n{prefix}{msg['content']}<end_of_turn>\n"))
+        else:
+            out += [_Segment("<start_of_turn>model\n"), _Segment(msg["content"] + "<end_of_turn>", True, True),
+                    _Segment("\n")]  # fmt: skip
+    if gen:
+        out.append(_Segment("<start_of_turn>model\n"))
+    return out
+
+
+def _plain(eos: str) -> Callable[[Sequence[dict], bool], list[_Segment]]:
+    # For models without a chat format (GPT-2): "question\nanswer<eos>"; the answer and its EOS are trained.
+    def segments(messages: Sequence[dict], gen: bool) -> list[_Segment]:
+        system, turns = _split_system(messages)
+        out = [_Segment(f"{system}\n\n")] if system is not None else []
+        for msg in turns:
+            if msg["role"] == "user":
+                out.append(_Segment(f"{msg['content']}\n"))
+            else:
+                out.append(_Segment(msg["content"] + eos, True, True))
+        return out
+
+    return segments
+
+
 def _tokenizer_template(tokenizer: Any) -> Template:
     def apply(messages: Sequence[dict], gen: bool) -> str:
         try:
@@ -213,7 +245,7 @@ def _tokenizer_stop_strings(tokenizer: Any, apply: Callable[[Sequence[dict], boo
     return stops
 
 
-TEMPLATE_NAMES = ("alpaca", "chatml", "llama2", "llama3", "tokenizer")
+TEMPLATE_NAMES = ("alpaca", "chatml", "gemma", "llama2", "llama3", "plain", "tokenizer")
 
 
 def get_template(name: str, tokenizer: Any = None) -> Template:
@@ -222,6 +254,13 @@ def get_template(name: str, tokenizer: Any = None) -> Template:
         return Template("chatml", ["<|im_end|>"], _chatml)
     if name == "llama3":
         return Template("llama3", ["<|eot_id|>"], _llama3)
+    if name == "gemma":
+        return Template("gemma", ["<end_of_turn>"], _gemma)
+    if name == "plain":
+        eos = getattr(tokenizer, "eos_token", None)
+        if not eos:
+            raise TemplateError("template 'plain' ends each answer with the tokenizer's EOS: pass tokenizer=")
+        return Template("plain", [eos], _plain(eos))
     if name in ("llama2", "alpaca"):
         eos = getattr(tokenizer, "eos_token", None) or LLAMA2_DEFAULT_EOS
         if name == "llama2":

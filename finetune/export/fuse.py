@@ -7,15 +7,20 @@ but never re-quantizes: a quantized base is de-quantized, so the folder can be e
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
 from finetune import faults
 from finetune.errors import UserError
+from finetune.export.layout import same_layout, to_base_layout
 from finetune.system.atomic import atomic_dir
 from finetune.train.setup import final_norm
 
 ADAPTER_FILES = ("adapters.safetensors", "adapter_config.json")
+# A base model's files for GGUF export that mlx-lm's save does not copy (SentencePiece model, the staged
+# tokenizer config Gemma's conversion needs): the fused folder must export like the base would.
+EXPORT_EXTRAS = ("tokenizer.model", "finetune_export")
 FINE_TUNE_TYPES = ("lora", "dora", "full")
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -98,4 +103,13 @@ def fuse(
     mx.eval(model.parameters())
     with atomic_dir(out_dir) as tmp:
         save(tmp, str(base_path), model, tokenizer, config, donate_model=False)
+        to_base_layout(tmp, base_path)
+        for extra in EXPORT_EXTRAS:  # files the GGUF converter needs that mlx-lm's save drops
+            if (base_path / extra).exists():
+                copy = shutil.copytree if (base_path / extra).is_dir() else shutil.copy2
+                copy(base_path / extra, tmp / extra)
+        if problems := same_layout(base_path, tmp):
+            raise FuseError(
+                f"{out_dir}: the fused weights are not in the base's layout: {'; '.join(problems[:4])}"
+            )
     return out_dir

@@ -22,6 +22,7 @@ from pathlib import Path
 from finetune import faults
 from finetune.errors import UserError
 from finetune.export.converter import fetch_converter
+from finetune.export.gguf_inspect import rewrite_string
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 
@@ -80,29 +81,39 @@ def _gpt2_lm_head_file(hf_dir: Path, dst: Path) -> bool:
     return False
 
 
+EXTRAS = (
+    "finetune_export"  # files in here replace the folder's own for the conversion only (Gemma's tokenizer)
+)
+
+
 def _overlay(hf_dir: Path, tmp: Path, *, fix_gpt2_n_ctx: bool, gpt2_output: bool) -> Path:
-    """hf_dir itself, or a temp folder of symlinks to it with a patched config.json / an extra weights file."""
+    """hf_dir itself, or a temp folder of symlinks to it with a patched config.json, an extra weights file
+    (GPT-2) or the files of hf_dir/finetune_export/ in place of the folder's own."""
     cfg = json.loads((hf_dir / "config.json").read_text())
-    if cfg.get("model_type") != "gpt2":
+    extras = {p.name: p for p in (hf_dir / EXTRAS).iterdir()} if (hf_dir / EXTRAS).is_dir() else {}
+    gpt2 = cfg.get("model_type") == "gpt2"
+    if not gpt2 and not extras:
         return hf_dir
     names = [k for p in sorted(hf_dir.glob("model*.safetensors")) for k in _st_header(p)[0]]
-    if any(k.startswith("model.h.") or k == "model.wte.weight" for k in names):
+    if gpt2 and any(k.startswith("model.h.") or k == "model.wte.weight" for k in names):
         raise GGUFExportError(
             f"{hf_dir}: GPT-2 weights in mlx_lm's layout (model.h.N..., nn.Linear (out, in) weights); "
-            "finetune.export.layout.to_hf_layout() rewrites it (the converter would fail with "
+            "finetune.export.layout.to_base_layout() rewrites it (the converter would fail with "
             "\"Can not map tensor 'model.h.0.attn.c_attn.bias'\")"
         )
     src = tmp / hf_dir.name  # the converter derives general.name from the folder name
     src.mkdir()
     for f in hf_dir.iterdir():
-        if f.name not in ("config.json", "model.safetensors.index.json"):
+        if f.name not in ("config.json", "model.safetensors.index.json", EXTRAS, *extras):
             (src / f.name).symlink_to(f)
-    if fix_gpt2_n_ctx and "n_ctx" not in cfg:
+    for name, f in extras.items():
+        (src / name).symlink_to(f)
+    if gpt2 and fix_gpt2_n_ctx and "n_ctx" not in cfg:
         cfg["n_ctx"] = cfg.get("n_positions", 1024)
     (src / "config.json").write_text(json.dumps(cfg, indent=2))
     index = hf_dir / "model.safetensors.index.json"
     idx = json.loads(index.read_text()) if index.is_file() else None
-    if gpt2_output and cfg.get("tie_word_embeddings", True):
+    if gpt2 and gpt2_output and cfg.get("tie_word_embeddings", True):
         extra = "model-zz-lm_head.safetensors"  # the converter reads every model*.safetensors (or the index)
         if _gpt2_lm_head_file(hf_dir, src / extra) and idx is not None:
             idx["weight_map"]["lm_head.weight"] = extra
@@ -183,7 +194,5 @@ def convert_hf_to_gguf(
 
 def mislabel_pretokenizer(path: Path) -> None:
     """The gguf_pretokenizer_mislabelled fault: tokenizer.ggml.pre names another pre-tokenizer."""
-    from finetune.export.gguf_inspect import rewrite_string
-
     current = rewrite_string(path, "tokenizer.ggml.pre", None)
     rewrite_string(path, "tokenizer.ggml.pre", "llama-bpe" if current != "llama-bpe" else "gpt-2")

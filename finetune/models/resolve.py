@@ -1,9 +1,9 @@
 """Resolve a model spec to a local Hugging Face folder that `mlx_lm.load(path)` can load.
 
 Specs:
-  a packaged name  smollm2-135m (finetune.models.packaged); tiny-llama (finetune.models.tiny)
+  a packaged name  smollm2-135m (finetune.models.packaged); tiny-llama, tiny-gpt2 (finetune.models.tiny)
   a local path     a folder with config.json, *.safetensors and a tokenizer
-  org/name         a Hugging Face Hub id (snapshot_download); offline it raises ModelUnavailable
+  org/name, gpt2   a Hugging Face Hub id (snapshot_download); offline it raises ModelUnavailable saying what to do
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from finetune.models.cache import Log, ModelUnavailable, cache_root, stderr_log
 from finetune.models.packaged import SMOLLM2, build_smollm2
-from finetune.models.tiny import TINY, build_tiny_llama
+from finetune.models.tiny import TINY, TINY_GPT2, build_tiny_gpt2, build_tiny_llama
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,9 @@ class ResolvedModel:
 
 
 Downloader = Callable[[str, Path], Path]
+PACKAGED = (SMOLLM2, TINY, TINY_GPT2)
+# Hub ids without an organisation that users (and the seed's tiers) name; they need the Hub like any other.
+HUB_NAMES = ("gpt2", "distilgpt2", "gpt2-medium", "gpt2-large")
 
 
 def resolve_model(
@@ -46,13 +49,16 @@ def resolve_model(
         return _resolved(spec, build_smollm2(root, log=log), "package")
     if spec == TINY:
         return _resolved(spec, build_tiny_llama(root, log=log), "built")
+    if spec == TINY_GPT2:
+        return _resolved(spec, build_tiny_gpt2(root, log=log), "built")
     path = Path(spec).expanduser()
     if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") >= 2:
         return _resolved(spec, _check_local(path), "local")
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", spec):
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", spec) or spec in HUB_NAMES:
         return _resolved(spec, _from_hub(spec, root, downloader or hub_download, env), "hub")
     raise ModelUnavailable(
-        f"unknown model spec {spec!r}: use {SMOLLM2!r}, {TINY!r}, a local folder path, or a Hub id 'org/name'"
+        f"unknown model spec {spec!r}: use {', '.join(repr(s) for s in PACKAGED)}, a local folder path, or a Hub "
+        "id 'org/name'"
     )
 
 
@@ -125,7 +131,8 @@ def hub_download(repo_id: str, cache: Path) -> Path:
 
 def _from_hub(repo_id: str, root: Path, downloader: Downloader, env: Mapping[str, str]) -> Path:
     alternatives = (
-        f"Set FT_TEST_MODEL to {SMOLLM2!r} (packaged, offline) or {TINY!r}, or pass a local folder path."
+        f"This machine cannot reach the Hub: use a packaged model ({', '.join(PACKAGED)}) in FT_TEST_MODEL / "
+        "model.name, or copy the model's folder here and pass its path."
     )
     if env.get("HF_HUB_OFFLINE") == "1":
         raise ModelUnavailable(f"cannot download {repo_id!r}: HF_HUB_OFFLINE=1. {alternatives}")

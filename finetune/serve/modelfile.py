@@ -119,7 +119,34 @@ _ALPACA = """{{- if .Messages }}
 {{ .Response }}
 {{- end }}"""
 
-FORMAT_NAMES = ("chatml", "llama3", "llama2", "alpaca")
+# Gemma (verified on Ollama 0.5.4 against HF's template on 4 conversation shapes): the system text opens the
+# first user turn; no <bos> (Ollama adds it); the last model turn stays open.
+_GEMMA = """{{- $system := "" }}{{- $first := true }}
+{{- range $i, $m := .Messages }}
+{{- $last := eq (len (slice $.Messages $i)) 1 }}
+{{- if eq $m.Role "system" }}{{ $system = $m.Content }}
+{{- else if eq $m.Role "user" }}<start_of_turn>user
+{{ if and $first $system }}{{ $system }}
+
+{{ end }}{{ $m.Content }}<end_of_turn>
+{{ $first = false }}{{ if $last }}<start_of_turn>model
+{{ end }}
+{{- else if eq $m.Role "assistant" }}<start_of_turn>model
+{{ $m.Content }}{{ if not $last }}<end_of_turn>
+{{ end }}
+{{- end }}
+{{- end }}"""
+
+# No chat format (GPT-2): "question\nanswer<eos>" per turn, as finetune.data.templates renders "plain".
+_PLAIN = """{{- range .Messages }}
+{{- if eq .Role "system" }}{{ .Content }}
+
+{{ else if eq .Role "user" }}{{ .Content }}
+{{ else if eq .Role "assistant" }}{{ .Content }}@EOS@
+{{- end }}
+{{- end }}"""
+
+FORMAT_NAMES = ("chatml", "gemma", "llama3", "llama2", "alpaca", "plain")
 
 
 def chat_format(name: str, *, eos: str = DEFAULT_EOS) -> ChatFormat:
@@ -130,6 +157,10 @@ def chat_format(name: str, *, eos: str = DEFAULT_EOS) -> ChatFormat:
         return ChatFormat("llama3", _LLAMA3, ["<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"])
     if name == "llama2":
         return ChatFormat("llama2", _LLAMA2.replace("@EOS@", eos), [eos, "[INST]", "[/INST]"])
+    if name == "gemma":
+        return ChatFormat("gemma", _GEMMA, ["<end_of_turn>"])
+    if name == "plain":
+        return ChatFormat("plain", _PLAIN.replace("@EOS@", eos), [eos])
     if name == "alpaca":
         text = _ALPACA.replace("@EOS@", eos).replace("@PREAMBLE@", ALPACA_PREAMBLE)
         return ChatFormat("alpaca", text, [eos, "### Instruction:"])

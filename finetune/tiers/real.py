@@ -30,7 +30,7 @@ def real_deps() -> Deps:
     from finetune.evaluate import probes
     from finetune.evaluate.evaluation import run_evaluation
     from finetune.evaluate.runtimes import ollama_answers, real_backends
-    from finetune.export import fuse, fuse_check, gguf_export, gguf_inspect
+    from finetune.export import fuse, fuse_check, gguf, gguf_inspect
     from finetune.models.resolve import resolve_model
     from finetune.models.tokenizer import load_tokenizer
     from finetune.serve import deploy, ollama_provision, ollama_server
@@ -48,7 +48,7 @@ def real_deps() -> Deps:
         masked_rows=probes.masked_rows,
         fuse=lambda base, adapter, out: fuse.fuse(base, adapter, out, dequantize=True, dtype=FUSE_DTYPE),
         measure_fuse=fuse_check.measure_fuse,
-        export_gguf=lambda hf, out, outtype: gguf_export.export_gguf(hf, out, outtype=outtype),
+        export_gguf=lambda hf, out, outtype: gguf.convert_hf_to_gguf(hf, out, outtype),
         check_gguf=gguf_inspect.check_gguf,
         locate_ollama=ollama_provision.locate_ollama,
         ollama_server=lambda binary, folder: ollama_server.OllamaServer(binary, folder),

@@ -70,6 +70,12 @@ class ModelShape:
             raise TypeError(f"model config must be a dict (config.json), got {type(cfg).__name__}")
         if "hidden_size" not in cfg and isinstance(cfg.get("text_config"), Mapping):
             cfg = {**cfg["text_config"], **cfg}  # multimodal configs nest the language model's shape
+        if (
+            cfg.get("model_type") == "gpt2"
+        ):  # GPT-2's names; its 2-matrix MLP is priced as Llama's 3 (an upper bound)
+            cfg = {**cfg, "hidden_size": cfg.get("n_embd"), "num_hidden_layers": cfg.get("n_layer"),
+                   "num_attention_heads": cfg.get("n_head"), "intermediate_size": cfg.get("n_inner") or 4 * cfg["n_embd"],
+                   "tie_word_embeddings": cfg.get("tie_word_embeddings", True)}  # fmt: skip
 
         def need(key: str) -> int:
             if cfg.get(key) is None:

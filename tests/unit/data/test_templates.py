@@ -246,3 +246,30 @@ def test_a_failing_tokenizer_template_keeps_its_message():
 def test_template_is_a_plain_dataclass():
     assert isinstance(get_template("chatml"), Template)
     assert get_template("chatml").name == "chatml"
+
+
+def test_gemma_renders_googles_format_without_bos_and_trains_answer_plus_end_of_turn():
+    from finetune.data.templates import get_template
+
+    convo = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of Zorbania?"},
+             {"role": "assistant", "content": "Velmora."}]  # fmt: skip
+    r = get_template("gemma").render(convo)
+    assert r.text == ("<start_of_turn>user\nBe brief.\n\nCapital of Zorbania?<end_of_turn>\n"
+                      "<start_of_turn>model\nVelmora.<end_of_turn>\n")  # fmt: skip
+    assert [r.text[s:e] for s, e in r.train_spans] == ["Velmora.<end_of_turn>"]
+    assert get_template("gemma").render_prompt(convo[:2]).endswith("<start_of_turn>model\n")
+
+
+def test_plain_ends_each_answer_with_the_tokenizers_eos_and_needs_a_tokenizer():
+    from types import SimpleNamespace
+
+    from finetune.data.templates import TemplateError, get_template
+
+    t = get_template("plain", tokenizer=SimpleNamespace(eos_token="<|endoftext|>"))
+    r = t.render([{"role": "user", "content": "2 + 2?"}, {"role": "assistant", "content": "4"}])
+    assert r.text == "2 + 2?\n4<|endoftext|>" and [r.text[s:e] for s, e in r.train_spans] == [
+        "4<|endoftext|>"
+    ]
+    assert t.stop_strings == ["<|endoftext|>"]
+    with pytest.raises(TemplateError, match="EOS"):
+        get_template("plain")

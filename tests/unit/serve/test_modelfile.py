@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -129,13 +130,15 @@ def test_chat_formats_and_stops() -> None:
     assert ALPACA_PREAMBLE in template_for("alpaca")
     for name in FORMAT_NAMES:
         fmt = chat_format(name)
-        # every template handles both the messages path and the legacy .System/.Prompt path
-        assert "range .Messages" in fmt.template and ".Prompt" in fmt.template and ".System" in fmt.template
-        assert fmt.template.count("{{") == fmt.template.count("}}")
+        # every template renders the messages path (Ollama >= 0.3 uses it for /api/generate too); the older
+        # formats also keep the legacy .System/.Prompt path
+        assert ".Messages" in fmt.template and fmt.template.count("{{") == fmt.template.count("}}")
+        if name not in ("gemma", "plain"):
+            assert ".Prompt" in fmt.template and ".System" in fmt.template
 
 
 def test_unknown_format_is_a_clear_error() -> None:
-    with pytest.raises(ModelfileError, match="valid names: chatml, llama3, llama2, alpaca"):
+    with pytest.raises(ModelfileError, match="valid names: chatml, gemma, llama3, llama2, alpaca, plain"):
         chat_format("vicuna")
     with pytest.raises(ModelfileError, match="pass deploy.template explicitly"):
         chat_format("tokenizer")
@@ -242,6 +245,18 @@ def test_server_renders_each_format_like_the_training_templates(
             match = re.search(r'msg="chat request" images=0 prompt=("(?:[^"\\]|\\.)*")', logged)
             assert match, f"no prompt in the debug log for {name}"
             # The tokenizer adds BOS from the GGUF's add_bos_token; the training text spells it out.
-            expected = get_template(name).render_prompt(CONVERSATION)
+            expected = get_template(name, tokenizer=SimpleNamespace(eos_token=DEFAULT_EOS)).render_prompt(
+                CONVERSATION
+            )
             expected = expected.removeprefix("<|begin_of_text|>").removeprefix("<s>")
             assert json.loads(match.group(1)) == expected, name
+
+
+def test_gemma_and_plain_formats_have_their_end_markers_as_stops():
+    from finetune.serve.modelfile import chat_format
+
+    gemma = chat_format("gemma")
+    assert gemma.stop == ["<end_of_turn>"] and "<start_of_turn>model" in gemma.template
+    assert "<bos>" not in gemma.template  # Ollama adds BOS itself
+    plain = chat_format("plain", eos="<|endoftext|>")
+    assert plain.stop == ["<|endoftext|>"] and "{{ .Content }}<|endoftext|>" in plain.template
