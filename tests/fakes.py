@@ -24,7 +24,7 @@ from finetune.evaluate.probes import (
     LearningMeasurement,
     MemoryMeasurement,
     masked_rows,
-    seen_length,
+    prepare_report,
 )
 from finetune.system.atomic import atomic_write_json
 from finetune.system.jsonl import read_jsonl
@@ -110,12 +110,10 @@ def fake_learning(run_dir, base, cfg, stops, **_):
 
 
 def fake_memory(run_dir, model_dir, model_config, cfg, *, available, **_):
-    cfg, full_cfg = seen_length(run_dir, cfg), seen_length(run_dir, cfg)
+    full_cfg, data = cfg.model_copy(deep=True), prepare_report(run_dir)
     full_cfg.training.fine_tune_type = "full"
-    lora, full = (
-        from_run_config(model_config, cfg).total_bytes,
-        from_run_config(model_config, full_cfg).total_bytes,
-    )
+    lora = from_run_config(model_config, cfg, data).total_bytes
+    full = from_run_config(model_config, full_cfg, data).total_bytes
     return MemoryMeasurement(lora, full, "estimated", "tier 1: the estimator stands in for the measurement")
 
 
@@ -153,7 +151,7 @@ def fake_deps(tokenizer: Any, models_root: Path, trainer: FakeTrainer | None = N
         resolve_model=record("model", lambda spec: fake_model_folder(models_root, tokenizer, spec)),
         load_tokenizer=lambda _path: tokenizer,
         prepare_data=record("data", prepare_for_run),
-        estimate=record("estimate", lambda cfg, model_config: from_run_config(model_config, cfg)),
+        estimate=record("estimate", lambda cfg, model_config, data: from_run_config(model_config, cfg, data)),
         train=record("train", trainer),
         measure_learning=record("learning", fake_learning),
         measure_memory=record("memory", fake_memory),

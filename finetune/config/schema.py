@@ -89,6 +89,15 @@ class TrainingConfig(_Section):
     save_every: int = Field(50, ge=1)
     # 0 disables early stopping; otherwise stop after this many evaluations without a better val loss.
     early_stopping_patience: int = Field(0, ge=0)
+    # Exact shortcuts (finetune.train.shortcuts): the same losses and gradients up to float32 reassociation,
+    # each left off automatically (and the run's report says why) where it would not be exact.
+    cache_frozen_prefix: bool = Field(
+        True, description="blocks below the adapters run once per example, not per step"
+    )
+    loss_positions_only: bool = Field(
+        True, description="the LM head and loss run only where the loss mask is on"
+    )
+    trim_batches: bool = Field(True, description="columns after a batch's last loss position are dropped")
 
 
 def _why(text: str) -> Any:

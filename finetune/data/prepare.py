@@ -48,6 +48,7 @@ class PrepareReport:
     length_stats: dict[str, float]
     truncated_share: float | None = None
     rows_without_trained_tokens: int | None = None
+    trained_tokens: dict[str, float] | None = None
     notes: list[str] = field(default_factory=list)
     files: dict[str, str] = field(default_factory=dict)
 
@@ -156,13 +157,19 @@ def prepare(
 
     notes = []
     truncated = untrained = None
+    trained_tokens = None
     if tokenizer is not None:
-        unit, lengths, truncated, untrained = "tokens", [], 0, 0
+        unit, lengths, truncated, untrained, per_row = "tokens", [], 0, 0, []
         for _, r in rows:
             ids, offsets = encode(tokenizer, r["text"])
             lengths.append(len(ids))
             truncated += len(ids) > max_seq_length
-            untrained += not any(mask_for(offsets[:max_seq_length], r["train_spans"]))
+            mask = mask_for(offsets[:max_seq_length], r["train_spans"])
+            untrained += not any(mask)
+            per_row.append(sum(mask[1:]) if mask_prompt else max(0, min(len(ids), max_seq_length) - 1))
+        # what the LM head sees per row with loss positions only, and what a frozen-prefix cache would hold
+        trained_tokens = {"mean": round(statistics.fmean(per_row), 2), "max": max(per_row), "total": sum(per_row),
+                          "positions": sum(max(0, min(n, max_seq_length) - 1) for n in lengths)}  # fmt: skip
         truncated = round(truncated / len(rows), 4)
         if untrained:
             notes.append(f"{untrained} rows have no trained tokens left after truncation to {max_seq_length}")
@@ -191,6 +198,7 @@ def prepare(
         length_stats=_stats(lengths),
         truncated_share=truncated,
         rows_without_trained_tokens=untrained,
+        trained_tokens=trained_tokens,
         notes=notes,
         files=files,
     )

@@ -196,22 +196,11 @@ class MemoryMeasurement:
     detail: str
 
 
-def seen_length(run_dir: Path, cfg: Any) -> Any:
-    """A copy of cfg whose max_seq_length is the padded width of the run's longest example: what a batch
-    really holds (estimating at max_seq_length would price padding that never exists)."""
-    from finetune.train.batches import PAD_TO
-
-    out = cfg.model_copy(deep=True)
+def prepare_report(run_dir: Path) -> dict | None:
     try:
-        report = json.loads((Path(run_dir) / "data" / "prepare_report.json").read_text())
-        longest = int(report["length_stats"]["max"]) if report.get("length_unit") == "tokens" else None
-    except (OSError, ValueError, KeyError):
-        longest = None
-    if longest:
-        out.data.max_seq_length = min(
-            1 + PAD_TO * ((longest + PAD_TO - 1) // PAD_TO), cfg.data.max_seq_length
-        )
-    return out
+        return json.loads((Path(run_dir) / "data" / "prepare_report.json").read_text())
+    except (OSError, ValueError):
+        return None
 
 
 FULL_FIT_MARGIN = 1.5  # measure full fine-tuning only when 1.5x its estimated peak is free
@@ -224,10 +213,10 @@ def measure_memory(run_dir: Path, model_dir: Path, model_config: dict, cfg: Any,
     from finetune.train.memprobe import measure_in_subprocess
 
     measure = measure or measure_in_subprocess
-    lora_cfg, full_cfg = seen_length(run_dir, cfg), seen_length(run_dir, cfg)
+    full_cfg, data = cfg.model_copy(deep=True), prepare_report(run_dir)
     full_cfg.training.fine_tune_type = "full"
-    est_lora = memory.from_run_config(model_config, lora_cfg).total_bytes
-    est_full = memory.from_run_config(model_config, full_cfg).total_bytes
+    est_lora = memory.from_run_config(model_config, cfg, data).total_bytes
+    est_full = memory.from_run_config(model_config, full_cfg, data).total_bytes
     if available is None or est_full * FULL_FIT_MARGIN > available:
         have = "unknown" if available is None else f"{available / 2**30:.1f} GiB"
         return MemoryMeasurement(est_lora, est_full, "estimated",

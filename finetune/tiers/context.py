@@ -35,6 +35,8 @@ class StageResult:
     artifacts: list[Artifact] = field(default_factory=list)
     details: dict[str, Any] = field(default_factory=dict)
     verdicts: list[Verdict] = field(default_factory=list)
+    expected: dict[str, float] = field(default_factory=dict)  # stage -> usual seconds (history), for the ETA
+    heartbeat_s: float = 15.0  # 0: no progress lines (--quiet)
     status: str = "passed"  # or "skipped" (e.g. no Ollama here), with reason
     reason: str | None = None
     cache: bool = True  # False: decide again next run (a skip for lack of a runtime may not hold next time)
@@ -47,7 +49,7 @@ class Deps:
     resolve_model: Callable[[str], Any]  # spec -> object with .name, .path, .source, .config
     load_tokenizer: Callable[[Path], Any]
     prepare_data: Callable[[Any, Path, Any], Any]  # (cfg.data, out_dir, tokenizer) -> report with .to_dict()
-    estimate: Callable[[RunConfig, dict], Any]  # (cfg, model config) -> estimate with .to_dict()
+    estimate: Callable[[RunConfig, dict, dict | None], Any]  # (cfg, model config, prepare report) -> estimate
     train: Callable[..., Any]  # finetune.train.engine.train_run's signature
     measure_learning: Callable[..., Any]
     measure_memory: Callable[..., Any]
@@ -91,6 +93,8 @@ class Ctx:
     digests: dict[str, str] = field(default_factory=dict)  # stage name -> its inputs digest
     artifacts: dict[str, dict[str, str]] = field(default_factory=dict)  # stage -> artifact name -> sha256
     verdicts: list[Verdict] = field(default_factory=list)
+    expected: dict[str, float] = field(default_factory=dict)  # stage -> usual seconds (history), for the ETA
+    heartbeat_s: float = 15.0  # 0: no progress lines (--quiet)
 
     def wants(self, gate: str) -> bool:
         """The tier requires this gate and the user did not skip it."""

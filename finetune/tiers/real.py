@@ -41,7 +41,7 @@ def real_deps() -> Deps:
         resolve_model=resolve_model,
         load_tokenizer=load_tokenizer,
         prepare_data=prepare_for_run,
-        estimate=lambda cfg, model_config: from_run_config(model_config, cfg),
+        estimate=lambda cfg, model_config, data: from_run_config(model_config, cfg, data),
         train=_train,
         measure_learning=probes.measure_learning,
         measure_memory=probes.measure_memory,

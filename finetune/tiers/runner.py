@@ -8,6 +8,7 @@ later ones are skipped ("<stage> failed").
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -24,6 +25,7 @@ from finetune.system import signals
 from finetune.system.atomic import atomic_write_json
 from finetune.system.hashing import json_sha256, source_sha256
 from finetune.tiers.context import Ctx, Stage, StageError, StageResult
+from finetune.tiers.progress import heartbeat
 
 STAGE_DIR = "stages"
 
@@ -81,10 +83,14 @@ def run_stage(ctx: Ctx, stage: Stage) -> StageOutcome:
             cached=True, required=stage.required, seconds=0, digest=digest,
             artifacts=[Artifact.model_validate(a) for a in record.get("artifacts", [])],
             details=record.get("details", {})))  # fmt: skip
-    ctx.log(f"[{name}] ...")
+    usual = ctx.expected.get(name)
+    ctx.log(f"[{name}] ..." + (f" (usually ~{usual:.0f} s)" if usual else ""))
     record_path(ctx.run_dir, name).unlink(missing_ok=True)  # a half-finished stage must not look done
     try:
-        result: StageResult = stage.run(ctx)
+        with (
+            heartbeat(name, ctx.log, usual, ctx.heartbeat_s) if ctx.heartbeat_s else contextlib.nullcontext()
+        ):
+            result: StageResult = stage.run(ctx)
     except (signals.Interrupted, KeyboardInterrupt):
         raise
     except Exception as exc:

@@ -65,7 +65,9 @@ def stage_data(ctx: Ctx) -> StageResult:
 
 
 def stage_estimate(ctx: Ctx) -> StageResult:
-    est = ctx.deps.estimate(ctx.cfg, ctx.outputs["model"]["config"])
+    from finetune.evaluate.probes import prepare_report
+
+    est = ctx.deps.estimate(ctx.cfg, ctx.outputs["model"]["config"], prepare_report(ctx.run_dir))
     return StageResult({"total_bytes": est.total_bytes}, details={"estimate": est.to_dict()})
 
 

@@ -72,7 +72,8 @@ class TierResult:
 
 
 def run_tier(tier: Tier, cfg: RunConfig, run_dir: Path, deps: Deps, *, log: Callable[[str], None] = print,
-             settings: Any = None, force: Sequence[str] = (), command: str | None = None) -> TierResult:  # fmt: skip
+             settings: Any = None, force: Sequence[str] = (), command: str | None = None,
+             heartbeat_s: float = 15.0) -> TierResult:  # fmt: skip
     """Run a tier in run_dir (which must already own cfg as its config.yaml) and write report.json."""
     run_dir = Path(run_dir).absolute()
     command = command or tier.name
@@ -85,9 +86,8 @@ def run_tier(tier: Tier, cfg: RunConfig, run_dir: Path, deps: Deps, *, log: Call
         started, tic = datetime.now(UTC), time.perf_counter()
         with contextlib.ExitStack() as stack:
             session = OllamaSession(deps, run_dir / "ollama", stack)
-            ctx = Ctx(
-                cfg, run_dir, deps, log, tier.name, tier.required_gates, settings=settings, session=session
-            )
+            ctx = Ctx(cfg, run_dir, deps, log, tier.name, tier.required_gates, settings=settings, session=session,
+                      expected=_usual_seconds(tier, cfg), heartbeat_s=heartbeat_s)  # fmt: skip
             try:
                 stages, bad_input, stop = run_stages(ctx, tier.stages)
             finally:
@@ -95,6 +95,16 @@ def run_tier(tier: Tier, cfg: RunConfig, run_dir: Path, deps: Deps, *, log: Call
                     session.delete_models()
         # The ExitStack has stopped the server (also on a signal): its cleanup record is complete now.
         return _finish(tier, ctx, stages, bad_input, stop, started, tic, command)
+
+
+def _usual_seconds(tier: Tier, cfg: RunConfig) -> dict[str, float]:
+    from finetune.report.history import history_path
+    from finetune.tiers.progress import expected_seconds
+
+    try:
+        return expected_seconds(history_path(cfg.output_dir), tier.name, cfg.model.name)
+    except Exception:  # a damaged history only costs the ETA
+        return {}
 
 
 def procs_dirs(run_dir: Path) -> list[Path]:

@@ -20,7 +20,8 @@ from mlx_lm.tuner.trainer import train as mlx_train
 from finetune.config.schema import RunConfig
 from finetune.system import signals
 from finetune.system.atomic import atomic_write_json
-from finetune.train.batches import TOKENS, load_split, make_iterate_batches, masked_loss, record_tokens
+from finetune.train import shortcuts
+from finetune.train.batches import TOKENS, load_split, record_tokens
 from finetune.train.callback import EarlyStop, RunCallback, step_seed
 from finetune.train.checkpoints import (
     ADAPTER_DIR,
@@ -36,6 +37,12 @@ from finetune.train.metrics import METRICS, truncate_metrics
 from finetune.train.setup import make_optimizer, prepare_model
 
 RESULT = "train_result.json"
+
+
+def enabled_shortcuts(cfg: RunConfig) -> list[str]:
+    t = cfg.training
+    return [name for name, on in (("prefix", t.cache_frozen_prefix), ("loss_positions", t.loss_positions_only),
+                                  ("trim", t.trim_batches)) if on]  # fmt: skip
 
 
 @dataclass
@@ -108,6 +115,9 @@ def train_run(
         log(f"resuming from {ckpt} (step {start_step})")
     elif not resume:
         (run_dir / METRICS).unlink(missing_ok=True)
+    fast = shortcuts.setup(model, seed=t.seed, max_seq_length=cfg.data.max_seq_length, train_set=train_set,
+                           val_set=val_set, start_batch=start_step, cfg=cfg, enable=enabled_shortcuts(cfg))  # fmt: skip
+    log(fast.plan.summary())
     truncate_metrics(run_dir / METRICS, start_step)
     if start_step == 0:
         save_adapter(model, acfg, run_dir / INIT_DIR)  # the parameter-update gate compares against this
@@ -116,13 +126,14 @@ def train_run(
 
     cb = RunCallback(
         run_dir=run_dir, cfg=cfg, model=model, optimizer=optimizer, acfg=acfg, val_set=val_set,
-        iterate=make_iterate_batches(t.seed), loss=masked_loss, start_step=start_step, state=state,
+        iterate=fast.iterate_eval, loss=fast.loss, start_step=start_step, state=state,
     )  # fmt: skip
     n_trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
     n_total = sum(v.size for _, v in tree_flatten(model.parameters()))
     if n_trainable == 0:
         raise ValueError("no trainable parameters: every adapter and weight is frozen")
     result = TrainResult(str(run_dir), str(run_dir / ADAPTER_DIR), None, start_step, start_step)
+    result.extra["shortcuts"] = fast.plan.summary()
     result.trainable_params, result.total_params = n_trainable, n_total
     mx.reset_peak_memory()
     tic = time.perf_counter()
@@ -146,9 +157,8 @@ def train_run(
                     grad_checkpoint=t.grad_checkpoint,
                     grad_accumulation_steps=t.grad_accumulation_steps,
                 )
-                train_fn(model, optimizer, train_set, None, args=args, loss=masked_loss,
-                         iterate_batches=make_iterate_batches(t.seed, start_batch=start_step),
-                         training_callback=cb)  # fmt: skip
+                train_fn(model, optimizer, train_set, None, args=args, loss=fast.loss,
+                         iterate_batches=fast.iterate_train, training_callback=cb)  # fmt: skip
             signals.check()  # a signal that came after the last step boundary
     except EarlyStop as why:
         result.stopped_early = True

@@ -109,8 +109,14 @@ def estimate(
     grad_checkpoint: bool = False,
     param_dtype: str | None = None,
     optimizer: str = "adam",
+    loss_tokens: int | None = None,
+    cache_tokens: int = 0,
 ) -> MemoryEstimate:
     """Predict the peak training memory of one step.
+
+    With the exact shortcuts (finetune.train.shortcuts): loss_tokens is how many positions per batch reach the
+    LM head (None: all of them, the plain path), cache_tokens how many positions the frozen-prefix cache holds
+    (one hidden vector each).
 
     seq_len is the number of tokens the model sees per sequence; with mlx-lm's padding that is at most
     max_seq_length (so passing max_seq_length gives an upper bound). param_dtype defaults to the dtype of
@@ -152,7 +158,8 @@ def estimate(
         dora=fine_tune_type == "dora",
         full=full,
     )
-    logits = LOGIT_COPIES * tokens * shape.vocab_size * pb
+    head_tokens = tokens if loss_tokens is None else max(1, min(loss_tokens, tokens))
+    logits = LOGIT_COPIES * head_tokens * shape.vocab_size * pb
     # The loss moment: every saved activation plus the loss buffers. Adapter gradients are tiny and
     # counted whole; full gradients do not exist yet.
     moments = {
@@ -163,7 +170,7 @@ def estimate(
         }
     }
     if full:
-        moments.update(_update_moments(shape, pb, states, acts.saved, tokens * shape.vocab_size * pb))
+        moments.update(_update_moments(shape, pb, states, acts.saved, head_tokens * shape.vocab_size * pb))
     phase = max(moments, key=lambda k: sum(moments[k].values()))
 
     breakdown = {
@@ -171,6 +178,8 @@ def estimate(
         "optimizer": states * train_bytes,
         **{k: int(v) for k, v in moments[phase].items()},
     }
+    if cache_tokens:
+        breakdown["prefix_cache"] = cache_tokens * shape.hidden_size * pb
     inputs = {
         "batch_size": batch_size,
         "seq_len": seq_len,
@@ -180,6 +189,8 @@ def estimate(
         "grad_checkpoint": grad_checkpoint,
         "param_dtype": dtype,
         "optimizer": optimizer,
+        "loss_tokens": loss_tokens,
+        "cache_tokens": cache_tokens,
         "model": asdict(shape),
     }
     return MemoryEstimate(
@@ -266,20 +277,41 @@ def compare(estimate: MemoryEstimate, measured_peak_bytes: int) -> MemoryCompari
     return MemoryComparison(predicted, int(measured_peak_bytes), round(error, 2))
 
 
-def from_run_config(model_config: Mapping[str, Any], run: Any) -> MemoryEstimate:
-    """Estimate for a FineTune RunConfig (or anything with .training, .data and .lora like it)."""
+def from_run_config(
+    model_config: Mapping[str, Any], run: Any, data: Mapping[str, Any] | None = None
+) -> MemoryEstimate:
+    """Estimate for a FineTune RunConfig; with `data` (a prepare_report.json) the batch is priced as the
+    shortcuts really build it: trimmed to the longest row, the LM head only where the loss is."""
     t, lora = run.training, run.lora
+    shape = ModelShape.from_hf_config(model_config)
+    seq_len, loss_tokens, cache_tokens = run.data.max_seq_length, None, 0
+    stats = (data or {}).get("length_stats") if (data or {}).get("length_unit") == "tokens" else None
+    trained = (data or {}).get("trained_tokens") or {}
+    if stats:
+        seq_len = min(int(stats["max"]), run.data.max_seq_length)
+        if t.loss_positions_only and trained.get("max"):
+            loss_tokens = t.batch_size * int(trained["max"])
+        if t.cache_frozen_prefix and t.fine_tune_type != "full" and prefix_applies(shape, lora):
+            cache_tokens = int(trained.get("positions") or 0)
     return estimate(
-        ModelShape.from_hf_config(model_config),
+        shape,
         fine_tune_type=t.fine_tune_type,
         batch_size=t.batch_size,
-        seq_len=run.data.max_seq_length,
+        seq_len=max(1, seq_len),
         lora_rank=lora.rank,
         lora_num_layers=lora.num_layers,
         lora_keys=lora.keys,
         grad_checkpoint=t.grad_checkpoint,
         optimizer=t.optimizer,
+        loss_tokens=loss_tokens,
+        cache_tokens=cache_tokens,
     )
+
+
+def prefix_applies(shape: ModelShape, lora: Any) -> bool:
+    """The config-level view of finetune.train.shortcut_plan: some blocks below the adapted ones (LoRA dropout
+    acts inside adapted blocks only, so it does not move the cut)."""
+    return adapted_layers(shape, lora.num_layers) < shape.num_layers
 
 
 # ---------------------------------------------------------------- rendering

@@ -22,7 +22,9 @@ def measure(cfg_path: Path, model_path: Path, data_dir: Path, fine_tune_type: st
     from mlx_lm import load
 
     from finetune.config.loader import load_file
-    from finetune.train.batches import load_split, make_iterate_batches, masked_loss
+    from finetune.train import shortcuts
+    from finetune.train.batches import load_split
+    from finetune.train.engine import enabled_shortcuts
     from finetune.train.setup import make_optimizer, prepare_model
 
     cfg = load_file(cfg_path)
@@ -34,11 +36,11 @@ def measure(cfg_path: Path, model_path: Path, data_dir: Path, fine_tune_type: st
     data = load_split(
         Path(data_dir) / "train.jsonl", tokenizer, cfg.data.max_seq_length, cfg.data.mask_prompt
     )
-    batches = make_iterate_batches(cfg.training.seed)(
-        data, cfg.training.batch_size, cfg.data.max_seq_length, loop=True
-    )
-    batch = next(batches)  # one fixed batch: both runs see the same shapes
-    value_and_grad = nn.value_and_grad(model, masked_loss)
+    # As FineTune trains: with the exact shortcuts the run's config enables (their cache is part of the cost).
+    fast = shortcuts.setup(model, seed=cfg.training.seed, max_seq_length=cfg.data.max_seq_length, train_set=data,
+                           cfg=cfg, enable=enabled_shortcuts(cfg))  # fmt: skip
+    batch = next(fast.iterate_train(data, cfg.training.batch_size, cfg.data.max_seq_length, loop=True))
+    value_and_grad = nn.value_and_grad(model, fast.loss)
     mx.eval(model.parameters())
     mx.clear_cache()
     mx.reset_peak_memory()
@@ -54,6 +56,7 @@ def measure(cfg_path: Path, model_path: Path, data_dir: Path, fine_tune_type: st
         "fine_tune_type": fine_tune_type,
         "peak_bytes": int(mx.get_peak_memory()),
         "batch_shape": list(batch[0].shape),
+        "shortcuts": fast.plan.summary(),
         "trainable_params": int(trainable),
         "losses": losses,
     }

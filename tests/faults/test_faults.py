@@ -1,0 +1,121 @@
+"""`make test-faults`: every known fault, planted into the real pipeline (FT_INJECT_FAULT), is caught by the gate
+that exists for it; healthy runs of three seeds pass every gate (no false failure).
+
+Tiny GPT-2 (random weights, GPT-2's real tokenizer) learns the healthy data's trained answer in ~100 steps, so
+every gate judges something real in seconds. Shipping faults replay a healthy pipeline run with the fault:
+the stage cache reruns only the faulted stage and what follows it.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from finetune import faults
+from finetune.config.loader import load_config
+from finetune.evaluate.evaluation import EvalSettings
+from finetune.serve.ollama_provision import locate_ollama
+from finetune.tiers.real import real_deps
+from finetune.tiers.rundir import own_config
+from finetune.tiers.tiers import TIERS, run_tier
+from tests.tiny_run import healthy_sets
+
+MODEL = "tiny-gpt2"
+TRAIN_FAULTS = ("lr_zero", "frozen_lora", "base_weight_trained", "mask_prompt_ignored", "adapter_scale_zero",
+                "adapter_truncated")  # fmt: skip
+SHIP_FAULTS = ("fuse_drops_adapter", "fuse_scales_tensor", "gguf_pretokenizer_mislabelled", "modelfile_wrong_template",
+               "modelfile_no_stop", "eval_runtime_base")  # fmt: skip
+
+
+def _sets(folder: Path, seed: int = 0) -> list[str]:
+    return [*healthy_sets(folder, seed=seed), f"model.name={MODEL}", "data.template=plain"]
+
+
+def _run(tier: str, run_dir: Path, sets: list[str]):
+    cfg = own_config(run_dir, load_config("release" if tier == "pipeline" else "quick", overrides=sets))
+    settings = EvalSettings(n_train=8, n_heldout=0) if tier == "pipeline" else None
+    return run_tier(TIERS[tier], cfg, run_dir, real_deps(), log=lambda _: None, settings=settings).report
+
+
+def _failed(report) -> list[str]:
+    return [f"{g.name} ({g.measured if g.measured is None else round(g.measured, 4)} vs {g.threshold})"
+            for g in report.gates if g.status == "failed"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture(scope="module")
+def healthy(tmp_path_factory, data_dir):
+    """A healthy pipeline run of seed 0: the base every shipping fault replays."""
+    if locate_ollama().binary is None:
+        pytest.skip(f"the shipping faults need Ollama: {locate_ollama().reason}")
+    run_dir = tmp_path_factory.mktemp("healthy") / "run"
+    return run_dir, _run("pipeline", run_dir, _sets(data_dir, 0))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_healthy_seed_passes_every_gate(seed, healthy, tmp_path, data_dir, record):
+    report = healthy[1] if seed == 0 else _run("pipeline", tmp_path / "run", _sets(data_dir, seed))
+    record(fault="healthy", seed=seed, model=MODEL, expected="(none fails)", caught=report.status == "passed",
+           status=report.status, failed=_failed(report))  # fmt: skip
+    assert report.status == "passed", report.reasons
+    assert {g.name for g in report.gates} >= set(TIERS["pipeline"].required_gates)
+
+
+@pytest.mark.parametrize("fault", TRAIN_FAULTS)
+def test_a_training_fault_is_caught_by_its_gate(fault, tmp_path, data_dir, record, monkeypatch):
+    monkeypatch.setenv(faults.ENV, fault)
+    gate = faults.FAULTS[fault][2]
+    report = _run("run", tmp_path / "run", [*_sets(data_dir), "gates.skip=[memory_efficiency]"])
+    failed = {g.name for g in report.gates if g.status == "failed"}
+    record(fault=fault, model=MODEL, expected=gate, caught=gate in failed, status=report.status,
+           failed=_failed(report))  # fmt: skip
+    assert report.faults == [fault] and report.status == "failed"
+    assert gate in failed, f"{fault} was not caught by {gate}; failed: {sorted(failed)}"
+
+
+@pytest.mark.parametrize("fault", SHIP_FAULTS)
+def test_a_shipping_fault_is_caught_by_its_gate_and_only_its_stage_onward_reruns(fault, healthy, tmp_path,
+                                                                                   data_dir, record, monkeypatch):  # fmt: skip
+    healthy_dir, _ = healthy
+    run_dir = tmp_path / "run"
+    shutil.copytree(healthy_dir, run_dir, symlinks=True)
+    monkeypatch.setenv(faults.ENV, fault)
+    gate, stage = faults.FAULTS[fault][2], faults.FAULTS[fault][0]
+    report = _run("pipeline", run_dir, _sets(data_dir, 0))
+    failed = {g.name for g in report.gates if g.status == "failed"}
+    record(fault=fault, model=MODEL, expected=gate, caught=gate in failed, status=report.status,
+           failed=_failed(report))  # fmt: skip
+    assert report.faults == [fault] and report.status == "failed"
+    assert gate in failed, f"{fault} was not caught by {gate}; failed: {sorted(failed)}"
+    order = [s.name for s in report.stages]
+    assert all(s.cached for s in report.stages[: order.index(stage)]), "upstream stages come from the cache"
+
+
+def test_a_full_disk_during_a_checkpoint_fails_clearly_and_keeps_the_previous_one(tmp_path, data_dir, record,
+                                                                                   monkeypatch):  # fmt: skip
+    from finetune.train.checkpoints import latest_checkpoint, restore_checkpoint
+
+    monkeypatch.setenv(faults.ENV, "disk_full_checkpoint")
+    run_dir = tmp_path / "run"
+    report = _run("run", run_dir, _sets(data_dir))
+    train = next(s for s in report.stages if s.name == "train")
+    caught = train.status == "failed" and "No space left on device" in (train.reason or "")
+    record(fault="disk_full_checkpoint", model=MODEL, expected="(stage error)", caught=caught, status=report.status,
+           failed=[f"train: {(train.reason or '')[:120]}"])  # fmt: skip
+    assert caught and "the previous checkpoint" in train.reason and "is intact" in train.reason
+    ckpt = latest_checkpoint(run_dir)
+    assert ckpt is not None and ckpt.name == "step-0000050" and not list(run_dir.glob("checkpoints/.*tmp"))
+    import mlx.optimizers as optim
+    from mlx_lm import load
+
+    from finetune.train.setup import prepare_model
+
+    model, _ = load(str(Path(report.stages[0].details["path"])))
+    prepare_model(model, load_config("quick", overrides=_sets(data_dir)))
+    assert restore_checkpoint(ckpt, model, optim.Adam(learning_rate=1e-3))["step"] == 50
