@@ -17,14 +17,12 @@ from typing import Any
 
 import numpy as np
 
-from finetune.data.prepare import prepare_for_run
+from finetune.data.prepare import prepare_for_run, read_report
 from finetune.evaluate.probes import (
     IN_MEMORY,
     PROBES,
     LearningMeasurement,
-    MemoryMeasurement,
     masked_rows,
-    prepare_report,
 )
 from finetune.system.atomic import atomic_write_json
 from finetune.system.jsonl import read_jsonl
@@ -32,6 +30,7 @@ from finetune.tiers.context import Deps
 from finetune.train.batches import TOKENS, load_split, record_tokens
 from finetune.train.engine import RESULT
 from finetune.train.memory import from_run_config
+from finetune.train.memprobe import MemoryMeasurement
 
 SMOLLM2_SHAPE = {
     "model_type": "llama", "hidden_size": 576, "num_hidden_layers": 30, "num_attention_heads": 9,
@@ -110,7 +109,7 @@ def fake_learning(run_dir, base, cfg, stops, **_):
 
 
 def fake_memory(run_dir, model_dir, model_config, cfg, *, available, **_):
-    full_cfg, data = cfg.model_copy(deep=True), prepare_report(run_dir)
+    full_cfg, data = cfg.model_copy(deep=True), read_report(Path(run_dir) / "data")
     full_cfg.training.fine_tune_type = "full"
     lora = from_run_config(model_config, cfg, data).total_bytes
     full = from_run_config(model_config, full_cfg, data).total_bytes

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import venv
@@ -14,11 +15,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_the_wheel_ships_the_profiles_and_its_cli_lists_them_outside_the_repo(tmp_path):
-    dist = tmp_path / "dist"
+    # from a copy: setuptools leaves build/ in the tree it builds, and a stale build/lib ships deleted modules
+    src, dist = tmp_path / "src", tmp_path / "dist"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".*", "build", "artifacts", "tests", "docs", "bench",
+                                                             "*.egg-info", "__pycache__"))  # fmt: skip
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist),
-                    str(ROOT)], check=True, capture_output=True, timeout=600)  # fmt: skip
+                    str(src)], check=True, capture_output=True, timeout=600)  # fmt: skip
     (wheel,) = dist.glob("finetune-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
+    modules = {p.relative_to(ROOT).as_posix() for p in (ROOT / "finetune").rglob("*.py")}
+    assert {n for n in names if n.endswith(".py")} == modules  # every module, and nothing deleted since
     assert {f"finetune/config/profiles/{p}.yaml" for p in [*list_profiles(), "base"]} <= set(names)
     assert "finetune/serve/ollama_sycl_stub.c" in names and "finetune/system/watchdog.py" in names
 

@@ -30,8 +30,7 @@ MAX_LISTED = 20  # cap on line numbers listed in reports and error messages
 
 @dataclass
 class PrepareReport:
-    source: str
-    out_dir: str
+    source: str  # relative to the report's folder when it lies inside it (a built-in set)
     template: str
     seed: int
     splits: tuple[float, float, float]
@@ -50,7 +49,7 @@ class PrepareReport:
     rows_without_trained_tokens: int | None = None
     trained_tokens: dict[str, float] | None = None
     notes: list[str] = field(default_factory=list)
-    files: dict[str, str] = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)  # relative to the report's folder, which may move
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -153,7 +152,7 @@ def prepare(
         start += counts[name]
         path = out / f"{name}.jsonl"
         atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for _, r in chunk))
-        files[name] = str(path)
+        files[name] = path.name
 
     notes = []
     truncated = untrained = None
@@ -179,9 +178,9 @@ def prepare(
     if any(ex.text is not None for ex, _ in rows):
         notes.append("text-shape rows are trained whole and have no prompt/reference for evaluation")
 
+    source = Path(loaded.source)
     report = PrepareReport(
-        source=loaded.source,
-        out_dir=str(out),
+        source=source.relative_to(out).as_posix() if source.is_relative_to(out) else loaded.source,
         template=tmpl.name,
         seed=seed,
         splits=tuple(splits),
@@ -203,7 +202,7 @@ def prepare(
         files=files,
     )
     report_path = out / "prepare_report.json"
-    report.files["report"] = str(report_path)
+    report.files["report"] = report_path.name
     atomic_write_text(report_path, json.dumps(report.to_dict(), indent=2, ensure_ascii=False) + "\n")
     return report
 
@@ -240,3 +239,11 @@ def prepare_for_run(data_cfg: Any, out_dir: Path, tokenizer: Any) -> PrepareRepo
         tokenizer=tokenizer,
         format=data_cfg.format,
     )
+
+
+def read_report(folder: Path) -> dict | None:
+    """A prepared folder's prepare_report.json, or None when it is missing or unreadable."""
+    try:
+        return json.loads((Path(folder) / "prepare_report.json").read_text())
+    except (OSError, ValueError):
+        return None

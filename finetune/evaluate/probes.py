@@ -4,7 +4,6 @@
   artifacts  run files present and parseable, the saved adapter loads, its answers vs the in-memory model's
   params     the saved adapter vs its saved step-0 state, base model files vs their recorded sha256
   mask       the tokens that carried loss in the recorded training rows, decoded, vs the answers
-  memory     LoRA vs full fine-tuning peaks, each in its own process (or the estimate, labelled so)
 
 The in-memory answers are recorded by record_in_memory() while training's model is still loaded.
 """
@@ -183,45 +182,3 @@ def masked_rows(run_dir: Path, tokenizer: Any, max_seq_length: int) -> list[Mask
         out.append(MaskedRow(rec["row"], [tokenizer.decode(r) for r in runs], answers, len(ids),
                              sum(mask[1:]), len(ids) >= max_seq_length))  # fmt: skip
     return out
-
-
-# ---------------------------------------------------------------- memory
-
-
-@dataclass
-class MemoryMeasurement:
-    lora_peak: int
-    full_peak: int
-    source: str  # "measured" or "estimated"
-    detail: str
-
-
-def prepare_report(run_dir: Path) -> dict | None:
-    try:
-        return json.loads((Path(run_dir) / "data" / "prepare_report.json").read_text())
-    except (OSError, ValueError):
-        return None
-
-
-FULL_FIT_MARGIN = 1.5  # measure full fine-tuning only when 1.5x its estimated peak is free
-
-
-def measure_memory(run_dir: Path, model_dir: Path, model_config: dict, cfg: Any, *, available: int | None,
-                   measure: Callable[..., dict] | None = None) -> MemoryMeasurement:  # fmt: skip
-    """LoRA vs full fine-tuning peaks for this run's model, batch and data, each in a fresh process."""
-    from finetune.train import memory
-    from finetune.train.memprobe import measure_in_subprocess
-
-    measure = measure or measure_in_subprocess
-    full_cfg, data = cfg.model_copy(deep=True), prepare_report(run_dir)
-    full_cfg.training.fine_tune_type = "full"
-    est_lora = memory.from_run_config(model_config, cfg, data).total_bytes
-    est_full = memory.from_run_config(model_config, full_cfg, data).total_bytes
-    if available is None or est_full * FULL_FIT_MARGIN > available:
-        have = "unknown" if available is None else f"{available / 2**30:.1f} GiB"
-        return MemoryMeasurement(est_lora, est_full, "estimated",
-                                 f"full fine-tuning needs ~{est_full / 2**30:.1f} GiB, {have} free: not run")  # fmt: skip
-    cfg_file, data = Path(run_dir) / "config.yaml", Path(run_dir) / "data"
-    peaks = {kind: measure(cfg_file, model_dir, data, kind)["peak_bytes"] for kind in ("lora", "full")}
-    return MemoryMeasurement(peaks["lora"], peaks["full"], "measured",
-                             f"estimates were {est_lora / 2**20:.0f} / {est_full / 2**20:.0f} MiB")  # fmt: skip

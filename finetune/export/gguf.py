@@ -23,6 +23,7 @@ from finetune import faults
 from finetune.errors import UserError
 from finetune.export.converter import fetch_converter
 from finetune.export.gguf_inspect import rewrite_string
+from finetune.system.procs import run_guarded
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 
@@ -151,7 +152,9 @@ def convert_hf_to_gguf(
     script = tree / "convert_hf_to_gguf.py"
     out_path.parent.mkdir(parents=True, exist_ok=True)
 
-    with tempfile.TemporaryDirectory(prefix=".convert-", dir=out_path.parent) as tmp:
+    with tempfile.TemporaryDirectory(
+        prefix=f".{out_path.name}.convert-", suffix=".tmp", dir=out_path.parent
+    ) as tmp:
         src = _overlay(hf_dir, Path(tmp), fix_gpt2_n_ctx=fix_gpt2_n_ctx, gpt2_output=gpt2_output)
         tmp_out = Path(tmp) / "out.gguf"
         env = {k: v for k, v in os.environ.items() if k != "NO_LOCAL_GGUF"}
@@ -175,7 +178,7 @@ def convert_hf_to_gguf(
             *(extra_args or []),
         ]
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=tmp)
+            proc = run_guarded(cmd, timeout=timeout, env=env, cwd=tmp, name="convert_hf_to_gguf")
         except subprocess.TimeoutExpired as exc:
             raise GGUFExportError(
                 f"convert_hf_to_gguf {hf_dir}: timed out after {timeout:.0f} s"

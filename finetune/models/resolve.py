@@ -132,7 +132,7 @@ def hub_download(repo_id: str, cache: Path) -> Path:
 def _from_hub(repo_id: str, root: Path, downloader: Downloader, env: Mapping[str, str]) -> Path:
     alternatives = (
         f"This machine cannot reach the Hub: use a packaged model ({', '.join(PACKAGED)}) in FT_TEST_MODEL / "
-        "model.name, or copy the model's folder here and pass its path."
+        "model.name, or copy the model's folder to this machine and pass that local folder's path."
     )
     if env.get("HF_HUB_OFFLINE") == "1":
         raise ModelUnavailable(f"cannot download {repo_id!r}: HF_HUB_OFFLINE=1. {alternatives}")

@@ -297,14 +297,15 @@ def _check_chunks(got: list[tuple[float, Any]]) -> Check:
     if not dones[-1]:
         return Check("stream_chunks", False, f"{len(got)} chunk(s) and none ended with done=True")
     pieces = sum(1 for _, c in got if _get(c, "response"))
-    generated = _get(
-        got[-1][1], "eval_count"
-    )  # tokens in the answer: a one-token answer streams as one piece
-    needed = 2 if generated is None or generated >= 2 else 1
+    generated = _get(got[-1][1], "eval_count")
+    # eval_count includes the end-of-generation token when done_reason is "stop" (Ollama's runner counts it
+    # before it stops); a one-token answer streams as one piece
+    text_tokens = None if generated is None else generated - (_get(got[-1][1], "done_reason") == "stop")
+    needed = 2 if text_tokens is None or text_tokens >= 2 else 1
     if pieces < needed:
         return Check(
             "stream_chunks", False,
-            f"{pieces} text chunk(s) for {generated} generated tokens: the answer did not arrive piece by piece",
+            f"{pieces} text chunk(s) for {text_tokens} answer tokens: the answer did not arrive piece by piece",
         )  # fmt: skip
     spread = got[-1][0] - got[0][0]
     return Check("stream_chunks", True, f"{pieces} text chunks over {spread:.2f} s, last done=True")

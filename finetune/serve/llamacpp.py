@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from finetune.system.procs import free_port, spawn_guarded, stop_group
+from finetune.system.procs import free_port, run_guarded
 
 Runner = Callable[..., subprocess.CompletedProcess]
 
@@ -40,25 +40,6 @@ class Generation:
 
 
 # --------------------------------------------------------------------------- parent side
-
-
-def run_guarded(
-    cmd: list[str], *, timeout: float, env: dict[str, str], **_: Any
-) -> subprocess.CompletedProcess:
-    """subprocess.run for the llama.cpp child, but guarded: it cannot outlive us, even on SIGKILL."""
-    proc = spawn_guarded(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                         stdin=subprocess.DEVNULL)  # fmt: skip
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        stop_group(proc, grace=2)
-        out, err = proc.communicate()
-        raise subprocess.TimeoutExpired(cmd, timeout, output=out, stderr=err) from None
-    except BaseException:
-        stop_group(proc, grace=2)
-        raise
-    stop_group(proc, grace=2)  # reaps the watchdog; the child itself has already exited
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def run_child(request: dict[str, Any], *, timeout: float = 180.0, runner: Runner = run_guarded) -> Any:

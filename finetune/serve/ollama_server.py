@@ -13,6 +13,7 @@ even when FineTune is killed. A port another process takes first is retried on a
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import re
@@ -25,8 +26,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from finetune.serve.ollama_provision import STAMP_NAME
-from finetune.system.procs import PID_DIR, free_port, spawn_guarded, stop_group
+from finetune.system.procs import PID_DIR, descendants, free_port, run_guarded, spawn_guarded, stop_group
 
 LOG_NAME = "ollama-serve.log"
 # The PyPI build (Intel's fork, see ollama_provision) defaults to 999 "GPU" layers and then builds graphs
@@ -161,14 +164,14 @@ class OllamaServer:
             code = self._proc.poll()
             if code is not None:
                 tail = self.log_tail()
-                if "address already in use" in self._log_since_start():
+                if "address already in use" in self._log_since_start().lower():
                     raise PortTaken(f"port {self.port} is taken: {self.binary} serve could not bind it")
                 raise OllamaServerError(
                     f"{self.binary} serve exited with code {code} before it was ready; "
                     f"end of {self.log_path}:\n{tail}"
                 )
             version = self._probe_version()
-            if version is not None and self._proc.poll() is None:
+            if version is not None and self._proc.poll() is None and self._listening():
                 return version
             if time.monotonic() > deadline:
                 raise OllamaServerError(
@@ -176,6 +179,16 @@ class OllamaServer:
                     f"{self.ready_timeout:g} s; end of {self.log_path}:\n{self.log_tail()}"
                 )
             time.sleep(0.1)
+
+    def _listening(self) -> bool:
+        """Our server (not another one that holds the port and answered the probe) listens on the port."""
+        assert self._proc is not None
+        for pid in (self._proc.pid, *descendants(self._proc.pid)):
+            with contextlib.suppress(psutil.Error):
+                for conn in psutil.Process(pid).net_connections(kind="tcp"):
+                    if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == self.port:
+                        return True
+        return False
 
     def _log_since_start(self) -> str:
         try:
@@ -226,15 +239,8 @@ class OllamaServer:
 
     def cli(self, args: Sequence[str], *, timeout: float = 600.0) -> subprocess.CompletedProcess:
         """Run `ollama ARGS` against this server; output has the CLI's spinner escapes removed."""
-        proc = subprocess.run(
-            [str(self.binary), *args],
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            env=self.env,
-            cwd=self.run_dir,
-            timeout=timeout,
-        )
+        proc = run_guarded([str(self.binary), *args], timeout=timeout, env=self.env, cwd=self.run_dir,
+                           name="ollama-cli")  # fmt: skip
         proc.stdout, proc.stderr = _clean(proc.stdout), _clean(proc.stderr)
         return proc
 

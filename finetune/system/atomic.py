@@ -63,3 +63,28 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+# What the writers above (and tempfile users that follow the same naming) leave behind if killed mid-write.
+STALE_PATTERNS = (".*.tmp", ".*.tmp-*", ".*.old")
+
+
+def remove_stale_temporaries(root: str | Path) -> list[tuple[Path, int]]:
+    """Delete half-written files/folders a killed writer left under root; (path, bytes) of each.
+
+    Call only while no writer can be running there (a run directory's lock is held)."""
+    found = sorted(
+        {p for pattern in STALE_PATTERNS for p in Path(root).rglob(pattern)}, key=lambda p: len(p.parts)
+    )
+    removed: list[tuple[Path, int]] = []
+    for path in found:
+        if any(path.is_relative_to(r) for r, _ in removed) or not (path.exists() or path.is_symlink()):
+            continue
+        files = [path] if not path.is_dir() else [f for f in path.rglob("*") if f.is_file()]
+        size = sum(f.lstat().st_size for f in files if not f.is_symlink())
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append((path, size))
+    return removed

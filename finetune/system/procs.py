@@ -67,6 +67,25 @@ def spawn_guarded(cmd: Sequence[str], *, pid_dir: Path | None = None, name: str 
     return proc
 
 
+def run_guarded(cmd: Sequence[str], *, timeout: float, pid_dir: Path | None = None, name: str = "child",
+                **popen: Any) -> subprocess.CompletedProcess:  # fmt: skip
+    """subprocess.run(capture_output=True, text=True), but the child cannot outlive us, even on SIGKILL."""
+    popen = {k: v for k, v in popen.items() if k not in ("capture_output", "text")}
+    proc = spawn_guarded(cmd, pid_dir=pid_dir, name=name, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, stdin=subprocess.DEVNULL, **popen)  # fmt: skip
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        stop_group(proc, grace=2)
+        out, err = proc.communicate()
+        raise subprocess.TimeoutExpired(list(cmd), timeout, output=out, stderr=err) from None
+    except BaseException:
+        stop_group(proc, grace=2)
+        raise
+    stop_group(proc, grace=2)  # reaps the watchdog and drops the pid file; the child itself has exited
+    return subprocess.CompletedProcess(list(cmd), proc.returncode, out, err)
+
+
 def stop_group(proc: subprocess.Popen, *, grace: float = 10.0) -> None:
     """SIGTERM the child's process group (and any descendant that left it), SIGKILL after `grace` seconds."""
     family = descendants(proc.pid)

@@ -35,8 +35,6 @@ class StageResult:
     artifacts: list[Artifact] = field(default_factory=list)
     details: dict[str, Any] = field(default_factory=dict)
     verdicts: list[Verdict] = field(default_factory=list)
-    expected: dict[str, float] = field(default_factory=dict)  # stage -> usual seconds (history), for the ETA
-    heartbeat_s: float = 15.0  # 0: no progress lines (--quiet)
     status: str = "passed"  # or "skipped" (e.g. no Ollama here), with reason
     reason: str | None = None
     cache: bool = True  # False: decide again next run (a skip for lack of a runtime may not hold next time)

@@ -35,6 +35,7 @@ def real_deps() -> Deps:
     from finetune.models.tokenizer import load_tokenizer
     from finetune.serve import deploy, ollama_provision, ollama_server
     from finetune.system import doctor, resources
+    from finetune.train import memprobe
     from finetune.train.memory import from_run_config
 
     return Deps(
@@ -44,7 +45,7 @@ def real_deps() -> Deps:
         estimate=lambda cfg, model_config, data: from_run_config(model_config, cfg, data),
         train=_train,
         measure_learning=probes.measure_learning,
-        measure_memory=probes.measure_memory,
+        measure_memory=memprobe.measure_memory,
         masked_rows=probes.masked_rows,
         fuse=lambda base, adapter, out: fuse.fuse(base, adapter, out, dequantize=True, dtype=FUSE_DTYPE),
         measure_fuse=fuse_check.measure_fuse,

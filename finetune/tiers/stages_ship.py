@@ -180,7 +180,10 @@ def stage_evaluate(ctx: Ctx) -> StageResult:
     path = ctx.run_dir / "eval" / "results.json"
     atomic_write_json(path, results)
     details = {"runtimes": m.runtimes, "scores": results["scores"]}
-    return StageResult({"scores": results["scores"]}, [artifact("eval_results", path)], details, verdicts)
+    # a runtime that crashed (e.g. its server died) fails its gates now, but is asked again on the next run
+    crashed = any(r.get("status") == "failed" for r in m.runtimes.values())
+    return StageResult({"scores": results["scores"]}, [artifact("eval_results", path)], details, verdicts,
+                       cache=not crashed)  # fmt: skip
 
 
 def evaluate_inputs(ctx: Ctx) -> dict[str, Any]:

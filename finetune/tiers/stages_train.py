@@ -16,7 +16,7 @@ from finetune.gates import training as gates
 from finetune.gates.registry import GATES
 from finetune.gates.verdict import Verdict, judged, skipped
 from finetune.report.artifacts import artifact
-from finetune.system.atomic import atomic_dir
+from finetune.system.atomic import atomic_dir, atomic_write_text
 from finetune.system.hashing import json_sha256
 from finetune.tiers.context import Ctx, Stage, StageError, StageResult
 from finetune.tiers.runner import code_version
@@ -65,9 +65,9 @@ def stage_data(ctx: Ctx) -> StageResult:
 
 
 def stage_estimate(ctx: Ctx) -> StageResult:
-    from finetune.evaluate.probes import prepare_report
+    from finetune.data.prepare import read_report
 
-    est = ctx.deps.estimate(ctx.cfg, ctx.outputs["model"]["config"], prepare_report(ctx.run_dir))
+    est = ctx.deps.estimate(ctx.cfg, ctx.outputs["model"]["config"], read_report(ctx.run_dir / "data"))
     return StageResult({"total_bytes": est.total_bytes}, details={"estimate": est.to_dict()})
 
 
@@ -108,7 +108,7 @@ def stage_train(ctx: Ctx) -> StageResult:
     )
     if not resume:
         _clear(run_dir)
-    marker.write_text(key + "\n")
+    atomic_write_text(marker, key + "\n")
     model_path, data_dir = Path(ctx.outputs["model"]["path"]), Path(ctx.outputs["data"]["data_dir"])
     hook = None
     if ctx.wants("artifacts"):

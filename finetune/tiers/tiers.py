@@ -26,6 +26,7 @@ from finetune.gates.verdict import Verdict, skipped
 from finetune.report.models import GateReport, OllamaReport, RunReport, write_report
 from finetune.report.summary import render_summary
 from finetune.system import procs, signals
+from finetune.system.atomic import remove_stale_temporaries
 from finetune.system.lock import run_dir_lock
 from finetune.tiers.context import Ctx, Deps, Stage
 from finetune.tiers.ollama_session import OllamaSession
@@ -81,6 +82,10 @@ def run_tier(tier: Tier, cfg: RunConfig, run_dir: Path, deps: Deps, *, log: Call
         for stale in procs_dirs(run_dir):
             for record in procs.sweep(stale):
                 log(f"stopped {record['name']} (pid {record['pid']}) left running by an earlier command")
+        for path, size in remove_stale_temporaries(run_dir):
+            log(
+                f"removed {path.relative_to(run_dir)} ({size} bytes), left half-written by an interrupted command"
+            )
         for name in force:
             record_path(run_dir, name).unlink(missing_ok=True)
         started, tic = datetime.now(UTC), time.perf_counter()

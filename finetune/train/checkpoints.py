@@ -84,8 +84,8 @@ def _load(path: Path) -> dict[str, Any]:
         return mx.load(str(path))
     except Exception as exc:  # MLX raises plain RuntimeError/ValueError for a damaged file
         raise CheckpointError(
-            f"{path} is damaged or not a safetensors file ({exc}); delete its folder to resume from the "
-            "previous checkpoint, or start over without --resume"
+            f"{path} is damaged or not a safetensors file ({exc}); delete {path.parent} to resume from the "
+            f"previous checkpoint (or {path.parent.parent} to train from the start)"
         ) from exc
 
 

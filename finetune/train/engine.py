@@ -35,14 +35,9 @@ from finetune.train.checkpoints import (
 )
 from finetune.train.metrics import METRICS, truncate_metrics
 from finetune.train.setup import make_optimizer, prepare_model
+from finetune.train.shortcut_plan import enabled_shortcuts
 
 RESULT = "train_result.json"
-
-
-def enabled_shortcuts(cfg: RunConfig) -> list[str]:
-    t = cfg.training
-    return [name for name, on in (("prefix", t.cache_frozen_prefix), ("loss_positions", t.loss_positions_only),
-                                  ("trim", t.trim_batches)) if on]  # fmt: skip
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Measure MLX's peak training memory for one configuration, in its own process.
+"""Measure MLX's peak training memory for one configuration, in its own process, and LoRA vs full
+fine-tuning for a run (or the estimate, labelled so, when full fine-tuning would not fit).
 
 Peaks must not leak between LoRA and full fine-tuning, so each measurement is a fresh
 `python -m finetune.train.memprobe ...` whose last stdout line is JSON.
@@ -8,11 +9,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import finetune  # noqa: F401  (loads the fast BLAS before mlx)
+from finetune.system.procs import run_guarded
 
 
 def measure(cfg_path: Path, model_path: Path, data_dir: Path, fine_tune_type: str, steps: int = 3) -> dict:
@@ -24,8 +28,8 @@ def measure(cfg_path: Path, model_path: Path, data_dir: Path, fine_tune_type: st
     from finetune.config.loader import load_file
     from finetune.train import shortcuts
     from finetune.train.batches import load_split
-    from finetune.train.engine import enabled_shortcuts
     from finetune.train.setup import make_optimizer, prepare_model
+    from finetune.train.shortcut_plan import enabled_shortcuts
 
     cfg = load_file(cfg_path)
     cfg.training.fine_tune_type = fine_tune_type
@@ -66,12 +70,44 @@ def measure_in_subprocess(cfg_path: Path, model_path: Path, data_dir: Path, fine
                           timeout: float = 600) -> dict:  # fmt: skip
     cmd = [sys.executable, "-m", "finetune.train.memprobe", "--config", str(cfg_path), "--model", str(model_path),
            "--data", str(data_dir), "--type", fine_tune_type, "--steps", str(steps)]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    proc = run_guarded(cmd, timeout=timeout, name="memprobe")  # a SIGKILLed parent must not leave it training
     if proc.returncode != 0:
         raise RuntimeError(
             f"memory probe ({fine_tune_type}) failed with exit {proc.returncode}: {proc.stderr[-2000:]}"
         )
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@dataclass
+class MemoryMeasurement:
+    lora_peak: int
+    full_peak: int
+    source: str  # "measured" or "estimated"
+    detail: str
+
+
+FULL_FIT_MARGIN = 1.5  # measure full fine-tuning only when 1.5x its estimated peak is free
+
+
+def measure_memory(run_dir: Path, model_dir: Path, model_config: dict, cfg: Any, *, available: int | None,
+                   measure: Callable[..., dict] | None = None) -> MemoryMeasurement:  # fmt: skip
+    """LoRA vs full fine-tuning peaks for this run's model, batch and data, each in a fresh process."""
+    from finetune.data.prepare import read_report
+    from finetune.train import memory
+
+    measure = measure or measure_in_subprocess
+    full_cfg, data = cfg.model_copy(deep=True), read_report(Path(run_dir) / "data")
+    full_cfg.training.fine_tune_type = "full"
+    est_lora = memory.from_run_config(model_config, cfg, data).total_bytes
+    est_full = memory.from_run_config(model_config, full_cfg, data).total_bytes
+    if available is None or est_full * FULL_FIT_MARGIN > available:
+        have = "unknown" if available is None else f"{available / 2**30:.1f} GiB"
+        return MemoryMeasurement(est_lora, est_full, "estimated",
+                                 f"full fine-tuning needs ~{est_full / 2**30:.1f} GiB, {have} free: not run")  # fmt: skip
+    cfg_file, data = Path(run_dir) / "config.yaml", Path(run_dir) / "data"
+    peaks = {kind: measure(cfg_file, model_dir, data, kind)["peak_bytes"] for kind in ("lora", "full")}
+    return MemoryMeasurement(peaks["lora"], peaks["full"], "measured",
+                             f"estimates were {est_lora / 2**20:.0f} / {est_full / 2**20:.0f} MiB")  # fmt: skip
 
 
 def main(argv=None) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -17,6 +18,12 @@ from mlx.utils import tree_flatten
 
 from finetune.train.arch import Arch, arch_logits, arch_of, run_blocks
 from finetune.train.batches import PAD_TO
+
+
+def enabled_shortcuts(cfg: Any) -> list[str]:
+    t = cfg.training
+    return [name for name, on in (("prefix", t.cache_frozen_prefix), ("loss_positions", t.loss_positions_only),
+                                  ("trim", t.trim_batches)) if on]  # fmt: skip
 
 
 @dataclass

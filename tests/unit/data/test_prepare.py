@@ -41,7 +41,7 @@ def test_prepare_writes_splits_with_spans_and_report(tmp_path):
     seen = []
     for split, count in report.split_counts.items():
         lines = read_jsonl(tmp_path / "out" / f"{split}.jsonl")
-        assert len(lines) == count and report.files[split] == str(tmp_path / "out" / f"{split}.jsonl")
+        assert len(lines) == count and report.files[split] == f"{split}.jsonl"
         for row in lines:
             assert list(row) == ["text", "train_spans", "prompt", "reference", "conversation"]
             ((s, e),) = row["train_spans"]
@@ -54,7 +54,9 @@ def test_prepare_writes_splits_with_spans_and_report(tmp_path):
     on_disk = json.loads((tmp_path / "out" / "prepare_report.json").read_text())
     assert on_disk == json.loads(json.dumps(report.to_dict()))
     assert on_disk["rejected"] == [{"line": 23, "unit": "line", "reason": "missing field 'output'"}]
-    assert on_disk["files"]["report"] == str(tmp_path / "out" / "prepare_report.json")
+    assert (
+        on_disk["files"]["report"] == "prepare_report.json"
+    )  # relative: the folder may move (atomic_dir does)
 
 
 def test_prepare_is_deterministic_per_seed(tmp_path):
@@ -215,7 +217,11 @@ def test_prepare_for_run_follows_the_data_section(tmp_path, toy_tokenizer):
     report = prepare_for_run(data, tmp_path, toy_tokenizer)
     assert report.template == "chatml" and report.seed == 3 and report.max_seq_length == 48
     assert report.split_counts == {"train": 12, "valid": 4, "test": 4} and report.length_unit == "tokens"
-    assert report.source == str(tmp_path / "source.jsonl") and (tmp_path / "heldout.jsonl").is_file()
+    assert (
+        report.source == "source.jsonl"
+        and (tmp_path / "source.jsonl").is_file()
+        and (tmp_path / "heldout.jsonl").is_file()
+    )
     again = prepare_for_run(data, tmp_path / "again", toy_tokenizer)
     assert again.split_counts == report.split_counts
     assert (tmp_path / "train.jsonl").read_bytes() == (tmp_path / "again" / "train.jsonl").read_bytes()

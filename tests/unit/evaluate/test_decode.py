@@ -59,10 +59,11 @@ def test_greedy_answers_are_decoded_and_bounded(tiny_model):
 
 def test_greedy_cuts_the_text_at_a_stop_string(tiny_model):
     model, tok = tiny_model
-    free = decode.greedy(model, tok, PROMPTS[:1], max_tokens=8)[0]
-    assert len(free.text) >= 3, free
+    # random weights: some prompts only get newlines (stripped to ""); take one with visible text
+    prompt, free = next((p, a) for p, a in zip(PROMPTS, decode.greedy(model, tok, PROMPTS, max_tokens=8),
+                                              strict=True) if len(a.text) >= 3)  # fmt: skip
     stop = free.text[2:4]
-    cut = decode.greedy(model, tok, PROMPTS[:1], max_tokens=8, stops=[stop])[0]
+    cut = decode.greedy(model, tok, [prompt], max_tokens=8, stops=[stop])[0]
     assert cut.finish_reason == "stop" and stop not in cut.text and free.text.startswith(cut.text)
     assert cut.tokens == free.tokens  # the tokens are what was generated; only the text is cut
 

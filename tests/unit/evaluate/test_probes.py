@@ -193,57 +193,6 @@ def test_masked_rows_without_a_recording_is_an_error(tmp_path, toy_tokenizer):
         probes.masked_rows(tmp_path, toy_tokenizer, 64)
 
 
-# ---------------------------------------------------------------- memory
-
-
-MODEL_CONFIG = {"model_type": "llama", "hidden_size": 576, "num_hidden_layers": 30, "num_attention_heads": 9,
-                "num_key_value_heads": 3, "intermediate_size": 1536, "vocab_size": 49152,
-                "tie_word_embeddings": True, "torch_dtype": "float32"}  # fmt: skip
-
-
-def _estimates(cfg):
-    from finetune.train import memory
-
-    full = cfg.model_copy(deep=True)
-    full.training.fine_tune_type = "full"
-    return memory.from_run_config(MODEL_CONFIG, cfg).total_bytes, memory.from_run_config(
-        MODEL_CONFIG, full
-    ).total_bytes
-
-
-def test_memory_is_estimated_and_labelled_when_full_fine_tuning_would_not_fit(tmp_path):
-    from finetune.config.loader import load_config
-
-    cfg = load_config("quick")
-    lora, full = _estimates(cfg)
-    calls = []
-    for available in (None, int(full * 1.2)):
-        m = probes.measure_memory(tmp_path, tmp_path, MODEL_CONFIG, cfg, available=available,
-                                  measure=lambda *a: calls.append(a))  # fmt: skip
-        assert (m.lora_peak, m.full_peak, m.source) == (lora, full, "estimated") and "not run" in m.detail
-    assert calls == []
-    assert lora < full
-
-
-def test_memory_is_measured_in_separate_processes_when_it_fits(tmp_path):
-    from finetune.config.loader import load_config
-
-    cfg = load_config("quick")
-    _, full = _estimates(cfg)
-    calls = []
-
-    def measure(cfg_file, model_dir, data_dir, kind):
-        calls.append((cfg_file, model_dir, data_dir, kind))
-        return {"peak_bytes": {"lora": 300 << 20, "full": 900 << 20}[kind]}
-
-    m = probes.measure_memory(tmp_path / "run", tmp_path / "model", MODEL_CONFIG, cfg, available=full * 2,
-                              measure=measure)  # fmt: skip
-    assert (m.lora_peak, m.full_peak, m.source) == (300 << 20, 900 << 20, "measured")
-    run = tmp_path / "run"
-    assert calls == [(run / "config.yaml", tmp_path / "model", run / "data", k) for k in ("lora", "full")]
-    assert cfg.training.fine_tune_type == "lora"  # the run's config was not changed
-
-
 # ---------------------------------------------------------------- learning
 
 

@@ -8,7 +8,14 @@ import pytest
 
 from finetune.models.cache import MARKER
 from finetune.models.resolve import missing_files, resolve_model
-from finetune.models.tiny import TINY, TINY_CONFIG, TINY_SEED, tiny_llama_dirname, tiny_llama_weights
+from finetune.models.tiny import (
+    EMBED_STD,
+    TINY,
+    TINY_CONFIG,
+    TINY_SEED,
+    tiny_llama_dirname,
+    tiny_llama_weights,
+)
 
 
 def test_tiny_llama_is_a_complete_folder(tiny):
@@ -63,9 +70,12 @@ def test_weights_match_mlx_lm_llama_exactly(overrides):
     assert all(v.dtype == np.float32 for v in weights.values())
     assert ("lm_head.weight" in weights) == (not cfg["tie_word_embeddings"])
     assert np.all(weights["model.norm.weight"] == 1.0)
-    assert abs(weights["model.embed_tokens.weight"].std() - cfg["initializer_range"]) < 0.002
-    wider = tiny_llama_weights({**cfg, "initializer_range": 0.1}, seed=2)["model.embed_tokens.weight"]
-    assert abs(wider.std() - 0.1) < 0.01
+    assert abs(weights["model.layers.0.mlp.up_proj.weight"].std() - cfg["initializer_range"]) < 0.01
+    # the tied embedding is also the LM head: its own std (see EMBED_STD), whatever initializer_range says
+    assert abs(weights["model.embed_tokens.weight"].std() - EMBED_STD) < 0.02
+    wider = tiny_llama_weights({**cfg, "initializer_range": 0.2}, seed=2)
+    assert abs(wider["model.layers.0.mlp.up_proj.weight"].std() - 0.2) < 0.01
+    assert abs(wider["model.embed_tokens.weight"].std() - EMBED_STD) < 0.02
 
 
 def test_tiny_llama_loads_and_trains_in_mlx(tiny):
@@ -91,5 +101,5 @@ def test_tiny_llama_loads_and_trains_in_mlx(tiny):
         opt.update(model, grads)
         mx.eval(model.parameters(), opt.state, loss)
         losses.append(loss.item())
-    assert 9.0 < losses[0] < 12.0  # ~ln(49152): random weights, real vocab
+    assert losses[0] > 9.0  # at least ~ln(49152): random weights over the real vocab (std-1 rows: sharper)
     assert losses[-1] < losses[0]

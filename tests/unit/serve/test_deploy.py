@@ -11,7 +11,15 @@ from typing import Any
 import ollama
 import pytest
 
-from finetune.serve.deploy import BAD_OPTIONS, UNKNOWN_MODEL, Check, deploy, served_checks, shown_parameters
+from finetune.serve.deploy import (
+    BAD_OPTIONS,
+    UNKNOWN_MODEL,
+    Check,
+    _check_chunks,
+    deploy,
+    served_checks,
+    shown_parameters,
+)
 from finetune.serve.modelfile import chat_format, parse_modelfile, render_modelfile
 from finetune.serve.ollama_server import OllamaServer
 from tests.conftest import SERVED_CHECK_NAMES, RealOllama
@@ -378,3 +386,13 @@ def test_real_server_deploy_and_served_checks(real_ollama: RealOllama, tmp_path:
             server.client(timeout=60), "ft-smol", "What is the capital of France?", timeout=60
         )
         assert all(c.passed for c in checks), checks
+
+
+@pytest.mark.parametrize(("eval_count", "done_reason", "passed"), [(2, "stop", True), (1, "length", True),
+                                                                   (3, "stop", False), (2, "length", False)])  # fmt: skip
+def test_a_one_token_answer_may_stream_as_one_chunk_and_the_end_token_is_not_counted(eval_count, done_reason,
+                                                                                     passed):  # fmt: skip
+    # Ollama's eval_count includes the end-of-generation token when it stopped on it
+    chunk = {"response": "Yes", "done": True, "eval_count": eval_count, "done_reason": done_reason}
+    check = _check_chunks([(0.0, chunk)])
+    assert check.passed is passed, check.detail

@@ -168,6 +168,14 @@ def test_a_taken_port_is_retried_on_a_new_port(tmp_path: Path, fake: Path) -> No
         assert server.host == hosts[1] and server.version == "0.0.1-fake"
 
 
+def test_a_port_held_by_another_server_is_never_mistaken_for_ours(tmp_path: Path, fake: Path) -> None:
+    # the other server answers /api/version on that port first; only our own listening socket counts
+    with OllamaServer(fake, tmp_path / "other", ready_timeout=20) as other:  # noqa: SIM117 (the inner one needs other.port)
+        with OllamaServer(fake, tmp_path / "ours", port=other.port, ready_timeout=20) as ours:
+            assert ours.port != other.port and ours._listening()
+            assert json.loads((tmp_path / "ours" / "env.json").read_text())["OLLAMA_HOST"] == ours.host
+
+
 def test_a_port_that_stays_taken_gives_up_after_a_few_ports(tmp_path: Path) -> None:
     binary = _script(tmp_path, "taken", PORT_TAKEN)
     server = OllamaServer(binary, tmp_path / "run", ready_timeout=20)

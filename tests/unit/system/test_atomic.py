@@ -6,7 +6,13 @@ import stat
 
 import pytest
 
-from finetune.system.atomic import atomic_dir, atomic_write_bytes, atomic_write_json, atomic_write_text
+from finetune.system.atomic import (
+    atomic_dir,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    remove_stale_temporaries,
+)
 
 
 def umask() -> int:
@@ -69,3 +75,24 @@ def test_keyboard_interrupt_inside_atomic_dir_cleans_up(tmp_path):
         (tmp / "part").write_text("x")
         raise KeyboardInterrupt
     assert os.listdir(tmp_path) == []
+
+
+def test_stale_temporaries_of_killed_writers_are_removed_and_nothing_else(tmp_path):
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / ".adapters.safetensors.ab12.tmp").write_bytes(b"x" * 10)
+    half_dir = tmp_path / ".checkpoints.cd34.tmp"
+    (half_dir / "inner").mkdir(parents=True)
+    (half_dir / "inner" / "w.safetensors").write_bytes(b"y" * 7)
+    (half_dir / "inner" / ".nested.tmp").write_bytes(b"z")  # inside a removed folder: counted once
+    (tmp_path / ".fused.old").mkdir()
+    keep = [tmp_path / "adapter" / "adapters.safetensors", tmp_path / "notes.tmp", tmp_path / ".hidden"]
+    for path in keep:
+        path.write_bytes(b"k")
+    removed = {p.relative_to(tmp_path).as_posix(): size for p, size in remove_stale_temporaries(tmp_path)}
+    assert removed == {
+        ".checkpoints.cd34.tmp": 8,
+        ".fused.old": 0,
+        "adapter/.adapters.safetensors.ab12.tmp": 10,
+    }
+    assert all(p.exists() for p in keep) and not half_dir.exists()
+    assert remove_stale_temporaries(tmp_path) == []

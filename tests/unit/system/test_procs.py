@@ -56,6 +56,30 @@ def test_stop_group_stops_the_child_and_its_grandchildren_and_removes_the_pid_fi
     assert _wait_gone(family) == [] and procs.recorded(tmp_path) == []
 
 
+def test_run_guarded_returns_the_output_and_leaves_no_pid_file(tmp_path):
+    cmd = [sys.executable, "-c", "import sys; print('out'); print('err', file=sys.stderr); sys.exit(3)"]
+    done = procs.run_guarded(cmd, timeout=30, pid_dir=tmp_path, name="echo", capture_output=True, text=True)
+    assert (done.returncode, done.stdout, done.stderr) == (3, "out\n", "err\n")
+    assert procs.recorded(tmp_path) == []
+
+
+def test_run_guarded_timeout_stops_the_child_and_its_grandchildren(tmp_path):
+    pids = tmp_path / "pids"
+    cmd = [sys.executable, "-c", "import os, subprocess, sys, time; "
+           "g = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
+           f"open({str(pids)!r}, 'w').write(f'{{os.getpid()}} {{g.pid}}'); time.sleep(120)"]  # fmt: skip
+    t0 = time.monotonic()
+    try:
+        procs.run_guarded(cmd, timeout=3, pid_dir=tmp_path, name="sleeper")
+    except subprocess.TimeoutExpired as exc:
+        assert exc.timeout == 3
+    else:
+        raise AssertionError("the sleeper finished before its timeout")
+    assert time.monotonic() - t0 < 10
+    family = [int(p) for p in pids.read_text().split()]
+    assert len(family) == 2 and _wait_gone(family) == [] and procs.recorded(tmp_path) == []
+
+
 def test_children_die_when_their_parent_is_killed_with_sigkill(tmp_path):
     """A parent (standing in for finetune) starts a guarded server and is SIGKILLed: nothing survives it."""
     script = tmp_path / "parent.py"

@@ -75,7 +75,7 @@ class World:
         self.gguf_problems, self.fuse_dtype = [], "F32"
         self.ollama_binary: Path | None = root / "bin" / "ollama"
         self.server_fails, self.llamacpp = False, None
-        self.answers_right, self.eval_error = True, None
+        self.answers_right, self.eval_error, self.runner_crashes = True, None, False
         self.environ: dict[str, str] = {}
         self.eval_inputs = []
 
@@ -123,6 +123,8 @@ class World:
 
     def ollama_answers(self, client, name, prompts, max_tokens):
         assert name in client.server.models  # the model exists when evaluation asks it
+        if self.runner_crashes:
+            raise RuntimeError("llama runner process has terminated: signal: killed (status code: 500)")
         return [Answer(p.reference, "stop", None, None) for p in prompts]
 
     def evaluate(self, inputs, log):
@@ -151,7 +153,10 @@ class World:
         else:
             m.runtimes["llamacpp"] = {"status": "skipped", "reason": inputs.llamacpp_reason}
         if inputs.ollama is not None:
-            m.answers["ollama"], m.runtimes["ollama"] = inputs.ollama(prompts, 8), {"status": "passed"}
+            try:
+                m.answers["ollama"], m.runtimes["ollama"] = inputs.ollama(prompts, 8), {"status": "passed"}
+            except RuntimeError as exc:  # like evaluation._timed: one runtime failing is a gate failure
+                m.runtimes["ollama"] = {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"}
         else:
             m.runtimes["ollama"] = {"status": "skipped", "reason": inputs.ollama_reason}
         return m

@@ -28,3 +28,19 @@ def test_a_modelfile_without_stops_is_served_but_fails_served_template(tmp_path,
     g = next(g for g in result.report.gates if g.name == "served_template")
     assert g.status == "failed" and "lack ['<|im_end|>', '<|im_start|>']" in g.detail
     assert next(s for s in result.report.stages if s.name == "ollama").status == "passed"
+
+
+def test_a_runtime_that_crashed_fails_its_gate_and_is_asked_again_on_the_next_run(tmp_path, toy_tokenizer):
+    world = World(tmp_path, toy_tokenizer)
+    world.runner_crashes = True
+    first = _run(world)
+    g = next(g for g in first.report.gates if g.name == "output_parity")
+    assert (
+        first.report.status == "failed"
+        and g.status == "failed"
+        and "runner process has terminated" in g.detail
+    )
+    world.runner_crashes = False
+    second = _run(world)
+    assert world.calls.count("evaluate") == 2 and second.report.status == "passed", second.report.reasons
+    assert next(s for s in second.report.stages if s.name == "fuse").cached

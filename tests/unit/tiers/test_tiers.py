@@ -30,3 +30,17 @@ def test_a_run_stops_servers_an_earlier_crashed_command_recorded(tmp_path, toy_t
     run_tier(TIERS["train"], cfg, run, fake_deps(toy_tokenizer, tmp_path / "m"), log=lines.append)
     assert stale.wait(timeout=15) is not None
     assert any(f"stopped ollama-serve (pid {stale.pid})" in line for line in lines)
+
+
+def test_a_run_removes_what_a_killed_writer_left_half_written(tmp_path, toy_tokenizer):
+    run = tmp_path / "run"
+    cfg = own_config(run, load_config("quick"))
+    (run / "checkpoints" / ".step-0000010.x1y2.tmp").mkdir(parents=True)
+    (run / "checkpoints" / ".step-0000010.x1y2.tmp" / "adapters.safetensors").write_bytes(b"half" * 8)
+    lines = []
+    run_tier(TIERS["train"], cfg, run, fake_deps(toy_tokenizer, tmp_path / "m"), log=lines.append)
+    assert not list(run.rglob("*.tmp"))
+    assert (
+        "removed checkpoints/.step-0000010.x1y2.tmp (32 bytes), left half-written by an interrupted command"
+        in lines
+    )

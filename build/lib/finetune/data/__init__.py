@@ -1,1 +1,0 @@
-"""Stage 2, data: read datasets, normalize records, render chat templates, tokenize with loss masks, split."""

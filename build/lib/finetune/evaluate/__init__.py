@@ -1,1 +1,0 @@
-"""Stage 7, evaluation: the same greedy probes through every runtime, and the measurements the gates judge."""

@@ -1,1 +1,0 @@
-"""Stage 5, export: fuse the adapter into a full-precision HF folder and write GGUF."""

@@ -1,1 +1,0 @@
-"""Stage 6, serving: the runtimes that ship the GGUF (Ollama: provision, serve, deploy; llama.cpp)."""
