@@ -7,7 +7,7 @@ STAMP := $(VENV)/.finetune-setup
 UNAME := $(shell uname -s)
 PYTEST := $(BIN)/python -m pytest
 
-.PHONY: setup system-deps test test-unit test-e2e-workflow test-e2e-real-model test-e2e-mlx test-e2e-ollama \
+.PHONY: setup system-deps browser test test-unit test-e2e-workflow test-e2e-real-model test-e2e-mlx test-e2e-ollama \
         test-e2e-quick test-e2e-all test-faults test-chaos run lint bench ollama clean
 
 setup: $(STAMP)
@@ -24,6 +24,10 @@ $(STAMP): pyproject.toml scripts/system-deps.sh
 
 system-deps:
 	@bash scripts/system-deps.sh
+
+# Debian's Chromium for the report.html browser test (skipped, with its reason, where none is installed).
+browser:
+	@bash scripts/chromium.sh
 
 # What CI runs first: unit tests + tier 1 + the README's and CI files' promises.
 test: setup

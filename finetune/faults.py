@@ -45,6 +45,11 @@ FAULTS: dict[str, tuple[str, str, str]] = {
 }
 
 
+# Faults that only make a write fail: what was saved before them is exactly a healthy run's, so a healthy
+# rerun may resume from it (a disk that filled up, then freed).
+WRITE_ONLY = frozenset({"disk_full_checkpoint"})
+
+
 def injected(env: Mapping[str, str] | None = None) -> list[str]:
     """The active faults; an unknown name is an error (a typo must not make a fault suite pass)."""
     raw = (os.environ if env is None else env).get(ENV, "")

@@ -66,7 +66,7 @@ def test_the_workflow_runs_each_tier_on_its_event():
     jobs = wf["jobs"]
     runs = {name: " && ".join(s["run"] for s in steps(job) if "run" in s) for name, job in jobs.items()}
     assert jobs["test"]["runs-on"] == "ubuntu-latest" and "push" in jobs["test"]["if"]
-    assert runs["test"] == "make test"
+    assert runs["test"] == "make browser && make test"
     pr = jobs["real-model"]
     assert pr["runs-on"] == "macos-latest" and "pull_request" in pr["if"]
     assert runs["real-model"] == "FT_REAL_MODEL_ENABLE=1 make test-e2e-real-model"
@@ -75,6 +75,8 @@ def test_the_workflow_runs_each_tier_on_its_event():
         "refs/heads/main" in release["if"] and "refs/tags/v" in release["if"] and release["needs"] == "test"
     )
     assert runs["release"] == "make ollama && make test-e2e-all"
+    assert runs["reliability"] == "make ollama && make test-faults && make test-chaos"
+    assert jobs["reliability"]["if"] == release["if"] and jobs["reliability"]["needs"] == "test"
     for name in ("real-model", "release"):
         cache = next(s for s in steps(jobs[name]) if s.get("uses", "").startswith("actions/cache@"))
         assert (
@@ -115,3 +117,15 @@ def test_every_make_target_called_exists():
         ["make", "-n", "no-such-target"], capture_output=True, text=True, cwd=ROOT, timeout=60
     )
     assert bogus.returncode != 0, "make -n must refuse an unknown target, or this test proves nothing"
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="no make here")
+def test_ci_run_exercises_every_make_target_the_workflow_calls():
+    """What GitHub runs must have run here first: .ci/run calls each of the workflow's make targets."""
+    ci_run = (ROOT / ".ci" / "run").read_text()
+    called = {target for _, target in MAKE_CALL.findall(ci_run)}
+    for target in sorted(called):  # and what those targets run through make (test-e2e-all runs tier 2)
+        dry = subprocess.run(["make", "-n", target], capture_output=True, text=True, cwd=ROOT, timeout=120)
+        called |= {t for _, t in MAKE_CALL.findall(dry.stdout)}
+    workflow_targets = {t for t, where in make_targets().items() if where.startswith("ci.yml")}
+    assert workflow_targets - called == set(), f".ci/run does not run: {sorted(workflow_targets - called)}"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -231,8 +232,12 @@ def render_modelfile(
     parameters: Mapping[str, Any],
     system: str | None = None,
     adapter: str | Path | None = None,
+    relative_to: str | Path | None = None,
 ) -> str:
-    """Modelfile text. Paths become absolute; DEFAULT_PARAMETERS fill in what `parameters` leaves out.
+    """Modelfile text. DEFAULT_PARAMETERS fill in what `parameters` leaves out.
+
+    Paths become absolute, or relative to `relative_to` (the Modelfile's folder: `ollama create` resolves them
+    from there), so a Modelfile shipped with its GGUF keeps working when their folder moves.
 
     A list value in `parameters` becomes one PARAMETER line per item (as `stop` does).
     """
@@ -241,9 +246,9 @@ def render_modelfile(
     params = {**DEFAULT_PARAMETERS, **dict(parameters)}
     if "stop" in params:
         raise ModelfileError("pass stop strings with stop=, not in parameters")
-    lines = [f"FROM {_path_value(gguf_path, 'FROM')}"]
+    lines = [f"FROM {_path_value(gguf_path, 'FROM', relative_to)}"]
     if adapter is not None:
-        lines.append(f"ADAPTER {_path_value(adapter, 'ADAPTER')}")
+        lines.append(f"ADAPTER {_path_value(adapter, 'ADAPTER', relative_to)}")
     lines.append(f"TEMPLATE {_triple_quote(template, 'TEMPLATE')}")
     if system is not None:
         lines.append(f"SYSTEM {_triple_quote(system, 'SYSTEM')}")
@@ -319,8 +324,11 @@ def _line_end(text: str, i: int) -> int:
     return min(ends) if ends else len(text)
 
 
-def _path_value(path: str | Path, what: str) -> str:
+def _path_value(path: str | Path, what: str, relative_to: str | Path | None = None) -> str:
     value = str(Path(path).expanduser().resolve())
+    if relative_to is not None:
+        value = os.path.relpath(value, Path(relative_to).expanduser().resolve())
+        value = value if value.startswith(("../", "/")) else f"./{value}"  # a bare name would mean a model
     if "\n" in value or "\r" in value:
         raise ModelfileError(f"{what} path must not contain a newline: {value!r}")
     return _quote(value, what) if any(c in value for c in ' \t"') else value

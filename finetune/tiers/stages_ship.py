@@ -93,8 +93,8 @@ def stage_ollama(ctx: Ctx) -> StageResult:
         written_template = chat_format(other).template
     if faults.active("modelfile_no_stop"):
         written_stops = []
-    text = render_modelfile(gguf, template=written_template, stop=written_stops,
-                            parameters=ctx.cfg.deploy.parameters, system=system)  # fmt: skip
+    text = render_modelfile(gguf, template=written_template, stop=written_stops, parameters=ctx.cfg.deploy.parameters,
+                            system=system, relative_to=ctx.session.folder)  # fmt: skip
     try:
         server = ctx.session.start(location.binary)
     except Exception as exc:  # Ollama cannot run here: the run is degraded, loudly in the report

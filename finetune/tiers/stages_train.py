@@ -5,8 +5,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +85,7 @@ def _train_key(ctx: Ctx) -> str:
             **inputs,
             **ctx.upstream("model", "data"),
             "code": code_version(),
-            "faults": faults.injected(),
+            "faults": [f for f in faults.injected() if f not in faults.WRITE_ONLY],
         }
     )
 
@@ -172,12 +174,23 @@ def stage_judge(ctx: Ctx) -> StageResult:
                                    max_final=g.max_final_loss)  # fmt: skip
         verdicts.append(_with_info(v, run_dir / METRICS))
 
+    seconds: dict[str, float] = {}  # where the judge's time goes (the two measurements dominate)
+
+    @contextlib.contextmanager
+    def timed(what: str):
+        tic = time.perf_counter()
+        try:
+            yield
+        finally:
+            seconds[what] = round(time.perf_counter() - tic, 2)
+
     tokenizer = ctx.deps.load_tokenizer(base)
     stops = get_template(cfg.data.template, tokenizer=tokenizer).stop_strings
     learning, load_problem = None, None
     if wanted & {"model_learning", "artifacts"}:
         try:
-            learning = ctx.deps.measure_learning(run_dir, base, cfg, stops)
+            with timed("learning"):
+                learning = ctx.deps.measure_learning(run_dir, base, cfg, stops)
         except Exception as exc:  # the saved adapter does not load: that is the finding
             load_problem = f"base + saved adapter does not load: {type(exc).__name__}: {str(exc)[:300]}"
     if "model_learning" in wanted:
@@ -223,13 +236,14 @@ def stage_judge(ctx: Ctx) -> StageResult:
             v.detail = f"cannot read the recorded training rows: {exc}"
         verdicts.append(_with_info(v, run_dir / TOKENS))
     if "memory_efficiency" in wanted:
-        m = ctx.deps.measure_memory(run_dir, base, ctx.outputs["model"]["config"], cfg,
-                                    available=ctx.deps.available_memory())  # fmt: skip
+        with timed("memory"):
+            m = ctx.deps.measure_memory(run_dir, base, ctx.outputs["model"]["config"], cfg,
+                                        available=ctx.deps.available_memory())  # fmt: skip
         v = gates.memory_efficiency(m.lora_peak, m.full_peak, saving=g.memory_saving, source=m.source)
         v.detail += f" ({m.detail})"
         verdicts.append(_with_info(v, None))
     failed = [v.name for v in verdicts if v.status == "failed"]
-    details = {"failed": failed, "judged": [v.name for v in verdicts]}
+    details = {"failed": failed, "judged": [v.name for v in verdicts], "seconds": seconds}
     return StageResult({"verdicts": [v.name for v in verdicts]}, verdicts=verdicts, details=details)
 
 

@@ -301,3 +301,39 @@ def test_a_broken_profile_is_refused_with_its_file_and_line(tmp_path):
         ConfigError, match=r"broken.yaml:3: training.batch_size: Input should be a valid integer"
     ):
         load_config("broken", config_dir=tmp_path)
+
+
+# ---------------------------------------------------------------- history: trends and the regression check
+
+
+class SlowTrainer(FakeTrainer):
+    """A planted regression: the same training, 2 s slower."""
+
+    def __call__(self, *a, **kw):
+        import time
+
+        time.sleep(2.0)
+        return super().__call__(*a, **kw)
+
+
+def test_history_shows_every_run_and_check_fails_on_a_planted_slowdown(tmp_path, toy_tokenizer, monkeypatch):
+    history = tmp_path / "history.jsonl"
+    monkeypatch.setenv("FT_HISTORY", str(history))
+    for i in range(3):
+        code, out = run_cli(
+            ["run", "-p", "quick", "--run-dir", str(tmp_path / f"r{i}")], deps(toy_tokenizer, tmp_path)
+        )
+        assert code == 0, out
+    code, out = run_cli(["history"])
+    assert code == 0 and "3 runs" in out, out
+    assert "train" in out and "loss_convergence" in out and "memory_efficiency" in out, out
+    code, out = run_cli(["history", "--check"])
+    assert code == 0 and "history check: no regression" in out, out
+
+    slow = deps(toy_tokenizer, tmp_path, SlowTrainer())
+    code, out = run_cli(["run", "-p", "quick", "--run-dir", str(tmp_path / "slow")], slow)
+    assert code == 0, out  # the run itself is fine: only the history sees that it got slower
+    code, out = run_cli(["history", "--check"])
+    assert code == 1, out
+    assert "stage train seconds" in out and "regression(s)" in out, out
+    assert len(history.read_text().splitlines()) == 4

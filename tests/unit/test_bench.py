@@ -57,7 +57,7 @@ def test_fmt_shows_ratios_with_three_decimals():
     assert fmt(None) == "—"
 
 
-# ---------------------------------------------------------------- training
+# ---------------------------------------------------------------- training: parsing
 
 
 def test_parse_mlx_lm_line_reads_report_lines_with_colours():
@@ -71,12 +71,43 @@ def test_parse_mlx_lm_line_ignores_validation_and_other_lines():
     assert training.parse_mlx_lm_line("Trainable parameters: 0.689% (0.023M/3.269M)") is None
 
 
-def test_read_metrics_times_keeps_train_rows_in_step_order(tmp_path):
-    rows = [{"kind": "val", "step": 0, "val_loss": 3.0}, {"kind": "train", "step": 2, "time": 20.0, "tokens_per_second": 5},
-            {"kind": "train", "step": 1, "time": 10.0, "tokens_per_second": 4}]  # fmt: skip
+def test_parse_mlx_lm_val_reads_validation_seconds():
+    coloured = "  \x1b[38;5;244m   1\x1b[0m    \x1b[1;35mval\x1b[0m \x1b[1m44.470\x1b[0m    \x1b[38;5;244m0.32s\x1b[0m\n"
+    assert training.parse_mlx_lm_val(coloured) == pytest.approx(0.32)
+    assert training.parse_mlx_lm_val("    12    2.500 ▲      98    3.1k") is None
+
+
+def test_parse_marker_reads_the_child_lines():
+    assert training.parse_marker(
+        "BENCH_LOOP_START 1795920272.560751\n", training.LOOP_START
+    ) == pytest.approx(1795920272.560751)
+    assert training.parse_marker("BENCH_PEAK_MEMORY_BYTES 218706652", training.PEAK_LINE) == 218706652
+    assert training.parse_marker("BENCH_PEAK_MEMORY_BYTES", training.PEAK_LINE) is None
+    assert training.parse_marker("Loading datasets", training.LOOP_START) is None
+
+
+def test_read_metrics_keeps_train_rows_in_step_order_and_val_times(tmp_path):
+    rows = [{"kind": "val", "step": 0, "val_loss": 3.0, "val_time": 0.5},
+            {"kind": "train", "step": 2, "time": 20.0, "tokens_per_second": 5, "train_loss": 2.0},
+            {"kind": "train", "step": 1, "time": 10.0, "tokens_per_second": 4, "train_loss": 2.5},
+            {"kind": "val", "step": 2, "val_loss": 2.9, "val_time": 0.25}]  # fmt: skip
     path = tmp_path / "metrics.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     assert training.read_metrics_times(path) == ([10.0, 20.0], [4, 5])
+    m = training.read_metrics(path)
+    assert m["losses"] == [2.5, 2.0] and m["val_times"] == [0.5, 0.25]
+
+
+def test_prefix_seconds_from_the_shortcuts_note():
+    note = "exact training shortcuts: cached frozen prefix\n  - prefix computed once in 27.2 s (5.3 MiB)"
+    assert training.prefix_seconds(note) == pytest.approx(27.2)
+    assert training.prefix_seconds("exact training shortcuts: none (plain mlx-lm path)") == 0.0
+    assert training.prefix_seconds(None) == 0.0
+
+
+def test_max_relative_difference_over_shared_steps():
+    assert training.max_relative_difference([2.0, 1.0001], [2.0, 1.0, 5.0]) == pytest.approx(1e-4)
+    assert training.max_relative_difference([], [1.0]) is None
 
 
 def test_run_step_seconds_skips_warmup_and_last_step():
@@ -85,64 +116,208 @@ def test_run_step_seconds_skips_warmup_and_last_step():
     assert run.step_seconds(warmup=2) == [1.0, 1.5, 1.5]
 
 
+def test_run_end_to_end_counts_every_step_and_the_one_off_cost():
+    run = training.Run("finetune", 0, times=[1.0, 2.0, 3.0, 4.0], loop_s=6.0, one_off_s=2.0)
+    assert run.end_to_end_tps(100.0) == pytest.approx(4 * 100 / 8.0)
+    assert training.Run("mlx_lm", 0, times=[1.0], loop_s=None).end_to_end_tps(100.0) is None
+    assert training.Run("peft", 0, times=[1.0], loop_s=1.0, error="boom").end_to_end_tps(100.0) is None
+
+
 def test_batch_widths_pad_like_mlx_lm():
     assert training.batch_widths([40, 50, 60, 63], 2, 256) == {65}
     assert training.batch_widths([40, 50, 60, 64], 2, 256, extra=1) == {65, 97}
     assert training.batch_widths([300, 300], 2, 256) == {256}
 
 
-def _settings(**kw):
-    base = dict(model="m", model_path="/m", profile="quick", overrides=[], batch_size=4, max_seq_length=256, rank=8,
-                scale=20.0, dropout=0.0, num_layers=8, keys=None, learning_rate=2e-4, seed=0, iters=6, warmup=2,
-                rounds=1)  # fmt: skip
+def test_completion_row_cuts_at_the_answer_span():
+    text = "<|im_start|>user\nHi?<|im_end|>\n<|im_start|>assistant\nHello.<|im_end|>\n"
+    start = text.index("Hello")
+    row = {"text": text, "train_spans": [[start, text.rindex("\n")]]}
+    out = training.completion_row(row)
+    assert out["prompt"] + out["completion"] == text and out["completion"].startswith("Hello.")
+    assert training.completion_row({"text": "abc", "train_spans": []}) == {"prompt": "abc", "completion": ""}
+
+
+def test_mlx_lm_loss_positions_include_one_past_the_end():
+    # ids of length 10, prompt of 6: targets at positions 6..10 (position 10 is the first pad)
+    assert training.mlx_lm_loss_positions(10, 6, 256) == 5
+    assert training.mlx_lm_loss_positions(10, 0, 256) == 10  # no mask: positions 1..10
+    assert training.mlx_lm_loss_positions(300, 0, 256) == 255  # truncated: the batch ends at 255
+
+
+def test_loss_token_check_counts_targets_and_matching_prompts():
+    ft = [([1, 2, 3, 4, 5], [0, 0, 0, 1, 1]), ([1, 2, 3], [0, 1, 1])]
+    mlx = [([1, 2, 3, 4, 5], 3), ([1, 2, 3, 9], 2)]
+    c = training.loss_token_check(ft, mlx, 256)
+    assert c["finetune_loss_tokens"] == 4 and c["mlx_lm_loss_tokens"] == 3 + 3
+    assert c["same_ids"] == 1 and c["same_ids_prefix"] == 2
+    assert c["same_prompt_mask"] == 1  # row 2: FineTune trains from position 1, mlx-lm from 2
+
+
+def test_epoch_steps_and_rotation():
+    assert training.epoch_steps(80, 4) == 20 and training.epoch_steps(3, 4) == 1
+    assert training.rotated(("a", "b", "c", "d"), 1) == ("b", "c", "d", "a")
+    assert training.rotated(("a", "b", "c", "d"), 4) == ("a", "b", "c", "d")
+
+
+def test_round_ratios_pair_runs_of_the_same_round():
+    values = {("finetune", 0): 300.0, ("peft", 0): 100.0, ("finetune", 1): 200.0, ("mlx_lm", 1): 100.0}
+    assert training.round_ratios(values, "finetune", "peft") == [3.0]
+    assert training.round_ratios(values, "finetune", "mlx_lm") == [2.0]
+
+
+# ---------------------------------------------------------------- training: summary
+
+
+def _settings(key="equal", **kw):
+    base = dict(key=key, model="m", model_path="/m", profile="quick", overrides=[], mask_prompt=key == "release",
+                batch_size=4, max_seq_length=256, rank=8, scale=20.0, dropout=0.0, num_layers=8, keys=None,
+                learning_rate=2e-4, seed=0, iters=6, warmup=2, rounds=1)  # fmt: skip
     return training.Settings(**{**base, **kw})
 
 
 DATA = {"source": "builtin:mixed", "examples": 96, "min_length": 40, "max_length": 60, "mean_length": 50.0,
-        "widths": [65], "widths_mlx_lm": [65], "train_sha256": "x"}  # fmt: skip
+        "widths": [65], "widths_mlx_lm": [65], "train_sha256": "x", "epoch_steps": 24}  # fmt: skip
 
 
-def _run(tool, step_s, rnd=0):
-    return training.Run(tool, rnd, times=[i * step_s for i in range(6)])
+def _run(tool, step_s, rnd=0, setting="equal", one_off=0.0, losses=None):
+    times = [i * step_s for i in range(1, 7)]
+    return training.Run(tool, rnd, setting, times=times, loop_s=6 * step_s, one_off_s=one_off,
+                        losses=losses if losses is not None else [3.0, 2.5, 2.0, 1.8, 1.5, 1.2],
+                        peak_bytes=100 * 2**20, rss_bytes=500 * 2**20)  # fmt: skip
 
 
-def test_training_summary_ratios_and_goals():
-    s = training.summarize(
-        _settings(), [_run("finetune", 1.0), _run("mlx_lm", 0.99), _run("peft", 2.0)], DATA
+def _summary(equal_runs, release_runs=(), release_settings=None):
+    settings = [_settings()] + (
+        [release_settings or _settings("release", profile="release")] if release_runs else []
     )
-    figs = {f.key: f for f in s.figures}
-    assert figs["training.finetune_tokens_per_s"].value == pytest.approx(200.0)
+    data = {"equal": DATA, "release": DATA}
+    return training.summarize(settings, [*equal_runs, *release_runs], data)
+
+
+def _figs(s):
+    return {f.key: f for f in s.figures}
+
+
+def test_equal_summary_ratios_and_goals():
+    s = _summary([_run("finetune", 1.0), _run("finetune_off", 1.5), _run("mlx_lm", 0.99), _run("peft", 2.0)])
+    figs = _figs(s)
+    assert figs["training.equal.finetune_tokens_per_s"].value == pytest.approx(200.0)
+    assert figs["training.equal.finetune_over_mlx_lm"].value == pytest.approx(0.99)
+    assert figs["training.equal.finetune_over_mlx_lm"].goal is None
+    peft = figs["training.equal.finetune_over_peft"]
+    assert peft.value == pytest.approx(2.0) and peft.met and peft.goal.target == 1.0
+    assert figs["training.equal.shortcuts_on_over_off"].value == pytest.approx(1.5)
+    assert figs["training.equal.loss_on_vs_off"].value == 0.0 and figs["training.equal.loss_on_vs_off"].met
+    table = s.tables[0]
+    assert table["headers"][5] == "end-to-end tokens/s" and [r[0] for r in table["rows"]] == [
+        training.LABELS[t] for t in training.TOOLS
+    ]
+    assert table["rows"][0][8] == "100" and table["rows"][0][9] == "500"  # MiB
+
+
+def test_equal_summary_fails_the_peft_goal_when_finetune_is_slower():
+    figs = _figs(
+        _summary([_run("finetune", 1.2), _run("finetune_off", 1.2), _run("mlx_lm", 1.0), _run("peft", 1.0)])
+    )
+    assert figs["training.equal.finetune_over_peft"].met is False
+
+
+def test_release_summary_judges_end_to_end_with_the_one_off_cost():
+    equal = [_run("finetune", 1.0), _run("finetune_off", 1.0), _run("mlx_lm", 1.0), _run("peft", 1.0)]
+    release = [_run("finetune", 1.0, setting="release", one_off=6.0), _run("finetune_off", 3.0, setting="release"),
+               _run("mlx_lm", 3.0, setting="release"), _run("peft", 2.0, setting="release")]  # fmt: skip
+    figs = _figs(_summary(equal, release, _settings("release", profile="release", profile_iters=120)))
+    # finetune: 6 steps x 200 tokens over 6 s of loop + 6 s of prefix; peft 12 s; mlx_lm 18 s
+    assert figs["training.release.finetune_e2e_tokens_per_s"].value == pytest.approx(100.0)
+    vs_peft, vs_mlx = (
+        figs["training.release.finetune_over_peft"],
+        figs["training.release.finetune_over_mlx_lm"],
+    )
     assert (
-        figs["training.finetune_over_mlx_lm"].value == pytest.approx(0.99)
-        and figs["training.finetune_over_mlx_lm"].met
+        vs_peft.value == pytest.approx(1.0)
+        and vs_peft.met is False
+        and "steady-step ratio 2.000" in vs_peft.detail
     )
-    assert (
-        figs["training.finetune_over_peft"].value == pytest.approx(2.0)
-        and figs["training.finetune_over_peft"].met
-    )
+    assert vs_mlx.value == pytest.approx(1.5) and vs_mlx.met is True
+    assert figs["training.release.shortcuts_on_over_off"].value == pytest.approx(1.5)
+    s = _summary(equal, release, _settings("release", profile="release", profile_iters=120))
+    proj = next(n for n in s.notes if "Projected to the profile's own 120 steps" in n)
+    # 120 steps: finetune 6 + 120 s, peft 240 s: 240 / 126
+    assert f"finetune/peft {240 / 126:.3f}" in proj
 
 
-def test_training_summary_fails_goals_when_finetune_is_slower():
-    s = training.summarize(_settings(), [_run("finetune", 1.2), _run("mlx_lm", 1.0), _run("peft", 1.0)], DATA)
-    figs = {f.key: f for f in s.figures}
-    assert figs["training.finetune_over_mlx_lm"].met is False
-    assert figs["training.finetune_over_peft"].met is False
+def test_summary_flags_losses_that_disagree_between_shortcuts_on_and_off():
+    runs = [_run("finetune", 1.0, losses=[3.0, 2.0]), _run("finetune_off", 1.0, losses=[3.0, 2.01]),
+            _run("mlx_lm", 1.0), _run("peft", 1.0)]  # fmt: skip
+    fig = _figs(_summary(runs))["training.equal.loss_on_vs_off"]
+    assert fig.value == pytest.approx(0.01 / 2.01) and fig.met is False
 
 
 def test_training_summary_reports_failed_runs():
     bad = training.Run("peft", 0, error="exit 1: boom")
-    s = training.summarize(_settings(), [_run("finetune", 1.0), _run("mlx_lm", 1.0), bad], DATA)
-    figs = {f.key: f for f in s.figures}
-    assert figs["training.peft_tokens_per_s"].value is None
-    assert figs["training.finetune_over_peft"].met is None
+    s = _summary([_run("finetune", 1.0), _run("finetune_off", 1.0), _run("mlx_lm", 1.0), bad])
+    figs = _figs(s)
+    assert figs["training.equal.peft_tokens_per_s"].value is None
+    assert figs["training.equal.finetune_over_peft"].met is None
     assert any("boom" in n for n in s.notes)
 
 
+def test_loss_token_note_reports_counts_per_tool():
+    data = {**DATA, "epoch_steps": 2, "loss_tokens": {"rows": 8, "mlx_lm_rows": 8, "finetune_loss_tokens": 40,
+                                                      "mlx_lm_loss_tokens": 56, "same_ids": 8, "same_ids_prefix": 8,
+                                                      "same_prompt_mask": 8}}  # fmt: skip
+    peft = training.Run("peft", 0, "release", extra={"loss_tokens": [19, 21, 20]})
+    from bench.training_summary import loss_token_note
+
+    note = loss_token_note(_settings("release"), [peft], data)
+    assert (
+        "FineTune 40" in note
+        and "counted 40 over its first epoch" in note
+        and "mlx-lm 56 (+16, +2.0 per row)" in note
+    )
+    assert "masked prompt identical in 8/8" in note
+
+
 def test_mlx_lm_config_mirrors_settings(tmp_path):
-    cfg = training.mlx_lm_config(_settings(keys=["self_attn.q_proj"]), tmp_path / "data", tmp_path / "a")
+    from bench.training_tools import mlx_lm_config
+
+    cfg = mlx_lm_config(_settings(keys=["self_attn.q_proj"]), tmp_path / "data", tmp_path / "a")
     assert cfg["num_layers"] == 8 and cfg["batch_size"] == 4 and cfg["mask_prompt"] is False
     assert cfg["lora_parameters"] == {"rank": 8, "scale": 20.0, "dropout": 0.0, "keys": ["self_attn.q_proj"]}
     assert cfg["steps_per_report"] == 1 and cfg["steps_per_eval"] > cfg["iters"]
+    release = mlx_lm_config(_settings("release"), tmp_path / "d", tmp_path / "a", model_path="/copy")
+    assert release["mask_prompt"] is True and release["model"] == "/copy"
+
+
+def test_verbatim_model_links_weights_and_replaces_the_chat_template(tmp_path):
+    from bench.training_tools import VERBATIM_TEMPLATE, verbatim_model
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "model.safetensors").write_bytes(b"w")
+    (src / "chat_template.jinja").write_text("{{ 'system prompt' }}")
+    (src / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<e>", "chat_template": "x"}))
+    dst = verbatim_model(src, tmp_path / "dst")
+    assert (dst / "model.safetensors").is_symlink()
+    assert json.loads((dst / "tokenizer_config.json").read_text()) == {
+        "eos_token": "<e>",
+        "chat_template": VERBATIM_TEMPLATE,
+    }
+    assert (dst / "chat_template.jinja").read_text() == VERBATIM_TEMPLATE
+    assert verbatim_model(src, dst) == dst  # rebuilt in place
+
+
+def test_stream_returns_exit_code_and_peak_rss(tmp_path):
+    import sys
+
+    from bench.training_tools import stream
+
+    seen = []
+    code, rss = stream([sys.executable, "-c", "print('a'); print('b')"], {}, tmp_path / "log", 60,
+                       lambda line, t: seen.append(line.strip()))  # fmt: skip
+    assert code == 0 and seen == ["a", "b"] and rss > 1024 * 1024
+    assert (tmp_path / "log").read_text() == "a\nb\n"
 
 
 # ---------------------------------------------------------------- other sections
@@ -283,7 +458,8 @@ def test_step_gflop_counts_forward_everywhere_and_backward_through_adapted_block
 
 def test_training_summary_explains_the_matmul_floor():
     data = {**DATA, "step_gflop": 100.0, "matmul_gflops": 50.0, "vocab_size": 49152}
-    s = training.summarize(_settings(), [_run("finetune", 4.0), _run("mlx_lm", 4.0), _run("peft", 3.0)], data)
-    floor = next(n for n in s.notes if n.startswith("Matmul floor"))
-    assert "2.00 s, 50% of FineTune's median step (4.00 s)" in floor
-    assert any("≤ 2.00 s per step" in n for n in s.notes)
+    runs = [_run("finetune", 3.0), _run("finetune_off", 4.0), _run("mlx_lm", 4.0), _run("peft", 2.0)]
+    s = training.summarize([_settings()], runs, {"equal": data})
+    floor = next(n for n in s.notes if n.startswith("(equal) Matmul floor"))
+    assert "2.00 s, 50% of FineTune's median step without shortcuts (4.00 s)" in floor
+    assert "torch + peft takes 2.00 s" in _figs(s)["training.equal.finetune_over_peft"].reason

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -13,7 +15,9 @@ import pytest
 from finetune.report.html import render_html, write_html
 from tests.unit.report.report_builders import PIPELINE_GATES, RUN_GATES, make_report
 
-CHROMIUM = Path("/usr/bin/chromium")
+# Debian's chromium (make browser), or what a CI image has (Ubuntu runners ship google-chrome)
+CHROMIUM = next((Path(p) for n in ("chromium", "chromium-browser", "google-chrome") if (p := shutil.which(n))),
+                None)  # fmt: skip
 HOSTILE = "<script>alert('x')</script> & <b>bold</b>"
 
 
@@ -123,11 +127,12 @@ def _browser(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
              f"--user-data-dir={profile}"]  # fmt: skip
     return subprocess.run([str(CHROMIUM), *flags, *args], capture_output=True, text=True, timeout=180,
-                          env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})  # fmt: skip
+                          env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path)})  # fmt: skip
 
 
 @pytest.mark.skipif(
-    not CHROMIUM.exists(), reason="no /usr/bin/chromium here (Debian: apt-get install chromium)"
+    CHROMIUM is None,
+    reason="no chromium, chromium-browser or google-chrome on PATH (make browser installs one)",
 )
 def test_a_real_browser_renders_the_page_with_its_plots(tmp_path):
     import numpy as np

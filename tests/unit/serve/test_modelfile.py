@@ -12,6 +12,7 @@ import pytest
 
 from finetune.config.schema import DeployConfig
 from finetune.data.templates import ALPACA_PREAMBLE, get_template
+from finetune.serve.deploy import _check_from
 from finetune.serve.modelfile import (
     DEFAULT_EOS,
     FORMAT_NAMES,
@@ -64,6 +65,21 @@ def test_relative_path_becomes_absolute_and_spaces_are_quoted(tmp_path: Path, mo
     text = render_modelfile("my model.gguf", template="x", stop=["s"], parameters={})
     assert text.splitlines()[0] == f'FROM "{tmp_path.resolve() / "my model.gguf"}"'
     assert parse_modelfile(text)[0] == ("FROM", str(tmp_path.resolve() / "my model.gguf"))
+
+
+def test_paths_relative_to_the_modelfile_folder_move_with_the_run(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    text = render_modelfile(run / "gguf" / "model.gguf", template="x", stop=["s"], parameters={},
+                            adapter=run / "ollama" / "a.gguf", relative_to=run / "ollama")  # fmt: skip
+    assert text.splitlines()[:2] == ["FROM ../gguf/model.gguf", "ADAPTER ./a.gguf"]
+    assert str(tmp_path) not in text
+    moved = (
+        tmp_path / "elsewhere"
+    )  # deploy's FROM check resolves it from the Modelfile's folder, as Ollama does
+    (moved / "gguf").mkdir(parents=True)
+    (moved / "gguf" / "model.gguf").write_bytes(b"GGUF")
+    check = _check_from(parse_modelfile(text), moved / "gguf" / "model.gguf", moved / "ollama")
+    assert check.passed, check.detail
 
 
 def test_parse_round_trips_what_render_wrote(tmp_path: Path) -> None:

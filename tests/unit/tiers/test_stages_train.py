@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
+
+from finetune import faults
 from finetune.config.loader import load_config
 from finetune.tiers.rundir import own_config
 from finetune.tiers.stages_train import TRAIN_KEY
@@ -33,6 +36,18 @@ def test_checkpoints_of_other_inputs_are_cleared_not_resumed(tmp_path, toy_token
     assert _run(tmp_path, toy_tokenizer, trainer).exit_code == 0
     assert trainer.calls[0]["resume"] is False
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-0000048"]
+
+
+@pytest.mark.parametrize(("fault", "resumes"), [("disk_full_checkpoint", True), ("lr_zero", False)])
+def test_after_a_write_only_fault_a_healthy_rerun_resumes_but_not_after_one_that_changed_training(
+    tmp_path, toy_tokenizer, monkeypatch, fault, resumes
+):
+    monkeypatch.setenv(faults.ENV, fault)
+    assert _run(tmp_path, toy_tokenizer, FakeTrainer(interrupt_at=4)).exit_code == 130
+    monkeypatch.delenv(faults.ENV)
+    trainer = FakeTrainer()
+    assert _run(tmp_path, toy_tokenizer, trainer).exit_code == 0
+    assert trainer.calls[0]["resume"] is resumes
 
 
 def test_the_judge_says_why_each_gate_exists_and_which_artifact_it_read(tmp_path, toy_tokenizer):
