@@ -169,3 +169,49 @@ def test_the_run_passed_within_budget_and_beats_the_base(tier3):
     assert scores[served].train.score > scores["mlx_base"].train.score
     assert rep.seconds < BUDGET_S, f"tier 3 took {rep.seconds:.0f} s (budget {BUDGET_S} s)"
     assert tier3["code"] == 0 and rep.status == "passed", rep.reasons
+
+
+def _replica(run_dir: Path, dest: Path) -> Path:
+    """A copy of the tier-3 run to plant a fault into; big weight files are hard links (every writer replaces
+    files, never edits one in place), so the copy costs no gigabytes."""
+    import shutil
+
+    def link_big(src: str, dst: str) -> None:
+        if os.path.getsize(src) > 8 * 2**20:
+            os.link(src, dst)
+        else:
+            shutil.copy2(src, dst)
+
+    shutil.copytree(run_dir, dest, symlinks=True, copy_function=link_big)
+    return dest
+
+
+# The SmolLM2 subset of the fault suite (tests/faults runs every fault on the tiny model): faults planted after
+# training, replayed on the tier-3 run (upstream stages come from its cache), each caught by its gate.
+SMOLLM2_FAULTS = ("modelfile_wrong_template", "eval_runtime_base")
+
+
+@pytest.mark.parametrize("fault", SMOLLM2_FAULTS)
+def test_a_shipping_fault_on_the_real_model_is_caught_by_its_gate(tier3, fault, tmp_path, monkeypatch):
+    from finetune import faults
+    from finetune.evaluate.evaluation import EvalSettings
+    from finetune.tiers.real import real_deps
+    from finetune.tiers.rundir import own_config
+    from finetune.tiers.tiers import run_tier
+    from tests import fault_table
+
+    if tier3["report"].status != "passed":
+        pytest.fail("the healthy tier-3 run did not pass: a planted fault proves nothing against it")
+    run_dir = _replica(tier3["path"].parent, tmp_path / "run")
+    monkeypatch.setenv(faults.ENV, fault)
+    stage, _, gate = faults.FAULTS[fault]
+    report = run_tier(TIERS["pipeline"], own_config(run_dir, None), run_dir, real_deps(), log=lambda _: None,
+                      settings=EvalSettings(n_train=6, n_heldout=0)).report  # fmt: skip
+    failed = {g.name for g in report.gates if g.status == "failed"}
+    fault_table.save([dict(fault=fault, model=MODEL, expected=gate, caught=gate in failed, status=report.status,
+                           failed=[f"{g.name} ({g.measured if g.measured is None else round(g.measured, 4)} vs "
+                                   f"{g.threshold})" for g in report.gates if g.status == "failed"])])  # fmt: skip
+    assert report.faults == [fault] and report.status == "failed"
+    assert gate in failed, f"{fault} was not caught by {gate}; failed: {sorted(failed)}"
+    order = [s.name for s in report.stages]
+    assert all(s.cached for s in report.stages[: order.index(stage)]), "upstream stages come from the cache"

@@ -20,9 +20,8 @@ from finetune.serve.ollama_provision import locate_ollama
 from finetune.tiers.real import real_deps
 from finetune.tiers.rundir import own_config
 from finetune.tiers.tiers import TIERS, run_tier
-from tests.tiny_run import healthy_sets
+from tests.tiny_run import MODEL, healthy_sets
 
-MODEL = "tiny-gpt2"
 TRAIN_FAULTS = ("lr_zero", "frozen_lora", "base_weight_trained", "mask_prompt_ignored", "adapter_scale_zero",
                 "adapter_truncated")  # fmt: skip
 SHIP_FAULTS = ("fuse_drops_adapter", "fuse_scales_tensor", "gguf_pretokenizer_mislabelled", "modelfile_wrong_template",
@@ -30,7 +29,7 @@ SHIP_FAULTS = ("fuse_drops_adapter", "fuse_scales_tensor", "gguf_pretokenizer_mi
 
 
 def _sets(folder: Path, seed: int = 0) -> list[str]:
-    return [*healthy_sets(folder, seed=seed), f"model.name={MODEL}", "data.template=plain"]
+    return healthy_sets(folder, seed=seed)
 
 
 def _run(tier: str, run_dir: Path, sets: list[str]):
