@@ -174,13 +174,13 @@ def summarize(model: str, results: dict[str, dict[str, Any]], max_tokens: int) -
 def run_section(
     work: Path, model_path: Path, model: str, *, max_tokens: int = 64, reps: int = 3, log=print
 ) -> Section:
-    from finetune.export.gguf_export import export_gguf
+    from finetune.export.gguf import convert_hf_to_gguf
 
     work.mkdir(parents=True, exist_ok=True)
     gguf = work / "model-f16.gguf"
     tic = time.perf_counter()
     if not gguf.exists():
-        export_gguf(model_path, gguf, outtype="f16")
+        convert_hf_to_gguf(model_path, gguf, "f16")
     export_s = time.perf_counter() - tic
     results: dict[str, dict[str, Any]] = {}
     jobs = {

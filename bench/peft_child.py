@@ -2,7 +2,8 @@
 
 Reads token ids prepared by the parent (the same ids FineTune trains on), builds batches the way
 finetune.batches does (length buckets, a seeded permutation per epoch, right padding to 1 + a multiple of
-32), trains with the same masked cross-entropy and Adam, and prints one JSON line with step timestamps.
+32), trains with the same masked cross-entropy and Adam, and prints one JSON line with step timestamps,
+the loop's start and the process's peak RSS.
 No attention mask is passed: with right padding a causal model's real tokens never see the pads, as in MLX.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import time
 
 PAD_TO = 32
@@ -69,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     model.train()
     loaded = time.time()
 
-    times, losses, shapes, tokens = [], [], [], []
+    times, losses, shapes, tokens, loss_tokens = [], [], [], [], []
     order = batches([len(x) for x in ids], a.batch_size, a.seed)
     for _ in range(a.iters):
         rows = next(order)
@@ -94,9 +96,12 @@ def main(argv: list[str] | None = None) -> int:
         times.append(time.time())
         shapes.append(list(batch.shape))
         tokens.append(int(sum(min(len(ids[i]), width) for i in rows)))
+        loss_tokens.append(int(weights.sum().item()))
     print(json.dumps({
         "times": times, "losses": losses, "shapes": shapes, "tokens": tokens, "threads": torch.get_num_threads(),
         "torch": torch.__version__, "trainable_params": trainable, "startup_s": loaded - t_start,
+        "loop_start": loaded, "loss_tokens": loss_tokens,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux: KiB
     }))  # fmt: skip
     return 0
 

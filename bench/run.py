@@ -1,7 +1,7 @@
 """`make bench`: BLAS, training throughput, peak memory, tier wall times and inference speed on this machine.
 
     python -m bench.run            # full run, SmolLM2-135M, ~10-12 min on a busy 2-core box; writes docs/benchmarks.md and .json
-    python -m bench.run --quick    # tiny-llama, fewer reps, < 2 min; writes artifacts/bench-quick/
+    python -m bench.run --quick    # tiny-llama, fewer reps, ~3 min; writes artifacts/bench-quick/
     python -m bench.run --tiers    # also run tiers 2 and 3 live instead of reading their last reports
 
 Every section runs even if another failed; a failed section is reported with its error.
@@ -104,6 +104,8 @@ def build_plan(
     quick = args.quick
     model = "tiny-llama" if quick else args.model
     overrides = ["lora.num_layers=-1"] if quick else []
+    # tiny-llama has 2 blocks: adapters on the top one keep the frozen-prefix shortcut in play.
+    train_overrides = ["lora.num_layers=1"] if quick else []
     shared: dict = {}
 
     def blas() -> Section:
@@ -114,8 +116,10 @@ def build_plan(
     def train() -> Section:
         return training.run_section(work / "training", model_spec=model, profile=args.profile,
                                     iters=args.iters or (5 if quick else 8), warmup=1 if quick else 2,
-                                    rounds=args.rounds or (1 if quick else 3), overrides=overrides,
-            peft_threads=args.peft_threads, matmul_gflops=shared.get("mlx_gflops"), log=log)  # fmt: skip
+                                    rounds=args.rounds or (1 if quick else 2), overrides=train_overrides,
+                                    release_epochs=args.release_epochs or 1, release_rounds=args.release_rounds or 1,
+                                    release_warmup=1 if quick else 2, peft_threads=args.peft_threads,
+                                    matmul_gflops=shared.get("mlx_gflops"), log=log)  # fmt: skip
 
     def memory() -> Section:
         from finetune.config.loader import load_config
@@ -123,9 +127,9 @@ def build_plan(
         from finetune.models.resolve import resolve_model
         from finetune.models.tokenizer import load_tokenizer
 
-        cfg = load_config(args.profile, None, training.base_overrides(model, overrides))
+        cfg = load_config(args.profile, None, [f"model.name={model}", "data.mask_prompt=false", *overrides])
         path = Path(resolve_model(model).path)
-        data_dir = work / "training" / "data"
+        data_dir = work / "memory" / "data"
         if not (data_dir / "train.jsonl").exists():
             prepare_for_run(cfg.data, data_dir, load_tokenizer(path))
         return memory_bench.run_section(
@@ -166,16 +170,22 @@ def self_timing(seconds: float, quick: bool) -> Section:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="tiny-llama, fewer reps (< 2 min), for tests")
+    p.add_argument("--quick", action="store_true", help="tiny-llama, fewer reps (~3 min), for tests")
     p.add_argument("--tiers", action="store_true", help="run tiers 2 and 3 live (adds 5-20 min)")
     p.add_argument("--only", help=f"comma-separated sections: {','.join(SECTIONS)}")
     p.add_argument("--out", help="output folder (default docs/, or artifacts/bench-quick with --quick)")
     p.add_argument("--work", help="scratch folder (default artifacts/bench-work[-quick])")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--profile", default="quick", help="the FineTune profile whose settings are benchmarked")
-    p.add_argument("--iters", type=int, help="training steps per run (default 8; quick 5)")
-    p.add_argument("--peft-threads", type=int, help="torch threads for (3) (default: OPENBLAS_NUM_THREADS)")
-    p.add_argument("--rounds", type=int, help="interleaved training rounds (default 3; quick 1)")
+    p.add_argument("--iters", type=int, help="equal-settings training steps per run (default 8; quick 5)")
+    p.add_argument("--peft-threads", type=int, help="torch threads for peft (default: OPENBLAS_NUM_THREADS)")
+    p.add_argument(
+        "--rounds", type=int, help="interleaved equal-settings training rounds (default 2; quick 1)"
+    )
+    p.add_argument(
+        "--release-epochs", type=int, help="epochs of the release data per release-profile run (default 1)"
+    )
+    p.add_argument("--release-rounds", type=int, help="interleaved release-profile rounds (default 1)")
     args = p.parse_args(argv)
     from bench import report
 

@@ -6,6 +6,7 @@ No timing assertions: performance claims live in docs/benchmarks.md, not in test
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -463,3 +464,12 @@ def test_training_summary_explains_the_matmul_floor():
     floor = next(n for n in s.notes if n.startswith("(equal) Matmul floor"))
     assert "2.00 s, 50% of FineTune's median step without shortcuts (4.00 s)" in floor
     assert "torch + peft takes 2.00 s" in _figs(s)["training.equal.finetune_over_peft"].reason
+
+
+def test_the_bench_times_make_test_as_the_makefile_runs_it():
+    from bench.tiers import MAKE_TEST
+
+    root = Path(__file__).resolve().parents[2]
+    recipe = root.joinpath("Makefile").read_text().split("\ntest: setup\n", 1)[1].split("\n\n", 1)[0]
+    args = recipe.replace("\\\n", " ").split()
+    assert args[:2] == ["$(PYTEST)", "-q"] and args[2:] == MAKE_TEST

@@ -40,8 +40,6 @@ if cmd == "create":
     sys.exit(0)
 assert cmd == "serve", sys.argv
 json.dump(dict(os.environ), open(os.path.join(run, "env.json"), "w"))
-runner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
-open(os.path.join(run, "runner.pid"), "w").write(str(runner.pid))
 host, port = os.environ["OLLAMA_HOST"].rsplit(":", 1)
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -54,8 +52,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def log_message(self, *args):
         print("request", self.path, flush=True)
 
+server = http.server.HTTPServer((host, int(port)), Handler)  # a taken port fails here, before any runner
+runner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
+open(os.path.join(run, "runner.pid"), "w").write(str(runner.pid))
 print("Listening on", host, port, flush=True)
-http.server.HTTPServer((host, int(port)), Handler).serve_forever()
+server.serve_forever()
 """
 DIES_AT_ONCE = """
 import sys

@@ -206,3 +206,48 @@ def test_preloaded_openblas_makes_mlx_matmul_fast_and_doctor_tells_the_reference
     assert {g["active"] for g in fast} == {"openblas"} and {g["active"] for g in slow} == {"reference"}
     assert max(g["mlx"] for g in fast) >= 4 * max(g["mlx"] for g in slow), (fast, slow)
     assert max(g["lowest"] for g in slow) < MIN_RATIO, slow  # what `finetune doctor` calls SLOW
+
+
+# ---------------------------------------------------------------- OpenBLAS kernel choice
+
+AVX512_BF16 = {"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"}
+
+
+@pytest.mark.parametrize(
+    ("detected", "flags", "expected"),
+    [
+        ("Prescott", AVX512_BF16, "Cooperlake"),  # Debian's 0.3.21 on Sapphire Rapids (measured here)
+        ("Prescott", AVX512_BF16 - {"avx512_bf16"}, "SkylakeX"),
+        ("Nehalem", {"avx2", "fma"}, "Haswell"),
+        ("Zen", AVX512_BF16, None),  # a CPU OpenBLAS knows keeps its own pick
+        ("SkylakeX", AVX512_BF16, None),
+        ("Prescott", {"sse4_2"}, None),  # nothing better to run
+        (None, AVX512_BF16, None),  # could not ask: leave it alone
+    ],
+)
+def test_core_override_only_replaces_a_generic_fallback(detected, flags, expected):
+    assert blas.core_override(detected, flags) == expected
+
+
+def test_cpu_flags_reads_the_flags_line(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: X\nflags\t\t: fpu avx2 fma avx512f\n\nflags\t\t: other\n")
+    assert blas.cpu_flags(str(info)) == {"fpu", "avx2", "fma", "avx512f"}
+    assert blas.cpu_flags(str(tmp_path / "missing")) == set()
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or not os.path.exists(blas.search_paths()[0]),
+                    reason="needs Linux with Debian's OpenBLAS")  # fmt: skip
+def test_import_finetune_never_leaves_openblas_on_a_generic_kernel_when_the_cpu_has_avx2():
+    code = ("import ctypes, os, finetune; from finetune.system import blas; s = blas.status(); "
+            "lib = ctypes.CDLL(s.library); lib.openblas_get_corename.restype = ctypes.c_char_p; "
+            "print(lib.openblas_get_corename().decode()); print(s.reason)")  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_CORETYPE"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    core, reason = done.stdout.split("\n")[:2]
+    detected = blas.detected_core(blas.search_paths()[0])
+    if blas.wanted_core(blas.cpu_flags()) is None:
+        pytest.skip("this CPU has no AVX2: OpenBLAS's generic kernels are right for it")
+    assert core.lower() not in blas.GENERIC_CORES, (core, reason)
+    if detected and detected.lower() in blas.GENERIC_CORES:
+        assert f"OPENBLAS_CORETYPE={core}" in reason

@@ -1,0 +1,239 @@
+"""The training section's figures, tables and notes from the runs of bench/training_tools.py (pure)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict
+from typing import Any
+
+from bench.stats import Figure, Goal, Section, fmt, median, ratio, spread, steady
+from bench.training import (
+    LABELS,
+    SETTING_TITLES,
+    TOOLS,
+    Run,
+    Settings,
+    max_relative_difference,
+    median_or_none,
+    per_round,
+    round_ratios,
+)
+
+GOAL_RELEASE = Goal(">=", 1.5)  # release profile, shortcuts on, end-to-end: vs peft and vs mlx_lm
+GOAL_EQUAL_VS_PEFT = Goal(">=", 1.0)
+GOAL_LOSS_AGREEMENT = Goal("<=", 1e-4, "≤ 1e-4 relative")
+MIB = 2**20
+
+
+def _mib(value: float | None) -> str:
+    return f"{value / MIB:.0f}" if value else "—"
+
+
+def _num(value: float | None, digits: int = 1) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def _ratio_figure(
+    key: str, label: str, values: dict, pooled: dict, a: str, b: str, goal, what: str
+) -> Figure:
+    rounds = round_ratios(values, a, b)
+    value = median(rounds) if rounds else ratio(pooled.get(a), pooled.get(b))
+    detail = (f"{what}; median of per-round ratios (" + (", ".join(f"{x:.3f}" for x in rounds) or "—")
+              + f"), ratio of pooled medians {fmt(ratio(pooled.get(a), pooled.get(b)), '×')}")  # fmt: skip
+    return Figure(key, label, value, "×", goal, detail=detail)
+
+
+def loss_agreement(runs: list[Run]) -> tuple[float | None, list[str]]:
+    """Max relative per-step loss difference between the shortcuts-on and -off runs of each round."""
+    worst, parts = None, []
+    for rnd in sorted({r.round for r in runs}):
+        on = next((r for r in runs if r.tool == "finetune" and r.round == rnd and not r.error), None)
+        off = next((r for r in runs if r.tool == "finetune_off" and r.round == rnd and not r.error), None)
+        if on is None or off is None:
+            continue
+        d = max_relative_difference(on.losses, off.losses)
+        if d is not None:
+            worst = d if worst is None else max(worst, d)
+            parts.append(f"round {rnd}: {min(len(on.losses), len(off.losses))} steps, max {d:.2e}")
+    return worst, parts
+
+
+def summarize_setting(s: Section, st: Settings, runs: list[Run], data: dict[str, Any]) -> dict[str, Any]:
+    """Add one setting's figures, table and notes to s; return its raw numbers (pure)."""
+    runs = [r for r in runs if r.setting == st.key]
+    k, title = f"training.{st.key}", SETTING_TITLES.get(st.key, st.key)
+    tokens_per_step = st.batch_size * data["mean_length"]
+    steps = {
+        t: [x for r in runs if r.tool == t and not r.error for x in r.step_seconds(st.warmup)] for t in TOOLS
+    }
+    med = {t: median(v) for t, v in steps.items()}
+    tps = {t: (tokens_per_step / med[t] if med[t] else None) for t in TOOLS}
+    steady_rounds = per_round(
+        runs, lambda r: (lambda m: tokens_per_step / m if m else None)(median(r.step_seconds(st.warmup)))
+    )
+    e2e_rounds = per_round(runs, lambda r: r.end_to_end_tps(tokens_per_step))
+    e2e = {t: median_or_none(v for (tool, _), v in e2e_rounds.items() if tool == t) for t in TOOLS}
+
+    def of(t: str, attr: str) -> float | None:
+        return median_or_none(getattr(r, attr) for r in runs if r.tool == t and not r.error)
+
+    rows = []
+    for t in TOOLS:
+        span = spread(steps[t])
+        own = median([x for r in runs if r.tool == t for x in steady(r.internal_tps, st.warmup, 1)])
+        last = median_or_none(r.losses[-1] for r in runs if r.tool == t and r.losses and not r.error)
+        rows.append([LABELS[t], len(steps[t]), _num(med[t], 3), f"{span[0]:.2f}–{span[1]:.2f}" if span else "—",
+                     _num(tps[t]), _num(e2e[t]), _num(of(t, "one_off_s")), _num(of(t, "loop_s")),
+                     _mib(of(t, "peak_bytes")), _mib(of(t, "rss_bytes")), _num(last, 3), _num(own)])  # fmt: skip
+    s.table(["tool", "steps timed", "median step s", "range s", "steady tokens/s", "end-to-end tokens/s",
+             "one-off s", "loop s", "peak MiB (MLX; peft: RSS)", "process peak RSS MiB", "last loss",
+             "tool's own tokens/s"], rows, title=f"({st.key}) {title}, {st.iters} steps per run")  # fmt: skip
+
+    release = st.key == "release"
+    for t in TOOLS:
+        if release:
+            s.add(Figure(f"{k}.{t}_e2e_tokens_per_s", f"release: {LABELS[t]}, end-to-end", e2e[t], "tokens/s",
+                         detail=f"steady {fmt(tps[t], 'tokens/s')} (median step {_num(med[t], 3)} s)"))  # fmt: skip
+        else:
+            s.add(Figure(f"{k}.{t}_tokens_per_s", f"equal: {LABELS[t]}", tps[t], "tokens/s",
+                         detail=f"median step {_num(med[t], 3)} s over {len(steps[t])} steps"))  # fmt: skip
+    pair = (e2e_rounds, e2e, "end-to-end tokens/s") if release else (steady_rounds, tps, "steady tokens/s")
+    for other, goal in (("peft", GOAL_RELEASE if release else GOAL_EQUAL_VS_PEFT),
+                        ("mlx_lm", GOAL_RELEASE if release else None)):  # fmt: skip
+        f = s.add(_ratio_figure(f"{k}.finetune_over_{other}", f"{st.key}: finetune (shortcuts on) / {other}",
+                                pair[0], pair[1], "finetune", other, goal, pair[2]))  # fmt: skip
+        if release:
+            f.detail += f"; steady-step ratio {fmt(ratio(tps['finetune'], tps[other]), '×')}"
+    f = s.add(_ratio_figure(f"{k}.shortcuts_on_over_off", f"{st.key}: finetune shortcuts on / off", pair[0],
+                            pair[1], "finetune", "finetune_off", None, pair[2]))  # fmt: skip
+    if release:
+        f.detail += f"; steady-step ratio {fmt(ratio(tps['finetune'], tps['finetune_off']), '×')}"
+    worst, parts = loss_agreement(runs)
+    s.add(Figure(f"{k}.loss_on_vs_off", f"{st.key}: per-step loss, shortcuts on vs off (max relative difference)",
+                 worst, "", GOAL_LOSS_AGREEMENT, detail="same seed and batches; " + ("; ".join(parts) or "no pair of runs"),
+                 reason="" if worst is not None else "no successful pair of shortcuts on/off runs"))  # fmt: skip
+
+    s.notes.append(
+        f"({st.key}) {st.model} float32, profile `{st.profile}`: LoRA rank {st.rank}, scale {st.scale:g} (peft alpha "
+        f"{st.scale * st.rank:g}), dropout {st.dropout:g}, last {st.num_layers} blocks, keys "
+        f"{st.keys or 'all 7 block linears (mlx-lm default)'}, batch {st.batch_size}, max_seq_length "
+        f"{st.max_seq_length}, Adam lr {st.learning_rate:g}, mask_prompt {'on' if st.mask_prompt else 'off'}; "
+        f"{st.iters} steps per run ({st.warmup} warm-up, last dropped for the steady median), {st.rounds} "
+        f"interleaved round(s), the order rotating each round. Data: {data['examples']} training examples "
+        f"({data['source']}), {data['min_length']}–{data['max_length']} tokens (mean {data['mean_length']:.1f}), "
+        f"{data.get('epoch_steps', '?')} steps per epoch; padded widths FineTune/peft {sorted(data['widths'])}, "
+        f"mlx-lm {sorted(data['widths_mlx_lm'])}. tokens/s counts every real token (prompt included): "
+        f"{st.batch_size} × {data['mean_length']:.1f} per step."
+    )
+    check = data.get("loss_tokens") or {}
+    if check:
+        s.notes.append(loss_token_note(st, runs, data))
+    if release:
+        s.notes.append(_release_note(st, runs, tokens_per_step, e2e))
+    else:
+        _floor_notes(s, st, data, med)
+    return {
+        "median_step_s": med,
+        "tokens_per_s": tps,
+        "end_to_end_tokens_per_s": e2e,
+        "loss_agreement": parts,
+    }
+
+
+def loss_token_note(st: Settings, runs: list[Run], data: dict[str, Any]) -> str:
+    """How many loss targets each tool trains per epoch, and whether the prompts masked are the same."""
+    check, n = data["loss_tokens"], data.get("epoch_steps") or 0
+    extra = check["mlx_lm_loss_tokens"] - check["finetune_loss_tokens"]
+    counted = [sum(r.extra["loss_tokens"][:n]) for r in runs if r.tool == "peft" and not r.error
+               and n and len(r.extra.get("loss_tokens") or []) >= n]  # fmt: skip
+    peft = f"; the peft child counted {counted[0]} over its first epoch" if counted else ""
+    tail = ("the EOS its text rows append" if not st.mask_prompt else
+            "the text after the answer's end token, which FineTune's answer span leaves out")  # fmt: skip
+    return (
+        f"({st.key}) Loss targets per epoch: FineTune {check['finetune_loss_tokens']} (peft gets the same masks{peft}), "
+        f"mlx-lm {check['mlx_lm_loss_tokens']} ({extra:+d}, {extra / max(1, check['rows']):+.1f} per row). Token ids "
+        f"identical in {check['same_ids']}/{check['rows']} rows (mlx-lm's start with FineTune's in "
+        f"{check['same_ids_prefix']}); masked prompt identical in {check['same_prompt_mask']}/{check['rows']} rows. "
+        f"mlx-lm also trains {tail} and one pad target past each example's end (`steps <= lengths` in "
+        "mlx_lm.tuner.trainer.default_loss); its head and loss run over every position anyway, so neither changes "
+        "its work per step."
+    )
+
+
+def _release_note(st: Settings, runs: list[Run], tokens_per_step: float, e2e: dict) -> str:
+    text = (
+        f"(release) End-to-end tokens/s = {st.iters} steps × {tokens_per_step:.1f} tokens / (the training loop's wall "
+        "time without validation + the one-off cost paid before step 1). Loop time: finetune's train_result.json "
+        "wall_time_s minus its evaluations' val_time; mlx-lm from the moment its train() is called to its last step "
+        "line, minus its `val` times; peft the child's loop. One-off: finetune's frozen-prefix cache (train + valid "
+        "examples; `prefix computed once in X s` in train_result.json extra.shortcuts). Model loading and start-up "
+        "are left out for every tool."
+    )
+    if st.profile_iters and st.profile_iters > st.iters:
+        proj = {}
+        for t in TOOLS:
+            r = [x for x in runs if x.tool == t and not x.error and x.loop_s and x.times]
+            if r:
+                per_step = median([x.loop_s / len(x.times) for x in r])
+                one_off = median([x.one_off_s for x in r]) or 0.0
+                proj[t] = st.profile_iters * tokens_per_step / (one_off + st.profile_iters * per_step)
+        parts = [
+            f"finetune/{o} {fmt(ratio(proj.get('finetune'), proj.get(o)), '×')}"
+            for o in ("peft", "mlx_lm", "finetune_off")
+        ]
+        text += (
+            f" Projected to the profile's own {st.profile_iters} steps (each run's loop time per step, the one-off "
+            "paid once): " + ", ".join(parts) + "."
+        )
+    return text
+
+
+def _floor_notes(s: Section, st: Settings, data: dict[str, Any], med: dict) -> None:
+    gflop, speed = data.get("step_gflop"), data.get("matmul_gflops")
+    if not (gflop and speed and med.get("finetune_off")):
+        return
+    floor = gflop / speed
+    s.notes.append(
+        f"(equal) Matmul floor of a plain step: ≥ {gflop:.0f} GFLOP; at the {speed:.0f} GFLOP/s MLX reached in the "
+        f"BLAS section that is {floor:.2f} s, {100 * floor / med['finetune_off']:.0f}% of FineTune's median step "
+        f"without shortcuts ({med['finetune_off']:.2f} s). The rest is MLX's non-BLAS CPU ops (elementwise, softmax, "
+        f"the {data.get('vocab_size', '?')}-way cross-entropy) and this shared machine's load."
+    )
+    vs_peft = next((f for f in s.figures if f.key == "training.equal.finetune_over_peft"), None)
+    if vs_peft is not None and vs_peft.met is False and med.get("peft") and med.get("finetune"):
+        vs_peft.reason = (
+            f"at {st.peft_threads} thread(s) each, torch + peft takes {med['peft']:.2f} s per step and FineTune "
+            f"{med['finetune']:.2f} s with its shortcuts; with every position carrying loss only the frozen-prefix "
+            f"cache saves work, and both run the same ≥ {gflop:.0f} GFLOP of plain-step matmuls at similar BLAS speed."
+        )
+
+
+def summarize(settings: list[Settings], runs: list[Run], data: dict[str, dict[str, Any]]) -> Section:
+    """The whole training section: one table per setting, the goal ratios and the notes (pure)."""
+    model = settings[0].model if settings else "?"
+    s = Section("training", f"Training throughput: LoRA on {model}, four trainers side by side")
+    numbers = {st.key: summarize_setting(s, st, runs, data[st.key]) for st in settings}
+    threads = settings[0].peft_threads if settings else "?"
+    s.notes += [
+        "Peak memory: MLX's allocator peak over the training loop for finetune (train_result.json "
+        "peak_memory_bytes) and mlx-lm (mx.get_peak_memory(), reset when its train() starts, as finetune does; "
+        "weights included); torch has no such counter, so peft's is its process's peak RSS (getrusage). The "
+        "process peak RSS column is the same measure for every tool (os.wait4), start-up and libraries included.",
+        f"Threads: MLX's BLAS runs {os.environ.get('OPENBLAS_NUM_THREADS', '?')} OpenBLAS thread(s) (FineTune's "
+        f"default on this machine); torch gets {threads} (`--peft-threads`).",
+        "mlx-lm runs through bench/mlx_lm_child.py: the unchanged `mlx_lm lora` main() with the same environment as "
+        "finetune (OpenBLAS preloaded, same thread counts), plus a timestamp when train() starts and its MLX peak at "
+        "exit. In the release setting it reads prompt/completion rows cut at the answer span, through a copy of the "
+        "model folder whose chat template renders contents verbatim, so its ids are FineTune's own.",
+        "\"tool's own tokens/s\" is what each tool reports (mlx-lm's timer covers the compiled step only; FineTune's "
+        "metrics carry the same number, counting loss tokens); every ratio uses wall time.",
+    ]
+    s.data = {"settings": [asdict(st) for st in settings], "data": data, "runs": [asdict(r) for r in runs],
+              "numbers": numbers}  # fmt: skip
+    for r in runs:
+        if r.error:
+            s.notes.append(
+                f"FAILED run: {r.setting} {r.tool} round {r.round}: "
+                + " / ".join(r.error.strip().splitlines()[-2:])
+            )
+    return s
