@@ -202,9 +202,11 @@ def test_a_shipping_fault_on_the_real_model_is_caught_by_its_gate(tier3, fault, 
 
     if tier3["report"].status != "passed":
         pytest.fail("the healthy tier-3 run did not pass: a planted fault proves nothing against it")
+    stage, _, gate = faults.FAULTS[fault]
+    if (stage == "ollama" or gate in OLLAMA_GATES) and (why := _ollama_allowed_away(tier3)):
+        pytest.skip(f"{fault} is caught by the served model's gates: {why}")
     run_dir = _replica(tier3["path"].parent, tmp_path / "run")
     monkeypatch.setenv(faults.ENV, fault)
-    stage, _, gate = faults.FAULTS[fault]
     report = run_tier(TIERS["pipeline"], own_config(run_dir, None), run_dir, real_deps(), log=lambda _: None,
                       settings=EvalSettings(n_train=6, n_heldout=0)).report  # fmt: skip
     failed = {g.name for g in report.gates if g.status == "failed"}
@@ -214,4 +216,7 @@ def test_a_shipping_fault_on_the_real_model_is_caught_by_its_gate(tier3, fault, 
     assert report.faults == [fault] and report.status == "failed"
     assert gate in failed, f"{fault} was not caught by {gate}; failed: {sorted(failed)}"
     order = [s.name for s in report.stages]
-    assert all(s.cached for s in report.stages[: order.index(stage)]), "upstream stages come from the cache"
+    upstream = [
+        s for s in report.stages[: order.index(stage)] if s.status != "skipped"
+    ]  # an allowed skip reruns
+    assert all(s.cached for s in upstream), "upstream stages come from the cache"
