@@ -150,22 +150,9 @@ def stage_judge(ctx: Ctx) -> StageResult:
     base = Path(ctx.outputs["model"]["path"])
     verdicts: list[Verdict] = []
     for name in ctx.required_gates:
-        if (
-            name in g.skip
-            and name in GATES
-            and GATES[name].name
-            in (
-                "loss_convergence",
-                "model_learning",
-                "memory_efficiency",
-                "parameter_updates",
-                "artifacts",
-                "label_mask",
-            )
-        ):
+        if name in g.skip and name in GATES and GATES[name].name in JUDGED:
             verdicts.append(skipped(name, f"skipped by gates.skip ({name})"))
-    wanted = {n for n in ("loss_convergence", "model_learning", "memory_efficiency", "parameter_updates",
-                          "artifacts", "label_mask") if ctx.wants(n)}  # fmt: skip
+    wanted = {n for n in JUDGED if ctx.wants(n)}
 
     if "loss_convergence" in wanted:
         losses = train_losses(read_metrics(run_dir / METRICS))

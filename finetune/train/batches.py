@@ -10,6 +10,7 @@ import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -89,8 +90,11 @@ def batch_at(dataset: TokenDataset, batch_size: int, seed: int, index: int) -> l
     return buckets[perm[pos]]
 
 
-def make_iterate_batches(seed: int, start_batch: int = 0) -> Callable[..., Iterator]:
-    """An `iterate_batches` for mlx_lm.tuner.train that starts at batch `start_batch`."""
+def make_iterate_batches(seed: int, start_batch: int = 0, build: Callable[[list, int], Any] | None = None
+                         ) -> Callable[..., Iterator]:  # fmt: skip
+    """An `iterate_batches` for mlx_lm.tuner.train that starts at batch `start_batch`; `build(rows,
+    max_seq_length)` makes a batch of the chosen examples (default: padded ids + mask)."""
+    build = build or _pack
 
     def iterate_batches(dataset, batch_size, max_seq_length, loop=False, comm_group=None, **_):
         if len(dataset) < batch_size:
@@ -101,11 +105,11 @@ def make_iterate_batches(seed: int, start_batch: int = 0) -> Callable[..., Itera
             batch_size = len(dataset)
         if not loop:  # evaluation: every example once, in a fixed order
             for i in range(0, len(dataset), batch_size):
-                yield _pack([dataset[j] for j in range(i, min(i + batch_size, len(dataset)))], max_seq_length)
+                yield build([dataset[j] for j in range(i, min(i + batch_size, len(dataset)))], max_seq_length)
             return
         index = start_batch
         while True:
-            yield _pack([dataset[j] for j in batch_at(dataset, batch_size, seed, index)], max_seq_length)
+            yield build([dataset[j] for j in batch_at(dataset, batch_size, seed, index)], max_seq_length)
             index += 1
 
     return iterate_batches

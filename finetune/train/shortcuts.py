@@ -32,8 +32,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from finetune.train import batches
 from finetune.train.arch import ARCHS, Arch, run_blocks
-from finetune.train.batches import PAD_TO, batch_at, masked_loss
+from finetune.train.batches import PAD_TO, masked_loss
 from finetune.train.shortcut_plan import Plan, plan
 
 # ---------------------------------------------------------------- the prefix cache
@@ -154,26 +155,9 @@ def make_iterate_batches(
     p: Plan, cache: PrefixCache | None, seed: int, start_batch: int = 0
 ) -> Callable[..., Iterator]:
     """finetune.train.batches.make_iterate_batches with the plan's batches: same examples, same order."""
-
-    def iterate_batches(dataset, batch_size, max_seq_length, loop=False, comm_group=None, **_):
-        if len(dataset) < batch_size:
-            if loop:
-                raise ValueError(
-                    f"{dataset.source or 'dataset'}: {len(dataset)} examples, fewer than batch_size={batch_size}"
-                )
-            batch_size = len(dataset)
-        if not loop:  # evaluation: every example once, in a fixed order
-            for i in range(0, len(dataset), batch_size):
-                rows = [dataset[j] for j in range(i, min(i + batch_size, len(dataset)))]
-                yield build_batch(rows, max_seq_length, p, cache)
-            return
-        index = start_batch
-        while True:
-            rows = [dataset[j] for j in batch_at(dataset, batch_size, seed, index)]
-            yield build_batch(rows, max_seq_length, p, cache)
-            index += 1
-
-    return iterate_batches
+    return batches.make_iterate_batches(
+        seed, start_batch, build=lambda rows, max_seq_length: build_batch(rows, max_seq_length, p, cache)
+    )
 
 
 # ---------------------------------------------------------------- the loss
