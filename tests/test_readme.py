@@ -71,4 +71,4 @@ def test_config_show_command_runs():
     proc = subprocess.run(
         [str(FINETUNE), "config", "show", "--profile", "quick"], capture_output=True, text=True
     )
-    assert proc.returncode == 0 and "num_layers: 8" in proc.stdout and "template: chatml" in proc.stdout
+    assert proc.returncode == 0 and "num_layers: 8" in proc.stdout and "template: auto" in proc.stdout

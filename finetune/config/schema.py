@@ -24,7 +24,9 @@ class DataConfig(_Section):
     # A file (jsonl/json/csv), a saved HF dataset, a Hub id, or builtin:<geography|arithmetic|patterns|mixed>.
     source: str = "builtin:mixed"
     format: Literal["auto", "alpaca", "chat", "prompt_completion", "text"] = "auto"
-    template: Literal["tokenizer", "chatml", "gemma", "alpaca", "llama2", "llama3", "plain"] = "tokenizer"
+    template: Literal["tokenizer", "auto", "chatml", "gemma", "alpaca", "llama2", "llama3", "plain"] = (
+        "tokenizer"
+    )
     splits: tuple[float, float, float] = (0.8, 0.1, 0.1)
     max_seq_length: int = Field(256, ge=8)
     mask_prompt: bool = True

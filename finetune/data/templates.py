@@ -245,11 +245,29 @@ def _tokenizer_stop_strings(tokenizer: Any, apply: Callable[[Sequence[dict], boo
     return stops
 
 
-TEMPLATE_NAMES = ("alpaca", "chatml", "gemma", "llama2", "llama3", "plain", "tokenizer")
+TEMPLATE_NAMES = ("alpaca", "auto", "chatml", "gemma", "llama2", "llama3", "plain", "tokenizer")
+# Markers of a chat template's family in its Jinja source, most specific first.
+FAMILY_MARKERS = (("<|im_start|>", "chatml"), ("<start_of_turn>", "gemma"), ("<|start_header_id|>", "llama3"),
+                  ("[INST]", "llama2"))  # fmt: skip
+
+
+def auto_template_name(tokenizer: Any) -> str:
+    """What "auto" means for this tokenizer: the built-in format of its chat template's family (without a
+    system prompt the template injects: SmolLM2's adds ~30 tokens to every example), "plain" when it has no
+    chat template (GPT-2), or "tokenizer" (its own template, as is) when the family is not one we know."""
+    if tokenizer is None:
+        raise TemplateError("template 'auto' is chosen from the model's tokenizer: pass tokenizer=")
+    source = getattr(tokenizer, "chat_template", None)
+    if not source:
+        return "plain"
+    return next((name for marker, name in FAMILY_MARKERS if marker in str(source)), "tokenizer")
 
 
 def get_template(name: str, tokenizer: Any = None) -> Template:
-    """Template by name. "tokenizer" uses tokenizer.apply_chat_template; alpaca ends answers with its EOS."""
+    """Template by name. "tokenizer" uses tokenizer.apply_chat_template; "auto" picks by the tokenizer's family
+    (auto_template_name); alpaca ends answers with its EOS."""
+    if name == "auto":
+        name = auto_template_name(tokenizer)
     if name == "chatml":
         return Template("chatml", ["<|im_end|>"], _chatml)
     if name == "llama3":

@@ -15,6 +15,7 @@ import numpy as np
 
 from finetune.gates.parity import Answer
 from finetune.train.batches import TokenDataset, make_iterate_batches, masked_loss
+from finetune.train.gemma_scale import exact_embed_scale
 
 
 def load(model_dir: str | Path, adapter_dir: str | Path | None = None) -> tuple[Any, Any]:
@@ -22,6 +23,7 @@ def load(model_dir: str | Path, adapter_dir: str | Path | None = None) -> tuple[
     from mlx_lm import load as mlx_load
 
     model, tokenizer = mlx_load(str(model_dir), adapter_path=str(adapter_dir) if adapter_dir else None)
+    exact_embed_scale(model)  # judge what llama.cpp and Ollama run (finetune.train.gemma_scale)
     model.eval()
     return model, tokenizer
 

@@ -8,6 +8,7 @@ This module only measures; finetune.gates.runtimes.judge_runtimes judges. Each r
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -109,19 +110,30 @@ def run_evaluation(inputs: EvalInputs, backends: Backends, *, log: Log = print) 
             m.answers[name] = list(got)
 
     fused_dir = inputs.base_dir if faults.active("eval_runtime_base") else inputs.fused_dir
+
+    def gguf_side() -> None:
+        if inputs.llamacpp_reason is None:
+            run(
+                "llamacpp", lambda: backends.llamacpp_generate(inputs.gguf, texts, s.max_tokens, inputs.stops)
+            )
+        else:
+            m.runtimes["llamacpp"] = {"status": "skipped", "reason": inputs.llamacpp_reason}
+        if inputs.ollama is not None:
+            run("ollama", lambda: inputs.ollama(prompts, s.max_tokens))
+        else:
+            m.runtimes["ollama"] = {"status": "skipped", "reason": inputs.ollama_reason}
+
+    # llama.cpp and Ollama decode in child processes on the core MLX leaves idle (it trains and decodes with
+    # one BLAS thread); a daemon thread, so Ctrl-C is not held up by a child that is still answering
+    worker = _Worker(gguf_side)
     run("mlx_base", lambda: backends.mlx_generate(inputs.base_dir, None, texts, s.max_tokens))
     run(
         "mlx_adapter", lambda: backends.mlx_generate(inputs.base_dir, inputs.adapter_dir, texts, s.max_tokens)
     )
     run("mlx_fused", lambda: backends.mlx_generate(fused_dir, None, texts, s.max_tokens))
-    if inputs.llamacpp_reason is None:
-        run("llamacpp", lambda: backends.llamacpp_generate(inputs.gguf, texts, s.max_tokens, inputs.stops))
-    else:
-        m.runtimes["llamacpp"] = {"status": "skipped", "reason": inputs.llamacpp_reason}
-    if inputs.ollama is not None:
-        run("ollama", lambda: inputs.ollama(prompts, s.max_tokens))
-    else:
-        m.runtimes["ollama"] = {"status": "skipped", "reason": inputs.ollama_reason}
+    worker.join()
+    m.answers = {k: m.answers[k] for k in RUNTIMES if k in m.answers}  # the same order however they finished
+    m.runtimes = {k: m.runtimes[k] for k in RUNTIMES if k in m.runtimes}
     if inputs.llamacpp_reason is not None:
         return m
 
@@ -143,6 +155,30 @@ def run_evaluation(inputs: EvalInputs, backends: Backends, *, log: Log = print) 
     except Exception as exc:
         m.logprob_error = f"{type(exc).__name__}: {exc}"
     return m
+
+
+RUNTIMES = ("mlx_base", "mlx_adapter", "mlx_fused", "llamacpp", "ollama")
+
+
+class _Worker(threading.Thread):
+    """Runs fn beside the caller; join() re-raises what fn raised (run() already turns runtime errors into
+    failed runtimes, so this is only for bugs)."""
+
+    def __init__(self, fn: Callable[[], None]):
+        super().__init__(name="ft-eval-gguf", daemon=True)
+        self.fn, self.error = fn, None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self.fn()
+        except BaseException as exc:  # handed to the caller in join()
+            self.error = exc
+
+    def join(self, timeout: float | None = None) -> None:
+        super().join(timeout)
+        if self.error is not None:
+            raise self.error
 
 
 def _end_ids(tokenizer: Any, stops: Sequence[str]) -> list[int]:

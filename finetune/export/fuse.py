@@ -14,13 +14,14 @@ from typing import Any
 from finetune import faults
 from finetune.errors import UserError
 from finetune.export.layout import same_layout, to_base_layout
+from finetune.models.convert import EXPORT_OVERRIDES
 from finetune.system.atomic import atomic_dir
 from finetune.train.setup import final_norm
 
 ADAPTER_FILES = ("adapters.safetensors", "adapter_config.json")
 # A base model's files for GGUF export that mlx-lm's save does not copy (SentencePiece model, the staged
 # tokenizer config Gemma's conversion needs): the fused folder must export like the base would.
-EXPORT_EXTRAS = ("tokenizer.model", "finetune_export")
+EXPORT_EXTRAS = ("tokenizer.model", EXPORT_OVERRIDES)
 FINE_TUNE_TYPES = ("lora", "dora", "full")
 DTYPES = ("float32", "float16", "bfloat16")
 

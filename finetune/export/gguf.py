@@ -23,6 +23,7 @@ from finetune import faults
 from finetune.errors import UserError
 from finetune.export.converter import fetch_converter
 from finetune.export.gguf_inspect import rewrite_string
+from finetune.models.convert import EXPORT_OVERRIDES
 from finetune.system.procs import run_guarded
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
@@ -83,7 +84,7 @@ def _gpt2_lm_head_file(hf_dir: Path, dst: Path) -> bool:
 
 
 EXTRAS = (
-    "finetune_export"  # files in here replace the folder's own for the conversion only (Gemma's tokenizer)
+    EXPORT_OVERRIDES  # files in here replace the folder's own for the conversion only (Gemma's tokenizer)
 )
 
 

@@ -64,10 +64,10 @@ def build_once(target: Path, build: Callable[[Path], dict], log: Log = stderr_lo
                 info = build(tmp)
                 info["build_seconds"] = round(time.perf_counter() - start, 2)
                 (tmp / MARKER).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-                for (
-                    item
-                ) in tmp.iterdir():  # mkdtemp and safetensors make owner-only files; the cache is shared
-                    item.chmod(0o644)
+                for item in tmp.rglob(
+                    "*"
+                ):  # mkdtemp and safetensors make owner-only files; the cache is shared
+                    item.chmod(0o755 if item.is_dir() else 0o644)
                 tmp.chmod(0o755)
                 os.replace(tmp, target)
             except BaseException:

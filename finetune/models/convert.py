@@ -1,4 +1,4 @@
-"""Convert a Llama GGUF into a Hugging Face folder mlx_lm can load, and fix up its tokenizer files."""
+"""Convert a packaged GGUF into a Hugging Face folder mlx_lm can load, and fix up its tokenizer files."""
 
 from __future__ import annotations
 
@@ -8,13 +8,24 @@ from pathlib import Path
 from finetune.errors import UserError
 from finetune.system.atomic import atomic_write_text
 
+# A model folder's files that its GGUF export uses in place of the folder's own (Gemma's tokenizer config);
+# fuse copies the folder along, so a fused model exports like its base.
+EXPORT_OVERRIDES = "finetune_export"
+
 
 class ConversionError(UserError):
     """A GGUF cannot be turned into an HF folder here (missing packages, an unexpected tokenizer)."""
 
 
 def convert_gguf(gguf: Path, out: Path, *, dtype: str = "float32") -> None:
-    """Dequantize a Llama GGUF into an HF folder with transformers (needs torch, gguf, accelerate)."""
+    """SmolLM2's GGUF -> HF folder: weights, then its ChatML tokenizer with the digit split put back."""
+    dequantize_gguf(gguf, out, dtype=dtype)
+    save_tokenizer(gguf, out)
+    fix_config_for_mlx(out / "config.json")
+
+
+def dequantize_gguf(gguf: Path, out: Path, *, dtype: str = "float32") -> None:
+    """Dequantize a GGUF's weights into an HF folder with transformers (needs torch, gguf, accelerate)."""
     try:
         import torch
         from transformers import AutoModelForCausalLM
@@ -31,8 +42,6 @@ def convert_gguf(gguf: Path, out: Path, *, dtype: str = "float32") -> None:
         del model.config.quantization_config
     model.save_pretrained(out)
     del model
-    save_tokenizer(gguf, out)
-    fix_config_for_mlx(out / "config.json")
 
 
 def fix_config_for_mlx(config_file: Path) -> None:
@@ -45,7 +54,8 @@ def fix_config_for_mlx(config_file: Path) -> None:
 
 
 def save_tokenizer(gguf: Path, out: Path) -> None:
-    """Write the GGUF's tokenizer as HF files; reads tokenizer metadata only (~1-5 s, no weights)."""
+    """Write SmolLM2's GGUF tokenizer as HF files (tokenizer metadata only, ~1-5 s), checked to be ChatML,
+    with its digit split put back."""
     from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
     tokenizer = TokenizersBackend.from_pretrained(str(gguf.parent), gguf_file=gguf.name)

@@ -1,7 +1,8 @@
 """Resolve a model spec to a local Hugging Face folder that `mlx_lm.load(path)` can load.
 
 Specs:
-  a packaged name  smollm2-135m (finetune.models.packaged); tiny-llama, tiny-gpt2 (finetune.models.tiny)
+  a packaged name  smollm2-135m (finetune.models.packaged), gemma3-270m (finetune.models.gemma);
+                   tiny-llama, tiny-gpt2 (finetune.models.tiny)
   a local path     a folder with config.json, *.safetensors and a tokenizer
   org/name, gpt2   a Hugging Face Hub id (snapshot_download); offline it raises ModelUnavailable saying what to do
 """
@@ -15,7 +16,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from finetune.models.cache import Log, ModelUnavailable, cache_root, stderr_log
+from finetune.models.cache import MARKER, Log, ModelUnavailable, cache_root, stderr_log
+from finetune.models.gemma import GEMMA3, build_gemma3
 from finetune.models.packaged import SMOLLM2, build_smollm2
 from finetune.models.tiny import TINY, TINY_GPT2, build_tiny_gpt2, build_tiny_llama
 
@@ -26,10 +28,11 @@ class ResolvedModel:
     path: Path
     source: str  # "package" | "local" | "hub" | "built"
     config: dict
+    license: str | None = None  # terms a packaged model ships with (recorded in its cache marker)
 
 
 Downloader = Callable[[str, Path], Path]
-PACKAGED = (SMOLLM2, TINY, TINY_GPT2)
+PACKAGED = (SMOLLM2, GEMMA3, TINY, TINY_GPT2)
 # Hub ids without an organisation that users (and the seed's tiers) name; they need the Hub like any other.
 HUB_NAMES = ("gpt2", "distilgpt2", "gpt2-medium", "gpt2-large")
 
@@ -47,6 +50,8 @@ def resolve_model(
     root = cache_root(cache_dir, env) / "models"
     if spec == SMOLLM2:
         return _resolved(spec, build_smollm2(root, log=log), "package")
+    if spec == GEMMA3:
+        return _resolved(spec, build_gemma3(root, log=log), "package")
     if spec == TINY:
         return _resolved(spec, build_tiny_llama(root, log=log), "built")
     if spec == TINY_GPT2:
@@ -63,7 +68,9 @@ def resolve_model(
 
 
 def _resolved(name: str, path: Path, source: str) -> ResolvedModel:
-    return ResolvedModel(name=name, path=path, source=source, config=read_config(path))
+    marker = Path(path) / MARKER
+    terms = json.loads(marker.read_text()).get("license") if marker.is_file() else None
+    return ResolvedModel(name=name, path=path, source=source, config=read_config(path), license=terms)
 
 
 def read_config(folder: Path) -> dict:

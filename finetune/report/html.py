@@ -152,6 +152,8 @@ def _header(report: RunReport) -> str:
     meta = [("profile", report.profile), ("model", report.model), ("run directory", report.run_dir),
             ("started / finished", f"{report.started_at} / {report.finished_at}"),
             ("wall time", f"{report.seconds:.1f} s"), ("code version", report.code_version)]  # fmt: skip
+    if report.model_license:
+        meta.insert(2, ("model license", report.model_license))
     if report.faults:
         meta.append(("injected faults", ", ".join(report.faults)))
     if report.resume_command:

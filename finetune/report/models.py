@@ -107,6 +107,9 @@ class RunReport(_Model):
     )
     profile: str | None
     model: str
+    model_license: str | None = Field(
+        None, description="terms the base model ships with (gemma3-270m: the Gemma Terms of Use)"
+    )
     run_dir: str
     code_version: str = Field(description="finetune version + sha256 of its source")
     started_at: str

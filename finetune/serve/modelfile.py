@@ -188,10 +188,10 @@ def served_chat(data_template: str, d: Any, tokenizer: Any) -> tuple[str, list[s
 
     d is the config's deploy section (template/stop/system override the derived ones).
 
-    data.template "tokenizer" is matched against ChatML; a default system prompt that the tokenizer's own
-    template injects (SmolLM2's does) becomes the Modelfile's SYSTEM.
+    data.template "tokenizer" is matched against ChatML, Gemma and Llama 3; a default system prompt that the
+    tokenizer's own ChatML template injects (SmolLM2's does) becomes the Modelfile's SYSTEM.
     """
-    from finetune.data.templates import get_template
+    from finetune.data.templates import auto_template_name, get_template
 
     eos = getattr(tokenizer, "eos_token", None) or "</s>"
     if d.template is not None:
@@ -200,16 +200,21 @@ def served_chat(data_template: str, d: Any, tokenizer: Any) -> tuple[str, list[s
                 "deploy.template is set: give deploy.stop too (the model's end-of-turn strings)"
             )
         return d.template, list(d.stop), d.system
-    name = data_template
+    name = auto_template_name(tokenizer) if data_template == "auto" else data_template
     if name in FORMAT_NAMES:
         fmt = chat_format(name, eos=eos)
         return fmt.template, list(d.stop or fmt.stop), d.system
     probe = [{"role": "user", "content": "ping"}]
     got = get_template(name, tokenizer=tokenizer).render_prompt(probe)
+    bos = getattr(tokenizer, "bos_token", None)
+    # a rendered BOS (Gemma's template writes "<bos>") is the token Ollama adds itself, as training did
+    bare = got[len(bos) :] if bos and got.startswith(bos) else got
+    for known in ("chatml", "gemma", "llama3"):
+        if get_template(known).render_prompt(probe) in (got, bare):
+            fmt = chat_format(known, eos=eos)
+            return fmt.template, list(d.stop or fmt.stop), d.system
     chatml = get_template("chatml").render_prompt(probe)
     fmt = chat_format("chatml")
-    if got == chatml:
-        return fmt.template, list(d.stop or fmt.stop), d.system
     head, sep = got[: len(got) - len(chatml)], "<|im_start|>system\n"
     if got.endswith(chatml) and head.startswith(sep) and head.endswith("<|im_end|>\n"):
         system = head[len(sep) : -len("<|im_end|>\n")]

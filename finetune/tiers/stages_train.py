@@ -48,9 +48,11 @@ def stage_model(ctx: Ctx) -> StageResult:
     from finetune.evaluate.probes import base_file_digests
 
     m = ctx.deps.resolve_model(ctx.cfg.model.name)
+    terms = getattr(m, "license", None)
     outputs = {"name": m.name, "path": str(m.path), "source": m.source, "config": m.config,
-               "base_files": base_file_digests(Path(m.path))}  # fmt: skip
-    return StageResult(outputs, [artifact("base_model", m.path)], {"source": m.source, "path": str(m.path)})
+               "base_files": base_file_digests(Path(m.path)), "license": terms}  # fmt: skip
+    details = {"source": m.source, "path": str(m.path), **({"license": terms} if terms else {})}
+    return StageResult(outputs, [artifact("base_model", m.path)], details)
 
 
 def stage_data(ctx: Ctx) -> StageResult:

@@ -33,6 +33,7 @@ from finetune.train.checkpoints import (
     save_checkpoint,
     save_final_adapter,
 )
+from finetune.train.gemma_scale import exact_embed_scale
 from finetune.train.metrics import METRICS, truncate_metrics
 from finetune.train.setup import make_optimizer, prepare_model
 from finetune.train.shortcut_plan import enabled_shortcuts
@@ -90,6 +91,7 @@ def train_run(
     t = cfg.training
     mx.random.seed(t.seed)
     model, tokenizer = load(str(model_path))
+    exact_embed_scale(model)  # train what llama.cpp and Ollama will run (finetune.train.gemma_scale)
     acfg = prepare_model(model, cfg)
     optimizer = make_optimizer(cfg)
     train_set = load_split(

@@ -20,7 +20,7 @@ import pytest
 from finetune.system.atomic import atomic_write_json
 from finetune.tiers.tiers import TIERS
 from tests.conftest import SERVED_CHECK_NAMES
-from tests.e2e.test_end_to_end_real_model import release_requires
+from tests.e2e.test_end_to_end_real_model import model_sets, release_requires
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = Path(os.environ.get("FT_ARTIFACTS", ROOT / "artifacts"))
@@ -76,12 +76,13 @@ def tier3(request):
     from finetune import cli
     from finetune.gates.status import allowed_skips
     from finetune.models.cache import ModelUnavailable
-    from finetune.models.choose import choose_for_memory
     from finetune.models.resolve import resolve_model
     from finetune.report.models import REPORT_NAME, validate_report
     from finetune.system.resources import available_memory_bytes
+    from finetune.tiers.choose import choose_for_memory
 
-    choice = choose_for_memory(available_memory_bytes())
+    choice = choose_for_memory(available_memory_bytes(), MODEL)
+    print(f"tier 3 model: {MODEL} ({choice.reason})")
     if choice.model_spec is None:
         _skip(choice.reason)
     try:
@@ -89,7 +90,7 @@ def tier3(request):
     except ModelUnavailable as exc:
         _skip(f"model {MODEL!r} unavailable: {exc}")
     run_dir = ARTIFACTS / f"tier3-{datetime.now(UTC):%Y%m%d-%H%M%S}"
-    sets = [f"model.name={MODEL}", f"training.batch_size={choice.batch_size}"]
+    sets = [f"model.name={MODEL}", f"training.batch_size={choice.batch_size}", *model_sets(MODEL, "release")]
     out = _Progress(request.config.pluginmanager.getplugin("capturemanager"))
     saved = os.environ.get("FT_HISTORY")
     os.environ["FT_HISTORY"] = str(ARTIFACTS / "history.jsonl")  # tier runs are the history's subject

@@ -273,3 +273,19 @@ def test_plain_ends_each_answer_with_the_tokenizers_eos_and_needs_a_tokenizer():
     assert t.stop_strings == ["<|endoftext|>"]
     with pytest.raises(TemplateError, match="EOS"):
         get_template("plain")
+
+
+def test_auto_picks_the_family_of_the_models_own_template(smollm2_tokenizer):
+    from finetune.data.templates import auto_template_name
+    from finetune.models.gemma import CHAT_TEMPLATE as GEMMA
+
+    # SmolLM2: ChatML without the system prompt its own template injects
+    assert auto_template_name(smollm2_tokenizer) == "chatml"
+    assert get_template("auto", smollm2_tokenizer).render(SINGLE) == get_template("chatml").render(SINGLE)
+    tok = FakeChatTokenizer()
+    for source, family in ((GEMMA, "gemma"), ("{{ '<|start_header_id|>' }}", "llama3"), ("[INST]", "llama2"),
+                           ("<<{{ m }}>>", "tokenizer"), (None, "plain")):  # fmt: skip
+        tok.chat_template = source
+        assert auto_template_name(tok) == family, source
+    with pytest.raises(TemplateError, match="pass tokenizer="):
+        get_template("auto")

@@ -42,7 +42,9 @@ def data_dir(tmp_path_factory) -> Path:
     from finetune.data.prepare import prepare_for_run
 
     out = tmp_path_factory.mktemp("data")
-    prepare_for_run(load_config("release", overrides=["data.num_examples=40"]).data, out, None)
+    prepare_for_run(
+        load_config("release", overrides=["data.num_examples=40", "data.template=chatml"]).data, out, None
+    )
     return out
 
 
@@ -147,15 +149,40 @@ def test_healthy_evaluation_measures_every_runtime_and_passes_every_gate(data_di
 
 def test_the_runtimes_get_the_right_folders(data_dir, prompts):
     fakes = Fakes(prompts)
-    evaluate(data_dir, fakes)
-    assert fakes.calls == [
+    m = evaluate(data_dir, fakes)
+    # MLX in the caller's thread, llama.cpp then Ollama beside it (child processes on the idle core)
+    assert [c for c in fakes.calls if c.startswith("mlx:")] == [
         "mlx:base:None",
         "mlx:base:adapter",
         "mlx:fused:None",
-        "llamacpp",
-        "ollama",
-        "logprobs:fused",
     ]
+    assert [c for c in fakes.calls if c in ("llamacpp", "ollama")] == ["llamacpp", "ollama"]
+    assert fakes.calls[-1] == "logprobs:fused" and len(fakes.calls) == 6
+    assert (
+        list(m.answers) == list(m.runtimes) == ["mlx_base", "mlx_adapter", "mlx_fused", "llamacpp", "ollama"]
+    )
+
+
+def test_llamacpp_and_ollama_run_beside_mlx(data_dir, prompts):
+    import threading
+
+    fakes = Fakes(prompts)
+    both = threading.Barrier(2, timeout=10)  # passes only if an MLX call and llama.cpp are in flight together
+    mlx, cpp = fakes.mlx_generate, fakes.llamacpp_generate
+
+    def mlx_waits(model_dir, adapter_dir, prompts, max_tokens):
+        if adapter_dir is None and str(model_dir) == "base":
+            both.wait()
+        return mlx(model_dir, adapter_dir, prompts, max_tokens)
+
+    def cpp_waits(*args):
+        both.wait()
+        return cpp(*args)
+
+    backends = fakes.backends()
+    backends.mlx_generate, backends.llamacpp_generate = mlx_waits, cpp_waits
+    m = evaluate(data_dir, fakes, backends)
+    assert all(r["status"] == "passed" for r in m.runtimes.values()), m.runtimes
 
 
 def test_tokenizer_texts_and_logprob_sequence(data_dir, prompts):

@@ -18,7 +18,9 @@ def release_data(tmp_path_factory) -> Path:
     from finetune.data.prepare import prepare_for_run
 
     out = tmp_path_factory.mktemp("data")
-    prepare_for_run(load_config("release", overrides=["data.num_examples=40"]).data, out, None)
+    prepare_for_run(
+        load_config("release", overrides=["data.num_examples=40", "data.template=chatml"]).data, out, None
+    )
     return out
 
 

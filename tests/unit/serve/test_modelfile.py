@@ -224,6 +224,21 @@ def test_served_chat_carries_the_system_prompt_a_tokenizer_template_injects(smol
         served_chat("tokenizer", DeployConfig(system="Another prompt."), smollm2_tokenizer)
 
 
+def test_served_chat_matches_the_gemma_tokenizer_template_without_its_bos() -> None:
+    # the packaged gemma3-270m's tokenizer carries Google's template, which renders "<bos>" itself;
+    # Ollama adds BOS on its own, so the served template is the Gemma format without it
+    from finetune.models.gemma import CHAT_TEMPLATE
+    from tests.conftest import build_toy_tokenizer
+
+    gemma = build_toy_tokenizer()
+    gemma.chat_template = CHAT_TEMPLATE
+    trained = get_template("tokenizer", tokenizer=gemma).render_prompt(CONVERSATION)
+    assert trained.startswith(gemma.bos_token + "<start_of_turn>user\nYou are terse.\n\nHi")
+    template, stops, system = served_chat("tokenizer", DeployConfig(), gemma)
+    assert (template, stops, system) == (template_for("gemma"), stop_for("gemma"), None)
+    assert get_template("gemma").render_prompt(CONVERSATION) == trained[len(gemma.bos_token) :]
+
+
 def test_served_chat_refuses_a_tokenizer_template_it_cannot_reproduce(toy_tokenizer) -> None:
     from tests.conftest import build_toy_tokenizer
 

@@ -1,0 +1,64 @@
+"""Which packaged model and batch size fit the memory this machine has free (tiers 2 and 3 use it).
+
+The need of (model, batch) comes from the memory estimator (finetune.train.memory): tier 2's memory gate
+runs a full fine-tune probe in a child while the parent holds the LoRA model, so need = full estimate +
+LoRA estimate + RUNTIME_OVERHEAD (Python, torch, the GGUF runtimes). Models are tried in order of
+preference (SmolLM2 first: the quickest that proves the pipeline), each at the largest batch that fits;
+a named model (FT_TEST_MODEL / FT_E2E_MODEL_ID) gets the largest batch that fits for it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from finetune.models.gemma import GEMMA3
+from finetune.models.packaged import SMOLLM2
+from finetune.train.memory import estimate
+from finetune.train.model_shape import ModelShape
+
+GIB = 1024**3
+RUNTIME_OVERHEAD = GIB
+BATCHES = (4, 2, 1)
+SIZING_SEQ_LEN = 128  # the tiers' rows are <= ~70 tokens; max_seq_length bounds them
+# The shapes of the packaged real models (their config.json), so choosing needs no model build.
+SHAPES = {
+    SMOLLM2: ModelShape(hidden_size=576, num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64,
+                        intermediate_size=1536, vocab_size=49152),
+    GEMMA3: ModelShape(hidden_size=640, num_layers=18, num_heads=4, num_kv_heads=1, head_dim=256,
+                       intermediate_size=2048, vocab_size=262144, model_type="gemma3_text"),
+}  # fmt: skip
+PREFERENCE = (SMOLLM2, GEMMA3)
+
+
+@dataclass(frozen=True)
+class Choice:
+    model_spec: str | None
+    batch_size: int
+    reason: str
+
+
+def need_bytes(spec: str, batch: int) -> int:
+    shape = SHAPES[spec]
+    lora = estimate(shape, fine_tune_type="lora", batch_size=batch, seq_len=SIZING_SEQ_LEN, lora_num_layers=8)
+    full = estimate(shape, fine_tune_type="full", batch_size=batch, seq_len=SIZING_SEQ_LEN)
+    return lora.total_bytes + full.total_bytes + RUNTIME_OVERHEAD
+
+
+def choose_for_memory(available_bytes: int | None, model: str | None = None) -> Choice:
+    """Pick model (unless given) and batch size from available memory; the reason names the numbers."""
+    if available_bytes is None:
+        return Choice(None, 0, "available memory unknown: not choosing a model")
+    have = available_bytes / GIB
+    if model is not None and model not in SHAPES:
+        return Choice(
+            model, 1, f"{model} is not a packaged model: batch 1 (its memory need is not known here)"
+        )
+    for spec in (model,) if model else PREFERENCE:
+        for batch in BATCHES:
+            need = need_bytes(spec, batch)
+            if available_bytes >= need:
+                return Choice(spec, batch, f"{have:.1f} GiB available >= {need / GIB:.1f} GiB estimated for "
+                                           f"{spec} batch {batch}")  # fmt: skip
+    smallest = min(need_bytes(spec, 1) for spec in ((model,) if model else PREFERENCE))
+    return Choice(None, 0, f"only {have:.2f} GiB available; {model or 'the smallest packaged model'} needs "
+                           f">= {smallest / GIB:.1f} GiB (estimated): skipping")  # fmt: skip
