@@ -90,7 +90,11 @@ def tier3(request):
     except ModelUnavailable as exc:
         _skip(f"model {MODEL!r} unavailable: {exc}")
     run_dir = ARTIFACTS / f"tier3-{datetime.now(UTC):%Y%m%d-%H%M%S}"
-    sets = [f"model.name={MODEL}", f"training.batch_size={choice.batch_size}", *model_sets(MODEL, "release")]
+    sets = [
+        f"model.name={MODEL}",
+        f"training.batch_size={choice.batch_size}",
+        *model_sets(MODEL, "release", ARTIFACTS),
+    ]
     out = _Progress(request.config.pluginmanager.getplugin("capturemanager"))
     saved = os.environ.get("FT_HISTORY")
     os.environ["FT_HISTORY"] = str(ARTIFACTS / "history.jsonl")  # tier runs are the history's subject
