@@ -117,7 +117,7 @@ def build_plan(
         return training.run_section(work / "training", model_spec=model, profile=args.profile,
                                     iters=args.iters or (5 if quick else 8), warmup=1 if quick else 2,
                                     rounds=args.rounds or (1 if quick else 2), overrides=train_overrides,
-                                    release_epochs=args.release_epochs or 1, release_rounds=args.release_rounds or 1,
+                                    release_epochs=args.release_epochs or (1 if quick else None), release_rounds=args.release_rounds or 1,
                                     release_warmup=1 if quick else 2, peft_threads=args.peft_threads,
                                     matmul_gflops=shared.get("mlx_gflops"), log=log)  # fmt: skip
 
@@ -183,7 +183,9 @@ def main(argv: list[str] | None = None) -> int:
         "--rounds", type=int, help="interleaved equal-settings training rounds (default 2; quick 1)"
     )
     p.add_argument(
-        "--release-epochs", type=int, help="epochs of the release data per release-profile run (default 1)"
+        "--release-epochs",
+        type=int,
+        help="epochs of the release data per release-profile run (default: the profile's own 120 steps; quick 1)",
     )
     p.add_argument("--release-rounds", type=int, help="interleaved release-profile rounds (default 1)")
     args = p.parse_args(argv)

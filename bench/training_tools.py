@@ -314,10 +314,13 @@ def make_settings(key: str, model_spec: str, profile: str, overrides: list[str],
 
 def run_section(work: Path, *, model_spec: str = "smollm2-135m", profile: str = "quick", iters: int = 8,
                 warmup: int = 2, rounds: int = 2, overrides: list[str] = (), release_profile: str = "release",
-                release_epochs: int = 1, release_rounds: int = 1, release_warmup: int = 2,
+                release_epochs: int | None = None, release_rounds: int = 1, release_warmup: int = 2,
                 peft_threads: int | None = None, matmul_gflops: float | None = None, timeout: float = 900,
                 log=print) -> Section:  # fmt: skip
-    """Both settings, every tool, round by round: in each round each setting's four tools in rotated order."""
+    """Both settings, every tool, round by round: in each round each setting's four tools in rotated order.
+
+    The release setting runs the profile's own steps (120: 6 epochs, as users run it) unless release_epochs
+    says how many epochs of its data to run instead."""
     threads = peft_threads or int(os.environ.get("OPENBLAS_NUM_THREADS") or 1)
     base = [f"model.name={model_spec}", *overrides]
     plans = {
@@ -330,7 +333,14 @@ def run_section(work: Path, *, model_spec: str = "smollm2-135m", profile: str = 
             continue
         (work / key).mkdir(parents=True, exist_ok=True)
         p = prepare(key, model_spec, prof, work / key, sets)
-        n_iters = iters if key == "equal" else max(1, release_epochs) * p["data"]["epoch_steps"]
+        if key == "equal":
+            n_iters = iters
+        elif release_epochs:
+            n_iters = release_epochs * p["data"]["epoch_steps"]
+        else:
+            from finetune.config.loader import load_config
+
+            n_iters = load_config(prof, overrides=sets).training.iters
         settings.append(make_settings(key, model_spec, prof, sets, p, iters=n_iters, warmup=wu, rounds=n_rounds,
                                       peft_threads=threads))  # fmt: skip
         p["data"]["matmul_gflops"] = matmul_gflops
