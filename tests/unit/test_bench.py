@@ -252,7 +252,16 @@ def test_summary_flags_losses_that_disagree_between_shortcuts_on_and_off():
     runs = [_run("finetune", 1.0, losses=[3.0, 2.0]), _run("finetune_off", 1.0, losses=[3.0, 2.01]),
             _run("mlx_lm", 1.0), _run("peft", 1.0)]  # fmt: skip
     fig = _figs(_summary(runs))["training.equal.loss_on_vs_off"]
-    assert fig.value == pytest.approx(0.01 / 2.01) and fig.met is False
+    assert fig.value == pytest.approx(0.01 / 3.0) and fig.met is False
+
+
+def test_late_reassociation_drift_near_zero_loss_is_judged_on_the_runs_loss_scale():
+    # 4e-5 apart at a loss of 0.1 (4e-4 relative there) after starting at 4.0: 1e-5 of the run's scale
+    runs = [_run("finetune", 1.0, losses=[4.0, 1.0, 0.10004]), _run("finetune_off", 1.0, losses=[4.0, 1.0, 0.1]),
+            _run("mlx_lm", 1.0), _run("peft", 1.0)]  # fmt: skip
+    fig = _figs(_summary(runs))["training.equal.loss_on_vs_off"]
+    assert fig.value == pytest.approx(4e-5 / 4.0) and fig.met is True
+    assert "4.00e-04 relative (step 3, loss 0.1)" in fig.detail
 
 
 def test_training_summary_reports_failed_runs():
