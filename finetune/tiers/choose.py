@@ -37,28 +37,33 @@ class Choice:
     reason: str
 
 
-def need_bytes(spec: str, batch: int) -> int:
-    shape = SHAPES[spec]
+def need_bytes(shape: ModelShape, batch: int) -> int:
     lora = estimate(shape, fine_tune_type="lora", batch_size=batch, seq_len=SIZING_SEQ_LEN, lora_num_layers=8)
     full = estimate(shape, fine_tune_type="full", batch_size=batch, seq_len=SIZING_SEQ_LEN)
     return lora.total_bytes + full.total_bytes + RUNTIME_OVERHEAD
 
 
-def choose_for_memory(available_bytes: int | None, model: str | None = None) -> Choice:
-    """Pick model (unless given) and batch size from available memory; the reason names the numbers."""
+def choose_for_memory(
+    available_bytes: int | None, model: str | None = None, config: dict | None = None
+) -> Choice:
+    """Pick model (unless given) and batch size from available memory; the reason names the numbers.
+
+    A named model that is not packaged is sized from its config.json (`config`); without one it gets batch 1."""
     if available_bytes is None:
         return Choice(None, 0, "available memory unknown: not choosing a model")
     have = available_bytes / GIB
-    if model is not None and model not in SHAPES:
-        return Choice(
-            model, 1, f"{model} is not a packaged model: batch 1 (its memory need is not known here)"
-        )
-    for spec in (model,) if model else PREFERENCE:
+    shapes = {spec: SHAPES[spec] for spec in PREFERENCE} if model is None else {}
+    if model is not None:
+        try:
+            shapes[model] = SHAPES.get(model) or ModelShape.from_hf_config(config or {})
+        except (TypeError, ValueError) as exc:
+            return Choice(model, 1, f"{model}: batch 1 (its memory need is not known here: {exc})")
+    for spec, shape in shapes.items():
         for batch in BATCHES:
-            need = need_bytes(spec, batch)
+            need = need_bytes(shape, batch)
             if available_bytes >= need:
                 return Choice(spec, batch, f"{have:.1f} GiB available >= {need / GIB:.1f} GiB estimated for "
                                            f"{spec} batch {batch}")  # fmt: skip
-    smallest = min(need_bytes(spec, 1) for spec in ((model,) if model else PREFERENCE))
+    smallest = min(need_bytes(shape, 1) for shape in shapes.values())
     return Choice(None, 0, f"only {have:.2f} GiB available; {model or 'the smallest packaged model'} needs "
                            f">= {smallest / GIB:.1f} GiB (estimated): skipping")  # fmt: skip

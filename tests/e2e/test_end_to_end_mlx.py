@@ -81,14 +81,14 @@ def tier3(request):
     from finetune.system.resources import available_memory_bytes
     from finetune.tiers.choose import choose_for_memory
 
-    choice = choose_for_memory(available_memory_bytes(), MODEL)
+    try:
+        resolved = resolve_model(MODEL)  # the pipeline's model stage finds it cached
+    except ModelUnavailable as exc:
+        _skip(f"model {MODEL!r} unavailable: {exc}")
+    choice = choose_for_memory(available_memory_bytes(), MODEL, resolved.config)
     print(f"tier 3 model: {MODEL} ({choice.reason})")
     if choice.model_spec is None:
         _skip(choice.reason)
-    try:
-        resolve_model(MODEL)  # the pipeline's model stage finds it cached
-    except ModelUnavailable as exc:
-        _skip(f"model {MODEL!r} unavailable: {exc}")
     run_dir = ARTIFACTS / f"tier3-{datetime.now(UTC):%Y%m%d-%H%M%S}"
     sets = [
         f"model.name={MODEL}",

@@ -84,7 +84,11 @@ def tier2():
     from finetune.tiers.tiers import TIERS, run_tier
 
     named = os.environ.get("FT_TEST_MODEL") or None
-    choice = choose_for_memory(available_memory_bytes(), named)
+    try:  # a named model is sized from its config.json; unset, the memory picks a packaged one
+        config = resolve_model(named).config if named else None
+    except ModelUnavailable as exc:
+        _skip(f"model {named!r} unavailable: {exc}", named)
+    choice = choose_for_memory(available_memory_bytes(), named, config)
     model = choice.model_spec
     print(f"tier 2 model: {named or model} ({'FT_TEST_MODEL; ' if named else ''}{choice.reason})")
     if model is None:

@@ -4,27 +4,27 @@ import pytest
 
 from finetune.models.gemma import GEMMA3
 from finetune.models.packaged import SMOLLM2
-from finetune.tiers.choose import BATCHES, GIB, PREFERENCE, choose_for_memory, need_bytes
+from finetune.tiers.choose import BATCHES, GIB, PREFERENCE, SHAPES, choose_for_memory, need_bytes
 
 
 def test_needs_grow_with_batch_and_model_size():
     for spec in PREFERENCE:
-        needs = [need_bytes(spec, b) for b in BATCHES]
+        needs = [need_bytes(SHAPES[spec], b) for b in BATCHES]
         assert needs == sorted(needs, reverse=True)
     # Gemma's 262k-token vocabulary makes its full fine-tune probe far larger than SmolLM2's
-    assert need_bytes(GEMMA3, 1) > need_bytes(SMOLLM2, 4)
+    assert need_bytes(SHAPES[GEMMA3], 1) > need_bytes(SHAPES[SMOLLM2], 4)
 
 
 @pytest.mark.parametrize("model", [None, SMOLLM2, GEMMA3])
 def test_the_largest_batch_that_fits_is_chosen(model):
     spec = model or PREFERENCE[0]
     for batch in BATCHES:
-        need = need_bytes(spec, batch)
+        need = need_bytes(SHAPES[spec], batch)
         assert choose_for_memory(need, model) == choose_for_memory(need, model)  # deterministic
         choice = choose_for_memory(need, model)
         assert (choice.model_spec, choice.batch_size) == (spec, batch)
         assert f"{need / GIB:.1f} GiB estimated for {spec} batch {batch}" in choice.reason
-    below = choose_for_memory(need_bytes(spec, 1) - 1, model)
+    below = choose_for_memory(need_bytes(SHAPES[spec], 1) - 1, model)
     assert (below.model_spec, below.batch_size) == (None, 0) and "skipping" in below.reason
 
 
@@ -37,7 +37,13 @@ def test_unknown_memory_and_unknown_models():
     unknown = choose_for_memory(None)
     assert unknown.model_spec is None and "unknown" in unknown.reason
     other = choose_for_memory(64 * GIB, "org/some-model")
-    assert (other.model_spec, other.batch_size) == (
-        "org/some-model",
-        1,
-    ) and "not a packaged model" in other.reason
+    assert (other.model_spec, other.batch_size) == ("org/some-model", 1) and "not known here" in other.reason
+
+
+def test_a_model_that_is_not_packaged_is_sized_from_its_config():
+    from finetune.models.tiny import TINY_CONFIG
+
+    small = choose_for_memory(4 * GIB, "tiny-llama", TINY_CONFIG)
+    assert (small.model_spec, small.batch_size) == ("tiny-llama", 4)
+    assert "estimated for tiny-llama batch 4" in small.reason
+    assert choose_for_memory(GIB // 4, "tiny-llama", TINY_CONFIG).model_spec is None
