@@ -32,6 +32,15 @@ def test_local_folder_resolves(tmp_path):
     assert got.name == str(folder)
 
 
+def test_terms_recorded_in_a_built_folders_marker_travel_with_the_model(tmp_path):
+    from finetune.models.cache import MARKER
+
+    folder = write_folder(tmp_path / "m")
+    assert resolve_model(str(folder), downloader=no_download).license is None
+    (folder / MARKER).write_text(json.dumps({"spec": "x", "license": "Gemma Terms of Use"}))
+    assert resolve_model(str(folder), downloader=no_download).license == "Gemma Terms of Use"
+
+
 def test_local_folder_lists_everything_missing(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelUnavailable) as err:
