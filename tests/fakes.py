@@ -124,7 +124,7 @@ def fake_model_folder(root: Path, tokenizer: Any, name: str) -> SimpleNamespace:
         (folder / "config.json").write_text(json.dumps(SMOLLM2_SHAPE))
         tokenizer.save_pretrained(str(folder))
         (folder / "model.safetensors").write_bytes(b"fake weights")
-    return SimpleNamespace(name=name, path=folder, source="fake", config=dict(SMOLLM2_SHAPE))
+    return SimpleNamespace(name=name, path=folder, source="fake", config=dict(SMOLLM2_SHAPE), license=None)
 
 
 def fake_deps(tokenizer: Any, models_root: Path, trainer: FakeTrainer | None = None, calls: list | None = None,

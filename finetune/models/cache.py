@@ -64,9 +64,8 @@ def build_once(target: Path, build: Callable[[Path], dict], log: Log = stderr_lo
                 info = build(tmp)
                 info["build_seconds"] = round(time.perf_counter() - start, 2)
                 (tmp / MARKER).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-                for item in tmp.rglob(
-                    "*"
-                ):  # mkdtemp and safetensors make owner-only files; the cache is shared
+                # mkdtemp and safetensors make owner-only files; the cache is shared
+                for item in tmp.rglob("*"):
                     item.chmod(0o755 if item.is_dir() else 0o644)
                 tmp.chmod(0o755)
                 os.replace(tmp, target)

@@ -48,7 +48,7 @@ def stage_model(ctx: Ctx) -> StageResult:
     from finetune.evaluate.probes import base_file_digests
 
     m = ctx.deps.resolve_model(ctx.cfg.model.name)
-    terms = getattr(m, "license", None)
+    terms = m.license
     outputs = {"name": m.name, "path": str(m.path), "source": m.source, "config": m.config,
                "base_files": base_file_digests(Path(m.path)), "license": terms}  # fmt: skip
     details = {"source": m.source, "path": str(m.path), **({"license": terms} if terms else {})}

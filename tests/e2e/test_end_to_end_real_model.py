@@ -83,20 +83,21 @@ def tier2():
     from finetune.tiers.rundir import own_config
     from finetune.tiers.tiers import TIERS, run_tier
 
+    def resolved(spec: str):
+        try:
+            return resolve_model(spec)  # the run's model stage then finds it cached
+        except ModelUnavailable as exc:
+            _skip(f"model {spec!r} unavailable: {exc}", spec)
+
     named = os.environ.get("FT_TEST_MODEL") or None
-    try:  # a named model is sized from its config.json; unset, the memory picks a packaged one
-        config = resolve_model(named).config if named else None
-    except ModelUnavailable as exc:
-        _skip(f"model {named!r} unavailable: {exc}", named)
-    choice = choose_for_memory(available_memory_bytes(), named, config)
+    # a named model is sized from its config.json; unset, the memory picks a packaged one
+    choice = choose_for_memory(available_memory_bytes(), named, resolved(named).config if named else None)
     model = choice.model_spec
     print(f"tier 2 model: {named or model} ({'FT_TEST_MODEL; ' if named else ''}{choice.reason})")
     if model is None:
         _skip(choice.reason, named)
-    try:
-        resolve_model(model)
-    except ModelUnavailable as exc:
-        _skip(f"model {model!r} unavailable: {exc}", model)
+    if not named:
+        resolved(model)
     run_dir = ARTIFACTS / f"tier2-{datetime.now(UTC):%Y%m%d-%H%M%S}"
     sets = [
         f"model.name={model}",
