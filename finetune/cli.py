@@ -1,8 +1,9 @@
 """`finetune` command line: config, prepare, estimate, doctor, train, run, validate, pipeline.
 
 Exit codes: 0 passed (or trained, for `train`), 1 a stage or gate failed, 2 bad input (config, data,
-model folder), 3 degraded (something required was skipped; FT_ALLOW_SKIP allows named skips),
-130 / 143 / 129 interrupted by SIGINT / SIGTERM / SIGHUP (resumable with the printed command).
+model folder; FT_INJECT_FAULT without the test harness's arming key), 3 degraded (something required was
+skipped; FT_ALLOW_SKIP allows named skips), 4 fault_injected (the test harness planted a fault: never a
+pass), 130 / 143 / 129 interrupted by SIGINT / SIGTERM / SIGHUP (resumable with the printed command).
 """
 
 from __future__ import annotations
@@ -150,9 +151,11 @@ def _dispatch(args, deps, out) -> int:
 
 
 def _tier(args, deps, out) -> int:
+    from finetune import faults
     from finetune.tiers.rundir import new_run_dir, own_config
     from finetune.tiers.tiers import TIERS, print_result, run_tier
 
+    faults.injected()  # FT_INJECT_FAULT without the harness's arming key: refused before any work (exit 2)
     if args.command == "validate":
         run_dir = Path(args.run_dir)
         cfg = own_config(run_dir, None, command="validate")

@@ -1,19 +1,36 @@
 """Fault injection: plant a known fault into the real pipeline, to prove the gate meant for it catches it.
 
-    FT_INJECT_FAULT=adapter_scale_zero finetune run ...     (several: comma-separated)
+    FT_INJECT_FAULT=adapter_scale_zero FT_FAULTS_ARMED=planted-by-the-finetune-test-harness finetune run ...
+    (several faults: comma-separated)
 
-Each fault is planted at one documented point of the product code (grep for its name); nothing is patched
-from outside. A fault is part of the cache key of the stage it is planted in, so a faulty run never reuses
-that stage's healthy result (or the other way round) and every stage downstream reruns on the changed
-artifacts. docs/fault-injection.md is the fault suite's table (`make test-faults` writes it).
+Only the test harness arms faults: `arming(*names)` is the environment it sets (tests/conftest.py's
+`plant_fault` fixture, the fault, chaos and tier-3 suites). FT_INJECT_FAULT alone, as a shell that exported
+it for the fault suite would have it, is refused before any work with a message naming both variables
+(exit 2). A run with a fault planted ends `fault_injected` (exit 4), never `passed` or `not_judged`, even
+when no gate notices the fault; its gates still say which one caught it.
+
+Product code holds one line per fault, `value = faults.point("name", value, *context)`; every effect (the
+code that breaks things) is below. A fault is part of the cache key of the stage it is planted in, so a
+faulty run never reuses that stage's healthy result (or the other way round) and every stage downstream
+reruns on the changed artifacts. docs/fault-injection.md is the fault suite's table (`make test-faults`).
 """
 
 from __future__ import annotations
 
+import errno
+import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+from finetune.errors import UserError
 
 ENV = "FT_INJECT_FAULT"
+ARM_ENV = "FT_FAULTS_ARMED"
+ARM_VALUE = "planted-by-the-finetune-test-harness"  # a phrase nobody exports by accident
+STATUS = "fault_injected"  # the status of every run with a fault planted
+EXIT_CODE = 4
 
 # name -> (the stage it is planted in, what it does, the gate that must catch it)
 FAULTS: dict[str, tuple[str, str, str]] = {
@@ -50,23 +67,132 @@ FAULTS: dict[str, tuple[str, str, str]] = {
 WRITE_ONLY = frozenset({"disk_full_checkpoint"})
 
 
+class FaultsNotArmed(UserError):
+    """FT_INJECT_FAULT without the harness's arming key: a leaked variable, not a request."""
+
+
+def arming(*names: str) -> dict[str, str]:
+    """The environment that plants these faults, as the test harness sets it (no names: none planted)."""
+    return {ENV: ",".join(names), ARM_ENV: ARM_VALUE}
+
+
 def injected(env: Mapping[str, str] | None = None) -> list[str]:
-    """The active faults; an unknown name is an error (a typo must not make a fault suite pass)."""
-    raw = (os.environ if env is None else env).get(ENV, "")
-    names = [n.strip() for n in raw.split(",") if n.strip()]
+    """The planted faults. An unknown name is an error (a typo must not make a fault suite pass), and so is
+    a fault without the arming key (a shell that kept FT_INJECT_FAULT must not ship a broken adapter)."""
+    env = os.environ if env is None else env
+    names = [n.strip() for n in env.get(ENV, "").split(",") if n.strip()]
     unknown = [n for n in names if n not in FAULTS]
     if unknown:
-        raise ValueError(f"{ENV}: unknown fault(s) {unknown}; known: {', '.join(FAULTS)}")
+        raise UserError(f"{ENV}: unknown fault(s) {unknown}; known: {', '.join(FAULTS)}")
+    if names and env.get(ARM_ENV) != ARM_VALUE:
+        raise FaultsNotArmed(
+            f"{ENV}={','.join(names)} is set but {ARM_ENV} does not arm it: faults are planted only by the "
+            f"test harness. Unset {ENV} (a shell that exported it for the fault suite), or arm it as "
+            "finetune/faults.py says to break this run on purpose"
+        )
     return names
 
 
 def injected_at(stage: str) -> list[str]:
-    """The active faults planted in this stage (part of its cache key; downstream stages see their effect
+    """The planted faults of this stage (part of its cache key; downstream stages see their effect
     through the artifacts they read)."""
     return [n for n in injected() if FAULTS[n][0] == stage]
 
 
-def active(name: str) -> bool:
+T = TypeVar("T")
+
+
+def point(name: str, value: T, *context: Any) -> T:
+    """A fault's one line in product code: `value` itself, or, with the fault planted, what its effect makes
+    of it (`context`: what else the effect needs, e.g. the base model's folder)."""
     if name not in FAULTS:
         raise KeyError(f"no fault named {name!r}")
-    return name in injected()
+    return EFFECTS[name](value, *context) if name in injected() else value
+
+
+# ---------------------------------------------------------------- the effects, one per fault
+
+
+def _frozen_lora(opt):
+    import mlx.core as mx
+    from mlx.utils import tree_map
+
+    real = opt.apply_gradients
+    opt.apply_gradients = lambda grads, params: real(tree_map(mx.zeros_like, grads), params)
+    return opt
+
+
+def _base_weight_trained(model):
+    from finetune.train.setup import final_norm
+
+    _, norm = final_norm(model)  # every architecture has one
+    norm.unfreeze(keys=["weight"], recurse=False)
+    return model
+
+
+def _adapter_scale_zero(adapter_dir: Path) -> Path:
+    path = adapter_dir / "adapter_config.json"
+    cfg = json.loads(path.read_text())
+    cfg["lora_parameters"]["scale"] = 0.0
+    path.write_text(json.dumps(cfg, indent=2))
+    return adapter_dir
+
+
+def _adapter_truncated(adapter_dir: Path) -> Path:
+    path = adapter_dir / "adapters.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return adapter_dir
+
+
+def _disk_full_checkpoint(target: Path, run_dir: Path) -> Path:
+    from finetune.train.checkpoints import latest_checkpoint
+
+    if latest_checkpoint(run_dir) is not None:  # the second write fails: there is a checkpoint to keep intact
+        raise OSError(errno.ENOSPC, "No space left on device (injected)", str(target))
+    return target
+
+
+def _fuse_drops_adapter(fused_model, base_path: Path):
+    from mlx_lm.utils import load
+
+    return load(str(base_path))[0]
+
+
+def _fuse_scales_tensor(model):
+    from finetune.train.setup import final_norm
+
+    _, norm = final_norm(model)
+    norm.weight = norm.weight * 1.02
+    return model
+
+
+def _gguf_pretokenizer_mislabelled(path: Path) -> Path:
+    from finetune.export.gguf_inspect import rewrite_string
+
+    current = rewrite_string(path, "tokenizer.ggml.pre", None)
+    rewrite_string(path, "tokenizer.ggml.pre", "llama-bpe" if current != "llama-bpe" else "gpt-2")
+    return path
+
+
+def _modelfile_wrong_template(template: str) -> str:
+    from finetune.serve.modelfile import chat_format
+
+    return chat_format("llama3" if "<|im_start|>" in template else "chatml").template
+
+
+EFFECTS: dict[str, Callable[..., Any]] = {
+    "lr_zero": lambda lr: 0.0,
+    "frozen_lora": _frozen_lora,
+    "base_weight_trained": _base_weight_trained,
+    "mask_prompt_ignored": lambda mask: [1] * len(mask),
+    "adapter_scale_zero": _adapter_scale_zero,
+    "adapter_truncated": _adapter_truncated,
+    "disk_full_checkpoint": _disk_full_checkpoint,
+    "fuse_drops_adapter": _fuse_drops_adapter,
+    "fuse_scales_tensor": _fuse_scales_tensor,
+    "gguf_pretokenizer_mislabelled": _gguf_pretokenizer_mislabelled,
+    "modelfile_wrong_template": _modelfile_wrong_template,
+    "modelfile_no_stop": lambda stops: [],
+    "eval_runtime_base": lambda fused_dir, base_dir: base_dir,
+}

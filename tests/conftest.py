@@ -25,6 +25,20 @@ def _private_history(tmp_path_factory):
     os.environ.setdefault("FT_HISTORY", str(tmp_path_factory.mktemp("history") / "history.jsonl"))
 
 
+def plant(mp: pytest.MonkeyPatch, *names: str) -> None:
+    """Plant these faults through `mp` (no names: none), armed as only the test harness arms them."""
+    from finetune import faults
+
+    for key, value in faults.arming(*names).items():
+        mp.setenv(key, value)
+
+
+@pytest.fixture
+def plant_fault(monkeypatch):
+    """plant_fault("lr_zero", ...) plants faults for this test; plant_fault() takes them out again."""
+    return lambda *names: plant(monkeypatch, *names)
+
+
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"

@@ -41,8 +41,9 @@ def save(rows: list[dict]) -> None:
         "",
         "# Fault injection: every known fault is caught by its gate",
         "",
-        "Each fault is planted into the REAL pipeline with `FT_INJECT_FAULT=<name>` (finetune/faults.py); the run",
-        "must fail, and the named gate must be among the failed ones. Healthy runs must pass every gate.",
+        "Each fault is planted into the REAL pipeline with `FT_INJECT_FAULT=<name>`, armed by the test harness",
+        "(finetune/faults.py); the run must end `fault_injected` (never `passed`), and the named gate must be among",
+        "the failed ones. Healthy runs must pass every gate.",
         "",
         "| run | model | planted (stage: what) | expected gate | caught | run status | failed gates (measured vs "
         "threshold) | when |",

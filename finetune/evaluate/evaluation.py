@@ -109,7 +109,7 @@ def run_evaluation(inputs: EvalInputs, backends: Backends, *, log: Log = print) 
         if got is not None:
             m.answers[name] = list(got)
 
-    fused_dir = inputs.base_dir if faults.active("eval_runtime_base") else inputs.fused_dir
+    fused_dir = faults.point("eval_runtime_base", inputs.fused_dir, inputs.base_dir)
 
     def gguf_side() -> None:
         if inputs.llamacpp_reason is None:

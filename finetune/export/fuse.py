@@ -16,7 +16,6 @@ from finetune.errors import UserError
 from finetune.export.layout import same_layout, to_base_layout
 from finetune.models.convert import EXPORT_OVERRIDES
 from finetune.system.atomic import atomic_dir
-from finetune.train.setup import final_norm
 
 ADAPTER_FILES = ("adapters.safetensors", "adapter_config.json")
 # A base model's files for GGUF export that mlx-lm's save does not copy (SentencePiece model, the staged
@@ -85,13 +84,10 @@ def fuse(
     fused = [(name, m.fuse(dequantize=dequantize)) for name, m in model.named_modules() if hasattr(m, "fuse")]
     if not fused and kind != "full":
         raise FuseError(f"{adapter_path}: no {kind} layers were found in the model after loading the adapter")
-    if faults.active("fuse_drops_adapter"):
-        model, tokenizer, config = load(str(base_path), return_config=True)
-    elif fused:
+    if fused:
         model.update_modules(tree_unflatten(fused))
-    if faults.active("fuse_scales_tensor"):
-        name, norm = final_norm(model)
-        norm.weight = norm.weight * 1.02
+    model = faults.point("fuse_drops_adapter", model, base_path)
+    model = faults.point("fuse_scales_tensor", model)
     if dequantize:
         model = dequantize_model(model)
         config.pop("quantization", None)

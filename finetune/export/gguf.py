@@ -22,7 +22,6 @@ from pathlib import Path
 from finetune import faults
 from finetune.errors import UserError
 from finetune.export.converter import fetch_converter
-from finetune.export.gguf_inspect import rewrite_string
 from finetune.models.convert import EXPORT_OVERRIDES
 from finetune.system.procs import run_guarded
 
@@ -191,12 +190,4 @@ def convert_hf_to_gguf(
                 f"{_reason(proc.stderr, proc.stdout)}"
             )
         os.replace(tmp_out, out_path)
-    if faults.active("gguf_pretokenizer_mislabelled"):
-        mislabel_pretokenizer(out_path)
-    return out_path
-
-
-def mislabel_pretokenizer(path: Path) -> None:
-    """The gguf_pretokenizer_mislabelled fault: tokenizer.ggml.pre names another pre-tokenizer."""
-    current = rewrite_string(path, "tokenizer.ggml.pre", None)
-    rewrite_string(path, "tokenizer.ggml.pre", "llama-bpe" if current != "llama-bpe" else "gpt-2")
+    return faults.point("gguf_pretokenizer_mislabelled", out_path)

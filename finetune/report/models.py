@@ -20,7 +20,9 @@ SCHEMA_PATH = Path(__file__).resolve().parents[2] / "docs" / "report-schema.json
 REPORT_NAME = "report.json"
 
 Status = Literal["passed", "failed", "skipped"]
-RunStatus = Literal["passed", "failed", "degraded", "bad_input", "interrupted", "not_judged", "running"]
+RunStatus = Literal[
+    "passed", "failed", "degraded", "bad_input", "interrupted", "not_judged", "fault_injected", "running"
+]
 
 
 class _Model(BaseModel):

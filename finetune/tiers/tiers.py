@@ -5,6 +5,8 @@ run       `finetune run` (tiers 1 and 2): model -> data -> estimate -> train -> 
 train     `finetune train`: model -> data -> train; its status is "not_judged", never "passed"
 validate  `finetune validate RUN`: model -> judge again, from what RUN saved
 pipeline  `finetune pipeline` (tier 3): model -> data -> train -> judge -> fuse -> gguf -> ollama -> evaluate
+
+A run with a fault planted (finetune/faults.py) ends "fault_injected", exit 4, whatever its gates say.
 """
 
 from __future__ import annotations
@@ -78,6 +80,7 @@ def run_tier(tier: Tier, cfg: RunConfig, run_dir: Path, deps: Deps, *, log: Call
     """Run a tier in run_dir (which must already own cfg as its config.yaml) and write report.json."""
     run_dir = Path(run_dir).absolute()
     command = command or tier.name
+    faults.injected()  # a fault without the harness's arming key is refused before any work
     with run_dir_lock(run_dir, f"finetune {command}"), signals.handled():
         for stale in procs_dirs(run_dir):
             for record in procs.sweep(stale):
@@ -136,17 +139,21 @@ def _finish(tier: Tier, ctx: Ctx, stages: list, bad_input: bool, stop: signals.I
     outcome = decide([s.model_dump() for s in stages], verdicts, required_gates=tier.required_gates,
                      allowed=allowed, gate_stages=GATE_STAGES, bad_input=bad_input,
                      interrupted=stop.signum if stop else None)  # fmt: skip
-    status, code = outcome.status, outcome.exit_code
+    status, code, reasons = outcome.status, outcome.exit_code, outcome.reasons
     if not tier.judged and status == "passed":
         status = "not_judged"
+    planted = faults.injected()
+    if planted and status not in ("bad_input", "interrupted"):  # a broken run never looks green
+        status, code = faults.STATUS, faults.EXIT_CODE
+        reasons = [f"faults planted on purpose ({faults.ENV}): {', '.join(planted)}", *reasons]
     try:
         env = ctx.deps.collect_env()
     except Exception as exc:  # the report must still be written
         env = {"error": f"{type(exc).__name__}: {exc}"}
     evaluate = ctx.outputs.get("evaluate", {})
     report = RunReport(
-        tier=tier.name, status=status, exit_code=code, reasons=outcome.reasons, allowed_skips=outcome.allowed,
-        faults=faults.injected(),
+        tier=tier.name, status=status, exit_code=code, reasons=reasons, allowed_skips=outcome.allowed,
+        faults=planted,
         resume_command=resume_command(command, ctx.run_dir) if stop else None, profile=ctx.cfg.profile,
         model=ctx.cfg.model.name, model_license=(ctx.outputs.get("model") or {}).get("license"),
         run_dir=str(ctx.run_dir), code_version=code_version(),

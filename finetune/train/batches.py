@@ -41,7 +41,6 @@ class TokenDataset:
 def load_split(path: Path, tokenizer, max_seq_length: int, mask_prompt: bool) -> TokenDataset:
     """Read a prepared split (train/valid/test.jsonl) and tokenize it once."""
     items, rows = [], []
-    trained_prompt = faults.active("mask_prompt_ignored")
     with open(path, encoding="utf-8") as fh:
         for line_no, line in enumerate(fh, 1):
             if not line.strip():
@@ -53,8 +52,7 @@ def load_split(path: Path, tokenizer, max_seq_length: int, mask_prompt: bool) ->
                 )
             except (json.JSONDecodeError, KeyError) as exc:
                 raise ValueError(f"{path}:{line_no}: not a prepared example ({exc})") from None
-            if trained_prompt:
-                mask = [1] * len(ids)
+            mask = faults.point("mask_prompt_ignored", mask)
             if sum(mask[1:]) == 0:
                 continue  # nothing to learn after truncation
             items.append((ids, mask))

@@ -7,7 +7,6 @@ leaves the previous one intact; a file that is damaged anyway is reported by nam
 
 from __future__ import annotations
 
-import errno
 import json
 from pathlib import Path
 from typing import Any
@@ -45,14 +44,8 @@ def save_adapter(model, acfg: dict, out: Path) -> Path:
 def save_final_adapter(model, acfg: dict, out: Path) -> Path:
     """The shipped adapter; the artifact faults are planted here (after a correct save)."""
     save_adapter(model, acfg, out)
-    if faults.active("adapter_scale_zero"):
-        cfg = json.loads((out / ADAPTER_CONFIG).read_text())
-        cfg["lora_parameters"]["scale"] = 0.0
-        (out / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=2))
-    if faults.active("adapter_truncated"):
-        data = (out / ADAPTER_FILE).read_bytes()
-        (out / ADAPTER_FILE).write_bytes(data[: len(data) // 2])
-    return out
+    faults.point("adapter_scale_zero", out)
+    return faults.point("adapter_truncated", out)
 
 
 def save_checkpoint(run_dir: Path, step: int, model, optimizer, acfg: dict, state: dict) -> Path:
@@ -60,10 +53,7 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, acfg: dict, stat
     try:
         with atomic_dir(out) as tmp:
             mx.save_safetensors(str(tmp / ADAPTER_FILE), trainable_weights(model))
-            if faults.active("disk_full_checkpoint") and latest_checkpoint(run_dir) is not None:
-                raise OSError(
-                    errno.ENOSPC, "No space left on device (injected)", str(tmp / "optimizer.safetensors")
-                )
+            faults.point("disk_full_checkpoint", tmp / "optimizer.safetensors", run_dir)
             mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
             (tmp / ADAPTER_CONFIG).write_text(json.dumps(acfg, indent=2))
             (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=2))

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import mlx.core as mx
 import mlx.optimizers as optim
-from mlx.utils import tree_map
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
 from finetune import faults
@@ -39,8 +37,7 @@ def prepare_model(model, cfg: RunConfig) -> dict[str, Any]:
         linear_to_lora_layers(
             model, acfg["num_layers"], acfg["lora_parameters"], use_dora=cfg.training.fine_tune_type == "dora"
         )
-    if faults.active("base_weight_trained"):
-        _leave_one_base_tensor_trainable(model)
+    faults.point("base_weight_trained", model)
     return acfg
 
 
@@ -48,12 +45,6 @@ def final_norm(model) -> tuple[str, Any]:
     """The model's final norm (model.norm, model.ln_f, ...): the norm module with the shortest path."""
     norms = [(n, m) for n, m in model.named_modules() if n.endswith(("norm", "ln_f"))]
     return min(norms, key=lambda nm: (nm[0].count("."), nm[0]))
-
-
-def _leave_one_base_tensor_trainable(model) -> None:
-    # The fault: the final norm's weight (every architecture has one) trains with the adapters.
-    name, module = final_norm(model)
-    module.unfreeze(keys=["weight"], recurse=False)
 
 
 def make_optimizer(cfg: RunConfig) -> optim.Optimizer:
@@ -67,15 +58,11 @@ def make_optimizer(cfg: RunConfig) -> optim.Optimizer:
         warm = optim.linear_schedule(0.0, t.learning_rate, t.warmup_steps)
         rest = lr if callable(lr) else (lambda _step, v=lr: v)
         lr = optim.join_schedules([warm, rest], [t.warmup_steps])
-    if faults.active("lr_zero"):
-        lr = 0.0
+    lr = faults.point("lr_zero", lr)
     if t.optimizer == "adamw":
         opt: optim.Optimizer = optim.AdamW(learning_rate=lr, weight_decay=t.weight_decay)
     elif t.optimizer == "sgd":
         opt = optim.SGD(learning_rate=lr, weight_decay=t.weight_decay)
     else:
         opt = optim.Adam(learning_rate=lr)
-    if faults.active("frozen_lora"):
-        real = opt.apply_gradients
-        opt.apply_gradients = lambda grads, params: real(tree_map(mx.zeros_like, grads), params)
-    return opt
+    return faults.point("frozen_lora", opt)

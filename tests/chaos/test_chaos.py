@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from finetune import faults
 from finetune.serve.ollama_provision import locate_ollama
 from finetune.tiers.tiers import TIERS
 from tests.chaos.harness import (
@@ -51,7 +52,7 @@ def _first(command: str, run_dir: Path, data_dir: Path) -> list[str]:
 
 
 def _env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k != "FT_INJECT_FAULT"}
+    return {k: v for k, v in os.environ.items() if k not in (faults.ENV, faults.ARM_ENV)}
 
 
 def _report(run_dir: Path) -> dict:
@@ -294,14 +295,14 @@ def test_a_full_disk_during_a_checkpoint_then_a_corrupt_checkpoint_fail_clearly_
                                                                                                tmp_path, record):  # fmt: skip
     _, ref = reference("run")
     run_dir = tmp_path / "run"
-    cli = Cli(_first("run", run_dir, data_dir), {**_env(), "FT_INJECT_FAULT": "disk_full_checkpoint"})
+    cli = Cli(_first("run", run_dir, data_dir), {**_env(), **faults.arming("disk_full_checkpoint")})
     code = cli.wait(TIMEOUT)
     kept = sorted(p.name for p in (run_dir / "checkpoints").glob("step-*"))
     clear = "No space left on device" in cli.output and "is intact" in cli.output
     record(case="disk full while writing a checkpoint", command="run", fault="ENOSPC (FT_INJECT_FAULT)",
-           target="train", landed="train", code=code, expected=1, orphans=orphans(cli, run_dir), bytes_lost=0,
-           recovered=clear and kept == ["step-0000050"], detail=f"checkpoints kept: {kept}")  # fmt: skip
-    assert code == 1 and clear and kept == ["step-0000050"], cli.output[-3000:]
+           target="train", landed="train", code=code, expected=faults.EXIT_CODE, orphans=orphans(cli, run_dir),
+           bytes_lost=0, recovered=clear and kept == ["step-0000050"], detail=f"checkpoints kept: {kept}")  # fmt: skip
+    assert code == faults.EXIT_CODE and clear and kept == ["step-0000050"], cli.output[-3000:]
     assert not stray_temporaries(run_dir)
 
     damaged = run_dir / "checkpoints" / "step-0000050" / "adapters.safetensors"

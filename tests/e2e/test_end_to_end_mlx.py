@@ -197,7 +197,7 @@ SMOLLM2_FAULTS = ("modelfile_wrong_template", "eval_runtime_base")
 
 
 @pytest.mark.parametrize("fault", SMOLLM2_FAULTS)
-def test_a_shipping_fault_on_the_real_model_is_caught_by_its_gate(tier3, fault, tmp_path, monkeypatch):
+def test_a_shipping_fault_on_the_real_model_is_caught_by_its_gate(tier3, fault, tmp_path, plant_fault):
     from finetune import faults
     from finetune.evaluate.evaluation import EvalSettings
     from finetune.tiers.real import real_deps
@@ -211,14 +211,14 @@ def test_a_shipping_fault_on_the_real_model_is_caught_by_its_gate(tier3, fault, 
     if (stage == "ollama" or gate in OLLAMA_GATES) and (why := _ollama_allowed_away(tier3)):
         pytest.skip(f"{fault} is caught by the served model's gates: {why}")
     run_dir = _replica(tier3["path"].parent, tmp_path / "run")
-    monkeypatch.setenv(faults.ENV, fault)
+    plant_fault(fault)
     report = run_tier(TIERS["pipeline"], own_config(run_dir, None), run_dir, real_deps(), log=lambda _: None,
                       settings=EvalSettings(n_train=6, n_heldout=0)).report  # fmt: skip
     failed = {g.name for g in report.gates if g.status == "failed"}
     fault_table.save([dict(fault=fault, model=MODEL, expected=gate, caught=gate in failed, status=report.status,
                            failed=[f"{g.name} ({g.measured if g.measured is None else round(g.measured, 4)} vs "
                                    f"{g.threshold})" for g in report.gates if g.status == "failed"])])  # fmt: skip
-    assert report.faults == [fault] and report.status == "failed"
+    assert report.faults == [fault] and (report.status, report.exit_code) == (faults.STATUS, faults.EXIT_CODE)
     assert gate in failed, f"{fault} was not caught by {gate}; failed: {sorted(failed)}"
     order = [s.name for s in report.stages]
     upstream = [

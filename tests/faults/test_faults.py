@@ -1,5 +1,6 @@
-"""`make test-faults`: every known fault, planted into the real pipeline (FT_INJECT_FAULT), is caught by the gate
-that exists for it; healthy runs of three seeds pass every gate (no false failure).
+"""`make test-faults`: every known fault, planted into the real pipeline (FT_INJECT_FAULT, armed by the harness's
+plant_fault), is caught by the gate that exists for it and ends the run `fault_injected`, never `passed`;
+healthy runs of three seeds pass every gate (no false failure). The fault lists come from faults.FAULTS.
 
 Tiny GPT-2 (random weights, GPT-2's real tokenizer) learns the healthy data's trained answer in ~100 steps, so
 every gate judges something real in seconds. Shipping faults replay a healthy pipeline run with the fault:
@@ -22,10 +23,11 @@ from finetune.tiers.rundir import own_config
 from finetune.tiers.tiers import TIERS, run_tier
 from tests.tiny_run import MODEL, healthy_sets
 
-TRAIN_FAULTS = ("lr_zero", "frozen_lora", "base_weight_trained", "mask_prompt_ignored", "adapter_scale_zero",
-                "adapter_truncated")  # fmt: skip
-SHIP_FAULTS = ("fuse_drops_adapter", "fuse_scales_tensor", "gguf_pretokenizer_mislabelled", "modelfile_wrong_template",
-               "modelfile_no_stop", "eval_runtime_base")  # fmt: skip
+STAGE_ERROR = "(stage error)"  # no gate: the stage itself must fail, clearly
+GATED = {n: stage for n, (stage, _, gate) in faults.FAULTS.items() if gate != STAGE_ERROR}
+TRAIN_FAULTS = [n for n, stage in GATED.items() if stage == "train"]
+SHIP_FAULTS = [n for n, stage in GATED.items() if stage != "train"]
+STAGE_ERROR_FAULTS = [n for n in faults.FAULTS if n not in GATED]
 
 
 def _sets(folder: Path, seed: int = 0) -> list[str]:
@@ -67,47 +69,50 @@ def test_a_healthy_seed_passes_every_gate(seed, healthy, tmp_path, data_dir, rec
 
 
 @pytest.mark.parametrize("fault", TRAIN_FAULTS)
-def test_a_training_fault_is_caught_by_its_gate(fault, tmp_path, data_dir, record, monkeypatch):
-    monkeypatch.setenv(faults.ENV, fault)
+def test_a_training_fault_is_caught_by_its_gate(fault, tmp_path, data_dir, record, plant_fault):
+    plant_fault(fault)
     gate = faults.FAULTS[fault][2]
     report = _run("run", tmp_path / "run", [*_sets(data_dir), "gates.skip=[memory_efficiency]"])
     failed = {g.name for g in report.gates if g.status == "failed"}
     record(fault=fault, model=MODEL, expected=gate, caught=gate in failed, status=report.status,
            failed=_failed(report))  # fmt: skip
-    assert report.faults == [fault] and report.status == "failed"
+    assert report.faults == [fault] and (report.status, report.exit_code) == (faults.STATUS, faults.EXIT_CODE)
     assert gate in failed, f"{fault} was not caught by {gate}; failed: {sorted(failed)}"
 
 
 @pytest.mark.parametrize("fault", SHIP_FAULTS)
 def test_a_shipping_fault_is_caught_by_its_gate_and_only_its_stage_onward_reruns(fault, healthy, tmp_path,
-                                                                                   data_dir, record, monkeypatch):  # fmt: skip
+                                                                                   data_dir, record, plant_fault):  # fmt: skip
     healthy_dir, _ = healthy
     run_dir = tmp_path / "run"
     shutil.copytree(healthy_dir, run_dir, symlinks=True)
-    monkeypatch.setenv(faults.ENV, fault)
+    plant_fault(fault)
     gate, stage = faults.FAULTS[fault][2], faults.FAULTS[fault][0]
     report = _run("pipeline", run_dir, _sets(data_dir, 0))
     failed = {g.name for g in report.gates if g.status == "failed"}
     record(fault=fault, model=MODEL, expected=gate, caught=gate in failed, status=report.status,
            failed=_failed(report))  # fmt: skip
-    assert report.faults == [fault] and report.status == "failed"
+    assert report.faults == [fault] and (report.status, report.exit_code) == (faults.STATUS, faults.EXIT_CODE)
     assert gate in failed, f"{fault} was not caught by {gate}; failed: {sorted(failed)}"
     order = [s.name for s in report.stages]
     assert all(s.cached for s in report.stages[: order.index(stage)]), "upstream stages come from the cache"
 
 
-def test_a_full_disk_during_a_checkpoint_fails_clearly_and_keeps_the_previous_one(tmp_path, data_dir, record,
-                                                                                   monkeypatch):  # fmt: skip
+# The one stage-error fault we have; a new one fails here until it has its own case.
+@pytest.mark.parametrize("fault", STAGE_ERROR_FAULTS)
+def test_a_full_disk_during_a_checkpoint_fails_clearly_and_keeps_the_previous_one(fault, tmp_path, data_dir, record,
+                                                                                   plant_fault):  # fmt: skip
     from finetune.train.checkpoints import latest_checkpoint, restore_checkpoint
 
-    monkeypatch.setenv(faults.ENV, "disk_full_checkpoint")
+    plant_fault(fault)
     run_dir = tmp_path / "run"
     report = _run("run", run_dir, _sets(data_dir))
     train = next(s for s in report.stages if s.name == "train")
     caught = train.status == "failed" and "No space left on device" in (train.reason or "")
-    record(fault="disk_full_checkpoint", model=MODEL, expected="(stage error)", caught=caught, status=report.status,
+    record(fault=fault, model=MODEL, expected=STAGE_ERROR, caught=caught, status=report.status,
            failed=[f"train: {(train.reason or '')[:120]}"])  # fmt: skip
     assert caught and "the previous checkpoint" in train.reason and "is intact" in train.reason
+    assert report.faults == [fault] and (report.status, report.exit_code) == (faults.STATUS, faults.EXIT_CODE)
     ckpt = latest_checkpoint(run_dir)
     assert ckpt is not None and ckpt.name == "step-0000050" and not list(run_dir.glob("checkpoints/.*tmp"))
     import mlx.optimizers as optim

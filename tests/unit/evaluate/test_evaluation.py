@@ -202,9 +202,9 @@ def test_a_fuse_that_drops_the_adapter_fails_parity_and_adapter_effect(data_dir,
     assert not v["clean_endings"].passed  # base-like answers run to max_tokens
 
 
-def test_the_eval_runtime_base_fault_fails_output_parity(data_dir, prompts, monkeypatch):
+def test_the_eval_runtime_base_fault_fails_output_parity(data_dir, prompts, plant_fault):
     fakes = Fakes(prompts)
-    monkeypatch.setenv("FT_INJECT_FAULT", "eval_runtime_base")
+    plant_fault("eval_runtime_base")
     m = evaluate(data_dir, fakes)
     assert fakes.calls[2] == "mlx:base:None"  # the "fused" runtime was given the base folder
     v = verdicts(m)

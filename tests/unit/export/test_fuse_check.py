@@ -1,5 +1,5 @@
 """measure_fuse on real fuses of the tiny Llama: a healthy fuse passes fuse_exactness, and each fuse fault
-planted with FT_INJECT_FAULT (the adapter dropped, an untouched tensor scaled) fails it."""
+planted with the plant_fault fixture (the adapter dropped, an untouched tensor scaled) fails it."""
 
 from __future__ import annotations
 
@@ -12,25 +12,21 @@ import pytest
 from finetune.config.schema import GatesConfig
 from finetune.export.fuse import fuse
 from finetune.export.fuse_check import measure_fuse
-from finetune.faults import ENV
 from finetune.gates.export import fuse_exactness
 from finetune.models.safetensors import load_file
 
 MAX_REL = GatesConfig().fuse_max_rel
 
 
-def _fused(tiny_hf, adapter, out, monkeypatch, fault: str = "", dtype: str | None = "float32"):
-    """fuse() as the pipeline's fuse stage calls it, with `fault` planted."""
-    monkeypatch.setenv(ENV, fault)
+def _fused(tiny_hf, adapter, out, dtype: str | None = "float32"):
+    """fuse() as the pipeline's fuse stage calls it."""
     fuse(tiny_hf, adapter, out, dtype=dtype)
-    monkeypatch.delenv(ENV)
     return out
 
 
 @pytest.fixture(scope="module")
 def healthy(tiny_hf, tiny_adapter, tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        return _fused(tiny_hf, tiny_adapter, tmp_path_factory.mktemp("healthy") / "fused", mp)
+    return _fused(tiny_hf, tiny_adapter, tmp_path_factory.mktemp("healthy") / "fused")
 
 
 def test_a_healthy_fuse_is_exactly_base_plus_delta(tiny_hf, tiny_adapter, healthy):
@@ -45,16 +41,18 @@ def test_a_healthy_fuse_is_exactly_base_plus_delta(tiny_hf, tiny_adapter, health
     assert v.passed and v.measured < MAX_REL, v.detail
 
 
-def test_a_fuse_that_drops_the_adapter_fails(tiny_hf, tiny_adapter, tmp_path, monkeypatch):
-    out = _fused(tiny_hf, tiny_adapter, tmp_path / "fused", monkeypatch, "fuse_drops_adapter")
+def test_a_fuse_that_drops_the_adapter_fails(tiny_hf, tiny_adapter, tmp_path, plant_fault):
+    plant_fault("fuse_drops_adapter")
+    out = _fused(tiny_hf, tiny_adapter, tmp_path / "fused")
     m = measure_fuse(tiny_hf, tiny_adapter, out)
     assert min(m.adapted.values()) == pytest.approx(1.0, rel=1e-3)  # the whole delta is missing
     v = fuse_exactness(m, max_rel=MAX_REL)
     assert not v.passed and f"{len(m.adapted)} adapted weights are not base + delta" in v.detail
 
 
-def test_a_fuse_that_scales_an_untouched_tensor_fails(tiny_hf, tiny_adapter, tmp_path, monkeypatch):
-    out = _fused(tiny_hf, tiny_adapter, tmp_path / "fused", monkeypatch, "fuse_scales_tensor")
+def test_a_fuse_that_scales_an_untouched_tensor_fails(tiny_hf, tiny_adapter, tmp_path, plant_fault):
+    plant_fault("fuse_scales_tensor")
+    out = _fused(tiny_hf, tiny_adapter, tmp_path / "fused")
     m = measure_fuse(tiny_hf, tiny_adapter, out)
     assert len(m.untouched_changed) == 1 and m.untouched_changed[0].endswith("norm.weight")
     assert max(m.adapted.values()) < MAX_REL  # the adapter itself was fused right
@@ -62,9 +60,9 @@ def test_a_fuse_that_scales_an_untouched_tensor_fails(tiny_hf, tiny_adapter, tmp
     assert not v.passed and "1 untouched tensors changed" in v.detail
 
 
-def test_a_fuse_rounded_to_bfloat16_is_not_exact(tiny_hf, tiny_adapter, tmp_path, monkeypatch):
+def test_a_fuse_rounded_to_bfloat16_is_not_exact(tiny_hf, tiny_adapter, tmp_path):
     # why the pipeline fuses in float32: bf16 rounds every weight, small LoRA deltas included
-    out = _fused(tiny_hf, tiny_adapter, tmp_path / "fused", monkeypatch, dtype="bfloat16")
+    out = _fused(tiny_hf, tiny_adapter, tmp_path / "fused", dtype="bfloat16")
     v = fuse_exactness(measure_fuse(tiny_hf, tiny_adapter, out), max_rel=MAX_REL)
     assert not v.passed and "untouched tensors changed" in v.detail
 

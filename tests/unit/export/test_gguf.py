@@ -53,7 +53,7 @@ def test_an_architecture_the_converter_does_not_know_fails_with_its_reason(tiny_
     assert list(tmp_path.glob("*.gguf")) == []
 
 
-def test_the_pretokenizer_fault_mislabels_the_file(tiny_hf, tmp_path, monkeypatch):
-    monkeypatch.setenv("FT_INJECT_FAULT", "gguf_pretokenizer_mislabelled")
+def test_the_pretokenizer_fault_mislabels_the_file(tiny_hf, tmp_path, plant_fault):
+    plant_fault("gguf_pretokenizer_mislabelled")
     gguf = convert_hf_to_gguf(tiny_hf, tmp_path / "m.gguf", "f16")
     assert inspect_gguf(gguf).tokenizer_pre == "llama-bpe"  # SmolLM2's tokenizer is "smollm"

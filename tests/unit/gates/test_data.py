@@ -127,10 +127,10 @@ def test_recorded_training_rows_pass(tmp_path, sums_dir, toy_tokenizer):
     assert v.passed and f"{n}/{n} rows train answers only" in v.detail, v.detail
 
 
-def test_recorded_rows_with_the_prompt_trained_fail(tmp_path, sums_dir, toy_tokenizer, monkeypatch):
-    monkeypatch.setenv("FT_INJECT_FAULT", "mask_prompt_ignored")
+def test_recorded_rows_with_the_prompt_trained_fail(tmp_path, sums_dir, toy_tokenizer, plant_fault):
+    plant_fault("mask_prompt_ignored")
     run = _recorded(tmp_path, sums_dir, toy_tokenizer)
-    monkeypatch.delenv("FT_INJECT_FAULT")
+    plant_fault()
     v = _judge(run, toy_tokenizer)
     assert not v.passed and v.measured == 0.0 and "trained 'user\\nWhat is" in v.detail
 

@@ -1,7 +1,7 @@
 """The five seed gates: each fails on a broken run and passes on a healthy one.
 
 First on hand-made measurements, then on real tiny training runs (a 2-layer Llama saved as an HF folder,
-mlx-lm's trainer, ~1 s each) with a fault planted through FT_INJECT_FAULT: the gate meant for each fault
+mlx-lm's trainer, ~1 s each) with a fault planted (tests/conftest.py's plant): the gate meant for each fault
 must fail on what the run saved to disk.
 """
 
@@ -221,6 +221,7 @@ def train(tmp_path_factory, toy_base, sums_dir):
     from finetune.config.loader import load_config, save_config
     from finetune.evaluate.probes import base_file_digests, probe_questions, record_in_memory
     from finetune.train.engine import train_run
+    from tests.conftest import plant
 
     runs: dict[str, Run] = {}
 
@@ -230,7 +231,7 @@ def train(tmp_path_factory, toy_base, sums_dir):
             shutil.copytree(sums_dir, run_dir / "data")
             digests = base_file_digests(toy_base)
             with pytest.MonkeyPatch.context() as mp:
-                mp.setenv("FT_INJECT_FAULT", fault)
+                plant(mp, fault)
                 cfg = load_config(overrides=OVERRIDES)
                 save_config(cfg, run_dir / "config.yaml")
                 hook = record_in_memory(run_dir, probe_questions(run_dir / "data", PROBES), STOPS, MAX_TOKENS)

@@ -41,7 +41,8 @@ def test_a_healthy_report_validates_and_round_trips(tmp_path, healthy):
 
 
 @pytest.mark.parametrize(
-    "status", ["passed", "failed", "degraded", "bad_input", "interrupted", "not_judged", "running"]
+    "status",
+    ["passed", "failed", "degraded", "bad_input", "interrupted", "not_judged", "fault_injected", "running"],
 )
 def test_every_run_status_is_accepted(healthy, status):
     assert R.validate_report({**healthy, "status": status}).status == status

@@ -289,8 +289,8 @@ def test_wrong_answers_fail_the_runtime_gates(world):
     assert result.exit_code == 1 and gates(result)["adapter_effect"] == "failed"
 
 
-def test_a_served_template_unlike_training_fails_served_template(world, monkeypatch):
-    monkeypatch.setenv("FT_INJECT_FAULT", "modelfile_wrong_template")
+def test_a_served_template_unlike_training_fails_served_template(world, plant_fault):
+    plant_fault("modelfile_wrong_template")
     result = run(world)
     assert gates(result)["served_template"] == "failed" and result.report.faults == [
         "modelfile_wrong_template"

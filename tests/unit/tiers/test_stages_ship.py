@@ -22,8 +22,8 @@ def test_fuse_exactness_is_measured_for_lora(tmp_path, toy_tokenizer):
     assert g.status == "passed" and g.measured == 1e-7 and g.artifact["path"].endswith("fused")
 
 
-def test_a_modelfile_without_stops_is_served_but_fails_served_template(tmp_path, toy_tokenizer, monkeypatch):
-    monkeypatch.setenv("FT_INJECT_FAULT", "modelfile_no_stop")
+def test_a_modelfile_without_stops_is_served_but_fails_served_template(tmp_path, toy_tokenizer, plant_fault):
+    plant_fault("modelfile_no_stop")
     result = _run(World(tmp_path, toy_tokenizer))
     g = next(g for g in result.report.gates if g.name == "served_template")
     assert g.status == "failed" and "lack ['<|im_end|>', '<|im_start|>']" in g.detail

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from finetune import faults
 from finetune.config.loader import load_config
 from finetune.tiers.rundir import own_config
 from finetune.tiers.stages_train import TRAIN_KEY
@@ -40,11 +39,11 @@ def test_checkpoints_of_other_inputs_are_cleared_not_resumed(tmp_path, toy_token
 
 @pytest.mark.parametrize(("fault", "resumes"), [("disk_full_checkpoint", True), ("lr_zero", False)])
 def test_after_a_write_only_fault_a_healthy_rerun_resumes_but_not_after_one_that_changed_training(
-    tmp_path, toy_tokenizer, monkeypatch, fault, resumes
+    tmp_path, toy_tokenizer, plant_fault, fault, resumes
 ):
-    monkeypatch.setenv(faults.ENV, fault)
+    plant_fault(fault)
     assert _run(tmp_path, toy_tokenizer, FakeTrainer(interrupt_at=4)).exit_code == 130
-    monkeypatch.delenv(faults.ENV)
+    plant_fault()
     trainer = FakeTrainer()
     assert _run(tmp_path, toy_tokenizer, trainer).exit_code == 0
     assert trainer.calls[0]["resume"] is resumes

@@ -95,11 +95,11 @@ def test_load_split_tokenizes_with_the_prepared_spans(sums_dir, toy_tokenizer):
     assert all(m == [1] * len(ids) for ids, m in unmasked.items)
 
 
-def test_mask_prompt_ignored_fault_trains_the_prompt(sums_dir, toy_tokenizer, monkeypatch):
-    monkeypatch.setenv("FT_INJECT_FAULT", "mask_prompt_ignored")
+def test_mask_prompt_ignored_fault_trains_the_prompt(sums_dir, toy_tokenizer, plant_fault):
+    plant_fault("mask_prompt_ignored")
     split = load_split(sums_dir / "train.jsonl", toy_tokenizer, 64, mask_prompt=True)
     assert all(mask == [1] * len(ids) for ids, mask in split.items)
-    monkeypatch.delenv("FT_INJECT_FAULT")
+    plant_fault()
     healthy = load_split(sums_dir / "train.jsonl", toy_tokenizer, 64, mask_prompt=True)
     assert all(0 < sum(mask) < len(ids) for ids, mask in healthy.items)
 

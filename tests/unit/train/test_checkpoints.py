@@ -84,9 +84,9 @@ def test_latest_checkpoint_orders_by_step_and_ignores_temp_folders(tmp_path):
     assert latest_checkpoint(tmp_path) == root / "step-0000010"
 
 
-def test_disk_full_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
+def test_disk_full_leaves_the_previous_checkpoint_intact(tmp_path, plant_fault):
     model, opt, acfg = trained()
-    monkeypatch.setenv("FT_INJECT_FAULT", "disk_full_checkpoint")
+    plant_fault("disk_full_checkpoint")
     first = save_checkpoint(tmp_path, 4, model, opt, acfg, STATE)  # no previous checkpoint: the fault waits
     before = {p.name: p.read_bytes() for p in first.iterdir()}
     with pytest.raises(OSError) as err:
@@ -138,11 +138,11 @@ def test_adapter_holds_only_the_trainable_weights(tmp_path):
 
 
 @pytest.mark.parametrize("fault", ["", "adapter_scale_zero", "adapter_truncated"])
-def test_final_adapter_and_its_faults(tmp_path, monkeypatch, fault):
+def test_final_adapter_and_its_faults(tmp_path, plant_fault, fault):
     model, _, acfg = trained()
-    monkeypatch.setenv("FT_INJECT_FAULT", fault)
+    plant_fault(fault)
     out = save_final_adapter(model, acfg, tmp_path / "adapter")
-    monkeypatch.delenv("FT_INJECT_FAULT")
+    plant_fault()
     healthy = save_adapter(model, acfg, tmp_path / "healthy")
     written = json.loads((out / ADAPTER_CONFIG).read_text())
     assert written["lora_parameters"]["scale"] == (0.0 if fault == "adapter_scale_zero" else 2.0)

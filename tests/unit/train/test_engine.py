@@ -147,8 +147,8 @@ def test_step_zero_adapter_and_recorded_tokens(tmp_path, sums_dir, toy_tokenizer
     ]
 
 
-def test_mask_prompt_ignored_fault_is_what_training_records(tmp_path, sums_dir, toy_tokenizer, monkeypatch):
-    monkeypatch.setenv("FT_INJECT_FAULT", "mask_prompt_ignored")
+def test_mask_prompt_ignored_fault_is_what_training_records(tmp_path, sums_dir, toy_tokenizer, plant_fault):
+    plant_fault("mask_prompt_ignored")
     run(_cfg(**{"training.iters": 1, "training.eval_every": 1}), sums_dir, tmp_path, toy_tokenizer)
     rows = json.loads((tmp_path / TOKENS).read_text())["rows"]
     assert rows and all(r["mask"] == [1] * len(r["ids"]) for r in rows)
@@ -238,9 +238,9 @@ def test_a_fresh_run_replaces_an_old_log(tmp_path, sums_dir, toy_tokenizer):
 
 
 def test_disk_full_while_checkpointing_stops_the_run_naming_the_checkpoint(
-    tmp_path, sums_dir, toy_tokenizer, monkeypatch
+    tmp_path, sums_dir, toy_tokenizer, plant_fault
 ):
-    monkeypatch.setenv("FT_INJECT_FAULT", "disk_full_checkpoint")
+    plant_fault("disk_full_checkpoint")
     with pytest.raises(OSError, match=r"cannot write checkpoint .*step-0000008: No space left on device"):
         run(_cfg(), sums_dir, tmp_path, toy_tokenizer)
     assert latest_checkpoint(tmp_path).name == "step-0000004"
@@ -264,8 +264,8 @@ def test_full_fine_tune_trains_every_parameter(tmp_path, sums_dir, toy_tokenizer
     assert json.loads((tmp_path / "adapter/adapter_config.json").read_text())["fine_tune_type"] == "full"
 
 
-def test_lr_zero_fault_leaves_the_adapter_where_it_started(tmp_path, sums_dir, toy_tokenizer, monkeypatch):
-    monkeypatch.setenv("FT_INJECT_FAULT", "lr_zero")
+def test_lr_zero_fault_leaves_the_adapter_where_it_started(tmp_path, sums_dir, toy_tokenizer, plant_fault):
+    plant_fault("lr_zero")
     run(_cfg(**{"training.iters": 3, "training.eval_every": 3}), sums_dir, tmp_path, toy_tokenizer)
     init, final = loaded_adapter(tmp_path / "adapter_init"), loaded_adapter(tmp_path / "adapter")
     assert all(np.array_equal(init[k], final[k]) for k in init)

@@ -54,13 +54,13 @@ def test_full_trains_every_parameter_and_dora_adds_magnitudes():
     assert any(n.endswith(".m") for n in trainable_names(dora))
 
 
-def test_base_weight_trained_fault_leaves_one_norm_weight_trainable(monkeypatch):
-    monkeypatch.setenv("FT_INJECT_FAULT", "base_weight_trained")
+def test_base_weight_trained_fault_leaves_one_norm_weight_trainable(plant_fault):
+    plant_fault("base_weight_trained")
     model = build_toy_model()
     prepare_model(model, cfg())
     (base,) = [n for n in trainable_names(model) if ".lora_" not in n]  # exactly one base tensor
     assert base.endswith("norm.weight")
-    monkeypatch.delenv("FT_INJECT_FAULT")
+    plant_fault()
     healthy = build_toy_model()
     prepare_model(healthy, cfg())
     assert all(".lora_" in n for n in trainable_names(healthy))
@@ -100,15 +100,15 @@ def test_optimizer_kinds():
     assert type(make_optimizer(cfg("training.optimizer=sgd"))) is optim.SGD
 
 
-def test_lr_zero_fault(monkeypatch):
-    monkeypatch.setenv("FT_INJECT_FAULT", "lr_zero")
+def test_lr_zero_fault(plant_fault):
+    plant_fault("lr_zero")
     opt = fresh(cfg("training.learning_rate=0.1", "training.warmup_steps=2"))
     assert learning_rates(opt, 3) == [0.0, 0.0, 0.0]
 
 
 @pytest.mark.parametrize("fault", ["", "frozen_lora"])
-def test_frozen_lora_fault_zeroes_every_update(monkeypatch, fault):
-    monkeypatch.setenv("FT_INJECT_FAULT", fault)
+def test_frozen_lora_fault_zeroes_every_update(plant_fault, fault):
+    plant_fault(fault)
     opt = make_optimizer(cfg("training.learning_rate=0.1", "training.optimizer=sgd"))
     params = {"w": mx.ones((3,))}
     new = opt.apply_gradients({"w": mx.ones((3,))}, params)
