@@ -8,7 +8,8 @@ UNAME := $(shell uname -s)
 PYTEST := $(BIN)/python -m pytest
 
 .PHONY: setup system-deps browser test test-unit test-e2e-workflow test-e2e-real-model test-e2e-mlx test-e2e-ollama \
-        test-e2e-models test-e2e-quick test-e2e-all test-faults test-chaos run lint bench ollama clean
+        test-e2e-models test-e2e-quick test-e2e-all test-faults test-chaos test-portability run lint bench ollama \
+        clean
 
 setup: $(STAMP)
 
@@ -73,6 +74,11 @@ test-e2e-all: test-e2e-workflow
 # Every known fault planted into the real pipeline must be caught by its gate; writes docs/fault-injection.md.
 test-faults: setup
 	$(PYTEST) -q -rs tests/faults
+
+# The exactness and parity tests under every BLAS kernel this CPU can run (OPENBLAS_CORETYPE = Haswell, SkylakeX,
+# Zen, Prescott, OpenBLAS's own pick, and MLX's reference BLAS); writes docs/portability.md with every floor.
+test-portability: setup
+	$(BIN)/python -m tests.portability -n 2
 
 # Signals and crashes at random points of every stage; writes docs/reliability.md.
 test-chaos: setup

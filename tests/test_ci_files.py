@@ -66,7 +66,7 @@ def test_the_workflow_runs_each_tier_on_its_event():
     jobs = wf["jobs"]
     runs = {name: " && ".join(s["run"] for s in steps(job) if "run" in s) for name, job in jobs.items()}
     assert jobs["test"]["runs-on"] == "ubuntu-latest" and "push" in jobs["test"]["if"]
-    assert runs["test"] == "make browser && make test"
+    assert runs["test"] == "make browser && make test && make test-portability"
     pr = jobs["real-model"]
     assert pr["runs-on"] == "macos-latest" and "pull_request" in pr["if"]
     assert runs["real-model"] == "FT_REAL_MODEL_ENABLE=1 make test-e2e-real-model"
