@@ -102,7 +102,10 @@ def probe(k: Kernel) -> tuple[str, str]:
 def run_kernel(k: Kernel, flags: set[str], pytest_args: list[str]) -> Outcome:
     out = Outcome(k.name)
     if k.env and sys.platform != "linux":
-        out.status, out.detail = "not runnable here", "MLX uses Accelerate on macOS: no OpenBLAS kernels to pick"
+        out.status, out.detail = (
+            "not runnable here",
+            "MLX uses Accelerate on macOS: no OpenBLAS kernels to pick",
+        )
         return out
     if missing := k.missing(flags):
         out.status, out.detail = "not runnable here", f"this CPU lacks {', '.join(missing)} (SIGILL)"
