@@ -10,6 +10,7 @@ docs/portability.md (FT_FLOOR_LOG names the JSON-lines file), per BLAS kernel.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -46,3 +47,19 @@ def within(name: str, err: float, floor: float, k: float, *, min_floor: float = 
         with open(path, "a") as fh:  # one short line per write: concurrent xdist workers append whole lines
             fh.write(json.dumps(row) + "\n")
     assert ok, f"{name}: error {err:.3g} > {k:g} x noise floor {used:.3g} (measured {floor:.3g})"
+
+
+@contextlib.contextmanager
+def as_float64(model):
+    """The model in float64 inside the block (the noise-floor twin), back in its own dtypes after it: float32 ->
+    float64 -> float32 is exact, so the model leaves as it came."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten, tree_unflatten
+
+    before = tree_flatten(model.parameters())
+    model.set_dtype(mx.float64)
+    try:
+        yield model
+    finally:
+        model.update(tree_unflatten([(k, v.astype(old.dtype)) for (k, v), (_, old) in
+                                     zip(tree_flatten(model.parameters()), before, strict=True)]))  # fmt: skip

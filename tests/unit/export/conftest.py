@@ -48,8 +48,8 @@ def tiny_adapter(tiny_hf, tmp_path_factory) -> Path:
     return build_adapter(tiny_hf, tmp_path_factory.mktemp("adapter") / "adapter")
 
 
-def logits(path: Path, adapter: Path | None = None, ids: list[int] = IDS) -> np.ndarray:
-    """The model's logits on IDS, loaded from disk (+ an adapter)."""
+def logits(path: Path, adapter: Path | None = None, ids: list[int] = IDS, f64: bool = False) -> np.ndarray:
+    """The model's logits on IDS, loaded from disk (+ an adapter); f64: computed in float64 (a noise floor)."""
     import mlx.core as mx
     from mlx_lm.tuner.utils import load_adapters
     from mlx_lm.utils import load_model
@@ -57,6 +57,9 @@ def logits(path: Path, adapter: Path | None = None, ids: list[int] = IDS) -> np.
     model, _ = load_model(path)
     if adapter is not None:
         load_adapters(model, str(adapter))
+    if f64:
+        model.set_dtype(mx.float64)
+        return np.array(model(mx.array([ids]))[0])
     return np.array(model(mx.array([ids]))[0].astype(mx.float32))
 
 
