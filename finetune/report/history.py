@@ -30,9 +30,10 @@ LOWER_IS_BETTER = frozenset({"loss_convergence", "logprob_parity", "fuse_exactne
 # Agreement-type parity gates (share of equal answers) and the logprob gate (max |diff|, lower is better).
 PARITY_GATES = ("output_parity", "served_answers", "logprob_parity")
 # How bad a status is; a run whose status ranks higher than its baseline's got worse.
-STATUS_RANK = {"passed": 0, "not_judged": 0, "degraded": 1, "interrupted": 2, "failed": 3, "bad_input": 3}
+STATUS_RANK = {"passed": 0, "not_judged": 0, "degraded": 1, "interrupted": 2, "failed": 3, "bad_input": 3,
+               "fault_injected": 3}  # fmt: skip
 # Runs that stopped early or were broken on purpose say nothing about how long or how well a run goes.
-NOT_BASELINE = frozenset({"interrupted", "bad_input", "running"})
+NOT_BASELINE = frozenset({"interrupted", "bad_input", "running", "fault_injected"})
 # Config keys that name where output goes, not what the run does.
 OUTPUT_KEYS = frozenset({"output_dir"})
 LOSS_WINDOW = 5  # steps averaged for the final loss when no loss_convergence verdict carries it

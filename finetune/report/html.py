@@ -24,7 +24,7 @@ from finetune.train.metrics import METRICS, read_metrics
 HTML_NAME = "report.html"
 MAX_ANSWERS = 24  # probe rows shown; tier 3 evaluates 24 prompts
 STATUS_CLASS = {"passed": "ok", "not_judged": "muted", "skipped": "muted", "failed": "bad", "bad_input": "bad",
-                "degraded": "warn", "interrupted": "warn", "running": "warn"}  # fmt: skip
+                "degraded": "warn", "interrupted": "warn", "running": "warn", "fault_injected": "bad"}  # fmt: skip
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1150px;
  color:#212121;padding:0 16px}
