@@ -1,8 +1,9 @@
 """The one stage model every tier shares.
 
 A Stage is a plain function of a Ctx that writes into the run directory and returns a StageResult; its
-`inputs` name everything its output depends on (config sections, upstream stages' digests and artifacts,
-and the code version), so a rerun skips a stage whose inputs are unchanged and whose artifacts are intact.
+`inputs` name everything its output depends on (config sections, upstream stages' digests and artifacts;
+the runner adds the code version, the user's files by content and the tools' versions: stage_keys), so a
+rerun skips a stage whose inputs are unchanged and whose artifacts still hash to the recorded digests.
 Collaborators come in through Deps, so tier 1 runs every stage with fakes and no patching.
 """
 
@@ -17,6 +18,7 @@ from typing import Any
 from finetune.config.schema import RunConfig
 from finetune.gates.verdict import Verdict
 from finetune.report.models import Artifact
+from finetune.tiers import versions
 
 Log = Callable[[str], None]
 
@@ -66,6 +68,9 @@ class Deps:
     collect_env: Callable[[], dict[str, Any]]
     available_memory: Callable[[], int | None]
     environ: Mapping[str, str] = field(default_factory=lambda: os.environ)
+    # a package (or versions.CONVERTER) -> its version; a binary -> the version it reports
+    tool_version: Callable[[str], str | None] = versions.tool_version
+    ollama_version: Callable[[Path], str] = versions.ollama_version
 
 
 @dataclass(frozen=True)
@@ -93,6 +98,7 @@ class Ctx:
     verdicts: list[Verdict] = field(default_factory=list)
     expected: dict[str, float] = field(default_factory=dict)  # stage -> usual seconds (history), for the ETA
     heartbeat_s: float = 15.0  # 0: no progress lines (--quiet)
+    changed: str | None = None  # a stage whose artifacts changed under the run: it and all later ones rerun
 
     def wants(self, gate: str) -> bool:
         """The tier requires this gate and the user did not skip it."""

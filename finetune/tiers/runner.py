@@ -1,9 +1,11 @@
 """Run a tier's stages in order with a digest cache, and write the run's report whatever happens.
 
-Each stage records RUN/stages/<name>.json with the sha256 of its inputs (code version and injected faults
-included) and its outputs, artifacts and verdicts; a rerun skips a stage whose digest matches and whose
-artifacts are intact, so a failed or interrupted run continues where it stopped. After a failed stage the
-later ones are skipped ("<stage> failed").
+Each stage records RUN/stages/<name>.json with the sha256 of its inputs (code version, injected faults, the
+user's files by content and the tools' versions included: stage_keys) and its outputs, artifacts (with
+each folder's per-file digests) and verdicts; a rerun skips a stage whose digest matches and whose artifacts
+still hash to the recorded digests, so a failed or interrupted run continues where it stopped. An artifact
+that changed under the run is named, and that stage and every later one run again. After a failed stage
+the later ones are skipped ("<stage> failed").
 """
 
 from __future__ import annotations
@@ -19,11 +21,12 @@ import finetune
 from finetune import faults
 from finetune.errors import UserError
 from finetune.gates.verdict import Verdict
-from finetune.report.artifacts import artifact_intact
+from finetune.report.artifacts import artifact_changes
 from finetune.report.models import Artifact, StageReport
 from finetune.system import signals
 from finetune.system.atomic import atomic_write_json
-from finetune.system.hashing import json_sha256, source_sha256
+from finetune.system.hashing import dir_manifest, json_sha256, source_sha256
+from finetune.tiers import stage_keys
 from finetune.tiers.context import Ctx, Stage, StageError, StageResult
 from finetune.tiers.progress import heartbeat
 
@@ -35,7 +38,8 @@ def code_version() -> str:
 
 
 def stage_digest(ctx: Ctx, stage: Stage) -> tuple[str, dict[str, Any]]:
-    inputs = {**stage.inputs(ctx), "code": code_version(), "faults": faults.injected_at(stage.name)}
+    inputs = {**stage.inputs(ctx), **stage_keys.key_parts(ctx, stage.name), "code": code_version(),
+              "faults": faults.injected_at(stage.name)}  # fmt: skip
     return json_sha256(inputs), inputs
 
 
@@ -43,17 +47,26 @@ def record_path(run_dir: Path, name: str) -> Path:
     return run_dir / STAGE_DIR / f"{name}.json"
 
 
-def _cached(run_dir: Path, name: str, digest: str) -> dict[str, Any] | None:
-    """The stage's earlier record, if its inputs digest matches and its artifacts are still there."""
+def _cached(
+    ctx: Ctx, name: str, digest: str, inputs: dict[str, Any]
+) -> tuple[dict[str, Any] | None, str | None]:
+    """(the stage's earlier record when it can be replayed, else None and why it runs again: None the first time)."""
     import json
 
     try:
-        record = json.loads(record_path(run_dir, name).read_text())
+        record = json.loads(record_path(ctx.run_dir, name).read_text())
     except (OSError, ValueError):
-        return None
-    if record.get("digest") != digest or not all(artifact_intact(a) for a in record.get("artifacts", [])):
-        return None
-    return record
+        return None, None
+    if ctx.changed is not None:
+        return None, f"rerunning: {ctx.changed}'s artifacts changed under the run"
+    if record.get("digest") != digest:
+        return None, "rerunning: " + "; ".join(stage_keys.input_changes(record.get("inputs", {}), inputs))
+    files = record.get("files", {})
+    changes = [c for a in record.get("artifacts", []) for c in artifact_changes(a, files.get(a.get("name")))]
+    if changes:
+        ctx.changed = name
+        return None, f"{'; '.join(c.describe(ctx.run_dir) for c in changes)}: rerunning from {name}"
+    return record, None
 
 
 class StageOutcome:
@@ -72,7 +85,9 @@ def run_stage(ctx: Ctx, stage: Stage) -> StageOutcome:
             StageReport(name=name, status="failed", reason=reason, seconds=0, required=stage.required)
         )
     ctx.digests[name] = digest
-    record = _cached(ctx.run_dir, name, digest)
+    record, why = _cached(ctx, name, digest, inputs)
+    if why:
+        ctx.log(f"[{name}] {why}")
     if record is not None:
         ctx.outputs[name] = record["outputs"]
         ctx.artifacts[name] = {a["name"]: a["sha256"] for a in record.get("artifacts", [])}
@@ -118,6 +133,7 @@ def run_stage(ctx: Ctx, stage: Stage) -> StageOutcome:
         atomic_write_json(record_path(ctx.run_dir, name), {
             "name": name, "digest": digest, "inputs": inputs, "outputs": result.outputs,
             "artifacts": [a.model_dump() for a in result.artifacts], "details": result.details,
+            "files": {a.name: dir_manifest(a.path) for a in result.artifacts if a.kind == "dir"},
             "verdicts": [v.to_dict() for v in result.verdicts], "seconds": seconds,
             "finished_at": datetime.now(UTC).isoformat(timespec="seconds")})  # fmt: skip
     for v in result.verdicts:

@@ -191,7 +191,7 @@ def evaluate_inputs(ctx: Ctx) -> dict[str, Any]:
 SHIP_STAGES = (
     Stage("fuse", stage_fuse, lambda ctx: {"dtype": FUSE_DTYPE, **ctx.section("gates"), **ctx.upstream("model", "train")}),
     Stage("gguf", stage_gguf, lambda ctx: {**ctx.section("export"), **ctx.upstream("fuse")}),
-    Stage("ollama", stage_ollama, lambda ctx: {**ctx.section("deploy", "data"), **ctx.upstream("gguf"),
-                                               "binary": str(ctx.deps.locate_ollama().binary)}),
+    # the binary by its version (stage_keys), not its path
+    Stage("ollama", stage_ollama, lambda ctx: {**ctx.section("deploy", "data"), **ctx.upstream("gguf")}),
     Stage("evaluate", stage_evaluate, evaluate_inputs),
 )  # fmt: skip

@@ -18,17 +18,24 @@ from finetune.gates import training as gates
 from finetune.gates.registry import GATES
 from finetune.gates.verdict import Verdict, judged, skipped
 from finetune.report.artifacts import artifact
-from finetune.system.atomic import atomic_dir, atomic_write_text
-from finetune.system.hashing import json_sha256
+from finetune.system.atomic import atomic_dir, atomic_write_json, atomic_write_text
+from finetune.system.hashing import dir_manifest, file_sha256, json_sha256
+from finetune.tiers import stage_keys
 from finetune.tiers.context import Ctx, Stage, StageError, StageResult
 from finetune.tiers.runner import code_version
 from finetune.train.batches import TOKENS
-from finetune.train.checkpoints import ADAPTER_DIR, BEST_DIR, CHECKPOINTS, INIT_DIR
+from finetune.train.checkpoints import ADAPTER_DIR, BEST_DIR, CHECKPOINTS, INIT_DIR, latest_checkpoint
 from finetune.train.engine import RESULT
 from finetune.train.metrics import METRICS, read_metrics, train_losses
 
 TRAIN_KEY = ".train-key"  # which inputs the checkpoints on disk belong to
-TRAIN_OUTPUTS = (CHECKPOINTS, ADAPTER_DIR, BEST_DIR, INIT_DIR, METRICS, RESULT, TOKENS, "probes")
+PROBES = "probes"  # finetune.evaluate.probes.PROBES (imported lazily: the CLI starts fast)
+TRAIN_KEPT = ".train-kept.json"  # digests of what a finished training leaves for a resume to build on
+TRAIN_OUTPUTS = (CHECKPOINTS, ADAPTER_DIR, BEST_DIR, INIT_DIR, METRICS, RESULT, TOKENS, PROBES, TRAIN_KEPT)
+REMADE = (ADAPTER_DIR, RESULT, PROBES, TRAIN_KEPT)  # written at the end of every training, a resumed one too
+# Everything the judge reads, so a change to any of them is seen before a verdict is replayed.
+TRAIN_ARTIFACTS = (("adapter", ADAPTER_DIR), ("metrics", METRICS), ("adapter_init", INIT_DIR),
+                   ("train_tokens", TOKENS), ("train_result", RESULT), ("probes", PROBES))  # fmt: skip
 # Cadence keys: changing them (--override) continues the same training instead of restarting it.
 CADENCE = ("iters", "eval_every", "save_every", "early_stopping_patience", "val_batches")
 JUDGED = (
@@ -86,14 +93,15 @@ def _train_key(ctx: Ctx) -> str:
         {
             **inputs,
             **ctx.upstream("model", "data"),
+            "tools": stage_keys.tools(ctx, "train"),
             "code": code_version(),
             "faults": [f for f in faults.injected() if f not in faults.WRITE_ONLY],
         }
     )
 
 
-def _clear(run_dir: Path) -> None:
-    for name in TRAIN_OUTPUTS:
+def _clear(run_dir: Path, names: tuple[str, ...] = TRAIN_OUTPUTS) -> None:
+    for name in names:
         path = run_dir / name
         if path.is_dir():
             shutil.rmtree(path)
@@ -101,18 +109,44 @@ def _clear(run_dir: Path) -> None:
             path.unlink(missing_ok=True)
 
 
+def _kept(run_dir: Path) -> dict[str, str]:
+    """{relative path: sha256} of what a resume builds on: the last checkpoint, the step-0 and best adapters,
+    the metrics and the recorded training rows."""
+    last = latest_checkpoint(run_dir)
+    files = {}
+    for path in [*([last] if last else []), *(run_dir / n for n in (INIT_DIR, BEST_DIR, METRICS, TOKENS))]:
+        rel = path.relative_to(run_dir).as_posix()
+        if path.is_dir():
+            files |= {f"{rel}/{name}": sha for name, sha in dir_manifest(path).items()}
+        elif path.is_file():
+            files[rel] = file_sha256(path)
+    return files
+
+
+def _resumable(ctx: Ctx, key: str) -> bool:
+    """The checkpoints belong to these inputs and, after a finished training, are still what it left."""
+    run_dir, marker = ctx.run_dir, ctx.run_dir / TRAIN_KEY
+    if not (marker.is_file() and marker.read_text().strip() == key and latest_checkpoint(run_dir)):
+        return False
+    try:
+        recorded = json.loads((run_dir / TRAIN_KEPT).read_text())
+    except (OSError, ValueError):
+        return True  # an interrupted training: its checkpoints are the newest thing it wrote
+    now = _kept(run_dir)
+    changed = sorted(rel for rel in recorded.keys() | now.keys() if recorded.get(rel) != now.get(rel))
+    if changed:
+        ctx.log(f"[train] {', '.join(changed[:5])} changed since training finished: training from step 0")
+    return not changed
+
+
 def stage_train(ctx: Ctx) -> StageResult:
     from finetune.data.templates import get_template
     from finetune.evaluate.probes import probe_questions, record_in_memory
 
     run_dir, key = ctx.run_dir, _train_key(ctx)
-    marker = run_dir / TRAIN_KEY
-    resume = (
-        marker.is_file() and marker.read_text().strip() == key and any((run_dir / CHECKPOINTS).glob("step-*"))
-    )
-    if not resume:
-        _clear(run_dir)
-    atomic_write_text(marker, key + "\n")
+    resume = _resumable(ctx, key)
+    _clear(run_dir, REMADE if resume else TRAIN_OUTPUTS)  # a resume makes the adapter again, from checkpoints
+    atomic_write_text(run_dir / TRAIN_KEY, key + "\n")
     model_path, data_dir = Path(ctx.outputs["model"]["path"]), Path(ctx.outputs["data"]["data_dir"])
     hook = None
     if ctx.wants("artifacts"):
@@ -126,7 +160,10 @@ def stage_train(ctx: Ctx) -> StageResult:
             "wall_time_s", "peak_memory_bytes", "trainable_params", "total_params", "extra")  # fmt: skip
     summary = result.to_dict() if hasattr(result, "to_dict") else {}
     details = {"resumed": resume, **{k: summary[k] for k in keep if k in summary}}
-    arts = [artifact("adapter", run_dir / ADAPTER_DIR), artifact("metrics", run_dir / METRICS)]
+    if not (run_dir / ADAPTER_DIR).is_dir():
+        raise StageError(f"training returned without writing {run_dir / ADAPTER_DIR}", details)
+    atomic_write_json(run_dir / TRAIN_KEPT, _kept(run_dir))
+    arts = [artifact(name, run_dir / path) for name, path in TRAIN_ARTIFACTS if (run_dir / path).exists()]
     return StageResult(
         {"adapter_dir": str(run_dir / ADAPTER_DIR), "steps": summary.get("steps")}, arts, details
     )

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import signal
+from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -19,9 +22,11 @@ from finetune import cli
 from finetune.config.loader import ConfigError, list_profiles, load_config
 from finetune.data.templates import get_template
 from finetune.report.models import read_report
+from finetune.system.hashing import dir_sha256
 from finetune.system.signals import Interrupted
 from finetune.train.memory import from_run_config
 from tests.fakes import SMOLLM2_SHAPE, FakeTrainer, fake_deps
+from tests.unit.tiers.test_pipeline import World
 
 SEED_GATES = [
     "loss_convergence",
@@ -167,6 +172,115 @@ def test_an_override_of_an_allowed_key_is_applied_and_recorded(tmp_path, toy_tok
         ["train", "--run-dir", str(run), "--override", "lora.rank=4"], deps(toy_tokenizer, tmp_path)
     )
     assert code == 2 and "lora.rank changes what this run trains" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- the stage cache: content, not sizes
+
+
+def pipeline(world, run, trainer=None, *sets, **deps_overrides) -> tuple[int, str]:
+    """`finetune pipeline` on World's fake shipping tools; the first call sets the config, later ones rerun."""
+    given = [] if (run / "config.yaml").exists() else ["-p", "release", "--set", "data.num_examples=40"]
+    argv = ["pipeline", "-q", *given, *[a for s in sets for a in ("--set", s)], "--run-dir", str(run)]
+    world.calls.clear()
+    return run_cli(argv, replace(world.deps(trainer), **deps_overrides))
+
+
+def stages_of(run: Path) -> dict[str, str]:
+    return {s.name: "cached" if s.cached else s.status for s in read_report(run).stages}
+
+
+def test_an_adapter_replaced_by_a_same_sized_one_is_named_retrained_and_judged_again(tmp_path, toy_tokenizer):
+    world, run, trainer = World(tmp_path, toy_tokenizer), tmp_path / "run", FakeTrainer()
+    assert pipeline(world, run, trainer)[0] == 0
+    adapter, init = run / "adapter" / "adapters.safetensors", run / "adapter_init" / "adapters.safetensors"
+    trained = adapter.read_bytes()
+    assert len(init.read_bytes()) == len(trained) and init.read_bytes() != trained  # sizes cannot tell
+    shutil.copy2(init, adapter)  # same size, and copy2 even keeps the mtime
+    code, out = pipeline(world, run, trainer)
+    assert code == 0, out
+    assert "[train] adapter/adapters.safetensors changed since it was recorded (sha256 " in out
+    assert ": rerunning from train" in out and "[judge] rerunning: train's artifacts changed" in out
+    assert stages_of(run) == {"model": "cached", "data": "cached", **dict.fromkeys(
+        ["train", "judge", "fuse", "gguf", "ollama", "evaluate"], "passed")}  # fmt: skip
+    assert [c["resume"] for c in trainer.calls] == [False, True] and adapter.read_bytes() == trained
+    assert world.calls == ["fuse", "gguf", "serve", "served_checks", "evaluate"]
+    judged = [
+        g.artifact for g in read_report(run).gates if g.artifact and g.artifact["path"].endswith("adapter")
+    ]
+    assert judged and {a["sha256"] for a in judged} == {dir_sha256(run / "adapter")[0]}
+
+
+class ResumeDoesNothing(FakeTrainer):
+    """A resume at the last step that returns without saving the adapter again (what must not pass)."""
+
+    def __call__(self, cfg, model_path, data_dir, run_dir, *, resume=False, **kw):
+        if resume:
+            self.calls.append({"cfg": cfg, "data_dir": Path(data_dir), "resume": resume})
+            return SimpleNamespace(to_dict=lambda: {"steps": cfg.training.iters})
+        return super().__call__(cfg, model_path, data_dir, run_dir, resume=resume, **kw)
+
+
+def test_a_resume_that_does_not_remake_the_adapter_fails_and_reports_no_old_verdict(tmp_path, toy_tokenizer):
+    world, run, trainer = World(tmp_path, toy_tokenizer), tmp_path / "run", ResumeDoesNothing()
+    assert pipeline(world, run, trainer)[0] == 0
+    shutil.copy2(run / "adapter_init" / "adapters.safetensors", run / "adapter" / "adapters.safetensors")
+    code, out = pipeline(world, run, trainer)
+    assert code == 1 and "[train] adapter/adapters.safetensors changed since it was recorded" in out
+    assert f"training returned without writing {run.absolute() / 'adapter'}" in out
+    assert stages_of(run)["train"] == "failed" and stages_of(run)["judge"] == "skipped"
+    assert {g.status for g in read_report(run).gates} == {"skipped"}, (
+        "no verdict outlives the bytes it judged"
+    )
+
+
+def test_a_changed_checkpoint_is_not_resumed_from(tmp_path, toy_tokenizer):
+    world, run, trainer = World(tmp_path, toy_tokenizer), tmp_path / "run", FakeTrainer()
+    assert pipeline(world, run, trainer)[0] == 0
+    (ckpt,) = (run / "checkpoints").iterdir()
+    shutil.copy2(run / "adapter_init" / "adapters.safetensors", ckpt / "adapters.safetensors")
+    shutil.copy2(run / "adapter_init" / "adapters.safetensors", run / "adapter" / "adapters.safetensors")
+    code, out = pipeline(world, run, trainer)
+    assert code == 0, out
+    assert f"checkpoints/{ckpt.name}/adapters.safetensors changed since training finished" in out
+    assert [c["resume"] for c in trainer.calls] == [False, False]
+
+
+def test_an_edited_data_file_is_prepared_and_trained_on_again(tmp_path, toy_tokenizer):
+    world, run, trainer = World(tmp_path, toy_tokenizer), tmp_path / "run", FakeTrainer()
+    data = tmp_path / "mine.jsonl"
+    rows = [{"messages": [{"role": "user", "content": f"What is item {i}?"},
+                          {"role": "assistant", "content": f"Item {i} is red."}]} for i in range(40)]  # fmt: skip
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert pipeline(world, run, trainer, f"data.source={data}")[0] == 0
+    data.write_text(data.read_text().replace("red", "tan"))  # same size, same path, other answers
+    code, out = pipeline(world, run, trainer)
+    assert code == 0, out
+    assert f"[data] rerunning: {data} (data.source) changed since it was recorded (sha256 " in out
+    assert stages_of(run)["data"] == "passed" and stages_of(run)["train"] == "passed"
+    assert stages_of(run)["model"] == "cached" and [c["resume"] for c in trainer.calls] == [False, False]
+    trained_on = (trainer.calls[-1]["data_dir"] / "train.jsonl").read_text()
+    assert "tan" in trained_on and "red" not in trained_on
+
+
+@pytest.mark.parametrize(
+    ("tool", "first", "then", "reran", "calls"),
+    [("llama.cpp-converter", "2026.10.11549", "2026.11.00001", "gguf", ["gguf", "serve", "served_checks", "evaluate"]),
+     ("ollama", "0.5.4", "0.6.0", "ollama", ["serve", "served_checks", "evaluate"])],
+)  # fmt: skip
+def test_a_new_converter_or_ollama_version_reruns_its_stage_and_what_follows(
+    tmp_path, toy_tokenizer, tool, first, then, reran, calls
+):
+    world, run, have = World(tmp_path, toy_tokenizer), tmp_path / "run", {"version": first}
+    versions = {"tool_version": lambda name: have["version"] if name == tool else f"{name}-1.0",
+                "ollama_version": lambda binary: have["version"] if tool == "ollama" else "0.5.4"}  # fmt: skip
+    assert pipeline(world, run, None, **versions)[0] == 0
+    assert pipeline(world, run, None, **versions)[1].count("rerunning") == 0  # unchanged: all cached
+    have["version"] = then
+    code, out = pipeline(world, run, None, **versions)
+    assert code == 0, out
+    assert f"[{reran}] rerunning: {tool} {first} → {then}" in out
+    assert world.calls == calls and stages_of(run)["fuse"] == "cached"
+    assert json.loads((run / "stages" / f"{reran}.json").read_text())["inputs"]["tools"][tool] == then
 
 
 # ---------------------------------------------------------------- templates

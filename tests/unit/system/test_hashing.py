@@ -2,7 +2,9 @@
 
 import hashlib
 import json
+import os
 import shutil
+import time
 
 import pytest
 
@@ -41,6 +43,28 @@ def test_dir_sha256_covers_relative_paths_and_contents(tmp_path):
     assert hashing.dir_sha256(d) != (digest, 3) and hashing.dir_sha256(d)[1] == 3
     (tmp_path / "empty").mkdir()
     assert hashing.dir_sha256(tmp_path / "empty") == (sha(b""), 0)
+
+
+def test_the_memo_sees_a_same_sized_copy_that_keeps_the_mtime(tmp_path):
+    trained, init = tmp_path / "adapter.bin", tmp_path / "init.bin"
+    init.write_bytes(b"step-0")
+    trained.write_bytes(b"final!")
+    os.utime(init, ns=(trained.stat().st_atime_ns, trained.stat().st_mtime_ns))  # one tick, as a fast trainer
+    assert hashing.file_sha256(trained) == sha(b"final!")  # memoised now
+    time.sleep(0.02)  # past one tick of a kernel with coarse timestamps
+    shutil.copy2(init, trained)  # same size, same mtime, same inode: only ctime says it changed
+    assert hashing.file_sha256(trained) == sha(b"step-0")
+
+
+def test_a_manifest_names_each_file_and_gives_the_folder_digest(tmp_path):
+    d = tmp_path / "d"
+    (d / "sub").mkdir(parents=True)
+    (d / "a.txt").write_text("1")
+    (d / "sub" / "b.txt").write_text("22")
+    files = hashing.dir_manifest(d)
+    assert files == {"a.txt": sha(b"1"), "sub/b.txt": sha(b"22")}
+    assert hashing.manifest_sha256(files) == hashing.dir_sha256(d)[0]
+    assert hashing.manifest_sha256(dict(reversed(files.items()))) == hashing.dir_sha256(d)[0]
 
 
 def test_json_sha256_ignores_key_order_but_not_values():

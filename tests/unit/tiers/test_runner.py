@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import signal
 from pathlib import Path
@@ -10,21 +11,16 @@ import pytest
 
 from finetune.config.loader import load_config
 from finetune.gates.verdict import verdict
+from finetune.report.artifacts import artifact
 from finetune.system.signals import Interrupted
 from finetune.tiers.context import Ctx, Stage, StageError, StageResult
 from finetune.tiers.runner import code_version, record_path, run_stages
 from tests.fakes import fake_deps
 
 
-def ctx(tmp_path, toy_tokenizer, **kw) -> Ctx:
+def ctx(tmp_path, toy_tokenizer, log=lambda _: None, **kw) -> Ctx:
     return Ctx(
-        load_config("quick"),
-        tmp_path,
-        fake_deps(toy_tokenizer, tmp_path / "m"),
-        lambda _: None,
-        "t",
-        ("g",),
-        **kw,
+        load_config("quick"), tmp_path, fake_deps(toy_tokenizer, tmp_path / "m"), log, "t", ("g",), **kw
     )
 
 
@@ -84,3 +80,42 @@ def test_a_signal_stops_the_run_and_marks_what_did_not_run(tmp_path, toy_tokeniz
     assert stop.name == name
     assert [(r.name, r.status) for r in reports] == [("a", "passed"), ("b", "failed"), ("c", "skipped")]
     assert Path(record_path(tmp_path, "a")).exists() and not record_path(tmp_path, "b").exists()
+
+
+def test_an_artifact_changed_under_the_run_is_named_and_that_stage_and_all_later_ones_rerun(
+    tmp_path, toy_tokenizer
+):
+    calls, lines = [], []
+
+    def writes(c):
+        calls.append("a")
+        (c.run_dir / "out" / "w.bin").parent.mkdir(exist_ok=True)
+        (c.run_dir / "out" / "w.bin").write_bytes(b"made")
+        return StageResult(artifacts=[artifact("out", c.run_dir / "out")])
+
+    def judges(c):
+        calls.append("b")
+        return StageResult(verdicts=[verdict("g", True, 1.0, 0.5, "ok")])
+
+    # b's own key does not hold a's artifacts: only the runner's rule reruns it
+    stages = [Stage("a", writes, lambda c: {}), Stage("b", judges, lambda c: {})]
+    run_stages(ctx(tmp_path, toy_tokenizer), stages)
+    record = json.loads(record_path(tmp_path, "a").read_text())
+    assert record["files"] == {"out": {"w.bin": hashlib.sha256(b"made").hexdigest()}}
+    (tmp_path / "out" / "w.bin").write_bytes(b"fake")  # same size
+    reports, _, _ = run_stages(ctx(tmp_path, toy_tokenizer, log=lines.append), stages)
+    assert calls == ["a", "b", "a", "b"] and not any(r.cached for r in reports)
+    assert lines[0] == (f"[a] out/w.bin changed since it was recorded (sha256 {hashlib.sha256(b'made').hexdigest()[:12]}… "
+                        f"→ {hashlib.sha256(b'fake').hexdigest()[:12]}…): rerunning from a")  # fmt: skip
+    assert "[b] rerunning: a's artifacts changed under the run" in lines
+    reports, _, _ = run_stages(ctx(tmp_path, toy_tokenizer), stages)
+    assert all(r.cached for r in reports) and calls == ["a", "b", "a", "b"]
+
+
+def test_a_stage_rerun_for_new_inputs_says_which(tmp_path, toy_tokenizer):
+    seed, lines = {"v": 1}, []
+    stage = Stage("s", lambda c: StageResult(), lambda c: {"seed": seed["v"]})
+    run_stages(ctx(tmp_path, toy_tokenizer), [stage])
+    seed["v"] = 2
+    run_stages(ctx(tmp_path, toy_tokenizer, log=lines.append), [stage])
+    assert lines[0] == "[s] rerunning: inputs changed: seed"
