@@ -122,9 +122,7 @@ def _frozen_lora(opt):
     return opt
 
 
-def _base_weight_trained(model):
-    from finetune.train.setup import final_norm
-
+def _base_weight_trained(model, final_norm: Callable):
     _, norm = final_norm(model)  # every architecture has one
     norm.unfreeze(keys=["weight"], recurse=False)
     return model
@@ -145,10 +143,8 @@ def _adapter_truncated(adapter_dir: Path) -> Path:
     return adapter_dir
 
 
-def _disk_full_checkpoint(target: Path, run_dir: Path) -> Path:
-    from finetune.train.checkpoints import latest_checkpoint
-
-    if latest_checkpoint(run_dir) is not None:  # the second write fails: there is a checkpoint to keep intact
+def _disk_full_checkpoint(target: Path, has_checkpoint: bool) -> Path:
+    if has_checkpoint:  # the second write fails: there is a checkpoint to keep intact
         raise OSError(errno.ENOSPC, "No space left on device (injected)", str(target))
     return target
 
@@ -159,25 +155,19 @@ def _fuse_drops_adapter(fused_model, base_path: Path):
     return load(str(base_path))[0]
 
 
-def _fuse_scales_tensor(model):
-    from finetune.train.setup import final_norm
-
+def _fuse_scales_tensor(model, final_norm: Callable):
     _, norm = final_norm(model)
     norm.weight = norm.weight * 1.02
     return model
 
 
-def _gguf_pretokenizer_mislabelled(path: Path) -> Path:
-    from finetune.export.gguf_inspect import rewrite_string
-
+def _gguf_pretokenizer_mislabelled(path: Path, rewrite_string: Callable) -> Path:
     current = rewrite_string(path, "tokenizer.ggml.pre", None)
     rewrite_string(path, "tokenizer.ggml.pre", "llama-bpe" if current != "llama-bpe" else "gpt-2")
     return path
 
 
-def _modelfile_wrong_template(template: str) -> str:
-    from finetune.serve.modelfile import chat_format
-
+def _modelfile_wrong_template(template: str, chat_format: Callable) -> str:
     return chat_format("llama3" if "<|im_start|>" in template else "chatml").template
 
 

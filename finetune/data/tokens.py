@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+PAD_TO = 32  # batches pad to this bucket, like mlx-lm, so compiled shapes repeat (finetune.train.batches)
+
 
 def _hf_tokenizer(tokenizer: Any) -> Any:
     # mlx-lm's TokenizerWrapper is not callable; the Hugging Face tokenizer sits in its _tokenizer.

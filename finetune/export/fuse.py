@@ -16,6 +16,7 @@ from finetune.errors import UserError
 from finetune.export.layout import same_layout, to_base_layout
 from finetune.models.convert import EXPORT_OVERRIDES
 from finetune.system.atomic import atomic_dir
+from finetune.train.setup import final_norm
 
 ADAPTER_FILES = ("adapters.safetensors", "adapter_config.json")
 # A base model's files for GGUF export that mlx-lm's save does not copy (SentencePiece model, the staged
@@ -87,7 +88,7 @@ def fuse(
     if fused:
         model.update_modules(tree_unflatten(fused))
     model = faults.point("fuse_drops_adapter", model, base_path)
-    model = faults.point("fuse_scales_tensor", model)
+    model = faults.point("fuse_scales_tensor", model, final_norm)
     if dequantize:
         model = dequantize_model(model)
         config.pop("quantization", None)

@@ -76,7 +76,7 @@ def _check(c: Any) -> dict[str, Any]:
 
 def stage_ollama(ctx: Ctx) -> StageResult:
     from finetune.serve.deploy import shown_parameters
-    from finetune.serve.modelfile import render_modelfile, served_chat
+    from finetune.serve.modelfile import chat_format, render_modelfile, served_chat
 
     location = ctx.deps.locate_ollama()
     if location.binary is None:
@@ -87,7 +87,7 @@ def stage_ollama(ctx: Ctx) -> StageResult:
     gguf, name = Path(ctx.outputs["gguf"]["gguf"]), ctx.cfg.deploy.model_name
     tokenizer = ctx.deps.load_tokenizer(Path(ctx.outputs["model"]["path"]))
     template, stops, system = served_chat(ctx.cfg.data.template, ctx.cfg.deploy, tokenizer)
-    written_template = faults.point("modelfile_wrong_template", template)
+    written_template = faults.point("modelfile_wrong_template", template, chat_format)
     written_stops = faults.point("modelfile_no_stop", stops)
     text = render_modelfile(gguf, template=written_template, stop=written_stops, parameters=ctx.cfg.deploy.parameters,
                             system=system, relative_to=ctx.session.folder)  # fmt: skip

@@ -17,10 +17,8 @@ import mlx.nn as nn
 import numpy as np
 
 from finetune import faults
-from finetune.data.tokens import tokenize_example
+from finetune.data.tokens import PAD_TO, tokenize_example
 from finetune.system.atomic import atomic_write_json
-
-PAD_TO = 32  # same bucket rounding as mlx-lm, so compiled shapes repeat
 
 
 @dataclass

@@ -53,7 +53,9 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, acfg: dict, stat
     try:
         with atomic_dir(out) as tmp:
             mx.save_safetensors(str(tmp / ADAPTER_FILE), trainable_weights(model))
-            faults.point("disk_full_checkpoint", tmp / "optimizer.safetensors", run_dir)
+            faults.point(
+                "disk_full_checkpoint", tmp / "optimizer.safetensors", latest_checkpoint(run_dir) is not None
+            )
             mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
             (tmp / ADAPTER_CONFIG).write_text(json.dumps(acfg, indent=2))
             (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=2))

@@ -16,8 +16,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from finetune.data.tokens import PAD_TO
 from finetune.train.arch import Arch, arch_logits, arch_of, run_blocks
-from finetune.train.batches import PAD_TO
 
 
 def enabled_shortcuts(cfg: Any) -> list[str]:

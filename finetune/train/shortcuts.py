@@ -32,9 +32,10 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from finetune.data.tokens import PAD_TO
 from finetune.train import batches
 from finetune.train.arch import ARCHS, Arch, run_blocks
-from finetune.train.batches import PAD_TO, masked_loss
+from finetune.train.batches import masked_loss
 from finetune.train.shortcut_plan import Plan, plan
 
 # ---------------------------------------------------------------- the prefix cache
