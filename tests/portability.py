@@ -57,7 +57,8 @@ KERNELS = [
         "SkylakeX", {"OPENBLAS_CORETYPE": "SkylakeX"}, AVX2 | {"avx512f", "avx512bw", "avx512vl", "avx512dq"}
     ),
     Kernel("Zen", {"OPENBLAS_CORETYPE": "Zen"}, AVX2),
-    Kernel("Prescott", {"OPENBLAS_CORETYPE": "Prescott"}, frozenset({"pni"})),  # /proc/cpuinfo calls SSE3 "pni"
+    # /proc/cpuinfo calls SSE3 "pni"
+    Kernel("Prescott", {"OPENBLAS_CORETYPE": "Prescott"}, frozenset({"pni"})),
     Kernel("reference", {"FT_BLAS_DISABLE": "1"}),  # the netlib BLAS inside MLX's wheel
 ]
 
