@@ -1,4 +1,4 @@
-"""Calibrate finetune.memory against MLX's measured training peaks.
+"""Calibrate finetune.train.memory against MLX's measured training peaks.
 
 Each configuration runs in its own subprocess, so one run's peak never leaks into the next. A child
 builds a random-weight Llama (mlx_lm.models.llama) from a config dict, prepares it exactly as FineTune

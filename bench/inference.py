@@ -72,7 +72,7 @@ def llamacpp_op(port: int, req: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def llamacpp_child(gguf: str, prompt: str, max_tokens: int, reps: int) -> dict[str, Any]:
-    # Reuse finetune.llamacpp's server start-up (1 thread, loopback port, health wait) with one more op.
+    # Reuse finetune.serve.llamacpp's server start-up (1 thread, loopback port, health wait) with one more op.
     from finetune.serve import llamacpp
 
     llamacpp._OPS["speed"] = llamacpp_op

@@ -1,6 +1,6 @@
-"""Peak training memory of LoRA and full fine-tuning, measured by MLX vs finetune.memory's prediction.
+"""Peak training memory of LoRA and full fine-tuning, measured by MLX vs finetune.train.memory's prediction.
 
-Each measurement is a fresh `python -m finetune.memprobe` process (peaks must not leak between runs):
+Each measurement is a fresh `python -m finetune.train.memprobe` process (peaks must not leak between runs):
 a few optimizer steps on one fixed batch of the prepared data, mx.get_peak_memory() from after the
 weights are loaded. The prediction uses the batch shape the probe really trained on.
 """
@@ -58,7 +58,7 @@ def summarize(model: str, rows: dict[str, dict[str, Any]]) -> Section:
         )
     s.table(["type", "batch", "trainable (MLX)", "trainable (predicted)", "measured MiB", "predicted MiB",
              "error %", "predicted peak moment"], table)  # fmt: skip
-    s.notes.append("Measured: `finetune.memprobe` in its own process, 3 Adam steps on one fixed batch, "
+    s.notes.append("Measured: `finetune.train.memprobe` in its own process, 3 Adam steps on one fixed batch, "
                    "mx.get_peak_memory() (weights included). Full fine-tuning trains every parameter, "
                    "as finetune.train.prepare_model does.")  # fmt: skip
     s.data = rows

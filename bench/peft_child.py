@@ -1,7 +1,7 @@
 """Child process: LoRA training throughput of transformers + peft on torch CPU (the baseline for (1)/(3)).
 
 Reads token ids prepared by the parent (the same ids FineTune trains on), builds batches the way
-finetune.batches does (length buckets, a seeded permutation per epoch, right padding to 1 + a multiple of
+finetune.train.batches does (length buckets, a seeded permutation per epoch, right padding to 1 + a multiple of
 32), trains with the same masked cross-entropy and Adam, and prints one JSON line with step timestamps,
 the loop's start and the process's peak RSS.
 No attention mask is passed: with right padding a causal model's real tokens never see the pads, as in MLX.
@@ -19,7 +19,7 @@ BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 
 
 def batches(lengths: list[int], batch_size: int, seed: int):
-    """Example indices per step: the same bucketing and order as finetune.batches.batch_at."""
+    """Example indices per step: the same bucketing and order as finetune.train.batches.batch_at."""
     import numpy as np
 
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])

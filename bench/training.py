@@ -1,4 +1,4 @@
-"""Training throughput, side by side, of four trainers on two settings (issue 12).
+"""Training throughput, side by side, of four trainers on two settings.
 
 Tools: `finetune train` with its exact training shortcuts on (the default config) and off, the raw
 `mlx_lm lora` CLI, and transformers + peft on torch CPU (bench/peft_child.py). Settings:

@@ -102,10 +102,6 @@ class TrainingConfig(_Section):
     trim_batches: bool = Field(True, description="columns after a batch's last loss position are dropped")
 
 
-def _why(text: str) -> Any:
-    return Field(description=text)
-
-
 class LogprobTolerance(_Section):
     # Measured on SmolLM2-135M (top-10 logprobs, f32 MLX reference): f32 max 0.022, f16 max 0.041, q8_0 max 0.81.
     f32: float = Field(0.06, gt=0)

@@ -20,9 +20,6 @@ from finetune.gates.verdict import Verdict, skipped, verdict
 
 TUNED = ("mlx_adapter", "mlx_fused", "llamacpp", "ollama")
 REFERENCE = "mlx_adapter"
-# Greedy decoding of the same weights should agree almost everywhere; f16 GGUF rounding may flip a rare
-# near-tie (measured: identical on every prompt tried), so one prompt in ten may differ.
-TEXT_AGREEMENT = 0.9
 # The fine-tuned model must answer differently from the base on at least half the training questions
 # and contain the trained answer on at least half (a lost LoRA scale or a fuse that drops the adapter
 # gives base answers: ~0 changed, ~0 right).

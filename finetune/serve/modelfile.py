@@ -1,4 +1,4 @@
-"""Ollama Modelfiles: chat TEMPLATEs that match finetune.templates, and rendering with correct quoting.
+"""Ollama Modelfiles: chat TEMPLATEs that match finetune.data.templates, and rendering with correct quoting.
 
 Ollama's parser (parser/parser.go) takes a value to the end of the line unless it starts with `"` or
 `\"\"\"`, in which case it runs to the matching closing quote (newlines included) with no escape sequences.
@@ -42,7 +42,7 @@ class ChatFormat:
 
 
 # No BOS in any template: llama.cpp's tokenizer adds it when the GGUF says add_bos_token, as for Ollama's
-# own library templates. Text otherwise matches finetune.templates.get_template(name).render_prompt().
+# own library templates. Text otherwise matches finetune.data.templates.get_template(name).render_prompt().
 _CHATML = """{{- if .Messages }}
 {{- range .Messages }}<|im_start|>{{ .Role }}
 {{ .Content }}<|im_end|>
@@ -95,7 +95,7 @@ _LLAMA2 = """{{- if .Messages }}
 {{ end }}{{ .Prompt }} [/INST] {{ .Response }} @EOS@
 {{- end }}"""
 
-# Like finetune.templates: the system text, or the standard preamble, opens the prompt.
+# Like finetune.data.templates: the system text, or the standard preamble, opens the prompt.
 _ALPACA = """{{- if .Messages }}
 {{- $system := "" }}
 {{- range .Messages }}{{ if eq .Role "system" }}{{ $system = .Content }}{{ end }}{{ end }}

@@ -295,7 +295,7 @@ def _preload(env, paths, system, modules, loader, active, warn) -> BlasStatus:
         return fail("FT_BLAS_DISABLE=1: not loading OpenBLAS.")
     if "mlx.core" in modules:
         return fail(
-            "mlx.core was imported before finetune.blas.preload(): too late to swap its BLAS. "
+            "mlx.core was imported before finetune.system.blas.preload(): too late to swap its BLAS. "
             "Import finetune before mlx, or start Python with "
             f"LD_PRELOAD={search_paths()[0]}."
         )

@@ -2,7 +2,7 @@
 
 Predicts `mx.get_peak_memory()` over a training step as FineTune trains: mlx-lm's `train()` with our
 masked cross-entropy, `finetune.train.prepare_model` (full = every parameter trainable), MLX's CPU
-backend with MLX_DISABLE_COMPILE=1 (finetune.blas's default). Parameter counts are exact; the activation
+backend with MLX_DISABLE_COMPILE=1 (finetune.system.blas's default). Parameter counts are exact; the activation
 coefficients below are fitted to measured peaks of random-weight Llamas (bench/calibrate_memory.py
 prints predicted vs measured: 176 runs fit within 10.5%, the float32 LoRA/DoRA ones within 4%).
 
