@@ -14,7 +14,7 @@ import json
 import resource
 import time
 
-PAD_TO = 32
+PAD_TO = 32  # finetune.data.tokens.batch_width, copied: this torch-only child imports nothing of finetune
 BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.stats import median, steady
+from finetune.data.tokens import batch_width
 
 TOOLS = ("finetune", "finetune_off", "mlx_lm", "peft")
 LABELS = {
@@ -43,7 +44,6 @@ SHORTCUTS_OFF = (
     "training.loss_positions_only=false",
     "training.trim_batches=false",
 )
-PAD_TO = 32
 # mlx-lm's per-step line: "  iter   train_loss ▼    tok/s    tokens" (the arrow is ▼ or ▲).
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 MLX_LM_LINE = re.compile(r"^\s*(\d+)\s+(-?[\d.]+|nan)\s+\S\s+([\d,]+)\s+([\d.]+)k\s*$")
@@ -182,7 +182,7 @@ def batch_widths(lengths: list[int], batch_size: int, max_seq_length: int, extra
     widths = set()
     for i in range(0, len(order) - batch_size + 1, batch_size):
         longest = order[i + batch_size - 1] + extra
-        widths.add(min(1 + PAD_TO * ((longest + PAD_TO - 1) // PAD_TO), max_seq_length))
+        widths.add(batch_width(longest, max_seq_length))
     return widths
 
 

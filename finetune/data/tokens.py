@@ -8,6 +8,11 @@ from typing import Any
 PAD_TO = 32  # batches pad to this bucket, like mlx-lm, so compiled shapes repeat (finetune.train.batches)
 
 
+def batch_width(longest: int, max_seq_length: int) -> int:
+    """Columns of a batch whose longest row has `longest` tokens: 1 + a multiple of PAD_TO, capped."""
+    return min(1 + PAD_TO * ((longest + PAD_TO - 1) // PAD_TO), max_seq_length)
+
+
 def _hf_tokenizer(tokenizer: Any) -> Any:
     # mlx-lm's TokenizerWrapper is not callable; the Hugging Face tokenizer sits in its _tokenizer.
     if not callable(tokenizer) and hasattr(tokenizer, "_tokenizer"):

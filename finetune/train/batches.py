@@ -17,7 +17,7 @@ import mlx.nn as nn
 import numpy as np
 
 from finetune import faults
-from finetune.data.tokens import PAD_TO, tokenize_example
+from finetune.data.tokens import batch_width, tokenize_example
 from finetune.system.atomic import atomic_write_json
 
 
@@ -62,7 +62,7 @@ def load_split(path: Path, tokenizer, max_seq_length: int, mask_prompt: bool) ->
 
 def _pack(rows: list[tuple[list[int], list[int]]], max_seq_length: int) -> tuple[mx.array, mx.array]:
     longest = max(len(ids) for ids, _ in rows)
-    width = min(1 + PAD_TO * ((longest + PAD_TO - 1) // PAD_TO), max_seq_length)
+    width = batch_width(longest, max_seq_length)
     ids_arr = np.zeros((len(rows), width), np.int32)
     mask_arr = np.zeros((len(rows), width), np.float32)
     for i, (ids, mask) in enumerate(rows):

@@ -32,7 +32,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from finetune.data.tokens import PAD_TO
+from finetune.data.tokens import batch_width
 from finetune.train import batches
 from finetune.train.arch import ARCHS, Arch, run_blocks
 from finetune.train.batches import masked_loss
@@ -122,7 +122,7 @@ def pack(
 ) -> tuple[np.ndarray, np.ndarray]:
     """The project's packing (finetune.train.batches._pack): zero end padding to 1 + a multiple of 32."""
     longest = max(len(ids) for ids, _ in rows)
-    width = min(1 + PAD_TO * ((longest + PAD_TO - 1) // PAD_TO), max_seq_length)
+    width = batch_width(longest, max_seq_length)
     ids_arr = np.zeros((len(rows), width), np.int32)
     mask_arr = np.zeros((len(rows), width), np.float32)
     for i, (ids, mask) in enumerate(rows):

@@ -3,7 +3,7 @@
 import pytest
 
 from finetune.data.templates import get_template
-from finetune.data.tokens import encode, mask_for, tokenize_example
+from finetune.data.tokens import batch_width, encode, mask_for, tokenize_example
 
 MULTI = [
     {"role": "user", "content": "Capital of Zorbania?"},
@@ -91,3 +91,9 @@ def test_mask_for_overlap_and_zero_width_tokens():
     assert mask_for(offsets, [(3, 6)]) == [0, 0, 1, 0, 0]  # touching a span's edge is not overlapping
     assert mask_for(offsets, []) == [0] * 5
     assert mask_for(offsets, [(0, 3), (6, 9)]) == [0, 1, 0, 1, 0]
+
+
+def test_batch_width_is_one_more_than_a_multiple_of_32_capped():
+    # inputs are ids[:-1], targets ids[1:]: a width of 1 + 32k gives 32k-wide matmuls
+    assert [batch_width(n, 256) for n in (1, 32, 33, 64, 65)] == [33, 33, 65, 65, 97]
+    assert batch_width(300, 256) == 256 and batch_width(40, 40) == 40

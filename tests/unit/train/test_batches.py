@@ -6,9 +6,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from finetune.data.tokens import PAD_TO
 from finetune.system.jsonl import read_jsonl
 from finetune.train.batches import (
-    PAD_TO,
     TOKENS_KEPT,
     TokenDataset,
     batch_at,
