@@ -10,12 +10,12 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from finetune.errors import UserError
+from finetune.system.atomic import atomic_dir
 from finetune.system.lock import LockTimeout, waiting_lock
 
 MARKER = "finetune_model.json"
@@ -54,24 +54,18 @@ def build_once(target: Path, build: Callable[[Path], dict], log: Log = stderr_lo
             if target.exists():
                 log(f"removing incomplete model folder {target}")
                 shutil.rmtree(target)
-            for stale in target.parent.glob(
-                f".{target.name}.tmp-*"
-            ):  # left by a killed build; we hold the lock
-                shutil.rmtree(stale, ignore_errors=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-            try:
-                start = time.perf_counter()
+            # left by a killed build (atomic_dir's names, and this module's before it used atomic_dir)
+            for pattern in (f".{target.name}.*.tmp", f".{target.name}.tmp-*"):
+                for stale in target.parent.glob(pattern):
+                    shutil.rmtree(stale, ignore_errors=True)
+            start = time.perf_counter()
+            with atomic_dir(target) as tmp:
                 info = build(tmp)
                 info["build_seconds"] = round(time.perf_counter() - start, 2)
                 (tmp / MARKER).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-                # mkdtemp and safetensors make owner-only files; the cache is shared
+                # safetensors and tempfile make owner-only files; the cache is shared
                 for item in tmp.rglob("*"):
                     item.chmod(0o755 if item.is_dir() else 0o644)
-                tmp.chmod(0o755)
-                os.replace(tmp, target)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
     except LockTimeout as exc:
         raise ModelUnavailable(str(exc)) from None
     return target
