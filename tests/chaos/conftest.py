@@ -17,8 +17,10 @@ RECORDS: list[dict] = []
 
 @pytest.fixture(scope="session")
 def record():
-    def add(**row) -> None:
+    def add(**row) -> dict:
+        """Keep the row (the table is written even when the test fails later); returns it for later updates."""
         RECORDS.append(row)
+        return row
 
     return add
 

@@ -167,9 +167,9 @@ def test_interrupted_in_every_stage_and_resumed_equals_the_uninterrupted_run(com
         cli.send(sig)
         code = cli.wait(120)
         left, (lost, lost_names) = orphans(cli, run_dir), bytes_lost(before)
-        row = dict(case="interrupt", command=command, fault=sig.name, target=target, landed=_landed(cli), code=code,
-                   expected=EXIT[sig], orphans=left, bytes_lost=lost, recovered=False,
-                   detail=f"after {delay:.2f} s; {len(cli.seen)} child processes seen")  # fmt: skip
+        row = record(case="interrupt", command=command, fault=sig.name, target=target, landed=_landed(cli), code=code,
+                     expected=EXIT[sig], orphans=left, bytes_lost=lost, recovered=False,
+                     detail=f"after {delay:.2f} s; {len(cli.seen)} child processes seen")  # fmt: skip
         rows.append(row)
         assert not finished, f"the command ended before the signal at {target} + {delay:.2f} s"
         assert code == EXIT[sig], cli.output[-3000:]
@@ -187,10 +187,8 @@ def test_interrupted_in_every_stage_and_resumed_equals_the_uninterrupted_run(com
     diffs = _differences(ref, _snapshot(run_dir)) if code == 0 else [f"exit {code}"]
     strays = stray_temporaries(run_dir)
     ok = code == 0 and not diffs and not left and not strays
-    for row in rows:
+    for row in rows:  # recorded as they happened (a failed interruption still reaches the table)
         row["recovered"] = ok
-    for row in rows:
-        record(**row)
     cleaned = [ln for ln in final.lines if ln.startswith("removed ")]
     record(case="final rerun", command=command, fault=None, target="-", landed="-", code=code, expected=0,
            orphans=left, bytes_lost=0, recovered=ok, final=True,
