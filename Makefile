@@ -9,7 +9,7 @@ PYTEST := $(BIN)/python -m pytest
 
 .PHONY: setup system-deps browser test test-unit test-e2e-workflow test-e2e-real-model test-e2e-mlx test-e2e-ollama \
         test-e2e-models test-e2e-quick test-e2e-all test-faults test-chaos test-portability run lint bench ollama \
-        clean
+        docs clean
 
 setup: $(STAMP)
 
@@ -71,18 +71,23 @@ test-e2e-all: test-e2e-workflow
 	FT_RELEASE=1 FT_REAL_MODEL_ENABLE=1 $(MAKE) --no-print-directory test-e2e-real-model
 	FT_RELEASE=1 $(MAKE) --no-print-directory test-e2e-mlx
 
-# Every known fault planted into the real pipeline must be caught by its gate; writes docs/fault-injection.md.
+# Every known fault planted into the real pipeline must be caught by its gate; writes fault-injection.md.
 test-faults: setup
 	$(PYTEST) -q -rs tests/faults
 
 # The exactness and parity tests under every BLAS kernel this CPU can run (OPENBLAS_CORETYPE = Haswell, SkylakeX,
-# Zen, Prescott, OpenBLAS's own pick, and MLX's reference BLAS); writes docs/portability.md with every floor.
+# Zen, Prescott, OpenBLAS's own pick, and MLX's reference BLAS); writes portability.md with every floor.
 test-portability: setup
 	$(BIN)/python -m tests.portability -n 2
 
-# Signals and crashes at random points of every stage; writes docs/reliability.md.
+# Signals and crashes at random points of every stage; writes reliability.md.
 test-chaos: setup
 	$(PYTEST) -q -rs tests/chaos
+
+# The suites write their tables into artifacts/docs/ (never the tracked docs/); this publishes the last ones.
+docs:
+	@ls artifacts/docs/*.md >/dev/null 2>&1 || { echo "nothing in artifacts/docs/: run make test-faults, test-chaos or test-portability first"; exit 1; }
+	cp -v artifacts/docs/* docs/
 
 run: setup
 	$(BIN)/finetune run --profile quick

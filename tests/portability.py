@@ -2,7 +2,7 @@
 
 A tolerance tuned on one CPU fails on another (issue 17), so the tests measure their own noise floor
 (tests/noise.py); this runner proves it by running them under each OpenBLAS kernel (OPENBLAS_CORETYPE, which
-lets one machine use other CPUs' kernels) and MLX's own reference BLAS, and writes docs/portability.md with
+lets one machine use other CPUs' kernels) and MLX's own reference BLAS, and writes portability.md (artifacts/docs/; `make docs` publishes it) with
 every (error, floor, k) they asserted. A kernel this CPU cannot execute (SkylakeX without AVX-512 dies on
 SIGILL) is listed as not runnable here, with the missing flags; every runnable kernel must pass.
 
@@ -24,9 +24,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from finetune.system.blas import cpu_flags
+from tests import generated
 
 ROOT = Path(__file__).resolve().parents[1]
-DOC = ROOT / "docs" / "portability.md"
 
 # The tests whose figures depend on floating-point summation order.
 TESTS = [
@@ -183,7 +183,7 @@ def render(outcomes: list[Outcome]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kernels", default=",".join(k.name for k in KERNELS))
-    parser.add_argument("--doc", type=Path, default=DOC)
+    parser.add_argument("--doc", type=Path, default=generated.output("portability.md"))
     args, pytest_args = parser.parse_known_args(argv)
     wanted = args.kernels.split(",")
     unknown = set(wanted) - {k.name for k in KERNELS}

@@ -1,17 +1,16 @@
-"""The chaos suite's figures: every case records what it did and what it found; docs/reliability.md is written
-from those records at the end of the session (never by hand)."""
+"""The chaos suite's figures: every case records what it did and what it found; reliability.md is written
+from those records at the end of the session (never by hand) into artifacts/docs/; `make docs` publishes it."""
 
 from __future__ import annotations
 
 import os
 import platform
 from datetime import UTC, datetime
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-TABLE = ROOT / "docs" / "reliability.md"
+from tests import generated
+
 RECORDS: list[dict] = []
 
 
@@ -69,4 +68,4 @@ def pytest_sessionfinish(session, exitstatus):
             f"{r.get('landed', '-')} | {exit_} | {len(r['orphans'])} | {r.get('bytes_lost', 0)} | "
             f"{'yes' if r['recovered'] else '**NO**'} | {r.get('detail', '')} |"
         )
-    atomic_write_text(TABLE, "\n".join(lines) + "\n")
+    atomic_write_text(generated.output("reliability.md"), "\n".join(lines) + "\n")
