@@ -77,7 +77,7 @@ def test_the_workflow_runs_each_tier_on_its_event():
     assert runs["release"] == "make ollama && make test-e2e-all"
     assert runs["reliability"] == "make ollama && make test-faults && make test-chaos"
     assert jobs["reliability"]["if"] == release["if"] and jobs["reliability"]["needs"] == "test"
-    for name in ("real-model", "release"):
+    for name in ("real-model", "release", "reliability"):
         cache = next(s for s in steps(jobs[name]) if s.get("uses", "").startswith("actions/cache@"))
         assert (
             cache["with"]["path"] == "~/.cache/finetune"
