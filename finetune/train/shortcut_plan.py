@@ -22,8 +22,12 @@ from finetune.train.arch import Arch, arch_logits, arch_of, run_blocks
 
 def enabled_shortcuts(cfg: Any) -> list[str]:
     t = cfg.training
-    return [name for name, on in (("prefix", t.cache_frozen_prefix), ("loss_positions", t.loss_positions_only),
-                                  ("trim", t.trim_batches)) if on]  # fmt: skip
+    wanted = {
+        "prefix": t.cache_frozen_prefix,
+        "loss_positions": t.loss_positions_only,
+        "trim": t.trim_batches,
+    }
+    return [name for name, on in wanted.items() if on]
 
 
 @dataclass
@@ -156,81 +160,106 @@ def plan(
     p = Plan(arch=arch.name if arch else None, n_blocks=len(blocks), chunk_bytes=chunk_bytes)
     if max_seq_length is None and cfg is not None:
         max_seq_length = cfg.data.max_seq_length
-    if arch is None:
-        p.notes.append(f"not used: unknown architecture {type(model).__module__} (no exact adapter)")
+    if not _usable(model, arch, p):
         return p
-    if (why := arch.check(model)) is not None:
-        p.notes.append(f"not used: {why}")
-        return p
-    if not any(True for _ in tree_flatten(model.trainable_parameters())):
-        p.notes.append("not used: nothing is trainable")
-        return p
-
-    # The cut: the first block whose output can change between steps (trainable or random).
-    adapted = [i for i, b in enumerate(blocks) if _has_trainable(b)]
-    random_ = [i for i, b in enumerate(blocks) if _has_dropout(b)]
-    pre = arch.pre_block(model)
-    cut = min(adapted + random_ + [len(blocks)])
-    if any(_has_trainable(m) or _has_dropout(m) for m in pre):
-        cut, why_no_prefix = 0, "the embedding is trainable (full fine-tuning or adapters on embeddings)"
-    elif cut == 0:
-        why_no_prefix = (
-            "block 0 has adapters (every block adapted)" if 0 in adapted else "block 0 has active dropout"
-        )
-    else:
-        why_no_prefix = None
+    cut, why_no_prefix, random_ = _first_changing_block(model, arch, blocks)
     if cut == len(blocks):  # only the final norm / head trains: the whole stack is a fixed prefix
         p.notes.append("no block is trainable: every block is part of the cached prefix")
-
-    diff, floor = _verify(model, arch, max(cut, 0))
-    if not diff <= K_VERIFY * floor:
-        p.notes.append(f"not used: the {arch.name} adapter does not reproduce this model's logits (rel diff "
-                       f"{diff:.3g} > {K_VERIFY} x noise floor {floor:.2g})")  # fmt: skip
+    if not _self_check(model, arch, cut, p):
         return p
+    length_dep = _length_dependent(model)
+    if length_dep and why_no_prefix is None:
+        why_no_prefix = f"{', '.join(length_dep)} depends on the sequence length (rows cached unpadded)"
+    if "prefix" in enable:
+        need = cache_bytes_estimate(model, arch, datasets, max_seq_length or 1 << 30) if datasets else 0
+        _plan_prefix(p, cut, why_no_prefix, need, cache_budget_bytes, datasets)
+        if p.prefix and random_ and min(random_) == cut and not _has_trainable(blocks[cut]):
+            p.notes.append(f"cut at block {cut}: first block with active dropout")
+        if p.prefix and cfg is not None and getattr(cfg.training, "grad_checkpoint", False):
+            p.notes.append("grad checkpointing applies to blocks above the cut; cached blocks need none")
+    if "loss_positions" in enable:
+        _plan_loss_positions(p, _has_dropout(arch.head_module(model)), datasets)
+    if "trim" in enable:
+        _plan_trim(p, _has_dropout(model), length_dep)
+    return p
+
+
+def _usable(model, arch: Arch | None, p: Plan) -> bool:
+    """Whether any shortcut can apply at all (a known architecture, as it expects, with something to train)."""
+    if arch is None:
+        p.notes.append(f"not used: unknown architecture {type(model).__module__} (no exact adapter)")
+    elif (why := arch.check(model)) is not None:
+        p.notes.append(f"not used: {why}")
+    elif not _has_trainable(model):
+        p.notes.append("not used: nothing is trainable")
+    else:
+        return True
+    return False
+
+
+def _first_changing_block(model, arch: Arch, blocks) -> tuple[int, str | None, list[int]]:
+    """(the cut: the first block whose output can change between steps, why nothing can be cached or None,
+    the blocks with active dropout)."""
+    adapted = [i for i, b in enumerate(blocks) if _has_trainable(b)]
+    random_ = [i for i, b in enumerate(blocks) if _has_dropout(b)]
+    if any(_has_trainable(m) or _has_dropout(m) for m in arch.pre_block(model)):
+        return 0, "the embedding is trainable (full fine-tuning or adapters on embeddings)", random_
+    cut = min(adapted + random_ + [len(blocks)])
+    if cut == 0:
+        why = "block 0 has adapters (every block adapted)" if 0 in adapted else "block 0 has active dropout"
+        return 0, why, random_
+    return cut, None, random_
+
+
+def _self_check(model, arch: Arch, cut: int, p: Plan) -> bool:
+    diff, floor = _verify(model, arch, cut)
+    if not diff <= K_VERIFY * floor:
+        p.notes.append(
+            f"not used: the {arch.name} adapter does not reproduce this model's logits (rel diff {diff:.3g} > "
+            f"{K_VERIFY} x noise floor {floor:.2g})"
+        )
+        return False
     p.notes.append(
         f"{arch.name} adapter checked against model(ids): rel diff {diff:.2g} (noise floor {floor:.2g})"
     )
+    return True
 
-    if (length_dep := _length_dependent(model)) and why_no_prefix is None:
-        why_no_prefix = f"{', '.join(length_dep)} depends on the sequence length (rows cached unpadded)"
-    if "prefix" in enable:
-        if why_no_prefix:
-            p.notes.append(f"no cached prefix: {why_no_prefix}")
-        else:
-            need = cache_bytes_estimate(model, arch, datasets, max_seq_length or 1 << 30) if datasets else 0
-            if need > cache_budget_bytes:
-                p.notes.append(
-                    f"no cached prefix: it would take {need / 2**20:.0f} MiB > budget {cache_budget_bytes / 2**20:.0f} MiB"
-                )
-            else:
-                p.cut = cut
-                if random_ and min(random_) == cut and cut not in adapted:
-                    p.notes.append(f"cut at block {cut}: first block with active dropout")
-                if datasets:
-                    p.notes.append(
-                        f"prefix cache ~{need / 2**20:.1f} MiB for {sum(len(d) for d in datasets)} examples"
-                    )
-                if cfg is not None and getattr(cfg.training, "grad_checkpoint", False):
-                    p.notes.append(
-                        "grad checkpointing applies to blocks above the cut; cached blocks need none"
-                    )
-    # Dropout masks are drawn for the shape they are applied to: anything that changes that shape (fewer
-    # columns, gathered rows) would draw different masks than the plain path, so it must not apply there.
-    if "loss_positions" in enable and _has_dropout(arch.head_module(model)):
-        p.notes.append("no loss-positions head: the head has active dropout (adapter on the LM head)")
-    elif "loss_positions" in enable:
-        p.loss_positions = True
+
+def _plan_prefix(p: Plan, cut: int, why_not: str | None, need: int, budget: int, datasets: Sequence) -> None:
+    if why_not:
+        p.notes.append(f"no cached prefix: {why_not}")
+    elif need > budget:
+        p.notes.append(
+            f"no cached prefix: it would take {need / 2**20:.0f} MiB > budget {budget / 2**20:.0f} MiB"
+        )
+    else:
+        p.cut = cut
         if datasets:
-            total = sum(max(0, len(m) - 1) for ds in datasets for _, m in ds)
-            hit = sum(sum(1 for w in m[1:] if w) for ds in datasets for _, m in ds)
             p.notes.append(
-                f"loss positions: {hit} of {total} real target positions ({100 * hit / max(total, 1):.0f}%)"
+                f"prefix cache ~{need / 2**20:.1f} MiB for {sum(len(d) for d in datasets)} examples"
             )
-    if "trim" in enable and _has_dropout(model):
+
+
+# Dropout masks are drawn for the shape they are applied to: anything that changes that shape (fewer columns,
+# gathered rows) would draw different masks than the plain path, so it must not apply there.
+def _plan_loss_positions(p: Plan, head_has_dropout: bool, datasets: Sequence) -> None:
+    if head_has_dropout:
+        p.notes.append("no loss-positions head: the head has active dropout (adapter on the LM head)")
+        return
+    p.loss_positions = True
+    if datasets:
+        total = sum(max(0, len(m) - 1) for ds in datasets for _, m in ds)
+        hit = sum(sum(1 for w in m[1:] if w) for ds in datasets for _, m in ds)
+        p.notes.append(
+            f"loss positions: {hit} of {total} real target positions ({100 * hit / max(total, 1):.0f}%)"
+        )
+
+
+def _plan_trim(p: Plan, has_dropout: bool, length_dep: list[str]) -> None:
+    if has_dropout:
         p.notes.append("no trimming: active dropout draws masks of the batch's shape (LoRA dropout > 0)")
-    elif "trim" in enable and length_dep:
+    elif length_dep:
         p.notes.append(f"no trimming: {', '.join(length_dep)} depends on the sequence length")
-    elif "trim" in enable:
+    else:
         # With compile on, every new width recompiles the step, so keep mlx-lm's 32-token buckets then.
         p.trim = 1 if not compile_enabled() else PAD_TO
-    return p
