@@ -39,6 +39,7 @@ from finetune.train.setup import make_optimizer, prepare_model
 from finetune.train.shortcut_plan import enabled_shortcuts
 
 RESULT = "train_result.json"
+FINAL_MLX_ADAPTER = ".mlx_lm_final.safetensors"  # mlx-lm saves here at its end; deleted, ours is ADAPTER_DIR
 
 
 @dataclass
@@ -66,6 +67,18 @@ class TrainResult:
 # ---------------------------------------------------------------- the run
 
 
+@dataclass
+class _Loaded:
+    """The model with its adapters and optimizer, and the tokenized splits: what every phase of a run uses."""
+
+    model: Any
+    tokenizer: Any
+    acfg: Any
+    optimizer: Any
+    train_set: Any
+    val_set: Any
+
+
 def train_run(
     cfg: RunConfig,
     model_path: Path,
@@ -88,96 +101,23 @@ def train_run(
         from mlx_lm import load
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    t = cfg.training
-    mx.random.seed(t.seed)
-    model, tokenizer = load(str(model_path))
-    exact_embed_scale(model)  # train what llama.cpp and Ollama will run (finetune.train.gemma_scale)
-    acfg = prepare_model(model, cfg)
-    optimizer = make_optimizer(cfg)
-    train_set = load_split(
-        Path(data_dir) / "train.jsonl", tokenizer, cfg.data.max_seq_length, cfg.data.mask_prompt
-    )
-    valid = Path(data_dir) / "valid.jsonl"
-    val_set = (
-        load_split(valid, tokenizer, cfg.data.max_seq_length, cfg.data.mask_prompt)
-        if valid.exists()
-        else None
-    )
-
-    start_step, state = 0, {}
-    ckpt = latest_checkpoint(run_dir) if resume else None
-    if ckpt is not None:
-        state = restore_checkpoint(ckpt, model, optimizer)
-        start_step = state["step"]
-        log(f"resuming from {ckpt} (step {start_step})")
-    elif not resume:
-        (run_dir / METRICS).unlink(missing_ok=True)
-    fast = shortcuts.setup(model, seed=t.seed, max_seq_length=cfg.data.max_seq_length, train_set=train_set,
-                           val_set=val_set, start_batch=start_step, cfg=cfg, enable=enabled_shortcuts(cfg))  # fmt: skip
+    mx.random.seed(cfg.training.seed)
+    run = _load(cfg, load, Path(model_path), Path(data_dir))
+    start_step, state = _start_point(run_dir, run, resume, log)
+    fast = _setup_shortcuts(cfg, run, start_step)
     log(fast.plan.summary())
     truncate_metrics(run_dir / METRICS, start_step)
     if start_step == 0:
-        save_adapter(model, acfg, run_dir / INIT_DIR)  # the parameter-update gate compares against this
-        record_tokens(train_set, run_dir / TOKENS)  # what the label-mask gate checks
-    mx.random.seed(step_seed(t.seed, start_step))
+        # the parameter-update gate compares against this
+        save_adapter(run.model, run.acfg, run_dir / INIT_DIR)
+        record_tokens(run.train_set, run_dir / TOKENS)  # what the label-mask gate checks
+    mx.random.seed(step_seed(cfg.training.seed, start_step))
 
-    cb = RunCallback(
-        run_dir=run_dir, cfg=cfg, model=model, optimizer=optimizer, acfg=acfg, val_set=val_set,
-        iterate=fast.iterate_eval, loss=fast.loss, start_step=start_step, state=state,
-    )  # fmt: skip
-    n_trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
-    n_total = sum(v.size for _, v in tree_flatten(model.parameters()))
-    if n_trainable == 0:
-        raise ValueError("no trainable parameters: every adapter and weight is frozen")
-    result = TrainResult(str(run_dir), str(run_dir / ADAPTER_DIR), None, start_step, start_step)
-    result.extra["shortcuts"] = fast.plan.summary()
-    result.trainable_params, result.total_params = n_trainable, n_total
+    cb = _callback(cfg, run, run_dir, fast, start_step, state)
+    result = _new_result(run, run_dir, start_step, fast)
     mx.reset_peak_memory()
     tic = time.perf_counter()
-    interrupted: BaseException | None = None
-    try:
-        with signals.deferred():
-            if start_step == 0:
-                model.train()
-                result.initial_val_loss = cb.evaluate()
-                cb.bad_evals = 0
-            remaining = t.iters - start_step
-            if remaining > 0:
-                args = TrainingArgs(
-                    batch_size=t.batch_size,
-                    iters=remaining,
-                    steps_per_report=1,
-                    steps_per_eval=remaining + 1,
-                    steps_per_save=remaining + 1,
-                    max_seq_length=cfg.data.max_seq_length,
-                    adapter_file=str(run_dir / ".mlx_lm_final.safetensors"),
-                    grad_checkpoint=t.grad_checkpoint,
-                    grad_accumulation_steps=t.grad_accumulation_steps,
-                )
-                train_fn(model, optimizer, train_set, None, args=args, loss=fast.loss,
-                         iterate_batches=fast.iterate_train, training_callback=cb)  # fmt: skip
-            signals.check()  # a signal that came after the last step boundary
-    except EarlyStop as why:
-        result.stopped_early = True
-        log(f"early stopping at step {cb.step}: {why}")
-    except (signals.Interrupted, KeyboardInterrupt) as exc:
-        interrupted = exc
-        if isinstance(exc, KeyboardInterrupt):  # no handlers here: it may have landed anywhere in a step
-            done = (
-                int(optimizer.state["step"].item()) * t.grad_accumulation_steps
-                if "step" in optimizer.state
-                else 0
-            )
-            if done > cb.step and not cb.step_back():
-                cb.step = (
-                    done  # full fine-tuning keeps no snapshot: resume after the update, its loss unlogged
-                )
-            save_checkpoint(run_dir, cb.step, model, optimizer, acfg, cb.state())
-        result.interrupted = signals.as_interrupted(exc).name
-        log(f"interrupted ({result.interrupted}): resumable checkpoint at step {cb.step}")
-    finally:
-        cb.close()
-        (run_dir / ".mlx_lm_final.safetensors").unlink(missing_ok=True)
+    interrupted = _train_until_stopped(cfg, run, run_dir, fast, cb, result, train_fn, log)
     result.steps = cb.step
     result.wall_time_s = time.perf_counter() - tic
     result.peak_memory_bytes = int(mx.get_peak_memory())
@@ -185,10 +125,155 @@ def train_run(
     if interrupted is not None:
         atomic_write_json(run_dir / RESULT, result.to_dict())
         raise interrupted
-    save_final_adapter(model, acfg, run_dir / ADAPTER_DIR)
+    save_final_adapter(run.model, run.acfg, run_dir / ADAPTER_DIR)
     if (run_dir / BEST_DIR).exists():
         result.best_adapter_dir = str(run_dir / BEST_DIR)
     if on_trained is not None:
-        on_trained(model, tokenizer)
+        on_trained(run.model, run.tokenizer)
     atomic_write_json(run_dir / RESULT, result.to_dict())
     return result
+
+
+def _load(cfg: RunConfig, load: Callable, model_path: Path, data_dir: Path) -> _Loaded:
+    model, tokenizer = load(str(model_path))
+    exact_embed_scale(model)  # train what llama.cpp and Ollama will run (finetune.train.gemma_scale)
+    acfg = prepare_model(model, cfg)
+    optimizer = make_optimizer(cfg)
+    max_len, mask_prompt = cfg.data.max_seq_length, cfg.data.mask_prompt
+    train_set = load_split(data_dir / "train.jsonl", tokenizer, max_len, mask_prompt)
+    valid = data_dir / "valid.jsonl"
+    val_set = load_split(valid, tokenizer, max_len, mask_prompt) if valid.exists() else None
+    return _Loaded(model, tokenizer, acfg, optimizer, train_set, val_set)
+
+
+def _start_point(run_dir: Path, run: _Loaded, resume: bool, log: Callable[[str], None]) -> tuple[int, dict]:
+    """The step to start from and the callback state saved with it; a fresh run drops old metrics."""
+    ckpt = latest_checkpoint(run_dir) if resume else None
+    if ckpt is None:
+        if not resume:
+            (run_dir / METRICS).unlink(missing_ok=True)
+        return 0, {}
+    state = restore_checkpoint(ckpt, run.model, run.optimizer)
+    log(f"resuming from {ckpt} (step {state['step']})")
+    return state["step"], state
+
+
+def _setup_shortcuts(cfg: RunConfig, run: _Loaded, start_step: int) -> shortcuts.Shortcuts:
+    return shortcuts.setup(
+        run.model,
+        seed=cfg.training.seed,
+        max_seq_length=cfg.data.max_seq_length,
+        train_set=run.train_set,
+        val_set=run.val_set,
+        start_batch=start_step,
+        cfg=cfg,
+        enable=enabled_shortcuts(cfg),
+    )
+
+
+def _callback(
+    cfg: RunConfig, run: _Loaded, run_dir: Path, fast: shortcuts.Shortcuts, start_step: int, state: dict
+) -> RunCallback:
+    return RunCallback(
+        run_dir=run_dir,
+        cfg=cfg,
+        model=run.model,
+        optimizer=run.optimizer,
+        acfg=run.acfg,
+        val_set=run.val_set,
+        iterate=fast.iterate_eval,
+        loss=fast.loss,
+        start_step=start_step,
+        state=state,
+    )
+
+
+def _new_result(run: _Loaded, run_dir: Path, start_step: int, fast: shortcuts.Shortcuts) -> TrainResult:
+    n_trainable = sum(v.size for _, v in tree_flatten(run.model.trainable_parameters()))
+    n_total = sum(v.size for _, v in tree_flatten(run.model.parameters()))
+    if n_trainable == 0:
+        raise ValueError("no trainable parameters: every adapter and weight is frozen")
+    result = TrainResult(str(run_dir), str(run_dir / ADAPTER_DIR), None, start_step, start_step)
+    result.extra["shortcuts"] = fast.plan.summary()
+    result.trainable_params, result.total_params = n_trainable, n_total
+    return result
+
+
+def _train_until_stopped(
+    cfg: RunConfig,
+    run: _Loaded,
+    run_dir: Path,
+    fast: shortcuts.Shortcuts,
+    cb: RunCallback,
+    result: TrainResult,
+    train_fn: Callable,
+    log: Callable[[str], None],
+) -> BaseException | None:
+    """Train to the last step, an early stop or a signal; returns the interruption to re-raise, if any."""
+    try:
+        with signals.deferred():
+            if result.start_step == 0:
+                run.model.train()
+                result.initial_val_loss = cb.evaluate()
+                cb.bad_evals = 0
+            remaining = cfg.training.iters - result.start_step
+            if remaining > 0:
+                _call_mlx_train(cfg, run, run_dir, fast, cb, train_fn, remaining)
+            signals.check()  # a signal that came after the last step boundary
+    except EarlyStop as why:
+        result.stopped_early = True
+        log(f"early stopping at step {cb.step}: {why}")
+    except (signals.Interrupted, KeyboardInterrupt) as exc:
+        if isinstance(exc, KeyboardInterrupt):  # no handlers here: it may have landed anywhere in a step
+            _checkpoint_mid_step(cfg, run, run_dir, cb)
+        result.interrupted = signals.as_interrupted(exc).name
+        log(f"interrupted ({result.interrupted}): resumable checkpoint at step {cb.step}")
+        return exc
+    finally:
+        cb.close()
+        (run_dir / FINAL_MLX_ADAPTER).unlink(missing_ok=True)
+    return None
+
+
+def _call_mlx_train(
+    cfg: RunConfig,
+    run: _Loaded,
+    run_dir: Path,
+    fast: shortcuts.Shortcuts,
+    cb: RunCallback,
+    train_fn: Callable,
+    remaining: int,
+) -> None:
+    """mlx-lm's loop for the remaining steps; our callback evaluates and saves, so its own never do."""
+    t = cfg.training
+    args = TrainingArgs(
+        batch_size=t.batch_size,
+        iters=remaining,
+        steps_per_report=1,
+        steps_per_eval=remaining + 1,
+        steps_per_save=remaining + 1,
+        max_seq_length=cfg.data.max_seq_length,
+        adapter_file=str(run_dir / FINAL_MLX_ADAPTER),
+        grad_checkpoint=t.grad_checkpoint,
+        grad_accumulation_steps=t.grad_accumulation_steps,
+    )
+    train_fn(
+        run.model,
+        run.optimizer,
+        run.train_set,
+        None,
+        args=args,
+        loss=fast.loss,
+        iterate_batches=fast.iterate_train,
+        training_callback=cb,
+    )
+
+
+def _checkpoint_mid_step(cfg: RunConfig, run: _Loaded, run_dir: Path, cb: RunCallback) -> None:
+    """Checkpoint after a Ctrl-C that may have landed between an update and its report."""
+    optimizer = run.optimizer
+    accumulation = cfg.training.grad_accumulation_steps
+    done = int(optimizer.state["step"].item()) * accumulation if "step" in optimizer.state else 0
+    if done > cb.step and not cb.step_back():
+        cb.step = done  # full fine-tuning keeps no snapshot: resume after the update, its loss unlogged
+    save_checkpoint(run_dir, cb.step, run.model, optimizer, run.acfg, cb.state())
