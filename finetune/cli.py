@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _run_args(sub.add_parser("train", help="prepare and train only (not judged)"))
     _run_args(
-        sub.add_parser("run", help="prepare, train and judge with the five seed gates and the label mask")
+        sub.add_parser("run", help="prepare, train and judge with the six training gates")
     )
     _run_args(
         sub.add_parser("pipeline", help="tier 3: LoRA -> fuse -> GGUF -> Ollama -> evaluation -> report")

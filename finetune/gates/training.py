@@ -1,4 +1,4 @@
-"""The five seed gates of a training run. Each takes measurements made from the saved run (metrics.jsonl,
+"""Five of the training gates of a training run. Each takes measurements made from the saved run (metrics.jsonl,
 adapter files, answers of base + SAVED adapter) and returns a Verdict; none touches a model.
 """
 

@@ -10,9 +10,8 @@ from typing import Any
 from finetune import faults
 from finetune.gates import export as export_gates
 from finetune.gates import served
-from finetune.gates.registry import GATES
+from finetune.gates.registry import explain
 from finetune.gates.runtimes import judge_runtimes
-from finetune.gates.verdict import Verdict, judged
 from finetune.models.safetensors import dtype_counts
 from finetune.report.artifacts import artifact
 from finetune.system.atomic import atomic_write_json
@@ -20,13 +19,6 @@ from finetune.system.jsonl import read_jsonl
 from finetune.tiers.context import Ctx, Stage, StageError, StageResult
 
 FUSE_DTYPE = "float32"  # keeps small LoRA deltas that bf16 would round away
-
-
-def _info(v: Verdict, path: Path | None) -> Verdict:
-    v.why = GATES[v.name].why if v.name in GATES else v.why
-    if path is not None:
-        v.artifact = judged(path)
-    return v
 
 
 def stage_fuse(ctx: Ctx) -> StageResult:
@@ -48,7 +40,7 @@ def stage_fuse(ctx: Ctx) -> StageResult:
     if ctx.wants("fuse_exactness"):
         if ctx.cfg.training.fine_tune_type == "lora":
             m = ctx.deps.measure_fuse(base, adapter, out)
-            verdicts.append(_info(export_gates.fuse_exactness(m, max_rel=ctx.cfg.gates.fuse_max_rel), out))
+            verdicts.append(explain(export_gates.fuse_exactness(m, max_rel=ctx.cfg.gates.fuse_max_rel), out))
         else:
             from finetune.gates.verdict import skipped
 
@@ -119,7 +111,7 @@ def stage_ollama(ctx: Ctx) -> StageResult:
     question = first["conversation"][-2]["content"] if first.get("conversation") else first["text"][:200]
     checks = ctx.deps.served_checks(server.client(), name, question)
     details["served_checks"] = [_check(c) for c in checks]
-    verdicts = [_info(served.served_api(checks), None)] if ctx.wants("served_api") else []
+    verdicts = [explain(served.served_api(checks))] if ctx.wants("served_api") else []
     modelfile = Path(result.modelfile_path)
     outputs = {"deployed": True, "binary": str(location.binary), "model": name, "modelfile": str(modelfile),
                "shown_template": shown_template, "shown_stops": shown_parameters(params_text).get("stop", []),
@@ -156,20 +148,20 @@ def stage_evaluate(ctx: Ctx) -> StageResult:
         ollama_reason=ollama_out.get("reason", "the model is not deployed to Ollama"),
     )  # fmt: skip
     m = ctx.deps.evaluate(inputs, ctx.log)
-    verdicts = [_info(v, inputs.gguf if v.name in ("gguf_tokenizer", "logprob_parity") else None)
+    verdicts = [explain(v, inputs.gguf if v.name in ("gguf_tokenizer", "logprob_parity") else None)
                 for v in judge_runtimes(m, ctx.cfg.gates) if ctx.wants(v.name)]  # fmt: skip
     if "ollama" in m.answers:
         train = [i for i, p in enumerate(m.prompts) if p.kind == "train"]
         if ctx.wants("served_answers") and "mlx_adapter" in m.answers:
             v = served.served_answers([m.answers["ollama"][i] for i in train], [m.answers["mlx_adapter"][i] for i in train],
                                       [m.prompts[i].reference for i in train], threshold=ctx.cfg.gates.text_agreement)  # fmt: skip
-            verdicts.append(_info(v, None))
+            verdicts.append(explain(v))
         if ctx.wants("served_template"):
             counts = {"served": [a.prompt_tokens for a in m.answers["ollama"]],
                       "expected": [len(prompt_ids(tokenizer, p.prompt)) for p in m.prompts]}  # fmt: skip
             v = served.served_template(ollama_out["shown_template"], ollama_out["shown_stops"],
                                        ollama_out["expected_template"], ollama_out["expected_stops"], counts)  # fmt: skip
-            verdicts.append(_info(v, Path(ollama_out["modelfile"])))
+            verdicts.append(explain(v, Path(ollama_out["modelfile"])))
     results = {"prompts": [p.__dict__ | {"messages": list(p.messages)} for p in m.prompts],
                "answers": {k: [a.to_dict() for a in v] for k, v in m.answers.items()}, "runtimes": m.runtimes,
                "scores": score_runtimes(m.prompts, m.answers)}  # fmt: skip

@@ -15,8 +15,8 @@ from typing import Any
 from finetune import faults
 from finetune.gates import data as data_gates
 from finetune.gates import training as gates
-from finetune.gates.registry import GATES
-from finetune.gates.verdict import Verdict, judged, skipped
+from finetune.gates.registry import TRAINING_GATES, explain
+from finetune.gates.verdict import Verdict, skipped
 from finetune.report.artifacts import artifact
 from finetune.system.atomic import atomic_dir, atomic_write_json, atomic_write_text
 from finetune.system.hashing import dir_manifest, file_sha256, json_sha256
@@ -38,14 +38,6 @@ TRAIN_ARTIFACTS = (("adapter", ADAPTER_DIR), ("metrics", METRICS), ("adapter_ini
                    ("train_tokens", TOKENS), ("train_result", RESULT), ("probes", PROBES))  # fmt: skip
 # Cadence keys: changing them (--override) continues the same training instead of restarting it.
 CADENCE = ("iters", "eval_every", "save_every", "early_stopping_patience", "val_batches")
-JUDGED = (
-    "loss_convergence",
-    "model_learning",
-    "memory_efficiency",
-    "parameter_updates",
-    "artifacts",
-    "label_mask",
-)
 
 
 # ---------------------------------------------------------------- model, data, estimate
@@ -169,15 +161,7 @@ def stage_train(ctx: Ctx) -> StageResult:
     )
 
 
-# ---------------------------------------------------------------- judge (the seed gates and the label mask)
-
-
-def _with_info(v: Verdict, judged_path: Path | None) -> Verdict:
-    if v.name in GATES:
-        v.why = GATES[v.name].why
-    if judged_path is not None:
-        v.artifact = judged(judged_path)
-    return v
+# ---------------------------------------------------------------- judge (the training gates)
 
 
 def stage_judge(ctx: Ctx) -> StageResult:
@@ -189,16 +173,16 @@ def stage_judge(ctx: Ctx) -> StageResult:
     base = Path(ctx.outputs["model"]["path"])
     verdicts: list[Verdict] = []
     for name in ctx.required_gates:
-        if name in g.skip and name in GATES and GATES[name].name in JUDGED:
+        if name in g.skip and name in TRAINING_GATES:
             verdicts.append(skipped(name, f"skipped by gates.skip ({name})"))
-    wanted = {n for n in JUDGED if ctx.wants(n)}
+    wanted = {n for n in TRAINING_GATES if ctx.wants(n)}
 
     if "loss_convergence" in wanted:
         losses = train_losses(read_metrics(run_dir / METRICS))
         window = min(g.loss_window, max(1, len(losses) // 2))
         v = gates.loss_convergence(losses, drop=g.loss_drop, window=window, max_initial=g.max_initial_loss,
                                    max_final=g.max_final_loss)  # fmt: skip
-        verdicts.append(_with_info(v, run_dir / METRICS))
+        verdicts.append(explain(v, run_dir / METRICS))
 
     seconds: dict[str, float] = {}  # where the judge's time goes (the two measurements dominate)
 
@@ -228,11 +212,11 @@ def stage_judge(ctx: Ctx) -> StageResult:
         else:
             v = gates.model_learning(learning.before, learning.after, learning.references, loss_before=learning.loss_before,
                                      loss_after=learning.loss_after, threshold=g.learning_improvement)  # fmt: skip
-        verdicts.append(_with_info(v, run_dir / ADAPTER_DIR))
+        verdicts.append(explain(v, run_dir / ADAPTER_DIR))
     if "artifacts" in wanted:
         problems = probes.artifact_problems(run_dir) + ([load_problem] if load_problem else [])
         v = gates.artifacts(problems, learning.after if learning else None, probes.in_memory_answers(run_dir))
-        verdicts.append(_with_info(v, run_dir / ADAPTER_DIR))
+        verdicts.append(explain(v, run_dir / ADAPTER_DIR))
     if "parameter_updates" in wanted:
         try:
             init, final = (
@@ -250,7 +234,7 @@ def stage_judge(ctx: Ctx) -> StageResult:
                                     threshold=g.lora_params_changed)  # fmt: skip
         if not init and load_problem:
             v.detail = f"{load_problem}; {v.detail}"
-        verdicts.append(_with_info(v, run_dir / ADAPTER_DIR))
+        verdicts.append(explain(v, run_dir / ADAPTER_DIR))
     if "label_mask" in wanted:
         try:
             rows = ctx.deps.masked_rows(run_dir, tokenizer, cfg.data.max_seq_length)
@@ -260,14 +244,14 @@ def stage_judge(ctx: Ctx) -> StageResult:
         except (OSError, ValueError, KeyError) as exc:
             v = data_gates.label_mask([], mask_prompt=cfg.data.mask_prompt)
             v.detail = f"cannot read the recorded training rows: {exc}"
-        verdicts.append(_with_info(v, run_dir / TOKENS))
+        verdicts.append(explain(v, run_dir / TOKENS))
     if "memory_efficiency" in wanted:
         with timed("memory"):
             m = ctx.deps.measure_memory(run_dir, base, ctx.outputs["model"]["config"], cfg,
                                         available=ctx.deps.available_memory())  # fmt: skip
         v = gates.memory_efficiency(m.lora_peak, m.full_peak, saving=g.memory_saving, source=m.source)
         v.detail += f" ({m.detail})"
-        verdicts.append(_with_info(v, None))
+        verdicts.append(explain(v))
     failed = [v.name for v in verdicts if v.status == "failed"]
     details = {"failed": failed, "judged": [v.name for v in verdicts], "seconds": seconds}
     return StageResult({"verdicts": [v.name for v in verdicts]}, verdicts=verdicts, details=details)

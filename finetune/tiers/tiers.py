@@ -1,6 +1,6 @@
 """The tiers: which stages each runs and which gates it requires. Everything else is shared.
 
-run       `finetune run` (tiers 1 and 2): model -> data -> estimate -> train -> judge (the five seed gates
+run       `finetune run` (tiers 1 and 2): model -> data -> estimate -> train -> judge (the five training gates
           and the label mask)
 train     `finetune train`: model -> data -> train; its status is "not_judged", never "passed"
 validate  `finetune validate RUN`: model -> judge again, from what RUN saved
@@ -22,7 +22,7 @@ from typing import IO, Any
 
 from finetune import faults
 from finetune.config.schema import RunConfig
-from finetune.gates.registry import GATES
+from finetune.gates.registry import PIPELINE_GATES, RUNTIME_OF, TRAINING_GATES, explain
 from finetune.gates.status import allowed_skips, decide
 from finetune.gates.verdict import Verdict, skipped
 from finetune.report.models import GateReport, OllamaReport, RunReport, write_report
@@ -36,13 +36,6 @@ from finetune.tiers.rundir import resume_command
 from finetune.tiers.runner import code_version, record_path, run_stages
 from finetune.tiers.stages_ship import SHIP_STAGES
 from finetune.tiers.stages_train import JUDGE, TRAIN_STAGES
-
-SEED_GATES = ("loss_convergence", "model_learning", "memory_efficiency", "parameter_updates", "artifacts")
-SHIP_GATES = ("fuse_exactness", "gguf_tokenizer", "logprob_parity", "output_parity", "adapter_effect",
-              "clean_endings", "served_answers", "served_template", "served_api")  # fmt: skip
-# A gate skipped because its runtime is missing is allowed when that runtime's skip is (FT_ALLOW_SKIP=ollama).
-GATE_STAGES = {"served_answers": "ollama", "served_template": "ollama", "served_api": "ollama",
-               "gguf_tokenizer": "llamacpp", "logprob_parity": "llamacpp"}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -58,13 +51,17 @@ def _named(*names: str) -> tuple[Stage, ...]:
     return tuple(by_name[n] for n in names)
 
 
+# Which gates each command requires: derived from the gate table (finetune.gates.registry).
 TIERS = {
-    "run": Tier("run", _named("model", "data", "estimate", "train", "judge"), (*SEED_GATES, "label_mask")),
+    "run": Tier("run", _named("model", "data", "estimate", "train", "judge"), TRAINING_GATES),
     "train": Tier("train", _named("model", "data", "train"), (), judged=False),
-    "validate": Tier("validate", _named("model", "judge"), (*SEED_GATES, "label_mask")),
-    "pipeline": Tier("pipeline", _named("model", "data", "train", "judge", "fuse", "gguf", "ollama", "evaluate"),
-                     ("loss_convergence", "parameter_updates", "artifacts", "label_mask", *SHIP_GATES)),
-}  # fmt: skip
+    "validate": Tier("validate", _named("model", "judge"), TRAINING_GATES),
+    "pipeline": Tier(
+        "pipeline",
+        _named("model", "data", "train", "judge", "fuse", "gguf", "ollama", "evaluate"),
+        PIPELINE_GATES,
+    ),
+}
 
 
 @dataclass
@@ -126,9 +123,7 @@ def _verdicts(tier: Tier, ctx: Ctx, stages: Sequence[Any]) -> list[Verdict]:
     for name in tier.required_gates:
         if name not in have:
             why = f"not judged: stage {failed} failed" if failed else "not judged"
-            v = skipped(name, why)
-            v.why = GATES[name].why
-            missing.append(v)
+            missing.append(explain(skipped(name, why)))
     return [*ctx.verdicts, *missing]
 
 
@@ -137,7 +132,7 @@ def _finish(tier: Tier, ctx: Ctx, stages: list, bad_input: bool, stop: signals.I
     verdicts = _verdicts(tier, ctx, stages)
     allowed = allowed_skips(ctx.deps.environ, ctx.cfg.gates.skip)
     outcome = decide([s.model_dump() for s in stages], verdicts, required_gates=tier.required_gates,
-                     allowed=allowed, gate_stages=GATE_STAGES, bad_input=bad_input,
+                     allowed=allowed, gate_stages=RUNTIME_OF, bad_input=bad_input,
                      interrupted=stop.signum if stop else None)  # fmt: skip
     status, code, reasons = outcome.status, outcome.exit_code, outcome.reasons
     if not tier.judged and status == "passed":

@@ -1,4 +1,4 @@
-"""Measurements behind the seed gates and the label mask, made from what a run saved on disk."""
+"""Measurements behind the training gates, made from what a run saved on disk."""
 
 from __future__ import annotations
 

@@ -62,9 +62,29 @@ def test_every_planted_fault_is_caught_by_a_registered_gate():
         assert gate in GATES or gate == "(stage error)", (fault, gate)
 
 
-def test_the_tiers_require_registered_gates_only():
-    from finetune.tiers.tiers import GATE_STAGES, TIERS
+def test_the_commands_require_what_the_table_declares():
+    """The lists derived from the table are the ones the commands had when each was written by hand."""
+    from finetune.gates.registry import LOWER_IS_BETTER, PARITY_GATES, RUNTIME_OF
+    from finetune.tiers.tiers import TIERS
 
-    for tier in TIERS.values():
-        assert set(tier.required_gates) <= set(GATES), tier.name
-    assert set(GATE_STAGES) <= set(GATES)
+    training = ("loss_convergence", "model_learning", "memory_efficiency", "parameter_updates", "artifacts",
+                "label_mask")  # fmt: skip
+    shipping = ("fuse_exactness", "gguf_tokenizer", "logprob_parity", "output_parity", "adapter_effect",
+                "clean_endings", "served_answers", "served_template", "served_api")  # fmt: skip
+    assert TIERS["run"].required_gates == TIERS["validate"].required_gates == training
+    assert TIERS["pipeline"].required_gates == (*training[:1], *training[3:], *shipping)
+    assert TIERS["train"].required_gates == ()
+    assert RUNTIME_OF == {"gguf_tokenizer": "llamacpp", "logprob_parity": "llamacpp", "served_answers": "ollama",
+                          "served_template": "ollama", "served_api": "ollama"}  # fmt: skip
+    assert {"loss_convergence", "logprob_parity", "fuse_exactness"} == LOWER_IS_BETTER
+    assert PARITY_GATES == ("logprob_parity", "output_parity", "served_answers")
+
+
+def test_explain_attaches_the_why_and_the_judged_bytes(tmp_path):
+    from finetune.gates.registry import explain
+    from finetune.gates.verdict import skipped
+
+    (tmp_path / "m.jsonl").write_text("{}\n")
+    v = explain(skipped("label_mask", "not judged"), tmp_path / "m.jsonl")
+    assert v.why == GATES["label_mask"].why and v.artifact["path"] == str(tmp_path / "m.jsonl")
+    assert len(v.artifact["sha256"]) == 64 and explain(skipped("x", "-")).why != GATES["label_mask"].why

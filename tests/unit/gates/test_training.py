@@ -1,4 +1,4 @@
-"""The five seed gates: each fails on a broken run and passes on a healthy one.
+"""Five of the training gates: each fails on a broken run and passes on a healthy one.
 
 First on hand-made measurements, then on real tiny training runs (a 2-layer Llama saved as an HF folder,
 mlx-lm's trainer, ~1 s each) with a fault planted (tests/conftest.py's plant): the gate meant for each fault

@@ -21,7 +21,7 @@ from finetune.serve.deploy import Check, DeployResult
 from finetune.serve.modelfile import chat_format
 from finetune.system.hashing import json_sha256
 from finetune.tiers.rundir import own_config
-from finetune.tiers.tiers import SHIP_GATES, TIERS, run_tier
+from finetune.tiers.tiers import TIERS, run_tier
 from tests.fakes import FakeTrainer, fake_deps
 
 NAMES = ["model", "data", "train", "judge", "fuse", "gguf", "ollama", "evaluate"]
@@ -325,9 +325,3 @@ def test_the_chat_template_for_ollama_comes_from_the_data_template(world):
     run(world)
     modelfile = (world.root / "run" / "ollama" / "Modelfile").read_text()
     assert chat_format("chatml").template in modelfile and 'PARAMETER stop "<|im_end|>"' in modelfile
-
-
-def test_ship_gates_are_all_in_the_registry():
-    from finetune.gates.registry import GATES
-
-    assert set(SHIP_GATES) <= set(GATES)

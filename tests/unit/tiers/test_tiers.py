@@ -8,7 +8,7 @@ from finetune.config.loader import load_config
 from finetune.gates.registry import GATES
 from finetune.system import procs
 from finetune.tiers.rundir import own_config
-from finetune.tiers.tiers import GATE_STAGES, TIERS, run_tier
+from finetune.tiers.tiers import TIERS, run_tier
 from tests.fakes import fake_deps
 
 
@@ -17,7 +17,6 @@ def test_every_required_gate_exists_and_train_is_not_judged():
         assert set(tier.required_gates) <= set(GATES), tier.name
     assert TIERS["train"].required_gates == () and not TIERS["train"].judged
     assert [s.name for s in TIERS["run"].stages] == ["model", "data", "estimate", "train", "judge"]
-    assert set(GATE_STAGES) <= set(GATES)
 
 
 def test_a_run_stops_servers_an_earlier_crashed_command_recorded(tmp_path, toy_tokenizer):
