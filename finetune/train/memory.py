@@ -21,6 +21,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from finetune.train.activation_memory import Activations, activation_bytes
 from finetune.train.model_shape import (
     ADAPTER_BYTES,
     BLOCK_LINEARS,
@@ -34,27 +35,19 @@ from finetune.train.model_shape import (
     resolve_lora_keys,
 )
 
-__all__ = ["BLOCK_LINEARS", "DTYPE_BYTES", "ModelShape", "adapted_layers", "adapter_param_count", "estimate",
-           "resolve_lora_keys"]  # fmt: skip
+__all__ = [
+    "BLOCK_LINEARS",
+    "DTYPE_BYTES",
+    "ModelShape",
+    "adapted_layers",
+    "adapter_param_count",
+    "estimate",
+    "resolve_lora_keys",
+]
 
-# ---- fitted to measured MLX peaks (bench/calibrate_memory.py); units are elements of the model dtype.
-# Saved for the backward pass, per token per trained block, times block_width.
-ACT_PER_TOKEN = 1.34
-# Saved attention buffers per trained block, times batch * heads * seq_len**2.
-ACT_ATTENTION = 0.68
-# Backward transients of the block being processed: per token (times block_width) and per score.
-TRANSIENT_PER_TOKEN = 1.07
-TRANSIENT_ATTENTION = 2.66
+# ---- fitted to measured MLX peaks (bench/calibrate_memory.py); activations' own are in activation_memory.
 # Vocabulary-sized buffers alive at the loss: logits, shifted logits, exp, their gradient.
 LOGIT_COPIES = 4
-# Gradient checkpointing: each block keeps its input (times hidden per token); the block being
-# recomputed briefly holds its saved activations.
-CHECKPOINT_INPUT = 0.76
-CHECKPOINT_RECOMPUTE = 0.91
-# DoRA keeps each adapted linear's un-normalised output (elements per output feature per token).
-DORA_PER_TOKEN = 1.0
-# Full fine-tuning keeps a little more per block than LoRA (cotangents held for weight gradients).
-FULL_SAVED_EXTRA = 0.1
 # Updating the (tied) embedding: its two partial gradients and their sum, times the embedding.
 EMBED_GRAD_COPIES = 1.36
 
@@ -123,63 +116,16 @@ def estimate(
     the model's weights (config.json), which MLX keeps when loading. `full` trains every parameter, as
     finetune.train.prepare_model does (mlx-lm's own CLI would train only the last num_layers blocks).
     """
-    if fine_tune_type not in FINE_TUNE_TYPES:
-        raise ValueError(f"fine_tune_type must be one of {list(FINE_TUNE_TYPES)}, got {fine_tune_type!r}")
-    if optimizer not in OPTIMIZER_STATES:
-        raise ValueError(f"optimizer must be one of {sorted(OPTIMIZER_STATES)}, got {optimizer!r}")
-    if batch_size < 1 or seq_len < 1:
-        raise ValueError(f"batch_size and seq_len must be >= 1, got {batch_size} and {seq_len}")
+    _check_inputs(fine_tune_type, optimizer, batch_size, seq_len)
     dtype = param_dtype or shape.dtype
     pb = _dtype_bytes(dtype)
-    full = fine_tune_type == "full"
     states = OPTIMIZER_STATES[optimizer]
+    trained = _trained(shape, fine_tune_type, pb, lora_rank, lora_num_layers, lora_keys)
+    acts = _activations(shape, batch_size, seq_len, pb, trained, grad_checkpoint)
     tokens = batch_size * seq_len
-
-    keys: tuple[str, ...] = ()
-    if full:
-        trainable, train_bytes, adapters = shape.param_count, shape.param_count * pb, 0
-        blocks = shape.num_layers
-    else:
-        keys = resolve_lora_keys(shape, lora_keys)
-        blocks = adapted_layers(shape, lora_num_layers)
-        adapters = adapter_param_count(
-            shape, rank=lora_rank, keys=keys, num_layers=lora_num_layers, dora=fine_tune_type == "dora"
-        )
-        trainable, train_bytes = adapters, adapters * ADAPTER_BYTES
-
-    acts = activation_bytes(
-        shape,
-        batch_size,
-        seq_len,
-        pb,
-        blocks=blocks,
-        grad_checkpoint=grad_checkpoint,
-        adapter_keys=keys,
-        dora=fine_tune_type == "dora",
-        full=full,
-    )
     head_tokens = tokens if loss_tokens is None else max(1, min(loss_tokens, tokens))
-    logits = LOGIT_COPIES * head_tokens * shape.vocab_size * pb
-    # The loss moment: every saved activation plus the loss buffers. Adapter gradients are tiny and
-    # counted whole; full gradients do not exist yet.
-    moments = {
-        "loss": {
-            "activations": acts.saved + acts.transient,
-            "logits": logits,
-            "gradients": 0 if full else train_bytes,
-        }
-    }
-    if full:
-        moments.update(_update_moments(shape, pb, states, acts.saved, head_tokens * shape.vocab_size * pb))
-    phase = max(moments, key=lambda k: sum(moments[k].values()))
-
-    breakdown = {
-        "weights": shape.param_count * pb + adapters * ADAPTER_BYTES,
-        "optimizer": states * train_bytes,
-        **{k: int(v) for k, v in moments[phase].items()},
-    }
-    if cache_tokens:
-        breakdown["prefix_cache"] = cache_tokens * shape.hidden_size * pb
+    phase, moment = _peak_moment(shape, pb, states, trained, acts, head_tokens)
+    breakdown = _breakdown(shape, pb, states, trained, moment, cache_tokens)
     inputs = {
         "batch_size": batch_size,
         "seq_len": seq_len,
@@ -195,12 +141,102 @@ def estimate(
     }
     return MemoryEstimate(
         breakdown=breakdown,
-        trainable_params=trainable,
-        total_params=shape.param_count + adapters,
+        trainable_params=trained.params,
+        total_params=shape.param_count + trained.adapters,
         fine_tune_type=fine_tune_type,
         peak_phase=phase if phase == "loss" else "update",
         inputs=inputs,
     )
+
+
+def _check_inputs(fine_tune_type: str, optimizer: str, batch_size: int, seq_len: int) -> None:
+    if fine_tune_type not in FINE_TUNE_TYPES:
+        raise ValueError(f"fine_tune_type must be one of {list(FINE_TUNE_TYPES)}, got {fine_tune_type!r}")
+    if optimizer not in OPTIMIZER_STATES:
+        raise ValueError(f"optimizer must be one of {sorted(OPTIMIZER_STATES)}, got {optimizer!r}")
+    if batch_size < 1 or seq_len < 1:
+        raise ValueError(f"batch_size and seq_len must be >= 1, got {batch_size} and {seq_len}")
+
+
+@dataclass(frozen=True)
+class _Trained:
+    """What a fine-tune type trains: which blocks, adapted keys, and how many parameters (bytes) get gradients."""
+
+    full: bool
+    dora: bool
+    keys: tuple[str, ...]  # adapted linears (none for full fine-tuning)
+    blocks: int  # blocks in the trained span
+    adapters: int  # adapter parameters added to the model
+    params: int
+    bytes: int
+
+
+def _trained(
+    shape: ModelShape,
+    fine_tune_type: str,
+    pb: int,
+    lora_rank: int,
+    lora_num_layers: int,
+    lora_keys: Iterable[str] | None,
+) -> _Trained:
+    if fine_tune_type == "full":
+        n = shape.param_count
+        return _Trained(True, False, (), shape.num_layers, 0, n, n * pb)
+    keys = resolve_lora_keys(shape, lora_keys)
+    dora = fine_tune_type == "dora"
+    adapters = adapter_param_count(shape, rank=lora_rank, keys=keys, num_layers=lora_num_layers, dora=dora)
+    blocks = adapted_layers(shape, lora_num_layers)
+    return _Trained(False, dora, keys, blocks, adapters, adapters, adapters * ADAPTER_BYTES)
+
+
+def _activations(
+    shape: ModelShape, batch_size: int, seq_len: int, pb: int, trained: _Trained, grad_checkpoint: bool
+) -> Activations:
+    return activation_bytes(
+        shape,
+        batch_size,
+        seq_len,
+        pb,
+        blocks=trained.blocks,
+        grad_checkpoint=grad_checkpoint,
+        adapter_keys=trained.keys,
+        dora=trained.dora,
+        full=trained.full,
+    )
+
+
+def _peak_moment(
+    shape: ModelShape, pb: int, states: int, trained: _Trained, acts: Activations, head_tokens: int
+) -> tuple[str, dict[str, int]]:
+    """The moment of a step with the most bytes alive: its name and what is alive then."""
+    # The loss moment: every saved activation plus the loss buffers. Adapter gradients are tiny and
+    # counted whole; full gradients do not exist yet.
+    one_logits = head_tokens * shape.vocab_size * pb
+    moments = {
+        "loss": {
+            "activations": acts.saved + acts.transient,
+            "logits": LOGIT_COPIES * one_logits,
+            "gradients": 0 if trained.full else trained.bytes,
+        }
+    }
+    if trained.full:
+        moments.update(_update_moments(shape, pb, states, acts.saved, one_logits))
+    phase = max(moments, key=lambda k: sum(moments[k].values()))
+    return phase, moments[phase]
+
+
+def _breakdown(
+    shape: ModelShape, pb: int, states: int, trained: _Trained, moment: dict[str, int], cache_tokens: int
+) -> dict[str, int]:
+    """What is alive at the peak: the weights and optimizer states always, then the peak moment's own."""
+    breakdown = {
+        "weights": shape.param_count * pb + trained.adapters * ADAPTER_BYTES,
+        "optimizer": states * trained.bytes,
+        **{k: int(v) for k, v in moment.items()},
+    }
+    if cache_tokens:
+        breakdown["prefix_cache"] = cache_tokens * shape.hidden_size * pb
+    return breakdown
 
 
 def _update_moments(shape: ModelShape, pb: int, states: int, saved: int, one_logits: int) -> dict[str, dict]:
@@ -217,45 +253,6 @@ def _update_moments(shape: ModelShape, pb: int, states: int, saved: int, one_log
             "gradients": int((EMBED_GRAD_COPIES + states) * embed),
         },
     }
-
-
-@dataclass(frozen=True)
-class Activations:
-    saved: int  # kept from the forward pass until the backward pass uses it
-    transient: int  # the block being processed in the backward pass
-
-
-def activation_bytes(
-    shape: ModelShape,
-    batch: int,
-    seq: int,
-    pb: int,
-    *,
-    blocks: int,
-    grad_checkpoint: bool = False,
-    adapter_keys: Iterable[str] = (),
-    dora: bool = False,
-    full: bool = False,
-) -> Activations:
-    """Activation bytes of the trained span: blocks before the first trained one keep nothing."""
-    tokens = batch * seq
-    scores = batch * shape.num_heads * seq * seq
-    dims = shape.linear_shapes()
-    per_block = (ACT_PER_TOKEN * tokens * shape.block_width + ACT_ATTENTION * scores) * pb
-    if dora:
-        per_block += DORA_PER_TOKEN * tokens * sum(dims[k][1] for k in adapter_keys) * pb
-    if pb != ADAPTER_BYTES:
-        # x @ lora_a promotes a half-precision input to a float32 copy, which the backward pass keeps.
-        per_block += tokens * sum(dims[k][0] for k in adapter_keys) * ADAPTER_BYTES
-    if full:
-        per_block *= 1 + FULL_SAVED_EXTRA
-    if grad_checkpoint:
-        saved = CHECKPOINT_INPUT * tokens * shape.hidden_size * pb * blocks
-        transient = CHECKPOINT_RECOMPUTE * per_block
-    else:
-        saved = per_block * blocks
-        transient = (TRANSIENT_PER_TOKEN * tokens * shape.block_width + TRANSIENT_ATTENTION * scores) * pb
-    return Activations(int(saved), int(transient))
 
 
 def predicted_saving(shape: ModelShape, **run: Any) -> float:
