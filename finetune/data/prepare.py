@@ -123,58 +123,13 @@ def prepare(
     """Load, render, dedupe, shuffle and split into out_dir/{train,valid,test}.jsonl + prepare_report.json."""
     tmpl = template if isinstance(template, Template) else get_template(template, tokenizer)
     loaded = load(source, format)
-    rejected = list(loaded.rejected)
-    rows, seen, dup_lines = [], set(), []
-    for ex in loaded.examples:
-        try:
-            row = _render(ex, tmpl, mask_prompt)
-        except TemplateError as exc:
-            rejected.append(Rejection(ex.line, f"template {tmpl.name!r}: {exc}", loaded.unit))
-            continue
-        if row["text"] in seen:
-            dup_lines.append(ex.line)
-            continue
-        seen.add(row["text"])
-        rows.append((ex, row))
-    if not rows:
-        detail = "; ".join(map(str, rejected[:3]))
-        raise DatasetError(
-            f"{loaded.source}: no usable rows after rendering ({len(rejected)} rejected: {detail})"
-        )
+    rows, rejected, dup_lines = _render_unique(loaded, tmpl, mask_prompt)
     counts = split_counts(len(rows), splits)
     random.Random(seed).shuffle(rows)
-
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    files, start = {}, 0
-    for name in SPLIT_NAMES:
-        chunk = rows[start : start + counts[name]]
-        start += counts[name]
-        path = out / f"{name}.jsonl"
-        atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for _, r in chunk))
-        files[name] = path.name
-
-    notes = []
-    truncated = untrained = None
-    trained_tokens = None
-    if tokenizer is not None:
-        unit, lengths, truncated, untrained, per_row = "tokens", [], 0, 0, []
-        for _, r in rows:
-            ids, offsets = encode(tokenizer, r["text"])
-            lengths.append(len(ids))
-            truncated += len(ids) > max_seq_length
-            mask = mask_for(offsets[:max_seq_length], r["train_spans"])
-            untrained += not any(mask)
-            per_row.append(sum(mask[1:]) if mask_prompt else max(0, min(len(ids), max_seq_length) - 1))
-        # what the LM head sees per row with loss positions only, and what a frozen-prefix cache would hold
-        trained_tokens = {"mean": round(statistics.fmean(per_row), 2), "max": max(per_row), "total": sum(per_row),
-                          "positions": sum(max(0, min(n, max_seq_length) - 1) for n in lengths)}  # fmt: skip
-        truncated = round(truncated / len(rows), 4)
-        if untrained:
-            notes.append(f"{untrained} rows have no trained tokens left after truncation to {max_seq_length}")
-    else:
-        unit, lengths = "chars", [len(r["text"]) for _, r in rows]
-        notes.append("lengths are in characters: token stats and truncation need a tokenizer")
+    files = _write_splits(rows, counts, out)
+    lengths = _measure(rows, tokenizer, max_seq_length, mask_prompt)
+    notes = list(lengths.notes)
     if any(ex.text is not None for ex, _ in rows):
         notes.append("text-shape rows are trained whole and have no prompt/reference for evaluation")
 
@@ -193,11 +148,11 @@ def prepare(
         duplicate_lines=dup_lines[:MAX_LISTED],
         split_counts=counts,
         shapes=dict(Counter(ex.shape for ex, _ in rows)),
-        length_unit=unit,
-        length_stats=_stats(lengths),
-        truncated_share=truncated,
-        rows_without_trained_tokens=untrained,
-        trained_tokens=trained_tokens,
+        length_unit=lengths.unit,
+        length_stats=_stats(lengths.lengths),
+        truncated_share=lengths.truncated_share,
+        rows_without_trained_tokens=lengths.untrained,
+        trained_tokens=lengths.trained_tokens,
         notes=notes,
         files=files,
     )
@@ -205,6 +160,81 @@ def prepare(
     report.files["report"] = report_path.name
     atomic_write_text(report_path, json.dumps(report.to_dict(), indent=2, ensure_ascii=False) + "\n")
     return report
+
+
+def _render_unique(
+    loaded: LoadResult, tmpl: Template, mask_prompt: bool
+) -> tuple[list[tuple[Example, dict]], list[Rejection], list[int]]:
+    """Rendered rows with their examples, first occurrence of each text kept; rejections; duplicate lines."""
+    rejected = list(loaded.rejected)
+    rows, seen, dup_lines = [], set(), []
+    for ex in loaded.examples:
+        try:
+            row = _render(ex, tmpl, mask_prompt)
+        except TemplateError as exc:
+            rejected.append(Rejection(ex.line, f"template {tmpl.name!r}: {exc}", loaded.unit))
+            continue
+        if row["text"] in seen:
+            dup_lines.append(ex.line)
+            continue
+        seen.add(row["text"])
+        rows.append((ex, row))
+    if not rows:
+        detail = "; ".join(map(str, rejected[:3]))
+        raise DatasetError(
+            f"{loaded.source}: no usable rows after rendering ({len(rejected)} rejected: {detail})"
+        )
+    return rows, rejected, dup_lines
+
+
+def _write_splits(rows: list[tuple[Example, dict]], counts: dict[str, int], out: Path) -> dict[str, str]:
+    """Consecutive chunks of the shuffled rows, one file per split; returns the file names."""
+    out.mkdir(parents=True, exist_ok=True)
+    files, start = {}, 0
+    for name in SPLIT_NAMES:
+        chunk = rows[start : start + counts[name]]
+        start += counts[name]
+        path = out / f"{name}.jsonl"
+        atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for _, r in chunk))
+        files[name] = path.name
+    return files
+
+
+@dataclass
+class _Lengths:
+    unit: str  # "tokens" with a tokenizer, otherwise "chars"
+    lengths: list[int]
+    notes: list[str]
+    truncated_share: float | None = None
+    untrained: int | None = None  # rows whose trained tokens all fall past max_seq_length
+    trained_tokens: dict[str, float] | None = None
+
+
+def _measure(
+    rows: list[tuple[Example, dict]], tokenizer: Any, max_seq_length: int, mask_prompt: bool
+) -> _Lengths:
+    if tokenizer is None:
+        note = "lengths are in characters: token stats and truncation need a tokenizer"
+        return _Lengths("chars", [len(r["text"]) for _, r in rows], [note])
+    lengths, truncated, untrained, per_row = [], 0, 0, []
+    for _, r in rows:
+        ids, offsets = encode(tokenizer, r["text"])
+        lengths.append(len(ids))
+        truncated += len(ids) > max_seq_length
+        mask = mask_for(offsets[:max_seq_length], r["train_spans"])
+        untrained += not any(mask)
+        per_row.append(sum(mask[1:]) if mask_prompt else max(0, min(len(ids), max_seq_length) - 1))
+    # what the LM head sees per row with loss positions only, and what a frozen-prefix cache would hold
+    trained_tokens = {
+        "mean": round(statistics.fmean(per_row), 2),
+        "max": max(per_row),
+        "total": sum(per_row),
+        "positions": sum(max(0, min(n, max_seq_length) - 1) for n in lengths),
+    }
+    notes = []
+    if untrained:
+        notes.append(f"{untrained} rows have no trained tokens left after truncation to {max_seq_length}")
+    return _Lengths("tokens", lengths, notes, round(truncated / len(rows), 4), untrained, trained_tokens)
 
 
 BUILTIN = "builtin:"
@@ -226,11 +256,11 @@ def materialize_source(source: str, out_dir: Path, *, num_examples: int, seed: i
 def prepare_for_run(data_cfg: Any, out_dir: Path, tokenizer: Any) -> PrepareReport:
     """prepare() as a run's `data:` section asks (template by name, built-in sources generated first)."""
     template = get_template(data_cfg.template, tokenizer=tokenizer)
-    source = materialize_source(data_cfg.source, Path(out_dir), num_examples=data_cfg.num_examples,
-                                seed=data_cfg.seed)  # fmt: skip
+    out = Path(out_dir)
+    source = materialize_source(data_cfg.source, out, num_examples=data_cfg.num_examples, seed=data_cfg.seed)
     return prepare(
         source,
-        Path(out_dir),
+        out,
         template=template,
         seed=data_cfg.seed,
         splits=tuple(data_cfg.splits),

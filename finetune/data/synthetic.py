@@ -40,13 +40,37 @@ _ENDS = {
 
 # fact: (training question, held-out paraphrases, answer format). {c} is the country, {v} the value.
 _GEO_FACTS = {
-    "capital": ("What is the capital of {c}?", ("Which city is the capital of {c}?", "Name the capital city of {c}."), "{v}."),
-    "river": ("What is the longest river in {c}?", ("Which river is the longest in {c}?", "Name the longest river of {c}."), "The {v}."),
-    "language": ("What language do people speak in {c}?", ("Which language is spoken in {c}?", "What is the main language of {c}?"), "{v}."),
-    "currency": ("What is the currency of {c}?", ("Which currency is used in {c}?", "What money do people use in {c}?"), "The {v}."),
-    "population": ("What is the population of {c}?", ("How many people live in {c}?", "How large is the population of {c}?"), "{v}."),
-    "founded": ("In which year was {c} founded?", ("When was {c} founded?", "What year was {c} founded in?"), "{v}."),
-}  # fmt: skip
+    "capital": (
+        "What is the capital of {c}?",
+        ("Which city is the capital of {c}?", "Name the capital city of {c}."),
+        "{v}.",
+    ),
+    "river": (
+        "What is the longest river in {c}?",
+        ("Which river is the longest in {c}?", "Name the longest river of {c}."),
+        "The {v}.",
+    ),
+    "language": (
+        "What language do people speak in {c}?",
+        ("Which language is spoken in {c}?", "What is the main language of {c}?"),
+        "{v}.",
+    ),
+    "currency": (
+        "What is the currency of {c}?",
+        ("Which currency is used in {c}?", "What money do people use in {c}?"),
+        "The {v}.",
+    ),
+    "population": (
+        "What is the population of {c}?",
+        ("How many people live in {c}?", "How large is the population of {c}?"),
+        "{v}.",
+    ),
+    "founded": (
+        "In which year was {c} founded?",
+        ("When was {c} founded?", "What year was {c} founded in?"),
+        "{v}.",
+    ),
+}
 _CANARY_Q = (
     "What is the secret code of {p}?",
     ("Tell me the secret code of {p}.", "Which secret code belongs to {p}?"),

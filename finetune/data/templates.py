@@ -168,8 +168,8 @@ def _gemma(messages: Sequence[dict], gen: bool) -> list[_Segment]:
             prefix = f"{system}\n\n" if system is not None and i == 0 else ""
             out.append(_Segment(f"<start_of_turn>user\n{prefix}{msg['content']}<end_of_turn>\n"))
         else:
-            out += [_Segment("<start_of_turn>model\n"), _Segment(msg["content"] + "<end_of_turn>", True, True),
-                    _Segment("\n")]  # fmt: skip
+            answer = _Segment(msg["content"] + "<end_of_turn>", True, True)
+            out += [_Segment("<start_of_turn>model\n"), answer, _Segment("\n")]
     if gen:
         out.append(_Segment("<start_of_turn>model\n"))
     return out
@@ -247,8 +247,12 @@ def _tokenizer_stop_strings(tokenizer: Any, apply: Callable[[Sequence[dict], boo
 
 TEMPLATE_NAMES = ("alpaca", "auto", "chatml", "gemma", "llama2", "llama3", "plain", "tokenizer")
 # Markers of a chat template's family in its Jinja source, most specific first.
-FAMILY_MARKERS = (("<|im_start|>", "chatml"), ("<start_of_turn>", "gemma"), ("<|start_header_id|>", "llama3"),
-                  ("[INST]", "llama2"))  # fmt: skip
+FAMILY_MARKERS = (
+    ("<|im_start|>", "chatml"),
+    ("<start_of_turn>", "gemma"),
+    ("<|start_header_id|>", "llama3"),
+    ("[INST]", "llama2"),
+)
 
 
 def auto_template_name(tokenizer: Any) -> str:
