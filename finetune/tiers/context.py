@@ -54,7 +54,7 @@ class Deps:
     measure_learning: Callable[..., Any]
     measure_memory: Callable[..., Any]
     masked_rows: Callable[[Path, Any, int], list]
-    fuse: Callable[[Path, Path, Path], Any]  # (base, adapter, out_dir)
+    fuse: Callable[..., Any]  # (base, adapter, out_dir, *, dtype): finetune.export.fuse.fuse
     measure_fuse: Callable[[Path, Path, Path], Any]
     export_gguf: Callable[[Path, Path, str], Any]  # (hf_dir, out_path, outtype)
     check_gguf: Callable[[Path, Path], list[str]]
@@ -66,6 +66,7 @@ class Deps:
     llamacpp_reason: Callable[[], str | None]  # why llama.cpp cannot run here; None if it can
     evaluate: Callable[[Any, Log], Any]  # EvalInputs -> RuntimeMeasurements
     collect_env: Callable[[], dict[str, Any]]
+    describe_machine: Callable[[], str]  # printed before training: backend, BLAS, threads, memory
     available_memory: Callable[[], int | None]
     environ: Mapping[str, str] = field(default_factory=lambda: os.environ)
     # a package (or versions.CONVERTER) -> its version; a binary -> the version it reports

@@ -3,26 +3,14 @@
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
-from typing import Any
 
 from finetune.tiers.context import Deps
-
-FUSE_DTYPE = "float32"
 
 
 def llamacpp_reason() -> str | None:
     if importlib.util.find_spec("xllamacpp") is None:
         return "PyPI xllamacpp is not installed (`make setup` installs it)"
     return None
-
-
-def _train(cfg: Any, model_path: Path, data_dir: Path, run_dir: Path, **kw: Any) -> Any:
-    from finetune.system import doctor
-    from finetune.train.engine import train_run
-
-    kw.get("log", print)(doctor.render(doctor.collect()))
-    return train_run(cfg, model_path, data_dir, run_dir, **kw)
 
 
 def real_deps() -> Deps:
@@ -36,6 +24,7 @@ def real_deps() -> Deps:
     from finetune.serve import deploy, ollama_provision, ollama_server
     from finetune.system import doctor, resources
     from finetune.train import memprobe
+    from finetune.train.engine import train_run
     from finetune.train.memory import from_run_config
 
     return Deps(
@@ -43,11 +32,11 @@ def real_deps() -> Deps:
         load_tokenizer=load_tokenizer,
         prepare_data=prepare_for_run,
         estimate=lambda cfg, model_config, data: from_run_config(model_config, cfg, data),
-        train=_train,
+        train=train_run,
         measure_learning=probes.measure_learning,
         measure_memory=memprobe.measure_memory,
         masked_rows=probes.masked_rows,
-        fuse=lambda base, adapter, out: fuse.fuse(base, adapter, out, dequantize=True, dtype=FUSE_DTYPE),
+        fuse=fuse.fuse,  # dequantize=True is its default: a quantized base is fused in full precision
         measure_fuse=fuse_check.measure_fuse,
         export_gguf=lambda hf, out, outtype: gguf.convert_hf_to_gguf(hf, out, outtype),
         check_gguf=gguf_inspect.check_gguf,
@@ -58,6 +47,7 @@ def real_deps() -> Deps:
         ollama_answers=ollama_answers,
         llamacpp_reason=llamacpp_reason,
         evaluate=lambda inputs, log: run_evaluation(inputs, real_backends(), log=log),
-        collect_env=lambda: doctor.collect(),
+        collect_env=doctor.collect,
+        describe_machine=lambda: doctor.render(doctor.collect()),
         available_memory=resources.available_memory_bytes,
     )

@@ -24,7 +24,7 @@ FUSE_DTYPE = "float32"  # keeps small LoRA deltas that bf16 would round away
 def stage_fuse(ctx: Ctx) -> StageResult:
     out = ctx.run_dir / "fused"
     base, adapter = Path(ctx.outputs["model"]["path"]), Path(ctx.outputs["train"]["adapter_dir"])
-    ctx.deps.fuse(base, adapter, out)
+    ctx.deps.fuse(base, adapter, out, dtype=FUSE_DTYPE)
     config = json.loads((out / "config.json").read_text())
     problems = [f"config.json has {k}" for k in ("quantization", "quantization_config") if k in config]
     dtypes = dtype_counts(out)

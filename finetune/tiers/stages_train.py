@@ -145,6 +145,7 @@ def stage_train(ctx: Ctx) -> StageResult:
         tokenizer = ctx.deps.load_tokenizer(model_path)
         stops = get_template(ctx.cfg.data.template, tokenizer=tokenizer).stop_strings
         hook = record_in_memory(run_dir, probe_questions(data_dir, ctx.cfg.gates.learning_probes), stops, 24)
+    ctx.log(ctx.deps.describe_machine())
     result = ctx.deps.train(
         ctx.cfg, model_path, data_dir, run_dir, resume=resume, on_trained=hook, log=ctx.log
     )

@@ -79,7 +79,7 @@ class World:
         self.environ: dict[str, str] = {}
         self.eval_inputs = []
 
-    def fuse(self, base, adapter, out):
+    def fuse(self, base, adapter, out, dtype=None):
         self.calls.append("fuse")
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text("{}")
