@@ -45,8 +45,15 @@ def cut_at_stops(text: str, stops: Sequence[str]) -> tuple[str, bool]:
     return (text, False) if cut is None else (text[:cut], True)
 
 
-def greedy(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_tokens: int = 24, stops: Sequence[str] = (),
-           batch_size: int = 8) -> list[Answer]:  # fmt: skip
+def greedy(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    *,
+    max_tokens: int = 24,
+    stops: Sequence[str] = (),
+    batch_size: int = 8,
+) -> list[Answer]:
     """Temperature-0 answers, `batch_size` prompts decoded together (mlx-lm's BatchGenerator).
 
     Generation ends at the tokenizer's EOS ids (the chat end token); text is cut at a stop string. tokens
@@ -57,11 +64,12 @@ def greedy(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_tokens: in
     model.eval()
     eos_ids = getattr(tokenizer, "eos_token_ids", None) or tokenizer.eos_token_id  # a set (mlx-lm) or an int
     eos = sorted([eos_ids] if isinstance(eos_ids, int) else eos_ids)
+    stop_tokens = [[t] for t in eos]
     out: list[Answer] = []
     for start in range(0, len(prompts), max(1, batch_size)):
         chunk = [prompt_ids(tokenizer, p) for p in prompts[start : start + batch_size]]
-        gen = BatchGenerator(model, stop_tokens=[[t] for t in eos], completion_batch_size=len(chunk),
-                             prefill_batch_size=len(chunk))  # fmt: skip
+        n = len(chunk)  # one batch each way: every prompt is prefilled and completed together
+        gen = BatchGenerator(model, stop_tokens=stop_tokens, completion_batch_size=n, prefill_batch_size=n)
         uids = gen.insert(chunk, [max_tokens] * len(chunk))
         tokens: dict[int, list[int]] = {u: [] for u in uids}
         reasons: dict[int, str] = {}

@@ -71,8 +71,8 @@ def score_runtime(name: str, prompts: Sequence[EvalPrompt], answers: Sequence[An
         ]
         n = len(scores)
         contains = sum(1 for s in scores if s >= 1)
-        out[kind] = {"n": n, "exact": sum(1 for s in scores if s == 2), "contains": contains,
-                     "score": contains / n if n else 0.0}  # fmt: skip
+        exact = sum(1 for s in scores if s == 2)
+        out[kind] = {"n": n, "exact": exact, "contains": contains, "score": contains / n if n else 0.0}
     return out
 
 
@@ -100,9 +100,22 @@ def run_evaluation(inputs: EvalInputs, backends: Backends, *, log: Log = print) 
     tokenizer = backends.load_tokenizer(inputs.fused_dir)
     template = get_template(inputs.template, tokenizer=tokenizer)
     prompts = build_prompts(inputs.data_dir, template, n_train=s.n_train, n_heldout=s.n_heldout)
+    end_ids = _end_ids(tokenizer, inputs.stops)
+    stops = list(inputs.stops)
+    m = RuntimeMeasurements(prompts=prompts, gguf_type=inputs.gguf_type, stops=stops, end_ids=end_ids)
+    _answer_on_every_runtime(m, inputs, backends, log)
+    if inputs.llamacpp_reason is None:
+        _tokenizer_parity(m, inputs, backends, tokenizer, log)
+        _logprob_parity(m, inputs, backends, tokenizer, log)
+    return m
+
+
+def _answer_on_every_runtime(
+    m: RuntimeMeasurements, inputs: EvalInputs, backends: Backends, log: Log
+) -> None:
+    """Every runtime answers the same prompts; one that fails is recorded as failed, one not built as skipped."""
+    s, prompts = inputs.settings, m.prompts
     texts = [p.prompt for p in prompts]
-    m = RuntimeMeasurements(prompts=prompts, gguf_type=inputs.gguf_type, stops=list(inputs.stops),
-                            end_ids=_end_ids(tokenizer, inputs.stops))  # fmt: skip
 
     def run(name: str, fn: Callable[[], list[Answer]]) -> None:
         got = _timed(m.runtimes, name, fn, log)
@@ -134,27 +147,35 @@ def run_evaluation(inputs: EvalInputs, backends: Backends, *, log: Log = print) 
     worker.join()
     m.answers = {k: m.answers[k] for k in RUNTIMES if k in m.answers}  # the same order however they finished
     m.runtimes = {k: m.runtimes[k] for k in RUNTIMES if k in m.runtimes}
-    if inputs.llamacpp_reason is not None:
-        return m
 
-    m.tokenizer_texts = [*TOKENIZER_TEXTS, *(p.prompt for p in prompts[:4])]
+
+def _tokenizer_parity(
+    m: RuntimeMeasurements, inputs: EvalInputs, backends: Backends, tokenizer: Any, log: Log
+) -> None:
+    m.tokenizer_texts = [*TOKENIZER_TEXTS, *(p.prompt for p in m.prompts[:4])]
     m.hf_ids = [list(tokenizer.encode(t)) for t in m.tokenizer_texts]
     log("[evaluate] tokenizer parity (llama.cpp) ...")
     try:
         m.gguf_ids = backends.llamacpp_tokenize(inputs.gguf, m.tokenizer_texts)
     except Exception as exc:
         m.gguf_ids_error = f"{type(exc).__name__}: {exc}"
+
+
+def _logprob_parity(
+    m: RuntimeMeasurements, inputs: EvalInputs, backends: Backends, tokenizer: Any, log: Log
+) -> None:
+    """Both runtimes score the fused model's own answers, token by token."""
+    s = inputs.settings
     log("[evaluate] logprob parity (llama.cpp vs fused MLX) ...")
     try:
         fused = m.answers["mlx_fused"]
         ids: list[int] = []
-        for p, a in list(zip(prompts, fused, strict=True))[: s.logprob_prompts]:
+        for p, a in list(zip(m.prompts, fused, strict=True))[: s.logprob_prompts]:
             ids += list(tokenizer.encode(p.prompt + a.text))
         m.logprob_reference = backends.mlx_logprobs(inputs.fused_dir, ids)
         m.logprob_candidate = backends.llamacpp_logprobs(inputs.gguf, ids, s.top_k)
     except Exception as exc:
         m.logprob_error = f"{type(exc).__name__}: {exc}"
-    return m
 
 
 RUNTIMES = ("mlx_base", "mlx_adapter", "mlx_fused", "llamacpp", "ollama")

@@ -29,8 +29,13 @@ from finetune.train.metrics import METRICS, read_metrics
 
 PROBES = "probes"
 IN_MEMORY = "in_memory.json"
-REQUIRED = ("config.yaml", METRICS, f"{ADAPTER_DIR}/{ADAPTER_FILE}", f"{ADAPTER_DIR}/{ADAPTER_CONFIG}",
-            f"{INIT_DIR}/{ADAPTER_FILE}")  # fmt: skip
+REQUIRED = (
+    "config.yaml",
+    METRICS,
+    f"{ADAPTER_DIR}/{ADAPTER_FILE}",
+    f"{ADAPTER_DIR}/{ADAPTER_CONFIG}",
+    f"{INIT_DIR}/{ADAPTER_FILE}",
+)
 BASE_FILES = ("config.json", "*.safetensors", "tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
@@ -85,8 +90,15 @@ class LearningMeasurement:
     loss_after: float
 
 
-def _answers_and_loss(model_dir: Path, adapter_dir: Path | None, probes: Sequence[Probe], data_dir: Path,
-                      cfg: Any, stops: Sequence[str], max_tokens: int) -> tuple[list[str], float]:  # fmt: skip
+def _answers_and_loss(
+    model_dir: Path,
+    adapter_dir: Path | None,
+    probes: Sequence[Probe],
+    data_dir: Path,
+    cfg: Any,
+    stops: Sequence[str],
+    max_tokens: int,
+) -> tuple[list[str], float]:
     from finetune.train.batches import load_split
 
     model, tokenizer = decode.load(model_dir, adapter_dir)
@@ -102,23 +114,39 @@ def _answers_and_loss(model_dir: Path, adapter_dir: Path | None, probes: Sequenc
         decode.release(model)
 
 
-def measure_learning(run_dir: Path, base_dir: Path, cfg: Any, stops: Sequence[str], *, max_tokens: int = 24,
-                     cache_dir: Path | None = None) -> LearningMeasurement:  # fmt: skip
+def measure_learning(
+    run_dir: Path,
+    base_dir: Path,
+    cfg: Any,
+    stops: Sequence[str],
+    *,
+    max_tokens: int = 24,
+    cache_dir: Path | None = None,
+) -> LearningMeasurement:
     """Base answers are cached per (base files, probes, settings): the base never changes between runs."""
     data_dir = Path(run_dir) / "data"
     probes = probe_questions(data_dir, cfg.gates.learning_probes)
-    key = json_sha256({"base": base_file_digests(base_dir), "probes": [asdict(p) for p in probes],
-                       "stops": list(stops), "max_tokens": max_tokens, "seq": cfg.data.max_seq_length,
-                       "batch": cfg.training.batch_size, "v": 1})  # fmt: skip
-    cache = (cache_dir or cache_root() / "base-answers") / f"{key[:32]}.json"
+
+    def answers_and_loss(adapter_dir: Path | None) -> tuple[list[str], float]:
+        return _answers_and_loss(base_dir, adapter_dir, probes, data_dir, cfg, stops, max_tokens)
+
+    settings = {
+        "base": base_file_digests(base_dir),
+        "probes": [asdict(p) for p in probes],
+        "stops": list(stops),
+        "max_tokens": max_tokens,
+        "seq": cfg.data.max_seq_length,
+        "batch": cfg.training.batch_size,
+        "v": 1,
+    }
+    cache = (cache_dir or cache_root() / "base-answers") / f"{json_sha256(settings)[:32]}.json"
     try:
         cached = json.loads(cache.read_text())
         before, loss_before = cached["answers"], cached["loss"]
     except (OSError, ValueError, KeyError):
-        before, loss_before = _answers_and_loss(base_dir, None, probes, data_dir, cfg, stops, max_tokens)
+        before, loss_before = answers_and_loss(None)
         atomic_write_json(cache, {"answers": before, "loss": loss_before})
-    after, loss_after = _answers_and_loss(base_dir, Path(run_dir) / ADAPTER_DIR, probes, data_dir, cfg, stops,
-                                          max_tokens)  # fmt: skip
+    after, loss_after = answers_and_loss(Path(run_dir) / ADAPTER_DIR)
     return LearningMeasurement(before, after, [p.reference for p in probes], loss_before, loss_after)
 
 
@@ -179,6 +207,7 @@ def masked_rows(run_dir: Path, tokenizer: Any, max_seq_length: int) -> list[Mask
             runs.append(current)
         messages = rows[rec["row"]].get("conversation") or []
         answers = [m["content"] for m in messages if m["role"] == "assistant"]
-        out.append(MaskedRow(rec["row"], [tokenizer.decode(r) for r in runs], answers, len(ids),
-                             sum(mask[1:]), len(ids) >= max_seq_length))  # fmt: skip
+        decoded = [tokenizer.decode(r) for r in runs]
+        truncated = len(ids) >= max_seq_length
+        out.append(MaskedRow(rec["row"], decoded, answers, len(ids), sum(mask[1:]), truncated))
     return out

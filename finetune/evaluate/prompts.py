@@ -53,5 +53,5 @@ def build_prompts(data_dir: Path, template: Any, *, n_train: int, n_heldout: int
 
 
 def _prompt(kind: str, messages: list[dict], template: Any, reference: str, category: str) -> EvalPrompt:
-    return EvalPrompt(kind, messages[-1]["content"], template.render_prompt(messages), reference, category,
-                      tuple(dict(m) for m in messages))  # fmt: skip
+    question, prompt = messages[-1]["content"], template.render_prompt(messages)
+    return EvalPrompt(kind, question, prompt, reference, category, tuple(dict(m) for m in messages))

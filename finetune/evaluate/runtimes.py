@@ -65,13 +65,13 @@ def ollama_answers(client: Any, model: str, prompts: Sequence[EvalPrompt], max_t
     out = []
     for p in prompts:
         messages = [dict(m) for m in p.messages] or [{"role": "user", "content": p.question}]
-        r = client.chat(model=model, messages=messages,
-                        options={"temperature": 0, "seed": 0, "num_predict": max_tokens})  # fmt: skip
+        options = {"temperature": 0, "seed": 0, "num_predict": max_tokens}
+        r = client.chat(model=model, messages=messages, options=options)
         reason = _field(r, "done_reason")
         text = _field(_field(r, "message"), "content") or ""
         # An unexpected done_reason is kept as is, so the clean-endings gate shows it instead of hiding it.
-        out.append(Answer(text, reason if reason in ("stop", "length") else f"unknown:{reason}", None,
-                          _field(r, "prompt_eval_count")))  # fmt: skip
+        finish = reason if reason in ("stop", "length") else f"unknown:{reason}"
+        out.append(Answer(text, finish, None, _field(r, "prompt_eval_count")))
     return out
 
 
