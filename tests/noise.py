@@ -34,8 +34,9 @@ def rel_fro(a, b) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
-def within(name: str, err: float, floor: float, k: float, *, min_floor: float = F32_ULPS) -> None:
-    """Assert err <= k x max(floor, min_floor); record the figures for docs/portability.md."""
+def measure(name: str, err: float, floor: float, k: float, *, min_floor: float = F32_ULPS) -> str | None:
+    """Judge err <= k x max(floor, min_floor) and record the figures for docs/portability.md; the failure as
+    text, or None."""
     used = max(floor, min_floor)
     ok = err <= k * used
     print(
@@ -46,7 +47,13 @@ def within(name: str, err: float, floor: float, k: float, *, min_floor: float = 
                "floor": used, "k": k, "ratio": err / used, "ok": ok, "at": time.time()}  # fmt: skip
         with open(path, "a") as fh:  # one short line per write: concurrent xdist workers append whole lines
             fh.write(json.dumps(row) + "\n")
-    assert ok, f"{name}: error {err:.3g} > {k:g} x noise floor {used:.3g} (measured {floor:.3g})"
+    return None if ok else f"{name}: error {err:.3g} > {k:g} x noise floor {used:.3g} (measured {floor:.3g})"
+
+
+def within(name: str, err: float, floor: float, k: float, *, min_floor: float = F32_ULPS) -> None:
+    """Assert err <= k x max(floor, min_floor) (and record it)."""
+    failure = measure(name, err, floor, k, min_floor=min_floor)
+    assert failure is None, failure
 
 
 @contextlib.contextmanager
