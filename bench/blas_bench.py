@@ -73,20 +73,23 @@ def summarize(project: dict, stock: dict | None) -> Section:
     s = Section("blas", "BLAS: MLX matmul vs numpy")
     mlx, npy, r = median(project["mlx_gflops"]), median(project["numpy_gflops"]), median(project["ratios"])
     n = project["n"]
-    s.add(Figure("blas.mlx_gflops", f"MLX {n}² f32 matmul (project install)", mlx, "GFLOP/s",
-                 detail=f"BLAS in use: {project['active_blas']} ({project['library'] or '-'}), "
-                        f"OPENBLAS_NUM_THREADS={project['openblas_threads']}"))  # fmt: skip
+    in_use = f"BLAS in use: {project['active_blas']} ({project['library'] or '-'})"
+    threads = f"OPENBLAS_NUM_THREADS={project['openblas_threads']}"
+    label = f"MLX {n}² f32 matmul (project install)"
+    s.add(Figure("blas.mlx_gflops", label, mlx, "GFLOP/s", detail=f"{in_use}, {threads}"))
     s.add(Figure("blas.numpy_gflops", f"numpy {n}² f32 matmul (same process)", npy, "GFLOP/s"))
-    fig = s.add(Figure("blas.mlx_over_numpy", "MLX / numpy matmul speed (same process)", r, "×",
-                       Goal(">=", doctor.SLOW_RATIO, f"≥ {doctor.SLOW_RATIO} (finetune doctor's 'not slow' line)"),
-                       detail="median of per-rep ratios, MLX and numpy reps alternating"))  # fmt: skip
+    not_slow = Goal(">=", doctor.SLOW_RATIO, f"≥ {doctor.SLOW_RATIO} (finetune doctor's 'not slow' line)")
+    label = "MLX / numpy matmul speed (same process)"
+    detail = "median of per-rep ratios, MLX and numpy reps alternating"
+    fig = s.add(Figure("blas.mlx_over_numpy", label, r, "×", not_slow, detail=detail))
     if fig.met is False:
         fig.reason = f"MLX is on the {project['active_blas']} BLAS, not OpenBLAS: see `finetune doctor`."
     rows = [["project (OpenBLAS preloaded)", f"{mlx:.1f}", f"{npy:.1f}", f"{r:.2f}"]]
     if stock:
         smlx, snp = median(stock["mlx_gflops"]), median(stock["numpy_gflops"])
-        s.add(Figure("blas.stock_mlx_gflops", f"stock mlx-cpu {n}² f32 matmul (reference BLAS)", smlx, "GFLOP/s",
-                     detail=f"FT_BLAS_DISABLE=1 child; BLAS in use: {stock['active_blas']}"))  # fmt: skip
+        label = f"stock mlx-cpu {n}² f32 matmul (reference BLAS)"
+        detail = f"FT_BLAS_DISABLE=1 child; BLAS in use: {stock['active_blas']}"
+        s.add(Figure("blas.stock_mlx_gflops", label, smlx, "GFLOP/s", detail=detail))
         s.add(Figure("blas.speedup", "project MLX / stock MLX matmul speed", ratio(mlx, smlx), "×"))
         rows.append(
             [

@@ -2,11 +2,11 @@
 
 Each configuration runs in its own subprocess, so one run's peak never leaks into the next. A child
 builds a random-weight Llama (mlx_lm.models.llama) from a config dict, prepares it exactly as FineTune
-trains (finetune.train.prepare_model / make_optimizer), runs a few steps of mlx-lm's train() with our
+trains (prepare_model / make_optimizer of finetune.train.setup), runs a few steps of mlx-lm's train() with our
 masked loss and batches, and reports mx.get_peak_memory() measured from after the weights were built.
 
-  python bench/calibrate_memory.py              # the default set: 53 runs, ~15 min on 2 busy cores
-  python bench/calibrate_memory.py --quick      # 4 small runs, ~30 s
+  python bench/calibrate_memory.py              # the default set
+  python bench/calibrate_memory.py --quick      # 4 small runs
   python bench/calibrate_memory.py --json out.json --tolerance 15
 
 Exit status 1 if any |error| exceeds --tolerance. bfloat16 runs are slow on CPU (no BLAS path) and

@@ -58,8 +58,15 @@ def llamacpp_op(port: int, req: dict[str, Any]) -> list[dict[str, Any]]:
 
     out = []
     for _ in range(req["reps"] + 1):
-        body = {"prompt": req["prompt"], "n_predict": req["max_tokens"], "temperature": 0.0, "top_k": 1,
-                "cache_prompt": False, "ignore_eos": True, "seed": 0}  # fmt: skip
+        body = {
+            "prompt": req["prompt"],
+            "n_predict": req["max_tokens"],
+            "temperature": 0.0,
+            "top_k": 1,
+            "cache_prompt": False,
+            "ignore_eos": True,
+            "seed": 0,
+        }
         t = _post(port, "/completion", body)["timings"]
         out.append(
             {
@@ -76,8 +83,15 @@ def llamacpp_child(gguf: str, prompt: str, max_tokens: int, reps: int) -> dict[s
     from finetune.serve import llamacpp
 
     llamacpp._OPS["speed"] = llamacpp_op
-    out = llamacpp._serve({"op": "speed", "gguf": gguf, "prompt": prompt, "max_tokens": max_tokens,
-                           "reps": reps, "n_ctx": 2048})  # fmt: skip
+    req = {
+        "op": "speed",
+        "gguf": gguf,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "reps": reps,
+        "n_ctx": 2048,
+    }
+    out = llamacpp._serve(req)
     return {"runs": out[1:], "warmup": out[0]}
 
 
@@ -118,12 +132,13 @@ def ollama_speed(gguf: Path, work: Path, max_tokens: int, reps: int) -> dict[str
     with OllamaServer(where.binary, run_dir, request_timeout=300) as server:
         server.create_model("bench", modelfile)
         client = server.client()
+        options = {"num_predict": max_tokens, "temperature": 0, "num_thread": 1, "seed": 0}
         out = []
         for _ in range(reps + 1):
-            r = client.generate(model="bench", prompt=PROMPT, raw=True,
-                                options={"num_predict": max_tokens, "temperature": 0, "num_thread": 1, "seed": 0})  # fmt: skip
-            out.append({"tps": r["eval_count"] / (r["eval_duration"] / 1e9), "tokens": r["eval_count"],
-                        "prompt_tps": r["prompt_eval_count"] / max(r["prompt_eval_duration"], 1) * 1e9})  # fmt: skip
+            r = client.generate(model="bench", prompt=PROMPT, raw=True, options=options)
+            decode_tps = r["eval_count"] / (r["eval_duration"] / 1e9)
+            prompt_tps = r["prompt_eval_count"] / max(r["prompt_eval_duration"], 1) * 1e9
+            out.append({"tps": decode_tps, "tokens": r["eval_count"], "prompt_tps": prompt_tps})
         return {"runs": out[1:], "warmup": out[0], "version": server.version, "binary": str(where.binary)}
 
 
@@ -133,8 +148,11 @@ def ollama_speed(gguf: Path, work: Path, max_tokens: int, reps: int) -> dict[str
 def summarize(model: str, results: dict[str, dict[str, Any]], max_tokens: int) -> Section:
     """results: engine -> {"runs": [{"tps", "tokens", "prompt_tps"}...]} or {"skipped"/"error": reason} (pure)."""
     s = Section("inference", f"Inference: {model}, greedy decode, 1 thread")
-    labels = {"mlx": "MLX (float32 HF folder)", "llamacpp": "llama.cpp via xllamacpp (GGUF f16)",
-              "ollama": "Ollama (same GGUF f16)"}  # fmt: skip
+    labels = {
+        "mlx": "MLX (float32 HF folder)",
+        "llamacpp": "llama.cpp via xllamacpp (GGUF f16)",
+        "ollama": "Ollama (same GGUF f16)",
+    }
     tps: dict[str, float | None] = {}
     rows = []
     for key, label in labels.items():
@@ -143,25 +161,21 @@ def summarize(model: str, results: dict[str, dict[str, Any]], max_tokens: int) -
         tps[key] = median([x["tps"] for x in runs])
         why = r.get("skipped") or r.get("error") or ""
         toks = sorted({x["tokens"] for x in runs})
-        s.add(Figure(f"inference.{key}_tokens_per_s", f"{label} decode", tps[key], "tokens/s",
-                     detail=f"median of {len(runs)} runs of {toks} tokens" if runs else "", reason=why))  # fmt: skip
-        rows.append([label, f"{tps[key]:.1f}" if tps[key] else "—", ", ".join(f"{x['tps']:.1f}" for x in runs) or why,
-                     f"{median([x['prompt_tps'] for x in runs]):.0f}" if runs else "—"])  # fmt: skip
-    s.add(
-        Figure(
-            "inference.mlx_over_llamacpp",
-            "MLX / llama.cpp decode speed",
-            ratio(tps["mlx"], tps["llamacpp"]),
-            "×",
-        )
-    )
-    s.add(Figure("inference.ollama_over_llamacpp", "Ollama / llama.cpp decode speed",
-                 ratio(tps["ollama"], tps["llamacpp"]), "×"))  # fmt: skip
+        detail = f"median of {len(runs)} runs of {toks} tokens" if runs else ""
+        name = f"inference.{key}_tokens_per_s"
+        s.add(Figure(name, f"{label} decode", tps[key], "tokens/s", detail=detail, reason=why))
+        median_tps = f"{tps[key]:.1f}" if tps[key] else "—"
+        each_run = ", ".join(f"{x['tps']:.1f}" for x in runs) or why
+        prompt_tps = f"{median([x['prompt_tps'] for x in runs]):.0f}" if runs else "—"
+        rows.append([label, median_tps, each_run, prompt_tps])
+    mlx_over, ollama_over = ratio(tps["mlx"], tps["llamacpp"]), ratio(tps["ollama"], tps["llamacpp"])
+    s.add(Figure("inference.mlx_over_llamacpp", "MLX / llama.cpp decode speed", mlx_over, "×"))
+    s.add(Figure("inference.ollama_over_llamacpp", "Ollama / llama.cpp decode speed", ollama_over, "×"))
     s.table(["engine", "median tokens/s", "runs", "prompt tokens/s"], rows)
     s.notes += [
         f"Up to {max_tokens} new tokens after a ~30-token ChatML prompt; MLX and llama.cpp ignore EOS so every run "
         "decodes the full length, Ollama (no such option) stops at EOS if the model emits it.",
-        "The issue sets no goal for inference speed: these figures are for comparison only. MLX decodes the "
+        "No goal is set for inference speed: these figures are for comparison only. MLX decodes the "
         "float32 weights (MLX's CPU backend has no fast float16 matmul); llama.cpp and Ollama use the f16 GGUF "
         "FineTune exports.",
     ]

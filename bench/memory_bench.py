@@ -15,6 +15,16 @@ from bench.stats import Figure, Goal, Section
 
 GOAL_ERROR_PCT = Goal("abs<=", 15.0, "|error| ≤ 15 %")
 MIB = 2**20
+COLUMNS = [
+    "type",
+    "batch",
+    "trainable (MLX)",
+    "trainable (predicted)",
+    "measured MiB",
+    "predicted MiB",
+    "error %",
+    "predicted peak moment",
+]
 
 
 def predict(model_config: dict, cfg: Any, fine_tune_type: str, batch_shape: list[int]):
@@ -39,28 +49,38 @@ def summarize(model: str, rows: dict[str, dict[str, Any]]) -> Section:
     table = []
     for ft, r in rows.items():
         m = r["measured"]
-        fig = s.add(Figure(f"memory.{ft}_error_pct", f"{ft} peak memory: prediction error", r["error_pct"], "%",
-                           GOAL_ERROR_PCT,
-                           detail=f"measured {m['peak_bytes'] / MIB:.0f} MiB, predicted {r['predicted_bytes'] / MIB:.0f} MiB, "
-                                  f"batch {m['batch_shape'][0]}×{m['batch_shape'][1]}"))  # fmt: skip
+        batch = f"{m['batch_shape'][0]}×{m['batch_shape'][1]}"
+        measured, predicted = m["peak_bytes"] / MIB, r["predicted_bytes"] / MIB
+        detail = f"measured {measured:.0f} MiB, predicted {predicted:.0f} MiB, batch {batch}"
+        label = f"{ft} peak memory: prediction error"
+        fig = s.add(
+            Figure(f"memory.{ft}_error_pct", label, r["error_pct"], "%", GOAL_ERROR_PCT, detail=detail)
+        )
         if fig.met is False:
-            fig.reason = (f"estimate {'over' if r['error_pct'] > 0 else 'under'}shoots; breakdown "
-                          + ", ".join(f"{k} {v / MIB:.0f} MiB" for k, v in r["breakdown"].items()))  # fmt: skip
-        table.append([ft, f"{m['batch_shape'][0]}×{m['batch_shape'][1]}", f"{m['trainable_params']:,}",
-                      f"{r['predicted_params']:,}", f"{m['peak_bytes'] / MIB:.1f}", f"{r['predicted_bytes'] / MIB:.1f}",
-                      f"{r['error_pct']:+.1f}", r.get("peak_phase", "")])  # fmt: skip
+            breakdown = ", ".join(f"{k} {v / MIB:.0f} MiB" for k, v in r["breakdown"].items())
+            fig.reason = f"estimate {'over' if r['error_pct'] > 0 else 'under'}shoots; breakdown {breakdown}"
+        table.append(
+            [
+                ft,
+                batch,
+                f"{m['trainable_params']:,}",
+                f"{r['predicted_params']:,}",
+                f"{measured:.1f}",
+                f"{predicted:.1f}",
+                f"{r['error_pct']:+.1f}",
+                r.get("peak_phase", ""),
+            ]
+        )
     if "lora" in rows and "full" in rows:
         saving = 1 - rows["lora"]["measured"]["peak_bytes"] / rows["full"]["measured"]["peak_bytes"]
-        s.add(
-            Figure(
-                "memory.lora_saving", "LoRA peak below full fine-tuning (measured)", 100 * saving, "% less"
-            )
-        )
-    s.table(["type", "batch", "trainable (MLX)", "trainable (predicted)", "measured MiB", "predicted MiB",
-             "error %", "predicted peak moment"], table)  # fmt: skip
-    s.notes.append("Measured: `finetune.train.memprobe` in its own process, 3 Adam steps on one fixed batch, "
-                   "mx.get_peak_memory() (weights included). Full fine-tuning trains every parameter, "
-                   "as finetune.train.prepare_model does.")  # fmt: skip
+        label = "LoRA peak below full fine-tuning (measured)"
+        s.add(Figure("memory.lora_saving", label, 100 * saving, "% less"))
+    s.table(COLUMNS, table)
+    s.notes.append(
+        "Measured: `finetune.train.memprobe` in its own process, 3 Adam steps on one fixed batch, "
+        "mx.get_peak_memory() (weights included). Full fine-tuning trains every parameter, "
+        "as `finetune train` does with fine_tune_type full."
+    )
     s.data = rows
     return s
 
@@ -79,8 +99,13 @@ def run_section(
         measured = measure_in_subprocess(cfg_path, model_path, data_dir, ft, steps)
         est = predict(model_config, cfg, ft, measured["batch_shape"])
         cmp = compare(est, measured["peak_bytes"])
-        rows[ft] = {"measured": measured, "predicted_bytes": est.total_bytes, "error_pct": cmp.error_pct,
-                    "predicted_params": est.trainable_params, "breakdown": est.breakdown,
-                    "peak_phase": est.peak_phase}  # fmt: skip
+        rows[ft] = {
+            "measured": measured,
+            "predicted_bytes": est.total_bytes,
+            "error_pct": cmp.error_pct,
+            "predicted_params": est.trainable_params,
+            "breakdown": est.breakdown,
+            "peak_phase": est.peak_phase,
+        }
         log(f"  memory {ft}: measured {measured['peak_bytes'] / MIB:.0f} MiB, error {cmp.error_pct:+.1f} %")
     return summarize(cfg.model.name, rows)

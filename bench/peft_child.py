@@ -63,8 +63,15 @@ def main(argv: list[str] | None = None) -> int:
     n_layers = model.config.num_hidden_layers
     adapted = n_layers if a.num_layers == -1 else min(a.num_layers, n_layers)
     keys = [k.split(".")[-1] for k in a.keys.split(",") if k] or list(BLOCK_LINEARS)
-    cfg = LoraConfig(r=a.rank, lora_alpha=a.scale * a.rank, lora_dropout=a.dropout, target_modules=keys,
-                     layers_to_transform=list(range(n_layers - adapted, n_layers)), bias="none")  # fmt: skip
+    top_blocks = list(range(n_layers - adapted, n_layers))
+    cfg = LoraConfig(
+        r=a.rank,
+        lora_alpha=a.scale * a.rank,
+        lora_dropout=a.dropout,
+        target_modules=keys,
+        layers_to_transform=top_blocks,
+        bias="none",
+    )
     model = get_peft_model(model, cfg)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=a.lr)
@@ -97,12 +104,20 @@ def main(argv: list[str] | None = None) -> int:
         shapes.append(list(batch.shape))
         tokens.append(int(sum(min(len(ids[i]), width) for i in rows)))
         loss_tokens.append(int(weights.sum().item()))
-    print(json.dumps({
-        "times": times, "losses": losses, "shapes": shapes, "tokens": tokens, "threads": torch.get_num_threads(),
-        "torch": torch.__version__, "trainable_params": trainable, "startup_s": loaded - t_start,
-        "loop_start": loaded, "loss_tokens": loss_tokens,
+    result = {
+        "times": times,
+        "losses": losses,
+        "shapes": shapes,
+        "tokens": tokens,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "trainable_params": trainable,
+        "startup_s": loaded - t_start,
+        "loop_start": loaded,
+        "loss_tokens": loss_tokens,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux: KiB
-    }))  # fmt: skip
+    }
+    print(json.dumps(result))
     return 0
 
 

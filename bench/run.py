@@ -1,7 +1,7 @@
 """`make bench`: BLAS, training throughput, peak memory, tier wall times and inference speed on this machine.
 
-    python -m bench.run            # full run, SmolLM2-135M, ~10-12 min on a busy 2-core box; writes docs/benchmarks.md and .json
-    python -m bench.run --quick    # tiny-llama, fewer reps, ~3 min; writes artifacts/bench-quick/
+    python -m bench.run            # full run, SmolLM2-135M; writes docs/benchmarks.md and .json
+    python -m bench.run --quick    # tiny-llama, fewer reps; writes artifacts/bench-quick/
     python -m bench.run --tiers    # also run tiers 2 and 3 live instead of reading their last reports
 
 Every section runs even if another failed; a failed section is reported with its error.
@@ -21,10 +21,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import finetune  # noqa: F401  (OpenBLAS before any mlx import, and the same thread defaults as training)
+from bench import blas_bench, inference, memory_bench, report, tiers, training
 from bench.stats import Figure, Goal, Section
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCH_BUDGET_S = 900.0  # the issue: `make bench` on a fresh clone in under 15 minutes
+BENCH_BUDGET_S = 900.0  # `make bench` on a fresh clone in under 15 minutes
 SECTIONS = ("blas", "training", "memory", "tiers", "inference")
 
 
@@ -45,13 +46,14 @@ def loadavg() -> str:
         return "?"
 
 
+def _git(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10)
+
+
 def git_commit() -> str | None:
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
-        )
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
-                               text=True, timeout=10)  # fmt: skip
+        out = _git("rev-parse", "--short", "HEAD")
+        dirty = _git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.SubprocessError):
         return None
     if out.returncode != 0:
@@ -77,7 +79,7 @@ def metadata(mode: str) -> dict:
             "python": platform.python_version(),
             "loadavg_start": loadavg(),
             "env": {k: os.environ.get(k) for k in doctor.THREAD_VARS},
-        },  # fmt: skip
+        },
         "versions": versions,
     }
 
@@ -99,8 +101,6 @@ def guarded(key: str, title: str, fn: Callable[[], Section], log: Callable[[str]
 def build_plan(
     args: argparse.Namespace, work: Path, log: Callable[[str], None]
 ) -> list[tuple[str, str, Callable]]:
-    from bench import blas_bench, inference, memory_bench, tiers, training
-
     quick = args.quick
     model = "tiny-llama" if quick else args.model
     overrides = ["lora.num_layers=-1"] if quick else []
@@ -114,12 +114,21 @@ def build_plan(
         return s
 
     def train() -> Section:
-        return training.run_section(work / "training", model_spec=model, profile=args.profile,
-                                    iters=args.iters or (5 if quick else 8), warmup=1 if quick else 2,
-                                    rounds=args.rounds or (1 if quick else 2), overrides=train_overrides,
-                                    release_epochs=args.release_epochs or (1 if quick else None), release_rounds=args.release_rounds or 1,
-                                    release_warmup=1 if quick else 2, peft_threads=args.peft_threads,
-                                    matmul_gflops=shared.get("mlx_gflops"), log=log)  # fmt: skip
+        return training.run_section(
+            work / "training",
+            model_spec=model,
+            profile=args.profile,
+            iters=args.iters or (5 if quick else 8),
+            warmup=1 if quick else 2,
+            rounds=args.rounds or (1 if quick else 2),
+            overrides=train_overrides,
+            release_epochs=args.release_epochs or (1 if quick else None),
+            release_rounds=args.release_rounds or 1,
+            release_warmup=1 if quick else 2,
+            peft_threads=args.peft_threads,
+            matmul_gflops=shared.get("mlx_gflops"),
+            log=log,
+        )
 
     def memory() -> Section:
         from finetune.config.loader import load_config
@@ -140,18 +149,19 @@ def build_plan(
         from finetune.models.resolve import resolve_model
 
         path = Path(resolve_model(model).path)
-        return inference.run_section(work / "inference", path, model, max_tokens=16 if quick else 64,
-                                     reps=1 if quick else 3, log=log)  # fmt: skip
+        max_tokens, reps = (16, 1) if quick else (64, 3)
+        return inference.run_section(
+            work / "inference", path, model, max_tokens=max_tokens, reps=reps, log=log
+        )
+
+    def tier_times() -> Section:
+        return tiers.run_section(ROOT / "artifacts", live_slow=args.tiers, quick=quick, log=log)
 
     plan = [
         ("blas", "BLAS: MLX matmul vs numpy", blas),
         ("training", "Training throughput", train),
         ("memory", "Peak training memory", memory),
-        (
-            "tiers",
-            "Test tiers",
-            lambda: tiers.run_section(ROOT / "artifacts", live_slow=args.tiers, quick=quick, log=log),
-        ),  # fmt: skip
+        ("tiers", "Test tiers", tier_times),
         ("inference", "Inference", infer),
     ]
     only = {x for x in (args.only or "").split(",") if x}
@@ -159,18 +169,19 @@ def build_plan(
 
 
 def self_timing(seconds: float, quick: bool) -> Section:
-    """The bench's own wall time against the issue's 15-minute budget for `make bench`."""
+    """The bench's own wall time against the 15-minute budget for `make bench` (BENCH_BUDGET_S)."""
     s = Section("bench", "This benchmark run")
-    s.add(Figure("bench.seconds", "`python -m bench.run` wall time" + (" (--quick)" if quick else ""), seconds, "s",
-                 Goal("<=", BENCH_BUDGET_S, f"≤ {BENCH_BUDGET_S:g} s"),
-                 detail="a fresh clone adds `make setup` and the one-time SmolLM2 conversion (~30 s)"))  # fmt: skip
+    label = "`python -m bench.run` wall time" + (" (--quick)" if quick else "")
+    budget = Goal("<=", BENCH_BUDGET_S, f"≤ {BENCH_BUDGET_S:g} s")
+    detail = "a fresh clone adds `make setup` and the one-time SmolLM2 conversion (~30 s)"
+    s.add(Figure("bench.seconds", label, seconds, "s", budget, detail=detail))
     s.seconds = 0.0
     return s
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="tiny-llama, fewer reps (~3 min), for tests")
+    p.add_argument("--quick", action="store_true", help="tiny-llama, fewer reps, for tests")
     p.add_argument("--tiers", action="store_true", help="run tiers 2 and 3 live (adds 5-20 min)")
     p.add_argument("--only", help=f"comma-separated sections: {','.join(SECTIONS)}")
     p.add_argument("--out", help="output folder (default docs/, or artifacts/bench-quick with --quick)")
@@ -185,12 +196,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--release-epochs",
         type=int,
-        help="epochs of the release data per release-profile run (default: the profile's own 120 steps; quick 1)",
+        help="epochs of the release data per release-profile run (default: the profile's own training.iters; quick 1)",
     )
     p.add_argument("--release-rounds", type=int, help="interleaved release-profile rounds (default 1)")
     args = p.parse_args(argv)
-    from bench import report
-
     mode = "quick" if args.quick else "full" + (" + live tiers 2/3" if args.tiers else "")
     out = Path(args.out) if args.out else ROOT / ("artifacts/bench-quick" if args.quick else "docs")
     work = (

@@ -7,7 +7,7 @@ from dataclasses import asdict
 from typing import Any
 
 from bench.stats import Figure, Goal, Section, fmt, median, ratio, spread, steady
-from bench.training import (
+from bench.training_runs import (
     LABELS,
     SETTING_TITLES,
     TOOLS,
@@ -23,6 +23,20 @@ GOAL_RELEASE = Goal(">=", 1.5)  # release profile, shortcuts on, end-to-end: vs 
 GOAL_EQUAL_VS_PEFT = Goal(">=", 1.0)
 GOAL_LOSS_AGREEMENT = Goal("<=", 1e-4, "≤ 1e-4 of the first step's loss")
 MIB = 2**20
+COLUMNS = [
+    "tool",
+    "steps timed",
+    "median step s",
+    "range s",
+    "steady tokens/s",
+    "end-to-end tokens/s",
+    "one-off s",
+    "loop s",
+    "peak MiB (MLX; peft: RSS)",
+    "process peak RSS MiB",
+    "last loss",
+    "tool's own tokens/s",
+]
 
 
 def _mib(value: float | None) -> str:
@@ -37,17 +51,20 @@ def _ratio_figure(
     key: str, label: str, values: dict, pooled: dict, a: str, b: str, goal, what: str
 ) -> Figure:
     rounds = round_ratios(values, a, b)
-    value = median(rounds) if rounds else ratio(pooled.get(a), pooled.get(b))
-    detail = (f"{what}; median of per-round ratios (" + (", ".join(f"{x:.3f}" for x in rounds) or "—")
-              + f"), ratio of pooled medians {fmt(ratio(pooled.get(a), pooled.get(b)), '×')}")  # fmt: skip
+    pooled_ratio = ratio(pooled.get(a), pooled.get(b))
+    value = median(rounds) if rounds else pooled_ratio
+    listed = ", ".join(f"{x:.3f}" for x in rounds) or "—"
+    detail = (
+        f"{what}; median of per-round ratios ({listed}), ratio of pooled medians {fmt(pooled_ratio, '×')}"
+    )
     return Figure(key, label, value, "×", goal, detail=detail)
 
 
 def loss_agreement(runs: list[Run]) -> tuple[float | None, list[str]]:
     """Max |on - off| per-step loss difference of each round's shortcuts-on and -off runs, over the first
     step's loss (the run's loss scale). Per step, the relative difference also shows where it is largest:
-    float32 reassociation drifts over many Adam steps and weighs most where the loss is near 0 (measured:
-    <= 3e-6 over the first 50 release steps, 2.1e-4 at step 117 where the loss was 0.10, 4.4e-5 absolute)."""
+    float32 reassociation drifts over many Adam steps and weighs most where the loss is near 0; each round's
+    part names its worst step and the loss there."""
     worst, parts = None, []
     for rnd in sorted({r.round for r in runs}):
         on = next((r for r in runs if r.tool == "finetune" and r.round == rnd and not r.error), None)
@@ -59,81 +76,97 @@ def loss_agreement(runs: list[Run]) -> tuple[float | None, list[str]]:
         d = max(diffs) / max(abs(off.losses[0]), 1e-12)
         at = max(range(n), key=lambda i: diffs[i] / max(abs(off.losses[i]), 1e-12))
         worst = d if worst is None else max(worst, d)
-        parts.append(f"round {rnd}: {n} steps, max |diff| {max(diffs):.2e} = {d:.2e} of the first loss; per step "
-                     f"at most {max_relative_difference(on.losses, off.losses):.2e} relative (step {at + 1}, loss "
-                     f"{off.losses[at]:.3g})")  # fmt: skip
+        relative = max_relative_difference(on.losses, off.losses)
+        parts.append(
+            f"round {rnd}: {n} steps, max |diff| {max(diffs):.2e} = {d:.2e} of the first loss; "
+            f"per step at most {relative:.2e} relative (step {at + 1}, loss {off.losses[at]:.3g})"
+        )
     return worst, parts
+
+
+def _tool_row(t: str, st: Settings, runs: list[Run], steps: list[float], med, tps, e2e) -> list:
+    """One tool's row of a setting's table (COLUMNS)."""
+    ok = [r for r in runs if r.tool == t and not r.error]
+
+    def of(attr: str) -> float | None:
+        return median_or_none(getattr(r, attr) for r in ok)
+
+    span = spread(steps)
+    own = median([x for r in runs if r.tool == t for x in steady(r.internal_tps, st.warmup, 1)])
+    last = median_or_none(r.losses[-1] for r in ok if r.losses)
+    return [
+        LABELS[t],
+        len(steps),
+        _num(med, 3),
+        f"{span[0]:.2f}–{span[1]:.2f}" if span else "—",
+        _num(tps),
+        _num(e2e),
+        _num(of("one_off_s")),
+        _num(of("loop_s")),
+        _mib(of("peak_bytes")),
+        _mib(of("rss_bytes")),
+        _num(last, 3),
+        _num(own),
+    ]
 
 
 def summarize_setting(s: Section, st: Settings, runs: list[Run], data: dict[str, Any]) -> dict[str, Any]:
     """Add one setting's figures, table and notes to s; return its raw numbers (pure)."""
     runs = [r for r in runs if r.setting == st.key]
-    k, title = f"training.{st.key}", SETTING_TITLES.get(st.key, st.key)
+    k, release = f"training.{st.key}", st.key == "release"
     tokens_per_step = st.batch_size * data["mean_length"]
     steps = {
         t: [x for r in runs if r.tool == t and not r.error for x in r.step_seconds(st.warmup)] for t in TOOLS
     }
     med = {t: median(v) for t, v in steps.items()}
     tps = {t: (tokens_per_step / med[t] if med[t] else None) for t in TOOLS}
-    steady_rounds = per_round(
-        runs, lambda r: (lambda m: tokens_per_step / m if m else None)(median(r.step_seconds(st.warmup)))
-    )
+
+    def steady_tps(r: Run) -> float | None:
+        m = median(r.step_seconds(st.warmup))
+        return tokens_per_step / m if m else None
+
+    steady_rounds = per_round(runs, steady_tps)
     e2e_rounds = per_round(runs, lambda r: r.end_to_end_tps(tokens_per_step))
     e2e = {t: median_or_none(v for (tool, _), v in e2e_rounds.items() if tool == t) for t in TOOLS}
 
-    def of(t: str, attr: str) -> float | None:
-        return median_or_none(getattr(r, attr) for r in runs if r.tool == t and not r.error)
+    rows = [_tool_row(t, st, runs, steps[t], med[t], tps[t], e2e[t]) for t in TOOLS]
+    title = f"({st.key}) {SETTING_TITLES.get(st.key, st.key)}, {st.iters} steps per run"
+    s.table(COLUMNS, rows, title=title)
 
-    rows = []
     for t in TOOLS:
-        span = spread(steps[t])
-        own = median([x for r in runs if r.tool == t for x in steady(r.internal_tps, st.warmup, 1)])
-        last = median_or_none(r.losses[-1] for r in runs if r.tool == t and r.losses and not r.error)
-        rows.append([LABELS[t], len(steps[t]), _num(med[t], 3), f"{span[0]:.2f}–{span[1]:.2f}" if span else "—",
-                     _num(tps[t]), _num(e2e[t]), _num(of(t, "one_off_s")), _num(of(t, "loop_s")),
-                     _mib(of(t, "peak_bytes")), _mib(of(t, "rss_bytes")), _num(last, 3), _num(own)])  # fmt: skip
-    s.table(["tool", "steps timed", "median step s", "range s", "steady tokens/s", "end-to-end tokens/s",
-             "one-off s", "loop s", "peak MiB (MLX; peft: RSS)", "process peak RSS MiB", "last loss",
-             "tool's own tokens/s"], rows, title=f"({st.key}) {title}, {st.iters} steps per run")  # fmt: skip
-
-    release = st.key == "release"
-    for t in TOOLS:
+        median_step = _num(med[t], 3)
         if release:
-            s.add(Figure(f"{k}.{t}_e2e_tokens_per_s", f"release: {LABELS[t]}, end-to-end", e2e[t], "tokens/s",
-                         detail=f"steady {fmt(tps[t], 'tokens/s')} (median step {_num(med[t], 3)} s)"))  # fmt: skip
+            key, label, value = f"{k}.{t}_e2e_tokens_per_s", f"release: {LABELS[t]}, end-to-end", e2e[t]
+            detail = f"steady {fmt(tps[t], 'tokens/s')} (median step {median_step} s)"
         else:
-            s.add(Figure(f"{k}.{t}_tokens_per_s", f"equal: {LABELS[t]}", tps[t], "tokens/s",
-                         detail=f"median step {_num(med[t], 3)} s over {len(steps[t])} steps"))  # fmt: skip
-    pair = (e2e_rounds, e2e, "end-to-end tokens/s") if release else (steady_rounds, tps, "steady tokens/s")
-    for other, goal in (("peft", GOAL_RELEASE if release else GOAL_EQUAL_VS_PEFT),
-                        ("mlx_lm", GOAL_RELEASE if release else None)):  # fmt: skip
-        f = s.add(_ratio_figure(f"{k}.finetune_over_{other}", f"{st.key}: finetune (shortcuts on) / {other}",
-                                pair[0], pair[1], "finetune", other, goal, pair[2]))  # fmt: skip
+            key, label, value = f"{k}.{t}_tokens_per_s", f"equal: {LABELS[t]}", tps[t]
+            detail = f"median step {median_step} s over {len(steps[t])} steps"
+        s.add(Figure(key, label, value, "tokens/s", detail=detail))
+
+    if release:  # judged end to end, the steady-step ratio alongside
+        values, pooled, what = e2e_rounds, e2e, "end-to-end tokens/s"
+    else:
+        values, pooled, what = steady_rounds, tps, "steady tokens/s"
+
+    def finetune_over(other: str, key: str, label: str, goal: Goal | None) -> None:
+        f = s.add(_ratio_figure(key, label, values, pooled, "finetune", other, goal, what))
         if release:
             f.detail += f"; steady-step ratio {fmt(ratio(tps['finetune'], tps[other]), '×')}"
-    f = s.add(_ratio_figure(f"{k}.shortcuts_on_over_off", f"{st.key}: finetune shortcuts on / off", pair[0],
-                            pair[1], "finetune", "finetune_off", None, pair[2]))  # fmt: skip
-    if release:
-        f.detail += f"; steady-step ratio {fmt(ratio(tps['finetune'], tps['finetune_off']), '×')}"
-    worst, parts = loss_agreement(runs)
-    s.add(Figure(f"{k}.loss_on_vs_off", f"{st.key}: per-step loss, shortcuts on vs off (max difference / first loss)",
-                 worst, "", GOAL_LOSS_AGREEMENT, detail="same seed and batches; " + ("; ".join(parts) or "no pair of runs"),
-                 reason="" if worst is not None else "no successful pair of shortcuts on/off runs"))  # fmt: skip
 
-    s.notes.append(
-        f"({st.key}) {st.model} float32, profile `{st.profile}`: LoRA rank {st.rank}, scale {st.scale:g} (peft alpha "
-        f"{st.scale * st.rank:g}), dropout {st.dropout:g}, last {st.num_layers} blocks, keys "
-        f"{st.keys or 'all 7 block linears (mlx-lm default)'}, batch {st.batch_size}, max_seq_length "
-        f"{st.max_seq_length}, Adam lr {st.learning_rate:g}, mask_prompt {'on' if st.mask_prompt else 'off'}; "
-        f"{st.iters} steps per run ({st.warmup} warm-up, last dropped for the steady median), {st.rounds} "
-        f"interleaved round(s), the order rotating each round. Data: {data['examples']} training examples "
-        f"({data['source']}), {data['min_length']}–{data['max_length']} tokens (mean {data['mean_length']:.1f}), "
-        f"{data.get('epoch_steps', '?')} steps per epoch; padded widths FineTune/peft {sorted(data['widths'])}, "
-        f"mlx-lm {sorted(data['widths_mlx_lm'])}. tokens/s counts every real token (prompt included): "
-        f"{st.batch_size} × {data['mean_length']:.1f} per step."
-    )
-    check = data.get("loss_tokens") or {}
-    if check:
+    vs_peft, vs_mlx_lm = (GOAL_RELEASE, GOAL_RELEASE) if release else (GOAL_EQUAL_VS_PEFT, None)
+    versus, on_off = f"{st.key}: finetune (shortcuts on) /", f"{st.key}: finetune shortcuts on / off"
+    finetune_over("peft", f"{k}.finetune_over_peft", f"{versus} peft", vs_peft)
+    finetune_over("mlx_lm", f"{k}.finetune_over_mlx_lm", f"{versus} mlx_lm", vs_mlx_lm)
+    finetune_over("finetune_off", f"{k}.shortcuts_on_over_off", on_off, None)
+
+    worst, parts = loss_agreement(runs)
+    label = f"{st.key}: per-step loss, shortcuts on vs off (max difference / first loss)"
+    detail = "same seed and batches; " + ("; ".join(parts) or "no pair of runs")
+    reason = "" if worst is not None else "no successful pair of shortcuts on/off runs"
+    s.add(Figure(f"{k}.loss_on_vs_off", label, worst, "", GOAL_LOSS_AGREEMENT, detail=detail, reason=reason))
+
+    s.notes.append(_settings_note(st, data))
+    if data.get("loss_tokens"):
         s.notes.append(loss_token_note(st, runs, data))
     if release:
         s.notes.append(_release_note(st, runs, tokens_per_step, e2e))
@@ -147,15 +180,36 @@ def summarize_setting(s: Section, st: Settings, runs: list[Run], data: dict[str,
     }
 
 
+def _settings_note(st: Settings, data: dict[str, Any]) -> str:
+    """What one setting trains: model, LoRA, batch, schedule, rounds and the data's lengths and widths."""
+    keys = st.keys or "all 7 block linears (mlx-lm default)"
+    return (
+        f"({st.key}) {st.model} float32, profile `{st.profile}`: LoRA rank {st.rank}, scale {st.scale:g} (peft alpha "
+        f"{st.scale * st.rank:g}), dropout {st.dropout:g}, last {st.num_layers} blocks, keys {keys}, batch "
+        f"{st.batch_size}, max_seq_length {st.max_seq_length}, Adam lr {st.learning_rate:g}, mask_prompt "
+        f"{'on' if st.mask_prompt else 'off'}; "
+        f"{st.iters} steps per run ({st.warmup} warm-up, last dropped for the steady median), {st.rounds} "
+        f"interleaved round(s), the order rotating each round. Data: {data['examples']} training examples "
+        f"({data['source']}), {data['min_length']}–{data['max_length']} tokens (mean {data['mean_length']:.1f}), "
+        f"{data.get('epoch_steps', '?')} steps per epoch; padded widths FineTune/peft {sorted(data['widths'])}, "
+        f"mlx-lm {sorted(data['widths_mlx_lm'])}. tokens/s counts every real token (prompt included): "
+        f"{st.batch_size} × {data['mean_length']:.1f} per step."
+    )
+
+
 def loss_token_note(st: Settings, runs: list[Run], data: dict[str, Any]) -> str:
     """How many loss targets each tool trains per epoch, and whether the prompts masked are the same."""
     check, n = data["loss_tokens"], data.get("epoch_steps") or 0
     extra = check["mlx_lm_loss_tokens"] - check["finetune_loss_tokens"]
-    counted = [sum(r.extra["loss_tokens"][:n]) for r in runs if r.tool == "peft" and not r.error
-               and n and len(r.extra.get("loss_tokens") or []) >= n]  # fmt: skip
+    peft_runs = [r for r in runs if r.tool == "peft" and not r.error]
+    counted = [
+        sum(r.extra["loss_tokens"][:n]) for r in peft_runs if n and len(r.extra.get("loss_tokens") or []) >= n
+    ]
     peft = f"; the peft child counted {counted[0]} over its first epoch" if counted else ""
-    tail = ("the EOS its text rows append" if not st.mask_prompt else
-            "the text after the answer's end token, which FineTune's answer span leaves out")  # fmt: skip
+    if st.mask_prompt:
+        tail = "the text after the answer's end token, which FineTune's answer span leaves out"
+    else:
+        tail = "the EOS its text rows append"
     return (
         f"({st.key}) Loss targets per epoch: FineTune {check['finetune_loss_tokens']} (peft gets the same masks{peft}), "
         f"mlx-lm {check['mlx_lm_loss_tokens']} ({extra:+d}, {extra / max(1, check['rows']):+.1f} per row). Token ids "
@@ -235,8 +289,12 @@ def summarize(settings: list[Settings], runs: list[Run], data: dict[str, dict[st
         "\"tool's own tokens/s\" is what each tool reports (mlx-lm's timer covers the compiled step only; FineTune's "
         "metrics carry the same number, counting loss tokens); every ratio uses wall time.",
     ]
-    s.data = {"settings": [asdict(st) for st in settings], "data": data, "runs": [asdict(r) for r in runs],
-              "numbers": numbers}  # fmt: skip
+    s.data = {
+        "settings": [asdict(st) for st in settings],
+        "data": data,
+        "runs": [asdict(r) for r in runs],
+        "numbers": numbers,
+    }
     for r in runs:
         if r.error:
             s.notes.append(

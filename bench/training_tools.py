@@ -1,5 +1,5 @@
-"""Runners of the training section (bench/training.py says what is measured): data for every tool, one
-child process per run, and the interleaved rounds."""
+"""One run of each tool for the training section (bench/training.py says what is measured and runs the rounds):
+the data every tool reads, prepared once per setting, and one child process per run, its output read into a Run."""
 
 from __future__ import annotations
 
@@ -17,12 +17,10 @@ from typing import Any
 
 import yaml
 
-from bench.stats import Section
-from bench.training import (
+from bench.training_runs import (
     LOOP_START,
     PEAK_LINE,
     SHORTCUTS_OFF,
-    TOOLS,
     Run,
     Settings,
     batch_widths,
@@ -34,10 +32,9 @@ from bench.training import (
     parse_mlx_lm_val,
     prefix_seconds,
     read_metrics,
-    rotated,
     step_gflop,
-    summarize,
 )
+from finetune.data.tokens import tokenize_example
 
 VERBATIM_TEMPLATE = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
 
@@ -49,8 +46,15 @@ def stream(
 
     Returns (exit code, the child's peak RSS in bytes from os.wait4)."""
     with open(log_path, "w", encoding="utf-8") as log:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                                bufsize=1, errors="replace")  # fmt: skip
+        proc = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            bufsize=1,
+            errors="replace",
+        )
         timer = threading.Timer(timeout, proc.kill)
         timer.start()
         try:
@@ -104,8 +108,12 @@ def run_finetune(st: Settings, work: Path, rnd: int, timeout: float, shortcuts: 
     tool = "finetune" if shortcuts else "finetune_off"
     run_dir, log = work / f"{tool}-r{rnd}", work / f"{tool}-r{rnd}.log"
     shutil.rmtree(run_dir, ignore_errors=True)  # a run directory owns its config: always start afresh
-    sets = [*st.overrides, f"training.iters={st.iters}", f"training.eval_every={st.iters}",
-            f"training.save_every={st.iters + 1000}", *(() if shortcuts else SHORTCUTS_OFF)]  # fmt: skip
+    schedule = [
+        f"training.iters={st.iters}",
+        f"training.eval_every={st.iters}",
+        f"training.save_every={st.iters + 1000}",
+    ]
+    sets = [*st.overrides, *schedule, *(() if shortcuts else SHORTCUTS_OFF)]
     cmd = finetune_cmd() + ["train", "-p", st.profile, "--run-dir", str(run_dir)]
     for s in sets:
         cmd += ["--set", s]
@@ -123,8 +131,12 @@ def run_finetune(st: Settings, work: Path, rnd: int, timeout: float, shortcuts: 
     run.loop_s = result["wall_time_s"] - sum(m["val_times"])
     run.one_off_s = prefix_seconds(note)
     run.peak_bytes = result.get("peak_memory_bytes")
-    run.extra = {"train_sha256": _sha(run_dir / "data" / "train.jsonl"), "shortcuts": note,
-                 "wall_time_s": result["wall_time_s"], "val_s": sum(m["val_times"])}  # fmt: skip
+    run.extra = {
+        "train_sha256": _sha(run_dir / "data" / "train.jsonl"),
+        "shortcuts": note,
+        "wall_time_s": result["wall_time_s"],
+        "val_s": sum(m["val_times"]),
+    }
     return run
 
 
@@ -134,14 +146,29 @@ def mlx_lm_config(
     lora = {"rank": st.rank, "scale": st.scale, "dropout": st.dropout}
     if st.keys:
         lora["keys"] = list(st.keys)
+    never = st.iters + 1000  # no evaluation or checkpoint inside the timed loop
     return {
-        "model": model_path or st.model_path, "train": True, "data": str(data_dir), "fine_tune_type": "lora",
-        "optimizer": "adam", "seed": st.seed, "num_layers": st.num_layers, "batch_size": st.batch_size,
-        "iters": st.iters, "val_batches": 1, "learning_rate": st.learning_rate, "steps_per_report": 1,
-        "steps_per_eval": st.iters + 1000, "save_every": st.iters + 1000, "adapter_path": str(adapter_dir),
-        "max_seq_length": st.max_seq_length, "grad_checkpoint": False, "lora_parameters": lora,
-        "mask_prompt": st.mask_prompt, "test": False,
-    }  # fmt: skip
+        "model": model_path or st.model_path,
+        "train": True,
+        "data": str(data_dir),
+        "fine_tune_type": "lora",
+        "optimizer": "adam",
+        "seed": st.seed,
+        "num_layers": st.num_layers,
+        "batch_size": st.batch_size,
+        "iters": st.iters,
+        "val_batches": 1,
+        "learning_rate": st.learning_rate,
+        "steps_per_report": 1,
+        "steps_per_eval": never,
+        "save_every": never,
+        "adapter_path": str(adapter_dir),
+        "max_seq_length": st.max_seq_length,
+        "grad_checkpoint": False,
+        "lora_parameters": lora,
+        "mask_prompt": st.mask_prompt,
+        "test": False,
+    }
 
 
 def run_mlx_lm(st: Settings, work: Path, data_dir: Path, model_path: str, rnd: int, timeout: float) -> Run:
@@ -182,13 +209,28 @@ def run_mlx_lm(st: Settings, work: Path, data_dir: Path, model_path: str, rnd: i
     return run
 
 
+def peft_args(st: Settings, examples: Path) -> list[str]:
+    """bench/peft_child.py's command line for one setting."""
+    options = {
+        "--model": st.model_path,
+        "--examples": examples,
+        "--iters": st.iters,
+        "--batch-size": st.batch_size,
+        "--rank": st.rank,
+        "--scale": st.scale,
+        "--dropout": st.dropout,
+        "--num-layers": st.num_layers,
+        "--keys": ",".join(st.keys or []),
+        "--lr": st.learning_rate,
+        "--max-seq-length": st.max_seq_length,
+        "--seed": st.seed,
+        "--threads": st.peft_threads,
+    }
+    return [arg for name, value in options.items() for arg in (name, str(value))]
+
+
 def run_peft(st: Settings, work: Path, examples: Path, rnd: int, timeout: float) -> Run:
-    cmd = [sys.executable, "-m", "bench.peft_child", "--model", st.model_path, "--examples", str(examples),
-           "--iters", str(st.iters), "--batch-size", str(st.batch_size), "--rank", str(st.rank),
-           "--scale", str(st.scale), "--dropout", str(st.dropout), "--num-layers", str(st.num_layers),
-           "--keys", ",".join(st.keys or []), "--lr", str(st.learning_rate),
-           "--max-seq-length", str(st.max_seq_length), "--seed", str(st.seed),
-           "--threads", str(st.peft_threads)]  # fmt: skip
+    cmd = [sys.executable, "-m", "bench.peft_child", *peft_args(st, examples)]
     run, log = Run("peft", rnd, st.key), work / f"peft-r{rnd}.log"
     lines: list[str] = []
     tic = time.time()
@@ -235,20 +277,42 @@ def mlx_lm_items(model_path: Path, data_dir: Path, mask_prompt: bool) -> list[tu
     from mlx_lm.utils import load_tokenizer
 
     tok = load_tokenizer(model_path)
-    rows = [
-        json.loads(x)
-        for x in (data_dir / "train.jsonl").read_text(encoding="utf-8").splitlines()
-        if x.strip()
-    ]
-    ds = create_dataset(rows, tok, SimpleNamespace(mask_prompt=mask_prompt))
+    ds = create_dataset(_jsonl_rows(data_dir / "train.jsonl"), tok, SimpleNamespace(mask_prompt=mask_prompt))
     return [tuple(ds.process(ds[i])) for i in range(len(ds))]
+
+
+def _jsonl_rows(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+
+
+def finetune_items(
+    tok, data_dir: Path, max_seq_length: int, mask_prompt: bool
+) -> list[tuple[list[int], list[int]]]:
+    """(ids, loss mask) per training row as FineTune trains them; peft trains on the same."""
+    items = []
+    for row in _jsonl_rows(data_dir / "train.jsonl"):
+        spans = row.get("train_spans") or []
+        ids, mask = tokenize_example(tok, row["text"], spans, max_seq_length, mask_prompt)
+        if sum(mask[1:]):  # as finetune.train.batches.load_split: rows with nothing to learn are dropped
+            items.append((ids, mask))
+    return items
+
+
+def write_completion_rows(data_dir: Path, out: Path) -> Path:
+    """data_dir's splits as mlx-lm prompt/completion rows, cut where the first train span starts."""
+    out.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "valid"):
+        src = data_dir / f"{split}.jsonl"
+        if src.exists():
+            rows = [completion_row(row) for row in _jsonl_rows(src)]
+            (out / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return out
 
 
 def prepare(key: str, model_spec: str, profile: str, work: Path, overrides: list[str]) -> dict[str, Any]:
     """Resolve the model, prepare the profile's data once, tokenize it for peft and write mlx-lm's data."""
     from finetune.config.loader import load_config
     from finetune.data.prepare import prepare_for_run
-    from finetune.data.tokens import tokenize_example
     from finetune.models.resolve import resolve_model
     from finetune.models.tokenizer import load_tokenizer
 
@@ -258,122 +322,39 @@ def prepare(key: str, model_spec: str, profile: str, work: Path, overrides: list
     data_dir = work / "data"
     prepare_for_run(cfg.data, data_dir, tok)
     mask = cfg.data.mask_prompt
-    items = []
-    for line in (data_dir / "train.jsonl").read_text(encoding="utf-8").splitlines():
-        row = json.loads(line)
-        i, m = tokenize_example(tok, row["text"], row.get("train_spans") or [], cfg.data.max_seq_length, mask)
-        if sum(m[1:]):  # as finetune.train.batches.load_split: rows with nothing to learn are dropped
-            items.append((i, m))
+    items = finetune_items(tok, data_dir, cfg.data.max_seq_length, mask)
     examples = work / "examples.json"
     examples.write_text(json.dumps({"ids": [i for i, _ in items], "masks": [m for _, m in items]}))
     mlx_data, mlx_model = data_dir, model_path
     if mask:  # mlx-lm masks prompts only for prompt/completion or chat rows
-        mlx_data, mlx_model = work / "mlx_lm_data", verbatim_model(model_path, work / "mlx_lm_model")
-        mlx_data.mkdir(parents=True, exist_ok=True)
-        for split in ("train", "valid"):
-            src = data_dir / f"{split}.jsonl"
-            if src.exists():
-                rows = [
-                    completion_row(json.loads(x))
-                    for x in src.read_text(encoding="utf-8").splitlines()
-                    if x.strip()
-                ]
-                (mlx_data / f"{split}.jsonl").write_text(
-                    "".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8"
-                )
+        mlx_data = write_completion_rows(data_dir, work / "mlx_lm_data")
+        mlx_model = verbatim_model(model_path, work / "mlx_lm_model")
     lengths = [len(i) for i, _ in items]
     b, msl = cfg.training.batch_size, cfg.data.max_seq_length
     mlx_items = mlx_lm_items(mlx_model, mlx_data, mask)
+    mlx_lengths = [len(i) for i, _ in mlx_items]
     data = {
-        "source": cfg.data.source, "examples": len(items), "min_length": min(lengths), "max_length": max(lengths),
-        "mean_length": sum(lengths) / len(lengths), "widths": sorted(batch_widths(lengths, b, msl)),
-        "widths_mlx_lm": sorted(batch_widths([len(i) for i, _ in mlx_items], b, msl)),
-        "epoch_steps": epoch_steps(len(items), b), "train_sha256": _sha(data_dir / "train.jsonl"),
+        "source": cfg.data.source,
+        "examples": len(items),
+        "min_length": min(lengths),
+        "max_length": max(lengths),
+        "mean_length": sum(lengths) / len(lengths),
+        "widths": sorted(batch_widths(lengths, b, msl)),
+        "widths_mlx_lm": sorted(batch_widths(mlx_lengths, b, msl)),
+        "epoch_steps": epoch_steps(len(items), b),
+        "train_sha256": _sha(data_dir / "train.jsonl"),
         "loss_tokens": loss_token_check(items, mlx_items, msl),
-    }  # fmt: skip
+    }
     mc = json.loads((model_path / "config.json").read_text())
     adapted = mc["num_hidden_layers"] if cfg.lora.num_layers == -1 else cfg.lora.num_layers
     data["step_gflop"] = step_gflop(mc, b, max(data["widths"]), adapted)
     data["vocab_size"] = mc["vocab_size"]
-    return {"cfg": cfg, "model_path": model_path, "data": data, "examples": examples, "mlx_data": mlx_data,
-            "mlx_model": str(mlx_model), "n_layers": mc["num_hidden_layers"]}  # fmt: skip
-
-
-def make_settings(key: str, model_spec: str, profile: str, overrides: list[str], p: dict, *, iters: int,
-                  warmup: int, rounds: int, peft_threads: int) -> Settings:  # fmt: skip
-    cfg = p["cfg"]
-    return Settings(
-        key=key, model=model_spec, model_path=str(p["model_path"]), profile=profile, overrides=list(overrides),
-        mask_prompt=cfg.data.mask_prompt, batch_size=cfg.training.batch_size, max_seq_length=cfg.data.max_seq_length,
-        rank=cfg.lora.rank, scale=cfg.lora.scale, dropout=cfg.lora.dropout,
-        num_layers=p["n_layers"] if cfg.lora.num_layers == -1 else cfg.lora.num_layers, keys=cfg.lora.keys,
-        learning_rate=cfg.training.learning_rate, seed=cfg.training.seed, iters=iters, warmup=warmup, rounds=rounds,
-        peft_threads=peft_threads, profile_iters=cfg.training.iters,
-    )  # fmt: skip
-
-
-def run_section(work: Path, *, model_spec: str = "smollm2-135m", profile: str = "quick", iters: int = 8,
-                warmup: int = 2, rounds: int = 2, overrides: list[str] = (), release_profile: str = "release",
-                release_epochs: int | None = None, release_rounds: int = 1, release_warmup: int = 2,
-                peft_threads: int | None = None, matmul_gflops: float | None = None, timeout: float = 900,
-                log=print) -> Section:  # fmt: skip
-    """Both settings, every tool, round by round: in each round each setting's four tools in rotated order.
-
-    The release setting runs the profile's own steps (120: 6 epochs, as users run it) unless release_epochs
-    says how many epochs of its data to run instead."""
-    threads = peft_threads or int(os.environ.get("OPENBLAS_NUM_THREADS") or 1)
-    base = [f"model.name={model_spec}", *overrides]
-    plans = {
-        "equal": (profile, [*base[:1], "data.mask_prompt=false", *base[1:]], rounds, warmup),
-        "release": (release_profile, base, release_rounds, release_warmup),
+    return {
+        "cfg": cfg,
+        "model_path": model_path,
+        "data": data,
+        "examples": examples,
+        "mlx_data": mlx_data,
+        "mlx_model": str(mlx_model),
+        "n_layers": mc["num_hidden_layers"],
     }
-    settings, prepared, data = [], {}, {}
-    for key, (prof, sets, n_rounds, wu) in plans.items():
-        if n_rounds <= 0:
-            continue
-        (work / key).mkdir(parents=True, exist_ok=True)
-        p = prepare(key, model_spec, prof, work / key, sets)
-        if key == "equal":
-            n_iters = iters
-        elif release_epochs:
-            n_iters = release_epochs * p["data"]["epoch_steps"]
-        else:
-            from finetune.config.loader import load_config
-
-            n_iters = load_config(prof, overrides=sets).training.iters
-        settings.append(make_settings(key, model_spec, prof, sets, p, iters=n_iters, warmup=wu, rounds=n_rounds,
-                                      peft_threads=threads))  # fmt: skip
-        p["data"]["matmul_gflops"] = matmul_gflops
-        prepared[key], data[key] = p, p["data"]
-        log(
-            f"  training {key}: {p['data']['examples']} examples, {n_iters} steps per run, {n_rounds} round(s)"
-        )
-    runs: list[Run] = []
-    for rnd in range(max((st.rounds for st in settings), default=0)):
-        for st in settings:
-            if rnd >= st.rounds:
-                continue
-            p, w = prepared[st.key], work / st.key
-            runners = {
-                "finetune": lambda r, st=st, w=w: run_finetune(st, w, r, timeout, shortcuts=True),
-                "finetune_off": lambda r, st=st, w=w: run_finetune(st, w, r, timeout, shortcuts=False),
-                "mlx_lm": lambda r, st=st, w=w, p=p: run_mlx_lm(
-                    st, w, p["mlx_data"], p["mlx_model"], r, timeout
-                ),
-                "peft": lambda r, st=st, w=w, p=p: run_peft(st, w, p["examples"], r, timeout),
-            }
-            for tool in rotated(TOOLS, rnd):
-                run = runners[tool](rnd)
-                log(f"  training {st.key} {tool} round {rnd}: {run.wall_s:.0f} s"
-                    + (f" FAILED {run.error[:200]}" if run.error else ""))  # fmt: skip
-                runs.append(run)
-    s = summarize(settings, runs, data)
-    for st in settings:
-        shas = {
-            r.extra.get("train_sha256") for r in runs if r.setting == st.key and r.extra.get("train_sha256")
-        }
-        if shas and shas != {data[st.key]["train_sha256"]}:
-            s.notes.append(
-                f"WARNING ({st.key}): `finetune train` prepared other training data than the other tools saw."
-            )
-    return s

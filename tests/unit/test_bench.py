@@ -1,4 +1,5 @@
-"""Pure parts of bench/: statistics, goals, parsers, section summaries and the markdown/JSON report.
+"""Pure parts of bench/ and the training rounds with fake tools: statistics, goals, parsers, section summaries
+and the markdown/JSON report.
 
 No timing assertions: performance claims live in docs/benchmarks.md, not in tests.
 """
@@ -10,7 +11,17 @@ from pathlib import Path
 
 import pytest
 
-from bench import blas_bench, inference, memory_bench, report, tiers, training
+from bench import (
+    blas_bench,
+    inference,
+    memory_bench,
+    report,
+    tiers,
+    training,
+    training_runs,
+    training_summary,
+    training_tools,
+)
 from bench.stats import Figure, Goal, Section, fmt, intervals, median, ratio, spread, steady
 
 # ---------------------------------------------------------------- stats
@@ -30,11 +41,18 @@ def test_intervals_and_steady_drop_warmup_and_tail():
     assert steady([1, 2], warmup=2, drop_last=1) == []
 
 
-@pytest.mark.parametrize(
-    ("op", "value", "expected"),
-    [(">=", 0.98, True), (">=", 0.97, False), ("<=", 30.0, True), ("<=", 30.5, False),
-     ("abs<=", -14.9, True), ("abs<=", -15.1, False), (">=", None, None)],
-)  # fmt: skip
+GOAL_CASES = [
+    (">=", 0.98, True),
+    (">=", 0.97, False),
+    ("<=", 30.0, True),
+    ("<=", 30.5, False),
+    ("abs<=", -14.9, True),
+    ("abs<=", -15.1, False),
+    (">=", None, None),
+]
+
+
+@pytest.mark.parametrize(("op", "value", "expected"), GOAL_CASES)
 def test_goal_met(op, value, expected):
     target = {">=": 0.98, "<=": 30.0, "abs<=": 15.0}[op]
     assert Goal(op, target).met(value) is expected
@@ -63,129 +81,166 @@ def test_fmt_shows_ratios_with_three_decimals():
 
 def test_parse_mlx_lm_line_reads_report_lines_with_colours():
     coloured = "  \x1b[38;5;244m   3\x1b[0m    \x1b[1;32m10.589 ▼\x1b[0m    \x1b[1m  1,159\x1b[0m    \x1b[38;5;244m  0.6k\x1b[0m\n"
-    assert training.parse_mlx_lm_line(coloured) == (3, 10.589, 1159.0)
-    assert training.parse_mlx_lm_line("    12    2.500 ▲      98    3.1k") == (12, 2.5, 98.0)
+    assert training_runs.parse_mlx_lm_line(coloured) == (3, 10.589, 1159.0)
+    assert training_runs.parse_mlx_lm_line("    12    2.500 ▲      98    3.1k") == (12, 2.5, 98.0)
 
 
 def test_parse_mlx_lm_line_ignores_validation_and_other_lines():
-    assert training.parse_mlx_lm_line("     1    val 10.783    0.54s") is None
-    assert training.parse_mlx_lm_line("Trainable parameters: 0.689% (0.023M/3.269M)") is None
+    assert training_runs.parse_mlx_lm_line("     1    val 10.783    0.54s") is None
+    assert training_runs.parse_mlx_lm_line("Trainable parameters: 0.689% (0.023M/3.269M)") is None
 
 
 def test_parse_mlx_lm_val_reads_validation_seconds():
     coloured = "  \x1b[38;5;244m   1\x1b[0m    \x1b[1;35mval\x1b[0m \x1b[1m44.470\x1b[0m    \x1b[38;5;244m0.32s\x1b[0m\n"
-    assert training.parse_mlx_lm_val(coloured) == pytest.approx(0.32)
-    assert training.parse_mlx_lm_val("    12    2.500 ▲      98    3.1k") is None
+    assert training_runs.parse_mlx_lm_val(coloured) == pytest.approx(0.32)
+    assert training_runs.parse_mlx_lm_val("    12    2.500 ▲      98    3.1k") is None
 
 
 def test_parse_marker_reads_the_child_lines():
-    assert training.parse_marker(
-        "BENCH_LOOP_START 1795920272.560751\n", training.LOOP_START
+    assert training_runs.parse_marker(
+        "BENCH_LOOP_START 1795920272.560751\n", training_runs.LOOP_START
     ) == pytest.approx(1795920272.560751)
-    assert training.parse_marker("BENCH_PEAK_MEMORY_BYTES 218706652", training.PEAK_LINE) == 218706652
-    assert training.parse_marker("BENCH_PEAK_MEMORY_BYTES", training.PEAK_LINE) is None
-    assert training.parse_marker("Loading datasets", training.LOOP_START) is None
+    assert (
+        training_runs.parse_marker("BENCH_PEAK_MEMORY_BYTES 218706652", training_runs.PEAK_LINE) == 218706652
+    )
+    assert training_runs.parse_marker("BENCH_PEAK_MEMORY_BYTES", training_runs.PEAK_LINE) is None
+    assert training_runs.parse_marker("Loading datasets", training_runs.LOOP_START) is None
 
 
 def test_read_metrics_keeps_train_rows_in_step_order_and_val_times(tmp_path):
-    rows = [{"kind": "val", "step": 0, "val_loss": 3.0, "val_time": 0.5},
-            {"kind": "train", "step": 2, "time": 20.0, "tokens_per_second": 5, "train_loss": 2.0},
-            {"kind": "train", "step": 1, "time": 10.0, "tokens_per_second": 4, "train_loss": 2.5},
-            {"kind": "val", "step": 2, "val_loss": 2.9, "val_time": 0.25}]  # fmt: skip
+    rows = [
+        {"kind": "val", "step": 0, "val_loss": 3.0, "val_time": 0.5},
+        {"kind": "train", "step": 2, "time": 20.0, "tokens_per_second": 5, "train_loss": 2.0},
+        {"kind": "train", "step": 1, "time": 10.0, "tokens_per_second": 4, "train_loss": 2.5},
+        {"kind": "val", "step": 2, "val_loss": 2.9, "val_time": 0.25},
+    ]
     path = tmp_path / "metrics.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    assert training.read_metrics_times(path) == ([10.0, 20.0], [4, 5])
-    m = training.read_metrics(path)
+    assert training_runs.read_metrics_times(path) == ([10.0, 20.0], [4, 5])
+    m = training_runs.read_metrics(path)
     assert m["losses"] == [2.5, 2.0] and m["val_times"] == [0.5, 0.25]
 
 
 def test_prefix_seconds_from_the_shortcuts_note():
     note = "exact training shortcuts: cached frozen prefix\n  - prefix computed once in 27.2 s (5.3 MiB)"
-    assert training.prefix_seconds(note) == pytest.approx(27.2)
-    assert training.prefix_seconds("exact training shortcuts: none (plain mlx-lm path)") == 0.0
-    assert training.prefix_seconds(None) == 0.0
+    assert training_runs.prefix_seconds(note) == pytest.approx(27.2)
+    assert training_runs.prefix_seconds("exact training shortcuts: none (plain mlx-lm path)") == 0.0
+    assert training_runs.prefix_seconds(None) == 0.0
 
 
 def test_max_relative_difference_over_shared_steps():
-    assert training.max_relative_difference([2.0, 1.0001], [2.0, 1.0, 5.0]) == pytest.approx(1e-4)
-    assert training.max_relative_difference([], [1.0]) is None
+    assert training_runs.max_relative_difference([2.0, 1.0001], [2.0, 1.0, 5.0]) == pytest.approx(1e-4)
+    assert training_runs.max_relative_difference([], [1.0]) is None
 
 
 def test_run_step_seconds_skips_warmup_and_last_step():
-    run = training.Run("finetune", 0, times=[0.0, 5.0, 6.0, 7.5, 9.0, 20.0])  # steps 1..6
+    run = training_runs.Run("finetune", 0, times=[0.0, 5.0, 6.0, 7.5, 9.0, 20.0])  # steps 1..6
     # durations of steps 2..6 = [5, 1, 1.5, 1.5, 11]; warm-up 2 drops step 2, the last (eval) is dropped
     assert run.step_seconds(warmup=2) == [1.0, 1.5, 1.5]
 
 
 def test_run_end_to_end_counts_every_step_and_the_one_off_cost():
-    run = training.Run("finetune", 0, times=[1.0, 2.0, 3.0, 4.0], loop_s=6.0, one_off_s=2.0)
+    run = training_runs.Run("finetune", 0, times=[1.0, 2.0, 3.0, 4.0], loop_s=6.0, one_off_s=2.0)
     assert run.end_to_end_tps(100.0) == pytest.approx(4 * 100 / 8.0)
-    assert training.Run("mlx_lm", 0, times=[1.0], loop_s=None).end_to_end_tps(100.0) is None
-    assert training.Run("peft", 0, times=[1.0], loop_s=1.0, error="boom").end_to_end_tps(100.0) is None
+    assert training_runs.Run("mlx_lm", 0, times=[1.0], loop_s=None).end_to_end_tps(100.0) is None
+    assert training_runs.Run("peft", 0, times=[1.0], loop_s=1.0, error="boom").end_to_end_tps(100.0) is None
 
 
 def test_batch_widths_pad_like_mlx_lm():
-    assert training.batch_widths([40, 50, 60, 63], 2, 256) == {65}
-    assert training.batch_widths([40, 50, 60, 64], 2, 256, extra=1) == {65, 97}
-    assert training.batch_widths([300, 300], 2, 256) == {256}
+    assert training_runs.batch_widths([40, 50, 60, 63], 2, 256) == {65}
+    assert training_runs.batch_widths([40, 50, 60, 64], 2, 256, extra=1) == {65, 97}
+    assert training_runs.batch_widths([300, 300], 2, 256) == {256}
 
 
 def test_completion_row_cuts_at_the_answer_span():
     text = "<|im_start|>user\nHi?<|im_end|>\n<|im_start|>assistant\nHello.<|im_end|>\n"
     start = text.index("Hello")
     row = {"text": text, "train_spans": [[start, text.rindex("\n")]]}
-    out = training.completion_row(row)
+    out = training_runs.completion_row(row)
     assert out["prompt"] + out["completion"] == text and out["completion"].startswith("Hello.")
-    assert training.completion_row({"text": "abc", "train_spans": []}) == {"prompt": "abc", "completion": ""}
+    assert training_runs.completion_row({"text": "abc", "train_spans": []}) == {
+        "prompt": "abc",
+        "completion": "",
+    }
 
 
 def test_mlx_lm_loss_positions_include_one_past_the_end():
     # ids of length 10, prompt of 6: targets at positions 6..10 (position 10 is the first pad)
-    assert training.mlx_lm_loss_positions(10, 6, 256) == 5
-    assert training.mlx_lm_loss_positions(10, 0, 256) == 10  # no mask: positions 1..10
-    assert training.mlx_lm_loss_positions(300, 0, 256) == 255  # truncated: the batch ends at 255
+    assert training_runs.mlx_lm_loss_positions(10, 6, 256) == 5
+    assert training_runs.mlx_lm_loss_positions(10, 0, 256) == 10  # no mask: positions 1..10
+    assert training_runs.mlx_lm_loss_positions(300, 0, 256) == 255  # truncated: the batch ends at 255
 
 
 def test_loss_token_check_counts_targets_and_matching_prompts():
     ft = [([1, 2, 3, 4, 5], [0, 0, 0, 1, 1]), ([1, 2, 3], [0, 1, 1])]
     mlx = [([1, 2, 3, 4, 5], 3), ([1, 2, 3, 9], 2)]
-    c = training.loss_token_check(ft, mlx, 256)
+    c = training_runs.loss_token_check(ft, mlx, 256)
     assert c["finetune_loss_tokens"] == 4 and c["mlx_lm_loss_tokens"] == 3 + 3
     assert c["same_ids"] == 1 and c["same_ids_prefix"] == 2
     assert c["same_prompt_mask"] == 1  # row 2: FineTune trains from position 1, mlx-lm from 2
 
 
 def test_epoch_steps_and_rotation():
-    assert training.epoch_steps(80, 4) == 20 and training.epoch_steps(3, 4) == 1
-    assert training.rotated(("a", "b", "c", "d"), 1) == ("b", "c", "d", "a")
-    assert training.rotated(("a", "b", "c", "d"), 4) == ("a", "b", "c", "d")
+    assert training_runs.epoch_steps(80, 4) == 20 and training_runs.epoch_steps(3, 4) == 1
+    assert training_runs.rotated(("a", "b", "c", "d"), 1) == ("b", "c", "d", "a")
+    assert training_runs.rotated(("a", "b", "c", "d"), 4) == ("a", "b", "c", "d")
 
 
 def test_round_ratios_pair_runs_of_the_same_round():
     values = {("finetune", 0): 300.0, ("peft", 0): 100.0, ("finetune", 1): 200.0, ("mlx_lm", 1): 100.0}
-    assert training.round_ratios(values, "finetune", "peft") == [3.0]
-    assert training.round_ratios(values, "finetune", "mlx_lm") == [2.0]
+    assert training_runs.round_ratios(values, "finetune", "peft") == [3.0]
+    assert training_runs.round_ratios(values, "finetune", "mlx_lm") == [2.0]
 
 
 # ---------------------------------------------------------------- training: summary
 
 
+SETTINGS = {
+    "model": "m",
+    "model_path": "/m",
+    "profile": "quick",
+    "overrides": [],
+    "batch_size": 4,
+    "max_seq_length": 256,
+    "rank": 8,
+    "scale": 20.0,
+    "dropout": 0.0,
+    "num_layers": 8,
+    "keys": None,
+    "learning_rate": 2e-4,
+    "seed": 0,
+    "iters": 6,
+    "warmup": 2,
+    "rounds": 1,
+}
+
+
 def _settings(key="equal", **kw):
-    base = dict(key=key, model="m", model_path="/m", profile="quick", overrides=[], mask_prompt=key == "release",
-                batch_size=4, max_seq_length=256, rank=8, scale=20.0, dropout=0.0, num_layers=8, keys=None,
-                learning_rate=2e-4, seed=0, iters=6, warmup=2, rounds=1)  # fmt: skip
-    return training.Settings(**{**base, **kw})
+    return training_runs.Settings(**{**SETTINGS, "key": key, "mask_prompt": key == "release", **kw})
 
 
-DATA = {"source": "builtin:mixed", "examples": 96, "min_length": 40, "max_length": 60, "mean_length": 50.0,
-        "widths": [65], "widths_mlx_lm": [65], "train_sha256": "x", "epoch_steps": 24}  # fmt: skip
+DATA = {
+    "source": "builtin:mixed",
+    "examples": 96,
+    "min_length": 40,
+    "max_length": 60,
+    "mean_length": 50.0,
+    "widths": [65],
+    "widths_mlx_lm": [65],
+    "train_sha256": "x",
+    "epoch_steps": 24,
+}
+LOSSES = [3.0, 2.5, 2.0, 1.8, 1.5, 1.2]
+MIB = 2**20
 
 
 def _run(tool, step_s, rnd=0, setting="equal", one_off=0.0, losses=None):
     times = [i * step_s for i in range(1, 7)]
-    return training.Run(tool, rnd, setting, times=times, loop_s=6 * step_s, one_off_s=one_off,
-                        losses=losses if losses is not None else [3.0, 2.5, 2.0, 1.8, 1.5, 1.2],
-                        peak_bytes=100 * 2**20, rss_bytes=500 * 2**20)  # fmt: skip
+    losses = LOSSES if losses is None else losses
+    memory = {"peak_bytes": 100 * MIB, "rss_bytes": 500 * MIB}
+    return training_runs.Run(
+        tool, rnd, setting, times=times, loop_s=6 * step_s, one_off_s=one_off, losses=losses, **memory
+    )
 
 
 def _summary(equal_runs, release_runs=(), release_settings=None):
@@ -193,7 +248,7 @@ def _summary(equal_runs, release_runs=(), release_settings=None):
         [release_settings or _settings("release", profile="release")] if release_runs else []
     )
     data = {"equal": DATA, "release": DATA}
-    return training.summarize(settings, [*equal_runs, *release_runs], data)
+    return training_summary.summarize(settings, [*equal_runs, *release_runs], data)
 
 
 def _figs(s):
@@ -212,7 +267,7 @@ def test_equal_summary_ratios_and_goals():
     assert figs["training.equal.loss_on_vs_off"].value == 0.0 and figs["training.equal.loss_on_vs_off"].met
     table = s.tables[0]
     assert table["headers"][5] == "end-to-end tokens/s" and [r[0] for r in table["rows"]] == [
-        training.LABELS[t] for t in training.TOOLS
+        training_runs.LABELS[t] for t in training_runs.TOOLS
     ]
     assert table["rows"][0][8] == "100" and table["rows"][0][9] == "500"  # MiB
 
@@ -226,8 +281,12 @@ def test_equal_summary_fails_the_peft_goal_when_finetune_is_slower():
 
 def test_release_summary_judges_end_to_end_with_the_one_off_cost():
     equal = [_run("finetune", 1.0), _run("finetune_off", 1.0), _run("mlx_lm", 1.0), _run("peft", 1.0)]
-    release = [_run("finetune", 1.0, setting="release", one_off=6.0), _run("finetune_off", 3.0, setting="release"),
-               _run("mlx_lm", 3.0, setting="release"), _run("peft", 2.0, setting="release")]  # fmt: skip
+    release = [
+        _run("finetune", 1.0, setting="release", one_off=6.0),
+        _run("finetune_off", 3.0, setting="release"),
+        _run("mlx_lm", 3.0, setting="release"),
+        _run("peft", 2.0, setting="release"),
+    ]
     figs = _figs(_summary(equal, release, _settings("release", profile="release", profile_iters=120)))
     # finetune: 6 steps x 200 tokens over 6 s of loop + 6 s of prefix; peft 12 s; mlx_lm 18 s
     assert figs["training.release.finetune_e2e_tokens_per_s"].value == pytest.approx(100.0)
@@ -249,23 +308,26 @@ def test_release_summary_judges_end_to_end_with_the_one_off_cost():
 
 
 def test_summary_flags_losses_that_disagree_between_shortcuts_on_and_off():
-    runs = [_run("finetune", 1.0, losses=[3.0, 2.0]), _run("finetune_off", 1.0, losses=[3.0, 2.01]),
-            _run("mlx_lm", 1.0), _run("peft", 1.0)]  # fmt: skip
+    on, off = _run("finetune", 1.0, losses=[3.0, 2.0]), _run("finetune_off", 1.0, losses=[3.0, 2.01])
+    runs = [on, off, _run("mlx_lm", 1.0), _run("peft", 1.0)]
     fig = _figs(_summary(runs))["training.equal.loss_on_vs_off"]
     assert fig.value == pytest.approx(0.01 / 3.0) and fig.met is False
 
 
 def test_late_reassociation_drift_near_zero_loss_is_judged_on_the_runs_loss_scale():
     # 4e-5 apart at a loss of 0.1 (4e-4 relative there) after starting at 4.0: 1e-5 of the run's scale
-    runs = [_run("finetune", 1.0, losses=[4.0, 1.0, 0.10004]), _run("finetune_off", 1.0, losses=[4.0, 1.0, 0.1]),
-            _run("mlx_lm", 1.0), _run("peft", 1.0)]  # fmt: skip
+    on, off = (
+        _run("finetune", 1.0, losses=[4.0, 1.0, 0.10004]),
+        _run("finetune_off", 1.0, losses=[4.0, 1.0, 0.1]),
+    )
+    runs = [on, off, _run("mlx_lm", 1.0), _run("peft", 1.0)]
     fig = _figs(_summary(runs))["training.equal.loss_on_vs_off"]
     assert fig.value == pytest.approx(4e-5 / 4.0) and fig.met is True
     assert "4.00e-04 relative (step 3, loss 0.1)" in fig.detail
 
 
 def test_training_summary_reports_failed_runs():
-    bad = training.Run("peft", 0, error="exit 1: boom")
+    bad = training_runs.Run("peft", 0, error="exit 1: boom")
     s = _summary([_run("finetune", 1.0), _run("finetune_off", 1.0), _run("mlx_lm", 1.0), bad])
     figs = _figs(s)
     assert figs["training.equal.peft_tokens_per_s"].value is None
@@ -274,13 +336,18 @@ def test_training_summary_reports_failed_runs():
 
 
 def test_loss_token_note_reports_counts_per_tool():
-    data = {**DATA, "epoch_steps": 2, "loss_tokens": {"rows": 8, "mlx_lm_rows": 8, "finetune_loss_tokens": 40,
-                                                      "mlx_lm_loss_tokens": 56, "same_ids": 8, "same_ids_prefix": 8,
-                                                      "same_prompt_mask": 8}}  # fmt: skip
-    peft = training.Run("peft", 0, "release", extra={"loss_tokens": [19, 21, 20]})
-    from bench.training_summary import loss_token_note
-
-    note = loss_token_note(_settings("release"), [peft], data)
+    check = {
+        "rows": 8,
+        "mlx_lm_rows": 8,
+        "finetune_loss_tokens": 40,
+        "mlx_lm_loss_tokens": 56,
+        "same_ids": 8,
+        "same_ids_prefix": 8,
+        "same_prompt_mask": 8,
+    }
+    data = {**DATA, "epoch_steps": 2, "loss_tokens": check}
+    peft = training_runs.Run("peft", 0, "release", extra={"loss_tokens": [19, 21, 20]})
+    note = training_summary.loss_token_note(_settings("release"), [peft], data)
     assert (
         "FineTune 40" in note
         and "counted 40 over its first epoch" in note
@@ -290,44 +357,74 @@ def test_loss_token_note_reports_counts_per_tool():
 
 
 def test_mlx_lm_config_mirrors_settings(tmp_path):
-    from bench.training_tools import mlx_lm_config
-
-    cfg = mlx_lm_config(_settings(keys=["self_attn.q_proj"]), tmp_path / "data", tmp_path / "a")
+    cfg = training_tools.mlx_lm_config(
+        _settings(keys=["self_attn.q_proj"]), tmp_path / "data", tmp_path / "a"
+    )
     assert cfg["num_layers"] == 8 and cfg["batch_size"] == 4 and cfg["mask_prompt"] is False
     assert cfg["lora_parameters"] == {"rank": 8, "scale": 20.0, "dropout": 0.0, "keys": ["self_attn.q_proj"]}
     assert cfg["steps_per_report"] == 1 and cfg["steps_per_eval"] > cfg["iters"]
-    release = mlx_lm_config(_settings("release"), tmp_path / "d", tmp_path / "a", model_path="/copy")
+    release = training_tools.mlx_lm_config(
+        _settings("release"), tmp_path / "d", tmp_path / "a", model_path="/copy"
+    )
     assert release["mask_prompt"] is True and release["model"] == "/copy"
 
 
 def test_verbatim_model_links_weights_and_replaces_the_chat_template(tmp_path):
-    from bench.training_tools import VERBATIM_TEMPLATE, verbatim_model
-
     src = tmp_path / "src"
     src.mkdir()
     (src / "model.safetensors").write_bytes(b"w")
     (src / "chat_template.jinja").write_text("{{ 'system prompt' }}")
     (src / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<e>", "chat_template": "x"}))
-    dst = verbatim_model(src, tmp_path / "dst")
+    dst = training_tools.verbatim_model(src, tmp_path / "dst")
     assert (dst / "model.safetensors").is_symlink()
     assert json.loads((dst / "tokenizer_config.json").read_text()) == {
         "eos_token": "<e>",
-        "chat_template": VERBATIM_TEMPLATE,
+        "chat_template": training_tools.VERBATIM_TEMPLATE,
     }
-    assert (dst / "chat_template.jinja").read_text() == VERBATIM_TEMPLATE
-    assert verbatim_model(src, dst) == dst  # rebuilt in place
+    assert (dst / "chat_template.jinja").read_text() == training_tools.VERBATIM_TEMPLATE
+    assert training_tools.verbatim_model(src, dst) == dst  # rebuilt in place
+
+
+def test_mlx_lm_reads_each_split_as_prompt_completion_rows(tmp_path):
+    row = {"text": "Q: hi\nA: yo", "train_spans": [[9, 11]]}
+    (tmp_path / "train.jsonl").write_text(json.dumps(row) + "\n\n")
+    out = training_tools.write_completion_rows(tmp_path, tmp_path / "mlx")
+    assert [json.loads(x) for x in (out / "train.jsonl").read_text().splitlines()] == [
+        {"prompt": "Q: hi\nA: ", "completion": "yo"}
+    ]
+    assert not (out / "valid.jsonl").exists()
 
 
 def test_stream_returns_exit_code_and_peak_rss(tmp_path):
     import sys
 
-    from bench.training_tools import stream
-
     seen = []
-    code, rss = stream([sys.executable, "-c", "print('a'); print('b')"], {}, tmp_path / "log", 60,
-                       lambda line, t: seen.append(line.strip()))  # fmt: skip
+    cmd = [sys.executable, "-c", "print('a'); print('b')"]
+    code, rss = training_tools.stream(
+        cmd, {}, tmp_path / "log", 60, lambda line, t: seen.append(line.strip())
+    )
     assert code == 0 and seen == ["a", "b"] and rss > 1024 * 1024
     assert (tmp_path / "log").read_text() == "a\nb\n"
+
+
+def test_a_round_runs_every_tool_in_rotated_order_and_logs_failures(monkeypatch, tmp_path):
+    order, lines = [], []
+
+    def fake(tool):
+        def run(st, work, *args, **kw):
+            name = tool if kw.get("shortcuts", True) else "finetune_off"
+            order.append(name)
+            return training_runs.Run(name, 1, st.key, wall_s=2.0, error="boom" if name == "peft" else None)
+
+        return run
+
+    monkeypatch.setattr(training, "run_finetune", fake("finetune"))
+    monkeypatch.setattr(training, "run_mlx_lm", fake("mlx_lm"))
+    monkeypatch.setattr(training, "run_peft", fake("peft"))
+    prepared = {"mlx_data": tmp_path, "mlx_model": "m", "examples": tmp_path / "e.json"}
+    runs = training.run_round(_settings(), prepared, tmp_path, 1, 60.0, lines.append)
+    assert order == ["finetune_off", "mlx_lm", "peft", "finetune"] == [r.tool for r in runs]
+    assert lines[2] == "  training equal peft round 1: 2 s FAILED boom"
 
 
 # ---------------------------------------------------------------- other sections
@@ -337,13 +434,18 @@ def _probe(peak):
     return {"peak_bytes": peak, "batch_shape": [4, 65], "trainable_params": 10}
 
 
+def _memory_row(measured, predicted, error_pct):
+    return {
+        "measured": _probe(measured),
+        "predicted_bytes": predicted,
+        "error_pct": error_pct,
+        "predicted_params": 10,
+        "breakdown": {"weights": predicted},
+    }
+
+
 def test_memory_summary_passes_within_and_fails_outside_15_percent():
-    rows = {
-        "lora": {"measured": _probe(1000), "predicted_bytes": 1100, "error_pct": 10.0, "predicted_params": 10,
-                 "breakdown": {"weights": 1100}},
-        "full": {"measured": _probe(4000), "predicted_bytes": 3000, "error_pct": -25.0, "predicted_params": 10,
-                 "breakdown": {"weights": 3000}},
-    }  # fmt: skip
+    rows = {"lora": _memory_row(1000, 1100, 10.0), "full": _memory_row(4000, 3000, -25.0)}
     figs = {f.key: f for f in memory_bench.summarize("m", rows).figures}
     assert figs["memory.lora_error_pct"].met is True
     assert (
@@ -353,8 +455,15 @@ def test_memory_summary_passes_within_and_fails_outside_15_percent():
 
 
 def test_blas_summary_flags_reference_blas():
-    slow = {"n": 8, "mlx_gflops": [2.0], "numpy_gflops": [50.0], "ratios": [0.04], "active_blas": "reference",
-            "library": None, "openblas_threads": "1"}  # fmt: skip
+    slow = {
+        "n": 8,
+        "mlx_gflops": [2.0],
+        "numpy_gflops": [50.0],
+        "ratios": [0.04],
+        "active_blas": "reference",
+        "library": None,
+        "openblas_threads": "1",
+    }
     fig = {f.key: f for f in blas_bench.summarize(slow, None).figures}["blas.mlx_over_numpy"]
     assert fig.met is False and "reference" in fig.reason
     fast = {**slow, "mlx_gflops": [40.0], "ratios": [0.8], "active_blas": "openblas"}
@@ -369,11 +478,19 @@ def test_pytest_summary_reads_the_closing_line():
     assert tiers.pytest_summary("no summary") == ""
 
 
+def _recorded(seconds, status, model, recorded, source):
+    return {"seconds": seconds, "status": status, "model": model, "recorded": recorded, "source": source}
+
+
 def test_tiers_summary_budgets_failures_and_recorded_reports():
-    live = {"tier1": {"seconds": 3.0, "exit_code": 0, "summary": "13 passed"},
-            "make_test": {"seconds": 400.0, "exit_code": 1, "summary": "1 failed"}}  # fmt: skip
-    recorded = {"tier2": {"seconds": 421.0, "status": "passed", "model": "smollm2", "recorded": "2026-11-25", "source": "x"},
-                "tier3": {"seconds": 12.0, "status": "failed", "model": "tiny-llama", "recorded": "2026-11-25", "source": "y"}}  # fmt: skip
+    live = {
+        "tier1": {"seconds": 3.0, "exit_code": 0, "summary": "13 passed"},
+        "make_test": {"seconds": 400.0, "exit_code": 1, "summary": "1 failed"},
+    }
+    recorded = {
+        "tier2": _recorded(421.0, "passed", "smollm2", "2026-11-25", "x"),
+        "tier3": _recorded(12.0, "failed", "tiny-llama", "2026-11-25", "y"),
+    }
     figs = {f.key: f for f in tiers.summarize(live, recorded).figures}
     assert figs["tiers.tier1_s"].met is True
     assert figs["tiers.make_test_s"].met is False and "did not all pass" in figs["tiers.make_test_s"].reason
@@ -390,16 +507,18 @@ def test_recorded_tiers_prefer_a_passed_run_on_the_default_model(tmp_path):
         ("quick-e", "pipeline", "passed", "smollm2-135m", "2026-11-28"),  # not a tier run
     ):
         (tmp_path / name).mkdir()
-        (tmp_path / name / "report.json").write_text(json.dumps({"seconds": 1.0, "status": status, "model": model,
-                                                                 "finished_at": when, "tier": tier}))  # fmt: skip
+        report_json = {"seconds": 1.0, "status": status, "model": model, "finished_at": when, "tier": tier}
+        (tmp_path / name / "report.json").write_text(json.dumps(report_json))
     assert tiers.recorded_tier3(tmp_path)["source"].endswith("tier3-b/report.json")
     assert tiers.recorded_tier2(tmp_path)["source"].endswith("tier2-d/report.json")
     assert tiers.recorded_tier3(tmp_path / "none") is None
 
 
 def test_tier_runs_are_also_judged_against_the_speed_goals():
-    recorded = {"tier2": {"seconds": 71.0, "status": "passed", "model": "smollm2-135m", "recorded": "d", "source": "x"},
-                "tier3": {"seconds": 160.0, "status": "passed", "model": "smollm2-135m", "recorded": "d", "source": "y"}}  # fmt: skip
+    recorded = {
+        "tier2": _recorded(71.0, "passed", "smollm2-135m", "d", "x"),
+        "tier3": _recorded(160.0, "passed", "smollm2-135m", "d", "y"),
+    }
     figs = {f.key: f for f in tiers.summarize({}, recorded).figures}
     assert figs["tiers.tier2_speed_s"].met is True and figs["tiers.tier3_speed_s"].met is False
     assert figs["tiers.tier3_s"].met is True  # within the README's 15-minute budget all the same
@@ -412,8 +531,9 @@ def test_inference_summary_reports_skipped_engines():
             {"tps": 12.0, "tokens": 64, "prompt_tps": 90.0},
         ]
     }
-    s = inference.summarize("m", {"mlx": runs, "llamacpp": {"runs": [{"tps": 44.0, "tokens": 64, "prompt_tps": 80.0}]},
-                                  "ollama": {"skipped": "no ollama on PATH"}}, 64)  # fmt: skip
+    llamacpp = {"runs": [{"tps": 44.0, "tokens": 64, "prompt_tps": 80.0}]}
+    results = {"mlx": runs, "llamacpp": llamacpp, "ollama": {"skipped": "no ollama on PATH"}}
+    s = inference.summarize("m", results, 64)
     figs = {f.key: f for f in s.figures}
     assert figs["inference.mlx_tokens_per_s"].value == pytest.approx(11.0)
     assert figs["inference.mlx_over_llamacpp"].value == pytest.approx(0.25)
@@ -425,10 +545,24 @@ def test_inference_summary_reports_skipped_engines():
 # ---------------------------------------------------------------- report
 
 
-META = {"date": "2026-11-25T00:00:00+00:00", "mode": "full", "seconds": 600, "commit": "abc123",
-        "machine": {"cpu_model": "Test CPU", "cpu_count": 2, "memory_total_bytes": 24 * 1024**3, "platform": "Linux",
-                    "python": "3.11", "loadavg_start": "1.0", "loadavg_end": "2.0", "env": {"OPENBLAS_NUM_THREADS": "1"}},
-        "versions": {"mlx": "0.32.4", "torch": None}}  # fmt: skip
+MACHINE = {
+    "cpu_model": "Test CPU",
+    "cpu_count": 2,
+    "memory_total_bytes": 24 * 1024**3,
+    "platform": "Linux",
+    "python": "3.11",
+    "loadavg_start": "1.0",
+    "loadavg_end": "2.0",
+    "env": {"OPENBLAS_NUM_THREADS": "1"},
+}
+META = {
+    "date": "2026-11-25T00:00:00+00:00",
+    "mode": "full",
+    "seconds": 600,
+    "commit": "abc123",
+    "machine": MACHINE,
+    "versions": {"mlx": "0.32.4", "torch": None},
+}
 
 
 def _sections():
@@ -470,18 +604,24 @@ def test_bench_self_timing_judges_the_15_minute_budget():
 
 
 def test_step_gflop_counts_forward_everywhere_and_backward_through_adapted_blocks():
-    cfg = {"hidden_size": 4, "intermediate_size": 8, "num_attention_heads": 2, "num_key_value_heads": 1,
-           "vocab_size": 10, "num_hidden_layers": 3}  # fmt: skip
+    cfg = {
+        "hidden_size": 4,
+        "intermediate_size": 8,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "vocab_size": 10,
+        "num_hidden_layers": 3,
+    }
     block = 2 * 4 * 4 + 2 * 4 * 2 + 3 * 4 * 8  # q,o + k,v + gate,up,down
     tokens = 2 * 4  # batch 2, width 5 feeds 4 positions
     expected = 2 * tokens * (3 * block + 40) + 2 * tokens * (1 * block + 40)
-    assert training.step_gflop(cfg, 2, 5, 1) == pytest.approx(expected / 1e9)
+    assert training_runs.step_gflop(cfg, 2, 5, 1) == pytest.approx(expected / 1e9)
 
 
 def test_training_summary_explains_the_matmul_floor():
     data = {**DATA, "step_gflop": 100.0, "matmul_gflops": 50.0, "vocab_size": 49152}
     runs = [_run("finetune", 3.0), _run("finetune_off", 4.0), _run("mlx_lm", 4.0), _run("peft", 2.0)]
-    s = training.summarize([_settings()], runs, {"equal": data})
+    s = training_summary.summarize([_settings()], runs, {"equal": data})
     floor = next(n for n in s.notes if n.startswith("(equal) Matmul floor"))
     assert "2.00 s, 50% of FineTune's median step without shortcuts (4.00 s)" in floor
     assert "torch + peft takes 2.00 s" in _figs(s)["training.equal.finetune_over_peft"].reason

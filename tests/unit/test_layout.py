@@ -1,5 +1,6 @@
 """The package's shape: stage subpackages in data-flow order, no cycles, no upward imports, few floors,
-tests that mirror the source, short modules, and profiles shipped inside the package."""
+tests that mirror the source and short modules. bench/ is in the same graph, one layer above the package:
+it may import any finetune layer, finetune never imports it, and its own modules form no cycle either."""
 
 from __future__ import annotations
 
@@ -9,24 +10,46 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 PKG = ROOT / "finetune"
+BENCH = ROOT / "bench"
 # Lower layers first; a module may import its own layer or any earlier one, never a later one.
-ORDER = ["errors", "faults", "system", "config", "data", "models", "train", "gates", "export", "serve", "evaluate",
-         "report", "tiers", "cli"]  # fmt: skip
-MAX_FLOORS = 8
+ORDER = [
+    "errors",
+    "faults",
+    "system",
+    "config",
+    "data",
+    "models",
+    "train",
+    "gates",
+    "export",
+    "serve",
+    "evaluate",
+    "report",
+    "tiers",
+    "cli",
+    "bench",  # the benchmarks (bench/) stand on the whole package
+]
+MAX_FLOORS = 8  # import depth inside finetune/
+MAX_BENCH_FLOORS = MAX_FLOORS  # import depth inside bench/, the package counted as the ground it stands on
 MAX_LINES = 400
 
 
 def modules() -> dict[str, Path]:
+    """Every module of finetune/ and bench/ by dotted name."""
     out = {}
-    for path in sorted(PKG.rglob("*.py")):
+    for path in sorted([*PKG.rglob("*.py"), *BENCH.rglob("*.py")]):
         rel = path.relative_to(ROOT).with_suffix("")
         name = ".".join(rel.parts).removesuffix(".__init__")
         out[name] = path
     return out
 
 
+def package_modules() -> dict[str, Path]:
+    return {m: p for m, p in modules().items() if m.split(".")[0] == "finetune"}
+
+
 def imports(path: Path, mods: dict[str, Path]) -> set[str]:
-    """finetune modules imported anywhere in the file (function-level imports count: they are edges too)."""
+    """Modules of mods imported anywhere in the file (function-level imports count: they are edges too)."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         names = []
@@ -34,9 +57,7 @@ def imports(path: Path, mods: dict[str, Path]) -> set[str]:
             names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-        for n in names:
-            if n in mods and n.startswith("finetune"):
-                found.add(n)
+        found |= {n for n in names if n in mods}
     return found
 
 
@@ -45,14 +66,33 @@ def graph() -> dict[str, set[str]]:
     mods = modules()
     edges = {m: imports(p, mods) - {m} for m, p in mods.items()}
     # `import finetune` only preloads BLAS; a package's __init__ is an edge to the package, not its modules
-    return {
-        m: {d for d in deps if d != "finetune" and mods[d].name != "__init__.py"} for m, deps in edges.items()
-    }
+    return {m: {d for d in deps if mods[d].name != "__init__.py"} for m, deps in edges.items()}
 
 
 def layer(module: str) -> str:
-    parts = module.split(".")
-    return parts[1] if len(parts) > 1 else "__init__"
+    top, *rest = module.split(".")
+    if top == "bench":
+        return "bench"
+    return rest[0] if rest else "__init__"
+
+
+def floors(g: dict[str, set[str]]) -> dict[str, int]:
+    """Each module's import depth (1 = imports none of g's modules); fails naming the cycle if there is one."""
+    floor: dict[str, int] = {}
+    path: list[str] = []
+
+    def depth(m: str) -> int:
+        if m in floor:
+            return floor[m]
+        assert m not in path, "import cycle: " + " -> ".join([*path[path.index(m) :], m])
+        path.append(m)
+        floor[m] = 1 + max((depth(d) for d in g[m]), default=0)
+        path.pop()
+        return floor[m]
+
+    for m in g:
+        depth(m)
+    return floor
 
 
 def test_every_module_belongs_to_a_known_layer():
@@ -60,25 +100,43 @@ def test_every_module_belongs_to_a_known_layer():
 
 
 def test_no_import_points_to_a_later_stage():
-    upward = [(m, d) for m, deps in graph().items() for d in deps
-              if layer(m) in ORDER and ORDER.index(layer(d)) > ORDER.index(layer(m))]  # fmt: skip
+    def rank(module: str) -> int:
+        return ORDER.index(layer(module))
+
+    upward = [(m, d) for m, deps in graph().items() for d in deps if layer(m) in ORDER and rank(d) > rank(m)]
     assert upward == []
 
 
+def test_the_package_never_imports_bench():
+    users = {m for m, deps in graph().items() for d in deps if layer(d) == "bench" and layer(m) != "bench"}
+    assert users == set()
+
+
 def test_no_cycles_and_at_most_max_floors():
-    g, floor, visiting = graph(), {}, set()
+    g = graph()
+    floor = floors(g)  # over finetune/ and bench/ together: no cycle anywhere
+    package = {m: f for m, f in floor.items() if layer(m) != "bench"}
+    assert max(package.values()) <= MAX_FLOORS, sorted(package.items(), key=lambda kv: -kv[1])[:5]
+    # bench's floors: its own modules stacked on one another, whatever package depth they stand on
+    bench = floors(
+        {m: {d for d in deps if layer(d) == "bench"} for m, deps in g.items() if layer(m) == "bench"}
+    )
+    assert max(bench.values()) <= MAX_BENCH_FLOORS, sorted(bench.items(), key=lambda kv: -kv[1])[:5]
 
-    def depth(m: str) -> int:
-        if m in floor:
-            return floor[m]
-        assert m not in visiting, f"import cycle through {m}"
-        visiting.add(m)
-        floor[m] = 1 + max((depth(d) for d in g[m]), default=0)
-        visiting.discard(m)
-        return floor[m]
 
-    floors = {m: depth(m) for m in g}
-    assert max(floors.values()) <= MAX_FLOORS, sorted(floors.items(), key=lambda kv: -kv[1])[:5]
+def test_bench_imports_itself_at_module_level():
+    """bench modules import one another at the top of the file, where a reader looks for what a module stands
+    on; no function-level forwarder (the graph counts those edges too, so a cycle fails either way)."""
+    lazy = []
+    for name, path in modules().items():
+        if layer(name) != "bench":
+            continue
+        for fn in ast.walk(ast.parse(path.read_text())):
+            if isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef):
+                for node in ast.walk(fn):
+                    if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "bench":
+                        lazy.append(f"{name}.{fn.name}")
+    assert lazy == []
 
 
 def test_nothing_uses_the_cli_or_the_tiers_as_a_library():
@@ -91,14 +149,14 @@ def test_nothing_uses_the_cli_or_the_tiers_as_a_library():
     assert users == set()
 
 
-def test_modules_are_short():
+def test_modules_are_short():  # finetune/ and bench/
     long = {m: n for m, p in modules().items() if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert long == {}
 
 
 def test_tests_mirror_the_source():
     missing = []
-    for path in modules().values():
+    for path in package_modules().values():
         if path.name == "__init__.py":
             continue
         rel = path.relative_to(PKG)
