@@ -89,6 +89,37 @@ def fetch_converter(dest: Path | None = None, *, timeout: float = 300.0) -> Path
         return target
     dest.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
+    url = _pinned_url(timeout)
+    tmp = Path(tempfile.mkdtemp(prefix=".fetch-", dir=dest))
+    try:
+        archive = tmp / SDIST
+        _download(url, archive, timeout)
+        t_download = time.monotonic() - t0
+        tree = tmp / "tree"
+        n_files, n_bytes = _extract(archive, tree)
+        if (
+            not (tree / "convert_hf_to_gguf.py").is_file()
+            or not (tree / "conversion" / "__init__.py").is_file()
+        ):
+            raise FetchError(f"{SDIST}: no {PREFIX}convert_hf_to_gguf.py / conversion/ inside")
+        marker = {
+            "sdist": SDIST,
+            "url": url,
+            "sha256": SDIST_SHA256,
+            "files": n_files,
+            "bytes": n_bytes,
+            "download_s": round(t_download, 2),
+            "total_s": round(time.monotonic() - t0, 2),
+        }
+        (tree / MARKER).write_text(json.dumps(marker, indent=1))
+        _move_into_place(tree, target, dest)
+        return target
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _pinned_url(timeout: float) -> str:
+    """The sdist's URL, once PyPI's index confirms the pinned hash."""
     try:
         url, index_sha = _sdist_url(timeout)
     except OSError as exc:
@@ -98,67 +129,52 @@ def fetch_converter(dest: Path | None = None, *, timeout: float = 300.0) -> Path
         ) from exc
     if index_sha != SDIST_SHA256:
         raise FetchError(f"{SIMPLE_INDEX}: {SDIST} sha256 {index_sha} != pinned {SDIST_SHA256}")
-    tmp = Path(tempfile.mkdtemp(prefix=".fetch-", dir=dest))
+    return url
+
+
+def _download(url: str, archive: Path, timeout: float) -> None:
+    h = hashlib.sha256()
+    with urllib.request.urlopen(url, timeout=timeout) as resp, open(archive, "wb") as out:
+        while chunk := resp.read(1 << 20):
+            h.update(chunk)
+            out.write(chunk)
+    if h.hexdigest() != SDIST_SHA256:
+        raise FetchError(f"{url}: sha256 {h.hexdigest()} != {SDIST_SHA256} (corrupt or changed download)")
+
+
+def _extract(archive: Path, tree: Path) -> tuple[int, int]:
+    """Only the converter's members (see _wanted) into tree; returns (files, bytes) written."""
+    n_files = n_bytes = 0
+    with tarfile.open(archive, "r:gz") as tar:
+        for m in tar:
+            rel = _wanted(m.name)
+            if rel is None:
+                continue
+            out_path = tree / rel
+            if m.isdir():
+                out_path.mkdir(parents=True, exist_ok=True)
+            elif m.isfile():
+                out_path.parent.mkdir(parents=True, exist_ok=True)
+                src = tar.extractfile(m)
+                assert src is not None
+                with src, open(out_path, "wb") as f:
+                    shutil.copyfileobj(src, f)
+                os.chmod(out_path, 0o755 if m.mode & 0o111 else 0o644)
+                n_files += 1
+                n_bytes += m.size
+            # symlinks and other members are skipped: the converter tree has none
+    return n_files, n_bytes
+
+
+def _move_into_place(tree: Path, target: Path, dest: Path) -> None:
     try:
-        archive = tmp / SDIST
-        h = hashlib.sha256()
-        with urllib.request.urlopen(url, timeout=timeout) as resp, open(archive, "wb") as out:
-            while chunk := resp.read(1 << 20):
-                h.update(chunk)
-                out.write(chunk)
-        if h.hexdigest() != SDIST_SHA256:
-            raise FetchError(f"{url}: sha256 {h.hexdigest()} != {SDIST_SHA256} (corrupt or changed download)")
-        t_download = time.monotonic() - t0
-        tree = tmp / "tree"
-        n_files = n_bytes = 0
-        with tarfile.open(archive, "r:gz") as tar:
-            for m in tar:
-                rel = _wanted(m.name)
-                if rel is None:
-                    continue
-                out_path = tree / rel
-                if m.isdir():
-                    out_path.mkdir(parents=True, exist_ok=True)
-                elif m.isfile():
-                    out_path.parent.mkdir(parents=True, exist_ok=True)
-                    src = tar.extractfile(m)
-                    assert src is not None
-                    with src, open(out_path, "wb") as f:
-                        shutil.copyfileobj(src, f)
-                    os.chmod(out_path, 0o755 if m.mode & 0o111 else 0o644)
-                    n_files += 1
-                    n_bytes += m.size
-                # symlinks and other members are skipped: the converter tree has none
-        if (
-            not (tree / "convert_hf_to_gguf.py").is_file()
-            or not (tree / "conversion" / "__init__.py").is_file()
-        ):
-            raise FetchError(f"{SDIST}: no {PREFIX}convert_hf_to_gguf.py / conversion/ inside")
-        (tree / MARKER).write_text(
-            json.dumps(
-                {
-                    "sdist": SDIST,
-                    "url": url,
-                    "sha256": SDIST_SHA256,
-                    "files": n_files,
-                    "bytes": n_bytes,
-                    "download_s": round(t_download, 2),
-                    "total_s": round(time.monotonic() - t0, 2),
-                },
-                indent=1,
-            )
-        )
-        try:
+        os.rename(tree, target)
+    except OSError:
+        if not (target / MARKER).is_file():  # lost a race to a finished copy: fine; otherwise a stale dir
+            stale = dest / f".stale-{os.getpid()}-{time.time_ns()}"
+            os.rename(target, stale)
+            shutil.rmtree(stale, ignore_errors=True)
             os.rename(tree, target)
-        except OSError:
-            if not (target / MARKER).is_file():  # lost a race to a finished copy: fine; otherwise a stale dir
-                stale = dest / f".stale-{os.getpid()}-{time.time_ns()}"
-                os.rename(target, stale)
-                shutil.rmtree(stale, ignore_errors=True)
-                os.rename(tree, target)
-        return target
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def main() -> int:

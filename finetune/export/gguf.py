@@ -150,41 +150,13 @@ def convert_hf_to_gguf(
     if not (hf_dir / "config.json").is_file():
         raise GGUFExportError(f"{hf_dir}: not an HF model folder (no config.json)")
     tree = tree or fetch_converter()
-    script = tree / "convert_hf_to_gguf.py"
     out_path.parent.mkdir(parents=True, exist_ok=True)
-
-    with tempfile.TemporaryDirectory(
-        prefix=f".{out_path.name}.convert-", suffix=".tmp", dir=out_path.parent
-    ) as tmp:
+    tmp_prefix = f".{out_path.name}.convert-"
+    with tempfile.TemporaryDirectory(prefix=tmp_prefix, suffix=".tmp", dir=out_path.parent) as tmp:
         src = _overlay(hf_dir, Path(tmp), fix_gpt2_n_ctx=fix_gpt2_n_ctx, gpt2_output=gpt2_output)
         tmp_out = Path(tmp) / "out.gguf"
-        env = {k: v for k, v in os.environ.items() if k != "NO_LOCAL_GGUF"}
-        env.update(
-            PYTHONPATH=os.pathsep.join([str(tree / "gguf-py"), str(tree)]),
-            OMP_NUM_THREADS="1",
-            MKL_NUM_THREADS="1",
-            OPENBLAS_NUM_THREADS="1",
-            HF_HUB_OFFLINE="1",
-            TRANSFORMERS_OFFLINE="1",
-            TOKENIZERS_PARALLELISM="false",
-        )
-        cmd = [
-            sys.executable,
-            str(script),
-            str(src),
-            "--outfile",
-            str(tmp_out),
-            "--outtype",
-            outtype,
-            *(extra_args or []),
-        ]
-        try:
-            proc = run_guarded(cmd, timeout=timeout, env=env, cwd=tmp, name="convert_hf_to_gguf")
-        except subprocess.TimeoutExpired as exc:
-            raise GGUFExportError(
-                f"convert_hf_to_gguf {hf_dir}: timed out after {timeout:.0f} s"
-                f"{_reason(exc.stderr or '', exc.stdout or '')}"
-            ) from None
+        args = [str(src), "--outfile", str(tmp_out), "--outtype", outtype, *(extra_args or [])]
+        proc = _run_converter(tree, args, tmp, timeout, hf_dir)
         if proc.returncode != 0 or not tmp_out.is_file():
             raise GGUFExportError(
                 f"convert_hf_to_gguf {hf_dir} -> {outtype}: exit code {proc.returncode}"
@@ -192,3 +164,27 @@ def convert_hf_to_gguf(
             )
         os.replace(tmp_out, out_path)
     return faults.point("gguf_pretokenizer_mislabelled", out_path, rewrite_string)
+
+
+def _run_converter(
+    tree: Path, args: list[str], cwd: str, timeout: float, hf_dir: Path
+) -> subprocess.CompletedProcess:
+    """llama.cpp's converter in a child: its own gguf-py first on the path, one BLAS thread, offline."""
+    env = {k: v for k, v in os.environ.items() if k != "NO_LOCAL_GGUF"}
+    env.update(
+        PYTHONPATH=os.pathsep.join([str(tree / "gguf-py"), str(tree)]),
+        OMP_NUM_THREADS="1",
+        MKL_NUM_THREADS="1",
+        OPENBLAS_NUM_THREADS="1",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
+    cmd = [sys.executable, str(tree / "convert_hf_to_gguf.py"), *args]
+    try:
+        return run_guarded(cmd, timeout=timeout, env=env, cwd=cwd, name="convert_hf_to_gguf")
+    except subprocess.TimeoutExpired as exc:
+        raise GGUFExportError(
+            f"convert_hf_to_gguf {hf_dir}: timed out after {timeout:.0f} s"
+            f"{_reason(exc.stderr or '', exc.stdout or '')}"
+        ) from None

@@ -73,57 +73,74 @@ def _read_header(
     if buf[:4] != b"GGUF":
         raise GGUFReadError(f"{path}: not a GGUF file (magic {buf[:4]!r})")
     version, n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
-    pos = 24
-
-    def string() -> str:
-        nonlocal pos
-        (n,) = struct.unpack_from("<Q", buf, pos)
-        pos += 8 + n
-        return buf[pos - n : pos].decode("utf-8", errors="replace")
-
-    def value(vtype: Any) -> Any:
-        nonlocal pos
-        if vtype == _VT.STRING:
-            return string()
-        fmt = _SCALARS[vtype]
-        (v,) = struct.unpack_from(fmt, buf, pos)
-        pos += struct.calcsize(fmt)
-        return v
-
-    fields: dict[str, tuple[Any, Any]] = {}
+    cur = _Cursor(buf, 24)
     try:
-        for _ in range(n_kv):
-            key = string()
-            (vt,) = struct.unpack_from("<I", buf, pos)
-            pos += 4
-            if _VT(vt) != _VT.ARRAY:
-                start = pos
-                fields[key] = (_VT(vt), value(_VT(vt)))
-                if spans is not None and _VT(vt) == _VT.STRING:
-                    spans[key] = (start, pos)
-                continue
-            sub, count = struct.unpack_from("<IQ", buf, pos)
-            pos += 12
-            if _VT(sub) in (_VT.STRING, _VT.ARRAY):
-                items = [value(_VT(sub)) for _ in range(count)]
-            else:
-                dtype = np.dtype(_SCALARS[_VT(sub)])
-                items = np.frombuffer(buf, dtype=dtype, count=count, offset=pos).tolist()
-                pos += dtype.itemsize * count
-            fields[key] = (_VT(sub), items)
-        tensors = []
-        for _ in range(n_tensors):
-            name = string()
-            (n_dims,) = struct.unpack_from("<I", buf, pos)
-            dims = struct.unpack_from(f"<{n_dims}Q", buf, pos + 4)
-            (qtype,) = struct.unpack_from("<I", buf, pos + 4 + 8 * n_dims)
-            pos += 4 + 8 * n_dims + 4 + 8
-            tensors.append(GGUFTensor(name, tuple(int(d) for d in dims), QT(qtype).name))
+        fields = _read_fields(cur, n_kv, spans)
+        tensors = [_read_tensor(cur) for _ in range(n_tensors)]
         if spans is not None:
-            spans[""] = (pos, pos)
+            spans[""] = (cur.pos, cur.pos)
     except (struct.error, ValueError, IndexError) as exc:
         raise GGUFReadError(f"{path}: truncated or corrupt GGUF v{version} header ({exc})") from exc
     return fields, tensors
+
+
+class _Cursor:
+    """Little-endian GGUF values read one after another from a buffer."""
+
+    def __init__(self, buf: bytes, pos: int):
+        self.buf, self.pos = buf, pos
+
+    def unpack(self, fmt: str) -> tuple:
+        out = struct.unpack_from(fmt, self.buf, self.pos)
+        self.pos += struct.calcsize(fmt)
+        return out
+
+    def string(self) -> str:
+        (n,) = self.unpack("<Q")
+        self.pos += n
+        return self.buf[self.pos - n : self.pos].decode("utf-8", errors="replace")
+
+    def value(self, vtype: Any) -> Any:
+        if vtype == _VT.STRING:
+            return self.string()
+        (v,) = self.unpack(_SCALARS[vtype])
+        return v
+
+    def array(self, vtype: Any, count: int) -> list:
+        if vtype in (_VT.STRING, _VT.ARRAY):
+            return [self.value(vtype) for _ in range(count)]
+        dtype = np.dtype(_SCALARS[vtype])  # numbers in one go: a vocabulary has tens of thousands
+        items = np.frombuffer(self.buf, dtype=dtype, count=count, offset=self.pos).tolist()
+        self.pos += dtype.itemsize * count
+        return items
+
+
+def _read_fields(
+    cur: _Cursor, n_kv: int, spans: dict[str, tuple[int, int]] | None
+) -> dict[str, tuple[Any, Any]]:
+    """key -> (value type, value); an array's type is its elements' type."""
+    fields: dict[str, tuple[Any, Any]] = {}
+    for _ in range(n_kv):
+        key = cur.string()
+        (vt,) = cur.unpack("<I")
+        if _VT(vt) != _VT.ARRAY:
+            start = cur.pos
+            fields[key] = (_VT(vt), cur.value(_VT(vt)))
+            if spans is not None and _VT(vt) == _VT.STRING:
+                spans[key] = (start, cur.pos)
+            continue
+        sub, count = cur.unpack("<IQ")
+        fields[key] = (_VT(sub), cur.array(_VT(sub), count))
+    return fields
+
+
+def _read_tensor(cur: _Cursor) -> GGUFTensor:
+    name = cur.string()
+    (n_dims,) = cur.unpack("<I")
+    dims = cur.unpack(f"<{n_dims}Q")
+    (qtype,) = cur.unpack("<I")
+    cur.pos += 8  # the data offset: not needed to describe the tensor
+    return GGUFTensor(name, tuple(int(d) for d in dims), QT(qtype).name)
 
 
 def inspect_gguf(path: str | Path) -> GGUFInfo:
@@ -184,6 +201,10 @@ def expected_tokenizer_model(hf_dir: Path) -> str | None:
     return "gpt2" if model.get("type") == "BPE" else None
 
 
+# GGUF size key -> the HF config keys that may hold the same number (Llama style, GPT-2 style)
+_SIZE_KEYS = {"block_count": ("num_hidden_layers", "n_layer"), "embedding_length": ("hidden_size", "n_embd")}
+
+
 def check_gguf(path: str | Path, hf_dir: str | Path) -> list[str]:
     """What would make llama.cpp refuse the file or read it unlike the HF folder (empty list = ok).
 
@@ -197,8 +218,7 @@ def check_gguf(path: str | Path, hf_dir: str | Path) -> list[str]:
     problems: list[str] = []
     if not arch:
         return [f"{name}: no general.architecture"]
-    for key, hf_keys in (("block_count", ("num_hidden_layers", "n_layer")),
-                         ("embedding_length", ("hidden_size", "n_embd"))):  # fmt: skip
+    for key, hf_keys in _SIZE_KEYS.items():
         want, got = _config_value(cfg, *hf_keys), meta.get(f"{arch}.{key}")
         if want is not None and got != want:
             problems.append(f"{name}: {arch}.{key} is {got}, HF config says {want}")

@@ -31,17 +31,16 @@ def same_layout(base: Path, fused: Path) -> list[str]:
     a, b = tensor_shapes(base), tensor_shapes(fused)
     # a quantized base (packed weights + scales/biases) fuses to full precision: compare names, not packing
     packed = {k.removesuffix(".scales") for k in a if k.endswith(".scales")}
-    a = {
-        k: v
-        for k, v in a.items()
-        if not (k.endswith((".scales", ".biases")) and k.rsplit(".", 1)[0] in packed)
-    }
-    problems = [f"{k} missing" for k in sorted(set(a) - set(b))] + [
-        f"{k} extra" for k in sorted(set(b) - set(a))
+    quantization = {k for k in a if k.endswith((".scales", ".biases")) and k.rsplit(".", 1)[0] in packed}
+    a = {k: v for k, v in a.items() if k not in quantization}
+    missing = [f"{k} missing" for k in sorted(set(a) - set(b))]
+    extra = [f"{k} extra" for k in sorted(set(b) - set(a))]
+    reshaped = [
+        f"{k}: {a[k]} in the base, {b[k]} fused"
+        for k in sorted(set(a) & set(b))
+        if a[k] != b[k] and k.removesuffix(".weight") not in packed
     ]
-    problems += [f"{k}: {a[k]} in the base, {b[k]} fused" for k in sorted(set(a) & set(b))
-                 if a[k] != b[k] and k.removesuffix(".weight") not in packed]  # fmt: skip
-    return problems
+    return missing + extra + reshaped
 
 
 def to_base_layout(fused: Path, base: Path) -> bool:
@@ -69,8 +68,8 @@ def to_base_layout(fused: Path, base: Path) -> bool:
     }
     staging = fused / ".layout"
     staging.mkdir(exist_ok=True)
-    mx.save_safetensors(str(staging / "model.safetensors"), {k: mx.contiguous(v) for k, v in out.items()},
-                        metadata={"format": "pt"})  # fmt: skip
+    arrays = {k: mx.contiguous(v) for k, v in out.items()}
+    mx.save_safetensors(str(staging / "model.safetensors"), arrays, metadata={"format": "pt"})
     for file in files:
         file.unlink()
     (fused / "model.safetensors.index.json").unlink(missing_ok=True)
