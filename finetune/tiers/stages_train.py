@@ -1,22 +1,15 @@
-"""The stages up to a judged adapter: model -> data -> estimate -> train -> judge.
+"""The stages up to a trained adapter: model -> data -> estimate -> train (the judge: finetune.tiers.judge).
 
-`finetune run` is exactly these; tier 3 adds the shipping stages (finetune.tiers.stages_ship).
+`finetune run` is these and the judge; `finetune pipeline` adds the shipping stages (finetune.tiers.stages_ship).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
-import time
 from pathlib import Path
-from typing import Any
 
 from finetune import faults
-from finetune.gates import data as data_gates
-from finetune.gates import training as gates
-from finetune.gates.registry import TRAINING_GATES, explain
-from finetune.gates.verdict import Verdict, skipped
 from finetune.report.artifacts import artifact
 from finetune.system.atomic import atomic_dir, atomic_write_json, atomic_write_text
 from finetune.system.hashing import dir_manifest, file_sha256, json_sha256
@@ -26,7 +19,7 @@ from finetune.tiers.runner import code_version
 from finetune.train.batches import TOKENS
 from finetune.train.checkpoints import ADAPTER_DIR, BEST_DIR, CHECKPOINTS, INIT_DIR, latest_checkpoint
 from finetune.train.engine import RESULT
-from finetune.train.metrics import METRICS, read_metrics, train_losses
+from finetune.train.metrics import METRICS
 
 TRAIN_KEY = ".train-key"  # which inputs the checkpoints on disk belong to
 PROBES = "probes"  # finetune.evaluate.probes.PROBES (imported lazily: the CLI starts fast)
@@ -162,111 +155,9 @@ def stage_train(ctx: Ctx) -> StageResult:
     )
 
 
-# ---------------------------------------------------------------- judge (the training gates)
-
-
-def stage_judge(ctx: Ctx) -> StageResult:
-    """Measure from what the run saved and judge; every gate the tier requires gets a verdict."""
-    from finetune.data.templates import get_template
-    from finetune.evaluate import probes
-
-    cfg, g, run_dir = ctx.cfg, ctx.cfg.gates, ctx.run_dir
-    base = Path(ctx.outputs["model"]["path"])
-    verdicts: list[Verdict] = []
-    for name in ctx.required_gates:
-        if name in g.skip and name in TRAINING_GATES:
-            verdicts.append(skipped(name, f"skipped by gates.skip ({name})"))
-    wanted = {n for n in TRAINING_GATES if ctx.wants(n)}
-
-    if "loss_convergence" in wanted:
-        losses = train_losses(read_metrics(run_dir / METRICS))
-        window = min(g.loss_window, max(1, len(losses) // 2))
-        v = gates.loss_convergence(losses, drop=g.loss_drop, window=window, max_initial=g.max_initial_loss,
-                                   max_final=g.max_final_loss)  # fmt: skip
-        verdicts.append(explain(v, run_dir / METRICS))
-
-    seconds: dict[str, float] = {}  # where the judge's time goes (the two measurements dominate)
-
-    @contextlib.contextmanager
-    def timed(what: str):
-        tic = time.perf_counter()
-        try:
-            yield
-        finally:
-            seconds[what] = round(time.perf_counter() - tic, 2)
-
-    tokenizer = ctx.deps.load_tokenizer(base)
-    stops = get_template(cfg.data.template, tokenizer=tokenizer).stop_strings
-    learning, load_problem = None, None
-    if wanted & {"model_learning", "artifacts"}:
-        try:
-            with timed("learning"):
-                learning = ctx.deps.measure_learning(run_dir, base, cfg, stops)
-        except Exception as exc:  # the saved adapter does not load: that is the finding
-            load_problem = f"base + saved adapter does not load: {type(exc).__name__}: {str(exc)[:300]}"
-    if "model_learning" in wanted:
-        if learning is None:
-            v = gates.model_learning(
-                [], [], [], loss_before=0, loss_after=0, threshold=g.learning_improvement
-            )
-            v.detail = load_problem or v.detail
-        else:
-            v = gates.model_learning(learning.before, learning.after, learning.references, loss_before=learning.loss_before,
-                                     loss_after=learning.loss_after, threshold=g.learning_improvement)  # fmt: skip
-        verdicts.append(explain(v, run_dir / ADAPTER_DIR))
-    if "artifacts" in wanted:
-        problems = probes.artifact_problems(run_dir) + ([load_problem] if load_problem else [])
-        v = gates.artifacts(problems, learning.after if learning else None, probes.in_memory_answers(run_dir))
-        verdicts.append(explain(v, run_dir / ADAPTER_DIR))
-    if "parameter_updates" in wanted:
-        try:
-            init, final = (
-                probes.adapter_tensors(run_dir / INIT_DIR),
-                probes.adapter_tensors(run_dir / ADAPTER_DIR),
-            )
-        except Exception as exc:
-            init, final = {}, {}
-            load_problem = f"{type(exc).__name__}: {exc}"
-        steps = (
-            json.loads((run_dir / RESULT).read_text()).get("steps", 0) if (run_dir / RESULT).is_file() else 0
-        )
-        v = gates.parameter_updates(init, final, steps=steps, base_recorded=ctx.outputs["model"]["base_files"],
-                                    base_now=probes.base_file_digests(base), fine_tune_type=cfg.training.fine_tune_type,
-                                    threshold=g.lora_params_changed)  # fmt: skip
-        if not init and load_problem:
-            v.detail = f"{load_problem}; {v.detail}"
-        verdicts.append(explain(v, run_dir / ADAPTER_DIR))
-    if "label_mask" in wanted:
-        try:
-            rows = ctx.deps.masked_rows(run_dir, tokenizer, cfg.data.max_seq_length)
-            v = data_gates.label_mask(
-                rows, mask_prompt=cfg.data.mask_prompt, end_markers=[*stops, tokenizer.eos_token or ""]
-            )
-        except (OSError, ValueError, KeyError) as exc:
-            v = data_gates.label_mask([], mask_prompt=cfg.data.mask_prompt)
-            v.detail = f"cannot read the recorded training rows: {exc}"
-        verdicts.append(explain(v, run_dir / TOKENS))
-    if "memory_efficiency" in wanted:
-        with timed("memory"):
-            m = ctx.deps.measure_memory(run_dir, base, ctx.outputs["model"]["config"], cfg,
-                                        available=ctx.deps.available_memory())  # fmt: skip
-        v = gates.memory_efficiency(m.lora_peak, m.full_peak, saving=g.memory_saving, source=m.source)
-        v.detail += f" ({m.detail})"
-        verdicts.append(explain(v))
-    failed = [v.name for v in verdicts if v.status == "failed"]
-    details = {"failed": failed, "judged": [v.name for v in verdicts], "seconds": seconds}
-    return StageResult({"verdicts": [v.name for v in verdicts]}, verdicts=verdicts, details=details)
-
-
-def judge_inputs(ctx: Ctx) -> dict[str, Any]:
-    return {**ctx.section("gates"), "gates_wanted": sorted(n for n in ctx.required_gates if ctx.wants(n)),
-            **ctx.upstream("model", "data", "train")}  # fmt: skip
-
-
 TRAIN_STAGES = (
     Stage("model", stage_model, lambda ctx: {"model": ctx.cfg.model.name}),
     Stage("data", stage_data, lambda ctx: {**ctx.section("data"), **ctx.upstream("model")}),
     Stage("estimate", stage_estimate, lambda ctx: {**ctx.section("data", "lora", "training"), **ctx.upstream("model")}),
     Stage("train", stage_train, lambda ctx: {**ctx.section("data", "lora", "training"), **ctx.upstream("model", "data")}),
 )  # fmt: skip
-JUDGE = Stage("judge", stage_judge, judge_inputs)

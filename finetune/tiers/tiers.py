@@ -31,11 +31,12 @@ from finetune.system import procs, signals
 from finetune.system.atomic import remove_stale_temporaries
 from finetune.system.lock import run_dir_lock
 from finetune.tiers.context import Ctx, Deps, Stage
+from finetune.tiers.judge import JUDGE
 from finetune.tiers.ollama_session import OllamaSession
 from finetune.tiers.rundir import resume_command
 from finetune.tiers.runner import code_version, record_path, run_stages
 from finetune.tiers.stages_ship import SHIP_STAGES
-from finetune.tiers.stages_train import JUDGE, TRAIN_STAGES
+from finetune.tiers.stages_train import TRAIN_STAGES
 
 
 @dataclass(frozen=True)

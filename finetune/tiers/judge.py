@@ -1,0 +1,187 @@
+"""The judge stage: measure what the run saved on disk, one small function per training gate.
+
+Each function reads the artifacts its gate is about and returns that gate's verdict with the bytes it judged
+(explain). What several gates share is measured once: the learning probe (base + SAVED adapter answering the
+training questions) serves model_learning and artifacts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from finetune.gates import data as data_gates
+from finetune.gates import training as gates
+from finetune.gates.registry import explain
+from finetune.gates.verdict import Verdict, skipped
+from finetune.tiers.context import Ctx, Stage, StageResult
+from finetune.train.batches import TOKENS
+from finetune.train.checkpoints import ADAPTER_DIR, INIT_DIR
+from finetune.train.engine import RESULT
+from finetune.train.metrics import METRICS, read_metrics, train_losses
+
+
+@dataclass
+class Judging:
+    """What the judges of one run share: the run, its base model, its tokenizer and stop strings, timings."""
+
+    ctx: Ctx
+    base: Path
+    tokenizer: Any
+    stops: list[str]
+    seconds: dict[str, float] = field(default_factory=dict)  # where the judge's time goes
+    learning: Any = None
+    load_problem: str | None = None
+
+    @contextlib.contextmanager
+    def timed(self, what: str) -> Iterator[None]:
+        tic = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[what] = round(time.perf_counter() - tic, 2)
+
+    def measure_learning(self) -> None:
+        run_dir, cfg = self.ctx.run_dir, self.ctx.cfg
+        try:
+            with self.timed("learning"):
+                self.learning = self.ctx.deps.measure_learning(run_dir, self.base, cfg, self.stops)
+        except Exception as exc:  # the saved adapter does not load: that is the finding
+            self.load_problem = f"base + saved adapter does not load: {type(exc).__name__}: {str(exc)[:300]}"
+
+
+def judge_loss(j: Judging) -> Verdict:
+    g, path = j.ctx.cfg.gates, j.ctx.run_dir / METRICS
+    losses = train_losses(read_metrics(path))
+    window = min(g.loss_window, max(1, len(losses) // 2))
+    v = gates.loss_convergence(
+        losses, drop=g.loss_drop, window=window, max_initial=g.max_initial_loss, max_final=g.max_final_loss
+    )
+    return explain(v, path)
+
+
+def judge_learning(j: Judging) -> Verdict:
+    threshold, m = j.ctx.cfg.gates.learning_improvement, j.learning
+    if m is None:
+        v = gates.model_learning([], [], [], loss_before=0, loss_after=0, threshold=threshold)
+        v.detail = j.load_problem or v.detail
+    else:
+        v = gates.model_learning(
+            m.before,
+            m.after,
+            m.references,
+            loss_before=m.loss_before,
+            loss_after=m.loss_after,
+            threshold=threshold,
+        )
+    return explain(v, j.ctx.run_dir / ADAPTER_DIR)
+
+
+def judge_artifacts(j: Judging) -> Verdict:
+    from finetune.evaluate import probes
+
+    run_dir = j.ctx.run_dir
+    problems = probes.artifact_problems(run_dir) + ([j.load_problem] if j.load_problem else [])
+    answers = j.learning.after if j.learning else None
+    return explain(
+        gates.artifacts(problems, answers, probes.in_memory_answers(run_dir)), run_dir / ADAPTER_DIR
+    )
+
+
+def judge_parameters(j: Judging) -> Verdict:
+    from finetune.evaluate import probes
+
+    ctx, run_dir = j.ctx, j.ctx.run_dir
+    problem = None
+    try:
+        init, final = (
+            probes.adapter_tensors(run_dir / INIT_DIR),
+            probes.adapter_tensors(run_dir / ADAPTER_DIR),
+        )
+    except Exception as exc:
+        init, final, problem = {}, {}, f"{type(exc).__name__}: {exc}"
+    steps = json.loads((run_dir / RESULT).read_text()).get("steps", 0) if (run_dir / RESULT).is_file() else 0
+    v = gates.parameter_updates(
+        init,
+        final,
+        steps=steps,
+        base_recorded=ctx.outputs["model"]["base_files"],
+        base_now=probes.base_file_digests(j.base),
+        fine_tune_type=ctx.cfg.training.fine_tune_type,
+        threshold=ctx.cfg.gates.lora_params_changed,
+    )
+    if not init and (problem or j.load_problem):
+        v.detail = f"{problem or j.load_problem}; {v.detail}"
+    return explain(v, run_dir / ADAPTER_DIR)
+
+
+def judge_label_mask(j: Judging) -> Verdict:
+    cfg = j.ctx.cfg
+    try:
+        rows = j.ctx.deps.masked_rows(j.ctx.run_dir, j.tokenizer, cfg.data.max_seq_length)
+        ends = [*j.stops, j.tokenizer.eos_token or ""]
+        v = data_gates.label_mask(rows, mask_prompt=cfg.data.mask_prompt, end_markers=ends)
+    except (OSError, ValueError, KeyError) as exc:
+        v = data_gates.label_mask([], mask_prompt=cfg.data.mask_prompt)
+        v.detail = f"cannot read the recorded training rows: {exc}"
+    return explain(v, j.ctx.run_dir / TOKENS)
+
+
+def judge_memory(j: Judging) -> Verdict:
+    ctx = j.ctx
+    with j.timed("memory"):
+        m = ctx.deps.measure_memory(
+            ctx.run_dir,
+            j.base,
+            ctx.outputs["model"]["config"],
+            ctx.cfg,
+            available=ctx.deps.available_memory(),
+        )
+    v = gates.memory_efficiency(m.lora_peak, m.full_peak, saving=ctx.cfg.gates.memory_saving, source=m.source)
+    v.detail += f" ({m.detail})"
+    return explain(v)
+
+
+# One judge per training gate, in the order they run (the memory measurement, the slowest, last).
+JUDGES: dict[str, Callable[[Judging], Verdict]] = {
+    "loss_convergence": judge_loss,
+    "model_learning": judge_learning,
+    "artifacts": judge_artifacts,
+    "parameter_updates": judge_parameters,
+    "label_mask": judge_label_mask,
+    "memory_efficiency": judge_memory,
+}
+
+
+def stage_judge(ctx: Ctx) -> StageResult:
+    """Measure from what the run saved and judge; every gate the command requires gets a verdict."""
+    from finetune.data.templates import get_template
+
+    base = Path(ctx.outputs["model"]["path"])
+    tokenizer = ctx.deps.load_tokenizer(base)
+    stops = get_template(ctx.cfg.data.template, tokenizer=tokenizer).stop_strings
+    j = Judging(ctx, base, tokenizer, stops)
+    skip = ctx.cfg.gates.skip
+    verdicts = [
+        skipped(n, f"skipped by gates.skip ({n})") for n in ctx.required_gates if n in skip and n in JUDGES
+    ]
+    wanted = [n for n in JUDGES if ctx.wants(n)]
+    if {"model_learning", "artifacts"} & set(wanted):
+        j.measure_learning()
+    verdicts += [JUDGES[name](j) for name in wanted]
+    failed = [v.name for v in verdicts if v.status == "failed"]
+    details = {"failed": failed, "judged": [v.name for v in verdicts], "seconds": j.seconds}
+    return StageResult({"verdicts": [v.name for v in verdicts]}, verdicts=verdicts, details=details)
+
+
+def judge_inputs(ctx: Ctx) -> dict[str, Any]:
+    wanted = sorted(n for n in ctx.required_gates if ctx.wants(n))
+    return {**ctx.section("gates"), "gates_wanted": wanted, **ctx.upstream("model", "data", "train")}
+
+
+JUDGE = Stage("judge", stage_judge, judge_inputs)
