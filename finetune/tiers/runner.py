@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -38,8 +39,12 @@ def code_version() -> str:
 
 
 def stage_digest(ctx: Ctx, stage: Stage) -> tuple[str, dict[str, Any]]:
-    inputs = {**stage.inputs(ctx), **stage_keys.key_parts(ctx, stage.name), "code": code_version(),
-              "faults": faults.injected_at(stage.name)}  # fmt: skip
+    inputs = {
+        **stage.inputs(ctx),
+        **stage_keys.key_parts(ctx, stage.name),
+        "code": code_version(),
+        "faults": faults.injected_at(stage.name),
+    }
     return json_sha256(inputs), inputs
 
 
@@ -69,13 +74,14 @@ def _cached(
     return record, None
 
 
+@dataclass
 class StageOutcome:
-    def __init__(self, report: StageReport, bad_input: bool = False):
-        self.report, self.bad_input = report, bad_input
+    report: StageReport
+    bad_input: bool = False
 
 
 def run_stage(ctx: Ctx, stage: Stage) -> StageOutcome:
-    tic = time.perf_counter()
+    """Replay the stage from its record when its inputs and artifacts are unchanged, else run it and record it."""
     name = stage.name
     try:
         digest, inputs = stage_digest(ctx, stage)
@@ -89,59 +95,93 @@ def run_stage(ctx: Ctx, stage: Stage) -> StageOutcome:
     if why:
         ctx.log(f"[{name}] {why}")
     if record is not None:
-        ctx.outputs[name] = record["outputs"]
-        ctx.artifacts[name] = {a["name"]: a["sha256"] for a in record.get("artifacts", [])}
-        ctx.verdicts += [Verdict.from_dict(v) for v in record.get("verdicts", [])]
-        ctx.log(f"[{name}] up to date (inputs {digest[:12]}): not rerun")
-        return StageOutcome(StageReport(
-            name=name, status="passed", reason=f"cached: inputs unchanged since {record.get('finished_at')}",
-            cached=True, required=stage.required, seconds=0, digest=digest,
-            artifacts=[Artifact.model_validate(a) for a in record.get("artifacts", [])],
-            details=record.get("details", {})))  # fmt: skip
+        return _replay(ctx, stage, record, digest)
+    return _execute(ctx, stage, digest, inputs)
+
+
+def _replay(ctx: Ctx, stage: Stage, record: dict[str, Any], digest: str) -> StageOutcome:
+    name, artifacts = stage.name, record.get("artifacts", [])
+    ctx.outputs[name] = record["outputs"]
+    ctx.artifacts[name] = {a["name"]: a["sha256"] for a in artifacts}
+    ctx.verdicts += [Verdict.from_dict(v) for v in record.get("verdicts", [])]
+    ctx.log(f"[{name}] up to date (inputs {digest[:12]}): not rerun")
+    report = StageReport(
+        name=name,
+        status="passed",
+        reason=f"cached: inputs unchanged since {record.get('finished_at')}",
+        cached=True,
+        required=stage.required,
+        seconds=0,
+        digest=digest,
+        artifacts=[Artifact.model_validate(a) for a in artifacts],
+        details=record.get("details", {}),
+    )
+    return StageOutcome(report)
+
+
+def _execute(ctx: Ctx, stage: Stage, digest: str, inputs: dict[str, Any]) -> StageOutcome:
+    name, tic = stage.name, time.perf_counter()
     usual = ctx.expected.get(name)
     ctx.log(f"[{name}] ..." + (f" (usually ~{usual:.0f} s)" if usual else ""))
     record_path(ctx.run_dir, name).unlink(missing_ok=True)  # a half-finished stage must not look done
+    beat = heartbeat(name, ctx.log, usual, ctx.heartbeat_s) if ctx.heartbeat_s else contextlib.nullcontext()
     try:
-        with (
-            heartbeat(name, ctx.log, usual, ctx.heartbeat_s) if ctx.heartbeat_s else contextlib.nullcontext()
-        ):
+        with beat:
             result: StageResult = stage.run(ctx)
     except (signals.Interrupted, KeyboardInterrupt):
         raise
     except Exception as exc:
         seconds = round(time.perf_counter() - tic, 3)
-        details = exc.details if isinstance(exc, StageError) else {}
         reason = str(exc) if isinstance(exc, StageError) else f"{type(exc).__name__}: {exc}"
         ctx.log(f"[{name}] FAILED after {seconds:.1f} s: {reason}")
-        return StageOutcome(
-            StageReport(
-                name=name,
-                status="failed",
-                reason=reason,
-                seconds=seconds,
-                digest=digest,
-                details=details,
-                required=stage.required,
-            ),  # fmt: skip
-            bad_input=isinstance(exc, UserError),
+        details = exc.details if isinstance(exc, StageError) else {}
+        report = StageReport(
+            name=name,
+            status="failed",
+            reason=reason,
+            seconds=seconds,
+            digest=digest,
+            details=details,
+            required=stage.required,
         )
+        return StageOutcome(report, bad_input=isinstance(exc, UserError))
     seconds = round(time.perf_counter() - tic, 3)
     ctx.outputs[name] = result.outputs
     ctx.artifacts[name] = {a.name: a.sha256 for a in result.artifacts}
     ctx.verdicts += result.verdicts
     if result.status == "passed" and result.cache:
-        atomic_write_json(record_path(ctx.run_dir, name), {
-            "name": name, "digest": digest, "inputs": inputs, "outputs": result.outputs,
-            "artifacts": [a.model_dump() for a in result.artifacts], "details": result.details,
-            "files": {a.name: dir_manifest(a.path) for a in result.artifacts if a.kind == "dir"},
-            "verdicts": [v.to_dict() for v in result.verdicts], "seconds": seconds,
-            "finished_at": datetime.now(UTC).isoformat(timespec="seconds")})  # fmt: skip
+        _record(ctx, name, digest, inputs, result, seconds)
     for v in result.verdicts:
         ctx.log(f"  {v}")
     ctx.log(f"[{name}] {result.status} in {seconds:.1f} s" + (f": {result.reason}" if result.reason else ""))
-    return StageOutcome(StageReport(
-        name=name, status=result.status, reason=result.reason, seconds=seconds, digest=digest,
-        artifacts=result.artifacts, details=result.details, required=stage.required))  # fmt: skip
+    report = StageReport(
+        name=name,
+        status=result.status,
+        reason=result.reason,
+        seconds=seconds,
+        digest=digest,
+        artifacts=result.artifacts,
+        details=result.details,
+        required=stage.required,
+    )
+    return StageOutcome(report)
+
+
+def _record(ctx: Ctx, name: str, digest: str, inputs: dict, result: StageResult, seconds: float) -> None:
+    """What a later run replays: inputs digest, outputs, artifacts (with per-file digests), verdicts."""
+    record = {
+        "name": name,
+        "digest": digest,
+        "inputs": inputs,
+        "outputs": result.outputs,
+        "artifacts": [a.model_dump() for a in result.artifacts],
+        "details": result.details,
+        "files": {a.name: dir_manifest(a.path) for a in result.artifacts if a.kind == "dir"},
+        "verdicts": [v.to_dict() for v in result.verdicts],
+        "seconds": seconds,
+        "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    atomic_write_json(record_path(ctx.run_dir, name), record)
 
 
 def run_stages(
@@ -152,21 +192,22 @@ def run_stages(
     bad_input, failed = False, None
     for stage in stages:
         if failed is not None:
-            reports.append(StageReport(name=stage.name, status="skipped", reason=f"{failed} failed", seconds=0,
-                                       required=stage.required))  # fmt: skip
+            reports.append(_not_run(stage, f"{failed} failed"))
             continue
         try:
             outcome = run_stage(ctx, stage)
         except (signals.Interrupted, KeyboardInterrupt) as exc:
             stop = signals.as_interrupted(exc)
-            done = {r.name for r in reports}
-            reports.append(StageReport(name=stage.name, status="failed", reason=f"interrupted by {stop.name}",
-                                       seconds=0, required=stage.required))  # fmt: skip
-            reports += [StageReport(name=s.name, status="skipped", reason="interrupted", seconds=0,
-                                    required=s.required) for s in stages if s.name not in done | {stage.name}]  # fmt: skip
+            done = {r.name for r in reports} | {stage.name}
+            reports.append(_not_run(stage, f"interrupted by {stop.name}", status="failed"))
+            reports += [_not_run(s, "interrupted") for s in stages if s.name not in done]
             return reports, bad_input, stop
         reports.append(outcome.report)
         bad_input = bad_input or outcome.bad_input
         if outcome.report.status == "failed":
             failed = stage.name
     return reports, bad_input, None
+
+
+def _not_run(stage: Stage, reason: str, status: str = "skipped") -> StageReport:
+    return StageReport(name=stage.name, status=status, reason=reason, seconds=0, required=stage.required)
