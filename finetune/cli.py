@@ -36,8 +36,13 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir with its own config")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress lines while a long stage runs")
-    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
-                   help="change an allowed key of an existing run (training.iters, cadences, gates.*); recorded")  # fmt: skip
+    p.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="change an allowed key of an existing run (training.iters, cadences, gates.*); recorded",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -176,8 +181,16 @@ def _tier(args, deps, out) -> int:
         from finetune.evaluate.evaluation import EvalSettings
 
         settings = EvalSettings()
-    result = run_tier(TIERS[args.command], cfg, run_dir, deps, log=_printer(out), settings=settings,
-                      command=args.command, heartbeat_s=0 if args.quiet else 15.0)  # fmt: skip
+    result = run_tier(
+        TIERS[args.command],
+        cfg,
+        run_dir,
+        deps,
+        log=_printer(out),
+        settings=settings,
+        command=args.command,
+        heartbeat_s=0 if args.quiet else 15.0,
+    )
     print_result(result, out)
     return result.exit_code
 

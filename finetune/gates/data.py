@@ -42,8 +42,10 @@ def label_mask(rows: Sequence[MaskedRow], *, mask_prompt: bool, end_markers: Seq
                 bad.append(f"row {r.row}: {r.n_masked}/{r.n_tokens} tokens trained, expected all")
             continue
         if len(r.runs) != len(r.answers) and not (r.truncated and len(r.runs) < len(r.answers)):
-            bad.append(f"row {r.row}: {len(r.runs)} trained spans for {len(r.answers)} answers "
-                       f"(first: {r.runs[0][:40] if r.runs else ''!r})")  # fmt: skip
+            bad.append(
+                f"row {r.row}: {len(r.runs)} trained spans for {len(r.answers)} answers "
+                f"(first: {r.runs[0][:40] if r.runs else ''!r})"
+            )
             continue
         for run, answer in zip(r.runs, r.answers, strict=False):
             if not _covers(run, answer, r.truncated, [m.strip() for m in end_markers]):

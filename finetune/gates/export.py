@@ -29,16 +29,20 @@ def fuse_exactness(m: FuseMeasurement, *, max_rel: float) -> Verdict:
     worst_name, worst = max(m.adapted.items(), key=lambda kv: kv[1], default=("-", 0.0))
     if worst > max_rel:
         bad = sorted(k for k, v in m.adapted.items() if v > max_rel)
-        problems.append(f"{len(bad)} adapted weights are not base + delta (worst {worst_name}: relative error "
-                        f"{worst:.3g} > {max_rel:g})")  # fmt: skip
+        problems.append(
+            f"{len(bad)} adapted weights are not base + delta (worst {worst_name}: relative error "
+            f"{worst:.3g} > {max_rel:g})"
+        )
     if m.untouched_changed:
         problems.append(
             f"{len(m.untouched_changed)} untouched tensors changed (e.g. {m.untouched_changed[0]})"
         )
     if m.missing:
         problems.append(f"tensor sets differ: {m.missing[:3]}")
-    detail = (f"{len(m.adapted)} adapted weights within relative error {worst:.2g} of base + delta; "
-              f"{m.untouched_total - len(m.untouched_changed)}/{m.untouched_total} other tensors bitwise equal")  # fmt: skip
+    detail = (
+        f"{len(m.adapted)} adapted weights within relative error {worst:.2g} of base + delta; "
+        f"{m.untouched_total - len(m.untouched_changed)}/{m.untouched_total} other tensors bitwise equal"
+    )
     if problems:
         detail += ": " + "; ".join(problems)
     data: Mapping = {

@@ -226,10 +226,15 @@ def judge_runtimes(m: RuntimeMeasurements, g: Any) -> list[Verdict]:
     ]
     train = [i for i, p in enumerate(m.prompts) if p.kind == "train"]
     if "mlx_base" in m.answers:
-        verdicts.append(adapter_effect([m.answers["mlx_base"][i] for i in train],
-                                       {k: [v[i] for i in train] for k, v in tuned.items()},
-                                       [m.prompts[i].reference for i in train],
-                                       min_changed=g.adapter_min_changed, min_score=g.adapter_min_score))  # fmt: skip
+        verdicts.append(
+            adapter_effect(
+                [m.answers["mlx_base"][i] for i in train],
+                {k: [v[i] for i in train] for k, v in tuned.items()},
+                [m.prompts[i].reference for i in train],
+                min_changed=g.adapter_min_changed,
+                min_score=g.adapter_min_score,
+            )
+        )
     else:
         verdicts.append(
             verdict(
@@ -254,7 +259,11 @@ def judge_runtimes(m: RuntimeMeasurements, g: Any) -> list[Verdict]:
     if m.logprob_error or m.logprob_candidate is None:
         result: Any = RuntimeError(m.logprob_error or "no llama.cpp logprobs")
     else:
-        result = logprob_parity(np.asarray(m.logprob_reference), m.logprob_candidate, max_abs=max_abs,
-                                tie_margin=max_abs * TIE_SHARE)  # fmt: skip
+        result = logprob_parity(
+            np.asarray(m.logprob_reference),
+            m.logprob_candidate,
+            max_abs=max_abs,
+            tie_margin=max_abs * TIE_SHARE,
+        )
     verdicts.append(logprob_gate(result, gguf_type=m.gguf_type, max_abs=max_abs))
     return verdicts

@@ -10,8 +10,9 @@ from finetune.gates.scoring import answer_score
 from finetune.gates.verdict import Verdict, verdict
 
 
-def served_answers(served: Sequence[Answer], reference: Sequence[Answer], references: Sequence[str], *,
-                   threshold: float) -> Verdict:  # fmt: skip
+def served_answers(
+    served: Sequence[Answer], reference: Sequence[Answer], references: Sequence[str], *, threshold: float
+) -> Verdict:
     """On training questions (answers known) Ollama gives MLX + adapter's greedy answers, and right ones."""
     name = "served_answers"
     if not served or len(served) != len(reference) or len(reference) != len(references):
@@ -40,15 +41,22 @@ def served_answers(served: Sequence[Answer], reference: Sequence[Answer], refere
     )
 
 
-def served_template(shown_template: str, shown_stops: Sequence[str], expected_template: str,
-                    expected_stops: Sequence[str], prompt_tokens: Mapping[str, Sequence[int | None]]) -> Verdict:  # fmt: skip
+def served_template(
+    shown_template: str,
+    shown_stops: Sequence[str],
+    expected_template: str,
+    expected_stops: Sequence[str],
+    prompt_tokens: Mapping[str, Sequence[int | None]],
+) -> Verdict:
     """What Ollama serves renders prompts as training did: its TEMPLATE and stop strings are the ones the
     training template needs, and the prompts it evaluated have the training render's token counts."""
     name = "served_template"
     problems = []
     if shown_template != expected_template:
-        problems.append(f"served TEMPLATE differs from the {len(expected_template)}-char template training needs "
-                        f"(served starts {shown_template[:60]!r})")  # fmt: skip
+        problems.append(
+            f"served TEMPLATE differs from the {len(expected_template)}-char template training needs "
+            f"(served starts {shown_template[:60]!r})"
+        )
     missing = [s for s in expected_stops if s not in shown_stops]
     if missing:
         problems.append(f"served stop strings {list(shown_stops)} lack {missing}")
@@ -56,8 +64,10 @@ def served_template(shown_template: str, shown_stops: Sequence[str], expected_te
     pairs = [(s, e) for s, e in zip(served, expected, strict=False) if s is not None and e is not None]
     off = [(s, e) for s, e in pairs if s != e]
     if off:
-        problems.append(f"{len(off)}/{len(pairs)} served prompts have another token count than training's "
-                        f"(e.g. {off[0][0]} vs {off[0][1]})")  # fmt: skip
+        problems.append(
+            f"{len(off)}/{len(pairs)} served prompts have another token count than training's "
+            f"(e.g. {off[0][0]} vs {off[0][1]})"
+        )
     detail = f"template and stop strings as training needs; {len(pairs) - len(off)}/{len(pairs)} prompt token counts equal"
     if problems:
         detail = "; ".join(problems)
@@ -73,5 +83,11 @@ def served_api(checks: Sequence[Any]) -> Verdict:
     detail = f"{len(checks) - len(bad)}/{len(checks)} API checks passed"
     if bad:
         detail += ": " + "; ".join(f"{c.name}: {c.detail}" for c in bad)
-    return verdict(name, not bad, (len(checks) - len(bad)) / len(checks), 1.0, detail,
-                   {"checks": [{"name": c.name, "passed": c.passed, "detail": c.detail} for c in checks]})  # fmt: skip
+    return verdict(
+        name,
+        not bad,
+        (len(checks) - len(bad)) / len(checks),
+        1.0,
+        detail,
+        {"checks": [{"name": c.name, "passed": c.passed, "detail": c.detail} for c in checks]},
+    )

@@ -82,8 +82,14 @@ def model_learning(
         {"reference": r, "before": b, "after": a, "before_score": sb, "after_score": sa}
         for (sb, sa), b, a, r in zip(scores, before, after, references, strict=True)
     ]
-    return verdict(name, ok_share and ok_loss, share, threshold, detail,
-                   {"cases": cases, "loss_before": loss_before, "loss_after": loss_after})  # fmt: skip
+    return verdict(
+        name,
+        ok_share and ok_loss,
+        share,
+        threshold,
+        detail,
+        {"cases": cases, "loss_before": loss_before, "loss_after": loss_after},
+    )
 
 
 # ---------------------------------------------------------------- memory efficiency

@@ -39,8 +39,14 @@ class Verdict:
         return f"[{MARK[self.status]}] {self.name}: {self.detail}"
 
 
-def verdict(name: str, ok: bool, measured: float | None, threshold: float | None, detail: str,
-            data: dict[str, Any] | None = None) -> Verdict:  # fmt: skip
+def verdict(
+    name: str,
+    ok: bool,
+    measured: float | None,
+    threshold: float | None,
+    detail: str,
+    data: dict[str, Any] | None = None,
+) -> Verdict:
     return Verdict(name, "passed" if ok else "failed", measured, threshold, detail, data=dict(data or {}))
 
 

@@ -22,11 +22,26 @@ BATCHES = (4, 2, 1)
 SIZING_SEQ_LEN = 128  # the tiers' rows are <= ~70 tokens; max_seq_length bounds them
 # The shapes of the packaged real models (their config.json), so choosing needs no model build.
 SHAPES = {
-    SMOLLM2: ModelShape(hidden_size=576, num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64,
-                        intermediate_size=1536, vocab_size=49152),
-    GEMMA3: ModelShape(hidden_size=640, num_layers=18, num_heads=4, num_kv_heads=1, head_dim=256,
-                       intermediate_size=2048, vocab_size=262144, model_type="gemma3_text"),
-}  # fmt: skip
+    SMOLLM2: ModelShape(
+        hidden_size=576,
+        num_layers=30,
+        num_heads=9,
+        num_kv_heads=3,
+        head_dim=64,
+        intermediate_size=1536,
+        vocab_size=49152,
+    ),
+    GEMMA3: ModelShape(
+        hidden_size=640,
+        num_layers=18,
+        num_heads=4,
+        num_kv_heads=1,
+        head_dim=256,
+        intermediate_size=2048,
+        vocab_size=262144,
+        model_type="gemma3_text",
+    ),
+}
 PREFERENCE = (SMOLLM2, GEMMA3)
 
 
@@ -62,8 +77,15 @@ def choose_for_memory(
         for batch in BATCHES:
             need = need_bytes(shape, batch)
             if available_bytes >= need:
-                return Choice(spec, batch, f"{have:.1f} GiB available >= {need / GIB:.1f} GiB estimated for "
-                                           f"{spec} batch {batch}")  # fmt: skip
+                return Choice(
+                    spec,
+                    batch,
+                    f"{have:.1f} GiB available >= {need / GIB:.1f} GiB estimated for {spec} batch {batch}",
+                )
     smallest = min(need_bytes(shape, 1) for shape in shapes.values())
-    return Choice(None, 0, f"only {have:.2f} GiB available; {model or 'the smallest packaged model'} needs "
-                           f">= {smallest / GIB:.1f} GiB (estimated): skipping")  # fmt: skip
+    return Choice(
+        None,
+        0,
+        f"only {have:.2f} GiB available; {model or 'the smallest packaged model'} needs "
+        f">= {smallest / GIB:.1f} GiB (estimated): skipping",
+    )

@@ -21,8 +21,15 @@ CONFIG_NAME = "config.yaml"
 OVERRIDES = "overrides.jsonl"
 # Keys that do not change what a resumed run has trained so far (a constant schedule's length, cadences,
 # thresholds): the same run may continue with new values.
-OVERRIDABLE = ("training.iters", "training.eval_every", "training.save_every", "training.early_stopping_patience",
-               "training.val_batches", "gates.", "deploy.model_name")  # fmt: skip
+OVERRIDABLE = (
+    "training.iters",
+    "training.eval_every",
+    "training.save_every",
+    "training.early_stopping_patience",
+    "training.val_batches",
+    "gates.",
+    "deploy.model_name",
+)
 
 
 def new_run_dir(cfg: RunConfig, base: Path | None = None) -> Path:
@@ -65,8 +72,10 @@ def apply_overrides(
                 f"existing run: {', '.join(OVERRIDABLE)}. Start a new --run-dir instead"
             )
         if key == "training.iters" and cfg.training.lr_schedule != "constant":
-            raise ConfigError(f"--override {assignment}: the {cfg.training.lr_schedule} schedule depends on "
-                              "training.iters, so a resumed run would not equal one trained that long")  # fmt: skip
+            raise ConfigError(
+                f"--override {assignment}: the {cfg.training.lr_schedule} schedule depends on "
+                "training.iters, so a resumed run would not equal one trained that long"
+            )
         node = data
         for k in keys[:-1]:
             if not isinstance(node.get(k), dict):
@@ -82,8 +91,9 @@ def apply_overrides(
     return new, changes
 
 
-def own_config(run_dir: Path, requested: RunConfig | None, overrides: Sequence[str] = (), *,
-               command: str = "run") -> RunConfig:  # fmt: skip
+def own_config(
+    run_dir: Path, requested: RunConfig | None, overrides: Sequence[str] = (), *, command: str = "run"
+) -> RunConfig:
     """The run's config: RUN/config.yaml if it exists (checked against `requested`), else `requested`, saved."""
     path = Path(run_dir) / CONFIG_NAME
     if not path.is_file():

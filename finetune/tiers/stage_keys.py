@@ -32,8 +32,10 @@ def key_parts(ctx: Ctx, stage: str) -> dict[str, Any]:
 
 
 def tools(ctx: Ctx, stage: str) -> dict[str, str | None]:
-    return {name: _ollama_version(ctx) if name == OLLAMA else ctx.deps.tool_version(name)
-            for name in TOOLS.get(stage, ())}  # fmt: skip
+    return {
+        name: _ollama_version(ctx) if name == OLLAMA else ctx.deps.tool_version(name)
+        for name in TOOLS.get(stage, ())
+    }
 
 
 def _ollama_version(ctx: Ctx) -> str | None:

@@ -81,8 +81,14 @@ def stage_ollama(ctx: Ctx) -> StageResult:
     template, stops, system = served_chat(ctx.cfg.data.template, ctx.cfg.deploy, tokenizer)
     written_template = faults.point("modelfile_wrong_template", template, chat_format)
     written_stops = faults.point("modelfile_no_stop", stops)
-    text = render_modelfile(gguf, template=written_template, stop=written_stops, parameters=ctx.cfg.deploy.parameters,
-                            system=system, relative_to=ctx.session.folder)  # fmt: skip
+    text = render_modelfile(
+        gguf,
+        template=written_template,
+        stop=written_stops,
+        parameters=ctx.cfg.deploy.parameters,
+        system=system,
+        relative_to=ctx.session.folder,
+    )
     try:
         server = ctx.session.start(location.binary)
     except Exception as exc:  # Ollama cannot run here: the run is degraded, loudly in the report
@@ -92,9 +98,13 @@ def stage_ollama(ctx: Ctx) -> StageResult:
         )
     result = ctx.deps.deploy(server, name, gguf, text, ctx.session.folder)
     ctx.session.models.add(name)
-    details: dict[str, Any] = {"binary": str(location.binary), "version": getattr(server, "version", None),
-                               "model": name, "modelfile": str(result.modelfile_path),
-                               "deploy_checks": [_check(c) for c in result.checks]}  # fmt: skip
+    details: dict[str, Any] = {
+        "binary": str(location.binary),
+        "version": getattr(server, "version", None),
+        "model": name,
+        "modelfile": str(result.modelfile_path),
+        "deploy_checks": [_check(c) for c in result.checks],
+    }
     fatal = [
         c.name for c in result.checks if not c.passed and c.name in ("modelfile", "create", "show", "listed")
     ]
@@ -113,9 +123,16 @@ def stage_ollama(ctx: Ctx) -> StageResult:
     details["served_checks"] = [_check(c) for c in checks]
     verdicts = [explain(served.served_api(checks))] if ctx.wants("served_api") else []
     modelfile = Path(result.modelfile_path)
-    outputs = {"deployed": True, "binary": str(location.binary), "model": name, "modelfile": str(modelfile),
-               "shown_template": shown_template, "shown_stops": shown_parameters(params_text).get("stop", []),
-               "expected_template": template, "expected_stops": list(stops)}  # fmt: skip
+    outputs = {
+        "deployed": True,
+        "binary": str(location.binary),
+        "model": name,
+        "modelfile": str(modelfile),
+        "shown_template": shown_template,
+        "shown_stops": shown_parameters(params_text).get("stop", []),
+        "expected_template": template,
+        "expected_stops": list(stops),
+    }
     return StageResult(outputs, [artifact("modelfile", modelfile)], details, verdicts)
 
 
@@ -140,50 +157,82 @@ def stage_evaluate(ctx: Ctx) -> StageResult:
 
     tokenizer = ctx.deps.load_tokenizer(Path(ctx.outputs["model"]["path"]))
     inputs = EvalInputs(
-        base_dir=Path(ctx.outputs["model"]["path"]), adapter_dir=Path(ctx.outputs["train"]["adapter_dir"]),
-        fused_dir=Path(ctx.outputs["fuse"]["fused_dir"]), gguf=Path(ctx.outputs["gguf"]["gguf"]),
-        gguf_type=ctx.outputs["gguf"]["outtype"], data_dir=Path(ctx.outputs["data"]["data_dir"]),
-        template=ctx.cfg.data.template, stops=get_template(ctx.cfg.data.template, tokenizer=tokenizer).stop_strings,
-        settings=ctx.settings, llamacpp_reason=ctx.deps.llamacpp_reason(), ollama=ollama,
+        base_dir=Path(ctx.outputs["model"]["path"]),
+        adapter_dir=Path(ctx.outputs["train"]["adapter_dir"]),
+        fused_dir=Path(ctx.outputs["fuse"]["fused_dir"]),
+        gguf=Path(ctx.outputs["gguf"]["gguf"]),
+        gguf_type=ctx.outputs["gguf"]["outtype"],
+        data_dir=Path(ctx.outputs["data"]["data_dir"]),
+        template=ctx.cfg.data.template,
+        stops=get_template(ctx.cfg.data.template, tokenizer=tokenizer).stop_strings,
+        settings=ctx.settings,
+        llamacpp_reason=ctx.deps.llamacpp_reason(),
+        ollama=ollama,
         ollama_reason=ollama_out.get("reason", "the model is not deployed to Ollama"),
-    )  # fmt: skip
+    )
     m = ctx.deps.evaluate(inputs, ctx.log)
-    verdicts = [explain(v, inputs.gguf if v.name in ("gguf_tokenizer", "logprob_parity") else None)
-                for v in judge_runtimes(m, ctx.cfg.gates) if ctx.wants(v.name)]  # fmt: skip
+    verdicts = [
+        explain(v, inputs.gguf if v.name in ("gguf_tokenizer", "logprob_parity") else None)
+        for v in judge_runtimes(m, ctx.cfg.gates)
+        if ctx.wants(v.name)
+    ]
     if "ollama" in m.answers:
         train = [i for i, p in enumerate(m.prompts) if p.kind == "train"]
         if ctx.wants("served_answers") and "mlx_adapter" in m.answers:
-            v = served.served_answers([m.answers["ollama"][i] for i in train], [m.answers["mlx_adapter"][i] for i in train],
-                                      [m.prompts[i].reference for i in train], threshold=ctx.cfg.gates.text_agreement)  # fmt: skip
+            v = served.served_answers(
+                [m.answers["ollama"][i] for i in train],
+                [m.answers["mlx_adapter"][i] for i in train],
+                [m.prompts[i].reference for i in train],
+                threshold=ctx.cfg.gates.text_agreement,
+            )
             verdicts.append(explain(v))
         if ctx.wants("served_template"):
-            counts = {"served": [a.prompt_tokens for a in m.answers["ollama"]],
-                      "expected": [len(prompt_ids(tokenizer, p.prompt)) for p in m.prompts]}  # fmt: skip
-            v = served.served_template(ollama_out["shown_template"], ollama_out["shown_stops"],
-                                       ollama_out["expected_template"], ollama_out["expected_stops"], counts)  # fmt: skip
+            counts = {
+                "served": [a.prompt_tokens for a in m.answers["ollama"]],
+                "expected": [len(prompt_ids(tokenizer, p.prompt)) for p in m.prompts],
+            }
+            v = served.served_template(
+                ollama_out["shown_template"],
+                ollama_out["shown_stops"],
+                ollama_out["expected_template"],
+                ollama_out["expected_stops"],
+                counts,
+            )
             verdicts.append(explain(v, Path(ollama_out["modelfile"])))
-    results = {"prompts": [p.__dict__ | {"messages": list(p.messages)} for p in m.prompts],
-               "answers": {k: [a.to_dict() for a in v] for k, v in m.answers.items()}, "runtimes": m.runtimes,
-               "scores": score_runtimes(m.prompts, m.answers)}  # fmt: skip
+    results = {
+        "prompts": [p.__dict__ | {"messages": list(p.messages)} for p in m.prompts],
+        "answers": {k: [a.to_dict() for a in v] for k, v in m.answers.items()},
+        "runtimes": m.runtimes,
+        "scores": score_runtimes(m.prompts, m.answers),
+    }
     path = ctx.run_dir / "eval" / "results.json"
     atomic_write_json(path, results)
     details = {"runtimes": m.runtimes, "scores": results["scores"]}
     # a runtime that crashed (e.g. its server died) fails its gates now, but is asked again on the next run
     crashed = any(r.get("status") == "failed" for r in m.runtimes.values())
-    return StageResult({"scores": results["scores"]}, [artifact("eval_results", path)], details, verdicts,
-                       cache=not crashed)  # fmt: skip
+    return StageResult(
+        {"scores": results["scores"]}, [artifact("eval_results", path)], details, verdicts, cache=not crashed
+    )
 
 
 def evaluate_inputs(ctx: Ctx) -> dict[str, Any]:
-    return {"settings": ctx.settings.to_dict() if ctx.settings else None, **ctx.section("data", "deploy", "gates"),
-            "ollama_deployed": bool(ctx.outputs.get("ollama", {}).get("deployed")),
-            "llamacpp": ctx.deps.llamacpp_reason(), **ctx.upstream("model", "data", "train", "fuse", "gguf", "ollama")}  # fmt: skip
+    return {
+        "settings": ctx.settings.to_dict() if ctx.settings else None,
+        **ctx.section("data", "deploy", "gates"),
+        "ollama_deployed": bool(ctx.outputs.get("ollama", {}).get("deployed")),
+        "llamacpp": ctx.deps.llamacpp_reason(),
+        **ctx.upstream("model", "data", "train", "fuse", "gguf", "ollama"),
+    }
 
 
 SHIP_STAGES = (
-    Stage("fuse", stage_fuse, lambda ctx: {"dtype": FUSE_DTYPE, **ctx.section("gates"), **ctx.upstream("model", "train")}),
+    Stage(
+        "fuse",
+        stage_fuse,
+        lambda ctx: {"dtype": FUSE_DTYPE, **ctx.section("gates"), **ctx.upstream("model", "train")},
+    ),
     Stage("gguf", stage_gguf, lambda ctx: {**ctx.section("export"), **ctx.upstream("fuse")}),
     # the binary by its version (stage_keys), not its path
     Stage("ollama", stage_ollama, lambda ctx: {**ctx.section("deploy", "data"), **ctx.upstream("gguf")}),
     Stage("evaluate", stage_evaluate, evaluate_inputs),
-)  # fmt: skip
+)

@@ -27,8 +27,14 @@ TRAIN_KEPT = ".train-kept.json"  # digests of what a finished training leaves fo
 TRAIN_OUTPUTS = (CHECKPOINTS, ADAPTER_DIR, BEST_DIR, INIT_DIR, METRICS, RESULT, TOKENS, PROBES, TRAIN_KEPT)
 REMADE = (ADAPTER_DIR, RESULT, PROBES, TRAIN_KEPT)  # written at the end of every training, a resumed one too
 # Everything the judge reads, so a change to any of them is seen before a verdict is replayed.
-TRAIN_ARTIFACTS = (("adapter", ADAPTER_DIR), ("metrics", METRICS), ("adapter_init", INIT_DIR),
-                   ("train_tokens", TOKENS), ("train_result", RESULT), ("probes", PROBES))  # fmt: skip
+TRAIN_ARTIFACTS = (
+    ("adapter", ADAPTER_DIR),
+    ("metrics", METRICS),
+    ("adapter_init", INIT_DIR),
+    ("train_tokens", TOKENS),
+    ("train_result", RESULT),
+    ("probes", PROBES),
+)
 # Cadence keys: changing them (--override) continues the same training instead of restarting it.
 CADENCE = ("iters", "eval_every", "save_every", "early_stopping_patience", "val_batches")
 
@@ -41,8 +47,14 @@ def stage_model(ctx: Ctx) -> StageResult:
 
     m = ctx.deps.resolve_model(ctx.cfg.model.name)
     terms = m.license
-    outputs = {"name": m.name, "path": str(m.path), "source": m.source, "config": m.config,
-               "base_files": base_file_digests(Path(m.path)), "license": terms}  # fmt: skip
+    outputs = {
+        "name": m.name,
+        "path": str(m.path),
+        "source": m.source,
+        "config": m.config,
+        "base_files": base_file_digests(Path(m.path)),
+        "license": terms,
+    }
     details = {"source": m.source, "path": str(m.path), **({"license": terms} if terms else {})}
     return StageResult(outputs, [artifact("base_model", m.path)], details)
 
@@ -52,8 +64,11 @@ def stage_data(ctx: Ctx) -> StageResult:
     data_dir = ctx.run_dir / "data"
     with atomic_dir(data_dir) as tmp:  # a config change must not leave another run's files behind
         report = ctx.deps.prepare_data(ctx.cfg.data, tmp, tokenizer)
-    counts = {n: sum(1 for line in (data_dir / f"{n}.jsonl").read_text().splitlines() if line.strip())
-              for n in ("train", "valid", "test") if (data_dir / f"{n}.jsonl").is_file()}  # fmt: skip
+    counts = {
+        n: sum(1 for line in (data_dir / f"{n}.jsonl").read_text().splitlines() if line.strip())
+        for n in ("train", "valid", "test")
+        if (data_dir / f"{n}.jsonl").is_file()
+    }
     if not counts.get("train"):
         raise StageError(f"{data_dir / 'train.jsonl'}: no training rows")
     details = {"counts": counts, "report": report.to_dict() if hasattr(report, "to_dict") else report}
@@ -142,8 +157,19 @@ def stage_train(ctx: Ctx) -> StageResult:
     result = ctx.deps.train(
         ctx.cfg, model_path, data_dir, run_dir, resume=resume, on_trained=hook, log=ctx.log
     )
-    keep = ("steps", "start_step", "stopped_early", "final_train_loss", "initial_val_loss", "best_val_loss",
-            "wall_time_s", "peak_memory_bytes", "trainable_params", "total_params", "extra")  # fmt: skip
+    keep = (
+        "steps",
+        "start_step",
+        "stopped_early",
+        "final_train_loss",
+        "initial_val_loss",
+        "best_val_loss",
+        "wall_time_s",
+        "peak_memory_bytes",
+        "trainable_params",
+        "total_params",
+        "extra",
+    )
     summary = result.to_dict() if hasattr(result, "to_dict") else {}
     details = {"resumed": resume, **{k: summary[k] for k in keep if k in summary}}
     if not (run_dir / ADAPTER_DIR).is_dir():
@@ -158,6 +184,14 @@ def stage_train(ctx: Ctx) -> StageResult:
 TRAIN_STAGES = (
     Stage("model", stage_model, lambda ctx: {"model": ctx.cfg.model.name}),
     Stage("data", stage_data, lambda ctx: {**ctx.section("data"), **ctx.upstream("model")}),
-    Stage("estimate", stage_estimate, lambda ctx: {**ctx.section("data", "lora", "training"), **ctx.upstream("model")}),
-    Stage("train", stage_train, lambda ctx: {**ctx.section("data", "lora", "training"), **ctx.upstream("model", "data")}),
-)  # fmt: skip
+    Stage(
+        "estimate",
+        stage_estimate,
+        lambda ctx: {**ctx.section("data", "lora", "training"), **ctx.upstream("model")},
+    ),
+    Stage(
+        "train",
+        stage_train,
+        lambda ctx: {**ctx.section("data", "lora", "training"), **ctx.upstream("model", "data")},
+    ),
+)

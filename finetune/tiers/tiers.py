@@ -72,9 +72,18 @@ class TierResult:
     exit_code: int
 
 
-def run_tier(tier: Tier, cfg: RunConfig, run_dir: Path, deps: Deps, *, log: Callable[[str], None] = print,
-             settings: Any = None, force: Sequence[str] = (), command: str | None = None,
-             heartbeat_s: float = 15.0) -> TierResult:  # fmt: skip
+def run_tier(
+    tier: Tier,
+    cfg: RunConfig,
+    run_dir: Path,
+    deps: Deps,
+    *,
+    log: Callable[[str], None] = print,
+    settings: Any = None,
+    force: Sequence[str] = (),
+    command: str | None = None,
+    heartbeat_s: float = 15.0,
+) -> TierResult:
     """Run a tier in run_dir (which must already own cfg as its config.yaml) and write report.json."""
     run_dir = Path(run_dir).absolute()
     command = command or tier.name
@@ -92,8 +101,18 @@ def run_tier(tier: Tier, cfg: RunConfig, run_dir: Path, deps: Deps, *, log: Call
         started, tic = datetime.now(UTC), time.perf_counter()
         with contextlib.ExitStack() as stack:
             session = OllamaSession(deps, run_dir / "ollama", stack)
-            ctx = Ctx(cfg, run_dir, deps, log, tier.name, tier.required_gates, settings=settings, session=session,
-                      expected=_usual_seconds(tier, cfg), heartbeat_s=heartbeat_s)  # fmt: skip
+            ctx = Ctx(
+                cfg,
+                run_dir,
+                deps,
+                log,
+                tier.name,
+                tier.required_gates,
+                settings=settings,
+                session=session,
+                expected=_usual_seconds(tier, cfg),
+                heartbeat_s=heartbeat_s,
+            )
             try:
                 stages, bad_input, stop = run_stages(ctx, tier.stages)
             finally:
@@ -128,13 +147,27 @@ def _verdicts(tier: Tier, ctx: Ctx, stages: Sequence[Any]) -> list[Verdict]:
     return [*ctx.verdicts, *missing]
 
 
-def _finish(tier: Tier, ctx: Ctx, stages: list, bad_input: bool, stop: signals.Interrupted | None,
-            started: datetime, tic: float, command: str) -> TierResult:  # fmt: skip
+def _finish(
+    tier: Tier,
+    ctx: Ctx,
+    stages: list,
+    bad_input: bool,
+    stop: signals.Interrupted | None,
+    started: datetime,
+    tic: float,
+    command: str,
+) -> TierResult:
     verdicts = _verdicts(tier, ctx, stages)
     allowed = allowed_skips(ctx.deps.environ, ctx.cfg.gates.skip)
-    outcome = decide([s.model_dump() for s in stages], verdicts, required_gates=tier.required_gates,
-                     allowed=allowed, gate_stages=RUNTIME_OF, bad_input=bad_input,
-                     interrupted=stop.signum if stop else None)  # fmt: skip
+    outcome = decide(
+        [s.model_dump() for s in stages],
+        verdicts,
+        required_gates=tier.required_gates,
+        allowed=allowed,
+        gate_stages=RUNTIME_OF,
+        bad_input=bad_input,
+        interrupted=stop.signum if stop else None,
+    )
     status, code, reasons = outcome.status, outcome.exit_code, outcome.reasons
     if not tier.judged and status == "passed":
         status = "not_judged"
@@ -148,17 +181,28 @@ def _finish(tier: Tier, ctx: Ctx, stages: list, bad_input: bool, stop: signals.I
         env = {"error": f"{type(exc).__name__}: {exc}"}
     evaluate = ctx.outputs.get("evaluate", {})
     report = RunReport(
-        tier=tier.name, status=status, exit_code=code, reasons=reasons, allowed_skips=outcome.allowed,
+        tier=tier.name,
+        status=status,
+        exit_code=code,
+        reasons=reasons,
+        allowed_skips=outcome.allowed,
         faults=planted,
-        resume_command=resume_command(command, ctx.run_dir) if stop else None, profile=ctx.cfg.profile,
-        model=ctx.cfg.model.name, model_license=(ctx.outputs.get("model") or {}).get("license"),
-        run_dir=str(ctx.run_dir), code_version=code_version(),
-        started_at=started.isoformat(timespec="seconds"), finished_at=datetime.now(UTC).isoformat(timespec="seconds"),
-        seconds=round(time.perf_counter() - tic, 3), config=ctx.cfg.to_dict(), stages=stages,
-        gates=[GateReport(**v.to_dict()) for v in verdicts], scores=evaluate.get("scores", []),
+        resume_command=resume_command(command, ctx.run_dir) if stop else None,
+        profile=ctx.cfg.profile,
+        model=ctx.cfg.model.name,
+        model_license=(ctx.outputs.get("model") or {}).get("license"),
+        run_dir=str(ctx.run_dir),
+        code_version=code_version(),
+        started_at=started.isoformat(timespec="seconds"),
+        finished_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        seconds=round(time.perf_counter() - tic, 3),
+        config=ctx.cfg.to_dict(),
+        stages=stages,
+        gates=[GateReport(**v.to_dict()) for v in verdicts],
+        scores=evaluate.get("scores", []),
         ollama=_ollama_report(ctx, stages) if any(s.name == "ollama" for s in stages) else None,
         environment=env,
-    )  # fmt: skip
+    )
     path = write_report(report, ctx.run_dir)
     _publish(report, ctx)
     return TierResult(report, path, code)
@@ -169,9 +213,15 @@ def _publish(report: RunReport, ctx: Ctx) -> None:
     from finetune.report import history
     from finetune.report.html import write_html
 
-    for what, publish in (("report.html", lambda: write_html(report, ctx.run_dir)),
-                          ("history", lambda: history.append(history.record_from_report(report),
-                                                             history.history_path(ctx.cfg.output_dir)))):  # fmt: skip
+    for what, publish in (
+        ("report.html", lambda: write_html(report, ctx.run_dir)),
+        (
+            "history",
+            lambda: history.append(
+                history.record_from_report(report), history.history_path(ctx.cfg.output_dir)
+            ),
+        ),
+    ):
         try:
             publish()
         except Exception as exc:  # a plot or a full disk must not turn a verdict into a crash
@@ -185,10 +235,18 @@ def _ollama_report(ctx: Ctx, stages: Sequence[Any]) -> OllamaReport:
     model = d.get("model")
     deleted = cleanup.get(model, {}).get("deleted") if model in cleanup else None
     status = "failed" if entry.status == "failed" else entry.status
-    return OllamaReport(status=status, reason=entry.reason, binary=d.get("binary"), version=d.get("version"),
-                        model=model, modelfile=d.get("modelfile"), deleted=deleted,
-                        server_stopped=cleanup.get("server_stopped"),
-                        deploy_checks=d.get("deploy_checks", []), served_checks=d.get("served_checks", []))  # fmt: skip
+    return OllamaReport(
+        status=status,
+        reason=entry.reason,
+        binary=d.get("binary"),
+        version=d.get("version"),
+        model=model,
+        modelfile=d.get("modelfile"),
+        deleted=deleted,
+        server_stopped=cleanup.get("server_stopped"),
+        deploy_checks=d.get("deploy_checks", []),
+        served_checks=d.get("served_checks", []),
+    )
 
 
 def print_result(result: TierResult, out: IO[str] | None = None) -> None:

@@ -30,8 +30,11 @@ def converter_version() -> str:
     from finetune.export import converter
 
     tree = converter.default_dest() / f"{converter.PACKAGE}-{converter.VERSION}-llama.cpp"
-    files = {rel: sha for rel, sha in (dir_manifest(tree) if tree.is_dir() else {}).items()
-             if "__pycache__" not in rel and rel != converter.MARKER}  # fmt: skip
+    files = {
+        rel: sha
+        for rel, sha in (dir_manifest(tree) if tree.is_dir() else {}).items()
+        if "__pycache__" not in rel and rel != converter.MARKER
+    }
     fetched = manifest_sha256(files)[:16] if files else "not fetched"
     return f"{converter.VERSION} (sdist {converter.SDIST_SHA256[:16]}, files {fetched})"
 
