@@ -65,8 +65,8 @@ def artifact_changes(a: Artifact | dict[str, Any], files: dict[str, str] | None 
         return []
     if files is None or manifest_sha256(files) != a.sha256:  # no (trustworthy) manifest: name the folder
         return [Change(path, a.sha256, manifest_sha256(manifest))]
-    return [Change(path / rel, files.get(rel), manifest.get(rel))
-            for rel in sorted(files.keys() | manifest.keys()) if files.get(rel) != manifest.get(rel)]  # fmt: skip
+    changed = [rel for rel in sorted(files.keys() | manifest.keys()) if files.get(rel) != manifest.get(rel)]
+    return [Change(path / rel, files.get(rel), manifest.get(rel)) for rel in changed]
 
 
 def artifact_intact(a: Artifact | dict[str, Any]) -> bool:

@@ -8,23 +8,31 @@ failed run may lack metrics) says so instead of failing.
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from finetune.report.history import LOWER_IS_BETTER
 from finetune.report.models import RunReport
+from finetune.report.plots import loss_plot, timeline_plot
+from finetune.report.regressions import LOWER_IS_BETTER
 from finetune.system.atomic import atomic_write_text
 from finetune.train.metrics import METRICS, read_metrics
 
 HTML_NAME = "report.html"
 MAX_ANSWERS = 24  # probe rows shown; tier 3 evaluates 24 prompts
-STATUS_CLASS = {"passed": "ok", "not_judged": "muted", "skipped": "muted", "failed": "bad", "bad_input": "bad",
-                "degraded": "warn", "interrupted": "warn", "running": "warn", "fault_injected": "bad"}  # fmt: skip
+STATUS_CLASS = {
+    "passed": "ok",
+    "not_judged": "muted",
+    "skipped": "muted",
+    "failed": "bad",
+    "bad_input": "bad",
+    "degraded": "warn",
+    "interrupted": "warn",
+    "running": "warn",
+    "fault_injected": "bad",
+}
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1150px;
  color:#212121;padding:0 16px}
@@ -76,82 +84,19 @@ def _stage(report: RunReport, name: str) -> Any:
     return next((s for s in report.stages if s.name == name), None)
 
 
-# ---------------------------------------------------------------- plots (matplotlib's Agg canvas, no pyplot)
-# Figures are built directly, so drawing never touches a global backend or a display; matplotlib is imported
-# inside each function, so a machine without it still gets the page, minus the plots.
-
-STATUS_COLOURS = {"passed": "#2e7d32", "failed": "#c62828", "skipped": "#9e9e9e"}
-CACHED_COLOUR = "#90caf9"
-
-
-def _data_uri(fig: Any) -> str:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    FigureCanvasAgg(fig)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight", metadata={"Software": None})
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def loss_plot(train: Sequence[tuple[int, float]], val: Sequence[tuple[int, float]]) -> str:
-    """Training loss per step and validation loss per evaluation, the best validation step marked."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(11, 3.8))
-    ax = fig.add_subplot()
-    if train:
-        ax.plot([s for s, _ in train], [v for _, v in train], color="#1565c0", lw=1.2, label="train loss")
-    if val:
-        steps, losses = [s for s, _ in val], [v for _, v in val]
-        ax.plot(steps, losses, "o-", color="#ef6c00", lw=1.5, ms=5, label="validation loss")
-        best = min(range(len(losses)), key=losses.__getitem__)
-        ax.axvline(steps[best], color="#ef6c00", ls=":", lw=1)
-        ax.annotate(f"best val {losses[best]:.4g} @ step {steps[best]}", (steps[best], losses[best]),
-                    xytext=(10, -18), textcoords="offset points", color="#e65100", fontsize=9)  # fmt: skip
-        ax.plot([steps[best]], [losses[best]], "*", color="#e65100", ms=14, label="best validation step")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="upper right", fontsize=9)
-    return _data_uri(fig)
-
-
-def timeline_plot(stages: Sequence[dict[str, Any]]) -> str:
-    """One horizontal bar per stage, placed end to end in run order; cached stages hatched and labelled."""
-    from matplotlib.figure import Figure
-    from matplotlib.patches import Patch
-
-    fig = Figure(figsize=(11, 0.4 * len(stages) + 1.2))
-    ax = fig.add_subplot()
-    total = sum(s["seconds"] for s in stages) or 1.0
-    start = 0.0
-    for i, s in enumerate(stages):
-        width = max(s["seconds"], total * 0.004)  # a 0 s (cached or skipped) stage still shows a sliver
-        colour = CACHED_COLOUR if s["cached"] else STATUS_COLOURS.get(s["status"], "#757575")
-        ax.barh(i, width, left=start, color=colour, hatch="//" if s["cached"] else None, edgecolor="#424242")
-        label = f"{s['seconds']:.{1 if s['seconds'] >= 1 else 2}f} s" + (" (cached)" if s["cached"] else "")
-        label += "" if s["status"] == "passed" else f" {s['status'].upper()}"
-        ax.text(start + width + total * 0.01, i, label, va="center", fontsize=9)
-        start += s["seconds"]
-    ax.set_yticks(range(len(stages)), [s["name"] for s in stages])
-    ax.invert_yaxis()
-    ax.set_xlim(0, total * 1.3)
-    ax.set_xlabel("seconds since the run started")
-    ax.grid(axis="x", alpha=0.3)
-    handles = [Patch(color=c, label=n) for n, c in STATUS_COLOURS.items()]
-    handles.append(Patch(facecolor=CACHED_COLOUR, hatch="//", edgecolor="#424242", label="cached"))
-    ax.legend(handles=handles, loc="upper right", fontsize=8, ncols=2)  # bars run down to the right
-    return _data_uri(fig)
-
-
 # ---------------------------------------------------------------- sections
 
 
 def _header(report: RunReport) -> str:
     title = f"FineTune {report.tier}: {report.status.upper()} (exit {report.exit_code})"
-    meta = [("profile", report.profile), ("model", report.model), ("run directory", report.run_dir),
-            ("started / finished", f"{report.started_at} / {report.finished_at}"),
-            ("wall time", f"{report.seconds:.1f} s"), ("code version", report.code_version)]  # fmt: skip
+    meta = [
+        ("profile", report.profile),
+        ("model", report.model),
+        ("run directory", report.run_dir),
+        ("started / finished", f"{report.started_at} / {report.finished_at}"),
+        ("wall time", f"{report.seconds:.1f} s"),
+        ("code version", report.code_version),
+    ]
     if report.model_license:
         meta.insert(2, ("model license", report.model_license))
     if report.faults:
@@ -214,8 +159,8 @@ def _gates(report: RunReport) -> str:
 def _parity(report: RunReport) -> str:
     out = "<h2>Runtime parity</h2>"
     if not report.scores:
-        return out + _missing("no runtime scores: only tier 3 (`finetune pipeline`) evaluates runtimes, "
-                              "and a failed run may have stopped before")  # fmt: skip
+        why = "only tier 3 (`finetune pipeline`) evaluates runtimes, and a failed run may have stopped before"
+        return out + _missing(f"no runtime scores: {why}")
     parity, effect = _gate(report, "output_parity"), _gate(report, "adapter_effect")
     rates = parity.data.get("rates", {}) if parity else {}
     reference = parity.data.get("reference") if parity else None
@@ -227,11 +172,11 @@ def _parity(report: RunReport) -> str:
             "reference" if sc.runtime == reference else "-"
         )
         changed = (effects.get(sc.runtime) or {}).get("changed")
-        rows.append([_e(sc.runtime), _e(f"{sc.train.contains}/{sc.train.n} ({sc.train.score:.0%}), exact {sc.train.exact}"),
-                     _e(f"{sc.heldout.contains}/{sc.heldout.n} ({sc.heldout.score:.0%}), exact {sc.heldout.exact}"),
-                     _e(agree), _e("-" if changed is None else f"{changed:.0%}")])  # fmt: skip
-    headers = ["runtime", "train (contains reference)", "held-out", f"agreement with {reference or 'reference'}",
-               "answers changed vs base"]  # fmt: skip
+        changed_text = "-" if changed is None else f"{changed:.0%}"
+        scores = [_split_score(sc.train), _split_score(sc.heldout)]
+        rows.append([_e(text) for text in (sc.runtime, *scores, agree, changed_text)])
+    agreement = f"agreement with {reference or 'reference'}"
+    headers = ["runtime", "train (contains reference)", "held-out", agreement, "answers changed vs base"]
     out += _table(headers, rows)
     if report.ollama:
         o = report.ollama
@@ -244,6 +189,10 @@ def _parity(report: RunReport) -> str:
     return out
 
 
+def _split_score(split: Any) -> str:
+    return f"{split.contains}/{split.n} ({split.score:.0%}), exact {split.exact}"
+
+
 def _stages(report: RunReport) -> str:
     out = "<h2>Stage timeline</h2>"
     if not report.stages:
@@ -254,14 +203,16 @@ def _stages(report: RunReport) -> str:
     out += _plot(timeline_plot, bars)
     rows = []
     for s in report.stages:
-        files = "<br>".join(
-            f"{_e(a.name)}: {_e(a.path)} ({a.bytes} B, {_e(a.sha256[:12])}){'' if Path(a.path).exists() else ' <b>missing now</b>'}"
-            for a in s.artifacts
-        )  # fmt: skip
-        rows.append([_e(s.name), _badge(s.status), f'<span class="num">{s.seconds:.2f} s</span>',
-                     _e("cached" if s.cached else ""), _e("" if s.required else "optional"), _e(s.reason or ""),
-                     files or '<span class="missing">-</span>'])  # fmt: skip
+        files = "<br>".join(_artifact(a) for a in s.artifacts) or '<span class="missing">-</span>'
+        seconds = f'<span class="num">{s.seconds:.2f} s</span>'
+        cached, required = _e("cached" if s.cached else ""), _e("" if s.required else "optional")
+        rows.append([_e(s.name), _badge(s.status), seconds, cached, required, _e(s.reason or ""), files])
     return out + _table(["stage", "status", "seconds", "cached", "required", "reason", "artifacts"], rows)
+
+
+def _artifact(a: Any) -> str:
+    gone = "" if Path(a.path).exists() else " <b>missing now</b>"
+    return f"{_e(a.name)}: {_e(a.path)} ({a.bytes} B, {_e(a.sha256[:12])}){gone}"
 
 
 def _answers(report: RunReport, run_dir: Path) -> str:
@@ -269,8 +220,7 @@ def _answers(report: RunReport, run_dir: Path) -> str:
     learning = _gate(report, "model_learning")
     cases = learning.data.get("cases") if learning else None
     if cases:
-        rows = [[_e(c.get("reference")), f"<pre>{_e(c.get('before'))}</pre>", _e(c.get("before_score")),
-                 f"<pre>{_e(c.get('after'))}</pre>", _e(c.get("after_score"))] for c in cases[:MAX_ANSWERS]]  # fmt: skip
+        rows = [_learning_case(c) for c in cases[:MAX_ANSWERS]]
         out += '<p class="small">From the model_learning verdict: base model vs base + saved adapter.</p>'
         return out + _table(["reference", "base answer", "score", "tuned answer", "score"], rows)
     try:
@@ -284,10 +234,15 @@ def _answers(report: RunReport, run_dir: Path) -> str:
     rows = []
     for i, p in enumerate(prompts[:MAX_ANSWERS]):
         texts = [(answers[r][i].get("text") if i < len(answers[r]) else None) for r in ("mlx_base", *tuned)]
-        rows.append([_e(p.get("kind")), _e(p.get("question")), _e(p.get("reference")),
-                     *(f"<pre>{_e(t)}</pre>" for t in texts)])  # fmt: skip
+        answers_shown = [f"<pre>{_e(t)}</pre>" for t in texts]
+        rows.append([_e(p.get("kind")), _e(p.get("question")), _e(p.get("reference")), *answers_shown])
     out += '<p class="small">From eval/results.json: greedy answers of each runtime.</p>'
     return out + _table(["split", "question", "reference", "mlx_base", *tuned], rows)
+
+
+def _learning_case(c: dict[str, Any]) -> list[str]:
+    before, after = f"<pre>{_e(c.get('before'))}</pre>", f"<pre>{_e(c.get('after'))}</pre>"
+    return [_e(c.get("reference")), before, _e(c.get("before_score")), after, _e(c.get("after_score"))]
 
 
 def _environment(report: RunReport) -> str:
@@ -295,14 +250,16 @@ def _environment(report: RunReport) -> str:
     mlx, blas = env.get("mlx") or {}, env.get("blas") or {}
     matmul, memory = blas.get("matmul") or {}, env.get("memory") or {}
     known = {
-        "python": env.get("python"), "platform": env.get("platform"), "machine": env.get("machine"),
+        "python": env.get("python"),
+        "platform": env.get("platform"),
+        "machine": env.get("machine"),
         "cpus": env.get("cpu_count"),
         "mlx": mlx and f"{mlx.get('version')} on {mlx.get('default_device')} ({mlx.get('backend')})",
         "blas": blas and f"{blas.get('active')} ({blas.get('library') or '-'}): {blas.get('detail') or ''}",
         "matmul GFLOP/s": matmul and f"MLX {matmul.get('mlx_gflops')} vs numpy {matmul.get('numpy_gflops')}",
         "packages": ", ".join(f"{k} {v}" for k, v in (env.get("packages") or {}).items() if v),
         "memory": memory.get("total_bytes") and f"{memory['total_bytes'] / 2**30:.1f} GiB total",
-    }  # fmt: skip
+    }
     shown = {"python", "platform", "machine", "cpu_count", "mlx", "blas", "packages", "memory"}
     rows = [[_e(k), _e(v)] for k, v in known.items() if v]
     # whatever else the report recorded (thread variables, disk; a test's stand-in environment)
@@ -316,12 +273,22 @@ def _environment(report: RunReport) -> str:
 def render_html(report: RunReport, run_dir: str | Path | None = None) -> str:
     """The whole page as text; `run_dir` (default report.run_dir) is where metrics and eval results are read."""
     run_dir = Path(run_dir if run_dir is not None else report.run_dir)
-    body = "".join([_header(report), _loss(report, run_dir), _gates(report), _parity(report),
-                    _stages(report), _answers(report, run_dir), _environment(report)])  # fmt: skip
+    sections = [
+        _header(report),
+        _loss(report, run_dir),
+        _gates(report),
+        _parity(report),
+        _stages(report),
+        _answers(report, run_dir),
+        _environment(report),
+    ]
     title = f"FineTune {report.tier} {report.status} - {Path(report.run_dir).name}"
-    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{_e(title)}</title>'
-            f'<meta name="viewport" content="width=device-width, initial-scale=1"><style>{CSS}</style></head>'
-            f"<body>{body}</body></html>\n")  # fmt: skip
+    head = (
+        f'<meta charset="utf-8"><title>{_e(title)}</title>'
+        f'<meta name="viewport" content="width=device-width, initial-scale=1"><style>{CSS}</style>'
+    )
+    body = "".join(sections)
+    return f'<!DOCTYPE html><html lang="en"><head>{head}</head><body>{body}</body></html>\n'
 
 
 def write_html(report: RunReport, run_dir: str | Path | None = None) -> Path:

@@ -23,8 +23,8 @@ def render_summary(report: RunReport) -> str:
             f"  [{MARK[g.status]}] {g.name}: measured {_num(g.measured)} vs {_num(g.threshold)}: {g.detail}"
         )
     for sc in report.scores:
-        lines.append(f"  score {sc.runtime:12} train {sc.train.contains}/{sc.train.n}  "
-                     f"heldout {sc.heldout.contains}/{sc.heldout.n}")  # fmt: skip
+        train, heldout = f"{sc.train.contains}/{sc.train.n}", f"{sc.heldout.contains}/{sc.heldout.n}"
+        lines.append(f"  score {sc.runtime:12} train {train}  heldout {heldout}")
     for reason in report.reasons:
         lines.append(f"  ! {reason}")
     for allowed in report.allowed_skips:
