@@ -1,8 +1,6 @@
-"""Ollama Modelfiles: chat TEMPLATEs that match finetune.data.templates, and rendering with correct quoting.
+"""Ollama Modelfiles: chat TEMPLATEs that match finetune.data.templates, and the Modelfile that serves them.
 
-Ollama's parser (parser/parser.go) takes a value to the end of the line unless it starts with `"` or
-`\"\"\"`, in which case it runs to the matching closing quote (newlines included) with no escape sequences.
-So a value can hold anything except the triple quote.
+Quoting values as Ollama's parser reads them, and parsing a Modelfile back, is finetune.serve.modelfile_syntax.
 
 Templates are Go text/templates. Since Ollama 0.3, when a TEMPLATE mentions .Messages the server renders
 /api/generate through it too (the prompt becomes one user message), and system messages appear both in
@@ -13,9 +11,6 @@ system text only from .Messages; the `else` branch, used when there are no messa
 
 from __future__ import annotations
 
-import json
-import math
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,14 +19,10 @@ from typing import Any
 # One source for the texts training renders, so the served TEMPLATE cannot drift from it.
 from finetune.data.templates import ALPACA_PREAMBLE
 from finetune.data.templates import LLAMA2_DEFAULT_EOS as DEFAULT_EOS
-from finetune.errors import UserError
+from finetune.serve.modelfile_syntax import ModelfileError, path_value, quote, scalar, triple_quote
 
 # Measured on this 2-core box: llama.cpp with 2 threads collapsed under load (OpenMP spin-waiting).
 DEFAULT_PARAMETERS: dict[str, Any] = {"num_thread": 1}
-
-
-class ModelfileError(UserError):
-    """A value cannot be written into a Modelfile, or a chat format is unknown."""
 
 
 @dataclass(frozen=True)
@@ -251,118 +242,19 @@ def render_modelfile(
     params = {**DEFAULT_PARAMETERS, **dict(parameters)}
     if "stop" in params:
         raise ModelfileError("pass stop strings with stop=, not in parameters")
-    lines = [f"FROM {_path_value(gguf_path, 'FROM', relative_to)}"]
+    lines = [f"FROM {path_value(gguf_path, 'FROM', relative_to)}"]
     if adapter is not None:
-        lines.append(f"ADAPTER {_path_value(adapter, 'ADAPTER', relative_to)}")
-    lines.append(f"TEMPLATE {_triple_quote(template, 'TEMPLATE')}")
+        lines.append(f"ADAPTER {path_value(adapter, 'ADAPTER', relative_to)}")
+    lines.append(f"TEMPLATE {triple_quote(template, 'TEMPLATE')}")
     if system is not None:
-        lines.append(f"SYSTEM {_triple_quote(system, 'SYSTEM')}")
+        lines.append(f"SYSTEM {triple_quote(system, 'SYSTEM')}")
     for s in stop:
         if not isinstance(s, str) or not s:
             raise ModelfileError(f"stop strings must be non-empty strings, got {s!r}")
-        lines.append(f"PARAMETER stop {_quote(s, 'stop')}")
+        lines.append(f"PARAMETER stop {quote(s, 'stop')}")
     for key, value in params.items():
         if not key.replace("_", "").isalnum() or not key.isascii():
             raise ModelfileError(f"parameter name {key!r} must be letters, digits and '_'")
         for item in value if isinstance(value, list | tuple) else [value]:
-            lines.append(f"PARAMETER {key} {_scalar(item, key)}")
+            lines.append(f"PARAMETER {key} {scalar(item, key)}")
     return "\n".join(lines) + "\n"
-
-
-def parse_modelfile(text: str) -> list[tuple[str, str]]:
-    """(command, value) pairs of a Modelfile, unquoted as Ollama does; PARAMETER values keep their name
-    as "name value". Only for checking what we rendered, not a full reimplementation of Ollama's parser."""
-    out: list[tuple[str, str]] = []
-    i, n = 0, len(text)
-    while i < n:
-        while i < n and text[i] in " \t\r\n":
-            i += 1
-        if i >= n:
-            break
-        if text[i] == "#":
-            i = _line_end(text, i) + 1
-            continue
-        j = i
-        while j < n and text[j] not in " \t\r\n":
-            j += 1
-        command = text[i:j].upper()
-        i = j
-        while i < n and text[i] in " \t":
-            i += 1
-        prefix = ""
-        if command == "PARAMETER":
-            j = i
-            while j < n and text[j] not in " \t\r\n":
-                j += 1
-            prefix = text[i:j] + " "
-            i = j
-            while i < n and text[i] in " \t":
-                i += 1
-        value, i = _read_value(text, i)
-        out.append((command, prefix + value))
-    return out
-
-
-def _read_value(text: str, i: int) -> tuple[str, int]:
-    # As Ollama does: a value ends at the first line break where the text so far is fully quoted.
-    j = i
-    while True:
-        end = _line_end(text, j)
-        ok, value = _unquote(text[i:end].strip())
-        if ok:
-            return value, end
-        if end >= len(text):
-            raise ModelfileError(f"unterminated quoted value starting at offset {i}: {text[i : i + 40]!r}")
-        j = end + 1
-
-
-def _unquote(s: str) -> tuple[bool, str]:
-    for quote in ('"""', '"'):
-        if s.startswith(quote):
-            closed = len(s) >= 2 * len(quote) and s.endswith(quote)
-            return closed, s[len(quote) : -len(quote)] if closed else ""
-    return True, s
-
-
-def _line_end(text: str, i: int) -> int:
-    ends = [e for e in (text.find("\n", i), text.find("\r", i)) if e >= 0]
-    return min(ends) if ends else len(text)
-
-
-def _path_value(path: str | Path, what: str, relative_to: str | Path | None = None) -> str:
-    value = str(Path(path).expanduser().resolve())
-    if relative_to is not None:
-        value = os.path.relpath(value, Path(relative_to).expanduser().resolve())
-        value = value if value.startswith(("../", "/")) else f"./{value}"  # a bare name would mean a model
-    if "\n" in value or "\r" in value:
-        raise ModelfileError(f"{what} path must not contain a newline: {value!r}")
-    return _quote(value, what) if any(c in value for c in ' \t"') else value
-
-
-def _triple_quote(value: str, what: str) -> str:
-    if not isinstance(value, str):
-        raise ModelfileError(f"{what} must be a string, got {type(value).__name__}")
-    if '"""' in value:
-        raise ModelfileError(f'{what} must not contain \'"""\': a Modelfile cannot quote it')
-    return f'"""{value}"""'
-
-
-def _quote(value: str, what: str) -> str:
-    # A single `"` inside is fine within triple quotes; Ollama has no escape sequences at all.
-    return _triple_quote(value, what) if '"' in value else f'"{value}"'
-
-
-def _scalar(value: Any, key: str) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise ModelfileError(f"parameter {key} must be finite, got {value}")
-        return json.dumps(value)
-    if isinstance(value, str):
-        if not value:
-            raise ModelfileError(f"parameter {key} must not be empty")
-        return _quote(value, key)
-    raise ModelfileError(f"parameter {key}: unsupported value {value!r} ({type(value).__name__})")

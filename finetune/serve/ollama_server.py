@@ -148,9 +148,15 @@ class OllamaServer:
         self._log_start = self._log.tell()
         try:
             self._proc = spawn_guarded(
-                [str(self.binary), "serve"], pid_dir=self.pid_dir, name="ollama-serve",
-                stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT, env=self.env, cwd=self.run_dir,
-            )  # fmt: skip
+                [str(self.binary), "serve"],
+                pid_dir=self.pid_dir,
+                name="ollama-serve",
+                stdin=subprocess.DEVNULL,
+                stdout=self._log,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                cwd=self.run_dir,
+            )
         except OSError as exc:
             self._log.close()
             self._log = None
@@ -239,8 +245,8 @@ class OllamaServer:
 
     def cli(self, args: Sequence[str], *, timeout: float = 600.0) -> subprocess.CompletedProcess:
         """Run `ollama ARGS` against this server; output has the CLI's spinner escapes removed."""
-        proc = run_guarded([str(self.binary), *args], timeout=timeout, env=self.env, cwd=self.run_dir,
-                           name="ollama-cli")  # fmt: skip
+        cmd = [str(self.binary), *args]
+        proc = run_guarded(cmd, timeout=timeout, env=self.env, cwd=self.run_dir, name="ollama-cli")
         proc.stdout, proc.stderr = _clean(proc.stdout), _clean(proc.stderr)
         return proc
 

@@ -19,12 +19,12 @@ from finetune.serve.modelfile import (
     ModelfileError,
     chat_format,
     chatml_template,
-    parse_modelfile,
     render_modelfile,
     served_chat,
     stop_for,
     template_for,
 )
+from finetune.serve.modelfile_syntax import parse_modelfile
 from finetune.serve.ollama_server import OllamaServer
 from tests.conftest import RealOllama
 
@@ -69,8 +69,10 @@ def test_relative_path_becomes_absolute_and_spaces_are_quoted(tmp_path: Path, mo
 
 def test_paths_relative_to_the_modelfile_folder_move_with_the_run(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    text = render_modelfile(run / "gguf" / "model.gguf", template="x", stop=["s"], parameters={},
-                            adapter=run / "ollama" / "a.gguf", relative_to=run / "ollama")  # fmt: skip
+    gguf, adapter, folder = run / "gguf" / "model.gguf", run / "ollama" / "a.gguf", run / "ollama"
+    text = render_modelfile(
+        gguf, template="x", stop=["s"], parameters={}, adapter=adapter, relative_to=folder
+    )
     assert text.splitlines()[:2] == ["FROM ../gguf/model.gguf", "ADAPTER ./a.gguf"]
     assert str(tmp_path) not in text
     moved = (
@@ -123,18 +125,6 @@ def test_render_rejects_what_a_modelfile_cannot_hold(tmp_path: Path, kwargs: dic
 def test_newline_in_path_is_rejected(tmp_path: Path) -> None:
     with pytest.raises(ModelfileError, match="newline"):
         render_modelfile(tmp_path / "a\nb.gguf", template="t", stop=["s"], parameters={})
-
-
-def test_parse_reports_unterminated_quote() -> None:
-    with pytest.raises(ModelfileError, match="unterminated"):
-        parse_modelfile('FROM x\nTEMPLATE """never closed\n')
-
-
-def test_parse_skips_comments_and_blank_lines() -> None:
-    assert parse_modelfile("# hello\n\nFROM ./m.gguf\n  PARAMETER temperature 0\n") == [
-        ("FROM", "./m.gguf"),
-        ("PARAMETER", "temperature 0"),
-    ]
 
 
 def test_chat_formats_and_stops() -> None:
