@@ -12,7 +12,7 @@ Defaults set with os.environ.setdefault before loading (a value the user set win
       2 threads (median ~2.3 s both), 1 is steadier and leaves a core to MLX's own ops and child servers.
   OPENBLAS_CORETYPE  only when OpenBLAS would fall back to an SSE/AVX-only kernel on a CPU with AVX2 or
       AVX-512 (Debian's 0.3.21 does not know Sapphire Rapids and picked Prescott: 16 GFLOP/s instead of 86-91
-      with Cooperlake, measured); see core_override().
+      with Cooperlake, measured); see finetune.system.openblas_core.
   MLX_DISABLE_COMPILE=1  MLX's g++ kernel JIT cost 21-33 s on the first step and made later steps no faster.
       MLX disables compilation when the variable is present with ANY value, "0" included: to compile, set
       FT_MLX_COMPILE=1 and leave MLX_DISABLE_COMPILE unset.
@@ -28,6 +28,8 @@ import time
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass
 
+from finetune.system.openblas_core import core_override, cpu_flags, detected_core
+
 FIX_HINT = (
     "Fix: run `make setup`, or `sudo apt-get install libopenblas0-pthread libgfortran5`, "
     "or set FT_BLAS_LIB=/path/to/libopenblas.so.0."
@@ -42,53 +44,6 @@ def env_defaults(cpu_count: int | None = None, env: Mapping[str, str] | None = N
     if (os.environ if env is None else env).get("FT_MLX_COMPILE") != "1":
         defaults["MLX_DISABLE_COMPILE"] = "1"
     return defaults
-
-
-# OpenBLAS DYNAMIC_ARCH kernels without AVX2: what it falls back to for a CPU model it does not know.
-GENERIC_CORES = {"prescott", "core2", "penryn", "dunnington", "nehalem", "atom", "katmai", "coppermine",
-                 "northwood", "banias", "opteron", "opteron_sse3", "barcelona", "bobcat", "sandybridge"}  # fmt: skip
-
-
-def wanted_core(flags: set[str]) -> str | None:
-    """The widest OpenBLAS 0.3.21 kernel these CPU flags can run (None: leave OpenBLAS's own choice)."""
-    if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
-        return "Cooperlake" if "avx512_bf16" in flags else "SkylakeX"
-    if {"avx2", "fma"} <= flags:
-        return "Haswell"
-    return None
-
-
-def core_override(detected: str | None, flags: set[str]) -> str | None:
-    """OPENBLAS_CORETYPE to set when OpenBLAS's own detection fell back to a generic kernel (pure)."""
-    wanted = wanted_core(flags)
-    if wanted is None or detected is None or detected.lower() not in GENERIC_CORES:
-        return None  # a known CPU (Zen, Haswell, SkylakeX...) keeps OpenBLAS's own pick
-    return wanted
-
-
-def cpu_flags(path: str = "/proc/cpuinfo") -> set[str]:
-    try:
-        with open(path) as fh:
-            return next(
-                (set(line.split(":", 1)[1].split()) for line in fh if line.startswith("flags")), set()
-            )
-    except OSError:
-        return set()
-
-
-def detected_core(library: str, timeout: float = 20.0) -> str | None:
-    """The kernel OpenBLAS picks on its own, asked in a child (its choice is fixed once it loads here)."""
-    import subprocess
-
-    code = ("import ctypes, sys; lib = ctypes.CDLL(sys.argv[1]); lib.openblas_get_corename.restype = "
-            "ctypes.c_char_p; print(lib.openblas_get_corename().decode())")  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_CORETYPE"}
-    try:
-        done = subprocess.run([sys.executable, "-S", "-c", code, library], capture_output=True, text=True,
-                              timeout=timeout, env=env)  # fmt: skip
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return (done.stdout.strip() or None) if done.returncode == 0 else None
 
 
 def mlx_compile_enabled(env: Mapping[str, str] | None = None) -> bool:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune.system import blas
+from finetune.system import blas, openblas_core
 
 ROOT = Path(__file__).resolve().parents[3]
 REFERENCE = blas.ActiveBlas("reference", None, False, "nothing loaded")
@@ -127,9 +127,13 @@ def test_default_warning_goes_to_stderr_once(tmp_path, capsys):
     missing = str(tmp_path / f"unique-{os.getpid()}.so")  # a message no earlier test printed
     for _ in range(2):  # warn= not given: the process-wide once-only stderr warning
         status = blas.preload(
-            env={"FT_BLAS_LIB": missing}, paths=[], system="Linux", modules={}, loader=lambda _p: None,
+            env={"FT_BLAS_LIB": missing},
+            paths=[],
+            system="Linux",
+            modules={},
+            loader=lambda _p: None,
             active=lambda: REFERENCE,
-        )  # fmt: skip
+        )
         assert not status.loaded and missing in status.warning
     err = capsys.readouterr().err
     assert err.count(f"FT_BLAS_LIB={missing} does not exist") == 1 and "FineTune WARNING" in err
@@ -210,44 +214,22 @@ def test_preloaded_openblas_makes_mlx_matmul_fast_and_doctor_tells_the_reference
 
 # ---------------------------------------------------------------- OpenBLAS kernel choice
 
-AVX512_BF16 = {"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"}
+DEBIAN_OPENBLAS = platform.system() == "Linux" and os.path.exists(blas.search_paths()[0])
 
 
-@pytest.mark.parametrize(
-    ("detected", "flags", "expected"),
-    [
-        ("Prescott", AVX512_BF16, "Cooperlake"),  # Debian's 0.3.21 on Sapphire Rapids (measured here)
-        ("Prescott", AVX512_BF16 - {"avx512_bf16"}, "SkylakeX"),
-        ("Nehalem", {"avx2", "fma"}, "Haswell"),
-        ("Zen", AVX512_BF16, None),  # a CPU OpenBLAS knows keeps its own pick
-        ("SkylakeX", AVX512_BF16, None),
-        ("Prescott", {"sse4_2"}, None),  # nothing better to run
-        (None, AVX512_BF16, None),  # could not ask: leave it alone
-    ],
-)
-def test_core_override_only_replaces_a_generic_fallback(detected, flags, expected):
-    assert blas.core_override(detected, flags) == expected
-
-
-def test_cpu_flags_reads_the_flags_line(tmp_path):
-    info = tmp_path / "cpuinfo"
-    info.write_text("processor\t: 0\nmodel name\t: X\nflags\t\t: fpu avx2 fma avx512f\n\nflags\t\t: other\n")
-    assert blas.cpu_flags(str(info)) == {"fpu", "avx2", "fma", "avx512f"}
-    assert blas.cpu_flags(str(tmp_path / "missing")) == set()
-
-
-@pytest.mark.skipif(platform.system() != "Linux" or not os.path.exists(blas.search_paths()[0]),
-                    reason="needs Linux with Debian's OpenBLAS")  # fmt: skip
+@pytest.mark.skipif(not DEBIAN_OPENBLAS, reason="needs Linux with Debian's OpenBLAS")
 def test_import_finetune_never_leaves_openblas_on_a_generic_kernel_when_the_cpu_has_avx2():
-    code = ("import ctypes, os, finetune; from finetune.system import blas; s = blas.status(); "
-            "lib = ctypes.CDLL(s.library); lib.openblas_get_corename.restype = ctypes.c_char_p; "
-            "print(lib.openblas_get_corename().decode()); print(s.reason)")  # fmt: skip
+    code = (
+        "import ctypes, os, finetune; from finetune.system import blas; s = blas.status(); "
+        "lib = ctypes.CDLL(s.library); lib.openblas_get_corename.restype = ctypes.c_char_p; "
+        "print(lib.openblas_get_corename().decode()); print(s.reason)"
+    )
     env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_CORETYPE"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     core, reason = done.stdout.split("\n")[:2]
-    detected = blas.detected_core(blas.search_paths()[0])
-    if blas.wanted_core(blas.cpu_flags()) is None:
+    detected = openblas_core.detected_core(blas.search_paths()[0])
+    if openblas_core.wanted_core(openblas_core.cpu_flags()) is None:
         pytest.skip("this CPU has no AVX2: OpenBLAS's generic kernels are right for it")
-    assert core.lower() not in blas.GENERIC_CORES, (core, reason)
-    if detected and detected.lower() in blas.GENERIC_CORES:
+    assert core.lower() not in openblas_core.GENERIC_CORES, (core, reason)
+    if detected and detected.lower() in openblas_core.GENERIC_CORES:
         assert f"OPENBLAS_CORETYPE={core}" in reason
