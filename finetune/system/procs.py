@@ -49,30 +49,47 @@ def start_time(pid: int) -> float | None:
         return None
 
 
-def spawn_guarded(cmd: Sequence[str], *, pid_dir: Path | None = None, name: str = "child",
-                  **popen: Any) -> subprocess.Popen:  # fmt: skip
+def spawn_guarded(
+    cmd: Sequence[str], *, pid_dir: Path | None = None, name: str = "child", **popen: Any
+) -> subprocess.Popen:
     """Popen in a new session with PDEATHSIG, a watchdog, and (with pid_dir) a pid file for later sweeps."""
     preexec = _die_with_parent if sys.platform.startswith("linux") else None
     proc = subprocess.Popen(list(cmd), start_new_session=True, preexec_fn=preexec, **popen)  # noqa: PLW1509
     watchdog = subprocess.Popen(
         [sys.executable, "-I", str(WATCHDOG), str(os.getpid()), str(proc.pid)],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     proc.watchdog = watchdog  # type: ignore[attr-defined]
     if pid_dir is not None:
-        record = {"name": name, "pid": proc.pid, "pgid": proc.pid, "started": start_time(proc.pid),
-                  "cmd": list(map(str, cmd)), "parent": os.getpid(), "watchdog": watchdog.pid}  # fmt: skip
+        record = {
+            "name": name,
+            "pid": proc.pid,
+            "pgid": proc.pid,
+            "started": start_time(proc.pid),
+            "cmd": list(map(str, cmd)),
+            "parent": os.getpid(),
+            "watchdog": watchdog.pid,
+        }
         atomic_write_json(Path(pid_dir) / f"{name}-{proc.pid}.json", record)
         proc.pid_file = Path(pid_dir) / f"{name}-{proc.pid}.json"  # type: ignore[attr-defined]
     return proc
 
 
-def run_guarded(cmd: Sequence[str], *, timeout: float, pid_dir: Path | None = None, name: str = "child",
-                **popen: Any) -> subprocess.CompletedProcess:  # fmt: skip
+def run_guarded(
+    cmd: Sequence[str], *, timeout: float, pid_dir: Path | None = None, name: str = "child", **popen: Any
+) -> subprocess.CompletedProcess:
     """subprocess.run(capture_output=True, text=True), but the child cannot outlive us, even on SIGKILL."""
     popen = {k: v for k, v in popen.items() if k not in ("capture_output", "text")}
-    proc = spawn_guarded(cmd, pid_dir=pid_dir, name=name, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, stdin=subprocess.DEVNULL, **popen)  # fmt: skip
+    captured = {
+        "stdout": subprocess.PIPE,
+        "stderr": subprocess.PIPE,
+        "text": True,
+        "stdin": subprocess.DEVNULL,
+    }
+    proc = spawn_guarded(cmd, pid_dir=pid_dir, name=name, **captured, **popen)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
