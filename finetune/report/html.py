@@ -14,9 +14,9 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from finetune.gates.registry import LOWER_IS_BETTER
 from finetune.report.models import RunReport
 from finetune.report.plots import loss_plot, timeline_plot
-from finetune.report.regressions import LOWER_IS_BETTER
 from finetune.system.atomic import atomic_write_text
 from finetune.train.metrics import METRICS, read_metrics
 

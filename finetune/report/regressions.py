@@ -8,12 +8,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+# Which gates must stay at or below their threshold, and which compare runtimes: the gate table says.
+from finetune.gates.registry import LOWER_IS_BETTER, PARITY_GATES
 from finetune.report.trends import fresh_stage_seconds, median_of, ran_fresh, show_number
 
-# Gates whose measured value must stay at or below the threshold; every other gate passes at or above it.
-LOWER_IS_BETTER = frozenset({"loss_convergence", "logprob_parity", "fuse_exactness"})
-# Agreement-type parity gates (share of equal answers) and the logprob gate (max |diff|, lower is better).
-PARITY_GATES = ("output_parity", "served_answers", "logprob_parity")
 # How bad a status is; a run whose status ranks higher than its baseline's got worse.
 STATUS_RANK = {
     "passed": 0,
