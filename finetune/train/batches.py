@@ -86,8 +86,9 @@ def batch_at(dataset: TokenDataset, batch_size: int, seed: int, index: int) -> l
     return buckets[perm[pos]]
 
 
-def make_iterate_batches(seed: int, start_batch: int = 0, build: Callable[[list, int], Any] | None = None
-                         ) -> Callable[..., Iterator]:  # fmt: skip
+def make_iterate_batches(
+    seed: int, start_batch: int = 0, build: Callable[[list, int], Any] | None = None
+) -> Callable[..., Iterator]:
     """An `iterate_batches` for mlx_lm.tuner.train that starts at batch `start_batch`; `build(rows,
     max_seq_length)` makes a batch of the chosen examples (default: padded ids + mask)."""
     build = build or _pack
@@ -127,6 +128,6 @@ TOKENS_KEPT = 256  # rows of the training set recorded for the label-mask gate
 
 def record_tokens(dataset, path: Path) -> None:
     """The token ids and loss masks training really used (the first TOKENS_KEPT rows), with their row numbers."""
-    rows = [{"row": r, "ids": ids, "mask": mask}
-            for r, (ids, mask) in zip(dataset.rows, dataset.items, strict=True)][:TOKENS_KEPT]  # fmt: skip
+    pairs = zip(dataset.rows, dataset.items, strict=True)
+    rows = [{"row": r, "ids": ids, "mask": mask} for r, (ids, mask) in pairs][:TOKENS_KEPT]
     atomic_write_json(path, {"source": dataset.source, "rows": rows})

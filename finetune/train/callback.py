@@ -34,8 +34,20 @@ def step_seed(seed: int, step: int) -> int:
 class RunCallback(TrainingCallback):
     """Metrics, evaluation, checkpoints, best adapter, early stopping and signals, on global steps."""
 
-    def __init__(self, *, run_dir: Path, cfg: Any, model, optimizer, acfg: dict, val_set, iterate: Callable,
-                 loss: Callable, start_step: int, state: dict) -> None:  # fmt: skip
+    def __init__(
+        self,
+        *,
+        run_dir: Path,
+        cfg: Any,
+        model,
+        optimizer,
+        acfg: dict,
+        val_set,
+        iterate: Callable,
+        loss: Callable,
+        start_step: int,
+        state: dict,
+    ) -> None:
         self.run_dir, self.cfg, self.model, self.optimizer = run_dir, cfg, model, optimizer
         self.acfg, self.val_set, self.iterate, self.loss = acfg, val_set, iterate, loss
         self.step = start_step

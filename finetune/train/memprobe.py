@@ -66,10 +66,17 @@ def measure(cfg_path: Path, model_path: Path, data_dir: Path, fine_tune_type: st
     }
 
 
-def measure_in_subprocess(cfg_path: Path, model_path: Path, data_dir: Path, fine_tune_type: str, steps: int = 3,
-                          timeout: float = 600) -> dict:  # fmt: skip
-    cmd = [sys.executable, "-m", "finetune.train.memprobe", "--config", str(cfg_path), "--model", str(model_path),
-           "--data", str(data_dir), "--type", fine_tune_type, "--steps", str(steps)]  # fmt: skip
+def measure_in_subprocess(
+    cfg_path: Path,
+    model_path: Path,
+    data_dir: Path,
+    fine_tune_type: str,
+    steps: int = 3,
+    timeout: float = 600,
+) -> dict:
+    args = ["--config", str(cfg_path), "--model", str(model_path), "--data", str(data_dir)]
+    args += ["--type", fine_tune_type, "--steps", str(steps)]
+    cmd = [sys.executable, "-m", "finetune.train.memprobe", *args]
     proc = run_guarded(cmd, timeout=timeout, name="memprobe")  # a SIGKILLed parent must not leave it training
     if proc.returncode != 0:
         raise RuntimeError(
@@ -89,8 +96,15 @@ class MemoryMeasurement:
 FULL_FIT_MARGIN = 1.5  # measure full fine-tuning only when 1.5x its estimated peak is free
 
 
-def measure_memory(run_dir: Path, model_dir: Path, model_config: dict, cfg: Any, *, available: int | None,
-                   measure: Callable[..., dict] | None = None) -> MemoryMeasurement:  # fmt: skip
+def measure_memory(
+    run_dir: Path,
+    model_dir: Path,
+    model_config: dict,
+    cfg: Any,
+    *,
+    available: int | None,
+    measure: Callable[..., dict] | None = None,
+) -> MemoryMeasurement:
     """LoRA vs full fine-tuning peaks for this run's model, batch and data, each in a fresh process."""
     from finetune.data.prepare import read_report
     from finetune.train import memory
@@ -102,12 +116,12 @@ def measure_memory(run_dir: Path, model_dir: Path, model_config: dict, cfg: Any,
     est_full = memory.from_run_config(model_config, full_cfg, data).total_bytes
     if available is None or est_full * FULL_FIT_MARGIN > available:
         have = "unknown" if available is None else f"{available / 2**30:.1f} GiB"
-        return MemoryMeasurement(est_lora, est_full, "estimated",
-                                 f"full fine-tuning needs ~{est_full / 2**30:.1f} GiB, {have} free: not run")  # fmt: skip
+        why = f"full fine-tuning needs ~{est_full / 2**30:.1f} GiB, {have} free: not run"
+        return MemoryMeasurement(est_lora, est_full, "estimated", why)
     cfg_file, data = Path(run_dir) / "config.yaml", Path(run_dir) / "data"
     peaks = {kind: measure(cfg_file, model_dir, data, kind)["peak_bytes"] for kind in ("lora", "full")}
-    return MemoryMeasurement(peaks["lora"], peaks["full"], "measured",
-                             f"estimates were {est_lora / 2**20:.0f} / {est_full / 2**20:.0f} MiB")  # fmt: skip
+    estimates = f"estimates were {est_lora / 2**20:.0f} / {est_full / 2**20:.0f} MiB"
+    return MemoryMeasurement(peaks["lora"], peaks["full"], "measured", estimates)
 
 
 def main(argv=None) -> int:

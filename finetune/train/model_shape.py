@@ -70,12 +70,8 @@ class ModelShape:
             raise TypeError(f"model config must be a dict (config.json), got {type(cfg).__name__}")
         if "hidden_size" not in cfg and isinstance(cfg.get("text_config"), Mapping):
             cfg = {**cfg["text_config"], **cfg}  # multimodal configs nest the language model's shape
-        if (
-            cfg.get("model_type") == "gpt2"
-        ):  # GPT-2's names; its 2-matrix MLP is priced as Llama's 3 (an upper bound)
-            cfg = {**cfg, "hidden_size": cfg.get("n_embd"), "num_hidden_layers": cfg.get("n_layer"),
-                   "num_attention_heads": cfg.get("n_head"), "intermediate_size": cfg.get("n_inner") or 4 * cfg["n_embd"],
-                   "tie_word_embeddings": cfg.get("tie_word_embeddings", True)}  # fmt: skip
+        if cfg.get("model_type") == "gpt2":
+            cfg = _with_llama_names(cfg)
 
         def need(key: str) -> int:
             if cfg.get(key) is None:
@@ -200,3 +196,15 @@ def adapter_param_count(
         rank * (dims[k][0] + dims[k][1]) + (dims[k][1] if dora else 0) for k in resolve_lora_keys(shape, keys)
     )
     return adapted_layers(shape, num_layers) * per_block
+
+
+def _with_llama_names(gpt2: Mapping[str, Any]) -> dict[str, Any]:
+    """A GPT-2 config under Llama's names; its 2-matrix MLP is priced as Llama's 3 (an upper bound)."""
+    return {
+        **gpt2,
+        "hidden_size": gpt2.get("n_embd"),
+        "num_hidden_layers": gpt2.get("n_layer"),
+        "num_attention_heads": gpt2.get("n_head"),
+        "intermediate_size": gpt2.get("n_inner") or 4 * gpt2["n_embd"],
+        "tie_word_embeddings": gpt2.get("tie_word_embeddings", True),
+    }
