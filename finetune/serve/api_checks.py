@@ -199,9 +199,8 @@ def _check_unknown_model(client: Any, model: str, prompt: str, timeout: float) -
     if state == "timeout":
         return Check("unknown_model", False, f"no answer within {timeout:g} s for unknown model {model!r}")
     if state == "ok":
-        return Check(
-            "unknown_model", False, f"unknown model {model!r} answered: {response_field(value, 'response')!r}"
-        )
+        answer = response_field(value, "response")
+        return Check("unknown_model", False, f"unknown model {model!r} answered: {answer!r}")
     if getattr(value, "status_code", None) != 404:
         return Check("unknown_model", False, f"expected a 404 error, got {_describe(value)}")
     return Check("unknown_model", True, _describe(value))
@@ -215,9 +214,8 @@ def _check_bad_options(client: Any, name: str, prompt: str, timeout: float, opti
     if state == "timeout":
         return Check("bad_options", False, f"no answer within {timeout:g} s for options {options}")
     if state == "ok":
-        return Check(
-            "bad_options", False, f"options {options} were accepted: {response_field(value, 'response')!r}"
-        )
+        answer = response_field(value, "response")
+        return Check("bad_options", False, f"options {options} were accepted: {answer!r}")
     if getattr(value, "status_code", None) is None:
         return Check("bad_options", False, f"expected a server error, got {_describe(value)}")
     return Check("bad_options", True, f"options {options} rejected: {_describe(value)}")
