@@ -196,7 +196,7 @@ def _tier(args, deps, out) -> int:
 
 
 def _history(args, out) -> int:
-    from finetune.report import history
+    from finetune.report import history, regressions, trends
 
     path = Path(args.file) if args.file else history.history_path(load_config().output_dir)
     rows = history.load(path)
@@ -204,10 +204,10 @@ def _history(args, out) -> int:
         print(f"no runs recorded in {path} yet", file=out)
         return 0
     if args.check:
-        findings = history.check(rows, tier=args.tier)
-        print(history.render_check(findings), file=out)
-        return 1 if history.regressions(findings) else 0
-    print(history.render_trends(history.trends(rows, args.tier, args.last)), file=out)
+        findings = regressions.check(rows, tier=args.tier)
+        print(regressions.render_check(findings), file=out)
+        return 1 if regressions.regressions(findings) else 0
+    print(trends.render_trends(trends.trends(rows, args.tier, args.last)), file=out)
     return 0
 
 

@@ -2,7 +2,7 @@
 
 Runtimes: mlx_base (the base model, for comparison), then the fine-tuned model as mlx_adapter (base + SAVED
 adapter), mlx_fused (the fused folder), llamacpp (the GGUF in llama.cpp) and ollama (the GGUF Ollama serves).
-This module only measures; finetune.gates.runtimes.judge_runtimes judges. Each runtime is a plain callable in
+This module only measures; finetune.gates.runtime_parity.judge_runtimes judges. Each runtime is a plain callable in
 `Backends`, so tests drive the evaluation with fakes.
 """
 
@@ -18,7 +18,7 @@ from typing import Any
 from finetune import faults
 from finetune.evaluate.prompts import TOKENIZER_TEXTS, EvalPrompt, build_prompts
 from finetune.gates.parity import Answer
-from finetune.gates.runtimes import RuntimeMeasurements
+from finetune.gates.runtime_parity import RuntimeMeasurements
 from finetune.gates.scoring import answer_score
 
 Log = Callable[[str], None]

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from finetune.evaluate import decode
-from finetune.gates.data import MaskedRow
+from finetune.gates.label_mask import MaskedRow
 from finetune.models.cache import cache_root
 from finetune.system.atomic import atomic_write_json
 from finetune.system.hashing import file_sha256, json_sha256

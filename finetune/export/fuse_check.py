@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from finetune.gates.export import FuseMeasurement
+from finetune.gates.fuse import FuseMeasurement
 from finetune.models.safetensors import load_file
 
 

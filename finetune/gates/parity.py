@@ -1,6 +1,6 @@
 """Comparing runtimes: answers, token ids and log-probabilities of the same weights in different runtimes.
 
-Pure functions over measurements; finetune.gates.runtimes turns them into verdicts.
+Pure functions over measurements; finetune.gates.runtime_parity turns them into verdicts.
 """
 
 from __future__ import annotations

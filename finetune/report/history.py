@@ -3,8 +3,7 @@
 A record keeps the figures worth comparing across runs (wall times, peak memory, final loss, every gate's
 measured value) and three digests saying what the run was made of: the environment (versions, BLAS,
 machine), the config (output paths left out) and the data. What the records show over time is in
-finetune.report.trends; the check of the latest run against its like is finetune.report.regressions
-(both re-exported here: `finetune history` reads them as history.trends and history.check).
+finetune.report.trends; the check of the latest run against its like is finetune.report.regressions.
 """
 
 from __future__ import annotations
@@ -17,11 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from finetune.report.models import RunReport
-from finetune.report.regressions import check as check
-from finetune.report.regressions import regressions as regressions
-from finetune.report.regressions import render_check as render_check
-from finetune.report.trends import render_trends as render_trends
-from finetune.report.trends import trends as trends
 from finetune.system.hashing import PACKAGE_ROOT, json_sha256
 from finetune.system.jsonl import read_log
 

@@ -7,7 +7,6 @@ matmul, so it reports what MLX binds to, not what preload intended.
 
 from __future__ import annotations
 
-import importlib.metadata
 import os
 import platform
 import shutil
@@ -16,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from finetune.system import blas
+from finetune.system.packages import package_version
 from finetune.system.resources import available_memory_bytes, total_memory_bytes
 
 PACKAGES = (
@@ -39,14 +39,6 @@ THREAD_VARS = (
 )
 # MLX/numpy matmul speed ratio below this means MLX is on the reference BLAS (measured 0.03-0.1 vs 0.5-1.4).
 SLOW_RATIO = 0.25
-
-
-def package_version(name: str) -> str | None:
-    """Installed version from metadata, without importing the package (torch takes seconds)."""
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 def _mlx_info() -> dict:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from finetune.gates import data as data_gates
+from finetune.gates import label_mask as label_mask_gate
 from finetune.gates import training as gates
 from finetune.gates.registry import explain
 from finetune.gates.verdict import Verdict, skipped
@@ -125,9 +125,9 @@ def judge_label_mask(j: Judging) -> Verdict:
     try:
         rows = j.ctx.deps.masked_rows(j.ctx.run_dir, j.tokenizer, cfg.data.max_seq_length)
         ends = [*j.stops, j.tokenizer.eos_token or ""]
-        v = data_gates.label_mask(rows, mask_prompt=cfg.data.mask_prompt, end_markers=ends)
+        v = label_mask_gate.label_mask(rows, mask_prompt=cfg.data.mask_prompt, end_markers=ends)
     except (OSError, ValueError, KeyError) as exc:
-        v = data_gates.label_mask([], mask_prompt=cfg.data.mask_prompt)
+        v = label_mask_gate.label_mask([], mask_prompt=cfg.data.mask_prompt)
         v.detail = f"cannot read the recorded training rows: {exc}"
     return explain(v, j.ctx.run_dir / TOKENS)
 

@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from finetune import faults
-from finetune.gates import export as export_gates
+from finetune.gates import fuse as fuse_gate
 from finetune.gates import served
 from finetune.gates.registry import explain
-from finetune.gates.runtimes import judge_runtimes
+from finetune.gates.runtime_parity import judge_runtimes
 from finetune.models.safetensors import dtype_counts
 from finetune.report.artifacts import artifact
 from finetune.system.atomic import atomic_write_json
@@ -40,7 +40,7 @@ def stage_fuse(ctx: Ctx) -> StageResult:
     if ctx.wants("fuse_exactness"):
         if ctx.cfg.training.fine_tune_type == "lora":
             m = ctx.deps.measure_fuse(base, adapter, out)
-            verdicts.append(explain(export_gates.fuse_exactness(m, max_rel=ctx.cfg.gates.fuse_max_rel), out))
+            verdicts.append(explain(fuse_gate.fuse_exactness(m, max_rel=ctx.cfg.gates.fuse_max_rel), out))
         else:
             from finetune.gates.verdict import skipped
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-from finetune.system.doctor import package_version
 from finetune.system.hashing import dir_manifest, manifest_sha256
+from finetune.system.packages import package_version
 
 CONVERTER = "llama.cpp-converter"  # the convert_hf_to_gguf.py bundle (with its own gguf-py)
 OLLAMA = "ollama"

@@ -19,7 +19,7 @@ from finetune.evaluate.evaluation import (
 )
 from finetune.evaluate.prompts import TOKENIZER_TEXTS, EvalPrompt, build_prompts
 from finetune.gates.parity import Answer
-from finetune.gates.runtimes import judge_runtimes
+from finetune.gates.runtime_parity import judge_runtimes
 
 EOS = 2
 SETTINGS = EvalSettings(n_train=6, n_heldout=4, max_tokens=24, logprob_prompts=1)

@@ -12,7 +12,7 @@ import pytest
 from finetune.config.schema import GatesConfig
 from finetune.export.fuse import fuse
 from finetune.export.fuse_check import measure_fuse
-from finetune.gates.export import fuse_exactness
+from finetune.gates.fuse import fuse_exactness
 from finetune.models.safetensors import load_file
 
 MAX_REL = GatesConfig().fuse_max_rel

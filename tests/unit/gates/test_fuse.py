@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from finetune.gates.export import FuseMeasurement, fuse_exactness
+from finetune.gates.fuse import FuseMeasurement, fuse_exactness
 
 ADAPTED = {"model.layers.0.self_attn.q_proj": 2e-7, "model.layers.1.self_attn.v_proj": 5e-7}
 DELTAS = {k: 0.05 for k in ADAPTED}

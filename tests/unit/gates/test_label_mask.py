@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune.gates.data import MaskedRow, label_mask
+from finetune.gates.label_mask import MaskedRow, label_mask
 
 END = ["<|im_end|>"]  # the chatml end marker the template trains after each answer
 

@@ -6,7 +6,7 @@ import numpy as np
 
 from finetune import faults
 from finetune.config.schema import GatesConfig
-from finetune.gates import data, export, runtimes, served, training
+from finetune.gates import fuse, label_mask, runtime_parity, served, training
 from finetune.gates.parity import Answer, ParityResult
 from finetune.gates.registry import GATES, Gate
 
@@ -26,13 +26,13 @@ def _every_gate_verdict():
             base_now={"f": "1"},
         ),
         training.artifacts([], ["a"], ["a"]),
-        data.label_mask([], mask_prompt=True),
-        export.fuse_exactness(export.FuseMeasurement({}, {}, []), max_rel=1e-3),
-        runtimes.tokenizer_gate(["a"], [[1]], [[1]]),
-        runtimes.logprob_gate(ParityResult(True, [], {}), gguf_type="f16", max_abs=0.1),
-        runtimes.output_parity({"r": a}, reference="r", thresholds={}),
-        runtimes.adapter_effect(a, {"t": a}, ["x"]),
-        runtimes.clean_endings({"t": a}),
+        label_mask.label_mask([], mask_prompt=True),
+        fuse.fuse_exactness(fuse.FuseMeasurement({}, {}, []), max_rel=1e-3),
+        runtime_parity.tokenizer_gate(["a"], [[1]], [[1]]),
+        runtime_parity.logprob_gate(ParityResult(True, [], {}), gguf_type="f16", max_abs=0.1),
+        runtime_parity.output_parity({"r": a}, reference="r", thresholds={}),
+        runtime_parity.adapter_effect(a, {"t": a}, ["x"]),
+        runtime_parity.clean_endings({"t": a}),
         served.served_answers(a, a, ["x"], threshold=0.9),
         served.served_template("t", [], "t", [], {}),
         served.served_api([]),

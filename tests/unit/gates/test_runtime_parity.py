@@ -11,7 +11,7 @@ import pytest
 from finetune.config.schema import GatesConfig
 from finetune.evaluate.prompts import EvalPrompt
 from finetune.gates.parity import Answer, ParityResult, content_tokens
-from finetune.gates.runtimes import (
+from finetune.gates.runtime_parity import (
     RuntimeMeasurements,
     adapter_effect,
     clean_endings,

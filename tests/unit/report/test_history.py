@@ -33,7 +33,9 @@ def test_append_and_load_survive_a_torn_last_line(tmp_path):
 
 def test_load_of_a_missing_file_is_an_empty_history(tmp_path):
     assert history.load(tmp_path / "none.jsonl") == []
-    assert history.check([]) and not history.regressions(history.check([]))
+    from finetune.report import regressions
+
+    assert regressions.check([]) and not regressions.regressions(regressions.check([]))
 
 
 def test_history_path_defaults_under_output_dir_and_ft_history_overrides(monkeypatch, tmp_path):

@@ -18,7 +18,7 @@ from finetune.evaluate.prompts import TOKENIZER_TEXTS
 from finetune.export.gguf import convert_hf_to_gguf
 from finetune.export.gguf_inspect import rewrite_string
 from finetune.gates.parity import greedy_parity, logprob_parity, tokenizer_parity
-from finetune.gates.runtimes import TIE_SHARE
+from finetune.gates.runtime_parity import TIE_SHARE
 from finetune.serve import llamacpp as L
 
 needs_xllamacpp = pytest.mark.skipif(

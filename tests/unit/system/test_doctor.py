@@ -75,10 +75,6 @@ def test_render_names_missing_packages(info):
     assert any(line.startswith("not installed") and line.endswith(" gguf") for line in lines)
 
 
-def test_package_version_of_absent_package():
-    assert doctor.package_version("surely-not-installed-pkg-xyz") is None
-
-
 def test_render_reports_preload_env_and_compile(info):
     rows = dict(doctor.rows(info))
     assert rows["blas preload"] == blas.status().reason  # what preload did, next to what is really active

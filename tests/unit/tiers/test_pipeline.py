@@ -15,7 +15,7 @@ from finetune.config.loader import load_config
 from finetune.evaluate.evaluation import EvalSettings
 from finetune.evaluate.prompts import EvalPrompt
 from finetune.gates.parity import Answer
-from finetune.gates.runtimes import RuntimeMeasurements
+from finetune.gates.runtime_parity import RuntimeMeasurements
 from finetune.report.models import validate_report
 from finetune.serve.deploy import Check, DeployResult
 from finetune.serve.modelfile import chat_format
@@ -87,7 +87,7 @@ class World:
         save_file({"w": np.ones((2, 2), dtype)}, str(out / "model.safetensors"))
 
     def measure_fuse(self, base, adapter, out):
-        from finetune.gates.export import FuseMeasurement
+        from finetune.gates.fuse import FuseMeasurement
 
         return FuseMeasurement(
             {"model.layers.1.self_attn.q_proj": 1e-7}, {"model.layers.1.self_attn.q_proj": 0.01}, [], [], 5
