@@ -171,9 +171,12 @@ def tiny_hf(tmp_path_factory) -> Path:
     """The product's tiny-llama (SmolLM2's real tokenizer), built in the model cache (tests must not modify it)."""
     smollm2_dir()
     from finetune.models.cache import cache_root
+    from finetune.models.packaged import converted_smollm2, smollm2_gguf
     from finetune.models.tiny import TINY_CONFIG, build_tiny_llama
 
-    return build_tiny_llama(cache_root() / "models", config={**TINY_CONFIG, **TINY_HF_CONFIG})
+    root = cache_root() / "models"
+    donor = lambda sha: converted_smollm2(root, sha)  # noqa: E731
+    return build_tiny_llama(root, gguf=smollm2_gguf(), donor=donor, config={**TINY_CONFIG, **TINY_HF_CONFIG})
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from finetune.models.cache import MARKER, Log, ModelUnavailable, cache_root, stderr_log
 from finetune.models.gemma import GEMMA3, build_gemma3
-from finetune.models.packaged import SMOLLM2, build_smollm2
+from finetune.models.packaged import SMOLLM2, build_smollm2, converted_smollm2, smollm2_gguf
 from finetune.models.tiny import TINY, TINY_GPT2, build_tiny_gpt2, build_tiny_llama
 
 
@@ -53,7 +53,8 @@ def resolve_model(
     if spec == GEMMA3:
         return _resolved(spec, build_gemma3(root, log=log), "package")
     if spec == TINY:
-        return _resolved(spec, build_tiny_llama(root, log=log), "built")
+        gguf, donor = smollm2_gguf(), lambda sha: converted_smollm2(root, sha)
+        return _resolved(spec, build_tiny_llama(root, gguf=gguf, donor=donor, log=log), "built")
     if spec == TINY_GPT2:
         return _resolved(spec, build_tiny_gpt2(root, log=log), "built")
     path = Path(spec).expanduser()

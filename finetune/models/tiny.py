@@ -15,7 +15,6 @@ from typing import Any
 
 from finetune.models.cache import BUILD_VERSION, Log, ModelUnavailable, build_once, stderr_log
 from finetune.models.convert import save_tokenizer, write_json
-from finetune.models.packaged import converted_smollm2, smollm2_gguf
 from finetune.system.hashing import file_sha256
 
 TINY = "tiny-llama"
@@ -106,25 +105,27 @@ def tiny_llama_dirname(config: Mapping, seed: int, tokenizer_sha256: str) -> str
 def build_tiny_llama(
     root: Path,
     *,
-    gguf: Path | None = None,
+    gguf: Path,
+    donor: Callable[[str], Path | None] = lambda sha: None,
     config: Mapping = TINY_CONFIG,
     seed: int = TINY_SEED,
     log: Log = stderr_log,
 ) -> Path:
+    """A tiny random Llama with the tokenizer of `gguf` (SmolLM2's: finetune.models.packaged.smollm2_gguf);
+    donor(sha) may name a folder that already holds that GGUF's tokenizer files, to copy instead of convert."""
     from safetensors.numpy import save_file
 
-    gguf = gguf or smollm2_gguf()
     sha = file_sha256(gguf)
     target = root / tiny_llama_dirname(config, seed, sha)
 
     def build(tmp: Path) -> dict:
         write_json(tmp / "config.json", dict(config))
         save_file(tiny_llama_weights(config, seed), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        donor = converted_smollm2(root, sha)
-        if donor is not None:  # same GGUF, same tokenizer files: copying skips importing transformers
+        donor_dir = donor(sha)
+        if donor_dir is not None:  # same GGUF, same tokenizer files: copying skips importing transformers
             for name in TOKENIZER_FILES:
-                if (donor / name).is_file():
-                    shutil.copy2(donor / name, tmp / name)
+                if (donor_dir / name).is_file():
+                    shutil.copy2(donor_dir / name, tmp / name)
         else:
             save_tokenizer(gguf, tmp)
         return {"spec": TINY, "seed": seed, "tokenizer_gguf_sha256": sha}

@@ -21,8 +21,7 @@ from finetune.gates.registry import explain
 from finetune.gates.verdict import Verdict, skipped
 from finetune.tiers.context import Ctx, Stage, StageResult
 from finetune.train.batches import TOKENS
-from finetune.train.checkpoints import ADAPTER_DIR, INIT_DIR
-from finetune.train.engine import RESULT
+from finetune.train.checkpoints import ADAPTER_DIR, INIT_DIR, RESULT
 from finetune.train.metrics import METRICS, read_metrics, train_losses
 
 

@@ -11,16 +11,13 @@ import contextlib
 import statistics
 import threading
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable, Iterator, Sequence
 
 
-def expected_seconds(history_file: Path, tier: str, model: str) -> dict[str, float]:
+def expected_seconds(history_rows: Sequence[dict], tier: str, model: str) -> dict[str, float]:
     """Median seconds of each stage over this tier and model's earlier runs (stages that really ran)."""
-    from finetune.report import history
-
     times: dict[str, list[float]] = {}
-    for row in history.load(history_file)[-50:]:
+    for row in history_rows[-50:]:
         if row.get("tier") != tier or row.get("model") != model:
             continue
         for name, s in (row.get("stages") or {}).items():

@@ -18,7 +18,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import finetune
 from finetune import faults
 from finetune.errors import UserError
 from finetune.gates.verdict import Verdict
@@ -26,7 +25,7 @@ from finetune.report.artifacts import artifact_changes
 from finetune.report.models import Artifact, StageReport
 from finetune.system import signals
 from finetune.system.atomic import atomic_write_json
-from finetune.system.hashing import dir_manifest, json_sha256, source_sha256
+from finetune.system.hashing import dir_manifest, json_sha256
 from finetune.tiers import stage_keys
 from finetune.tiers.context import Ctx, Stage, StageError, StageResult
 from finetune.tiers.progress import heartbeat
@@ -34,15 +33,11 @@ from finetune.tiers.progress import heartbeat
 STAGE_DIR = "stages"
 
 
-def code_version() -> str:
-    return f"{finetune.__version__}+{source_sha256()[:16]}"
-
-
 def stage_digest(ctx: Ctx, stage: Stage) -> tuple[str, dict[str, Any]]:
     inputs = {
         **stage.inputs(ctx),
         **stage_keys.key_parts(ctx, stage.name),
-        "code": code_version(),
+        "code": stage_keys.code_version(),
         "faults": faults.injected_at(stage.name),
     }
     return json_sha256(inputs), inputs

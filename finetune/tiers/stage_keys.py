@@ -11,7 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from finetune.system.hashing import dir_sha256, file_sha256
+import finetune
+from finetune.system.hashing import dir_sha256, file_sha256, source_sha256
 from finetune.tiers.versions import CONVERTER, OLLAMA
 
 Ctx = Any  # finetune.tiers.context.Ctx (not imported: the runner imports this module, floors stay few)
@@ -25,6 +26,11 @@ TOOLS: dict[str, tuple[str, ...]] = {
     "ollama": (OLLAMA,),
     "evaluate": (*MLX, "transformers", "xllamacpp", OLLAMA),
 }
+
+
+def code_version() -> str:
+    """This finetune's version and the digest of its source: every stage key holds it."""
+    return f"{finetune.__version__}+{source_sha256()[:16]}"
 
 
 def key_parts(ctx: Ctx, stage: str) -> dict[str, Any]:

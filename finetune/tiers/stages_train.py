@@ -15,10 +15,9 @@ from finetune.system.atomic import atomic_dir, atomic_write_json, atomic_write_t
 from finetune.system.hashing import dir_manifest, file_sha256, json_sha256
 from finetune.tiers import stage_keys
 from finetune.tiers.context import Ctx, Stage, StageError, StageResult
-from finetune.tiers.runner import code_version
+from finetune.tiers.stage_keys import code_version
 from finetune.train.batches import TOKENS
-from finetune.train.checkpoints import ADAPTER_DIR, BEST_DIR, CHECKPOINTS, INIT_DIR, latest_checkpoint
-from finetune.train.engine import RESULT
+from finetune.train.checkpoints import ADAPTER_DIR, BEST_DIR, CHECKPOINTS, INIT_DIR, RESULT, latest_checkpoint
 from finetune.train.metrics import METRICS
 
 TRAIN_KEY = ".train-key"  # which inputs the checkpoints on disk belong to

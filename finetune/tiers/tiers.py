@@ -34,7 +34,8 @@ from finetune.tiers.context import Ctx, Deps, Stage
 from finetune.tiers.judge import JUDGE
 from finetune.tiers.ollama_session import OllamaSession
 from finetune.tiers.rundir import resume_command
-from finetune.tiers.runner import code_version, record_path, run_stages
+from finetune.tiers.runner import record_path, run_stages
+from finetune.tiers.stage_keys import code_version
 from finetune.tiers.stages_ship import SHIP_STAGES
 from finetune.tiers.stages_train import TRAIN_STAGES
 
@@ -123,11 +124,11 @@ def run_tier(
 
 
 def _usual_seconds(tier: Tier, cfg: RunConfig) -> dict[str, float]:
-    from finetune.report.history import history_path
+    from finetune.report.history import history_path, load
     from finetune.tiers.progress import expected_seconds
 
     try:
-        return expected_seconds(history_path(cfg.output_dir), tier.name, cfg.model.name)
+        return expected_seconds(load(history_path(cfg.output_dir)), tier.name, cfg.model.name)
     except Exception:  # a damaged history only costs the ETA
         return {}
 

@@ -22,6 +22,7 @@ CHECKPOINTS = "checkpoints"
 ADAPTER_DIR = "adapter"
 BEST_DIR = "adapter_best"
 INIT_DIR = "adapter_init"
+RESULT = "train_result.json"  # the finished training's summary (finetune.train.engine writes it)
 ADAPTER_FILE = "adapters.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 

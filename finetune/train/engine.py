@@ -27,6 +27,7 @@ from finetune.train.checkpoints import (
     ADAPTER_DIR,
     BEST_DIR,
     INIT_DIR,
+    RESULT,
     latest_checkpoint,
     restore_checkpoint,
     save_adapter,
@@ -38,7 +39,6 @@ from finetune.train.metrics import METRICS, truncate_metrics
 from finetune.train.setup import make_optimizer, prepare_model
 from finetune.train.shortcut_plan import enabled_shortcuts
 
-RESULT = "train_result.json"
 FINAL_MLX_ADAPTER = ".mlx_lm_final.safetensors"  # mlx-lm saves here at its end; deleted, ours is ADAPTER_DIR
 
 

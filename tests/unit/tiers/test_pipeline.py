@@ -230,9 +230,9 @@ def test_a_second_run_reuses_every_unchanged_stage_and_its_verdicts(world):
 
 def test_a_code_change_invalidates_cached_stages(world, monkeypatch):
     run(world)
-    from finetune.tiers import runner
+    from finetune.tiers import stage_keys
 
-    monkeypatch.setattr(runner, "code_version", lambda: "0.2.0+another-source")
+    monkeypatch.setattr(stage_keys, "code_version", lambda: "0.2.0+another-source")
     rerun(world)
     assert world.calls == ["fuse", "gguf", "serve", "served_checks", "evaluate"]
 

@@ -30,5 +30,5 @@ def test_expected_seconds_are_medians_of_fresh_passed_stages_of_this_tier_and_mo
                         "stages": {"gguf": {"status": "passed", "seconds": secs, "cached": cached}}}, path)  # fmt: skip
     history.append({"tier": "run", "status": "passed", "model": "m", "stages": {"gguf": {"status": "passed",
                     "seconds": 500}}}, path)  # fmt: skip
-    assert expected_seconds(path, "pipeline", "m") == {"gguf": 20}
-    assert expected_seconds(path, "pipeline", "other") == {}
+    assert expected_seconds(history.load(path), "pipeline", "m") == {"gguf": 20}
+    assert expected_seconds(history.load(path), "pipeline", "other") == {}

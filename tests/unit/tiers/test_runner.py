@@ -14,7 +14,8 @@ from finetune.gates.verdict import verdict
 from finetune.report.artifacts import artifact
 from finetune.system.signals import Interrupted
 from finetune.tiers.context import Ctx, Stage, StageError, StageResult
-from finetune.tiers.runner import code_version, record_path, run_stages
+from finetune.tiers.runner import record_path, run_stages
+from finetune.tiers.stage_keys import code_version
 from tests.fakes import fake_deps
 
 
