@@ -12,6 +12,7 @@ from finetune.gates import fuse as fuse_gate
 from finetune.gates import served
 from finetune.gates.registry import explain
 from finetune.gates.runtime_parity import judge_runtimes
+from finetune.gates.verdict import Verdict
 from finetune.models.safetensors import dtype_counts
 from finetune.report.artifacts import artifact
 from finetune.system.atomic import atomic_write_json
@@ -66,17 +67,10 @@ def _check(c: Any) -> dict[str, Any]:
     return {"name": c.name, "passed": bool(c.passed), "detail": str(c.detail)}
 
 
-def stage_ollama(ctx: Ctx) -> StageResult:
-    from finetune.serve.deploy import shown_parameters
+def _modelfile(ctx: Ctx, gguf: Path) -> tuple[str, str, list[str]]:
+    """(the Modelfile's text, the TEMPLATE and stop strings training needs) for this run's GGUF."""
     from finetune.serve.modelfile import chat_format, render_modelfile, served_chat
 
-    location = ctx.deps.locate_ollama()
-    if location.binary is None:
-        reason = f"no Ollama binary: {location.reason}"
-        return StageResult(
-            {"deployed": False, "reason": reason}, status="skipped", reason=reason, cache=False
-        )
-    gguf, name = Path(ctx.outputs["gguf"]["gguf"]), ctx.cfg.deploy.model_name
     tokenizer = ctx.deps.load_tokenizer(Path(ctx.outputs["model"]["path"]))
     template, stops, system = served_chat(ctx.cfg.data.template, ctx.cfg.deploy, tokenizer)
     written_template = faults.point("modelfile_wrong_template", template, chat_format)
@@ -89,6 +83,26 @@ def stage_ollama(ctx: Ctx) -> StageResult:
         system=system,
         relative_to=ctx.session.folder,
     )
+    return text, template, stops
+
+
+def _shown(server: Any, name: str, field: str) -> str:
+    """A field of what `ollama show` reports (a dict or an object, by client version)."""
+    shown = server.show(name)
+    return (shown.get(field) if isinstance(shown, dict) else getattr(shown, field, None)) or ""
+
+
+def stage_ollama(ctx: Ctx) -> StageResult:
+    from finetune.serve.deploy import shown_parameters
+
+    location = ctx.deps.locate_ollama()
+    if location.binary is None:
+        reason = f"no Ollama binary: {location.reason}"
+        return StageResult(
+            {"deployed": False, "reason": reason}, status="skipped", reason=reason, cache=False
+        )
+    gguf, name = Path(ctx.outputs["gguf"]["gguf"]), ctx.cfg.deploy.model_name
+    text, template, stops = _modelfile(ctx, gguf)
     try:
         server = ctx.session.start(location.binary)
     except Exception as exc:  # Ollama cannot run here: the run is degraded, loudly in the report
@@ -110,13 +124,7 @@ def stage_ollama(ctx: Ctx) -> StageResult:
     ]
     if fatal:
         raise StageError(f"Ollama could not serve the model: {', '.join(fatal)} failed", details)
-    shown = server.show(name)
-    shown_template = (
-        shown.get("template") if isinstance(shown, dict) else getattr(shown, "template", None)
-    ) or ""
-    params_text = (
-        shown.get("parameters") if isinstance(shown, dict) else getattr(shown, "parameters", None)
-    ) or ""
+    shown_template, params_text = _shown(server, name, "template"), _shown(server, name, "parameters")
     first = read_jsonl(Path(ctx.outputs["data"]["data_dir"]) / "train.jsonl")[0]
     question = first["conversation"][-2]["content"] if first.get("conversation") else first["text"][:200]
     checks = ctx.deps.served_checks(server.client(), name, question)
@@ -138,7 +146,6 @@ def stage_ollama(ctx: Ctx) -> StageResult:
 
 def stage_evaluate(ctx: Ctx) -> StageResult:
     from finetune.data.templates import get_template
-    from finetune.evaluate.decode import prompt_ids
     from finetune.evaluate.evaluation import EvalInputs, score_runtimes
     from finetune.evaluate.prompts import EvalPrompt
 
@@ -177,28 +184,7 @@ def stage_evaluate(ctx: Ctx) -> StageResult:
         if ctx.wants(v.name)
     ]
     if "ollama" in m.answers:
-        train = [i for i, p in enumerate(m.prompts) if p.kind == "train"]
-        if ctx.wants("served_answers") and "mlx_adapter" in m.answers:
-            v = served.served_answers(
-                [m.answers["ollama"][i] for i in train],
-                [m.answers["mlx_adapter"][i] for i in train],
-                [m.prompts[i].reference for i in train],
-                threshold=ctx.cfg.gates.text_agreement,
-            )
-            verdicts.append(explain(v))
-        if ctx.wants("served_template"):
-            counts = {
-                "served": [a.prompt_tokens for a in m.answers["ollama"]],
-                "expected": [len(prompt_ids(tokenizer, p.prompt)) for p in m.prompts],
-            }
-            v = served.served_template(
-                ollama_out["shown_template"],
-                ollama_out["shown_stops"],
-                ollama_out["expected_template"],
-                ollama_out["expected_stops"],
-                counts,
-            )
-            verdicts.append(explain(v, Path(ollama_out["modelfile"])))
+        verdicts += _served_verdicts(ctx, m, tokenizer, ollama_out)
     results = {
         "prompts": [p.__dict__ | {"messages": list(p.messages)} for p in m.prompts],
         "answers": {k: [a.to_dict() for a in v] for k, v in m.answers.items()},
@@ -213,6 +199,36 @@ def stage_evaluate(ctx: Ctx) -> StageResult:
     return StageResult(
         {"scores": results["scores"]}, [artifact("eval_results", path)], details, verdicts, cache=not crashed
     )
+
+
+def _served_verdicts(ctx: Ctx, m: Any, tokenizer: Any, ollama_out: dict[str, Any]) -> list[Verdict]:
+    """Ollama's answers and TEMPLATE against what training needs (served_answers, served_template)."""
+    from finetune.evaluate.decode import prompt_ids
+
+    verdicts = []
+    train = [i for i, p in enumerate(m.prompts) if p.kind == "train"]
+    if ctx.wants("served_answers") and "mlx_adapter" in m.answers:
+        v = served.served_answers(
+            [m.answers["ollama"][i] for i in train],
+            [m.answers["mlx_adapter"][i] for i in train],
+            [m.prompts[i].reference for i in train],
+            threshold=ctx.cfg.gates.text_agreement,
+        )
+        verdicts.append(explain(v))
+    if ctx.wants("served_template"):
+        counts = {
+            "served": [a.prompt_tokens for a in m.answers["ollama"]],
+            "expected": [len(prompt_ids(tokenizer, p.prompt)) for p in m.prompts],
+        }
+        v = served.served_template(
+            ollama_out["shown_template"],
+            ollama_out["shown_stops"],
+            ollama_out["expected_template"],
+            ollama_out["expected_stops"],
+            counts,
+        )
+        verdicts.append(explain(v, Path(ollama_out["modelfile"])))
+    return verdicts
 
 
 def evaluate_inputs(ctx: Ctx) -> dict[str, Any]:
