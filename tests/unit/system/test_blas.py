@@ -224,7 +224,9 @@ def test_import_finetune_never_leaves_openblas_on_a_generic_kernel_when_the_cpu_
         "lib = ctypes.CDLL(s.library); lib.openblas_get_corename.restype = ctypes.c_char_p; "
         "print(lib.openblas_get_corename().decode()); print(s.reason)"
     )
-    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_CORETYPE"}
+    # what a user's `import finetune` does: no kernel, BLAS library or opt-out chosen in the environment
+    chosen = ("OPENBLAS_CORETYPE", "FT_BLAS_DISABLE", "FT_BLAS_LIB")
+    env = {k: v for k, v in os.environ.items() if k not in chosen}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     core, reason = done.stdout.split("\n")[:2]
     detected = openblas_core.detected_core(blas.search_paths()[0])
