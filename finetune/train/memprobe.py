@@ -41,8 +41,14 @@ def measure(cfg_path: Path, model_path: Path, data_dir: Path, fine_tune_type: st
         Path(data_dir) / "train.jsonl", tokenizer, cfg.data.max_seq_length, cfg.data.mask_prompt
     )
     # As FineTune trains: with the exact shortcuts the run's config enables (their cache is part of the cost).
-    fast = shortcuts.setup(model, seed=cfg.training.seed, max_seq_length=cfg.data.max_seq_length, train_set=data,
-                           cfg=cfg, enable=enabled_shortcuts(cfg))  # fmt: skip
+    fast = shortcuts.setup(
+        model,
+        seed=cfg.training.seed,
+        max_seq_length=cfg.data.max_seq_length,
+        train_set=data,
+        cfg=cfg,
+        enable=enabled_shortcuts(cfg),
+    )
     batch = next(fast.iterate_train(data, cfg.training.batch_size, cfg.data.max_seq_length, loop=True))
     value_and_grad = nn.value_and_grad(model, fast.loss)
     mx.eval(model.parameters())
