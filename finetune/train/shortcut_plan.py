@@ -171,7 +171,8 @@ def plan(
     if length_dep and why_no_prefix is None:
         why_no_prefix = f"{', '.join(length_dep)} depends on the sequence length (rows cached unpadded)"
     if "prefix" in enable:
-        need = cache_bytes_estimate(model, arch, datasets, max_seq_length or 1 << 30) if datasets else 0
+        sized = datasets and not why_no_prefix  # the cache is sized only when it could be used
+        need = cache_bytes_estimate(model, arch, datasets, max_seq_length or 1 << 30) if sized else 0
         _plan_prefix(p, cut, why_no_prefix, need, cache_budget_bytes, datasets)
         if p.prefix and random_ and min(random_) == cut and not _has_trainable(blocks[cut]):
             p.notes.append(f"cut at block {cut}: first block with active dropout")
