@@ -10,7 +10,7 @@ from typing import Any
 from finetune import faults
 from finetune.gates import fuse as fuse_gate
 from finetune.gates import served
-from finetune.gates.registry import explain
+from finetune.gates.registry import RUNTIME_OF, explain
 from finetune.gates.runtime_parity import judge_runtimes
 from finetune.gates.verdict import Verdict
 from finetune.models.safetensors import dtype_counts
@@ -179,7 +179,7 @@ def stage_evaluate(ctx: Ctx) -> StageResult:
     )
     m = ctx.deps.evaluate(inputs, ctx.log)
     verdicts = [
-        explain(v, inputs.gguf if v.name in ("gguf_tokenizer", "logprob_parity") else None)
+        explain(v, inputs.gguf if RUNTIME_OF.get(v.name) == "llamacpp" else None)  # llama.cpp reads the GGUF
         for v in judge_runtimes(m, ctx.cfg.gates)
         if ctx.wants(v.name)
     ]
