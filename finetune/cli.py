@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from finetune.config.loader import list_profiles, load_config, load_file
+from finetune.config.schema import RunConfig
 from finetune.errors import UserError
 from finetune.system.console import plain_unless_terminal
 
@@ -90,11 +91,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None, *, deps=None, out=None) -> int:
-    """Entry point. `deps` (a tiers.context.Deps) replaces the real model and trainer in tests."""
+    """Entry point. `deps` (a finetune.stages.context.Deps) replaces the real model and trainer in tests."""
     args = build_parser().parse_args(argv)
+    out = out or sys.stdout
     try:
         with plain_unless_terminal():
-            return _dispatch(args, deps, out or sys.stdout)
+            if args.command not in ("train", "run", "validate", "pipeline"):
+                return _dispatch(args, deps, out)
+            from finetune.recipes.commands import RECIPES
+            from finetune.recipes.execution import print_result
+
+            cfg, run_dir = _run_config(args)
+            heartbeat_s = 0 if getattr(args, "quiet", False) else 15.0
+            result = RECIPES[args.command](
+                cfg, run_dir, _deps(deps), log=_printer(out), heartbeat_s=heartbeat_s
+            )
+            print_result(result, out)
+            return result.exit_code
     except UserError as exc:
         from finetune.config.loader import ConfigError
 
@@ -108,7 +121,7 @@ def main(argv: Sequence[str] | None = None, *, deps=None, out=None) -> int:
 def _deps(deps):
     if deps is not None:
         return deps
-    from finetune.tiers.real import real_deps
+    from finetune.stages.real import real_deps
 
     return real_deps()
 
@@ -146,53 +159,31 @@ def _dispatch(args, deps, out) -> int:
         est = from_run_config(model_cfg, cfg)
         print(json.dumps(est.to_dict(), indent=2) if args.json else format_estimate(est), file=out)
         return 0
-    if args.command in ("train", "run", "pipeline", "validate"):
-        return _tier(args, _deps(deps), out)
     if args.command == "history":
         return _history(args, out)
     raise AssertionError(args.command)
 
 
-def _tier(args, deps, out) -> int:
+def _run_config(args) -> tuple[RunConfig, Path]:
+    """The run directory and the config it owns: a new run's is written there, an existing run keeps its own."""
     from finetune import faults
-    from finetune.tiers.rundir import new_run_dir, own_config
-    from finetune.tiers.tiers import TIERS, print_result, run_tier
+    from finetune.stages.rundir import new_run_dir, own_config
 
     faults.injected()  # FT_INJECT_FAULT without the harness's arming key: refused before any work (exit 2)
     if args.command == "validate":
         run_dir = Path(args.run_dir)
-        cfg = own_config(run_dir, None, command="validate")
-        result = run_tier(TIERS["validate"], cfg, run_dir, deps, log=_printer(out), force=("judge",))
-        print_result(result, out)
-        return result.exit_code
-    given = bool(args.profile or args.config or args.set)
+        return own_config(run_dir, None, command="validate"), run_dir
     if args.resume and not args.run_dir:
         from finetune.config.loader import ConfigError
 
         raise ConfigError("--resume needs --run-dir RUN (the run to continue)")
+    given = bool(args.profile or args.config or args.set)
     exists = bool(args.run_dir) and (Path(args.run_dir) / "config.yaml").is_file()
     requested = load_config(args.profile, args.config, args.set) if given or not exists else None
     if requested is not None and requested.profile is None:
         requested = requested.model_copy(update={"profile": "custom"})
     run_dir = Path(args.run_dir) if args.run_dir else new_run_dir(requested)
-    cfg = own_config(run_dir, requested, args.override, command=args.command)
-    settings = None
-    if args.command == "pipeline":
-        from finetune.evaluate.evaluation import EvalSettings
-
-        settings = EvalSettings()
-    result = run_tier(
-        TIERS[args.command],
-        cfg,
-        run_dir,
-        deps,
-        log=_printer(out),
-        settings=settings,
-        command=args.command,
-        heartbeat_s=0 if args.quiet else 15.0,
-    )
-    print_result(result, out)
-    return result.exit_code
+    return own_config(run_dir, requested, args.override, command=args.command), run_dir
 
 
 def _history(args, out) -> int:

@@ -24,13 +24,14 @@ from finetune.evaluate.probes import (
     LearningMeasurement,
     masked_rows,
 )
+from finetune.stages import versions
+from finetune.stages.context import Deps
 from finetune.system.atomic import atomic_write_json
 from finetune.system.jsonl import read_jsonl
-from finetune.tiers.context import Deps
-from finetune.train.batches import TOKENS, load_split, record_tokens
 from finetune.train.engine import RESULT
 from finetune.train.memory import from_run_config
 from finetune.train.memprobe import MemoryMeasurement
+from finetune.train.splits import TOKENS, load_split, record_tokens
 
 SMOLLM2_SHAPE = {
     "model_type": "llama", "hidden_size": 576, "num_hidden_layers": 30, "num_attention_heads": 9,
@@ -159,5 +160,6 @@ def fake_deps(tokenizer: Any, models_root: Path, trainer: FakeTrainer | None = N
         locate_ollama=unused("serve"), ollama_server=unused("serve"), deploy=unused("serve"),
         served_checks=unused("serve"), ollama_answers=unused("serve"), llamacpp_reason=lambda: "tier 1",
         evaluate=unused("evaluate"), collect_env=lambda: {"tier": 1}, describe_machine=lambda: "machine: fake (tier 1)", available_memory=lambda: 8 * 2**30,
+        tool_version=versions.tool_version, ollama_version=versions.ollama_version,
     )  # fmt: skip
     return replace(deps, **overrides)

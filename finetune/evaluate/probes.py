@@ -99,7 +99,7 @@ def _answers_and_loss(
     stops: Sequence[str],
     max_tokens: int,
 ) -> tuple[list[str], float]:
-    from finetune.train.batches import load_split
+    from finetune.train.splits import load_split
 
     model, tokenizer = decode.load(model_dir, adapter_dir)
     try:
@@ -189,7 +189,7 @@ def adapter_tensors(folder: Path) -> dict[str, np.ndarray]:
 
 def masked_rows(run_dir: Path, tokenizer: Any, max_seq_length: int) -> list[MaskedRow]:
     """Decode the loss-carrying runs of the rows training recorded (train/engine.record_tokens)."""
-    from finetune.train.batches import TOKENS
+    from finetune.train.splits import TOKENS
 
     recorded = json.loads((Path(run_dir) / TOKENS).read_text())
     rows = read_jsonl(Path(run_dir) / "data" / "train.jsonl")

@@ -1,4 +1,4 @@
-"""Token datasets and batches for mlx-lm's trainer, with per-token loss masks.
+"""Token datasets and batches for mlx-lm's trainer, with per-token loss masks (read from disk: splits.py).
 
 mlx-lm masks only a prompt prefix; we carry a mask per token so multi-turn chats train on every
 assistant turn. The batch order is a pure function of (seed, step), which is what makes resume exact.
@@ -6,19 +6,15 @@ assistant turn. The batch order is a pure function of (seed, step), which is wha
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from finetune import faults
-from finetune.data.tokens import batch_width, tokenize_example
-from finetune.system.atomic import atomic_write_json
+from finetune.data.tokens import batch_width
 
 
 @dataclass
@@ -34,30 +30,6 @@ class TokenDataset:
 
     def __getitem__(self, idx: int) -> tuple[list[int], list[int]]:
         return self.items[idx]
-
-
-def load_split(path: Path, tokenizer, max_seq_length: int, mask_prompt: bool) -> TokenDataset:
-    """Read a prepared split (train/valid/test.jsonl) and tokenize it once."""
-    items, rows = [], []
-    with open(path, encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                ids, mask = tokenize_example(
-                    tokenizer, row["text"], row.get("train_spans") or [], max_seq_length, mask_prompt
-                )
-            except (json.JSONDecodeError, KeyError) as exc:
-                raise ValueError(f"{path}:{line_no}: not a prepared example ({exc})") from None
-            mask = faults.point("mask_prompt_ignored", mask)
-            if sum(mask[1:]) == 0:
-                continue  # nothing to learn after truncation
-            items.append((ids, mask))
-            rows.append(line_no - 1)
-    if not items:
-        raise ValueError(f"{path}: no usable examples after tokenization (max_seq_length={max_seq_length})")
-    return TokenDataset(items, str(path), rows)
 
 
 def _pack(rows: list[tuple[list[int], list[int]]], max_seq_length: int) -> tuple[mx.array, mx.array]:
@@ -120,14 +92,3 @@ def masked_loss(model, batch: mx.array, mask: mx.array) -> tuple[mx.array, mx.ar
     ce = nn.losses.cross_entropy(logits, targets) * weights
     ntoks = weights.sum()
     return ce.astype(mx.float32).sum() / ntoks, ntoks
-
-
-TOKENS = "train_tokens.json"
-TOKENS_KEPT = 256  # rows of the training set recorded for the label-mask gate
-
-
-def record_tokens(dataset, path: Path) -> None:
-    """The token ids and loss masks training really used (the first TOKENS_KEPT rows), with their row numbers."""
-    pairs = zip(dataset.rows, dataset.items, strict=True)
-    rows = [{"row": r, "ids": ids, "mask": mask} for r, (ids, mask) in pairs][:TOKENS_KEPT]
-    atomic_write_json(path, {"source": dataset.source, "rows": rows})

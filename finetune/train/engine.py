@@ -21,7 +21,6 @@ from finetune.config.schema import RunConfig
 from finetune.system import signals
 from finetune.system.atomic import atomic_write_json
 from finetune.train import shortcuts
-from finetune.train.batches import TOKENS, load_split, record_tokens
 from finetune.train.callback import EarlyStop, RunCallback, step_seed
 from finetune.train.checkpoints import (
     ADAPTER_DIR,
@@ -38,6 +37,7 @@ from finetune.train.gemma_scale import exact_embed_scale
 from finetune.train.metrics import METRICS, truncate_metrics
 from finetune.train.setup import make_optimizer, prepare_model
 from finetune.train.shortcut_plan import enabled_shortcuts
+from finetune.train.splits import TOKENS, load_split, record_tokens
 
 FINAL_MLX_ADAPTER = ".mlx_lm_final.safetensors"  # mlx-lm saves here at its end; deleted, ours is ADAPTER_DIR
 
@@ -97,12 +97,52 @@ def train_run(
     still in memory (the artifacts gate later compares the saved adapter's answers with its answers).
     A signal stops training at the next step boundary with a checkpoint and re-raises signals.Interrupted.
     """
+    run, fast, cb, result = _prepare(cfg, Path(model_path), Path(data_dir), Path(run_dir), resume, load, log)
+    remaining = cfg.training.iters - result.start_step
+    tic = time.perf_counter()
+    try:
+        with signals.deferred():
+            if result.start_step == 0:
+                result.initial_val_loss = _first_evaluation(run, cb)
+            if remaining > 0:  # mlx-lm's loop; our callback evaluates and saves, so its own never do
+                train_fn(
+                    run.model,
+                    run.optimizer,
+                    run.train_set,
+                    None,
+                    args=_training_args(cfg, run_dir, remaining),
+                    loss=fast.loss,
+                    iterate_batches=fast.iterate_train,
+                    training_callback=cb,
+                )
+            signals.check()  # a signal that came after the last step boundary
+    except EarlyStop as why:
+        result.stopped_early = True
+        log(f"early stopping at step {cb.step}: {why}")
+    except (signals.Interrupted, KeyboardInterrupt) as exc:
+        _stopped(cfg, run, Path(run_dir), cb, result, exc, tic, log)
+        raise
+    finally:
+        cb.close()
+        (Path(run_dir) / FINAL_MLX_ADAPTER).unlink(missing_ok=True)
+    return _finished(run, Path(run_dir), cb, result, tic, on_trained)
+
+
+def _prepare(
+    cfg: RunConfig,
+    model_path: Path,
+    data_dir: Path,
+    run_dir: Path,
+    resume: bool,
+    load: Callable | None,
+    log: Callable[[str], None],
+) -> tuple[_Loaded, shortcuts.Shortcuts, RunCallback, TrainResult]:
+    """Load model and splits, restore a checkpoint or record step 0, plan the shortcuts, make the callback."""
     if load is None:
         from mlx_lm import load
-    run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     mx.random.seed(cfg.training.seed)
-    run = _load(cfg, load, Path(model_path), Path(data_dir))
+    run = _load(cfg, load, model_path, data_dir)
     start_step, state = _start_point(run_dir, run, resume, log)
     fast = _setup_shortcuts(cfg, run, start_step)
     log(fast.plan.summary())
@@ -112,19 +152,69 @@ def train_run(
         save_adapter(run.model, run.acfg, run_dir / INIT_DIR)
         record_tokens(run.train_set, run_dir / TOKENS)  # what the label-mask gate checks
     mx.random.seed(step_seed(cfg.training.seed, start_step))
-
     cb = _callback(cfg, run, run_dir, fast, start_step, state)
     result = _new_result(run, run_dir, start_step, fast)
     mx.reset_peak_memory()
-    tic = time.perf_counter()
-    interrupted = _train_until_stopped(cfg, run, run_dir, fast, cb, result, train_fn, log)
+    return run, fast, cb, result
+
+
+def _first_evaluation(run: _Loaded, cb: RunCallback) -> float | None:
+    run.model.train()
+    loss = cb.evaluate()
+    cb.bad_evals = 0
+    return loss
+
+
+def _training_args(cfg: RunConfig, run_dir: Path, remaining: int) -> TrainingArgs:
+    t = cfg.training
+    return TrainingArgs(
+        batch_size=t.batch_size,
+        iters=remaining,
+        steps_per_report=1,
+        steps_per_eval=remaining + 1,
+        steps_per_save=remaining + 1,
+        max_seq_length=cfg.data.max_seq_length,
+        adapter_file=str(Path(run_dir) / FINAL_MLX_ADAPTER),
+        grad_checkpoint=t.grad_checkpoint,
+        grad_accumulation_steps=t.grad_accumulation_steps,
+    )
+
+
+def _measured(cb: RunCallback, result: TrainResult, tic: float) -> None:
     result.steps = cb.step
     result.wall_time_s = time.perf_counter() - tic
     result.peak_memory_bytes = int(mx.get_peak_memory())
     result.best_val_loss, result.final_train_loss = cb.best_val, cb.last_train_loss
-    if interrupted is not None:
-        atomic_write_json(run_dir / RESULT, result.to_dict())
-        raise interrupted
+
+
+def _stopped(
+    cfg: RunConfig,
+    run: _Loaded,
+    run_dir: Path,
+    cb: RunCallback,
+    result: TrainResult,
+    exc: BaseException,
+    tic: float,
+    log: Callable[[str], None],
+) -> None:
+    """A signal stopped training: a resumable checkpoint and the result so far, before it is re-raised."""
+    if isinstance(exc, KeyboardInterrupt):  # no handlers here: it may have landed anywhere in a step
+        _checkpoint_mid_step(cfg, run, run_dir, cb)
+    result.interrupted = signals.as_interrupted(exc).name
+    log(f"interrupted ({result.interrupted}): resumable checkpoint at step {cb.step}")
+    _measured(cb, result, tic)
+    atomic_write_json(run_dir / RESULT, result.to_dict())
+
+
+def _finished(
+    run: _Loaded,
+    run_dir: Path,
+    cb: RunCallback,
+    result: TrainResult,
+    tic: float,
+    on_trained: Callable[[Any, Any], None] | None,
+) -> TrainResult:
+    _measured(cb, result, tic)
     save_final_adapter(run.model, run.acfg, run_dir / ADAPTER_DIR)
     if (run_dir / BEST_DIR).exists():
         result.best_adapter_dir = str(run_dir / BEST_DIR)
@@ -197,76 +287,6 @@ def _new_result(run: _Loaded, run_dir: Path, start_step: int, fast: shortcuts.Sh
     result.extra["shortcuts"] = fast.plan.summary()
     result.trainable_params, result.total_params = n_trainable, n_total
     return result
-
-
-def _train_until_stopped(
-    cfg: RunConfig,
-    run: _Loaded,
-    run_dir: Path,
-    fast: shortcuts.Shortcuts,
-    cb: RunCallback,
-    result: TrainResult,
-    train_fn: Callable,
-    log: Callable[[str], None],
-) -> BaseException | None:
-    """Train to the last step, an early stop or a signal; returns the interruption to re-raise, if any."""
-    try:
-        with signals.deferred():
-            if result.start_step == 0:
-                run.model.train()
-                result.initial_val_loss = cb.evaluate()
-                cb.bad_evals = 0
-            remaining = cfg.training.iters - result.start_step
-            if remaining > 0:
-                _call_mlx_train(cfg, run, run_dir, fast, cb, train_fn, remaining)
-            signals.check()  # a signal that came after the last step boundary
-    except EarlyStop as why:
-        result.stopped_early = True
-        log(f"early stopping at step {cb.step}: {why}")
-    except (signals.Interrupted, KeyboardInterrupt) as exc:
-        if isinstance(exc, KeyboardInterrupt):  # no handlers here: it may have landed anywhere in a step
-            _checkpoint_mid_step(cfg, run, run_dir, cb)
-        result.interrupted = signals.as_interrupted(exc).name
-        log(f"interrupted ({result.interrupted}): resumable checkpoint at step {cb.step}")
-        return exc
-    finally:
-        cb.close()
-        (run_dir / FINAL_MLX_ADAPTER).unlink(missing_ok=True)
-    return None
-
-
-def _call_mlx_train(
-    cfg: RunConfig,
-    run: _Loaded,
-    run_dir: Path,
-    fast: shortcuts.Shortcuts,
-    cb: RunCallback,
-    train_fn: Callable,
-    remaining: int,
-) -> None:
-    """mlx-lm's loop for the remaining steps; our callback evaluates and saves, so its own never do."""
-    t = cfg.training
-    args = TrainingArgs(
-        batch_size=t.batch_size,
-        iters=remaining,
-        steps_per_report=1,
-        steps_per_eval=remaining + 1,
-        steps_per_save=remaining + 1,
-        max_seq_length=cfg.data.max_seq_length,
-        adapter_file=str(run_dir / FINAL_MLX_ADAPTER),
-        grad_checkpoint=t.grad_checkpoint,
-        grad_accumulation_steps=t.grad_accumulation_steps,
-    )
-    train_fn(
-        run.model,
-        run.optimizer,
-        run.train_set,
-        None,
-        args=args,
-        loss=fast.loss,
-        iterate_batches=fast.iterate_train,
-        training_callback=cb,
-    )
 
 
 def _checkpoint_mid_step(cfg: RunConfig, run: _Loaded, run_dir: Path, cb: RunCallback) -> None:

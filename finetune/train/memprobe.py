@@ -27,9 +27,9 @@ def measure(cfg_path: Path, model_path: Path, data_dir: Path, fine_tune_type: st
 
     from finetune.config.loader import load_file
     from finetune.train import shortcuts
-    from finetune.train.batches import load_split
     from finetune.train.setup import make_optimizer, prepare_model
     from finetune.train.shortcut_plan import enabled_shortcuts
+    from finetune.train.splits import load_split
 
     cfg = load_file(cfg_path)
     cfg.training.fine_tune_type = fine_tune_type

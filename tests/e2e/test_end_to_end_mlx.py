@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from finetune.recipes.commands import COMMANDS
 from finetune.system.atomic import atomic_write_json
-from finetune.tiers.tiers import TIERS
 from tests.conftest import SERVED_CHECK_NAMES
 from tests.e2e.test_end_to_end_real_model import model_sets, release_requires
 
@@ -80,7 +80,7 @@ def tier3(request):
     from finetune.models.resolve import resolve_model
     from finetune.report.models import REPORT_NAME, validate_report
     from finetune.system.resources import available_memory_bytes
-    from finetune.tiers.choose import choose_for_memory
+    from finetune.train.model_choice import choose_for_memory
 
     try:
         resolved = resolve_model(MODEL)  # the pipeline's model stage finds it cached
@@ -149,7 +149,7 @@ def test_stage(tier3, stage):
         assert entry.artifacts and all(len(a.sha256) == 64 and a.bytes > 0 for a in entry.artifacts)
 
 
-@pytest.mark.parametrize("gate", TIERS["pipeline"].required_gates)
+@pytest.mark.parametrize("gate", COMMANDS["pipeline"].gates)
 def test_gate(tier3, gate):
     g = next((g for g in tier3["report"].gates if g.name == gate), None)
     assert g is not None, f"gate {gate} missing from the report"
@@ -201,9 +201,9 @@ SMOLLM2_FAULTS = ("modelfile_wrong_template", "eval_runtime_base")
 def test_a_shipping_fault_on_the_real_model_is_caught_by_its_gate(tier3, fault, tmp_path, plant_fault):
     from finetune import faults
     from finetune.evaluate.evaluation import EvalSettings
-    from finetune.tiers.real import real_deps
-    from finetune.tiers.rundir import own_config
-    from finetune.tiers.tiers import run_tier
+    from finetune.recipes.commands import RECIPES
+    from finetune.stages.real import real_deps
+    from finetune.stages.rundir import own_config
     from tests import fault_table
 
     if tier3["report"].status != "passed":
@@ -213,7 +213,7 @@ def test_a_shipping_fault_on_the_real_model_is_caught_by_its_gate(tier3, fault, 
         pytest.skip(f"{fault} is caught by the served model's gates: {why}")
     run_dir = _replica(tier3["path"].parent, tmp_path / "run")
     plant_fault(fault)
-    report = run_tier(TIERS["pipeline"], own_config(run_dir, None), run_dir, real_deps(), log=lambda _: None,
+    report = RECIPES["pipeline"](own_config(run_dir, None), run_dir, real_deps(), log=lambda _: None,
                       settings=EvalSettings(n_train=6, n_heldout=0)).report  # fmt: skip
     failed = {g.name for g in report.gates if g.status == "failed"}
     fault_table.save([dict(fault=fault, model=MODEL, expected=gate, caught=gate in failed, status=report.status,

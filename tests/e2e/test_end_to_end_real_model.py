@@ -73,11 +73,11 @@ def tier2():
     from finetune.config.loader import load_config
     from finetune.models.cache import ModelUnavailable
     from finetune.models.resolve import resolve_model
+    from finetune.recipes.commands import RECIPES
+    from finetune.stages.real import real_deps
+    from finetune.stages.rundir import own_config
     from finetune.system.resources import available_memory_bytes
-    from finetune.tiers.choose import choose_for_memory
-    from finetune.tiers.real import real_deps
-    from finetune.tiers.rundir import own_config
-    from finetune.tiers.tiers import TIERS, run_tier
+    from finetune.train.model_choice import choose_for_memory
 
     def resolved(spec: str):
         try:
@@ -104,7 +104,7 @@ def tier2():
     saved = os.environ.get("FT_HISTORY")
     os.environ["FT_HISTORY"] = str(ARTIFACTS / "history.jsonl")  # tier runs are the history's subject
     try:
-        result = run_tier(TIERS["run"], cfg, run_dir, real_deps())
+        result = RECIPES["run"](cfg, run_dir, real_deps())
     finally:
         if saved is None:
             os.environ.pop("FT_HISTORY", None)

@@ -27,7 +27,7 @@ from finetune.system.hashing import dir_sha256
 from finetune.system.signals import Interrupted
 from finetune.train.memory import from_run_config
 from tests.fakes import SMOLLM2_SHAPE, FakeTrainer, fake_deps
-from tests.unit.tiers.test_pipeline import World
+from tests.unit.recipes.test_pipeline import World
 
 TRAINING_GATES = registry.TRAINING_GATES  # what `finetune run` requires (finetune.gates.registry)
 

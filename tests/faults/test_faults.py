@@ -17,10 +17,10 @@ import pytest
 from finetune import faults
 from finetune.config.loader import load_config
 from finetune.evaluate.evaluation import EvalSettings
+from finetune.recipes.commands import COMMANDS, RECIPES
 from finetune.serve.ollama_provision import locate_ollama
-from finetune.tiers.real import real_deps
-from finetune.tiers.rundir import own_config
-from finetune.tiers.tiers import TIERS, run_tier
+from finetune.stages.real import real_deps
+from finetune.stages.rundir import own_config
 from tests.tiny_run import MODEL, healthy_sets
 
 STAGE_ERROR = "(stage error)"  # no gate: the stage itself must fail, clearly
@@ -37,7 +37,7 @@ def _sets(folder: Path, seed: int = 0) -> list[str]:
 def _run(tier: str, run_dir: Path, sets: list[str]):
     cfg = own_config(run_dir, load_config("release" if tier == "pipeline" else "quick", overrides=sets))
     settings = EvalSettings(n_train=8, n_heldout=0) if tier == "pipeline" else None
-    return run_tier(TIERS[tier], cfg, run_dir, real_deps(), log=lambda _: None, settings=settings).report
+    return RECIPES[tier](cfg, run_dir, real_deps(), log=lambda _: None, settings=settings).report
 
 
 def _failed(report) -> list[str]:
@@ -65,7 +65,7 @@ def test_a_healthy_seed_passes_every_gate(seed, healthy, tmp_path, data_dir, rec
     record(fault="healthy", seed=seed, model=MODEL, expected="(none fails)", caught=report.status == "passed",
            status=report.status, failed=_failed(report))  # fmt: skip
     assert report.status == "passed", report.reasons
-    assert {g.name for g in report.gates} >= set(TIERS["pipeline"].required_gates)
+    assert {g.name for g in report.gates} >= set(COMMANDS["pipeline"].gates)
 
 
 @pytest.mark.parametrize("fault", TRAIN_FAULTS)

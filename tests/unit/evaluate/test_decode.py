@@ -107,7 +107,7 @@ def test_logprobs_are_a_normalized_log_softmax_of_the_logits(tiny_model):
 
 
 def test_teacher_forced_loss_is_the_mean_masked_cross_entropy(tiny_model, tiny_sums_dir):
-    from finetune.train.batches import load_split
+    from finetune.train.splits import load_split
 
     model, tok = tiny_model
     dataset = load_split(tiny_sums_dir / "train.jsonl", tok, 64, True)

@@ -206,7 +206,7 @@ def learning_run(tmp_path, tiny_sums_dir, tiny_lora) -> Path:
 
 def test_measure_learning_asks_base_and_base_plus_saved_adapter(learning_run, tiny_hf, tiny_model, tmp_path):
     from finetune.config.loader import load_config
-    from finetune.train.batches import load_split
+    from finetune.train.splits import load_split
 
     cfg = load_config(
         overrides=["gates.learning_probes=4", "data.max_seq_length=64", "training.batch_size=2"]

@@ -105,8 +105,8 @@ MULTI_TURN = [
 
 def _recorded(tmp_path: Path, data_dir: Path, tokenizer, max_seq_length: int = 64) -> Path:
     """A run dir holding data/ and train_tokens.json exactly as train_run writes them."""
-    from finetune.train.batches import load_split
     from finetune.train.engine import TOKENS, record_tokens
+    from finetune.train.splits import load_split
 
     run = tmp_path / "run"
     shutil.copytree(data_dir, run / "data")

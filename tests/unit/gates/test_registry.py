@@ -65,15 +65,15 @@ def test_every_planted_fault_is_caught_by_a_registered_gate():
 def test_the_commands_require_what_the_table_declares():
     """The lists derived from the table are the ones the commands had when each was written by hand."""
     from finetune.gates.registry import LOWER_IS_BETTER, PARITY_GATES, RUNTIME_OF
-    from finetune.tiers.tiers import TIERS
+    from finetune.recipes.commands import COMMANDS
 
     training = ("loss_convergence", "model_learning", "memory_efficiency", "parameter_updates", "artifacts",
                 "label_mask")  # fmt: skip
     shipping = ("fuse_exactness", "gguf_tokenizer", "logprob_parity", "output_parity", "adapter_effect",
                 "clean_endings", "served_answers", "served_template", "served_api")  # fmt: skip
-    assert TIERS["run"].required_gates == TIERS["validate"].required_gates == training
-    assert TIERS["pipeline"].required_gates == (*training[:1], *training[3:], *shipping)
-    assert TIERS["train"].required_gates == ()
+    assert COMMANDS["run"].gates == COMMANDS["validate"].gates == training
+    assert COMMANDS["pipeline"].gates == (*training[:1], *training[3:], *shipping)
+    assert COMMANDS["train"].gates == ()
     assert RUNTIME_OF == {"gguf_tokenizer": "llamacpp", "logprob_parity": "llamacpp", "served_answers": "ollama",
                           "served_template": "ollama", "served_api": "ollama"}  # fmt: skip
     assert {"loss_convergence", "logprob_parity", "fuse_exactness"} == LOWER_IS_BETTER

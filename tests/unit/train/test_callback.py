@@ -8,11 +8,12 @@ import pytest
 
 from finetune.config.loader import load_config
 from finetune.system import signals
-from finetune.train.batches import load_split, make_iterate_batches, masked_loss
+from finetune.train.batches import make_iterate_batches, masked_loss
 from finetune.train.callback import EarlyStop, RunCallback, step_seed
 from finetune.train.checkpoints import BEST_DIR, CHECKPOINTS, latest_checkpoint
 from finetune.train.metrics import METRICS, read_metrics, train_losses, val_losses
 from finetune.train.setup import make_optimizer, prepare_model
+from finetune.train.splits import load_split
 from tests.conftest import build_toy_model
 
 INFO = {"learning_rate": 1e-3, "tokens_per_second": 50.0, "trained_tokens": 120}

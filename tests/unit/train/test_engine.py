@@ -13,10 +13,10 @@ from mlx.utils import tree_flatten
 from finetune.config.loader import load_config
 from finetune.system import signals
 from finetune.system.jsonl import read_jsonl
-from finetune.train.batches import TOKENS, load_split
 from finetune.train.checkpoints import RESULT, latest_checkpoint
 from finetune.train.engine import train_run
 from finetune.train.metrics import METRICS, read_metrics, train_losses, val_losses
+from finetune.train.splits import TOKENS, load_split
 from tests.conftest import build_toy_model
 
 

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from finetune.config.loader import ConfigError, load_config
-from finetune.tiers.rundir import differences, new_run_dir, own_config, resume_command
+from finetune.stages.rundir import differences, new_run_dir, own_config, resume_command
 
 
 def test_a_new_run_saves_its_config_and_a_rerun_without_options_uses_it(tmp_path):

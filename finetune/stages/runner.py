@@ -1,7 +1,7 @@
-"""Run a tier's stages in order with a digest cache, and write the run's report whatever happens.
+"""Run a command's stages in order with a digest cache.
 
 Each stage records RUN/stages/<name>.json with the sha256 of its inputs (code version, injected faults, the
-user's files by content and the tools' versions included: stage_keys) and its outputs, artifacts (with
+user's files by content and the tools' versions included: finetune.stages.keys) and its outputs, artifacts (with
 each folder's per-file digests) and verdicts; a rerun skips a stage whose digest matches and whose artifacts
 still hash to the recorded digests, so a failed or interrupted run continues where it stopped. An artifact
 that changed under the run is named, and that stage and every later one run again. After a failed stage
@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -23,12 +22,12 @@ from finetune.errors import UserError
 from finetune.gates.verdict import Verdict
 from finetune.report.artifacts import artifact_changes
 from finetune.report.models import Artifact, StageReport
+from finetune.stages import keys
+from finetune.stages.context import Ctx, Stage, StageError, StageResult
+from finetune.stages.progress import heartbeat
 from finetune.system import signals
 from finetune.system.atomic import atomic_write_json
 from finetune.system.hashing import dir_manifest, json_sha256
-from finetune.tiers import stage_keys
-from finetune.tiers.context import Ctx, Stage, StageError, StageResult
-from finetune.tiers.progress import heartbeat
 
 STAGE_DIR = "stages"
 
@@ -36,8 +35,8 @@ STAGE_DIR = "stages"
 def stage_digest(ctx: Ctx, stage: Stage) -> tuple[str, dict[str, Any]]:
     inputs = {
         **stage.inputs(ctx),
-        **stage_keys.key_parts(ctx, stage.name),
-        "code": stage_keys.code_version(),
+        **keys.key_parts(ctx, stage.name),
+        "code": keys.code_version(),
         "faults": faults.injected_at(stage.name),
     }
     return json_sha256(inputs), inputs
@@ -60,7 +59,7 @@ def _cached(
     if ctx.changed is not None:
         return None, f"rerunning: {ctx.changed}'s artifacts changed under the run"
     if record.get("digest") != digest:
-        return None, "rerunning: " + "; ".join(stage_keys.input_changes(record.get("inputs", {}), inputs))
+        return None, "rerunning: " + "; ".join(keys.input_changes(record.get("inputs", {}), inputs))
     files = record.get("files", {})
     changes = [c for a in record.get("artifacts", []) for c in artifact_changes(a, files.get(a.get("name")))]
     if changes:
@@ -69,33 +68,61 @@ def _cached(
     return record, None
 
 
-@dataclass
-class StageOutcome:
-    report: StageReport
-    bad_input: bool = False
+class Run:
+    """A command's stages, run one after another in one run directory.
+
+    `stage()` replays a stage from its record when its inputs and artifacts are unchanged, else runs and
+    records it. After a failed stage the later ones are not run ("<stage> failed"); after a signal, neither
+    ("interrupted"), and `stop` holds the signal for the report and the resume command.
+    """
+
+    def __init__(self, ctx: Ctx):
+        self.ctx = ctx
+        self.reports: list[StageReport] = []
+        self.bad_input = False  # some stage failed on the user's input (exit 2)
+        self.failed: str | None = None
+        self.stop: signals.Interrupted | None = None
+
+    def stage(self, stage: Stage) -> StageReport:
+        ctx = self.ctx
+        if self.stop is not None or self.failed is not None:
+            return self._add(_not_run(stage, "interrupted" if self.stop else f"{self.failed} failed"))
+        tic = time.perf_counter()
+        try:
+            report, digest, inputs = _replayed(ctx, stage)
+            if report is None:
+                with _announced(ctx, stage.name):
+                    result = stage.run(ctx)
+                report = _finished(ctx, stage, result, digest, inputs, tic)
+        except (signals.Interrupted, KeyboardInterrupt) as exc:
+            self.stop = signals.as_interrupted(exc)
+            return self._add(_not_run(stage, f"interrupted by {self.stop.name}", status="failed"))
+        except Exception as exc:
+            self.bad_input = self.bad_input or isinstance(exc, UserError)
+            report = _failed(ctx, stage, exc, ctx.digests.get(stage.name), tic)
+        return self._add(report)
+
+    def _add(self, report: StageReport) -> StageReport:
+        self.reports.append(report)
+        if report.status == "failed" and self.failed is None and self.stop is None:
+            self.failed = report.name
+        return report
 
 
-def run_stage(ctx: Ctx, stage: Stage) -> StageOutcome:
-    """Replay the stage from its record when its inputs and artifacts are unchanged, else run it and record it."""
+def _replayed(ctx: Ctx, stage: Stage) -> tuple[StageReport | None, str, dict[str, Any]]:
+    """(the stage's report when its record can be replayed, else None; its inputs digest; its inputs)."""
     name = stage.name
     try:
         digest, inputs = stage_digest(ctx, stage)
     except Exception as exc:
-        reason = f"inputs: {type(exc).__name__}: {exc}"
-        return StageOutcome(
-            StageReport(name=name, status="failed", reason=reason, seconds=0, required=stage.required)
-        )
+        raise StageError(f"inputs: {type(exc).__name__}: {exc}") from exc
     ctx.digests[name] = digest
     record, why = _cached(ctx, name, digest, inputs)
     if why:
         ctx.log(f"[{name}] {why}")
-    if record is not None:
-        return _replay(ctx, stage, record, digest)
-    return _execute(ctx, stage, digest, inputs)
-
-
-def _replay(ctx: Ctx, stage: Stage, record: dict[str, Any], digest: str) -> StageOutcome:
-    name, artifacts = stage.name, record.get("artifacts", [])
+    if record is None:
+        return None, digest, inputs
+    artifacts = record.get("artifacts", [])
     ctx.outputs[name] = record["outputs"]
     ctx.artifacts[name] = {a["name"]: a["sha256"] for a in artifacts}
     ctx.verdicts += [Verdict.from_dict(v) for v in record.get("verdicts", [])]
@@ -111,36 +138,39 @@ def _replay(ctx: Ctx, stage: Stage, record: dict[str, Any], digest: str) -> Stag
         artifacts=[Artifact.model_validate(a) for a in artifacts],
         details=record.get("details", {}),
     )
-    return StageOutcome(report)
+    return report, digest, inputs
 
 
-def _execute(ctx: Ctx, stage: Stage, digest: str, inputs: dict[str, Any]) -> StageOutcome:
-    name, tic = stage.name, time.perf_counter()
+@contextlib.contextmanager
+def _announced(ctx: Ctx, name: str) -> Iterator[None]:
+    """ "[name] ..." with its usual time, a heartbeat while it runs, and no record of it until it ends."""
     usual = ctx.expected.get(name)
     ctx.log(f"[{name}] ..." + (f" (usually ~{usual:.0f} s)" if usual else ""))
     record_path(ctx.run_dir, name).unlink(missing_ok=True)  # a half-finished stage must not look done
-    beat = heartbeat(name, ctx.log, usual, ctx.heartbeat_s) if ctx.heartbeat_s else contextlib.nullcontext()
-    try:
-        with beat:
-            result: StageResult = stage.run(ctx)
-    except (signals.Interrupted, KeyboardInterrupt):
-        raise
-    except Exception as exc:
-        seconds = round(time.perf_counter() - tic, 3)
-        reason = str(exc) if isinstance(exc, StageError) else f"{type(exc).__name__}: {exc}"
-        ctx.log(f"[{name}] FAILED after {seconds:.1f} s: {reason}")
-        details = exc.details if isinstance(exc, StageError) else {}
-        report = StageReport(
-            name=name,
-            status="failed",
-            reason=reason,
-            seconds=seconds,
-            digest=digest,
-            details=details,
-            required=stage.required,
-        )
-        return StageOutcome(report, bad_input=isinstance(exc, UserError))
+    with heartbeat(name, ctx.log, usual, ctx.heartbeat_s) if ctx.heartbeat_s else contextlib.nullcontext():
+        yield
+
+
+def _failed(ctx: Ctx, stage: Stage, exc: Exception, digest: str | None, tic: float) -> StageReport:
     seconds = round(time.perf_counter() - tic, 3)
+    reason = str(exc) if isinstance(exc, StageError) else f"{type(exc).__name__}: {exc}"
+    ctx.log(f"[{stage.name}] FAILED after {seconds:.1f} s: {reason}")
+    details = exc.details if isinstance(exc, StageError) else {}
+    return StageReport(
+        name=stage.name,
+        status="failed",
+        reason=reason,
+        seconds=seconds,
+        digest=digest,
+        details=details,
+        required=stage.required,
+    )
+
+
+def _finished(
+    ctx: Ctx, stage: Stage, result: StageResult, digest: str, inputs: dict[str, Any], tic: float
+) -> StageReport:
+    name, seconds = stage.name, round(time.perf_counter() - tic, 3)
     ctx.outputs[name] = result.outputs
     ctx.artifacts[name] = {a.name: a.sha256 for a in result.artifacts}
     ctx.verdicts += result.verdicts
@@ -149,7 +179,7 @@ def _execute(ctx: Ctx, stage: Stage, digest: str, inputs: dict[str, Any]) -> Sta
     for v in result.verdicts:
         ctx.log(f"  {v}")
     ctx.log(f"[{name}] {result.status} in {seconds:.1f} s" + (f": {result.reason}" if result.reason else ""))
-    report = StageReport(
+    return StageReport(
         name=name,
         status=result.status,
         reason=result.reason,
@@ -159,7 +189,6 @@ def _execute(ctx: Ctx, stage: Stage, digest: str, inputs: dict[str, Any]) -> Sta
         details=result.details,
         required=stage.required,
     )
-    return StageOutcome(report)
 
 
 def _record(ctx: Ctx, name: str, digest: str, inputs: dict, result: StageResult, seconds: float) -> None:
@@ -177,31 +206,6 @@ def _record(ctx: Ctx, name: str, digest: str, inputs: dict, result: StageResult,
         "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     atomic_write_json(record_path(ctx.run_dir, name), record)
-
-
-def run_stages(
-    ctx: Ctx, stages: Sequence[Stage]
-) -> tuple[list[StageReport], bool, signals.Interrupted | None]:
-    """(stage reports, some stage failed on bad input, the signal that stopped the run if one did)."""
-    reports: list[StageReport] = []
-    bad_input, failed = False, None
-    for stage in stages:
-        if failed is not None:
-            reports.append(_not_run(stage, f"{failed} failed"))
-            continue
-        try:
-            outcome = run_stage(ctx, stage)
-        except (signals.Interrupted, KeyboardInterrupt) as exc:
-            stop = signals.as_interrupted(exc)
-            done = {r.name for r in reports} | {stage.name}
-            reports.append(_not_run(stage, f"interrupted by {stop.name}", status="failed"))
-            reports += [_not_run(s, "interrupted") for s in stages if s.name not in done]
-            return reports, bad_input, stop
-        reports.append(outcome.report)
-        bad_input = bad_input or outcome.bad_input
-        if outcome.report.status == "failed":
-            failed = stage.name
-    return reports, bad_input, None
 
 
 def _not_run(stage: Stage, reason: str, status: str = "skipped") -> StageReport:

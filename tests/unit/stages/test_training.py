@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from finetune.config.loader import load_config
-from finetune.tiers.rundir import own_config
-from finetune.tiers.stages_train import TRAIN_KEY
-from finetune.tiers.tiers import TIERS, run_tier
+from finetune.recipes.commands import RECIPES
+from finetune.stages.rundir import own_config
+from finetune.stages.training import TRAIN_KEY
 from tests.fakes import FakeTrainer, fake_deps
 
 
@@ -15,9 +15,7 @@ def _run(tmp_path, tokenizer, trainer, *sets, overrides=()):
     run = tmp_path / "run"
     cfg = own_config(run, load_config("quick", overrides=list(sets)) if not (run / "config.yaml").exists() else None,
                      overrides)  # fmt: skip
-    return run_tier(
-        TIERS["train"], cfg, run, fake_deps(tokenizer, tmp_path / "m", trainer), log=lambda _: None
-    )
+    return RECIPES["train"](cfg, run, fake_deps(tokenizer, tmp_path / "m", trainer), log=lambda _: None)
 
 
 def test_an_interrupted_training_resumes_and_a_cadence_override_still_resumes(tmp_path, toy_tokenizer):
@@ -52,7 +50,7 @@ def test_after_a_write_only_fault_a_healthy_rerun_resumes_but_not_after_one_that
 def test_the_judge_says_why_each_gate_exists_and_which_artifact_it_read(tmp_path, toy_tokenizer):
     run = tmp_path / "run"
     cfg = own_config(run, load_config("quick"))
-    result = run_tier(TIERS["run"], cfg, run, fake_deps(toy_tokenizer, tmp_path / "m"), log=lambda _: None)
+    result = RECIPES["run"](cfg, run, fake_deps(toy_tokenizer, tmp_path / "m"), log=lambda _: None)
     by = {g.name: g for g in result.report.gates}
     assert (
         by["artifacts"].artifact["path"].endswith("adapter") and len(by["artifacts"].artifact["sha256"]) == 64

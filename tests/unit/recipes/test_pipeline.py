@@ -16,12 +16,12 @@ from finetune.evaluate.evaluation import EvalSettings
 from finetune.evaluate.prompts import EvalPrompt
 from finetune.gates.parity import Answer
 from finetune.gates.runtime_parity import RuntimeMeasurements
+from finetune.recipes.commands import COMMANDS, RECIPES
 from finetune.report.models import validate_report
 from finetune.serve.deploy import Check, DeployResult
 from finetune.serve.modelfile import chat_format
+from finetune.stages.rundir import own_config
 from finetune.system.hashing import json_sha256
-from finetune.tiers.rundir import own_config
-from finetune.tiers.tiers import TIERS, run_tier
 from tests.fakes import FakeTrainer, fake_deps
 
 NAMES = ["model", "data", "train", "judge", "fuse", "gguf", "ollama", "evaluate"]
@@ -180,9 +180,7 @@ def run(world, *sets, run_dir=None, trainer=None):
     if (run_dir / "config.yaml").exists() and sets:
         (run_dir / "config.yaml").unlink()  # these tests change inputs on purpose
     own_config(run_dir, cfg)
-    return run_tier(
-        TIERS["pipeline"], cfg, run_dir, world.deps(trainer), log=lambda _: None, settings=EvalSettings()
-    )
+    return RECIPES["pipeline"](cfg, run_dir, world.deps(trainer), log=lambda _: None, settings=EvalSettings())
 
 
 def rerun(world, *sets):
@@ -207,7 +205,7 @@ def test_a_healthy_run_passes_every_stage_and_gate_in_order_and_cleans_up(world)
     assert world.calls == ["fuse", "gguf", "serve", "served_checks", "evaluate"]
     assert world.events == DEPLOY_CYCLE
     assert rep.ollama.deleted is True and rep.ollama.server_stopped is True
-    assert set(gates(result)) == set(TIERS["pipeline"].required_gates)
+    assert set(gates(result)) == set(COMMANDS["pipeline"].gates)
     assert set(gates(result).values()) == {"passed"}
     assert validate_report(result.report_path.read_text()) == rep
     for name in NAMES:
@@ -230,9 +228,9 @@ def test_a_second_run_reuses_every_unchanged_stage_and_its_verdicts(world):
 
 def test_a_code_change_invalidates_cached_stages(world, monkeypatch):
     run(world)
-    from finetune.tiers import stage_keys
+    from finetune.stages import keys
 
-    monkeypatch.setattr(stage_keys, "code_version", lambda: "0.2.0+another-source")
+    monkeypatch.setattr(keys, "code_version", lambda: "0.2.0+another-source")
     rerun(world)
     assert world.calls == ["fuse", "gguf", "serve", "served_checks", "evaluate"]
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from finetune.config.loader import load_config
 from finetune.gates.registry import TRAINING_GATES
-from finetune.tiers.judge import JUDGES
-from finetune.tiers.rundir import own_config
-from finetune.tiers.tiers import TIERS, run_tier
+from finetune.recipes.commands import RECIPES
+from finetune.stages.judge import JUDGES
+from finetune.stages.rundir import own_config
 from tests.fakes import fake_deps
 
 
@@ -20,7 +20,7 @@ def _judged(tmp_path, tokenizer, *sets, **deps):
     d = fake_deps(tokenizer, tmp_path / "m")
     for name, fn in deps.items():
         setattr(d, name, fn)
-    return run_tier(TIERS["run"], cfg, run, d, log=lambda _: None).report
+    return RECIPES["run"](cfg, run, d, log=lambda _: None).report
 
 
 def test_a_skipped_gate_is_reported_skipped_with_its_reason_and_not_measured(tmp_path, toy_tokenizer):

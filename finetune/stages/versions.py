@@ -1,4 +1,5 @@
-"""Versions of the tools that make stage outputs (Deps' defaults; stage keys hold them, finetune.tiers.stage_keys).
+"""Versions of the tools that make stage outputs (the real Deps' `tool_version` and `ollama_version`;
+stage keys hold them, finetune.stages.keys).
 
 Python packages by their installed distribution version; llama.cpp's converter by its pinned bundle and the
 digest of the fetched files; Ollama by what its binary reports, never by where it lies.
@@ -9,11 +10,10 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
+from finetune.stages.keys import CONVERTER
 from finetune.system.hashing import dir_manifest, manifest_sha256
 from finetune.system.packages import package_version
 
-CONVERTER = "llama.cpp-converter"  # the convert_hf_to_gguf.py bundle (with its own gguf-py)
-OLLAMA = "ollama"
 _OLLAMA_MEMO: dict[tuple, str] = {}
 
 

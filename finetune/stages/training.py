@@ -1,6 +1,6 @@
-"""The stages up to a trained adapter: model -> data -> estimate -> train (the judge: finetune.tiers.judge).
+"""The stages up to a trained adapter: model -> data -> estimate -> train (the judge: finetune.stages.judge).
 
-`finetune run` is these and the judge; `finetune pipeline` adds the shipping stages (finetune.tiers.stages_ship).
+`finetune run` is these and the judge; `finetune pipeline` adds the shipping stages (finetune.stages.shipping).
 """
 
 from __future__ import annotations
@@ -11,14 +11,14 @@ from pathlib import Path
 
 from finetune import faults
 from finetune.report.artifacts import artifact
+from finetune.stages import keys
+from finetune.stages.context import Ctx, Stage, StageError, StageResult
+from finetune.stages.keys import code_version
 from finetune.system.atomic import atomic_dir, atomic_write_json, atomic_write_text
 from finetune.system.hashing import dir_manifest, file_sha256, json_sha256
-from finetune.tiers import stage_keys
-from finetune.tiers.context import Ctx, Stage, StageError, StageResult
-from finetune.tiers.stage_keys import code_version
-from finetune.train.batches import TOKENS
 from finetune.train.checkpoints import ADAPTER_DIR, BEST_DIR, CHECKPOINTS, INIT_DIR, RESULT, latest_checkpoint
 from finetune.train.metrics import METRICS
+from finetune.train.splits import TOKENS
 
 TRAIN_KEY = ".train-key"  # which inputs the checkpoints on disk belong to
 PROBES = "probes"  # finetune.evaluate.probes.PROBES (imported lazily: the CLI starts fast)
@@ -92,7 +92,7 @@ def _train_key(ctx: Ctx) -> str:
         {
             **inputs,
             **ctx.upstream("model", "data"),
-            "tools": stage_keys.tools(ctx, "train"),
+            "tools": keys.tools(ctx, "train"),
             "code": code_version(),
             "faults": [f for f in faults.injected() if f not in faults.WRITE_ONLY],
         }
@@ -180,17 +180,15 @@ def stage_train(ctx: Ctx) -> StageResult:
     )
 
 
-TRAIN_STAGES = (
-    Stage("model", stage_model, lambda ctx: {"model": ctx.cfg.model.name}),
-    Stage("data", stage_data, lambda ctx: {**ctx.section("data"), **ctx.upstream("model")}),
-    Stage(
-        "estimate",
-        stage_estimate,
-        lambda ctx: {**ctx.section("data", "lora", "training"), **ctx.upstream("model")},
-    ),
-    Stage(
-        "train",
-        stage_train,
-        lambda ctx: {**ctx.section("data", "lora", "training"), **ctx.upstream("model", "data")},
-    ),
+MODEL = Stage("model", stage_model, lambda ctx: {"model": ctx.cfg.model.name})
+DATA = Stage("data", stage_data, lambda ctx: {**ctx.section("data"), **ctx.upstream("model")})
+ESTIMATE = Stage(
+    "estimate",
+    stage_estimate,
+    lambda ctx: {**ctx.section("data", "lora", "training"), **ctx.upstream("model")},
+)
+TRAIN = Stage(
+    "train",
+    stage_train,
+    lambda ctx: {**ctx.section("data", "lora", "training"), **ctx.upstream("model", "data")},
 )

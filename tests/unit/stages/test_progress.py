@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from finetune.report import history
-from finetune.tiers.progress import describe, expected_seconds, heartbeat
+from finetune.stages.progress import describe, expected_seconds, heartbeat
 
 
 def test_heartbeat_lines_while_the_block_runs():

@@ -19,10 +19,10 @@ from finetune.gates import label_mask as label_mask_gate
 from finetune.gates import training as gates
 from finetune.gates.registry import explain
 from finetune.gates.verdict import Verdict, skipped
-from finetune.tiers.context import Ctx, Stage, StageResult
-from finetune.train.batches import TOKENS
+from finetune.stages.context import Ctx, Stage, StageResult
 from finetune.train.checkpoints import ADAPTER_DIR, INIT_DIR, RESULT
 from finetune.train.metrics import METRICS, read_metrics, train_losses
+from finetune.train.splits import TOKENS
 
 
 @dataclass

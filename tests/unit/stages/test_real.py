@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from finetune.tiers.real import llamacpp_reason, real_deps
+from finetune.stages.real import llamacpp_reason, real_deps
 
 
 def test_every_collaborator_is_callable():

@@ -1,10 +1,10 @@
-"""finetune.tiers.choose: which packaged model and batch size fit the free memory, from the estimator."""
+"""finetune.train.model_choice: which packaged model and batch size fit the free memory, from the estimator."""
 
 import pytest
 
 from finetune.models.gemma import GEMMA3
 from finetune.models.packaged import SMOLLM2
-from finetune.tiers.choose import BATCHES, GIB, PREFERENCE, SHAPES, choose_for_memory, need_bytes
+from finetune.train.model_choice import BATCHES, GIB, PREFERENCE, SHAPES, choose_for_memory, need_bytes
 
 
 def test_needs_grow_with_batch_and_model_size():

@@ -6,9 +6,9 @@ import contextlib
 from dataclasses import replace
 from pathlib import Path
 
-from finetune.tiers.ollama_session import OllamaSession
+from finetune.stages.ollama_session import OllamaSession
 from tests.fakes import fake_deps
-from tests.unit.tiers.test_pipeline import FakeServer
+from tests.unit.recipes.test_pipeline import FakeServer
 
 
 def test_start_once_recreate_a_missing_model_and_record_cleanup(tmp_path, toy_tokenizer):

@@ -13,10 +13,11 @@ from typing import Any
 
 import finetune
 from finetune.system.hashing import dir_sha256, file_sha256, source_sha256
-from finetune.tiers.versions import CONVERTER, OLLAMA
 
-Ctx = Any  # finetune.tiers.context.Ctx (not imported: the runner imports this module, floors stay few)
+Ctx = Any  # finetune.stages.context.Ctx (not imported: the runner imports this module, floors stay few)
 MLX = ("mlx", "mlx-lm")
+CONVERTER = "llama.cpp-converter"  # the convert_hf_to_gguf.py bundle (with its own gguf-py)
+OLLAMA = "ollama"  # a binary: known by the version it reports, never by where it lies
 TOOLS: dict[str, tuple[str, ...]] = {
     "data": ("transformers", "tokenizers"),  # the tokenizer measures and cuts rows
     "train": (*MLX, "transformers", "tokenizers"),

@@ -1,4 +1,4 @@
-"""The stages that ship the adapter: fuse -> gguf -> ollama -> evaluate (tier 3, after finetune.tiers.stages_train)."""
+"""The stages that ship the adapter: fuse -> gguf -> ollama -> evaluate (`finetune pipeline`, after finetune.stages.training)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from finetune.gates.runtime_parity import judge_runtimes
 from finetune.gates.verdict import Verdict
 from finetune.models.safetensors import dtype_counts
 from finetune.report.artifacts import artifact
+from finetune.stages.context import Ctx, Stage, StageError, StageResult
 from finetune.system.atomic import atomic_write_json
 from finetune.system.jsonl import read_jsonl
-from finetune.tiers.context import Ctx, Stage, StageError, StageResult
 
 FUSE_DTYPE = "float32"  # keeps small LoRA deltas that bf16 would round away
 
@@ -241,14 +241,12 @@ def evaluate_inputs(ctx: Ctx) -> dict[str, Any]:
     }
 
 
-SHIP_STAGES = (
-    Stage(
-        "fuse",
-        stage_fuse,
-        lambda ctx: {"dtype": FUSE_DTYPE, **ctx.section("gates"), **ctx.upstream("model", "train")},
-    ),
-    Stage("gguf", stage_gguf, lambda ctx: {**ctx.section("export"), **ctx.upstream("fuse")}),
-    # the binary by its version (stage_keys), not its path
-    Stage("ollama", stage_ollama, lambda ctx: {**ctx.section("deploy", "data"), **ctx.upstream("gguf")}),
-    Stage("evaluate", stage_evaluate, evaluate_inputs),
+FUSE = Stage(
+    "fuse",
+    stage_fuse,
+    lambda ctx: {"dtype": FUSE_DTYPE, **ctx.section("gates"), **ctx.upstream("model", "train")},
 )
+GGUF = Stage("gguf", stage_gguf, lambda ctx: {**ctx.section("export"), **ctx.upstream("fuse")})
+# the binary by its version (finetune.stages.keys), not its path
+OLLAMA = Stage("ollama", stage_ollama, lambda ctx: {**ctx.section("deploy", "data"), **ctx.upstream("gguf")})
+EVALUATE = Stage("evaluate", stage_evaluate, evaluate_inputs)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from finetune.config.loader import load_config
-from finetune.tiers.context import Ctx
+from finetune.stages.context import Ctx
 from tests.fakes import fake_deps
 
 

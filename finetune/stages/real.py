@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 
-from finetune.tiers.context import Deps
+from finetune.stages.context import Deps
 
 
 def llamacpp_reason() -> str | None:
@@ -22,6 +22,7 @@ def real_deps() -> Deps:
     from finetune.models.resolve import resolve_model
     from finetune.models.tokenizer import load_tokenizer
     from finetune.serve import deploy, ollama_provision, ollama_server
+    from finetune.stages import versions
     from finetune.system import doctor, resources
     from finetune.train import memprobe
     from finetune.train.engine import train_run
@@ -50,4 +51,6 @@ def real_deps() -> Deps:
         collect_env=doctor.collect,
         describe_machine=lambda: doctor.render(doctor.collect()),
         available_memory=resources.available_memory_bytes,
+        tool_version=versions.tool_version,
+        ollama_version=versions.ollama_version,
     )

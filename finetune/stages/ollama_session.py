@@ -6,7 +6,7 @@ import contextlib
 from pathlib import Path
 from typing import Any
 
-from finetune.tiers.context import Deps
+from finetune.stages.context import Deps
 
 
 class OllamaSession:

@@ -12,10 +12,10 @@ import pytest
 from finetune.config.loader import load_config
 from finetune.gates.verdict import verdict
 from finetune.report.artifacts import artifact
+from finetune.stages.context import Ctx, Stage, StageError, StageResult
+from finetune.stages.keys import code_version
+from finetune.stages.runner import Run, record_path
 from finetune.system.signals import Interrupted
-from finetune.tiers.context import Ctx, Stage, StageError, StageResult
-from finetune.tiers.runner import record_path, run_stages
-from finetune.tiers.stage_keys import code_version
 from tests.fakes import fake_deps
 
 
@@ -23,6 +23,14 @@ def ctx(tmp_path, toy_tokenizer, log=lambda _: None, **kw) -> Ctx:
     return Ctx(
         load_config("quick"), tmp_path, fake_deps(toy_tokenizer, tmp_path / "m"), log, "t", ("g",), **kw
     )
+
+
+def run_stages(c: Ctx, stages):
+    """(reports, some stage failed on bad input, the signal that stopped the run)"""
+    r = Run(c)
+    for stage in stages:
+        r.stage(stage)
+    return r.reports, r.bad_input, r.stop
 
 
 def test_a_passed_stage_is_recorded_with_its_verdicts_and_reused_until_its_inputs_change(

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from finetune.config.loader import load_config
 from finetune.evaluate.evaluation import EvalSettings
-from finetune.tiers.rundir import own_config
-from finetune.tiers.tiers import TIERS, run_tier
-from tests.unit.tiers.test_pipeline import World
+from finetune.recipes.commands import RECIPES
+from finetune.stages.rundir import own_config
+from tests.unit.recipes.test_pipeline import World
 
 
 def _run(world, *sets):
     cfg = own_config(world.root / "run", load_config("release", overrides=["data.num_examples=40", *sets]))
-    return run_tier(
-        TIERS["pipeline"], cfg, world.root / "run", world.deps(), log=lambda _: None, settings=EvalSettings()
+    return RECIPES["pipeline"](
+        cfg, world.root / "run", world.deps(), log=lambda _: None, settings=EvalSettings()
     )
 
 

@@ -1,24 +1,24 @@
-"""The one stage model every tier shares.
+"""The one stage model every command shares.
 
 A Stage is a plain function of a Ctx that writes into the run directory and returns a StageResult; its
 `inputs` name everything its output depends on (config sections, upstream stages' digests and artifacts;
-the runner adds the code version, the user's files by content and the tools' versions: stage_keys), so a
+the runner adds the code version, the user's files by content and the tools' versions: finetune.stages.keys), so a
 rerun skips a stage whose inputs are unchanged and whose artifacts still hash to the recorded digests.
-Collaborators come in through Deps, so tier 1 runs every stage with fakes and no patching.
+Collaborators come in through Deps, so tier 1 (the test level) runs every stage with fakes and no patching.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from finetune.config.schema import RunConfig
+from finetune.config.schema import DataConfig, RunConfig
 from finetune.gates.verdict import Verdict
 from finetune.report.models import Artifact
-from finetune.tiers import versions
 
 Log = Callable[[str], None]
 
@@ -42,36 +42,77 @@ class StageResult:
     cache: bool = True  # False: decide again next run (a skip for lack of a runtime may not hold next time)
 
 
+class Reported(Protocol):
+    """What a collaborator returns to be kept in the report: a plain dict of it."""
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+class Train(Protocol):  # finetune.train.engine.train_run
+    def __call__(
+        self,
+        cfg: RunConfig,
+        model_path: Path,
+        data_dir: Path,
+        run_dir: Path,
+        *,
+        resume: bool = False,
+        on_trained: Callable[[Any, Any], None] | None = None,
+        log: Log = print,
+    ) -> Reported: ...
+
+
+class MeasureMemory(Protocol):  # finetune.train.memprobe.measure_memory -> MemoryMeasurement
+    def __call__(
+        self, run_dir: Path, model_dir: Path, model_config: dict, cfg: RunConfig, *, available: int | None
+    ) -> Any: ...
+
+
+class Fuse(Protocol):  # finetune.export.fuse.fuse -> the fused folder
+    def __call__(
+        self, base_path: Path, adapter_path: Path, out_dir: Path, *, dtype: str | None = None
+    ) -> Path: ...
+
+
 @dataclass
 class Deps:
-    """Every collaborator a stage calls; tier 1 replaces the model and trainer ones with fakes."""
+    """Every collaborator a stage calls, with the signature it is called with; tier 1 replaces the model,
+    trainer and runtime ones with fakes (tests/fakes.py), so no test patches a module."""
 
-    resolve_model: Callable[[str], Any]  # spec -> object with .name, .path, .source, .config
+    resolve_model: Callable[[str], Any]  # spec -> ResolvedModel(.name, .path, .source, .config, .license)
     load_tokenizer: Callable[[Path], Any]
-    prepare_data: Callable[[Any, Path, Any], Any]  # (cfg.data, out_dir, tokenizer) -> report with .to_dict()
-    estimate: Callable[[RunConfig, dict, dict | None], Any]  # (cfg, model config, prepare report) -> estimate
-    train: Callable[..., Any]  # finetune.train.engine.train_run's signature
-    measure_learning: Callable[..., Any]
-    measure_memory: Callable[..., Any]
-    masked_rows: Callable[[Path, Any, int], list]
-    fuse: Callable[..., Any]  # (base, adapter, out_dir, *, dtype): finetune.export.fuse.fuse
-    measure_fuse: Callable[[Path, Path, Path], Any]
+    prepare_data: Callable[
+        [DataConfig, Path, Any], Reported
+    ]  # (cfg.data, out_dir, tokenizer) -> PrepareReport
+    estimate: Callable[
+        [RunConfig, dict, dict | None], Any
+    ]  # (cfg, model config, prepare report) -> MemoryEstimate
+    train: Train
+    # (run_dir, base_dir, cfg, stop strings) -> LearningMeasurement
+    measure_learning: Callable[[Path, Path, RunConfig, Sequence[str]], Any]
+    measure_memory: MeasureMemory
+    masked_rows: Callable[[Path, Any, int], list]  # (run_dir, tokenizer, max_seq_length) -> [MaskedRow]
+    fuse: Fuse
+    measure_fuse: Callable[[Path, Path, Path], Any]  # (base, adapter, fused) -> FuseMeasurement
     export_gguf: Callable[[Path, Path, str], Any]  # (hf_dir, out_path, outtype)
-    check_gguf: Callable[[Path, Path], list[str]]
+    check_gguf: Callable[[Path, Path], list[str]]  # (gguf, hf_dir) -> problems
     locate_ollama: Callable[[], Any]  # -> OllamaLocation(binary, source, reason)
-    ollama_server: Callable[[Path, Path], Any]  # (binary, dir) -> context manager yielding a server
-    deploy: Callable[..., Any]  # finetune.serve.deploy.deploy's signature
-    served_checks: Callable[..., list[Any]]
-    ollama_answers: Callable[[Any, str, Sequence[Any], int], list[Any]]
+    ollama_server: Callable[[Path, Path], AbstractContextManager[Any]]  # (binary, dir) -> a running server
+    deploy: Callable[
+        [Any, str, Path, str, Path], Any
+    ]  # (server, name, gguf, Modelfile text, dir) -> DeployResult
+    served_checks: Callable[[Any, str, str], list[Any]]  # (client, model, question) -> [ApiCheck]
+    ollama_answers: Callable[
+        [Any, str, Sequence[Any], int], list[Any]
+    ]  # (client, model, prompts, max) -> [Answer]
     llamacpp_reason: Callable[[], str | None]  # why llama.cpp cannot run here; None if it can
-    evaluate: Callable[[Any, Log], Any]  # EvalInputs -> RuntimeMeasurements
+    evaluate: Callable[[Any, Log], Any]  # (EvalInputs, log) -> RuntimeMeasurements
     collect_env: Callable[[], dict[str, Any]]
     describe_machine: Callable[[], str]  # printed before training: backend, BLAS, threads, memory
     available_memory: Callable[[], int | None]
+    tool_version: Callable[[str], str | None]  # a package (or keys.CONVERTER) -> its version
+    ollama_version: Callable[[Path], str]  # a binary -> the version it reports
     environ: Mapping[str, str] = field(default_factory=lambda: os.environ)
-    # a package (or versions.CONVERTER) -> its version; a binary -> the version it reports
-    tool_version: Callable[[str], str | None] = versions.tool_version
-    ollama_version: Callable[[Path], str] = versions.ollama_version
 
 
 @dataclass(frozen=True)
@@ -88,7 +129,7 @@ class Ctx:
     run_dir: Path
     deps: Deps
     log: Log
-    tier: str
+    command: str  # finetune <command>
     required_gates: tuple[str, ...]
     resume: bool = False
     settings: Any = None  # finetune.evaluate.evaluation.EvalSettings for tier 3
@@ -102,7 +143,7 @@ class Ctx:
     changed: str | None = None  # a stage whose artifacts changed under the run: it and all later ones rerun
 
     def wants(self, gate: str) -> bool:
-        """The tier requires this gate and the user did not skip it."""
+        """The command requires this gate and the user did not skip it."""
         return gate in self.required_gates and gate not in self.cfg.gates.skip
 
     def section(self, *names: str) -> dict[str, Any]:
