@@ -293,7 +293,7 @@ def finetune_items(
     for row in _jsonl_rows(data_dir / "train.jsonl"):
         spans = row.get("train_spans") or []
         ids, mask = tokenize_example(tok, row["text"], spans, max_seq_length, mask_prompt)
-        if sum(mask[1:]):  # as finetune.train.batches.load_split: rows with nothing to learn are dropped
+        if sum(mask[1:]):  # as finetune.train.splits.load_split: rows with nothing to learn are dropped
             items.append((ids, mask))
     return items
 
