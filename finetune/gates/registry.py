@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from finetune.gates.verdict import Verdict, judged
+from finetune.gates.verdict import Verdict
+from finetune.system.hashing import path_identity
 
 Phase = Literal["training", "export", "serving"]
 
@@ -167,5 +168,5 @@ def explain(v: Verdict, judged_path: str | Path | None = None) -> Verdict:
     if v.name in GATES:
         v.why = GATES[v.name].why
     if judged_path is not None:
-        v.artifact = judged(judged_path)
+        v.artifact = path_identity(judged_path)
     return v

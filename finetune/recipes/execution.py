@@ -23,7 +23,7 @@ from finetune.config.schema import RunConfig
 from finetune.gates.registry import RUNTIME_OF, explain
 from finetune.gates.status import allowed_skips, decide
 from finetune.gates.verdict import Verdict, skipped
-from finetune.report.models import GateReport, OllamaReport, RunReport, write_report
+from finetune.report.models import OllamaReport, RunReport, write_report
 from finetune.report.summary import render_summary
 from finetune.stages.context import Ctx, Deps, Log
 from finetune.stages.keys import code_version
@@ -153,7 +153,7 @@ def finish(command: Command, run: Run, started: datetime, tic: float) -> Finishe
         seconds=round(time.perf_counter() - tic, 3),
         config=ctx.cfg.to_dict(),
         stages=run.reports,
-        gates=[GateReport(**v.to_dict()) for v in verdicts],
+        gates=verdicts,
         scores=ctx.outputs.get("evaluate", {}).get("scores", []),
         ollama=_ollama_report(run) if any(s.name == "ollama" for s in run.reports) else None,
         environment=_environment(ctx.deps.collect_env),

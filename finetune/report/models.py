@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from finetune.gates.verdict import Verdict
 from finetune.system.atomic import atomic_write_text
 
 SCHEMA_VERSION = 2
@@ -40,28 +41,25 @@ class Artifact(_Model):
 
 
 class StageReport(_Model):
-    name: str
-    status: Status
+    """A stage's outcome, one object end to end: the stage returns it (status, reason, outputs, artifacts,
+    details, verdicts), the runner completes it (name, seconds, digest, required, cached) and records it for
+    replay; report.json shows it without `outputs`, `verdicts` (under `gates`) and `record`."""
+
+    name: str = ""
+    status: Status = "passed"
     reason: str | None = Field(None, description="why it failed or was skipped; None when it ran and passed")
     cached: bool = Field(False, description="not rerun: its inputs digest (code version included) matched")
     required: bool = Field(True, description="a skip of a required stage degrades the run unless allowed")
-    seconds: float = Field(ge=0)
+    seconds: float = Field(0, ge=0)
     digest: str | None = Field(
         None, description="sha256 of the stage's inputs: config, upstream digests, code"
     )
     artifacts: list[Artifact] = Field(default_factory=list)
     details: dict[str, Any] = Field(default_factory=dict)
-
-
-class GateReport(_Model):
-    name: str
-    status: Status
-    measured: float | None = None
-    threshold: float | None = None
-    detail: str
-    why: str = Field("", description="the fault this gate exists to catch")
-    artifact: dict[str, str] | None = Field(None, description="path and sha256 of what was judged")
-    data: dict[str, Any] = Field(default_factory=dict)
+    outputs: dict[str, Any] = Field(default_factory=dict, exclude=True)  # what later stages read
+    verdicts: list[Verdict] = Field(default_factory=list, exclude=True)
+    # False: decide again next run (a skip for lack of a runtime may not hold next time)
+    record: bool = Field(True, exclude=True)
 
 
 class CheckReport(_Model):
@@ -119,7 +117,7 @@ class RunReport(_Model):
     seconds: float = Field(ge=0)
     config: dict[str, Any]
     stages: list[StageReport]
-    gates: list[GateReport]
+    gates: list[Verdict]
     scores: list[RuntimeScore] = Field(default_factory=list)
     ollama: OllamaReport | None = None
     environment: dict[str, Any] = Field(

@@ -1,6 +1,6 @@
 """The one stage model every command shares.
 
-A Stage is a plain function of a Ctx that writes into the run directory and returns a StageResult; its
+A Stage is a plain function of a Ctx that writes into the run directory and returns a StageReport; its
 `inputs` name everything its output depends on (config sections, upstream stages' digests and artifacts;
 the runner adds the code version, the user's files by content and the tools' versions: finetune.stages.keys), so a
 rerun skips a stage whose inputs are unchanged and whose artifacts still hash to the recorded digests.
@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from finetune.config.schema import DataConfig, RunConfig
 from finetune.gates.verdict import Verdict
-from finetune.report.models import Artifact
+from finetune.report.models import StageReport
 
 Log = Callable[[str], None]
 
@@ -29,17 +29,6 @@ class StageError(RuntimeError):
     def __init__(self, message: str, details: dict[str, Any] | None = None):
         super().__init__(message)
         self.details = details or {}
-
-
-@dataclass
-class StageResult:
-    outputs: dict[str, Any] = field(default_factory=dict)
-    artifacts: list[Artifact] = field(default_factory=list)
-    details: dict[str, Any] = field(default_factory=dict)
-    verdicts: list[Verdict] = field(default_factory=list)
-    status: str = "passed"  # or "skipped" (e.g. no Ollama here), with reason
-    reason: str | None = None
-    cache: bool = True  # False: decide again next run (a skip for lack of a runtime may not hold next time)
 
 
 class Reported(Protocol):
@@ -118,7 +107,7 @@ class Deps:
 @dataclass(frozen=True)
 class Stage:
     name: str
-    run: Callable[[Ctx], StageResult]
+    run: Callable[[Ctx], StageReport]
     inputs: Callable[[Ctx], dict[str, Any]]
     required: bool = True  # a skip of a required stage degrades the run unless allowed
 

@@ -19,7 +19,8 @@ from finetune.gates import label_mask as label_mask_gate
 from finetune.gates import training as gates
 from finetune.gates.registry import explain
 from finetune.gates.verdict import Verdict, skipped
-from finetune.stages.context import Ctx, Stage, StageResult
+from finetune.report.models import StageReport
+from finetune.stages.context import Ctx, Stage
 from finetune.train.checkpoints import ADAPTER_DIR, INIT_DIR, RESULT
 from finetune.train.metrics import METRICS, read_metrics, train_losses
 from finetune.train.splits import TOKENS
@@ -157,7 +158,7 @@ JUDGES: dict[str, Callable[[Judging], Verdict]] = {
 }
 
 
-def stage_judge(ctx: Ctx) -> StageResult:
+def stage_judge(ctx: Ctx) -> StageReport:
     """Measure from what the run saved and judge; every gate the command requires gets a verdict."""
     from finetune.data.templates import get_template
 
@@ -175,7 +176,7 @@ def stage_judge(ctx: Ctx) -> StageResult:
     verdicts += [JUDGES[name](j) for name in wanted]
     failed = [v.name for v in verdicts if v.status == "failed"]
     details = {"failed": failed, "judged": [v.name for v in verdicts], "seconds": j.seconds}
-    return StageResult({"verdicts": [v.name for v in verdicts]}, verdicts=verdicts, details=details)
+    return StageReport(outputs={"verdicts": [v.name for v in verdicts]}, verdicts=verdicts, details=details)
 
 
 def judge_inputs(ctx: Ctx) -> dict[str, Any]:

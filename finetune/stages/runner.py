@@ -19,11 +19,10 @@ from typing import Any
 
 from finetune import faults
 from finetune.errors import UserError
-from finetune.gates.verdict import Verdict
 from finetune.report.artifacts import artifact_changes
-from finetune.report.models import Artifact, StageReport
+from finetune.report.models import StageReport
 from finetune.stages import keys
-from finetune.stages.context import Ctx, Stage, StageError, StageResult
+from finetune.stages.context import Ctx, Stage, StageError
 from finetune.stages.progress import heartbeat
 from finetune.system import signals
 from finetune.system.atomic import atomic_write_json
@@ -122,22 +121,14 @@ def _replayed(ctx: Ctx, stage: Stage) -> tuple[StageReport | None, str, dict[str
         ctx.log(f"[{name}] {why}")
     if record is None:
         return None, digest, inputs
-    artifacts = record.get("artifacts", [])
-    ctx.outputs[name] = record["outputs"]
-    ctx.artifacts[name] = {a["name"]: a["sha256"] for a in artifacts}
-    ctx.verdicts += [Verdict.from_dict(v) for v in record.get("verdicts", [])]
+    kept = StageReport.model_validate({k: v for k, v in record.items() if k in StageReport.model_fields})
+    ctx.outputs[name] = kept.outputs
+    ctx.artifacts[name] = {a.name: a.sha256 for a in kept.artifacts}
+    ctx.verdicts += kept.verdicts
     ctx.log(f"[{name}] up to date (inputs {digest[:12]}): not rerun")
-    report = StageReport(
-        name=name,
-        status="passed",
-        reason=f"cached: inputs unchanged since {record.get('finished_at')}",
-        cached=True,
-        required=stage.required,
-        seconds=0,
-        digest=digest,
-        artifacts=[Artifact.model_validate(a) for a in artifacts],
-        details=record.get("details", {}),
-    )
+    reason = f"cached: inputs unchanged since {record.get('finished_at')}"
+    update = {"reason": reason, "cached": True, "required": stage.required, "seconds": 0, "digest": digest}
+    report = kept.model_copy(update=update)
     return report, digest, inputs
 
 
@@ -168,44 +159,35 @@ def _failed(ctx: Ctx, stage: Stage, exc: Exception, digest: str | None, tic: flo
 
 
 def _finished(
-    ctx: Ctx, stage: Stage, result: StageResult, digest: str, inputs: dict[str, Any], tic: float
+    ctx: Ctx, stage: Stage, report: StageReport, digest: str, inputs: dict[str, Any], tic: float
 ) -> StageReport:
     name, seconds = stage.name, round(time.perf_counter() - tic, 3)
-    ctx.outputs[name] = result.outputs
-    ctx.artifacts[name] = {a.name: a.sha256 for a in result.artifacts}
-    ctx.verdicts += result.verdicts
-    if result.status == "passed" and result.cache:
-        _record(ctx, name, digest, inputs, result, seconds)
-    for v in result.verdicts:
-        ctx.log(f"  {v}")
-    ctx.log(f"[{name}] {result.status} in {seconds:.1f} s" + (f": {result.reason}" if result.reason else ""))
-    return StageReport(
-        name=name,
-        status=result.status,
-        reason=result.reason,
-        seconds=seconds,
-        digest=digest,
-        artifacts=result.artifacts,
-        details=result.details,
-        required=stage.required,
+    report = report.model_copy(
+        update={"name": name, "seconds": seconds, "digest": digest, "required": stage.required}
     )
+    ctx.outputs[name] = report.outputs
+    ctx.artifacts[name] = {a.name: a.sha256 for a in report.artifacts}
+    ctx.verdicts += report.verdicts
+    if report.status == "passed" and report.record:
+        _record(ctx, report, inputs)
+    for v in report.verdicts:
+        ctx.log(f"  {v}")
+    ctx.log(f"[{name}] {report.status} in {seconds:.1f} s" + (f": {report.reason}" if report.reason else ""))
+    return report
 
 
-def _record(ctx: Ctx, name: str, digest: str, inputs: dict, result: StageResult, seconds: float) -> None:
-    """What a later run replays: inputs digest, outputs, artifacts (with per-file digests), verdicts."""
+def _record(ctx: Ctx, report: StageReport, inputs: dict[str, Any]) -> None:
+    """What a later run replays: the stage's report with its outputs and verdicts, its inputs, and each
+    artifact folder's per-file digests."""
     record = {
-        "name": name,
-        "digest": digest,
+        **report.model_dump(),
+        "outputs": report.outputs,
+        "verdicts": [v.model_dump() for v in report.verdicts],
         "inputs": inputs,
-        "outputs": result.outputs,
-        "artifacts": [a.model_dump() for a in result.artifacts],
-        "details": result.details,
-        "files": {a.name: dir_manifest(a.path) for a in result.artifacts if a.kind == "dir"},
-        "verdicts": [v.to_dict() for v in result.verdicts],
-        "seconds": seconds,
+        "files": {a.name: dir_manifest(a.path) for a in report.artifacts if a.kind == "dir"},
         "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    atomic_write_json(record_path(ctx.run_dir, name), record)
+    atomic_write_json(record_path(ctx.run_dir, report.name), record)
 
 
 def _not_run(stage: Stage, reason: str, status: str = "skipped") -> StageReport:

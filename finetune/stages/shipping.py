@@ -15,14 +15,15 @@ from finetune.gates.runtime_parity import judge_runtimes
 from finetune.gates.verdict import Verdict
 from finetune.models.safetensors import dtype_counts
 from finetune.report.artifacts import artifact
-from finetune.stages.context import Ctx, Stage, StageError, StageResult
+from finetune.report.models import StageReport
+from finetune.stages.context import Ctx, Stage, StageError
 from finetune.system.atomic import atomic_write_json
 from finetune.system.jsonl import read_jsonl
 
 FUSE_DTYPE = "float32"  # keeps small LoRA deltas that bf16 would round away
 
 
-def stage_fuse(ctx: Ctx) -> StageResult:
+def stage_fuse(ctx: Ctx) -> StageReport:
     out = ctx.run_dir / "fused"
     base, adapter = Path(ctx.outputs["model"]["path"]), Path(ctx.outputs["train"]["adapter_dir"])
     ctx.deps.fuse(base, adapter, out, dtype=FUSE_DTYPE)
@@ -48,10 +49,15 @@ def stage_fuse(ctx: Ctx) -> StageResult:
             verdicts.append(
                 skipped("fuse_exactness", f"{ctx.cfg.training.fine_tune_type}: no LoRA delta to check")
             )
-    return StageResult({"fused_dir": str(out)}, [artifact("fused_model", out)], {"dtypes": dtypes}, verdicts)
+    return StageReport(
+        outputs={"fused_dir": str(out)},
+        artifacts=[artifact("fused_model", out)],
+        details={"dtypes": dtypes},
+        verdicts=verdicts,
+    )
 
 
-def stage_gguf(ctx: Ctx) -> StageResult:
+def stage_gguf(ctx: Ctx) -> StageReport:
     outtype = ctx.cfg.export.gguf_type
     fused = Path(ctx.outputs["fuse"]["fused_dir"])
     path = ctx.run_dir / "gguf" / f"model-{outtype}.gguf"
@@ -60,7 +66,9 @@ def stage_gguf(ctx: Ctx) -> StageResult:
     details = {"outtype": outtype, "problems": problems}
     if problems:
         raise StageError(f"{path}: {len(problems)} problem(s): {'; '.join(problems[:5])}", details)
-    return StageResult({"gguf": str(path), "outtype": outtype}, [artifact("gguf", path)], details)
+    return StageReport(
+        outputs={"gguf": str(path), "outtype": outtype}, artifacts=[artifact("gguf", path)], details=details
+    )
 
 
 def _check(c: Any) -> dict[str, Any]:
@@ -92,14 +100,14 @@ def _shown(server: Any, name: str, field: str) -> str:
     return (shown.get(field) if isinstance(shown, dict) else getattr(shown, field, None)) or ""
 
 
-def stage_ollama(ctx: Ctx) -> StageResult:
+def stage_ollama(ctx: Ctx) -> StageReport:
     from finetune.serve.deploy import shown_parameters
 
     location = ctx.deps.locate_ollama()
     if location.binary is None:
         reason = f"no Ollama binary: {location.reason}"
-        return StageResult(
-            {"deployed": False, "reason": reason}, status="skipped", reason=reason, cache=False
+        return StageReport(
+            outputs={"deployed": False, "reason": reason}, status="skipped", reason=reason, record=False
         )
     gguf, name = Path(ctx.outputs["gguf"]["gguf"]), ctx.cfg.deploy.model_name
     text, template, stops = _modelfile(ctx, gguf)
@@ -107,8 +115,8 @@ def stage_ollama(ctx: Ctx) -> StageResult:
         server = ctx.session.start(location.binary)
     except Exception as exc:  # Ollama cannot run here: the run is degraded, loudly in the report
         reason = f"ollama serve could not start ({location.binary}): {type(exc).__name__}: {exc}"
-        return StageResult(
-            {"deployed": False, "reason": reason}, status="skipped", reason=reason, cache=False
+        return StageReport(
+            outputs={"deployed": False, "reason": reason}, status="skipped", reason=reason, record=False
         )
     result = ctx.deps.deploy(server, name, gguf, text, ctx.session.folder)
     ctx.session.models.add(name)
@@ -141,10 +149,12 @@ def stage_ollama(ctx: Ctx) -> StageResult:
         "expected_template": template,
         "expected_stops": list(stops),
     }
-    return StageResult(outputs, [artifact("modelfile", modelfile)], details, verdicts)
+    return StageReport(
+        outputs=outputs, artifacts=[artifact("modelfile", modelfile)], details=details, verdicts=verdicts
+    )
 
 
-def stage_evaluate(ctx: Ctx) -> StageResult:
+def stage_evaluate(ctx: Ctx) -> StageReport:
     from finetune.data.templates import get_template
     from finetune.evaluate.evaluation import EvalInputs, score_runtimes
     from finetune.evaluate.prompts import EvalPrompt
@@ -196,8 +206,12 @@ def stage_evaluate(ctx: Ctx) -> StageResult:
     details = {"runtimes": m.runtimes, "scores": results["scores"]}
     # a runtime that crashed (e.g. its server died) fails its gates now, but is asked again on the next run
     crashed = any(r.get("status") == "failed" for r in m.runtimes.values())
-    return StageResult(
-        {"scores": results["scores"]}, [artifact("eval_results", path)], details, verdicts, cache=not crashed
+    return StageReport(
+        outputs={"scores": results["scores"]},
+        artifacts=[artifact("eval_results", path)],
+        details=details,
+        verdicts=verdicts,
+        record=not crashed,
     )
 
 

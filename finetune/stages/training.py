@@ -11,8 +11,9 @@ from pathlib import Path
 
 from finetune import faults
 from finetune.report.artifacts import artifact
+from finetune.report.models import StageReport
 from finetune.stages import keys
-from finetune.stages.context import Ctx, Stage, StageError, StageResult
+from finetune.stages.context import Ctx, Stage, StageError
 from finetune.stages.keys import code_version
 from finetune.system.atomic import atomic_dir, atomic_write_json, atomic_write_text
 from finetune.system.hashing import dir_manifest, file_sha256, json_sha256
@@ -41,7 +42,7 @@ CADENCE = ("iters", "eval_every", "save_every", "early_stopping_patience", "val_
 # ---------------------------------------------------------------- model, data, estimate
 
 
-def stage_model(ctx: Ctx) -> StageResult:
+def stage_model(ctx: Ctx) -> StageReport:
     from finetune.evaluate.probes import base_file_digests
 
     m = ctx.deps.resolve_model(ctx.cfg.model.name)
@@ -55,10 +56,10 @@ def stage_model(ctx: Ctx) -> StageResult:
         "license": terms,
     }
     details = {"source": m.source, "path": str(m.path), **({"license": terms} if terms else {})}
-    return StageResult(outputs, [artifact("base_model", m.path)], details)
+    return StageReport(outputs=outputs, artifacts=[artifact("base_model", m.path)], details=details)
 
 
-def stage_data(ctx: Ctx) -> StageResult:
+def stage_data(ctx: Ctx) -> StageReport:
     tokenizer = ctx.deps.load_tokenizer(Path(ctx.outputs["model"]["path"]))
     data_dir = ctx.run_dir / "data"
     with atomic_dir(data_dir) as tmp:  # a config change must not leave another run's files behind
@@ -71,14 +72,18 @@ def stage_data(ctx: Ctx) -> StageResult:
     if not counts.get("train"):
         raise StageError(f"{data_dir / 'train.jsonl'}: no training rows")
     details = {"counts": counts, "report": report.to_dict() if hasattr(report, "to_dict") else report}
-    return StageResult({"data_dir": str(data_dir), "counts": counts}, [artifact("data", data_dir)], details)
+    return StageReport(
+        outputs={"data_dir": str(data_dir), "counts": counts},
+        artifacts=[artifact("data", data_dir)],
+        details=details,
+    )
 
 
-def stage_estimate(ctx: Ctx) -> StageResult:
+def stage_estimate(ctx: Ctx) -> StageReport:
     from finetune.data.prepare import read_report
 
     est = ctx.deps.estimate(ctx.cfg, ctx.outputs["model"]["config"], read_report(ctx.run_dir / "data"))
-    return StageResult({"total_bytes": est.total_bytes}, details={"estimate": est.to_dict()})
+    return StageReport(outputs={"total_bytes": est.total_bytes}, details={"estimate": est.to_dict()})
 
 
 # ---------------------------------------------------------------- train
@@ -138,7 +143,7 @@ def _resumable(ctx: Ctx, key: str) -> bool:
     return not changed
 
 
-def stage_train(ctx: Ctx) -> StageResult:
+def stage_train(ctx: Ctx) -> StageReport:
     from finetune.data.templates import get_template
     from finetune.evaluate.probes import probe_questions, record_in_memory
 
@@ -175,8 +180,10 @@ def stage_train(ctx: Ctx) -> StageResult:
         raise StageError(f"training returned without writing {run_dir / ADAPTER_DIR}", details)
     atomic_write_json(run_dir / TRAIN_KEPT, _kept(run_dir))
     arts = [artifact(name, run_dir / path) for name, path in TRAIN_ARTIFACTS if (run_dir / path).exists()]
-    return StageResult(
-        {"adapter_dir": str(run_dir / ADAPTER_DIR), "steps": summary.get("steps")}, arts, details
+    return StageReport(
+        outputs={"adapter_dir": str(run_dir / ADAPTER_DIR), "steps": summary.get("steps")},
+        artifacts=arts,
+        details=details,
     )
 
 

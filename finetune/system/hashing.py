@@ -72,3 +72,13 @@ def source_sha256(root: Path = PACKAGE_ROOT) -> str:
             return digest.hexdigest()
         _SOURCE = digest.hexdigest()
     return _SOURCE
+
+
+def path_identity(path: str | Path) -> dict[str, str] | None:
+    """{"path", "sha256"} of a file or folder (None when absent): which bytes a verdict judged."""
+    path = Path(path)
+    if path.is_file():
+        return {"path": str(path), "sha256": file_sha256(path)}
+    if path.is_dir():
+        return {"path": str(path), "sha256": dir_sha256(path)[0]}
+    return None

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 
-from finetune.gates.verdict import Verdict, judged, skipped, verdict
+import pytest
+
+from finetune.gates.verdict import Verdict, skipped, verdict
 
 
 def test_verdict_maps_ok_to_passed_or_failed_and_keeps_measurements():
@@ -41,28 +42,15 @@ def test_str_shows_the_mark_name_and_detail():
     assert str(skipped("g", "no runtime")) == "[SKIP] g: no runtime"
 
 
-def test_to_dict_round_trips_through_json():
+def test_a_verdict_round_trips_through_json():
     v = verdict("fuse_exactness", False, 0.5, 1e-3, "dropped", {"worst": "model.layers.0.q_proj"})
     v.why, v.artifact = "a fuse that drops the adapter", {"path": "/x", "sha256": "ab"}
-    back = Verdict.from_dict(json.loads(json.dumps(v.to_dict())))
-    assert back == v and back.to_dict() == v.to_dict()
+    back = Verdict.model_validate(json.loads(v.model_dump_json()))
+    assert back == v and back.model_dump() == v.model_dump()
 
 
-def test_from_dict_ignores_unknown_keys_and_defaults_missing_ones():
-    v = Verdict.from_dict({"name": "g", "status": "passed", "measured": 1.0, "threshold": 1.0, "detail": "d",
-                           "added_later": 5})  # fmt: skip
-    assert v.name == "g" and v.why == "" and v.artifact is None and v.data == {}
-
-
-def test_judged_identifies_a_file_a_folder_or_nothing(tmp_path):
-    f = tmp_path / "model.gguf"
-    f.write_bytes(b"GGUF weights")
-    assert judged(f) == {"path": str(f), "sha256": hashlib.sha256(b"GGUF weights").hexdigest()}
-    folder = tmp_path / "adapter"
-    folder.mkdir()
-    (folder / "adapters.safetensors").write_bytes(b"one")
-    first = judged(folder)
-    assert first["path"] == str(folder) and len(first["sha256"]) == 64
-    (folder / "adapters.safetensors").write_bytes(b"two")
-    assert judged(folder)["sha256"] != first["sha256"]  # other bytes, other identity
-    assert judged(tmp_path / "missing") is None
+def test_missing_optional_keys_default_and_unknown_ones_are_refused():
+    v = Verdict.model_validate({"name": "g", "status": "passed", "detail": "d"})
+    assert v.measured is None and v.why == "" and v.artifact is None and v.data == {}
+    with pytest.raises(ValueError, match="added_later"):
+        Verdict.model_validate({"name": "g", "status": "passed", "detail": "d", "added_later": 5})

@@ -8,7 +8,8 @@ import sys
 from finetune.config.loader import load_config
 from finetune.recipes.commands import RECIPES
 from finetune.recipes.execution import Command, open_run
-from finetune.stages.context import Stage, StageResult
+from finetune.report.models import StageReport
+from finetune.stages.context import Stage
 from finetune.stages.rundir import own_config
 from finetune.system import procs
 from finetune.system.signals import Interrupted
@@ -46,7 +47,7 @@ def test_a_signal_between_two_stages_ends_the_run_interrupted_with_its_resume_co
 ):
     run = tmp_path / "run"
     cfg = own_config(run, load_config("quick"))
-    stage = Stage("a", lambda c: StageResult(), lambda c: {})
+    stage = Stage("a", lambda c: StageReport(), lambda c: {})
     with open_run(Command("run", gates=("g",)), cfg, run, fake_deps(toy_tokenizer, tmp_path / "m"),
                   log=lambda _: None) as r:  # fmt: skip
         r.stage(stage)

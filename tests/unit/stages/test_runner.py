@@ -12,7 +12,8 @@ import pytest
 from finetune.config.loader import load_config
 from finetune.gates.verdict import verdict
 from finetune.report.artifacts import artifact
-from finetune.stages.context import Ctx, Stage, StageError, StageResult
+from finetune.report.models import StageReport
+from finetune.stages.context import Ctx, Stage, StageError
 from finetune.stages.keys import code_version
 from finetune.stages.runner import Run, record_path
 from finetune.system.signals import Interrupted
@@ -40,7 +41,7 @@ def test_a_passed_stage_is_recorded_with_its_verdicts_and_reused_until_its_input
 
     def body(c):
         calls.append(1)
-        return StageResult({"x": seed["v"]}, verdicts=[verdict("g", True, 1.0, 0.5, "ok")])
+        return StageReport(outputs={"x": seed["v"]}, verdicts=[verdict("g", True, 1.0, 0.5, "ok")])
 
     stage = Stage("s", body, lambda c: {"seed": seed["v"]})
     reports, bad, stop = run_stages(ctx(tmp_path, toy_tokenizer), [stage])
@@ -61,7 +62,7 @@ def test_a_failure_skips_the_rest_and_bad_input_is_flagged(tmp_path, toy_tokeniz
     def broken(c):
         raise DatasetError("data.jsonl:3: no usable rows")
 
-    stages = [Stage("a", broken, lambda c: {}), Stage("b", lambda c: StageResult(), lambda c: {})]
+    stages = [Stage("a", broken, lambda c: {}), Stage("b", lambda c: StageReport(), lambda c: {})]
     reports, bad, _ = run_stages(ctx(tmp_path, toy_tokenizer), stages)
     assert [(r.status, r.reason) for r in reports] == [("failed", "DatasetError: data.jsonl:3: no usable rows"),
                                                         ("skipped", "a failed")] and bad  # fmt: skip
@@ -83,8 +84,8 @@ def test_a_signal_stops_the_run_and_marks_what_did_not_run(tmp_path, toy_tokeniz
     def stopped(c):
         raise exc
 
-    stages = [Stage("a", lambda c: StageResult(), lambda c: {}), Stage("b", stopped, lambda c: {}),
-              Stage("c", lambda c: StageResult(), lambda c: {})]  # fmt: skip
+    stages = [Stage("a", lambda c: StageReport(), lambda c: {}), Stage("b", stopped, lambda c: {}),
+              Stage("c", lambda c: StageReport(), lambda c: {})]  # fmt: skip
     reports, _, stop = run_stages(ctx(tmp_path, toy_tokenizer), stages)
     assert stop.name == name
     assert [(r.name, r.status) for r in reports] == [("a", "passed"), ("b", "failed"), ("c", "skipped")]
@@ -100,11 +101,11 @@ def test_an_artifact_changed_under_the_run_is_named_and_that_stage_and_all_later
         calls.append("a")
         (c.run_dir / "out" / "w.bin").parent.mkdir(exist_ok=True)
         (c.run_dir / "out" / "w.bin").write_bytes(b"made")
-        return StageResult(artifacts=[artifact("out", c.run_dir / "out")])
+        return StageReport(artifacts=[artifact("out", c.run_dir / "out")])
 
     def judges(c):
         calls.append("b")
-        return StageResult(verdicts=[verdict("g", True, 1.0, 0.5, "ok")])
+        return StageReport(verdicts=[verdict("g", True, 1.0, 0.5, "ok")])
 
     # b's own key does not hold a's artifacts: only the runner's rule reruns it
     stages = [Stage("a", writes, lambda c: {}), Stage("b", judges, lambda c: {})]
@@ -123,7 +124,7 @@ def test_an_artifact_changed_under_the_run_is_named_and_that_stage_and_all_later
 
 def test_a_stage_rerun_for_new_inputs_says_which(tmp_path, toy_tokenizer):
     seed, lines = {"v": 1}, []
-    stage = Stage("s", lambda c: StageResult(), lambda c: {"seed": seed["v"]})
+    stage = Stage("s", lambda c: StageReport(), lambda c: {"seed": seed["v"]})
     run_stages(ctx(tmp_path, toy_tokenizer), [stage])
     seed["v"] = 2
     run_stages(ctx(tmp_path, toy_tokenizer, log=lines.append), [stage])

@@ -97,3 +97,17 @@ def test_source_sha256_covers_code_and_profiles_only(tmp_path):
 
     (root / "errors.py").write_text((root / "errors.py").read_text() + "\n")
     assert hashing.source_sha256(root) != base
+
+
+def test_path_identity_of_a_file_a_folder_or_nothing(tmp_path):
+    f = tmp_path / "model.gguf"
+    f.write_bytes(b"GGUF weights")
+    assert hashing.path_identity(f) == {"path": str(f), "sha256": hashlib.sha256(b"GGUF weights").hexdigest()}
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "adapters.safetensors").write_bytes(b"one")
+    first = hashing.path_identity(folder)
+    assert first["path"] == str(folder) and len(first["sha256"]) == 64
+    (folder / "adapters.safetensors").write_bytes(b"two")
+    assert hashing.path_identity(folder)["sha256"] != first["sha256"]  # other bytes, other identity
+    assert hashing.path_identity(tmp_path / "missing") is None
