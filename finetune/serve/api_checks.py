@@ -191,34 +191,35 @@ def _check_concurrent(generate: Callable[..., Any], timeout: float, n: int) -> C
     return Check("concurrent", True, f"{n} concurrent requests completed in {times} s with identical answers")
 
 
+def _expect_refusal(
+    check: str, asked: str, ask: Callable[[], Any], timeout: float, status: int | None
+) -> Check:
+    """A request the server must refuse with an HTTP error (`status`, or any when None), promptly."""
+    state, value = _with_deadline(ask, timeout)
+    if state == "timeout":
+        return Check(check, False, f"no answer within {timeout:g} s for {asked}")
+    if state == "ok":
+        return Check(check, False, f"{asked} was answered: {response_field(value, 'response')!r}")
+    code = getattr(value, "status_code", None)
+    if code is None or (status is not None and code != status):
+        return Check(
+            check, False, f"expected {f'a {status}' if status else 'a server'} error, got {_describe(value)}"
+        )
+    return Check(check, True, f"{asked} refused: {_describe(value)}")
+
+
 def _check_unknown_model(client: Any, model: str, prompt: str, timeout: float) -> Check:
     def ask() -> Any:
         return client.generate(model=model, prompt=prompt, options={"num_predict": 1})
 
-    state, value = _with_deadline(ask, timeout)
-    if state == "timeout":
-        return Check("unknown_model", False, f"no answer within {timeout:g} s for unknown model {model!r}")
-    if state == "ok":
-        answer = response_field(value, "response")
-        return Check("unknown_model", False, f"unknown model {model!r} answered: {answer!r}")
-    if getattr(value, "status_code", None) != 404:
-        return Check("unknown_model", False, f"expected a 404 error, got {_describe(value)}")
-    return Check("unknown_model", True, _describe(value))
+    return _expect_refusal("unknown_model", f"unknown model {model!r}", ask, timeout, status=404)
 
 
 def _check_bad_options(client: Any, name: str, prompt: str, timeout: float, options: dict[str, Any]) -> Check:
     def ask() -> Any:
         return client.generate(model=name, prompt=prompt, options={**options, "num_predict": 1})
 
-    state, value = _with_deadline(ask, timeout)
-    if state == "timeout":
-        return Check("bad_options", False, f"no answer within {timeout:g} s for options {options}")
-    if state == "ok":
-        answer = response_field(value, "response")
-        return Check("bad_options", False, f"options {options} were accepted: {answer!r}")
-    if getattr(value, "status_code", None) is None:
-        return Check("bad_options", False, f"expected a server error, got {_describe(value)}")
-    return Check("bad_options", True, f"options {options} rejected: {_describe(value)}")
+    return _expect_refusal("bad_options", f"options {options}", ask, timeout, status=None)
 
 
 def _not_run(name: str) -> Check:

@@ -6,7 +6,7 @@ assistant turn. The batch order is a pure function of (seed, step), which is wha
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,7 +32,10 @@ class TokenDataset:
         return self.items[idx]
 
 
-def _pack(rows: list[tuple[list[int], list[int]]], max_seq_length: int) -> tuple[mx.array, mx.array]:
+def pack(
+    rows: Sequence[tuple[Sequence[int], Sequence[int]]], max_seq_length: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Zero end padding to batch_width: 1 + a multiple of PAD_TO, like mlx-lm, so compiled shapes repeat."""
     longest = max(len(ids) for ids, _ in rows)
     width = batch_width(longest, max_seq_length)
     ids_arr = np.zeros((len(rows), width), np.int32)
@@ -41,7 +44,12 @@ def _pack(rows: list[tuple[list[int], list[int]]], max_seq_length: int) -> tuple
         n = min(len(ids), width)
         ids_arr[i, :n] = ids[:n]
         mask_arr[i, :n] = mask[:n]
-    return mx.array(ids_arr), mx.array(mask_arr)
+    return ids_arr, mask_arr
+
+
+def _pack(rows: list[tuple[list[int], list[int]]], max_seq_length: int) -> tuple[mx.array, mx.array]:
+    ids, mask = pack(rows, max_seq_length)
+    return mx.array(ids), mx.array(mask)
 
 
 def _length_buckets(dataset: TokenDataset, batch_size: int) -> list[list[int]]:

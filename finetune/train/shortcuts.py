@@ -32,10 +32,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from finetune.data.tokens import batch_width
 from finetune.train import batches
 from finetune.train.arch import ARCHS, Arch, run_blocks
-from finetune.train.batches import masked_loss
+from finetune.train.batches import masked_loss, pack
 from finetune.train.shortcut_plan import Plan, plan
 
 # ---------------------------------------------------------------- the prefix cache
@@ -115,21 +114,6 @@ class PrefixCache:
 
 
 # ---------------------------------------------------------------- batches
-
-
-def pack(
-    rows: Sequence[tuple[Sequence[int], Sequence[int]]], max_seq_length: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """The project's packing (finetune.train.batches._pack): zero end padding to 1 + a multiple of 32."""
-    longest = max(len(ids) for ids, _ in rows)
-    width = batch_width(longest, max_seq_length)
-    ids_arr = np.zeros((len(rows), width), np.int32)
-    mask_arr = np.zeros((len(rows), width), np.float32)
-    for i, (ids, mask) in enumerate(rows):
-        n = min(len(ids), width)
-        ids_arr[i, :n] = ids[:n]
-        mask_arr[i, :n] = mask[:n]
-    return ids_arr, mask_arr
 
 
 def build_batch(rows, max_seq_length: int, p: Plan, cache: PrefixCache | None) -> tuple[mx.array, ...]:
