@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("doctor", help="MLX backend, BLAS, threads, versions, memory")
 
     _run_args(sub.add_parser("train", help="prepare and train only (not judged)"))
-    _run_args(sub.add_parser("run", help="prepare, train and judge with the six training gates"))
+    _run_args(sub.add_parser("run", help="prepare, train and judge with the training gates"))
     _run_args(
         sub.add_parser("pipeline", help="tier 3: LoRA -> fuse -> GGUF -> Ollama -> evaluation -> report")
     )

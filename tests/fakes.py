@@ -88,7 +88,11 @@ class FakeTrainer:
         _save(run_dir / "adapter", final, acfg)
         answers = fake_answers(run_dir, cfg, learned=rate > 0)
         atomic_write_json(run_dir / PROBES / IN_MEMORY, {"answers": answers})
-        atomic_write_json(run_dir / RESULT, {"steps": steps, "start_step": 0})
+        val = {
+            "initial_val_loss": 3.2,
+            "best_val_loss": 3.2 * math.exp(-rate * steps / 2),
+        }  # flat when lr is 0
+        atomic_write_json(run_dir / RESULT, {"steps": steps, "start_step": 0, **val})
         return SimpleNamespace(to_dict=lambda: {"steps": steps, "interrupted": None})
 
 

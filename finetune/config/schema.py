@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
+
+from finetune.gates.registry import THRESHOLDS, Threshold
 
 
 class _Section(BaseModel):
@@ -109,12 +111,9 @@ class LogprobTolerance(_Section):
     q8_0: float = Field(1.5, gt=0)
 
 
-class GatesConfig(_Section):
-    """Thresholds of the gates; each description is the fault the gate exists to catch (shown in verdicts)."""
+class _GatesSettings(_Section):
+    """How the gates measure; their thresholds are added from the gate table (THRESHOLDS) below."""
 
-    loss_drop: float = Field(
-        0.05, ge=0, lt=1, description="lr ~ 0, frozen adapters or a broken loss leave the training loss flat"
-    )
     loss_window: int = Field(5, ge=1, description="steps averaged at each end, so one lucky step cannot pass")
     max_initial_loss: float | None = Field(
         None, description="a base model that starts absurdly high is the wrong model or template"
@@ -122,53 +121,33 @@ class GatesConfig(_Section):
     max_final_loss: float | None = Field(
         None, description="an upper bound on where training must end, when known"
     )
-    learning_improvement: float = Field(
-        0.30,
-        ge=0,
-        le=1,
-        description="base + SAVED adapter must answer training questions better than the base",
-    )
     learning_probes: int = Field(
         16,
         ge=1,
         description="training questions asked before and after (a 30% share is then 5 answers, not a fluke)",
     )
-    memory_saving: float = Field(
-        0.30,
-        ge=0,
-        lt=1,
-        description="LoRA that costs as much memory as full fine-tuning is mis-wired (e.g. everything trainable)",
-    )
-    lora_params_changed: float = Field(
-        0.80,
-        ge=0,
-        le=1,
-        description="frozen or disconnected adapters do not move; a trained base weight is not LoRA",
-    )
-    text_agreement: float = Field(
-        0.9, ge=0, le=1, description="runtimes that ship the same weights must give the same greedy answers"
-    )
     quantized_text_agreement: float = Field(
-        0.5, ge=0, le=1, description="a quantized GGUF may flip near-ties, not answer differently"
+        0.5, ge=0, le=1, description="text_agreement for a quantized GGUF, which may flip near-ties"
     )
     adapter_min_changed: float = Field(
-        0.5,
-        ge=0,
-        le=1,
-        description="a runtime that serves the base model (adapter lost) answers like the base",
-    )
-    adapter_min_score: float = Field(
-        0.5, ge=0, le=1, description="a runtime that lost the adapter does not give the trained answers"
+        0.5, ge=0, le=1, description="share of answers a fine-tuned runtime must give unlike the base"
     )
     logprob_max_abs: LogprobTolerance = Field(
-        default_factory=LogprobTolerance, description="a wrong tensor layout moves logprobs by ~3"
-    )
-    fuse_max_rel: float = Field(
-        1e-3, gt=0, description="a fuse that drops or mis-scales the adapter, or touches other tensors"
+        default_factory=LogprobTolerance, description="largest top-10 logprob difference, per GGUF type"
     )
     skip: list[str] = Field(
         default_factory=list, description="gates you choose not to run: reported as skipped, allowed"
     )
+
+
+def _threshold_field(t: Threshold) -> tuple[type, Any]:
+    return float, Field(t.default, ge=t.ge, gt=t.gt, le=t.le, lt=t.lt, description=t.setting)
+
+
+# gates.<threshold> for every number of the gate table: declared there once, validated here.
+GatesConfig = create_model(
+    "GatesConfig", __base__=_GatesSettings, **{t.key: _threshold_field(t) for t in THRESHOLDS}
+)
 
 
 class ExportConfig(_Section):

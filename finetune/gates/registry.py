@@ -6,12 +6,9 @@ README's gate table is checked against it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Literal
-
-from finetune.gates.verdict import Verdict
-from finetune.system.hashing import path_identity
+from typing import Any, Literal
 
 Phase = Literal["training", "export", "serving"]
 
@@ -27,8 +24,61 @@ class Gate:
     )
     runtime: str | None = None  # the runtime it needs: its skip is allowed when that runtime's skip is
     in_pipeline: bool = True  # required by `finetune pipeline` (which judges learning where it ships instead)
-    lower_is_better: bool = False  # how a history trend of its measured value reads
+    lower_is_better: bool = False  # how its measured value compares with its threshold, and a trend reads
     parity: bool = False  # it compares one runtime's output with another's
+    # A training gate judged from the numbers training recorded: train_result.json -> the measured value.
+    # Such a gate needs nothing but its row (and its Threshold); the others have a judge in finetune/stages/judge.py.
+    metric: Callable[[dict[str, Any]], float] | None = None
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """A gates.<key> number: its default and bounds (the config schema's field is built from this row)."""
+
+    key: str
+    default: float
+    setting: str  # what the number means, for the config's description
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+
+
+# The gates' numbers (a structured one, gates.logprob_max_abs, per GGUF type, is in the config schema).
+THRESHOLDS = (
+    Threshold(
+        "loss_drop", 0.05, "minimum relative drop of the mean training loss, last vs first window", ge=0, lt=1
+    ),
+    Threshold(
+        "learning_improvement",
+        0.30,
+        "minimum share of probe answers the saved adapter gets right that the base did not",
+        ge=0,
+        le=1,
+    ),
+    Threshold(
+        "memory_saving", 0.30, "minimum relative saving of LoRA's peak memory vs full fine-tuning", ge=0, lt=1
+    ),
+    Threshold(
+        "lora_params_changed", 0.80, "minimum share of adapter elements that moved from step 0", ge=0, le=1
+    ),
+    Threshold(
+        "val_loss_drop",
+        0.02,
+        "minimum relative drop of the validation loss, best vs before training",
+        ge=0,
+        lt=1,
+    ),
+    Threshold(
+        "fuse_max_rel", 1e-3, "maximum relative error of a fused weight vs base + scale * B^T A^T", gt=0
+    ),
+    Threshold(
+        "text_agreement", 0.9, "minimum share of greedy answers equal to base + adapter in MLX", ge=0, le=1
+    ),
+    Threshold(
+        "adapter_min_score", 0.5, "minimum share of trained answers each fine-tuned runtime gives", ge=0, le=1
+    ),
+)
 
 
 _ALL = (
@@ -74,6 +124,15 @@ _ALL = (
         "decoded loss-carrying tokens of the batches training used vs the assistant answers",
         "-",
         "prompt tokens trained (mask_prompt ignored), or answers not trained",
+    ),
+    Gate(
+        "validation_loss",
+        "relative drop of the loss on the held-out valid split, best evaluation vs before training "
+        "(train_result.json)",
+        "val_loss_drop",
+        "training that changes nothing beyond its own rows: lr ~ 0, frozen adapters, or answers memorised "
+        "without the task",
+        metric=lambda result: 1 - result["best_val_loss"] / result["initial_val_loss"],
     ),
     Gate(
         "fuse_exactness",
@@ -154,6 +213,7 @@ _ALL = (
     ),
 )
 GATES: dict[str, Gate] = {g.name: g for g in _ALL}
+DEFAULT = {t.key: t.default for t in THRESHOLDS}  # what a gate function assumes when not given its threshold
 
 # Derived lists (in table order): what the judge stage judges, what `finetune pipeline` requires, and more.
 TRAINING_GATES = tuple(g.name for g in _ALL if g.phase == "training")
@@ -161,12 +221,3 @@ PIPELINE_GATES = tuple(g.name for g in _ALL if g.in_pipeline)
 RUNTIME_OF = {g.name: g.runtime for g in _ALL if g.runtime}
 LOWER_IS_BETTER = frozenset(g.name for g in _ALL if g.lower_is_better)
 PARITY_GATES = tuple(g.name for g in _ALL if g.parity)
-
-
-def explain(v: Verdict, judged_path: str | Path | None = None) -> Verdict:
-    """Attach what the table knows to a verdict (its why) and, given it, the bytes it judged (path, sha256)."""
-    if v.name in GATES:
-        v.why = GATES[v.name].why
-    if judged_path is not None:
-        v.artifact = path_identity(judged_path)
-    return v

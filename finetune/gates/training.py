@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from finetune.gates.registry import DEFAULT, Gate
 from finetune.gates.scoring import answer_score
 from finetune.gates.verdict import Verdict, verdict
 
@@ -21,7 +22,7 @@ ADAPTER_LEAVES = ("lora_a", "lora_b", "m")
 def loss_convergence(
     losses: Sequence[float],
     *,
-    drop: float = 0.05,
+    drop: float = DEFAULT["loss_drop"],
     window: int = 5,
     max_initial: float | None = None,
     max_final: float | None = None,
@@ -60,7 +61,7 @@ def model_learning(
     *,
     loss_before: float,
     loss_after: float,
-    threshold: float = 0.30,
+    threshold: float = DEFAULT["learning_improvement"],
 ) -> Verdict:
     """Trained answers beat the base's on > threshold of cases, and teacher-forced loss drops."""
     name = "model_learning"
@@ -96,7 +97,7 @@ def model_learning(
 
 
 def memory_efficiency(
-    lora_peak: int, full_peak: int, *, saving: float = 0.30, source: str = "measured"
+    lora_peak: int, full_peak: int, *, saving: float = DEFAULT["memory_saving"], source: str = "measured"
 ) -> Verdict:
     """LoRA's peak must be at least `saving` below full fine-tuning of the same model, batch and length.
 
@@ -129,7 +130,7 @@ def parameter_updates(
     base_recorded: Mapping[str, str],
     base_now: Mapping[str, str],
     fine_tune_type: str = "lora",
-    threshold: float = 0.80,
+    threshold: float = DEFAULT["lora_params_changed"],
     min_steps: int = 3,
 ) -> Verdict:
     """The saved adapter vs its saved step-0 state: > threshold of adapter elements moved (lora_b starts at
@@ -204,3 +205,22 @@ def artifacts(
         else "; ".join(problems)
     )
     return verdict(name, not problems, agreement, 1.0, detail)
+
+
+# ---------------------------------------------------------------- gates declared by their row alone
+
+
+def declared_gate(gate: Gate, result: dict[str, Any], threshold: float) -> Verdict:
+    """A gate whose row gives its metric: the measured value from what training recorded, against threshold."""
+    assert gate.metric is not None, gate.name
+    try:
+        value = float(gate.metric(result))
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
+        return verdict(
+            gate.name, False, None, threshold, f"not measurable from what training recorded: {exc!r}"
+        )
+    if not np.isfinite(value):
+        return verdict(gate.name, False, None, threshold, f"measured {value} (not a finite number)")
+    ok = value <= threshold if gate.lower_is_better else value >= threshold
+    sign = "<=" if gate.lower_is_better else ">="
+    return verdict(gate.name, ok, value, threshold, f"{value:.4g} (needs {sign} {threshold:g})")

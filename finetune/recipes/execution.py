@@ -20,7 +20,8 @@ from typing import IO, Any
 
 from finetune import faults
 from finetune.config.schema import RunConfig
-from finetune.gates.registry import RUNTIME_OF, explain
+from finetune.gates.provenance import explain
+from finetune.gates.registry import RUNTIME_OF
 from finetune.gates.status import allowed_skips, decide
 from finetune.gates.verdict import Verdict, skipped
 from finetune.report.models import OllamaReport, RunReport, write_report

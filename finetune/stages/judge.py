@@ -1,4 +1,5 @@
-"""The judge stage: measure what the run saved on disk, one small function per training gate.
+"""The judge stage: measure what the run saved on disk, one small function per training gate (a gate
+declared by its row alone is judged by judge_declared).
 
 Each function reads the artifacts its gate is about and returns that gate's verdict with the bytes it judged
 (explain). What several gates share is measured once: the learning probe (base + SAVED adapter answering the
@@ -17,7 +18,8 @@ from typing import Any
 
 from finetune.gates import label_mask as label_mask_gate
 from finetune.gates import training as gates
-from finetune.gates.registry import explain
+from finetune.gates.provenance import explain
+from finetune.gates.registry import GATES, TRAINING_GATES, Gate
 from finetune.gates.verdict import Verdict, skipped
 from finetune.report.models import StageReport
 from finetune.stages.context import Ctx, Stage
@@ -147,7 +149,7 @@ def judge_memory(j: Judging) -> Verdict:
     return explain(v)
 
 
-# One judge per training gate, in the order they run (the memory measurement, the slowest, last).
+# The judge of each training gate that needs more than its row (a declared one: judge_declared).
 JUDGES: dict[str, Callable[[Judging], Verdict]] = {
     "loss_convergence": judge_loss,
     "model_learning": judge_learning,
@@ -156,6 +158,16 @@ JUDGES: dict[str, Callable[[Judging], Verdict]] = {
     "label_mask": judge_label_mask,
     "memory_efficiency": judge_memory,
 }
+
+
+def judge_declared(j: Judging, gate: Gate) -> Verdict:
+    """A gate declared by its row alone (finetune.gates.registry: its metric of train_result.json)."""
+    path = j.ctx.run_dir / RESULT
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        result = {"unreadable": f"{path}: {type(exc).__name__}: {exc}"}
+    return explain(gates.declared_gate(gate, result, getattr(j.ctx.cfg.gates, gate.threshold)), path)
 
 
 def stage_judge(ctx: Ctx) -> StageReport:
@@ -168,12 +180,15 @@ def stage_judge(ctx: Ctx) -> StageReport:
     j = Judging(ctx, base, tokenizer, stops)
     skip = ctx.cfg.gates.skip
     verdicts = [
-        skipped(n, f"skipped by gates.skip ({n})") for n in ctx.required_gates if n in skip and n in JUDGES
+        skipped(n, f"skipped by gates.skip ({n})")
+        for n in ctx.required_gates
+        if n in skip and n in TRAINING_GATES
     ]
-    wanted = [n for n in JUDGES if ctx.wants(n)]
+    # the table's order, the memory measurement (the slowest) last
+    wanted = sorted((n for n in TRAINING_GATES if ctx.wants(n)), key=lambda n: n == "memory_efficiency")
     if {"model_learning", "artifacts"} & set(wanted):
         j.measure_learning()
-    verdicts += [JUDGES[name](j) for name in wanted]
+    verdicts += [JUDGES[n](j) if n in JUDGES else judge_declared(j, GATES[n]) for n in wanted]
     failed = [v.name for v in verdicts if v.status == "failed"]
     details = {"failed": failed, "judged": [v.name for v in verdicts], "seconds": j.seconds}
     return StageReport(outputs={"verdicts": [v.name for v in verdicts]}, verdicts=verdicts, details=details)

@@ -10,7 +10,8 @@ from typing import Any
 from finetune import faults
 from finetune.gates import fuse as fuse_gate
 from finetune.gates import served
-from finetune.gates.registry import RUNTIME_OF, explain
+from finetune.gates.provenance import explain
+from finetune.gates.registry import RUNTIME_OF
 from finetune.gates.runtime_parity import judge_runtimes
 from finetune.gates.verdict import Verdict
 from finetune.models.safetensors import dtype_counts

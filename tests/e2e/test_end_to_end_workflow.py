@@ -85,6 +85,7 @@ def test_lr_zero_fails_the_loss_and_update_gates_and_the_run(tmp_path, toy_token
     )
     gates = gates_of(tmp_path / "r")
     assert gates["parameter_updates"] == "failed" and gates["model_learning"] == "failed"
+    assert "[FAIL] validation_loss: measured 0 vs 0.02: 0 (needs >= 0.02)" in out  # judged from its row alone
     assert read_report(tmp_path / "r").status == "failed"
 
 

@@ -26,6 +26,8 @@ from tests.tiny_run import MODEL, healthy_sets
 STAGE_ERROR = "(stage error)"  # no gate: the stage itself must fail, clearly
 GATED = {n: stage for n, (stage, _, gate) in faults.FAULTS.items() if gate != STAGE_ERROR}
 TRAIN_FAULTS = [n for n, stage in GATED.items() if stage == "train"]
+# Gates that must fail on a fault besides the one it is planted for (a fault table row names one gate).
+ALSO_CAUGHT = {"lr_zero": ("validation_loss",), "frozen_lora": ("validation_loss",)}
 SHIP_FAULTS = [n for n, stage in GATED.items() if stage != "train"]
 STAGE_ERROR_FAULTS = [n for n in faults.FAULTS if n not in GATED]
 
@@ -78,6 +80,8 @@ def test_a_training_fault_is_caught_by_its_gate(fault, tmp_path, data_dir, recor
            failed=_failed(report))  # fmt: skip
     assert report.faults == [fault] and (report.status, report.exit_code) == (faults.STATUS, faults.EXIT_CODE)
     assert gate in failed, f"{fault} was not caught by {gate}; failed: {sorted(failed)}"
+    for also in ALSO_CAUGHT.get(fault, ()):
+        assert also in failed, f"{fault} was not caught by {also}; failed: {sorted(failed)}"
 
 
 @pytest.mark.parametrize("fault", SHIP_FAULTS)

@@ -16,6 +16,7 @@ import pytest
 
 from finetune.gates.training import (
     artifacts,
+    declared_gate,
     is_adapter_tensor,
     loss_convergence,
     memory_efficiency,
@@ -333,3 +334,17 @@ def test_a_missing_run_file_fails_the_artifacts_gate(train, tmp_path):
     (copy / "metrics.jsonl").unlink()
     v = _artifacts_gate(Run(copy, run.steps, run.base, run.digests))
     assert not v.passed and "missing metrics.jsonl" in v.detail
+
+
+def test_a_gate_declared_by_its_row_compares_its_metric_with_the_threshold():
+    from finetune.gates.registry import GATES
+
+    gate = GATES["validation_loss"]
+    healthy = declared_gate(gate, {"initial_val_loss": 6.65, "best_val_loss": 4.07}, 0.02)
+    assert healthy.passed and healthy.measured == pytest.approx(1 - 4.07 / 6.65)
+    flat = declared_gate(gate, {"initial_val_loss": 6.65, "best_val_loss": 6.65}, 0.02)  # lr 0
+    assert flat.status == "failed" and flat.measured == 0 and "needs >= 0.02" in flat.detail
+    missing = declared_gate(gate, {"steps": 3}, 0.02)
+    assert missing.status == "failed" and "best_val_loss" in missing.detail
+    nan = declared_gate(gate, {"initial_val_loss": float("nan"), "best_val_loss": 1.0}, 0.02)
+    assert nan.status == "failed" and "finite" in nan.detail
