@@ -68,7 +68,7 @@ def _mtime(path: Path) -> str:
     return datetime.fromtimestamp(path.stat().st_mtime, UTC).isoformat(timespec="seconds")
 
 
-def _newest_report(artifacts: Path, tier: str, prefix: str) -> dict[str, Any] | None:
+def _newest_report(artifacts: Path, command: str, prefix: str) -> dict[str, Any] | None:
     """The newest passed report of a tier's runs (artifacts/<prefix>-*/report.json), on the default model
     (SmolLM2) before others: the tier times the README and the speed goals speak of."""
     found = []
@@ -77,7 +77,9 @@ def _newest_report(artifacts: Path, tier: str, prefix: str) -> dict[str, Any] | 
             data = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        if not isinstance(data, dict) or "seconds" not in data or data.get("tier") != tier:
+        if not isinstance(data, dict) or "seconds" not in data:
+            continue
+        if data.get("command", data.get("tier")) != command:  # "tier" in reports before schema 3
             continue
         rank = (
             data.get("status") == "passed",

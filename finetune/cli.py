@@ -81,8 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     h = sub.add_parser(
         "history", help="trends of every run so far; --check compares the latest with its baseline"
     )
-    h.add_argument("--tier", help="only this tier (run, pipeline, validate, train)")
-    h.add_argument("--last", type=int, default=10, help="runs per tier to show (default 10)")
+    h.add_argument("--command", dest="only", help="only this command's runs (run, pipeline, validate, train)")
+    h.add_argument("--last", type=int, default=10, help="runs per command to show (default 10)")
     h.add_argument(
         "--check", action="store_true", help="exit 1 when the latest run regressed beyond its bands"
     )
@@ -195,10 +195,10 @@ def _history(args, out) -> int:
         print(f"no runs recorded in {path} yet", file=out)
         return 0
     if args.check:
-        findings = regressions.check(rows, tier=args.tier)
+        findings = regressions.check(rows, command=args.only)
         print(regressions.render_check(findings), file=out)
         return 1 if regressions.regressions(findings) else 0
-    print(trends.render_trends(trends.trends(rows, args.tier, args.last)), file=out)
+    print(trends.render_trends(trends.trends(rows, args.only, args.last)), file=out)
     return 0
 
 

@@ -137,7 +137,7 @@ def finish(command: Command, run: Run, started: datetime, tic: float) -> Finishe
         status, code = faults.STATUS, faults.EXIT_CODE
         reasons = [f"faults planted on purpose ({faults.ENV}): {', '.join(planted)}", *reasons]
     report = RunReport(
-        tier=command.name,
+        command=command.name,
         status=status,
         exit_code=code,
         reasons=reasons,

@@ -1,4 +1,4 @@
-"""Run history: one JSON line per tier run (artifacts/history.jsonl), recorded from the run's report.
+"""Run history: one JSON line per run of any command (artifacts/history.jsonl), recorded from the run's report.
 
 A record keeps the figures worth comparing across runs (wall times, peak memory, final loss, every gate's
 measured value) and three digests saying what the run was made of: the environment (versions, BLAS,
@@ -67,7 +67,7 @@ def config_digest(config: dict[str, Any]) -> str:
 
 
 def _data_digest(report: RunReport) -> str | None:
-    """The data stage's artifact sha256; a tier without a data stage (validate) reads the run's stage record."""
+    """The data stage's artifact sha256; a command without a data stage (validate) reads the run's stage record."""
     for stage in report.stages:
         if stage.name == "data" and stage.artifacts:
             return next((a for a in stage.artifacts if a.name == "data"), stage.artifacts[0]).sha256
@@ -99,14 +99,14 @@ _AUTO: Any = object()
 
 
 def record_from_report(report: RunReport, *, commit: str | None = _AUTO) -> dict[str, Any]:
-    """One history row for a finished run of any tier; `commit` defaults to FineTune's git HEAD (or None)."""
+    """One history row for a finished run of any command; `commit` defaults to FineTune's git HEAD (or None)."""
     train = next((s for s in report.stages if s.name == "train"), None)
     details = train.details if train else {}
     return {
         "version": RECORD_VERSION,
         "when": report.finished_at,
         "started_at": report.started_at,
-        "tier": report.tier,
+        "command": report.command,
         "status": report.status,
         "exit_code": report.exit_code,
         "run_dir": report.run_dir,
@@ -150,5 +150,9 @@ def append(record: dict[str, Any], path: str | os.PathLike) -> Path:
 
 
 def load(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Every record in file order; a missing file is an empty history and a torn line is skipped."""
-    return [r for r in read_log(path) if isinstance(r, dict) and "tier" in r and "status" in r]
+    """Every record in file order; a missing file is an empty history and a torn line is skipped. A record
+    written before report schema 3 names its command "tier"."""
+    rows = [r for r in read_log(path) if isinstance(r, dict) and "status" in r]
+    return [
+        r if "command" in r else {**r, "command": r["tier"]} for r in rows if "command" in r or "tier" in r
+    ]

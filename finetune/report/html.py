@@ -2,7 +2,7 @@
 
 Everything is inline (CSS; the loss curve and the stage timeline as PNG data URIs drawn with matplotlib's
 Agg canvas): the page opens from a CI artifact or a mail attachment with nothing else around it. Every text
-from the report or the run is escaped. A section whose source is missing (a train-only tier has no gates, a
+from the report or the run is escaped. A section whose source is missing (`finetune train` has no gates, a
 failed run may lack metrics) says so instead of failing.
 """
 
@@ -88,7 +88,7 @@ def _stage(report: RunReport, name: str) -> Any:
 
 
 def _header(report: RunReport) -> str:
-    title = f"FineTune {report.tier}: {report.status.upper()} (exit {report.exit_code})"
+    title = f"FineTune {report.command}: {report.status.upper()} (exit {report.exit_code})"
     meta = [
         ("profile", report.profile),
         ("model", report.model),
@@ -142,7 +142,7 @@ def _loss(report: RunReport, run_dir: Path) -> str:
 def _gates(report: RunReport) -> str:
     out = "<h2>Gates</h2>"
     if not report.gates:
-        return out + _missing(f"no gate ran in this tier ({report.tier}: status {report.status})")
+        return out + _missing(f"no gate ran in this command ({report.command}: status {report.status})")
     rows = []
     for g in report.gates:
         cmp = "≤" if g.name in LOWER_IS_BETTER else "≥"
@@ -282,7 +282,7 @@ def render_html(report: RunReport, run_dir: str | Path | None = None) -> str:
         _answers(report, run_dir),
         _environment(report),
     ]
-    title = f"FineTune {report.tier} {report.status} - {Path(report.run_dir).name}"
+    title = f"FineTune {report.command} {report.status} - {Path(report.run_dir).name}"
     head = (
         f'<meta charset="utf-8"><title>{_e(title)}</title>'
         f'<meta name="viewport" content="width=device-width, initial-scale=1"><style>{CSS}</style>'

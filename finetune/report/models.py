@@ -1,4 +1,4 @@
-"""The run report: one report.json per run of any tier, with its schema generated from these models.
+"""The run report: one report.json per run of any command, with its schema generated from these models.
 
 The pydantic models are the single source of truth: `docs/report-schema.json` is `schema_text()` written
 out (`python -m finetune.report.models docs/report-schema.json`), and a unit test keeps the two equal.
@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from finetune.gates.verdict import Verdict
 from finetune.system.atomic import atomic_write_text
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "docs" / "report-schema.json"
 REPORT_NAME = "report.json"
 
@@ -95,8 +95,10 @@ class OllamaReport(_Model):
 
 
 class RunReport(_Model):
-    schema_version: Literal[2] = SCHEMA_VERSION
-    tier: Literal["run", "train", "pipeline", "validate"]
+    schema_version: Literal[3] = SCHEMA_VERSION
+    command: Literal["run", "train", "pipeline", "validate"] = Field(
+        description="the finetune command that ran"
+    )
     status: RunStatus
     exit_code: int
     reasons: list[str] = Field(default_factory=list, description="why the status is not passed")

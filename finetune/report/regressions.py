@@ -1,5 +1,5 @@
 """The regression check of the run history: the latest run against the medians of earlier runs made under the
-same conditions (equal environment, config and data digests; when there are none, the same tier and config).
+same conditions (equal environment, config and data digests; when there are none, the same command and config).
 """
 
 from __future__ import annotations
@@ -56,11 +56,13 @@ def regressions(findings: Sequence[Finding]) -> list[Finding]:
 
 
 def baseline_for(rows: Sequence[dict], latest: dict, last: int = 5) -> tuple[list[dict], str]:
-    """Up to `last` earlier runs like `latest` (same env, config and data digests; if none, same tier and
+    """Up to `last` earlier runs like `latest` (same env, config and data digests; if none, same command and
     config), leaving out interrupted, bad-input and fault-injected runs; and which kind of match it is."""
 
     def comparable(r: dict) -> bool:
-        return r["tier"] == latest["tier"] and r.get("status") not in NOT_BASELINE and not r.get("faults")
+        return (
+            r["command"] == latest["command"] and r.get("status") not in NOT_BASELINE and not r.get("faults")
+        )
 
     earlier = [r for r in rows if r is not latest and comparable(r)]
     keys = ("env_digest", "config_digest", "data_digest")
@@ -69,7 +71,7 @@ def baseline_for(rows: Sequence[dict], latest: dict, last: int = 5) -> tuple[lis
         return same[-last:], "same environment, config and data"
     loose = [r for r in earlier if r.get("config_digest") == latest.get("config_digest")]
     differ = [k[:-7] for k in keys if loose and loose[-1].get(k) != latest.get(k)]
-    return loose[-last:], f"same tier and config ({' and '.join(differ)} differ: figures less comparable)"
+    return loose[-last:], f"same command and config ({' and '.join(differ)} differ: figures less comparable)"
 
 
 def _worse(name: str, value: float, threshold: float) -> bool:
@@ -130,7 +132,7 @@ def _parity_finding(name: str, old: float, new: float, thr: Any, parity_tol: flo
 def check(
     rows: Sequence[dict[str, Any]],
     *,
-    tier: str | None = None,
+    command: str | None = None,
     time_band: float = 0.25,
     loss_band: float = 0.25,
     memory_band: float = 0.25,
@@ -139,7 +141,7 @@ def check(
     last: int = 5,
     time_floor: float = 1.0,
 ) -> list[Finding]:
-    """Compare the latest run (of `tier`, if given) with the medians of its baseline (see baseline_for).
+    """Compare the latest run (of `command`, if given) with the medians of its baseline (see baseline_for).
 
     Regressions: status worse; a gate that passed in most baseline runs now failing; a gate value crossing
     its threshold; parity worse than the baseline by more than `parity_tol` (agreement share, or that share
@@ -148,14 +150,14 @@ def check(
     time_band) and by more than `time_floor` seconds (timings need `min_runs` baseline runs: the machine is
     noisy). Notes (severity "note") say which baseline was used and what could not be compared.
     """
-    mine = [r for r in rows if tier in (None, r["tier"])]
+    mine = [r for r in rows if command in (None, r["command"])]
     if not mine:
-        return [_note("history", None, None, "-", f"no runs recorded (tier {tier or 'any'})")]
+        return [_note("history", None, None, "-", f"no runs recorded (command {command or 'any'})")]
     latest = mine[-1]
     base, kind = baseline_for(rows, latest, last)
-    who = f"{latest['tier']} run {latest.get('run_dir')} ({latest.get('when')})"
+    who = f"{latest['command']} run {latest.get('run_dir')} ({latest.get('when')})"
     if not base:
-        return [_note("baseline", None, None, "-", f"{who}: no earlier run of its tier and config")]
+        return [_note("baseline", None, None, "-", f"{who}: no earlier run of its command and config")]
     out = [_note("baseline", f"{len(base)} runs", latest.get("when"), "-", f"{who} vs {kind}")]
     out += _status_finding(latest, base)
     out += _gate_findings(latest, base, loss_band, parity_tol)

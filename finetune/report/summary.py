@@ -13,7 +13,7 @@ def _num(x: float | None) -> str:
 
 def render_summary(report: RunReport) -> str:
     lines = [
-        f"{report.tier} {report.status.upper()} (exit {report.exit_code}) in {report.seconds:.0f} s: {report.run_dir}"
+        f"{report.command} {report.status.upper()} (exit {report.exit_code}) in {report.seconds:.0f} s: {report.run_dir}"
     ]
     for s in report.stages:
         note = f"  {s.reason}" if s.reason else ""

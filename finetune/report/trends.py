@@ -1,4 +1,4 @@
-"""Trends of the run history: per tier, the last runs, their pass rate and the medians of times, memory and gates.
+"""Trends of the run history: per command, the last runs, their pass rate and the medians of times, memory and gates.
 
 Only stages that really ran count for time: a cached stage's 0 s and a failed stage's time are not its cost.
 """
@@ -33,8 +33,8 @@ def show_number(x: Any) -> str:
 
 
 @dataclass
-class TierTrend:
-    tier: str
+class CommandTrend:
+    command: str
     total_runs: int
     runs: list[dict[str, Any]]  # the last N records, oldest first
     pass_rate: float
@@ -44,24 +44,26 @@ class TierTrend:
     peak_memory_median: float | None = None
 
 
-def trends(rows: Sequence[dict[str, Any]], tier: str | None = None, last: int = 10) -> dict[str, TierTrend]:
-    """Per tier (or one tier): the last `last` runs, their pass rate and the medians of times and gates."""
-    out: dict[str, TierTrend] = {}
-    for name in dict.fromkeys(r["tier"] for r in rows if tier in (None, r["tier"])):
-        mine = [r for r in rows if r["tier"] == name]
+def trends(
+    rows: Sequence[dict[str, Any]], command: str | None = None, last: int = 10
+) -> dict[str, CommandTrend]:
+    """Per command (or one command): the last `last` runs, their pass rate and the medians of times and gates."""
+    out: dict[str, CommandTrend] = {}
+    for name in dict.fromkeys(r["command"] for r in rows if command in (None, r["command"])):
+        mine = [r for r in rows if r["command"] == name]
         out[name] = _trend(name, mine, mine[-last:])
     return out
 
 
-def _trend(name: str, mine: list[dict[str, Any]], recent: list[dict[str, Any]]) -> TierTrend:
+def _trend(name: str, mine: list[dict[str, Any]], recent: list[dict[str, Any]]) -> CommandTrend:
     stages = dict.fromkeys(s for r in recent for s in r.get("stages", {}))
     gates = dict.fromkeys(g for r in recent for g in r.get("gates", {}))
 
     def gate_median(g: str) -> float | None:
         return median_of((r["gates"].get(g) or {}).get("measured") for r in recent)
 
-    return TierTrend(
-        tier=name,
+    return CommandTrend(
+        command=name,
         total_runs=len(mine),
         runs=recent,
         pass_rate=sum(r["status"] in ("passed", "not_judged") for r in recent) / len(recent),
@@ -76,15 +78,15 @@ def _mib(x: Any) -> str:
     return "-" if not isinstance(x, int | float) else f"{x / 2**20:.0f} MiB"
 
 
-def render_trends(by_tier: dict[str, TierTrend]) -> str:
-    """Plain text for `finetune history`: per tier, each recent run's times and gate values, then medians."""
-    if not by_tier:
+def render_trends(by_command: dict[str, CommandTrend]) -> str:
+    """Plain text for `finetune history`: per command, each recent run's times and gate values, then medians."""
+    if not by_command:
         return "no runs in the history yet"
     lines: list[str] = []
-    for t in by_tier.values():
+    for t in by_command.values():
         summary = f"median {show_number(t.median_seconds)} s, peak memory {_mib(t.peak_memory_median)}"
         lines.append(
-            f"{t.tier}: {t.total_runs} runs; last {len(t.runs)}: pass rate {t.pass_rate:.0%}, {summary}"
+            f"{t.command}: {t.total_runs} runs; last {len(t.runs)}: pass rate {t.pass_rate:.0%}, {summary}"
         )
         for r in t.runs:
             lines += _run_lines(r)

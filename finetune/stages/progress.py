@@ -14,11 +14,11 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 
 
-def expected_seconds(history_rows: Sequence[dict], tier: str, model: str) -> dict[str, float]:
-    """Median seconds of each stage over this tier and model's earlier runs (stages that really ran)."""
+def expected_seconds(history_rows: Sequence[dict], command: str, model: str) -> dict[str, float]:
+    """Median seconds of each stage over this command and model's earlier runs (stages that really ran)."""
     times: dict[str, list[float]] = {}
     for row in history_rows[-50:]:
-        if row.get("tier") != tier or row.get("model") != model:
+        if row.get("command") != command or row.get("model") != model:
             continue
         for name, s in (row.get("stages") or {}).items():
             if s.get("status") == "passed" and not s.get("cached") and s.get("seconds"):

@@ -105,7 +105,7 @@ def test_a_truncated_adapter_fails_validate_naming_the_gate(tmp_path, toy_tokeni
     (run / "adapter/adapters.safetensors").write_bytes(data[: len(data) // 2])
     code, out = run_cli(["validate", str(run)], deps(toy_tokenizer, tmp_path))
     assert code == 1 and "[FAIL] artifacts:" in out and "truncated" in out
-    assert read_report(run).tier == "validate"
+    assert read_report(run).command == "validate"
 
 
 def test_a_skipped_gate_is_reported_and_allowed_only_when_asked(tmp_path, toy_tokenizer):

@@ -507,7 +507,7 @@ def test_recorded_tiers_prefer_a_passed_run_on_the_default_model(tmp_path):
         ("quick-e", "pipeline", "passed", "smollm2-135m", "2026-11-28"),  # not a tier run
     ):
         (tmp_path / name).mkdir()
-        report_json = {"seconds": 1.0, "status": status, "model": model, "finished_at": when, "tier": tier}
+        report_json = {"seconds": 1.0, "status": status, "model": model, "finished_at": when, "command": tier}
         (tmp_path / name / "report.json").write_text(json.dumps(report_json))
     assert tiers.recorded_tier3(tmp_path)["source"].endswith("tier3-b/report.json")
     assert tiers.recorded_tier2(tmp_path)["source"].endswith("tier2-d/report.json")

@@ -7,7 +7,7 @@ def healthy_report() -> dict:
     stage = {"name": "prepull", "status": "passed", "seconds": 0.1, "digest": "d" * 64,
              "artifacts": [{"name": "m", "path": "/x", "kind": "file", "bytes": 3, "sha256": "a" * 64}]}  # fmt: skip
     return {
-        "tier": "pipeline",
+        "command": "pipeline",
         "status": "passed",
         "exit_code": 0,
         "profile": "release",

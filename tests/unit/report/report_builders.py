@@ -100,7 +100,7 @@ def make_report(
             g["data"] = {"cases": copy.deepcopy(CASES), "loss_before": 2.0, "loss_after": 0.5, **g["data"]}
         out_gates.append(g)
     return RunReport.model_validate({
-        "tier": tier, "status": status, "exit_code": {"passed": 0, "not_judged": 0, "degraded": 3}.get(status, 1),
+        "command": tier, "status": status, "exit_code": {"passed": 0, "not_judged": 0, "degraded": 3}.get(status, 1),
         "profile": "quick", "model": "smollm2-135m", "run_dir": run_dir, "code_version": "0.2.0+abc",
         "started_at": when, "finished_at": when, "seconds": sum(s["seconds"] for s in stages),
         "config": copy.deepcopy(config or CONFIG), "stages": stages, "gates": out_gates,

@@ -22,7 +22,7 @@ def test_append_and_load_survive_a_torn_last_line(tmp_path):
     history.append(first, path)
     history.append(second, path)
     with open(path, "a") as fh:  # a crash in the middle of a write
-        fh.write('{"tier": "run", "status": "pas')
+        fh.write('{"command": "run", "status": "pas')
     assert [r["when"] for r in history.load(path)] == ["t1", "t2"]
     history.append(rec(make_report(when="t3")), path)
     rows = history.load(path)
@@ -47,7 +47,7 @@ def test_history_path_defaults_under_output_dir_and_ft_history_overrides(monkeyp
 
 def test_a_record_carries_times_memory_gates_and_digests():
     r = rec(make_report(seconds={"train": 123.0}, peak=812 * 2**20, final_loss=0.42, data_sha="a" * 64))
-    assert r["tier"] == "run" and r["status"] == "passed" and r["exit_code"] == 0
+    assert r["command"] == "run" and r["status"] == "passed" and r["exit_code"] == 0
     assert r["stages"]["train"] == {"status": "passed", "seconds": 123.0, "cached": False}
     assert r["seconds"] == pytest.approx(2 + 5 + 0.5 + 123 + 20)
     assert r["peak_memory_bytes"] == 812 * 2**20
@@ -92,3 +92,14 @@ def test_git_commit_is_head_inside_a_repo_and_none_outside(tmp_path):
         [*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True
     ).stdout.strip()
     assert history.git_commit(tmp_path) == head
+
+
+def test_a_record_from_before_schema_3_names_its_command_tier_and_still_loads(tmp_path):
+    path = tmp_path / "history.jsonl"
+    path.write_text(
+        '{"tier": "run", "status": "passed"}\n{"command": "pipeline", "status": "failed"}\n{"x": 1}\n'
+    )
+    assert [(r["command"], r["status"]) for r in history.load(path)] == [
+        ("run", "passed"),
+        ("pipeline", "failed"),
+    ]

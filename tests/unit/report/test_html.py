@@ -112,7 +112,7 @@ def test_a_train_only_run_with_its_files_gone_still_gets_a_page(tmp_path):
     path = write_html(report)
     page = path.read_text()
     assert "FineTune train: FAILED (exit 1)" in page and "train failed: out of memory" in page
-    assert "no gate ran in this tier" in page
+    assert "no gate ran in this command" in page
     assert "no training metrics" in page
     assert "missing now" in page  # the data artifact the report names is not on disk
     assert "no runtime scores" in page

@@ -19,7 +19,7 @@ def test_schema_is_json_schema_with_every_top_level_field():
     schema = json.loads(R.schema_text())
     assert schema["$schema"].startswith("https://json-schema.org/")
     assert schema["title"] == "FineTune run report"
-    assert {"tier", "status", "code_version", "stages", "gates", "environment"} <= set(schema["required"])
+    assert {"command", "status", "code_version", "stages", "gates", "environment"} <= set(schema["required"])
     assert {"scores", "ollama", "reasons", "allowed_skips", "faults", "resume_command"} <= set(
         schema["properties"]
     )
@@ -34,7 +34,7 @@ def test_write_schema(tmp_path):
 
 def test_a_healthy_report_validates_and_round_trips(tmp_path, healthy):
     rep = R.validate_report(healthy)
-    assert rep.schema_version == 2 and rep.reasons == [] and rep.faults == [] and rep.resume_command is None
+    assert rep.schema_version == 3 and rep.reasons == [] and rep.faults == [] and rep.resume_command is None
     path = R.write_report(rep, tmp_path)
     assert path == tmp_path / R.REPORT_NAME == tmp_path / "report.json"
     assert R.validate_report(path.read_text()) == rep == R.read_report(tmp_path)
@@ -50,7 +50,7 @@ def test_every_run_status_is_accepted(healthy, status):
 
 def test_a_report_without_ollama_or_scores_is_valid(healthy):
     del healthy["ollama"], healthy["scores"]
-    rep = R.validate_report({**healthy, "tier": "train"})
+    rep = R.validate_report({**healthy, "command": "train"})
     assert rep.ollama is None and rep.scores == []
 
 
@@ -60,7 +60,7 @@ def test_a_report_without_ollama_or_scores_is_valid(healthy):
         (lambda r: r["stages"][0].update(status="ok"), "status"),  # not passed/failed/skipped
         (lambda r: r.pop("environment"), "environment"),
         (lambda r: r.pop("code_version"), "code_version"),
-        (lambda r: r.update(tier="release"), "tier"),
+        (lambda r: r.update(command="release"), "command"),
         (lambda r: r.update(status="partly"), "status"),
         (lambda r: r.update(schema_version=1), "schema_version"),
         (lambda r: r["stages"][0]["artifacts"][0].update(sha256="xyz"), "sha256"),
@@ -80,6 +80,6 @@ def test_a_broken_report_fails_validation_naming_the_field(healthy, breakage, fi
 
 def test_bad_json_text_is_a_validation_error(tmp_path):
     with pytest.raises(ValidationError):
-        R.validate_report('{"tier": "run",')
+        R.validate_report('{"command": "run",')
     with pytest.raises(FileNotFoundError):
         R.read_report(tmp_path)

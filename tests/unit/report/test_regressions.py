@@ -13,14 +13,14 @@ def figures(findings):
     return {f.figure for f in regressions.regressions(findings)}
 
 
-def baseline_runs(n=3, tier="run", **kw):
+def baseline_runs(n=3, command="run", **kw):
     """n healthy runs whose timings jitter by a few percent, as on a real machine."""
     jitter = [1.0, 1.04, 0.97, 1.02, 0.99]
 
     def seconds(i):
         return {"train": 100.0 * jitter[i % 5], "judge": 20.0 * jitter[i % 5]}
 
-    return [rec(make_report(tier, seconds=seconds(i), **kw)) for i in range(n)]
+    return [rec(make_report(command, seconds=seconds(i), **kw)) for i in range(n)]
 
 
 def test_an_unchanged_rerun_passes_and_names_its_baseline():
@@ -73,7 +73,7 @@ def test_a_gate_value_crossing_its_threshold_fails_even_if_the_gate_did_not_run_
 
 
 def test_parity_worse_than_the_baseline_fails_though_still_above_the_threshold():
-    base = baseline_runs(3, tier="pipeline")
+    base = baseline_runs(3, command="pipeline")
     rows = [*base, rec(make_report("pipeline", gates={"output_parity": 0.92, "logprob_parity": 0.09}))]
     findings = regressions.check(rows)
     assert {"gate output_parity measured", "gate logprob_parity measured"} <= figures(findings)
@@ -87,11 +87,11 @@ def test_more_peak_memory_fails():
     assert (mem.baseline, mem.latest) == (700, 1400)
 
 
-def test_without_an_exact_match_the_baseline_is_the_same_tier_and_config_and_says_so():
+def test_without_an_exact_match_the_baseline_is_the_same_command_and_config_and_says_so():
     other_env = {**ENV, "packages": {**ENV["packages"], "mlx": "0.33.0"}}
     rows = [*baseline_runs(3), rec(make_report(seconds={"train": 200.0}, env=other_env))]
     findings = regressions.check(rows)
-    assert "same tier and config (env differ" in findings[0].detail
+    assert "same command and config (env differ" in findings[0].detail
     assert "stage train seconds" in figures(findings)
     other_config = {**CONFIG, "lora": {"rank": 16, "scale": 20.0}}
     alone = regressions.check([*rows, rec(make_report(config=other_config))])
@@ -118,11 +118,15 @@ def test_too_few_runs_compare_gates_but_not_times():
 
 
 def test_check_of_one_tier_compares_that_tiers_latest_run():
-    rows = [*baseline_runs(3), rec(make_report(seconds={"train": 250.0})), *baseline_runs(4, tier="pipeline")]
+    rows = [
+        *baseline_runs(3),
+        rec(make_report(seconds={"train": 250.0})),
+        *baseline_runs(4, command="pipeline"),
+    ]
     assert (
         regressions.regressions(regressions.check(rows)) == []
     )  # the latest run overall is a steady pipeline run
-    assert "stage train seconds" in figures(regressions.check(rows, tier="run"))
+    assert "stage train seconds" in figures(regressions.check(rows, command="run"))
 
 
 def test_cached_stages_are_not_timed():

@@ -23,7 +23,7 @@ def test_summary_lists_stages_gates_and_scores(healthy):
 def test_summary_says_why_what_was_allowed_and_how_to_resume(healthy):
     healthy.update(status="interrupted", exit_code=130, reasons=["interrupted by SIGINT"],
                    allowed_skips=["ollama: no binary"], faults=["lr_zero", "frozen_lora"],
-                   resume_command="finetune run --run-dir /tmp/run --resume", tier="run")  # fmt: skip
+                   resume_command="finetune run --run-dir /tmp/run --resume", command="run")  # fmt: skip
     text = render_summary(validate_report(healthy))
     lines = text.splitlines()
     assert lines[0] == "run INTERRUPTED (exit 130) in 60 s: /tmp/run"

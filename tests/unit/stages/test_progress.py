@@ -26,9 +26,9 @@ def test_eta_text():
 def test_expected_seconds_are_medians_of_fresh_passed_stages_of_this_tier_and_model(tmp_path):
     path = tmp_path / "history.jsonl"
     for secs, cached in ((10, False), (30, False), (20, False), (999, True)):
-        history.append({"tier": "pipeline", "status": "passed", "model": "m",
+        history.append({"command": "pipeline", "status": "passed", "model": "m",
                         "stages": {"gguf": {"status": "passed", "seconds": secs, "cached": cached}}}, path)  # fmt: skip
-    history.append({"tier": "run", "status": "passed", "model": "m", "stages": {"gguf": {"status": "passed",
+    history.append({"command": "run", "status": "passed", "model": "m", "stages": {"gguf": {"status": "passed",
                     "seconds": 500}}}, path)  # fmt: skip
     assert expected_seconds(history.load(path), "pipeline", "m") == {"gguf": 20}
     assert expected_seconds(history.load(path), "pipeline", "other") == {}
