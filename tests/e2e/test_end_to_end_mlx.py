@@ -127,12 +127,12 @@ def _ollama_allowed_away(tier3) -> str | None:
 def test_report_validates_against_the_committed_schema(tier3):
     import json
 
-    from finetune.report.models import SCHEMA_PATH, schema_text
+    from finetune.report.models import SCHEMA_PATH, SCHEMA_VERSION, schema_text
 
     assert SCHEMA_PATH.read_text() == schema_text()
     rep = tier3["report"]
     assert [s.name for s in rep.stages] == list(STAGES)
-    assert json.loads(tier3["path"].read_text())["schema_version"] == 2
+    assert json.loads(tier3["path"].read_text())["schema_version"] == SCHEMA_VERSION == 3
     assert rep.environment.get("blas") and rep.environment.get("packages"), (
         "doctor.collect() is in the report"
     )
