@@ -1,6 +1,6 @@
 """Peak training memory of LoRA and full fine-tuning, measured by MLX vs finetune.train.memory's prediction.
 
-Each measurement is a fresh `python -m finetune.train.memprobe` process (peaks must not leak between runs):
+Each measurement is a fresh `python -m finetune.train.peak_memory` process (peaks must not leak between runs):
 a few optimizer steps on one fixed batch of the prepared data, mx.get_peak_memory() from after the
 weights are loaded. The prediction uses the batch shape the probe really trained on.
 """
@@ -77,7 +77,7 @@ def summarize(model: str, rows: dict[str, dict[str, Any]]) -> Section:
         s.add(Figure("memory.lora_saving", label, 100 * saving, "% less"))
     s.table(COLUMNS, table)
     s.notes.append(
-        "Measured: `finetune.train.memprobe` in its own process, 3 Adam steps on one fixed batch, "
+        "Measured: `finetune.train.peak_memory` in its own process, 3 Adam steps on one fixed batch, "
         "mx.get_peak_memory() (weights included). Full fine-tuning trains every parameter, "
         "as `finetune train` does with fine_tune_type full."
     )
@@ -90,9 +90,9 @@ def run_section(
 ) -> Section:
     from finetune.config.loader import save_config
     from finetune.train.memory import compare
-    from finetune.train.memprobe import measure_in_subprocess
+    from finetune.train.peak_memory import measure_in_subprocess
 
-    cfg_path = save_config(cfg, work / "memprobe.yaml")
+    cfg_path = save_config(cfg, work / "peak_memory.yaml")
     model_config = json.loads((Path(model_path) / "config.json").read_text())
     rows = {}
     for ft in ("lora", "full"):

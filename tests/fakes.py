@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from finetune.data.prepare import prepare_for_run, read_report
-from finetune.evaluate.probes import (
+from finetune.evaluate.run_measurements import (
     IN_MEMORY,
     PROBES,
     LearningMeasurement,
@@ -30,7 +30,7 @@ from finetune.system.atomic import atomic_write_json
 from finetune.system.jsonl import read_jsonl
 from finetune.train.engine import RESULT
 from finetune.train.memory import from_run_config
-from finetune.train.memprobe import MemoryMeasurement
+from finetune.train.peak_memory import MemoryMeasurement
 from finetune.train.splits import TOKENS, load_split, record_tokens
 
 SMOLLM2_SHAPE = {

@@ -51,7 +51,7 @@ class Train(Protocol):  # finetune.train.engine.train_run
     ) -> Reported: ...
 
 
-class MeasureMemory(Protocol):  # finetune.train.memprobe.measure_memory -> MemoryMeasurement
+class MeasureMemory(Protocol):  # finetune.train.peak_memory.measure_memory -> MemoryMeasurement
     def __call__(
         self, run_dir: Path, model_dir: Path, model_config: dict, cfg: RunConfig, *, available: int | None
     ) -> Any: ...

@@ -85,25 +85,25 @@ def judge_learning(j: Judging) -> Verdict:
 
 
 def judge_artifacts(j: Judging) -> Verdict:
-    from finetune.evaluate import probes
+    from finetune.evaluate import run_measurements
 
     run_dir = j.ctx.run_dir
-    problems = probes.artifact_problems(run_dir) + ([j.load_problem] if j.load_problem else [])
+    problems = run_measurements.artifact_problems(run_dir) + ([j.load_problem] if j.load_problem else [])
     answers = j.learning.after if j.learning else None
     return explain(
-        gates.artifacts(problems, answers, probes.in_memory_answers(run_dir)), run_dir / ADAPTER_DIR
+        gates.artifacts(problems, answers, run_measurements.in_memory_answers(run_dir)), run_dir / ADAPTER_DIR
     )
 
 
 def judge_parameters(j: Judging) -> Verdict:
-    from finetune.evaluate import probes
+    from finetune.evaluate import run_measurements
 
     ctx, run_dir = j.ctx, j.ctx.run_dir
     problem = None
     try:
         init, final = (
-            probes.adapter_tensors(run_dir / INIT_DIR),
-            probes.adapter_tensors(run_dir / ADAPTER_DIR),
+            run_measurements.adapter_tensors(run_dir / INIT_DIR),
+            run_measurements.adapter_tensors(run_dir / ADAPTER_DIR),
         )
     except Exception as exc:
         init, final, problem = {}, {}, f"{type(exc).__name__}: {exc}"
@@ -113,7 +113,7 @@ def judge_parameters(j: Judging) -> Verdict:
         final,
         steps=steps,
         base_recorded=ctx.outputs["model"]["base_files"],
-        base_now=probes.base_file_digests(j.base),
+        base_now=run_measurements.base_file_digests(j.base),
         fine_tune_type=ctx.cfg.training.fine_tune_type,
         threshold=ctx.cfg.gates.lora_params_changed,
     )

@@ -15,7 +15,7 @@ def llamacpp_reason() -> str | None:
 
 def real_deps() -> Deps:
     from finetune.data.prepare import prepare_for_run
-    from finetune.evaluate import probes
+    from finetune.evaluate import run_measurements
     from finetune.evaluate.evaluation import run_evaluation
     from finetune.evaluate.runtimes import ollama_answers, real_backends
     from finetune.export import fuse, fuse_check, gguf, gguf_inspect
@@ -24,7 +24,7 @@ def real_deps() -> Deps:
     from finetune.serve import deploy, ollama_provision, ollama_server
     from finetune.stages import versions
     from finetune.system import doctor, resources
-    from finetune.train import memprobe
+    from finetune.train import peak_memory
     from finetune.train.engine import train_run
     from finetune.train.memory import from_run_config
 
@@ -34,9 +34,9 @@ def real_deps() -> Deps:
         prepare_data=prepare_for_run,
         estimate=lambda cfg, model_config, data: from_run_config(model_config, cfg, data),
         train=train_run,
-        measure_learning=probes.measure_learning,
-        measure_memory=memprobe.measure_memory,
-        masked_rows=probes.masked_rows,
+        measure_learning=run_measurements.measure_learning,
+        measure_memory=peak_memory.measure_memory,
+        masked_rows=run_measurements.masked_rows,
         fuse=fuse.fuse,  # dequantize=True is its default: a quantized base is fused in full precision
         measure_fuse=fuse_check.measure_fuse,
         export_gguf=lambda hf, out, outtype: gguf.convert_hf_to_gguf(hf, out, outtype),

@@ -22,7 +22,7 @@ from finetune.train.metrics import METRICS
 from finetune.train.splits import TOKENS
 
 TRAIN_KEY = ".train-key"  # which inputs the checkpoints on disk belong to
-PROBES = "probes"  # finetune.evaluate.probes.PROBES (imported lazily: the CLI starts fast)
+PROBES = "probes"  # finetune.evaluate.run_measurements.PROBES (imported lazily: the CLI starts fast)
 TRAIN_KEPT = ".train-kept.json"  # digests of what a finished training leaves for a resume to build on
 TRAIN_OUTPUTS = (CHECKPOINTS, ADAPTER_DIR, BEST_DIR, INIT_DIR, METRICS, RESULT, TOKENS, PROBES, TRAIN_KEPT)
 REMADE = (ADAPTER_DIR, RESULT, PROBES, TRAIN_KEPT)  # written at the end of every training, a resumed one too
@@ -43,7 +43,7 @@ CADENCE = ("iters", "eval_every", "save_every", "early_stopping_patience", "val_
 
 
 def stage_model(ctx: Ctx) -> StageReport:
-    from finetune.evaluate.probes import base_file_digests
+    from finetune.evaluate.run_measurements import base_file_digests
 
     m = ctx.deps.resolve_model(ctx.cfg.model.name)
     terms = m.license
@@ -145,7 +145,7 @@ def _resumable(ctx: Ctx, key: str) -> bool:
 
 def stage_train(ctx: Ctx) -> StageReport:
     from finetune.data.templates import get_template
-    from finetune.evaluate.probes import probe_questions, record_in_memory
+    from finetune.evaluate.run_measurements import probe_questions, record_in_memory
 
     run_dir, key = ctx.run_dir, _train_key(ctx)
     resume = _resumable(ctx, key)

@@ -75,7 +75,7 @@ def test_unknown_keys_are_refused_in_every_section():
 
 def test_assignment_is_validated():
     cfg = RunConfig()
-    cfg.training.fine_tune_type = "full"  # what memprobe does
+    cfg.training.fine_tune_type = "full"  # what the peak-memory measurement does
     assert cfg.training.fine_tune_type == "full"
     with pytest.raises(ValidationError, match="fine_tune_type"):
         cfg.training.fine_tune_type = "qlora"

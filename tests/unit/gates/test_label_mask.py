@@ -116,7 +116,7 @@ def _recorded(tmp_path: Path, data_dir: Path, tokenizer, max_seq_length: int = 6
 
 
 def _judge(run: Path, tokenizer, max_seq_length: int = 64):
-    from finetune.evaluate.probes import masked_rows
+    from finetune.evaluate.run_measurements import masked_rows
 
     return label_mask(masked_rows(run, tokenizer, max_seq_length), mask_prompt=True, end_markers=END)
 
@@ -146,7 +146,7 @@ def multi_turn_dir(tmp_path, toy_tokenizer) -> Path:
 
 
 def test_recorded_multi_turn_rows_train_every_answer(tmp_path, multi_turn_dir, toy_tokenizer):
-    from finetune.evaluate.probes import masked_rows
+    from finetune.evaluate.run_measurements import masked_rows
 
     run = _recorded(tmp_path, multi_turn_dir, toy_tokenizer, 96)
     rows = masked_rows(run, toy_tokenizer, 96)

@@ -220,7 +220,7 @@ class Run:
 def train(tmp_path_factory, toy_base, sums_dir):
     """train(fault) -> a finished run with that fault planted ("" = healthy); each trained once per module."""
     from finetune.config.loader import load_config, save_config
-    from finetune.evaluate.probes import base_file_digests, probe_questions, record_in_memory
+    from finetune.evaluate.run_measurements import base_file_digests, probe_questions, record_in_memory
     from finetune.train.engine import train_run
     from tests.conftest import plant
 
@@ -252,7 +252,7 @@ def _loss_gate(run: Run):
 
 
 def _parameter_gate(run: Run):
-    from finetune.evaluate.probes import adapter_tensors, base_file_digests
+    from finetune.evaluate.run_measurements import adapter_tensors, base_file_digests
 
     return parameter_updates(adapter_tensors(run.dir / "adapter_init"), adapter_tensors(run.dir / "adapter"),
                              steps=run.steps, base_recorded=run.digests, base_now=base_file_digests(run.base))  # fmt: skip
@@ -261,7 +261,7 @@ def _parameter_gate(run: Run):
 def _artifacts_gate(run: Run):
     """As the judge stage measures it: run files, then base + SAVED adapter's answers vs the in-memory ones."""
     from finetune.evaluate import decode
-    from finetune.evaluate.probes import artifact_problems, in_memory_answers, probe_questions
+    from finetune.evaluate.run_measurements import artifact_problems, in_memory_answers, probe_questions
 
     problems, disk = artifact_problems(run.dir), None
     try:
@@ -301,7 +301,7 @@ def test_a_trained_base_weight_fails_the_parameter_gate(train):
 
 
 def test_a_changed_base_file_fails_the_parameter_gate(train, tmp_path):
-    from finetune.evaluate.probes import adapter_tensors, base_file_digests
+    from finetune.evaluate.run_measurements import adapter_tensors, base_file_digests
 
     run = train("")
     base = tmp_path / "base"

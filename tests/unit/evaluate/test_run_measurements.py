@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from finetune.evaluate import decode, probes
+from finetune.evaluate import decode, run_measurements
 from finetune.system.hashing import file_sha256
 
 # ---------------------------------------------------------------- probe questions and base digests
@@ -19,9 +19,9 @@ def test_probe_questions_are_the_first_conversation_rows(tmp_path):
     rows = [{"text": "raw text, no question"},
             *({"prompt": f"<q{i}>", "reference": f"a{i}", "text": "..."} for i in range(5))]  # fmt: skip
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    got = probes.probe_questions(tmp_path, 3)
-    assert got == [probes.Probe(f"<q{i}>", f"a{i}") for i in range(3)]
-    assert len(probes.probe_questions(tmp_path, 50)) == 5
+    got = run_measurements.probe_questions(tmp_path, 3)
+    assert got == [run_measurements.Probe(f"<q{i}>", f"a{i}") for i in range(3)]
+    assert len(run_measurements.probe_questions(tmp_path, 50)) == 5
 
 
 def test_base_file_digests_cover_weights_config_and_tokenizer_only(tmp_path):
@@ -30,12 +30,12 @@ def test_base_file_digests_cover_weights_config_and_tokenizer_only(tmp_path):
         (tmp_path / name).write_text(name)
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "x.safetensors").write_text("nested")
-    digests = probes.base_file_digests(tmp_path)
+    digests = run_measurements.base_file_digests(tmp_path)
     assert sorted(digests) == ["config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
                                "tokenizer.json", "tokenizer_config.json"]  # fmt: skip
     assert digests["config.json"] == file_sha256(tmp_path / "config.json")
     (tmp_path / "tokenizer.json").write_text("changed")
-    assert probes.base_file_digests(tmp_path)["tokenizer.json"] != digests["tokenizer.json"]
+    assert run_measurements.base_file_digests(tmp_path)["tokenizer.json"] != digests["tokenizer.json"]
 
 
 # ---------------------------------------------------------------- in-memory answers
@@ -43,22 +43,22 @@ def test_base_file_digests_cover_weights_config_and_tokenizer_only(tmp_path):
 
 def test_record_in_memory_writes_what_the_trained_model_answers(tmp_path, tiny_model):
     model, tok = tiny_model
-    qs = [probes.Probe("<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n<|im_start|>assistant\n", "5"),
-          probes.Probe("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n", "Hello")]  # fmt: skip
-    hook = probes.record_in_memory(tmp_path, qs, ["<|im_end|>"], 5)
-    assert probes.in_memory_answers(tmp_path) is None  # nothing recorded yet
+    qs = [run_measurements.Probe("<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n<|im_start|>assistant\n", "5"),
+          run_measurements.Probe("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n", "Hello")]  # fmt: skip
+    hook = run_measurements.record_in_memory(tmp_path, qs, ["<|im_end|>"], 5)
+    assert run_measurements.in_memory_answers(tmp_path) is None  # nothing recorded yet
     hook(model, tok)
     expected = decode.greedy(model, tok, [q.prompt for q in qs], max_tokens=5, stops=["<|im_end|>"])
-    assert probes.in_memory_answers(tmp_path) == [a.text for a in expected]
+    assert run_measurements.in_memory_answers(tmp_path) == [a.text for a in expected]
 
 
 def test_in_memory_answers_of_a_damaged_file_are_none(tmp_path):
-    path = tmp_path / probes.PROBES / probes.IN_MEMORY
+    path = tmp_path / run_measurements.PROBES / run_measurements.IN_MEMORY
     path.parent.mkdir()
     path.write_text('{"answers": ["8", ')
-    assert probes.in_memory_answers(tmp_path) is None
+    assert run_measurements.in_memory_answers(tmp_path) is None
     path.write_text('{"other": []}')
-    assert probes.in_memory_answers(tmp_path) is None
+    assert run_measurements.in_memory_answers(tmp_path) is None
 
 
 # ---------------------------------------------------------------- run files
@@ -88,7 +88,7 @@ def complete_run(tmp_path) -> Path:
 
 
 def test_a_complete_run_has_no_artifact_problems(complete_run):
-    assert probes.artifact_problems(complete_run) == []
+    assert run_measurements.artifact_problems(complete_run) == []
 
 
 @pytest.mark.parametrize(
@@ -105,7 +105,7 @@ def test_a_complete_run_has_no_artifact_problems(complete_run):
 def test_each_missing_run_file_is_named(complete_run, remove, message):
     path = complete_run / remove
     shutil.rmtree(path) if path.is_dir() else path.unlink()
-    assert probes.artifact_problems(complete_run) == [message]
+    assert run_measurements.artifact_problems(complete_run) == [message]
 
 
 def test_unparseable_run_files_are_named(complete_run):
@@ -113,7 +113,7 @@ def test_unparseable_run_files_are_named(complete_run):
     data = (complete_run / "adapter" / "adapters.safetensors").read_bytes()
     (complete_run / "adapter" / "adapters.safetensors").write_bytes(data[: len(data) // 2])
     (complete_run / "metrics.jsonl").write_text("")
-    problems = "\n".join(probes.artifact_problems(complete_run))
+    problems = "\n".join(run_measurements.artifact_problems(complete_run))
     assert "adapter/adapter_config.json is not valid JSON" in problems
     assert "adapter/adapters.safetensors" in problems and "truncated" in problems
     assert "metrics.jsonl has no rows" in problems
@@ -124,14 +124,14 @@ def test_a_torn_last_metrics_line_is_tolerated(complete_run):
 
     with open(complete_run / "metrics.jsonl", "a") as fh:
         fh.write('{"kind": "train", "st')
-    assert probes.artifact_problems(complete_run) == []
+    assert run_measurements.artifact_problems(complete_run) == []
     assert len(train_losses(read_metrics(complete_run / "metrics.jsonl"))) == 10
 
 
 def test_adapter_tensors_reads_the_saved_adapter(complete_run):
     init, final = (
-        probes.adapter_tensors(complete_run / "adapter_init"),
-        probes.adapter_tensors(complete_run / "adapter"),
+        run_measurements.adapter_tensors(complete_run / "adapter_init"),
+        run_measurements.adapter_tensors(complete_run / "adapter"),
     )
     assert (
         sorted(init)
@@ -167,7 +167,7 @@ def test_masked_rows_decode_the_loss_carrying_runs_of_a_recorded_row(tmp_path, t
     mask = [1] + [0] * (len(prompt_a) - 1) + [1] * len(answer_a) + [0] * len(prompt_b) + [1] * len(answer_b)
     _write_tokens(run, [{"row": 1, "ids": ids, "mask": mask}, {"row": 0, "ids": ids[:3], "mask": [1, 1, 1]}])
 
-    first, raw = probes.masked_rows(run, toy_tokenizer, max_seq_length=64)
+    first, raw = run_measurements.masked_rows(run, toy_tokenizer, max_seq_length=64)
     assert first.row == 1 and first.runs == ["19", "Velmora"] and first.answers == ["19", "Velmora"]
     assert (first.n_tokens, first.n_masked, first.truncated) == (
         len(ids),
@@ -184,13 +184,13 @@ def test_masked_rows_flag_rows_cut_at_the_length_limit(tmp_path, toy_tokenizer):
         {"role": "user", "content": "q"}, {"role": "assistant", "content": "Velmora"}]}) + "\n")  # fmt: skip
     ids = toy_tokenizer.encode("user q Velmora")
     _write_tokens(tmp_path, [{"row": 0, "ids": ids, "mask": [0] * (len(ids) - 1) + [1]}])
-    assert probes.masked_rows(tmp_path, toy_tokenizer, max_seq_length=len(ids))[0].truncated
-    assert not probes.masked_rows(tmp_path, toy_tokenizer, max_seq_length=len(ids) + 1)[0].truncated
+    assert run_measurements.masked_rows(tmp_path, toy_tokenizer, max_seq_length=len(ids))[0].truncated
+    assert not run_measurements.masked_rows(tmp_path, toy_tokenizer, max_seq_length=len(ids) + 1)[0].truncated
 
 
 def test_masked_rows_without_a_recording_is_an_error(tmp_path, toy_tokenizer):
     with pytest.raises(OSError):
-        probes.masked_rows(tmp_path, toy_tokenizer, 64)
+        run_measurements.masked_rows(tmp_path, toy_tokenizer, 64)
 
 
 # ---------------------------------------------------------------- learning
@@ -212,8 +212,10 @@ def test_measure_learning_asks_base_and_base_plus_saved_adapter(learning_run, ti
         overrides=["gates.learning_probes=4", "data.max_seq_length=64", "training.batch_size=2"]
     )
     stops = ["<|im_end|>"]
-    m = probes.measure_learning(learning_run, tiny_hf, cfg, stops, max_tokens=6, cache_dir=tmp_path / "cache")
-    qs = probes.probe_questions(learning_run / "data", 4)
+    m = run_measurements.measure_learning(
+        learning_run, tiny_hf, cfg, stops, max_tokens=6, cache_dir=tmp_path / "cache"
+    )
+    qs = run_measurements.probe_questions(learning_run / "data", 4)
     assert m.references == [q.reference for q in qs]
 
     model, tok = tiny_model
@@ -236,7 +238,7 @@ def test_measure_learning_asks_base_and_base_plus_saved_adapter(learning_run, ti
     (cached,) = (tmp_path / "cache").glob("*.json")
     assert json.loads(cached.read_text()) == {"answers": m.before, "loss": m.loss_before}
     cached.write_text(json.dumps({"answers": ["from the cache"] * 4, "loss": 9.0}))
-    again = probes.measure_learning(
+    again = run_measurements.measure_learning(
         learning_run, tiny_hf, cfg, stops, max_tokens=6, cache_dir=tmp_path / "cache"
     )
     assert again.before == ["from the cache"] * 4 and again.loss_before == 9.0 and again.after == m.after
@@ -249,6 +251,6 @@ def test_measure_learning_fails_loudly_on_an_adapter_that_does_not_load(learning
     (learning_run / "adapter" / "adapters.safetensors").write_bytes(data[: len(data) // 2])
     cfg = load_config(overrides=["gates.learning_probes=2", "data.max_seq_length=64"])
     with pytest.raises(Exception, match="(?i)safetensors|offset|truncat"):
-        probes.measure_learning(
+        run_measurements.measure_learning(
             learning_run, tiny_hf, cfg, ["<|im_end|>"], max_tokens=4, cache_dir=tmp_path / "c"
         )

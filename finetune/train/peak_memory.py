@@ -2,7 +2,7 @@
 fine-tuning for a run (or the estimate, labelled so, when full fine-tuning would not fit).
 
 Peaks must not leak between LoRA and full fine-tuning, so each measurement is a fresh
-`python -m finetune.train.memprobe ...` whose last stdout line is JSON.
+`python -m finetune.train.peak_memory ...` whose last stdout line is JSON.
 """
 
 from __future__ import annotations
@@ -82,8 +82,10 @@ def measure_in_subprocess(
 ) -> dict:
     args = ["--config", str(cfg_path), "--model", str(model_path), "--data", str(data_dir)]
     args += ["--type", fine_tune_type, "--steps", str(steps)]
-    cmd = [sys.executable, "-m", "finetune.train.memprobe", *args]
-    proc = run_guarded(cmd, timeout=timeout, name="memprobe")  # a SIGKILLed parent must not leave it training
+    cmd = [sys.executable, "-m", "finetune.train.peak_memory", *args]
+    proc = run_guarded(
+        cmd, timeout=timeout, name="peak-memory"
+    )  # a SIGKILLed parent must not leave it training
     if proc.returncode != 0:
         raise RuntimeError(
             f"memory probe ({fine_tune_type}) failed with exit {proc.returncode}: {proc.stderr[-2000:]}"

@@ -1,4 +1,4 @@
-"""finetune.train.memprobe: peak MLX memory of a few real training steps, measured (in its own process)."""
+"""finetune.train.peak_memory: peak MLX memory of a few real training steps, measured (in its own process)."""
 
 import json
 
@@ -7,7 +7,7 @@ import pytest
 from finetune.config.loader import load_config, save_config
 from finetune.models.tiny import tiny_llama_weights
 from finetune.train.memory import ModelShape
-from finetune.train.memprobe import main, measure, measure_in_subprocess, measure_memory
+from finetune.train.peak_memory import main, measure, measure_in_subprocess, measure_memory
 from tests.conftest import TOY_MODEL_CONFIG
 
 
