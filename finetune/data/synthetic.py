@@ -23,20 +23,47 @@ DATASETS = (*KINDS, "mixed")
 COMMITTED = ("geography", "arithmetic", "patterns", "mixed")  # the files kept in data/
 MIXED_SHARES = {"geography": 0.45, "arithmetic": 0.2, "patterns": 0.2, "canary": 0.15}
 
-# fmt: off
-_ONSETS = ("Zor", "Vel", "Quor", "Drav", "Thal", "Myr", "Krev", "Ostr", "Brel", "Xan", "Ylv", "Gald", "Prav",
-           "Sorn", "Tev", "Wyr", "Hask", "Lun", "Fel", "Corv", "Nim", "Rask", "Jor", "Esk", "Gorm", "Ilv", "Tzan",
-           "Vosk")
+_ONSETS = tuple(
+    [
+        "Zor",
+        "Vel",
+        "Quor",
+        "Drav",
+        "Thal",
+        "Myr",
+        "Krev",
+        "Ostr",
+        "Brel",
+        "Xan",
+        "Ylv",
+        "Gald",
+        "Prav",
+        "Sorn",
+        "Tev",
+        "Wyr",
+        "Hask",
+        "Lun",
+        "Fel",
+        "Corv",
+        "Nim",
+        "Rask",
+        "Jor",
+        "Esk",
+        "Gorm",
+        "Ilv",
+        "Tzan",
+        "Vosk",
+    ]
+)
 _MIDS = ("a", "e", "i", "o", "u", "ae", "ie", "ou")
 _ENDS = {
-    "country": ("nia", "vria", "stria", "doria", "land", "mark", "reth", "varia", "lesh", "kandia"),
-    "city": ("mora", "holm", "grad", "port", "vane", "tarn", "mir", "ssa", "bury", "quay"),
+    "country": tuple(["nia", "vria", "stria", "doria", "land", "mark", "reth", "varia", "lesh", "kandia"]),
+    "city": tuple(["mora", "holm", "grad", "port", "vane", "tarn", "mir", "ssa", "bury", "quay"]),
     "river": ("wen", "rell", "dun", "ash", "ith", "orn"),
     "language": ("ish", "ic", "ene", "ari"),
     "currency": ("lar", "dek", "mon", "rin"),
     "vault": ("keep", "hold", "crypt", "spire"),
 }
-# fmt: on
 
 # fact: (training question, held-out paraphrases, answer format). {c} is the country, {v} the value.
 _GEO_FACTS = {
