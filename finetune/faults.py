@@ -36,12 +36,22 @@ EXIT_CODE = 4
 FAULTS: dict[str, tuple[str, str, str]] = {
     "lr_zero": ("train", "the optimizer's learning rate is 0", "loss_convergence"),
     "frozen_lora": ("train", "LoRA gradients are zeroed before every update", "parameter_updates"),
+    "one_adapter_frozen": (
+        "train",
+        "one adapted layer's LoRA gradients are zeroed (an adapter that is not wired in)",
+        "parameter_updates",
+    ),
     "base_weight_trained": (
         "train",
         "the final norm's weight is left trainable and trained",
         "parameter_updates",
     ),
     "mask_prompt_ignored": ("train", "prompt tokens are trained (loss mask all ones)", "label_mask"),
+    "end_marker_untrained": (
+        "train",
+        "the end-of-turn token after each answer carries no loss",
+        "label_mask",
+    ),
     "adapter_scale_zero": ("train", "the saved adapter_config.json says scale 0", "artifacts"),
     "adapter_truncated": ("train", "the saved adapters.safetensors is cut in half", "artifacts"),
     "disk_full_checkpoint": ("train", "writing the second checkpoint fails with ENOSPC", "(stage error)"),
@@ -122,6 +132,27 @@ def _frozen_lora(opt):
     return opt
 
 
+def _one_adapter_frozen(opt):
+    import mlx.core as mx
+    from mlx.utils import tree_flatten, tree_unflatten
+
+    real = opt.apply_gradients
+
+    def apply(grads, params):
+        flat = tree_flatten(grads)
+        first = min(k.rsplit(".", 1)[0] for k, _ in flat if k.endswith((".lora_a", ".lora_b")))
+        kept = [(k, mx.zeros_like(v) if k.rsplit(".", 1)[0] == first else v) for k, v in flat]
+        return real(tree_unflatten(kept), params)
+
+    opt.apply_gradients = apply
+    return opt
+
+
+def _end_marker_untrained(mask: list[int]) -> list[int]:
+    """The last token of every trained run (the end-of-turn marker) carries no loss."""
+    return [0 if m and (i + 1 == len(mask) or not mask[i + 1]) else m for i, m in enumerate(mask)]
+
+
 def _base_weight_trained(model, final_norm: Callable):
     _, norm = final_norm(model)  # every architecture has one
     norm.unfreeze(keys=["weight"], recurse=False)
@@ -174,8 +205,10 @@ def _modelfile_wrong_template(template: str, chat_format: Callable) -> str:
 EFFECTS: dict[str, Callable[..., Any]] = {
     "lr_zero": lambda lr: 0.0,
     "frozen_lora": _frozen_lora,
+    "one_adapter_frozen": _one_adapter_frozen,
     "base_weight_trained": _base_weight_trained,
     "mask_prompt_ignored": lambda mask: [1] * len(mask),
+    "end_marker_untrained": _end_marker_untrained,
     "adapter_scale_zero": _adapter_scale_zero,
     "adapter_truncated": _adapter_truncated,
     "disk_full_checkpoint": _disk_full_checkpoint,

@@ -21,17 +21,18 @@ class MaskedRow:
 
 
 def _covers(run: str, answer: str, truncated: bool, end_markers: Sequence[str]) -> bool:
-    """The run is exactly the answer, then at most an end marker (a longer run trained prompt text too)."""
+    """The run is exactly the answer, then exactly one end marker: a model that never trains its end marker
+    never learns to stop (a longer run trained prompt text too). A row cut by max_seq_length may end early."""
     run, answer = run.strip(), answer.strip()
     if run.startswith(answer):
         rest = run[len(answer) :].strip()
-        return rest == "" or rest in end_markers
+        return rest in end_markers or (rest == "" and (truncated or not end_markers))
     return truncated and answer.startswith(run)  # the row was cut inside this answer
 
 
 def label_mask(rows: Sequence[MaskedRow], *, mask_prompt: bool, end_markers: Sequence[str] = ()) -> Verdict:
-    """mask_prompt on: one run per assistant turn, each exactly that answer plus at most one of the template's
-    end markers; no prompt text trained. Off: every token after the first carries loss."""
+    """mask_prompt on: one run per assistant turn, each exactly that answer plus one of the template's end
+    markers (when it has any); no prompt text trained. Off: every token after the first carries loss."""
     name = "label_mask"
     if not rows:
         return verdict(name, False, None, 1.0, "no recorded training rows to check")

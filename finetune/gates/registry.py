@@ -107,10 +107,10 @@ _ALL = (
     ),
     Gate(
         "parameter_updates",
-        "share of adapter elements that moved from the saved step-0 adapter; only adapter tensors in the adapter "
-        "file; base model files byte-identical to their recorded sha256",
+        "share of adapter elements that moved from the saved step-0 adapter, and every adapter tensor moved; only "
+        "adapter tensors in the adapter file; base model files byte-identical to their recorded sha256",
         "lora_params_changed",
-        "frozen adapters, or a base weight trained",
+        "frozen adapters (all, or one layer's), or a base weight trained",
     ),
     Gate(
         "artifacts",
@@ -121,9 +121,11 @@ _ALL = (
     ),
     Gate(
         "label_mask",
-        "decoded loss-carrying tokens of the batches training used vs the assistant answers",
+        "decoded loss-carrying tokens of the batches training used vs the assistant answers, each followed by "
+        "exactly one end-of-turn marker",
         "-",
-        "prompt tokens trained (mask_prompt ignored), or answers not trained",
+        "prompt tokens trained (mask_prompt ignored), answers not trained, or an end marker that carries no loss "
+        "(a model that never learns to stop)",
     ),
     Gate(
         "validation_loss",

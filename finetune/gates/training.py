@@ -134,8 +134,9 @@ def parameter_updates(
     min_steps: int = 3,
 ) -> Verdict:
     """The saved adapter vs its saved step-0 state: > threshold of adapter elements moved (lora_b starts at
-    zero, so B must move); the adapter holds adapter tensors only (a trained base weight would be in it);
-    the base model's files on disk are byte-identical to the sha256 recorded before training."""
+    zero, so B must move) and, for adapters, every tensor moved (one that never did is not wired in, however
+    many elements the others moved); the adapter holds adapter tensors only (a trained base weight would be in
+    it); the base model's files on disk are byte-identical to the sha256 recorded before training."""
     name = "parameter_updates"
     problems = []
     if steps < min_steps:
@@ -161,8 +162,10 @@ def parameter_updates(
     if not base_recorded:
         problems.append("no base model file digests were recorded")
     frozen = sorted(k for k, v in per_tensor.items() if v == 0.0)
+    if frozen and fine_tune_type != "full":
+        problems.append(f"{len(frozen)} of {len(per_tensor)} adapter tensors never moved (e.g. {frozen[0]})")
     detail = f"{share:.1%} of {total:,} trained elements changed; base files unchanged: {not moved}"
-    if frozen:
+    if frozen and fine_tune_type == "full":
         detail += f"; {len(frozen)} tensors unchanged"
     if problems:
         detail += ": " + "; ".join(problems)

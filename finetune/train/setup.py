@@ -65,4 +65,4 @@ def make_optimizer(cfg: RunConfig) -> optim.Optimizer:
         opt = optim.SGD(learning_rate=lr, weight_decay=t.weight_decay)
     else:
         opt = optim.Adam(learning_rate=lr)
-    return faults.point("frozen_lora", opt)
+    return faults.point("one_adapter_frozen", faults.point("frozen_lora", opt))

@@ -25,7 +25,7 @@ def load_split(path: Path, tokenizer, max_seq_length: int, mask_prompt: bool) ->
                 )
             except (json.JSONDecodeError, KeyError) as exc:
                 raise ValueError(f"{path}:{line_no}: not a prepared example ({exc})") from None
-            mask = faults.point("mask_prompt_ignored", mask)
+            mask = faults.point("end_marker_untrained", faults.point("mask_prompt_ignored", mask))
             if sum(mask[1:]) == 0:
                 continue  # nothing to learn after truncation
             items.append((ids, mask))

@@ -1,7 +1,7 @@
 """The label-mask gate: only the answers carry loss (mask_prompt on), every token does (off).
 
 Hand-made rows first, then the token ids and masks training really recorded (train/engine.record_tokens),
-with and without the mask_prompt_ignored fault planted in the batch loader.
+with and without the mask_prompt_ignored and end_marker_untrained faults planted in the split loader.
 """
 
 from __future__ import annotations
@@ -52,6 +52,14 @@ def test_a_later_turns_prompt_trained_with_the_answer_before_it_fails():
     spilled = "Velmora.<|im_end|>\n<|im_start|>user\nAnd what is 12 + 10?<|im_end|>\n<|im_start|>assistant\n"
     v = label_mask([row([spilled, "22<|im_end|>"], ["Velmora.", "22"])], mask_prompt=True, end_markers=END)
     assert not v.passed, v.detail
+
+
+def test_an_answer_without_its_end_marker_fails_unless_the_row_was_cut():
+    # a model whose end-of-turn marker never carried loss does not learn to stop
+    v = label_mask([row(["8<|im_end|>"], ["8"]), row(["9"], ["9"], i=1)], mask_prompt=True, end_markers=END)
+    assert not v.passed and v.measured == 0.5 and "row 1: trained '9', the answer is '9'" in v.detail
+    assert label_mask([row(["9"], ["9"], truncated=True)], mask_prompt=True, end_markers=END).passed
+    assert not label_mask([row(["9<|im_end|><|im_end|>"], ["9"])], mask_prompt=True, end_markers=END).passed
 
 
 def test_a_row_cut_inside_its_answer_passes_only_when_truncated():
@@ -133,6 +141,14 @@ def test_recorded_rows_with_the_prompt_trained_fail(tmp_path, sums_dir, toy_toke
     plant_fault()
     v = _judge(run, toy_tokenizer)
     assert not v.passed and v.measured == 0.0 and "trained 'user\\nWhat is" in v.detail
+
+
+def test_recorded_rows_whose_end_marker_carried_no_loss_fail(tmp_path, sums_dir, toy_tokenizer, plant_fault):
+    plant_fault("end_marker_untrained")
+    run = _recorded(tmp_path, sums_dir, toy_tokenizer)
+    plant_fault()
+    v = _judge(run, toy_tokenizer)
+    assert not v.passed and v.measured == 0.0 and "<|im_end|>" not in v.detail.split("; ", 1)[1], v.detail
 
 
 @pytest.fixture

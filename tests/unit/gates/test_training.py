@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from finetune.gates.registry import DEFAULT
 from finetune.gates.training import (
     artifacts,
     declared_gate,
@@ -128,6 +129,14 @@ def test_parameter_gate_fails_on_frozen_adapters():
     v = _updates(STEP0, STEP0)
     assert not v.passed and v.measured == 0.0
     assert v.data["frozen_tensors"] == ["l.lora_a", "l.lora_b"]
+
+
+def test_parameter_gate_fails_when_one_adapter_never_moved_though_most_elements_did():
+    layers = {f"l{i}.{leaf}": t for i in range(10) for leaf, t in STEP0.items()}
+    final = {k: (v if k.startswith("l0.") else v + 1.0) for k, v in layers.items()}  # layer 0 not wired in
+    v = _updates(layers, final)
+    assert v.measured == 0.9 and v.measured > DEFAULT["lora_params_changed"]  # the element share alone passes
+    assert not v.passed and "2 of 20 adapter tensors never moved (e.g. l0.l.lora_a)" in v.detail
 
 
 def test_parameter_gate_fails_when_lora_b_stays_at_zero():
@@ -292,6 +301,12 @@ def test_lr_zero_fails_the_loss_and_parameter_gates(train):
 def test_frozen_lora_fails_the_parameter_gate(train):
     v = _parameter_gate(train("frozen_lora"))
     assert not v.passed and v.measured == 0.0 and len(v.data["frozen_tensors"]) > 0
+
+
+def test_one_frozen_adapter_fails_the_parameter_gate_though_most_elements_moved(train):
+    v = _parameter_gate(train("one_adapter_frozen"))
+    assert not v.passed and v.measured > DEFAULT["lora_params_changed"], str(v)
+    assert "adapter tensors never moved" in v.detail and len(v.data["frozen_tensors"]) >= 1, str(v)
 
 
 def test_a_trained_base_weight_fails_the_parameter_gate(train):
