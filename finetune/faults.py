@@ -34,6 +34,11 @@ EXIT_CODE = 4
 
 # name -> (the stage it is planted in, what it does, the gate that must catch it)
 FAULTS: dict[str, tuple[str, str, str]] = {
+    "split_leak": (
+        "data",
+        "the first validation row is written into the training split too",
+        "split_overlap",
+    ),
     "lr_zero": ("train", "the optimizer's learning rate is 0", "loss_convergence"),
     "frozen_lora": ("train", "LoRA gradients are zeroed before every update", "parameter_updates"),
     "one_adapter_frozen": (
@@ -123,6 +128,12 @@ def point(name: str, value: T, *context: Any) -> T:
 # ---------------------------------------------------------------- the effects, one per fault
 
 
+def _split_leak(rows: list, counts: dict[str, int]) -> list:
+    """The last training row replaced by the first validation row: a leak the split counts do not show."""
+    n = counts["train"]
+    return [*rows[: n - 1], rows[n], *rows[n:]]
+
+
 def _frozen_lora(opt):
     import mlx.core as mx
     from mlx.utils import tree_map
@@ -203,6 +214,7 @@ def _modelfile_wrong_template(template: str, chat_format: Callable) -> str:
 
 
 EFFECTS: dict[str, Callable[..., Any]] = {
+    "split_leak": _split_leak,
     "lr_zero": lambda lr: 0.0,
     "frozen_lora": _frozen_lora,
     "one_adapter_frozen": _one_adapter_frozen,

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from finetune import faults
 from finetune.data.records import Example, LoadResult, Rejection, load_records
 from finetune.data.sources import DatasetError
 from finetune.data.templates import Template, TemplateError, get_template
@@ -190,6 +191,7 @@ def _render_unique(
 def _write_splits(rows: list[tuple[Example, dict]], counts: dict[str, int], out: Path) -> dict[str, str]:
     """Consecutive chunks of the shuffled rows, one file per split; returns the file names."""
     out.mkdir(parents=True, exist_ok=True)
+    rows = faults.point("split_leak", rows, counts)
     files, start = {}, 0
     for name in SPLIT_NAMES:
         chunk = rows[start : start + counts[name]]

@@ -128,6 +128,13 @@ _ALL = (
         "(a model that never learns to stop)",
     ),
     Gate(
+        "split_overlap",
+        "rows of valid.jsonl and test.jsonl that are training rows by content (message words, case folded)",
+        "-",
+        "a leak between splits: the validation loss and held-out scores would judge memory, not learning",
+        lower_is_better=True,
+    ),
+    Gate(
         "validation_loss",
         "relative drop of the loss on the held-out valid split, best evaluation vs before training "
         "(train_result.json)",

@@ -20,9 +20,11 @@ from finetune.gates import label_mask as label_mask_gate
 from finetune.gates import training as gates
 from finetune.gates.provenance import explain
 from finetune.gates.registry import GATES, TRAINING_GATES, Gate
+from finetune.gates.split_overlap import HELD_OUT, split_overlap
 from finetune.gates.verdict import Verdict, skipped
 from finetune.report.models import StageReport
 from finetune.stages.context import Ctx, Stage
+from finetune.system.jsonl import read_jsonl
 from finetune.train.checkpoints import ADAPTER_DIR, INIT_DIR, RESULT
 from finetune.train.metrics import METRICS, read_metrics, train_losses
 from finetune.train.splits import TOKENS
@@ -134,6 +136,14 @@ def judge_label_mask(j: Judging) -> Verdict:
     return explain(v, j.ctx.run_dir / TOKENS)
 
 
+def judge_split_overlap(j: Judging) -> Verdict:
+    data = j.ctx.run_dir / "data"
+    splits = {
+        n: read_jsonl(data / f"{n}.jsonl") for n in ("train", *HELD_OUT) if (data / f"{n}.jsonl").is_file()
+    }
+    return explain(split_overlap(splits), data)
+
+
 def judge_memory(j: Judging) -> Verdict:
     ctx = j.ctx
     with j.timed("memory"):
@@ -156,6 +166,7 @@ JUDGES: dict[str, Callable[[Judging], Verdict]] = {
     "artifacts": judge_artifacts,
     "parameter_updates": judge_parameters,
     "label_mask": judge_label_mask,
+    "split_overlap": judge_split_overlap,
     "memory_efficiency": judge_memory,
 }
 

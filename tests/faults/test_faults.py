@@ -25,10 +25,10 @@ from tests.tiny_run import MODEL, healthy_sets
 
 STAGE_ERROR = "(stage error)"  # no gate: the stage itself must fail, clearly
 GATED = {n: stage for n, (stage, _, gate) in faults.FAULTS.items() if gate != STAGE_ERROR}
-TRAIN_FAULTS = [n for n, stage in GATED.items() if stage == "train"]
+TRAIN_FAULTS = [n for n, stage in GATED.items() if stage in ("data", "train")]
 # Gates that must fail on a fault besides the one it is planted for (a fault table row names one gate).
 ALSO_CAUGHT = {"lr_zero": ("validation_loss",), "frozen_lora": ("validation_loss",)}
-SHIP_FAULTS = [n for n, stage in GATED.items() if stage != "train"]
+SHIP_FAULTS = [n for n, stage in GATED.items() if stage not in ("data", "train")]
 STAGE_ERROR_FAULTS = [n for n in faults.FAULTS if n not in GATED]
 
 

@@ -225,3 +225,19 @@ def test_prepare_for_run_follows_the_data_section(tmp_path, toy_tokenizer):
     again = prepare_for_run(data, tmp_path / "again", toy_tokenizer)
     assert again.split_counts == report.split_counts
     assert (tmp_path / "train.jsonl").read_bytes() == (tmp_path / "again" / "train.jsonl").read_bytes()
+
+
+def test_the_split_leak_fault_writes_a_validation_row_into_train(tmp_path, plant_fault):
+    from finetune.gates.split_overlap import split_overlap
+
+    src = write_lines(tmp_path / "src.jsonl", [qa(i) for i in range(20)])
+    plant_fault("split_leak")
+    prepare(src, tmp_path / "leaky", template="chatml", seed=1)
+    plant_fault()
+    prepare(src, tmp_path / "out", template="chatml", seed=1)
+    splits = {n: read_jsonl(tmp_path / "out" / f"{n}.jsonl") for n in ("train", "valid", "test")}
+    leaky = {n: read_jsonl(tmp_path / "leaky" / f"{n}.jsonl") for n in ("train", "valid", "test")}
+    assert [len(v) for v in leaky.values()] == [len(v) for v in splits.values()] == [16, 2, 2]
+    assert split_overlap(splits).passed
+    v = split_overlap(leaky)
+    assert not v.passed and v.measured == 1 and "valid.jsonl row 1" in v.detail

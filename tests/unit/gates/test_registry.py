@@ -6,7 +6,7 @@ import numpy as np
 
 from finetune import faults
 from finetune.config.schema import GatesConfig
-from finetune.gates import fuse, label_mask, runtime_parity, served, training
+from finetune.gates import fuse, label_mask, runtime_parity, served, split_overlap, training
 from finetune.gates.parity import Answer, ParityResult
 from finetune.gates.registry import GATES, Gate
 
@@ -27,6 +27,7 @@ def _every_gate_verdict():
         ),
         training.artifacts([], ["a"], ["a"]),
         label_mask.label_mask([], mask_prompt=True),
+        split_overlap.split_overlap({"train": []}),
         fuse.fuse_exactness(fuse.FuseMeasurement({}, {}, []), max_rel=1e-3),
         runtime_parity.tokenizer_gate(["a"], [[1]], [[1]]),
         runtime_parity.logprob_gate(ParityResult(True, [], {}), gguf_type="f16", max_abs=0.1),
@@ -70,7 +71,7 @@ def test_the_commands_require_what_the_table_declares():
     from finetune.recipes.commands import COMMANDS
 
     training = ("loss_convergence", "model_learning", "memory_efficiency", "parameter_updates", "artifacts",
-                "label_mask", "validation_loss")  # fmt: skip
+                "label_mask", "split_overlap", "validation_loss")  # fmt: skip
     shipping = ("fuse_exactness", "gguf_tokenizer", "logprob_parity", "output_parity", "adapter_effect",
                 "clean_endings", "served_answers", "served_template", "served_api")  # fmt: skip
     assert COMMANDS["run"].gates == COMMANDS["validate"].gates == training
@@ -78,7 +79,7 @@ def test_the_commands_require_what_the_table_declares():
     assert COMMANDS["train"].gates == ()
     assert RUNTIME_OF == {"gguf_tokenizer": "llamacpp", "logprob_parity": "llamacpp", "served_answers": "ollama",
                           "served_template": "ollama", "served_api": "ollama"}  # fmt: skip
-    assert {"loss_convergence", "logprob_parity", "fuse_exactness"} == LOWER_IS_BETTER
+    assert {"loss_convergence", "split_overlap", "logprob_parity", "fuse_exactness"} == LOWER_IS_BETTER
     assert PARITY_GATES == ("logprob_parity", "output_parity", "served_answers")
 
 
