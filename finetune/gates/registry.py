@@ -99,8 +99,9 @@ _ALL = (
     ),
     Gate(
         "memory_efficiency",
-        "peak memory of LoRA vs full fine-tuning, each measured in its own process (estimated, and labelled so, "
-        "when full fine-tuning would not fit)",
+        "peak memory of LoRA vs full fine-tuning, each measured in its own process; when full fine-tuning would "
+        "not fit, LoRA is still measured and full is estimated (labelled so), scaled down where the estimator "
+        "over-estimated the LoRA peak",
         "memory_saving",
         "LoRA mis-wired so that everything trains",
         in_pipeline=False,

@@ -81,18 +81,43 @@ def _estimates(cfg):
     ).total_bytes
 
 
-def test_memory_is_estimated_and_labelled_when_full_fine_tuning_would_not_fit(tmp_path):
+def test_when_full_fine_tuning_would_not_fit_lora_is_measured_and_full_estimated_never_scaled_up(tmp_path):
     from finetune.config.loader import load_config
 
     cfg = load_config("quick")
     lora, full = _estimates(cfg)
     calls = []
-    for available in (None, int(full * 1.2)):
-        m = measure_memory(tmp_path, tmp_path, MODEL_CONFIG, cfg, available=available,
-                                  measure=lambda *a: calls.append(a))  # fmt: skip
-        assert (m.lora_peak, m.full_peak, m.source) == (lora, full, "estimated") and "not run" in m.detail
-    assert calls == []
-    assert lora < full
+
+    peaks = iter([int(lora * 1.25), int(lora * 0.5)])
+
+    def measure(cfg_file, model_dir, data_dir, kind):
+        calls.append(kind)
+        return {"peak_bytes": next(peaks)}
+
+    low = measure_memory(tmp_path, tmp_path, MODEL_CONFIG, cfg, available=None, measure=measure)
+    assert (low.lora_peak, low.full_peak, low.source) == (
+        int(lora * 1.25),
+        full,
+        "estimated",
+    )  # never scaled up
+    high = measure_memory(tmp_path, tmp_path, MODEL_CONFIG, cfg, available=int(full * 1.2), measure=measure)
+    assert (high.lora_peak, high.source) == (int(lora * 0.5), "estimated") and "not run" in high.detail
+    assert (
+        abs(high.full_peak - full * 0.5) <= 1 and "x0.50" in high.detail
+    )  # over-estimated LoRA: full scaled down
+    assert calls == ["lora", "lora"] and lora < full
+
+
+def test_an_estimated_comparison_can_fail_when_lora_costs_what_full_would(tmp_path):
+    from finetune.config.loader import load_config
+    from finetune.gates.training import memory_efficiency
+
+    cfg = load_config("quick")
+    _, full = _estimates(cfg)
+    m = measure_memory(tmp_path, tmp_path, MODEL_CONFIG, cfg, available=None,
+                       measure=lambda *a: {"peak_bytes": full})  # everything trainable: LoRA mis-wired  # fmt: skip
+    v = memory_efficiency(m.lora_peak, m.full_peak, source=m.source)
+    assert not v.passed, str(v)
 
 
 def test_memory_is_measured_in_separate_processes_when_it_fits(tmp_path):
