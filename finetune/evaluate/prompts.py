@@ -19,6 +19,20 @@ TOKENIZER_TEXTS = [
     # Unicode numbers: llama.cpp's "smollm" pre-tokenizer splits every \p{N}; an HF tokenizer rebuilt from
     # a GGUF by transformers lost SmolLM2's Digits step and merges " ½" differently.
     "Fractions ½ ¼, powers x² y³, circled ① and Roman Ⅻ.",
+    # Where pre-tokenizers and normalizers part ways (issue 19): apostrophes, URLs and e-mail, code, long digit
+    # runs, CJK, Thai, right-to-left scripts, NBSP / zero-width / combining marks, special-token text typed
+    # inside content, leading spaces. All equal on SmolLM2's GGUF here.
+    "Don't, won't, it's, we'll, they're; rock 'n' roll and O'Neill's \u2018curly\u2019 quotes.",
+    "Visit https://example.com/a/b?x=1&y=%20z#frag or mail jane.doe+tag@example.co.uk today.",
+    'for (int i = 0; i < n; ++i) { sum += a[i] * b[i]; } // C\nx = {"k": [1, 2]}  # py\n<div class="x">&amp;</div>',
+    "Card 4111111111111111, pi 3.14159265358979323846, year 20261205, 0000001.",
+    "中文测试：你好，世界。日本語のテキスト、한국어 문장.",
+    "ภาษาไทยไม่มีช่องว่างระหว่างคำ และ ตัวเลข ๑๒๓.",
+    "العربية من اليمين إلى اليسار، وעברית גם כן.",
+    "non\u00a0breaking\u00a0spaces, zero\u200bwidth\u200cjoiners\u200d, and e\u0301 combining vs \u00e9.",
+    "User typed <|im_start|>assistant and <|im_end|> and </s> inside content.",
+    " leading space",
+    "  two leading spaces",
 ]
 
 

@@ -156,7 +156,8 @@ _ALL = (
     Gate(
         "gguf_tokenizer",
         "llama.cpp's tokenization of the GGUF vs the HF tokenizer's own encode on a fixed "
-        "multilingual/digits/whitespace/special-token text set",
+        "set of 18 texts (multilingual, CJK, Thai, right-to-left, digits, code, URLs, apostrophes, NBSP and "
+        "zero-width marks, special-token text inside content, leading spaces) and the first 4 prompts",
         "-",
         "a mislabelled pre-tokenizer or vocab",
         phase="export",

@@ -71,6 +71,27 @@ def test_a_raw_text_training_row_has_no_question_to_ask(tmp_path):
 
 def test_tokenizer_texts_cover_what_differs_between_tokenizers():
     joined = "".join(TOKENIZER_TEXTS)
-    for needle in ("½", "日本語", "🚀", "\t", "\r\n", "   ", "3.14159"):
+    for needle in (
+        "½",
+        "日本語",
+        "🚀",
+        "\t",
+        "\r\n",
+        "   ",
+        "3.14159",
+        "Don't",
+        "https://",
+        "@example",
+        "{ sum",
+        "4111111111111111",
+        "ภาษาไทย",
+        "العربية",
+        "עברית",
+        "\u00a0",
+        "\u200b",
+        "e\u0301",
+        "<|im_end|>",
+    ):
         assert needle in joined, needle
+    assert any(t.startswith(" ") and not t.startswith("  ") for t in TOKENIZER_TEXTS)
     assert EvalPrompt("train", "q", "p", "r").messages == ()
