@@ -201,8 +201,27 @@ def expected_tokenizer_model(hf_dir: Path) -> str | None:
     return "gpt2" if model.get("type") == "BPE" else None
 
 
-# GGUF size key -> the HF config keys that may hold the same number (Llama style, GPT-2 style)
-_SIZE_KEYS = {"block_count": ("num_hidden_layers", "n_layer"), "embedding_length": ("hidden_size", "n_embd")}
+# GGUF key (after "<arch>.") -> the HF config keys that may hold the same value (Llama style, GPT-2 style);
+# compared key by key wherever both sides have one (a wrong context, rope base or epsilon computes otherwise).
+_VALUE_KEYS = {
+    "block_count": ("num_hidden_layers", "n_layer"),
+    "embedding_length": ("hidden_size", "n_embd"),
+    "context_length": ("max_position_embeddings", "n_positions", "n_ctx"),
+    "feed_forward_length": ("intermediate_size", "n_inner"),
+    "attention.head_count": ("num_attention_heads", "n_head"),
+    "attention.head_count_kv": ("num_key_value_heads",),
+    "attention.key_length": ("head_dim",),
+    "attention.sliding_window": ("sliding_window",),
+    "rope.freq_base": ("rope_theta",),
+    "attention.layer_norm_rms_epsilon": ("rms_norm_eps",),
+    "attention.layer_norm_epsilon": ("layer_norm_epsilon", "layer_norm_eps"),
+}
+
+
+def _same(got: Any, want: Any) -> bool:
+    if isinstance(want, float) or isinstance(got, float):  # GGUF keeps float32
+        return abs(float(got) - float(want)) <= 1e-6 * max(1.0, abs(float(want)))
+    return got == want
 
 
 def check_gguf(path: str | Path, hf_dir: str | Path) -> list[str]:
@@ -218,10 +237,12 @@ def check_gguf(path: str | Path, hf_dir: str | Path) -> list[str]:
     problems: list[str] = []
     if not arch:
         return [f"{name}: no general.architecture"]
-    for key, hf_keys in _SIZE_KEYS.items():
+    for key, hf_keys in _VALUE_KEYS.items():
         want, got = _config_value(cfg, *hf_keys), meta.get(f"{arch}.{key}")
-        if want is not None and got != want:
+        if want is not None and got is not None and not _same(got, want):
             problems.append(f"{name}: {arch}.{key} is {got}, HF config says {want}")
+        elif want is not None and got is None and key in ("block_count", "embedding_length"):
+            problems.append(f"{name}: no {arch}.{key}, HF config says {want}")
     if meta.get(f"{arch}.context_length") is None:
         problems.append(f"{name}: no {arch}.context_length")
     if not info.tensors or len({t.name for t in info.tensors}) != len(info.tensors):

@@ -66,6 +66,25 @@ def test_check_gguf_flags_a_config_the_file_does_not_match(tiny_hf, tiny_f16_ggu
     assert "49152 tokens, the HF config's vocab_size is 50000" in problems
 
 
+def test_check_gguf_compares_the_computing_metadata_with_the_hf_config_value_by_value(
+    tiny_hf, tiny_f16_gguf, tmp_path
+):
+    cfg = json.loads((tiny_hf / "config.json").read_text())
+    meta = inspect_gguf(tiny_f16_gguf).metadata
+    assert meta["llama.context_length"] == cfg["max_position_embeddings"]
+    assert meta["llama.rope.freq_base"] == cfg["rope_theta"]
+    other = tmp_path / "hf"
+    shutil.copytree(tiny_hf, other, ignore=shutil.ignore_patterns("*.safetensors"))
+    wrong = {"max_position_embeddings": 4096 + 1, "rope_theta": 12345.0, "rms_norm_eps": 1e-3,
+             "num_attention_heads": cfg["num_attention_heads"] * 2, "num_key_value_heads": 7,
+             "intermediate_size": cfg["intermediate_size"] + 1}  # fmt: skip
+    (other / "config.json").write_text(json.dumps(cfg | wrong))
+    problems = "\n".join(check_gguf(tiny_f16_gguf, other))
+    for key in ("context_length", "rope.freq_base", "attention.layer_norm_rms_epsilon", "attention.head_count ",
+                "attention.head_count_kv", "feed_forward_length"):  # fmt: skip
+        assert f"llama.{key}" in problems, (key, problems)
+
+
 def test_rewrite_string_changes_one_value_and_keeps_the_tensors(tiny_f16_gguf, tmp_path):
     copy = tmp_path / "c.gguf"
     shutil.copy(tiny_f16_gguf, copy)
