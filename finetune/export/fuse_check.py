@@ -49,3 +49,16 @@ def measure_fuse(base_dir: Path, adapter_dir: Path, fused_dir: Path) -> FuseMeas
     missing = sorted(set(base) ^ set(fused))
     missing += [f"{m}.weight (adapted) not in the base" for m in modules if f"{m}.weight" not in base]
     return FuseMeasurement(adapted, deltas, changed, missing, len(others))
+
+
+# What a fuse may change in config.json: the weights' dtype (and drop a quantization, which stage_fuse requires).
+CONFIG_MAY_CHANGE = ("torch_dtype", "dtype", "quantization", "quantization_config", "transformers_version")
+
+
+def config_changes(base: dict, fused: dict, may_change: tuple[str, ...] = CONFIG_MAY_CHANGE) -> list[str]:
+    """Keys of the fused config.json that differ from the base's (context length, rope, heads, ...), named."""
+    return [
+        f"config.json {key}: base {base.get(key)!r}, fused {fused.get(key)!r}"
+        for key in sorted(set(base) | set(fused))
+        if key not in may_change and base.get(key) != fused.get(key)
+    ]

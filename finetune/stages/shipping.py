@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune import faults
+from finetune.export.fuse_check import config_changes
 from finetune.gates import fuse as fuse_gate
 from finetune.gates import served
 from finetune.gates.provenance import explain
@@ -30,6 +31,7 @@ def stage_fuse(ctx: Ctx) -> StageReport:
     ctx.deps.fuse(base, adapter, out, dtype=FUSE_DTYPE)
     config = json.loads((out / "config.json").read_text())
     problems = [f"config.json has {k}" for k in ("quantization", "quantization_config") if k in config]
+    problems += config_changes(ctx.outputs["model"]["config"], config)  # the same model, but for its dtype
     dtypes = dtype_counts(out)
     if not dtypes:
         problems.append("no *.safetensors weights")
@@ -37,7 +39,7 @@ def stage_fuse(ctx: Ctx) -> StageReport:
         problems.append(f"weights are not all float32: {dtypes}")
     if problems:  # never re-quantize (or round) silently: the GGUF export must start from full precision
         raise StageError(
-            f"{out}: fused model is not full precision: {'; '.join(problems)}", {"dtypes": dtypes}
+            f"{out}: fused model is not the base in full precision: {'; '.join(problems)}", {"dtypes": dtypes}
         )
     verdicts = []
     if ctx.wants("fuse_exactness"):

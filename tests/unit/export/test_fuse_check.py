@@ -94,3 +94,14 @@ def test_a_fused_folder_with_another_tensor_set_fails(tiny_hf, tiny_adapter, hea
     m = measure_fuse(tiny_hf, tiny_adapter, out)
     assert m.missing == ["lm_head.weight"]
     assert not fuse_exactness(m, max_rel=MAX_REL).passed
+
+
+def test_config_changes_name_every_key_but_the_dtype():
+    from finetune.export.fuse_check import config_changes
+
+    base = {"rope_theta": 10000.0, "max_position_embeddings": 8192, "torch_dtype": "bfloat16"}
+    assert config_changes(base, base | {"torch_dtype": "float32"}) == []
+    assert config_changes(base, base | {"rope_theta": 1.0, "sliding_window": 4}) == [
+        "config.json rope_theta: base 10000.0, fused 1.0",
+        "config.json sliding_window: base None, fused 4",
+    ]

@@ -76,13 +76,15 @@ class World:
         self.ollama_binary: Path | None = root / "bin" / "ollama"
         self.server_fails, self.llamacpp = False, None
         self.answers_right, self.eval_error, self.runner_crashes = True, None, False
+        self.fused_config_changes: dict = {}
         self.environ: dict[str, str] = {}
         self.eval_inputs = []
 
     def fuse(self, base, adapter, out, dtype=None):
         self.calls.append("fuse")
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text("{}")
+        config = json.loads((Path(base) / "config.json").read_text()) | {"torch_dtype": "float32"}
+        (out / "config.json").write_text(json.dumps(config | self.fused_config_changes))
         dtype = np.float32 if self.fuse_dtype == "F32" else np.float16
         save_file({"w": np.ones((2, 2), dtype)}, str(out / "model.safetensors"))
 

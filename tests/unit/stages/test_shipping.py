@@ -22,6 +22,15 @@ def test_fuse_exactness_is_measured_for_lora(tmp_path, toy_tokenizer):
     assert g.status == "passed" and g.measured == 1e-7 and g.artifact["path"].endswith("fused")
 
 
+def test_a_fused_config_that_is_not_the_bases_fails_the_fuse_stage(tmp_path, toy_tokenizer):
+    world = World(tmp_path, toy_tokenizer)
+    world.fused_config_changes = {"max_position_embeddings": 512}
+    fuse = next(s for s in _run(world).report.stages if s.name == "fuse")
+    assert (
+        fuse.status == "failed" and "config.json max_position_embeddings: base None, fused 512" in fuse.reason
+    )
+
+
 def test_a_modelfile_without_stops_is_served_but_fails_served_template(tmp_path, toy_tokenizer, plant_fault):
     plant_fault("modelfile_no_stop")
     result = _run(World(tmp_path, toy_tokenizer))
