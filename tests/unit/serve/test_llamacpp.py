@@ -256,7 +256,7 @@ def spm_hf(tmp_path_factory) -> Path:
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(corpus),
         model_writer=model,
-        vocab_size=400,
+        vocab_size=600,  # the tokenizer text set needs 444 characters (CJK, Thai, Arabic, Hebrew)
         model_type="bpe",
         byte_fallback=True,
         character_coverage=1.0,
@@ -279,7 +279,7 @@ def spm_hf(tmp_path_factory) -> Path:
     }
     (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
     cfg = LlamaConfig(
-        vocab_size=400,
+        vocab_size=600,
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=1,
@@ -309,8 +309,9 @@ def test_sentencepiece_llama_export_matches_hf_and_mlx(spm_hf, tmp_path):
     assert check_gguf(gguf, spm_hf) == []
     tok = AutoTokenizer.from_pretrained(str(spm_hf))
     # transformers 5 converts tokenizer.model to a Metaspace(prepend_scheme="first") tokenizer.json that adds no
-    # "▁" before leading spaces, unlike sentencepiece itself and llama.cpp: leave that text out here.
-    texts = [t for t in TEXTS if not t.startswith(" ")]
+    # "▁" before leading spaces, unlike sentencepiece itself and llama.cpp: leave that text out here, and the
+    # text with "</s>" typed inside it (after a special token the same "▁" differs).
+    texts = [t for t in TEXTS if not t.startswith(" ") and "</s>" not in t]
     ref = [tok.encode(t) for t in texts]
     r = tokenizer_parity(texts, ref, L.tokenize(gguf, texts))
     assert r.ok, r.problems
