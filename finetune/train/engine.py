@@ -34,7 +34,7 @@ from finetune.train.checkpoints import (
     save_final_adapter,
 )
 from finetune.train.gemma_scale import exact_embed_scale
-from finetune.train.metrics import METRICS, truncate_metrics
+from finetune.train.metrics import METRICS, read_metrics, truncate_metrics, val_losses
 from finetune.train.setup import make_optimizer, prepare_model
 from finetune.train.shortcut_plan import enabled_shortcuts
 from finetune.train.splits import TOKENS, load_split, record_tokens
@@ -154,6 +154,9 @@ def _prepare(
     mx.random.seed(step_seed(cfg.training.seed, start_step))
     cb = _callback(cfg, run, run_dir, fast, start_step, state)
     result = _new_result(run, run_dir, start_step, fast)
+    if start_step > 0:  # the loss before training was measured by the run this one continues
+        before = [loss for step, loss in val_losses(read_metrics(run_dir / METRICS)) if step == 0]
+        result.initial_val_loss = before[0] if before else None
     mx.reset_peak_memory()
     return run, fast, cb, result
 

@@ -172,6 +172,9 @@ def test_keyboard_interrupt_checkpoints_and_resume_equals_uninterrupted(
     assert len(a) == len(b) == 12
     assert b == pytest.approx(a, rel=1e-4, abs=1e-5)  # tolerance: float32 reduction order only
     assert whole_result.best_val_loss == pytest.approx(resumed.best_val_loss, rel=1e-4)
+    # the validation_loss gate reads the loss before training from a resumed run's result too
+    assert resumed.initial_val_loss == whole_result.initial_val_loss is not None
+    assert json.loads((tmp_path / RESULT).read_text())["initial_val_loss"] == resumed.initial_val_loss
 
 
 def test_keyboard_interrupt_between_an_update_and_its_report_keeps_the_log_whole(
