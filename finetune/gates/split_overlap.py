@@ -28,10 +28,10 @@ def split_overlap(splits: Mapping[str, Sequence[Mapping[str, Any]]]) -> Verdict:
         return verdict(name, False, None, 0, "no training rows to compare with")
     trained = {content_key(r) for r in splits["train"]}
     found = [
-        f"{split}.jsonl row {i + 1}: {content_key(r)[:60]!r}"
+        f"{split}.jsonl row {i + 1}: {key[:60]!r}"
         for split in HELD_OUT
-        for i, r in enumerate(splits.get(split) or [])
-        if content_key(r) in trained
+        for i, key in enumerate(map(content_key, splits.get(split) or []))
+        if key in trained
     ]
     held = sum(len(splits.get(s) or []) for s in HELD_OUT)
     detail = f"{len(found)} of {held} valid/test rows are training rows"

@@ -97,7 +97,8 @@ def train_run(
     still in memory (the artifacts gate later compares the saved adapter's answers with its answers).
     A signal stops training at the next step boundary with a checkpoint and re-raises signals.Interrupted.
     """
-    run, fast, cb, result = _prepare(cfg, Path(model_path), Path(data_dir), Path(run_dir), resume, load, log)
+    run_dir = Path(run_dir)
+    run, fast, cb, result = _prepare(cfg, Path(model_path), Path(data_dir), run_dir, resume, load, log)
     remaining = cfg.training.iters - result.start_step
     tic = time.perf_counter()
     try:
@@ -120,12 +121,12 @@ def train_run(
         result.stopped_early = True
         log(f"early stopping at step {cb.step}: {why}")
     except (signals.Interrupted, KeyboardInterrupt) as exc:
-        _stopped(cfg, run, Path(run_dir), cb, result, exc, tic, log)
+        _stopped(cfg, run, run_dir, cb, result, exc, tic, log)
         raise
     finally:
         cb.close()
-        (Path(run_dir) / FINAL_MLX_ADAPTER).unlink(missing_ok=True)
-    return _finished(run, Path(run_dir), cb, result, tic, on_trained)
+        (run_dir / FINAL_MLX_ADAPTER).unlink(missing_ok=True)
+    return _finished(run, run_dir, cb, result, tic, on_trained)
 
 
 def _prepare(
@@ -177,7 +178,7 @@ def _training_args(cfg: RunConfig, run_dir: Path, remaining: int) -> TrainingArg
         steps_per_eval=remaining + 1,
         steps_per_save=remaining + 1,
         max_seq_length=cfg.data.max_seq_length,
-        adapter_file=str(Path(run_dir) / FINAL_MLX_ADAPTER),
+        adapter_file=str(run_dir / FINAL_MLX_ADAPTER),
         grad_checkpoint=t.grad_checkpoint,
         grad_accumulation_steps=t.grad_accumulation_steps,
     )
