@@ -73,6 +73,21 @@ FAULTS: dict[str, tuple[str, str, str]] = {
         "served_template",
     ),
     "modelfile_no_stop": ("ollama", "the Modelfile has no stop strings", "served_template"),
+    "modelfile_extra_stop": (
+        "ollama",
+        "the Modelfile adds a stop string ('User:') that the training template never ends answers with",
+        "served_template",
+    ),
+    "modelfile_short_num_predict": (
+        "ollama",
+        "the Modelfile's num_predict is half the longest reference answer",
+        "served_defaults",
+    ),
+    "modelfile_no_temperature": (
+        "ollama",
+        "the Modelfile leaves temperature out (default requests sample at Ollama's 0.8)",
+        "served_defaults",
+    ),
     "eval_runtime_base": ("evaluate", "the fused-MLX runtime answers with the base model", "output_parity"),
 }
 
@@ -229,5 +244,8 @@ EFFECTS: dict[str, Callable[..., Any]] = {
     "gguf_pretokenizer_mislabelled": _gguf_pretokenizer_mislabelled,
     "modelfile_wrong_template": _modelfile_wrong_template,
     "modelfile_no_stop": lambda stops: [],
+    "modelfile_extra_stop": lambda stops: [*stops, "User:"],
+    "modelfile_short_num_predict": lambda params, longest: {**params, "num_predict": max(1, longest // 2)},
+    "modelfile_no_temperature": lambda params: {k: v for k, v in params.items() if k != "temperature"},
     "eval_runtime_base": lambda fused_dir, base_dir: base_dir,
 }

@@ -162,7 +162,7 @@ def fake_deps(tokenizer: Any, models_root: Path, trainer: FakeTrainer | None = N
         masked_rows=masked_rows,
         fuse=unused("fuse"), measure_fuse=unused("fuse"), export_gguf=unused("export"), check_gguf=unused("export"),
         locate_ollama=unused("serve"), ollama_server=unused("serve"), deploy=unused("serve"),
-        served_checks=unused("serve"), ollama_answers=unused("serve"), llamacpp_reason=lambda: "tier 1",
+        served_checks=unused("serve"), ollama_answers=unused("serve"), openai_answers=unused("serve"), llamacpp_reason=lambda: "tier 1",
         evaluate=unused("evaluate"), collect_env=lambda: {"tier": 1}, describe_machine=lambda: "machine: fake (tier 1)", available_memory=lambda: 8 * 2**30,
         tool_version=versions.tool_version, ollama_version=versions.ollama_version,
     )  # fmt: skip

@@ -26,10 +26,10 @@ Log = Callable[[str], None]
 
 @dataclass(frozen=True)
 class EvalSettings:
-    # Sized for a shared 2-core box: 24 prompts x 5 runtimes of <= 24 tokens.
+    # Sized for a shared 2-core box: 24 prompts x 5 runtimes.
     n_train: int = 12
     n_heldout: int = 12
-    max_tokens: int = 24
+    max_tokens: int | None = None  # None: the data's answer budget (finetune.evaluate.budget)
     logprob_prompts: int = 2  # prompt + answer sequences compared position by position (~25 tokens each)
     top_k: int = 10
 
@@ -47,9 +47,12 @@ class EvalInputs:
     data_dir: Path
     template: str  # data.template
     stops: list[str]
+    max_tokens: int  # the generation budget of every runtime we ask with our own options
     settings: EvalSettings = field(default_factory=EvalSettings)
     llamacpp_reason: str | None = None  # why llama.cpp cannot run here; None = available
-    ollama: Callable[[Sequence[EvalPrompt], int], list[Answer]] | None = None  # None = not deployed
+    ollama: Callable[[Sequence[EvalPrompt]], list[Answer]] | None = (
+        None  # default requests; None = not deployed
+    )
     ollama_reason: str = "the model is not deployed to Ollama"
 
 
@@ -107,6 +110,8 @@ def run_evaluation(inputs: EvalInputs, backends: Backends, *, log: Log = print) 
     if inputs.llamacpp_reason is None:
         _tokenizer_parity(m, inputs, backends, tokenizer, log)
         _logprob_parity(m, inputs, backends, tokenizer, log)
+    if "ollama" in m.answers:
+        _served_prompts(m, inputs, backends, tokenizer)
     return m
 
 
@@ -114,7 +119,7 @@ def _answer_on_every_runtime(
     m: RuntimeMeasurements, inputs: EvalInputs, backends: Backends, log: Log
 ) -> None:
     """Every runtime answers the same prompts; one that fails is recorded as failed, one not built as skipped."""
-    s, prompts = inputs.settings, m.prompts
+    prompts, budget = m.prompts, inputs.max_tokens
     texts = [p.prompt for p in prompts]
 
     def run(name: str, fn: Callable[[], list[Answer]]) -> None:
@@ -126,24 +131,20 @@ def _answer_on_every_runtime(
 
     def gguf_side() -> None:
         if inputs.llamacpp_reason is None:
-            run(
-                "llamacpp", lambda: backends.llamacpp_generate(inputs.gguf, texts, s.max_tokens, inputs.stops)
-            )
+            run("llamacpp", lambda: backends.llamacpp_generate(inputs.gguf, texts, budget, inputs.stops))
         else:
             m.runtimes["llamacpp"] = {"status": "skipped", "reason": inputs.llamacpp_reason}
         if inputs.ollama is not None:
-            run("ollama", lambda: inputs.ollama(prompts, s.max_tokens))
+            run("ollama", lambda: inputs.ollama(prompts))
         else:
             m.runtimes["ollama"] = {"status": "skipped", "reason": inputs.ollama_reason}
 
     # llama.cpp and Ollama decode in child processes on the core MLX leaves idle (it trains and decodes with
     # one BLAS thread); a daemon thread, so Ctrl-C is not held up by a child that is still answering
     worker = _Worker(gguf_side)
-    run("mlx_base", lambda: backends.mlx_generate(inputs.base_dir, None, texts, s.max_tokens))
-    run(
-        "mlx_adapter", lambda: backends.mlx_generate(inputs.base_dir, inputs.adapter_dir, texts, s.max_tokens)
-    )
-    run("mlx_fused", lambda: backends.mlx_generate(fused_dir, None, texts, s.max_tokens))
+    run("mlx_base", lambda: backends.mlx_generate(inputs.base_dir, None, texts, budget))
+    run("mlx_adapter", lambda: backends.mlx_generate(inputs.base_dir, inputs.adapter_dir, texts, budget))
+    run("mlx_fused", lambda: backends.mlx_generate(fused_dir, None, texts, budget))
     worker.join()
     m.answers = {k: m.answers[k] for k in RUNTIMES if k in m.answers}  # the same order however they finished
     m.runtimes = {k: m.runtimes[k] for k in RUNTIMES if k in m.runtimes}
@@ -159,6 +160,25 @@ def _tokenizer_parity(
         m.gguf_ids = backends.llamacpp_tokenize(inputs.gguf, m.tokenizer_texts)
     except Exception as exc:
         m.gguf_ids_error = f"{type(exc).__name__}: {exc}"
+
+
+def _served_prompts(m: RuntimeMeasurements, inputs: EvalInputs, backends: Backends, tokenizer: Any) -> None:
+    """The prompts Ollama rendered, read by the GGUF's tokenizer in llama.cpp (as Ollama's runner reads them;
+    HF's where llama.cpp cannot run), next to the ids training's renderer gives."""
+    from finetune.evaluate.decode import prompt_ids
+
+    m.training_prompt_ids = [prompt_ids(tokenizer, p.prompt) for p in m.prompts]
+    rendered = [a.rendered for a in m.answers["ollama"]]
+    shown = [r for r in rendered if r is not None]
+    try:
+        if inputs.llamacpp_reason is not None:
+            raise RuntimeError(inputs.llamacpp_reason)
+        ids = iter(backends.llamacpp_tokenize(inputs.gguf, shown) if shown else [])
+        m.served_ids_tokenizer = "the GGUF's, in llama.cpp"
+    except Exception as exc:
+        ids = iter([prompt_ids(tokenizer, r) for r in shown])
+        m.served_ids_tokenizer = f"HF's (llama.cpp: {type(exc).__name__}: {str(exc)[:80]})"
+    m.served_prompt_ids = [None if r is None else list(next(ids)) for r in rendered]
 
 
 def _logprob_parity(

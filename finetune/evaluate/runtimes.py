@@ -60,19 +60,53 @@ def _field(r: Any, key: str) -> Any:
     return r.get(key) if isinstance(r, dict) else getattr(r, key, None)
 
 
-def ollama_answers(client: Any, model: str, prompts: Sequence[EvalPrompt], max_tokens: int) -> list[Answer]:
-    """The conversation through the served TEMPLATE (/api/chat), greedy; stop strings come from the Modelfile."""
+def ollama_answers(server: Any, model: str, prompts: Sequence[EvalPrompt]) -> list[Answer]:
+    """The conversation through the served TEMPLATE (/api/chat) as a user sends it: no options, so the
+    Modelfile's PARAMETERs (temperature, num_predict, num_ctx, stop) decide. Each answer keeps the prompt
+    the server rendered (from its debug log), to compare with training's token by token."""
+    from finetune.serve.rendered import log_size, rendered_since
+
+    client, log = server.client(), getattr(server, "log_path", None)
     out = []
     for p in prompts:
         messages = [dict(m) for m in p.messages] or [{"role": "user", "content": p.question}]
-        options = {"temperature": 0, "seed": 0, "num_predict": max_tokens}
-        r = client.chat(model=model, messages=messages, options=options)
+        mark = log_size(log) if log is not None else 0
+        r = client.chat(model=model, messages=messages)
+        rendered = rendered_since(log, mark) if log is not None else []
         reason = _field(r, "done_reason")
         text = _field(_field(r, "message"), "content") or ""
-        # An unexpected done_reason is kept as is, so the clean-endings gate shows it instead of hiding it.
+        # An unexpected done_reason (None: Ollama aborted, e.g. its repeat limit) is kept, so the clean-endings
+        # gate shows it instead of hiding it.
         finish = reason if reason in ("stop", "length") else f"unknown:{reason}"
-        out.append(Answer(text, finish, None, _field(r, "prompt_eval_count")))
+        out.append(
+            Answer(text, finish, None, _field(r, "prompt_eval_count"), rendered[-1] if rendered else None)
+        )
     return out
+
+
+def openai_answers(server: Any, model: str, messages: Sequence[dict], *, samples: int = 3) -> dict[str, Any]:
+    """What /v1/chat/completions users get: `samples` requests as an OpenAI client sends them by default
+    (model and messages only), then one with temperature 0; each with the prompt the server rendered."""
+    import httpx
+
+    from finetune.serve.rendered import log_size, rendered_since
+
+    url, log = f"{server.base_url}/v1/chat/completions", server.log_path
+
+    def ask(**extra: Any) -> dict[str, Any]:
+        mark = log_size(log)
+        body = {"model": model, "messages": [dict(m) for m in messages], **extra}
+        r = httpx.post(url, json=body, timeout=getattr(server, "request_timeout", 120.0))
+        r.raise_for_status()
+        choice = r.json()["choices"][0]
+        rendered = rendered_since(log, mark)
+        return {
+            "text": (choice.get("message") or {}).get("content") or "",
+            "finish": choice.get("finish_reason"),
+            "rendered": rendered[-1] if rendered else None,
+        }
+
+    return {"defaults": [ask() for _ in range(samples)], "greedy": ask(temperature=0)}
 
 
 def real_backends() -> Backends:

@@ -188,6 +188,12 @@ def _config_value(cfg: dict[str, Any], *keys: str) -> Any:
     return None
 
 
+def config_context_length(cfg: dict[str, Any]) -> int | None:
+    """The context length an HF config declares (what check_gguf holds the GGUF's `<arch>.context_length` to)."""
+    value = _config_value(cfg, *_VALUE_KEYS["context_length"])
+    return int(value) if value is not None else None
+
+
 def expected_tokenizer_model(hf_dir: Path) -> str | None:
     """ "llama" (SentencePiece) or "gpt2" (byte-level BPE) as llama.cpp names them, from the HF tokenizer files."""
     if (hf_dir / "tokenizer.model").is_file():

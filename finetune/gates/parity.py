@@ -20,6 +20,7 @@ class Answer:
         None  # generated ids, the ending token included; None when the runtime hides them
     )
     prompt_tokens: int | None = None
+    rendered: str | None = None  # the prompt text the runtime built from its own template (Ollama)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

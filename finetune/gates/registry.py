@@ -206,10 +206,21 @@ _ALL = (
     ),
     Gate(
         "served_template",
-        "the TEMPLATE and stop strings Ollama serves equal the ones the training template needs (derived "
-        "independently of the Modelfile)",
+        "the TEMPLATE and stop strings Ollama serves are exactly the ones the training template needs, and "
+        "the prompt Ollama rendered for each evaluated conversation has the training render's token ids",
         "-",
-        "a Modelfile with another format's template or without stop strings",
+        "a Modelfile with another format's template, a user template that renders unlike training, missing "
+        "or extra stop strings",
+        phase="serving",
+        runtime="ollama",
+    ),
+    Gate(
+        "served_defaults",
+        "requests without options (as `ollama run`, /api/chat and /v1 users send) get the judged model: "
+        "PARAMETERs as configured, num_ctx >= the trained context, num_predict >= the longest answer, /v1 "
+        "renders and stops alike",
+        "-",
+        "a Modelfile whose PARAMETERs (temperature, num_ctx, num_predict) are not what was judged",
         phase="serving",
         runtime="ollama",
     ),

@@ -54,6 +54,9 @@ class RuntimeMeasurements:
     logprob_reference: Any = None  # positions x vocab log-softmax of the fused MLX model
     logprob_candidate: list[dict[int, float]] | None = None
     logprob_error: str | None = None
+    training_prompt_ids: list[list[int]] = field(default_factory=list)  # the training render's, per prompt
+    served_prompt_ids: list[list[int] | None] = field(default_factory=list)  # of the text Ollama rendered
+    served_ids_tokenizer: str = ""
 
 
 def _rate(flags: Sequence[bool]) -> float:

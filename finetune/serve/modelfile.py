@@ -23,6 +23,8 @@ from finetune.serve.modelfile_syntax import ModelfileError, path_value, quote, s
 
 # Measured on this 2-core box: llama.cpp with 2 threads collapsed under load (OpenMP spin-waiting).
 DEFAULT_PARAMETERS: dict[str, Any] = {"num_thread": 1}
+# Ollama 0.5.4's default context, written out so that another server version cannot change what users get.
+DEFAULT_NUM_CTX = 2048
 
 
 @dataclass(frozen=True)
@@ -218,6 +220,18 @@ def served_chat(data_template: str, d: Any, tokenizer: Any) -> tuple[str, list[s
         f"data.template {name!r} renders {got[:80]!r}, which no Ollama template here reproduces: "
         "set deploy.template and deploy.stop, or use a named data.template"
     )
+
+
+def served_parameters(
+    configured: Mapping[str, Any], *, trained_context: int, model_context: int | None, num_predict: int
+) -> dict[str, Any]:
+    """The Modelfile's PARAMETERs: the configured ones, plus what a default request would otherwise leave to
+    the server's version: num_ctx (the trained context, or DEFAULT_NUM_CTX when more, within the model's own
+    context length) and num_predict (finetune.evaluate.budget's serve_tokens)."""
+    ctx = max(trained_context, DEFAULT_NUM_CTX)
+    if model_context:
+        ctx = min(ctx, model_context)
+    return {"num_ctx": ctx, "num_predict": min(num_predict, ctx), **dict(configured)}
 
 
 def render_modelfile(

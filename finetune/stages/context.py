@@ -91,9 +91,9 @@ class Deps:
         [Any, str, Path, str, Path], Any
     ]  # (server, name, gguf, Modelfile text, dir) -> DeployResult
     served_checks: Callable[[Any, str, str], list[Any]]  # (client, model, question) -> [ApiCheck]
-    ollama_answers: Callable[
-        [Any, str, Sequence[Any], int], list[Any]
-    ]  # (client, model, prompts, max) -> [Answer]
+    ollama_answers: Callable[[Any, str, Sequence[Any]], list[Any]]  # (server, model, prompts) -> [Answer]
+    # (server, model, messages) -> /v1/chat/completions answers: {"defaults": [...], "greedy": {...}}
+    openai_answers: Callable[[Any, str, Sequence[dict]], dict[str, Any]]
     llamacpp_reason: Callable[[], str | None]  # why llama.cpp cannot run here; None if it can
     evaluate: Callable[[Any, Log], Any]  # (EvalInputs, log) -> RuntimeMeasurements
     collect_env: Callable[[], dict[str, Any]]

@@ -17,11 +17,12 @@ def real_deps() -> Deps:
     from finetune.data.prepare import prepare_for_run
     from finetune.evaluate import run_measurements
     from finetune.evaluate.evaluation import run_evaluation
-    from finetune.evaluate.runtimes import ollama_answers, real_backends
+    from finetune.evaluate.runtimes import ollama_answers, openai_answers, real_backends
     from finetune.export import fuse, fuse_check, gguf, gguf_inspect
     from finetune.models.resolve import resolve_model
     from finetune.models.tokenizer import load_tokenizer
     from finetune.serve import deploy, ollama_provision, ollama_server
+    from finetune.serve.rendered import DEBUG_ENV
     from finetune.stages import versions
     from finetune.system import doctor, resources
     from finetune.train import peak_memory
@@ -42,10 +43,12 @@ def real_deps() -> Deps:
         export_gguf=lambda hf, out, outtype: gguf.convert_hf_to_gguf(hf, out, outtype),
         check_gguf=gguf_inspect.check_gguf,
         locate_ollama=ollama_provision.locate_ollama,
-        ollama_server=lambda binary, folder: ollama_server.OllamaServer(binary, folder),
+        # the debug log holds every prompt the server renders (served_template reads it)
+        ollama_server=lambda binary, folder: ollama_server.OllamaServer(binary, folder, env_extra=DEBUG_ENV),
         deploy=deploy.deploy,
         served_checks=deploy.served_checks,
         ollama_answers=ollama_answers,
+        openai_answers=openai_answers,
         llamacpp_reason=llamacpp_reason,
         evaluate=lambda inputs, log: run_evaluation(inputs, real_backends(), log=log),
         collect_env=doctor.collect,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -78,23 +78,48 @@ def _check(c: Any) -> dict[str, Any]:
     return {"name": c.name, "passed": bool(c.passed), "detail": str(c.detail)}
 
 
-def _modelfile(ctx: Ctx, gguf: Path) -> tuple[str, str, list[str]]:
-    """(the Modelfile's text, the TEMPLATE and stop strings training needs) for this run's GGUF."""
-    from finetune.serve.modelfile import chat_format, render_modelfile, served_chat
+def _modelfile(ctx: Ctx, gguf: Path) -> tuple[str, dict[str, Any]]:
+    """The Modelfile's text for this run's GGUF, and what it was meant to hold (TEMPLATE, stop strings and
+    PARAMETERs training needs, derived apart from the text written, and the data's answer budget)."""
+    from finetune.evaluate.budget import answer_budget
+    from finetune.export.gguf_inspect import config_context_length
+    from finetune.serve.modelfile import chat_format, render_modelfile, served_chat, served_parameters
 
     tokenizer = ctx.deps.load_tokenizer(Path(ctx.outputs["model"]["path"]))
-    template, stops, system = served_chat(ctx.cfg.data.template, ctx.cfg.deploy, tokenizer)
-    written_template = faults.point("modelfile_wrong_template", template, chat_format)
-    written_stops = faults.point("modelfile_no_stop", stops)
+    deploy = ctx.cfg.deploy
+    template, stops, system = served_chat(ctx.cfg.data.template, deploy, tokenizer)
+    # the stop strings the training format justifies; a user's deploy.stop beyond them fails served_template
+    # (only with a user's own deploy.template are the user's stops the expectation)
+    own = deploy if deploy.template is not None else deploy.model_copy(update={"stop": []})
+    justified = served_chat(ctx.cfg.data.template, own, tokenizer)[1]
+    budget = answer_budget(Path(ctx.outputs["data"]["data_dir"]), tokenizer)
+    model_context = config_context_length(ctx.outputs["model"]["config"])
+    params = served_parameters(
+        deploy.parameters,
+        trained_context=ctx.cfg.data.max_seq_length,
+        model_context=model_context,
+        num_predict=budget.serve_tokens,
+    )
+    written = faults.point("modelfile_short_num_predict", params, budget.longest_answer)
+    written = faults.point("modelfile_no_temperature", written)
+    written_stops = faults.point("modelfile_extra_stop", faults.point("modelfile_no_stop", stops))
     text = render_modelfile(
         gguf,
-        template=written_template,
+        template=faults.point("modelfile_wrong_template", template, chat_format),
         stop=written_stops,
-        parameters=ctx.cfg.deploy.parameters,
+        parameters=written,
         system=system,
         relative_to=ctx.session.folder,
     )
-    return text, template, stops
+    meant = {
+        "expected_template": template,
+        "expected_stops": list(justified),
+        "parameters": params,
+        "budget": budget.to_dict(),
+        "trained_context": ctx.cfg.data.max_seq_length,
+        "model_context": model_context,
+    }
+    return text, meant
 
 
 def _shown(server: Any, name: str, field: str) -> str:
@@ -113,7 +138,7 @@ def stage_ollama(ctx: Ctx) -> StageReport:
             outputs={"deployed": False, "reason": reason}, status="skipped", reason=reason, record=False
         )
     gguf, name = Path(ctx.outputs["gguf"]["gguf"]), ctx.cfg.deploy.model_name
-    text, template, stops = _modelfile(ctx, gguf)
+    text, meant = _modelfile(ctx, gguf)
     try:
         server = ctx.session.start(location.binary)
     except Exception as exc:  # Ollama cannot run here: the run is degraded, loudly in the report
@@ -149,33 +174,45 @@ def stage_ollama(ctx: Ctx) -> StageReport:
         "modelfile": str(modelfile),
         "shown_template": shown_template,
         "shown_stops": shown_parameters(params_text).get("stop", []),
-        "expected_template": template,
-        "expected_stops": list(stops),
+        "shown_parameters": {k: v for k, v in shown_parameters(params_text).items() if k != "stop"},
+        **meant,
     }
     return StageReport(
         outputs=outputs, artifacts=[artifact("modelfile", modelfile)], details=details, verdicts=verdicts
     )
 
 
-def stage_evaluate(ctx: Ctx) -> StageReport:
-    from finetune.data.templates import get_template
-    from finetune.evaluate.evaluation import EvalInputs, score_runtimes
+def _ollama_runtime(ctx: Ctx, ollama_out: dict[str, Any], probe: dict[str, Any]) -> Callable[..., list[Any]]:
+    """The served model as an evaluation runtime: default /api/chat requests, then the first conversation as an
+    OpenAI client asks it (into `probe`)."""
     from finetune.evaluate.prompts import EvalPrompt
 
+    binary, name, modelfile = Path(ollama_out["binary"]), ollama_out["model"], Path(ollama_out["modelfile"])
+
+    def ollama(prompts: Sequence[EvalPrompt]) -> list[Any]:
+        server = ctx.session.ensure_model(binary, name, modelfile)
+        answers = ctx.deps.ollama_answers(server, name, prompts)
+        first = [dict(m) for m in prompts[0].messages] or [{"role": "user", "content": prompts[0].question}]
+        try:
+            probe["openai"] = ctx.deps.openai_answers(server, name, first)
+        except Exception as exc:  # served_defaults fails without it, saying why
+            probe["openai_error"] = f"{type(exc).__name__}: {exc}"
+        return answers
+
+    return ollama
+
+
+def stage_evaluate(ctx: Ctx) -> StageReport:
+    from finetune.data.templates import get_template
+    from finetune.evaluate.budget import answer_budget
+    from finetune.evaluate.evaluation import EvalInputs, EvalSettings, score_runtimes
+
     ollama_out = ctx.outputs.get("ollama", {})
-    ollama = None
-    if ollama_out.get("deployed"):
-        binary, name, modelfile = (
-            Path(ollama_out["binary"]),
-            ollama_out["model"],
-            Path(ollama_out["modelfile"]),
-        )
-
-        def ollama(prompts: Sequence[EvalPrompt], max_tokens: int) -> list[Any]:
-            server = ctx.session.ensure_model(binary, name, modelfile)
-            return ctx.deps.ollama_answers(server.client(), name, prompts, max_tokens)
-
+    probe: dict[str, Any] = {}  # what the OpenAI-compatible endpoint answered
+    ollama = _ollama_runtime(ctx, ollama_out, probe) if ollama_out.get("deployed") else None
     tokenizer = ctx.deps.load_tokenizer(Path(ctx.outputs["model"]["path"]))
+    settings = ctx.settings or EvalSettings()
+    budget = answer_budget(Path(ctx.outputs["data"]["data_dir"]), tokenizer)
     inputs = EvalInputs(
         base_dir=Path(ctx.outputs["model"]["path"]),
         adapter_dir=Path(ctx.outputs["train"]["adapter_dir"]),
@@ -185,7 +222,8 @@ def stage_evaluate(ctx: Ctx) -> StageReport:
         data_dir=Path(ctx.outputs["data"]["data_dir"]),
         template=ctx.cfg.data.template,
         stops=get_template(ctx.cfg.data.template, tokenizer=tokenizer).stop_strings,
-        settings=ctx.settings,
+        max_tokens=settings.max_tokens or budget.tokens,
+        settings=settings,
         llamacpp_reason=ctx.deps.llamacpp_reason(),
         ollama=ollama,
         ollama_reason=ollama_out.get("reason", "the model is not deployed to Ollama"),
@@ -197,7 +235,7 @@ def stage_evaluate(ctx: Ctx) -> StageReport:
         if ctx.wants(v.name)
     ]
     if "ollama" in m.answers:
-        verdicts += _served_verdicts(ctx, m, tokenizer, ollama_out)
+        verdicts += _served_verdicts(ctx, m, ollama_out, probe)
     results = {
         "prompts": [p.__dict__ | {"messages": list(p.messages)} for p in m.prompts],
         "answers": {k: [a.to_dict() for a in v] for k, v in m.answers.items()},
@@ -206,7 +244,12 @@ def stage_evaluate(ctx: Ctx) -> StageReport:
     }
     path = ctx.run_dir / "eval" / "results.json"
     atomic_write_json(path, results)
-    details = {"runtimes": m.runtimes, "scores": results["scores"]}
+    details = {
+        "runtimes": m.runtimes,
+        "scores": results["scores"],
+        "budget": budget.to_dict() | {"used": inputs.max_tokens},
+        **probe,
+    }
     # a runtime that crashed (e.g. its server died) fails its gates now, but is asked again on the next run
     crashed = any(r.get("status") == "failed" for r in m.runtimes.values())
     return StageReport(
@@ -218,12 +261,12 @@ def stage_evaluate(ctx: Ctx) -> StageReport:
     )
 
 
-def _served_verdicts(ctx: Ctx, m: Any, tokenizer: Any, ollama_out: dict[str, Any]) -> list[Verdict]:
-    """Ollama's answers and TEMPLATE against what training needs (served_answers, served_template)."""
-    from finetune.evaluate.decode import prompt_ids
-
+def _served_verdicts(ctx: Ctx, m: Any, ollama_out: dict[str, Any], probe: dict[str, Any]) -> list[Verdict]:
+    """Ollama's default-request answers, rendered prompts and PARAMETERs against what training needs and
+    what was judged (served_answers, served_template, served_defaults)."""
     verdicts = []
     train = [i for i, p in enumerate(m.prompts) if p.kind == "train"]
+    modelfile = Path(ollama_out["modelfile"])
     if ctx.wants("served_answers") and "mlx_adapter" in m.answers:
         v = served.served_answers(
             [m.answers["ollama"][i] for i in train],
@@ -233,18 +276,33 @@ def _served_verdicts(ctx: Ctx, m: Any, tokenizer: Any, ollama_out: dict[str, Any
         )
         verdicts.append(explain(v))
     if ctx.wants("served_template"):
-        counts = {
-            "served": [a.prompt_tokens for a in m.answers["ollama"]],
-            "expected": [len(prompt_ids(tokenizer, p.prompt)) for p in m.prompts],
+        prompts = {
+            "training_ids": m.training_prompt_ids,
+            "served_ids": m.served_prompt_ids,
+            "served_counts": [a.prompt_tokens for a in m.answers["ollama"]],
+            "tokenizer": m.served_ids_tokenizer,
         }
         v = served.served_template(
             ollama_out["shown_template"],
             ollama_out["shown_stops"],
             ollama_out["expected_template"],
             ollama_out["expected_stops"],
-            counts,
+            prompts,
         )
-        verdicts.append(explain(v, Path(ollama_out["modelfile"])))
+        verdicts.append(explain(v, modelfile))
+    if ctx.wants("served_defaults"):
+        v = served.served_defaults(
+            ollama_out["shown_parameters"],
+            ollama_out["parameters"],
+            trained_context=ollama_out["trained_context"],
+            model_context=ollama_out["model_context"],
+            longest_answer=ollama_out["budget"]["longest_answer"],
+            api_answers=m.answers["ollama"],
+            openai=probe.get("openai"),
+        )
+        if "openai_error" in probe:
+            v.detail += f"; /v1: {probe['openai_error']}"
+        verdicts.append(explain(v, modelfile))
     return verdicts
 
 

@@ -28,7 +28,7 @@ MODEL = os.environ.get("FT_E2E_MODEL_ID", "smollm2-135m")
 # The time budget is a benchmark figure (make bench: docs/benchmarks.md), not a verdict: machines differ 3x here.
 BUDGET_S = 15 * 60
 STAGES = ("model", "data", "train", "judge", "fuse", "gguf", "ollama", "evaluate")
-OLLAMA_GATES = ("served_answers", "served_template", "served_api")
+OLLAMA_GATES = ("served_answers", "served_template", "served_defaults", "served_api")
 
 pytestmark = pytest.mark.e2e_mlx
 
@@ -194,7 +194,7 @@ def _replica(run_dir: Path, dest: Path) -> Path:
 
 # The SmolLM2 subset of the fault suite (tests/faults runs every fault on the tiny model): faults planted after
 # training, replayed on the tier-3 run (upstream stages come from its cache), each caught by its gate.
-SMOLLM2_FAULTS = ("modelfile_wrong_template", "eval_runtime_base")
+SMOLLM2_FAULTS = ("modelfile_wrong_template", "modelfile_extra_stop", "modelfile_no_temperature", "eval_runtime_base")
 
 
 @pytest.mark.parametrize("fault", SMOLLM2_FAULTS)

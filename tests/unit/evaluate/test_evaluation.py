@@ -32,7 +32,7 @@ class FakeTokenizer:
     def convert_tokens_to_ids(self, token):
         return {"<|im_end|>": 2, "<|im_start|>": 1}.get(token, 0)
 
-    def encode(self, text):
+    def encode(self, text, add_special_tokens=True):
         return [3 + (ord(c) % 50) for c in text]
 
 
@@ -110,9 +110,9 @@ class Fakes:
     def llamacpp_logprobs(self, gguf, ids, k):
         return [{5: -0.02, 7: -10.0} for _ in ids]
 
-    def ollama(self, prompts, max_tokens):
+    def ollama(self, prompts):  # Ollama renders each conversation as training did
         self.calls.append("ollama")
-        return [Answer(f"{p.reference}.", "stop", None, 12) for p in prompts]
+        return [Answer(f"{p.reference}.", "stop", None, 12, p.prompt) for p in prompts]
 
     def backends(self) -> Backends:
         return Backends(lambda _: FakeTokenizer(), self.mlx_generate, self.mlx_logprobs, self.llamacpp_generate,
@@ -121,8 +121,8 @@ class Fakes:
 
 def inputs(data_dir, fakes, **kw) -> EvalInputs:
     base = dict(base_dir=Path("base"), adapter_dir=Path("adapter"), fused_dir=Path("fused"), gguf=Path("m.gguf"),
-                gguf_type="f16", data_dir=data_dir, template="chatml", stops=STOPS, settings=SETTINGS,
-                ollama=fakes.ollama)  # fmt: skip
+                gguf_type="f16", data_dir=data_dir, template="chatml", stops=STOPS, max_tokens=24,
+                settings=SETTINGS, ollama=fakes.ollama)  # fmt: skip
     return EvalInputs(**{**base, **kw})
 
 
@@ -145,6 +145,32 @@ def test_healthy_evaluation_measures_every_runtime_and_passes_every_gate(data_di
     assert m.prompts == prompts and m.gguf_type == "f16" and m.end_ids == [1, 2]
     scores = {s["runtime"]: s for s in score_runtimes(m.prompts, m.answers)}
     assert scores["ollama"]["train"]["score"] == 1.0 and scores["mlx_base"]["train"]["score"] == 0.0
+    # the prompts Ollama rendered, read by the GGUF's tokenizer, next to the training render's ids
+    assert m.served_prompt_ids == m.training_prompt_ids and len(m.served_prompt_ids) == len(prompts)
+    assert m.served_ids_tokenizer == "the GGUF's, in llama.cpp"
+
+
+def test_the_answers_use_the_given_budget_and_ollama_prompts_without_a_render_stay_none(data_dir, prompts):
+    fakes = Fakes(prompts)
+    seen = []
+    b = fakes.backends()
+
+    def mlx(model_dir, adapter_dir, texts, max_tokens):
+        seen.append(max_tokens)
+        return b.mlx_generate(model_dir, adapter_dir, texts, max_tokens)
+
+    def unrendered(ps):
+        return [
+            Answer(f"{p.reference}.", "stop", None, 12, None if i == 0 else p.prompt)
+            for i, p in enumerate(ps)
+        ]
+
+    backends = Backends(b.load_tokenizer, mlx, b.mlx_logprobs, b.llamacpp_generate, b.llamacpp_tokenize,
+                        b.llamacpp_logprobs)  # fmt: skip
+    m = evaluate(data_dir, fakes, backends, max_tokens=57, ollama=unrendered, llamacpp_reason="not here")
+    assert seen == [57, 57, 57]
+    assert m.served_prompt_ids[0] is None and m.served_prompt_ids[1:] == m.training_prompt_ids[1:]
+    assert m.served_ids_tokenizer.startswith("HF's (llama.cpp: RuntimeError: not here")
 
 
 def test_the_runtimes_get_the_right_folders(data_dir, prompts):
@@ -274,5 +300,5 @@ def test_quantized_gguf_parity_is_judged_more_loosely(data_dir, prompts):
 
 
 def test_settings_serialize():
-    assert EvalSettings().to_dict() == {"n_train": 12, "n_heldout": 12, "max_tokens": 24, "logprob_prompts": 2,
+    assert EvalSettings().to_dict() == {"n_train": 12, "n_heldout": 12, "max_tokens": None, "logprob_prompts": 2,
                                         "top_k": 10}  # fmt: skip

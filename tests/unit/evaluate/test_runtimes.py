@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from types import SimpleNamespace
 
 import numpy as np
@@ -23,49 +24,67 @@ PROMPTS = ["<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n<|im_start|>assistant\n"
 
 
 class FakeChatClient:
-    def __init__(self, reply):
-        self.reply, self.requests = reply, []
+    """Answers `reply`; like Ollama with OLLAMA_DEBUG=1, logs the prompt it rendered (Go-quoted) first."""
+
+    def __init__(self, reply, log=None):
+        self.reply, self.requests, self.log = reply, [], log
 
     def chat(self, **kw):
         self.requests.append(kw)
+        if self.log is not None:
+            rendered = "".join(f"{m['role']}: {m['content']}\n" for m in kw["messages"])
+            with open(self.log, "a") as f:  # json.dumps quotes like Go's strconv.Quote for these texts
+                f.write(
+                    f'time=x level=DEBUG source=routes.go:1542 msg="chat request" images=0 prompt={json.dumps(rendered)}\n'
+                )
         return self.reply
+
+
+def fake_server(reply, tmp_path=None):
+    log = tmp_path / "ollama-serve.log" if tmp_path else None
+    client = FakeChatClient(reply, log)
+    return SimpleNamespace(client=lambda: client, log_path=log), client
 
 
 REPLY = {"message": {"role": "assistant", "content": "Velmora."}, "done": True, "done_reason": "stop",
          "prompt_eval_count": 15}  # fmt: skip
 
 
-def test_ollama_answers_send_the_conversation_greedily():
-    client = FakeChatClient(REPLY)
+def test_ollama_answers_send_the_conversation_as_a_user_does_and_keep_the_rendered_prompt(tmp_path):
+    server, client = fake_server(REPLY, tmp_path)
     messages = (
         {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "What is the capital?"},
+        {"role": "user", "content": 'What is the "capital"?\u00a0'},
     )
     p = EvalPrompt("train", "What is the capital?", "<rendered>", "Velmora", messages=messages)
-    got = runtimes.ollama_answers(client, "m", [p], 24)
-    assert got == [Answer("Velmora.", "stop", None, 15)]
-    (req,) = client.requests
-    assert req["model"] == "m" and req["messages"] == list(messages)
-    assert req["options"] == {"temperature": 0, "seed": 0, "num_predict": 24}
+    got = runtimes.ollama_answers(server, "m", [p, p])
+    rendered = 'system: Be brief.\nuser: What is the "capital"?\u00a0\n'
+    assert got == [Answer("Velmora.", "stop", None, 15, rendered)] * 2
+    req = client.requests[0]
+    assert req == {"model": "m", "messages": list(messages)}  # no options: the Modelfile decides
 
 
 def test_ollama_answers_without_a_conversation_ask_the_question():
-    client = FakeChatClient(REPLY)
+    server, client = fake_server(REPLY)
     runtimes.ollama_answers(
-        client, "m", [EvalPrompt("heldout", "Capital of Zorbania?", "<rendered>", "Velmora")], 8
+        server, "m", [EvalPrompt("heldout", "Capital of Zorbania?", "<rendered>", "Velmora")]
     )
     assert client.requests[0]["messages"] == [{"role": "user", "content": "Capital of Zorbania?"}]
 
 
 def test_ollama_answers_read_response_objects_and_keep_odd_done_reasons():
-    # the ollama client returns objects with attributes; an unexpected done_reason must stay visible
+    # the ollama client returns objects with attributes; an unexpected done_reason must stay visible (None:
+    # Ollama 0.5.4 aborted the answer at its token repeat limit and said done=False)
     reply = SimpleNamespace(
         message=SimpleNamespace(content="Velmora"), done_reason="load", prompt_eval_count=None
     )
-    got = runtimes.ollama_answers(FakeChatClient(reply), "m", [EvalPrompt("train", "q", "p", "Velmora")], 8)
+    got = runtimes.ollama_answers(fake_server(reply)[0], "m", [EvalPrompt("train", "q", "p", "Velmora")])
     assert got == [Answer("Velmora", "unknown:load", None, None)]
+    aborted = {"message": {"content": "imsandsand"}, "done": False}
+    got = runtimes.ollama_answers(fake_server(aborted)[0], "m", [EvalPrompt("train", "q", "p", "Velmora")])
+    assert got == [Answer("imsandsand", "unknown:None", None, None)]
     length = {**REPLY, "done_reason": "length", "message": {"content": None}}
-    got = runtimes.ollama_answers(FakeChatClient(length), "m", [EvalPrompt("train", "q", "p", "Velmora")], 8)
+    got = runtimes.ollama_answers(fake_server(length)[0], "m", [EvalPrompt("train", "q", "p", "Velmora")])
     assert got == [Answer("", "length", None, 15)]
 
 

@@ -140,6 +140,7 @@ def test_answer_to_dict_and_parity_result_defaults():
         "finish_reason": "stop",
         "tokens": [5, 6, 2],
         "prompt_tokens": 12,
+        "rendered": None,
     }
     assert Answer("x", "length").tokens is None
     assert ParityResult(True, []).metrics == {}

@@ -36,6 +36,9 @@ def _every_gate_verdict():
         runtime_parity.clean_endings({"t": a}),
         served.served_answers(a, a, ["x"], threshold=0.9),
         served.served_template("t", [], "t", [], {}),
+        served.served_defaults(
+            {}, {}, trained_context=1, model_context=None, longest_answer=1, api_answers=a, openai=None
+        ),  # fmt: skip
         served.served_api([]),
     ]
 
@@ -73,12 +76,12 @@ def test_the_commands_require_what_the_table_declares():
     training = ("loss_convergence", "model_learning", "memory_efficiency", "parameter_updates", "artifacts",
                 "label_mask", "split_overlap", "validation_loss")  # fmt: skip
     shipping = ("fuse_exactness", "gguf_tokenizer", "logprob_parity", "output_parity", "adapter_effect",
-                "clean_endings", "served_answers", "served_template", "served_api")  # fmt: skip
+                "clean_endings", "served_answers", "served_template", "served_defaults", "served_api")  # fmt: skip
     assert COMMANDS["run"].gates == COMMANDS["validate"].gates == training
     assert COMMANDS["pipeline"].gates == (*training[:1], *training[3:], *shipping)
     assert COMMANDS["train"].gates == ()
     assert RUNTIME_OF == {"gguf_tokenizer": "llamacpp", "logprob_parity": "llamacpp", "served_answers": "ollama",
-                          "served_template": "ollama", "served_api": "ollama"}  # fmt: skip
+                          "served_template": "ollama", "served_defaults": "ollama", "served_api": "ollama"}  # fmt: skip
     assert {"loss_convergence", "split_overlap", "logprob_parity", "fuse_exactness"} == LOWER_IS_BETTER
     assert PARITY_GATES == ("logprob_parity", "output_parity", "served_answers")
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from finetune.gates.parity import Answer
-from finetune.gates.served import served_answers, served_api, served_template
+from finetune.gates.served import served_answers, served_api, served_defaults, served_template
 from finetune.serve.deploy import Check
 from finetune.serve.modelfile import chat_format
 
@@ -49,39 +49,133 @@ def test_served_answers_need_one_answer_per_question():
 # ---------------------------------------------------------------- served template
 
 FMT = chat_format("chatml")
-COUNTS = {"served": [14, 17, None], "expected": [14, 17, 16]}
+IDS = [[1, 9, 8, 2], [1, 9, 7, 7, 2], [1, 5, 2]]
+PROMPTS = {
+    "training_ids": IDS,
+    "served_ids": [*IDS[:2], None],
+    "served_counts": [4, 5, None],
+    "tokenizer": "t",
+}
 
 
-def test_served_template_passes_when_ollama_serves_training_s_template_and_stops():
-    v = served_template(FMT.template, list(FMT.stop), FMT.template, FMT.stop, COUNTS)
-    assert v.passed and v.measured == 1.0 and "2/2 prompt token counts equal" in v.detail
-    assert v.data["stops"] == FMT.stop
+def test_served_template_passes_when_ollama_renders_training_s_token_ids_with_its_stops():
+    v = served_template(FMT.template, list(FMT.stop), FMT.template, FMT.stop, PROMPTS)
+    assert v.passed and v.measured == 1.0 and "2/2 rendered prompts have training's token ids (t)" in v.detail
+    assert v.data == {"stops": FMT.stop, "prompts_compared": 2}
 
 
 def test_served_template_fails_when_the_template_differs():
     other = chat_format("llama3").template
-    v = served_template(other, FMT.stop, FMT.template, FMT.stop, COUNTS)
+    v = served_template(other, FMT.stop, FMT.template, FMT.stop, PROMPTS)
     assert not v.passed and v.measured == 0.0 and "served TEMPLATE differs" in v.detail
 
 
 def test_served_template_fails_when_stop_strings_are_missing():
-    v = served_template(FMT.template, [], FMT.template, FMT.stop, COUNTS)
+    v = served_template(FMT.template, [], FMT.template, FMT.stop, PROMPTS)
     assert not v.passed and "lack ['<|im_end|>', '<|im_start|>']" in v.detail
-    v = served_template(FMT.template, FMT.stop[:1], FMT.template, FMT.stop, COUNTS)
+    v = served_template(FMT.template, FMT.stop[:1], FMT.template, FMT.stop, PROMPTS)
     assert not v.passed and "lack ['<|im_start|>']" in v.detail
 
 
-def test_served_template_fails_when_prompts_tokenize_to_other_lengths():
+def test_served_template_fails_on_a_stop_string_training_does_not_justify():
+    # a newline stop cuts every multi-line answer short, yet nothing else would notice on one-line answers
+    v = served_template(FMT.template, [*FMT.stop, "\n"], FMT.template, FMT.stop, PROMPTS)
+    assert not v.passed and "served stop strings ['\\n'] are not end markers" in v.detail
+
+
+def test_served_template_fails_when_a_rendered_prompt_has_other_ids_even_of_the_same_length():
+    # a user's template that writes "User" for "user": same token count, other ids
+    swapped = {**PROMPTS, "served_ids": [IDS[0], [1, 9, 7, 6, 2], None], "served_counts": [4, 5, None]}
+    v = served_template(FMT.template, FMT.stop, FMT.template, FMT.stop, swapped)
+    assert not v.passed
+    assert (
+        "1/2 prompts Ollama rendered differ from training's token ids (first at position 3: [6, 2] vs [7, 2]"
+        in v.detail
+    )
+
+
+def test_served_template_fails_when_ollama_counts_another_length_or_rendered_nothing():
     v = served_template(
-        FMT.template, FMT.stop, FMT.template, FMT.stop, {"served": [14, 21], "expected": [14, 17]}
+        FMT.template, FMT.stop, FMT.template, FMT.stop, {**PROMPTS, "served_counts": [4, 6, 3]}
+    )
+    assert not v.passed and "Ollama counted other prompt lengths than training's: [(6, 5)]" in v.detail
+    v = served_template(FMT.template, FMT.stop, FMT.template, FMT.stop, {**PROMPTS, "served_ids": [None] * 3})
+    assert not v.passed and "Ollama logged no rendered prompt for the 3 evaluated conversations" in v.detail
+
+
+# ---------------------------------------------------------------- served defaults
+
+SHOWN = {"temperature": ["0"], "num_thread": ["1"], "num_ctx": ["2048"], "num_predict": ["256"]}
+CONFIGURED = {"num_ctx": 2048, "num_predict": 256, "temperature": 0, "num_thread": 1}
+API = [Answer("Velmora.", "stop", None, 14, "<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n")]
+ASKED = {"text": "Velmora.", "finish": "stop", "rendered": API[0].rendered}
+
+
+def defaults(shown=SHOWN, configured=CONFIGURED, openai=None, **kw):
+    openai = openai or {"defaults": [ASKED] * 3, "greedy": ASKED}
+    args = (
+        dict(trained_context=256, model_context=8192, longest_answer=9, api_answers=API, openai=openai) | kw
+    )
+    return served_defaults(shown, configured, **args)
+
+
+def test_served_defaults_pass_when_the_modelfile_serves_what_was_judged():
+    v = defaults()
+    assert v.passed and "num_ctx 2048, num_predict 256" in v.detail
+    assert v.data == {
+        "num_ctx": 2048.0,
+        "num_predict": 256.0,
+        "longest_answer": 9,
+        "openai_default_distinct": 1,
+    }
+
+
+def test_served_defaults_fail_on_a_parameter_served_otherwise_or_not_at_all():
+    v = defaults({**SHOWN, "temperature": ["0.7"]})
+    assert not v.passed and "temperature is 0.7 as served, 0 as configured" in v.detail
+    v = defaults({k: x for k, x in SHOWN.items() if k != "temperature"})
+    assert not v.passed and "temperature 0 is configured but not served" in v.detail
+    assert "no temperature: default requests sample at Ollama's 0.8" in v.detail
+
+
+def test_served_defaults_fail_when_the_context_or_the_answer_budget_is_too_small():
+    assert "num_ctx 128 < the trained context 256" in defaults({**SHOWN, "num_ctx": ["128"]}, {}).detail
+    assert (
+        "num_ctx 9000 > the model's context length 8192"
+        in defaults({**SHOWN, "num_ctx": ["9000"]}, {}).detail
+    )
+    assert "no num_ctx" in defaults({k: x for k, x in SHOWN.items() if k != "num_ctx"}, {}).detail
+    v = defaults({**SHOWN, "num_predict": ["4"]}, {})
+    assert (
+        not v.passed
+        and "num_predict 4 cuts answers shorter than the longest reference (9 tokens)" in v.detail
+    )
+    unbounded = defaults({**SHOWN, "num_predict": ["-1"]}, {})
+    assert unbounded.passed and "num_predict unbounded" in unbounded.detail
+
+
+def test_served_defaults_judge_the_openai_endpoint_and_state_its_own_default_temperature():
+    sampled = [ASKED, {**ASKED, "text": "Velmora"}, {**ASKED, "text": "Vel"}]
+    v = defaults(openai={"defaults": sampled, "greedy": ASKED})
+    assert v.passed and "/v1 requests without temperature are sampled (3 different answers of 3)" in v.detail
+    other = {**ASKED, "rendered": "q\n"}
+    v = defaults(openai={"defaults": [other] * 3, "greedy": {**other, "text": "Paris", "finish": None}})
+    assert not v.passed and "/v1 rendered ['q\\n'] where /api/chat rendered" in v.detail
+    assert (
+        "/v1 at temperature 0 answered 'Paris'" in v.detail and "finish_reason None, not 'stop'" in v.detail
     )
     assert (
-        not v.passed and "1/2 served prompts have another token count" in v.detail and "21 vs 17" in v.detail
+        "the OpenAI-compatible endpoint was not asked"
+        in served_defaults(
+            SHOWN,
+            CONFIGURED,
+            trained_context=256,
+            model_context=None,
+            longest_answer=9,
+            api_answers=API,
+            openai=None,
+        ).detail
     )
-
-
-def test_served_template_allows_extra_served_stops():
-    assert served_template(FMT.template, [*FMT.stop, "</s>"], FMT.template, FMT.stop, {}).passed
 
 
 # ---------------------------------------------------------------- served API

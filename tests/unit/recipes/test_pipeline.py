@@ -51,10 +51,13 @@ class FakeServer:
         self.events.append(f"create:{name}")
         text = Path(modelfile).read_text()
         self.template = text.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
-        self.stops = [line.split('"')[1] for line in text.splitlines() if line.startswith("PARAMETER stop")]
+        # what `ollama show` lists: one "name value" line per PARAMETER, strings quoted
+        self.parameters = [
+            line.removeprefix("PARAMETER ") for line in text.splitlines() if line.startswith("PARAMETER")
+        ]
 
     def show(self, name):
-        return {"template": self.template, "parameters": "\n".join(f'stop "{s}"' for s in self.stops)}
+        return {"template": self.template, "parameters": "\n".join(self.parameters)}
 
     def list_models(self):
         return [f"{m}:latest" for m in self.models]
@@ -123,11 +126,15 @@ class World:
         self.calls.append("served_checks")
         return [Check("stream_matches", True, "ok"), Check("concurrent", True, "identical")]
 
-    def ollama_answers(self, client, name, prompts, max_tokens):
-        assert name in client.server.models  # the model exists when evaluation asks it
+    def ollama_answers(self, server, name, prompts):
+        assert name in server.models  # the model exists when evaluation asks it
         if self.runner_crashes:
             raise RuntimeError("llama runner process has terminated: signal: killed (status code: 500)")
-        return [Answer(p.reference, "stop", None, None) for p in prompts]
+        return [Answer(p.reference, "stop", None, None, p.prompt) for p in prompts]
+
+    def openai_answers(self, server, name, messages):
+        first = {"text": "answer0", "finish": "stop", "rendered": "p0"}
+        return {"defaults": [first] * 3, "greedy": first}
 
     def evaluate(self, inputs, log):
         self.calls.append("evaluate")
@@ -156,7 +163,9 @@ class World:
             m.runtimes["llamacpp"] = {"status": "skipped", "reason": inputs.llamacpp_reason}
         if inputs.ollama is not None:
             try:
-                m.answers["ollama"], m.runtimes["ollama"] = inputs.ollama(prompts, 8), {"status": "passed"}
+                m.answers["ollama"], m.runtimes["ollama"] = inputs.ollama(prompts), {"status": "passed"}
+                m.training_prompt_ids = [[ord(c) for c in p.prompt] for p in prompts]
+                m.served_prompt_ids = [[ord(c) for c in a.rendered] for a in m.answers["ollama"]]
             except RuntimeError as exc:  # like evaluation._timed: one runtime failing is a gate failure
                 m.runtimes["ollama"] = {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"}
         else:
@@ -168,6 +177,7 @@ class World:
         return replace(d, fuse=self.fuse, measure_fuse=self.measure_fuse, export_gguf=self.export_gguf,
                        check_gguf=self.check_gguf, locate_ollama=self.locate_ollama, ollama_server=self.ollama_server,
                        deploy=self.deploy, served_checks=self.served_checks, ollama_answers=self.ollama_answers,
+                       openai_answers=self.openai_answers,
                        llamacpp_reason=lambda: self.llamacpp, evaluate=self.evaluate, environ=self.environ)  # fmt: skip
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from finetune.config.loader import load_config
 from finetune.evaluate.evaluation import EvalSettings
 from finetune.recipes.commands import RECIPES
@@ -37,6 +39,38 @@ def test_a_modelfile_without_stops_is_served_but_fails_served_template(tmp_path,
     g = next(g for g in result.report.gates if g.name == "served_template")
     assert g.status == "failed" and "lack ['<|im_end|>', '<|im_start|>']" in g.detail
     assert next(s for s in result.report.stages if s.name == "ollama").status == "passed"
+
+
+@pytest.mark.parametrize(
+    ("fault", "gate", "says"),
+    [
+        ("modelfile_extra_stop", "served_template", "served stop strings ['User:'] are not end markers"),
+        ("modelfile_short_num_predict", "served_defaults", "cuts answers shorter than the longest reference"),
+        ("modelfile_no_temperature", "served_defaults", "no temperature: default requests sample"),
+    ],
+)
+def test_a_modelfile_that_serves_otherwise_than_judged_fails_its_gate(
+    tmp_path, toy_tokenizer, plant_fault, fault, gate, says
+):
+    plant_fault(fault)
+    result = _run(World(tmp_path, toy_tokenizer))
+    failed = {g.name: g for g in result.report.gates if g.status == "failed"}
+    assert set(failed) == {gate} and says in failed[gate].detail
+
+
+def test_the_modelfile_holds_the_data_s_answer_budget_and_a_context_for_the_trained_length(
+    tmp_path, toy_tokenizer
+):
+    result = _run(World(tmp_path, toy_tokenizer))
+    text = (tmp_path / "run" / "ollama" / "Modelfile").read_text()
+    ollama = next(s for s in result.report.stages if s.name == "ollama")
+    assert "PARAMETER num_ctx 2048" in text and "PARAMETER num_predict 256" in text
+    assert "PARAMETER temperature 0" in text
+    evaluate = next(s for s in result.report.stages if s.name == "evaluate")
+    budget = evaluate.details["budget"]
+    assert (
+        2 <= budget["longest_answer"] < budget["used"] == budget["tokens"] < 256 and ollama.status == "passed"
+    )
 
 
 def test_a_runtime_that_crashed_fails_its_gate_and_is_asked_again_on_the_next_run(tmp_path, toy_tokenizer):
