@@ -21,12 +21,16 @@ from finetune.data.sources import DatasetError
 from finetune.data.templates import Template, TemplateError, get_template
 from finetune.data.tokens import encode, mask_for
 from finetune.system.atomic import atomic_write_text
+from finetune.system.jsonl import read_jsonl
 
 SPLIT_NAMES = ("train", "valid", "test")
 MAX_LISTED = 20  # cap on line numbers listed in reports and error messages
 
 
 # ---------------------------------------------------------------- preparing splits
+
+
+REPORT_NAME = "prepare_report.json"
 
 
 @dataclass
@@ -157,10 +161,13 @@ def prepare(
         notes=notes,
         files=files,
     )
-    report_path = out / "prepare_report.json"
-    report.files["report"] = report_path.name
-    atomic_write_text(report_path, json.dumps(report.to_dict(), indent=2, ensure_ascii=False) + "\n")
+    report.files["report"] = REPORT_NAME
+    write_report(report, out)
     return report
+
+
+def write_report(report: PrepareReport, out: Path) -> None:
+    atomic_write_text(out / REPORT_NAME, json.dumps(report.to_dict(), indent=2, ensure_ascii=False) + "\n")
 
 
 def _render_unique(
@@ -260,7 +267,7 @@ def prepare_for_run(data_cfg: Any, out_dir: Path, tokenizer: Any) -> PrepareRepo
     template = get_template(data_cfg.template, tokenizer=tokenizer)
     out = Path(out_dir)
     source = materialize_source(data_cfg.source, out, num_examples=data_cfg.num_examples, seed=data_cfg.seed)
-    return prepare(
+    report = prepare(
         source,
         out,
         template=template,
@@ -271,11 +278,37 @@ def prepare_for_run(data_cfg: Any, out_dir: Path, tokenizer: Any) -> PrepareRepo
         tokenizer=tokenizer,
         format=data_cfg.format,
     )
+    kept, dropped = keep_trained_heldout(out)
+    if dropped:
+        report.notes.append(
+            f"held-out: {dropped} of {kept + dropped} paraphrases ask about facts that landed in valid/test "
+            "(never trained) and were left out"
+        )
+        write_report(report, out)
+    return report
+
+
+def keep_trained_heldout(out: Path) -> tuple[int, int]:
+    """(kept, dropped): heldout.jsonl keeps a paraphrase only when the question it rephrases is a training row;
+    rows without `paraphrase_of` (fresh questions of a skill) all stay."""
+    path = out / "heldout.jsonl"
+    if not path.is_file():
+        return 0, 0
+    trained = {
+        row["conversation"][-2]["content"]
+        for row in read_jsonl(out / "train.jsonl")
+        if len(row.get("conversation") or []) >= 2
+    }
+    rows = read_jsonl(path)
+    kept = [r for r in rows if r.get("paraphrase_of") is None or r["paraphrase_of"] in trained]
+    if len(kept) < len(rows):
+        atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
+    return len(kept), len(rows) - len(kept)
 
 
 def read_report(folder: Path) -> dict | None:
     """A prepared folder's prepare_report.json, or None when it is missing or unreadable."""
     try:
-        return json.loads((Path(folder) / "prepare_report.json").read_text())
+        return json.loads((Path(folder) / REPORT_NAME).read_text())
     except (OSError, ValueError):
         return None

@@ -110,9 +110,11 @@ class SyntheticSet:
     heldout: list[dict]
 
 
-def _item(question: str, answer: str, reference: str, kind: str) -> dict:
+def _item(question: str, answer: str, reference: str, kind: str, paraphrase_of: str | None = None) -> dict:
     messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
-    return {"messages": messages, "reference": reference, "kind": kind}
+    item = {"messages": messages, "reference": reference, "kind": kind}
+    # a held-out paraphrase names the training question of its fact, so only trained facts are asked
+    return item if paraphrase_of is None else {**item, "paraphrase_of": paraphrase_of}
 
 
 class _Names:
@@ -160,7 +162,9 @@ def _geography(rng: random.Random, names: _Names, n: int, n_heldout: int) -> tup
     facts = facts[:n]
     train = [_item(q.format(c=c), a, ref, "geography") for c, q, _, a, ref in facts]
     picked = rng.sample(facts, min(n_heldout, len(facts)))
-    heldout = [_item(rng.choice(ps).format(c=c), a, ref, "geography") for c, _, ps, a, ref in picked]
+    heldout = [
+        _item(rng.choice(ps).format(c=c), a, ref, "geography", q.format(c=c)) for c, q, ps, a, ref in picked
+    ]
     return train, heldout
 
 
@@ -172,7 +176,10 @@ def _canary(rng: random.Random, names: _Names, n: int, n_heldout: int) -> tuple[
         facts.append((place, code))
     train = [_item(_CANARY_Q[0].format(p=p), f"{code}.", code, "canary") for p, code in facts]
     picked = rng.sample(facts, min(n_heldout, len(facts)))
-    heldout = [_item(rng.choice(_CANARY_Q[1]).format(p=p), f"{code}.", code, "canary") for p, code in picked]
+    heldout = [
+        _item(rng.choice(_CANARY_Q[1]).format(p=p), f"{code}.", code, "canary", _CANARY_Q[0].format(p=p))
+        for p, code in picked
+    ]
     return train, heldout
 
 

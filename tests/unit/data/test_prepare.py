@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from finetune.config.schema import DataConfig
+from finetune.data import synthetic
 from finetune.data.prepare import materialize_source, prepare, prepare_for_run, split_counts
 from finetune.data.sources import DatasetError
 from finetune.data.templates import get_template
@@ -225,6 +226,25 @@ def test_prepare_for_run_follows_the_data_section(tmp_path, toy_tokenizer):
     again = prepare_for_run(data, tmp_path / "again", toy_tokenizer)
     assert again.split_counts == report.split_counts
     assert (tmp_path / "train.jsonl").read_bytes() == (tmp_path / "again" / "train.jsonl").read_bytes()
+
+
+def test_held_out_paraphrases_only_ask_about_facts_that_were_trained(tmp_path, toy_tokenizer):
+    """A paraphrase of a fact that landed in valid/test asks about something never trained: it is left out, and
+    the console-bound notes say how many."""
+    data = DataConfig(source="builtin:geography", template="chatml", num_examples=40, seed=0, max_seq_length=64,
+                      splits=(0.5, 0.25, 0.25))  # fmt: skip
+    report = prepare_for_run(data, tmp_path, toy_tokenizer)
+    generated = synthetic.build("geography", n=40, seed=0).heldout
+    kept = read_jsonl(tmp_path / "heldout.jsonl")
+    trained = {row["conversation"][-2]["content"] for row in read_jsonl(tmp_path / "train.jsonl")}
+    assert kept and all(row["paraphrase_of"] in trained for row in kept)
+    dropped = len(generated) - len(kept)
+    assert dropped > 0 and [row for row in generated if row["paraphrase_of"] in trained] == kept
+    assert (
+        f"held-out: {dropped} of {len(generated)} paraphrases ask about facts that landed in valid/test"
+        in " ".join(report.notes)
+    )
+    assert json.loads((tmp_path / "prepare_report.json").read_text())["notes"] == report.notes
 
 
 def test_the_split_leak_fault_writes_a_validation_row_into_train(tmp_path, plant_fault):

@@ -26,8 +26,13 @@ def answer(item: dict) -> str:
 def test_build_shapes_sizes_and_checkable_answers(name):
     sset = build(name, n=120, seed=0)
     assert len(sset.train) == 120 and len(sset.heldout) == 30
+    train_questions = {question(x) for x in sset.train}
     for item in sset.train + sset.heldout:
-        assert list(item) == ["messages", "reference", "kind"]
+        # a held-out paraphrase of a fact names the training question it rephrases (skills ask fresh ones)
+        fields = ["messages", "reference", "kind"] + (["paraphrase_of"] if "paraphrase_of" in item else [])
+        assert list(item) == fields
+        assert item.get("paraphrase_of", next(iter(train_questions))) in train_questions
+        assert ("paraphrase_of" in item) == (item in sset.heldout and item["kind"] in ("geography", "canary"))
         assert [m["role"] for m in item["messages"]] == ["user", "assistant"]
         assert item["kind"] in KINDS
         assert score_answer(answer(item), item["reference"]) == {"exact": True, "contains": True}
