@@ -72,6 +72,8 @@ def stage_data(ctx: Ctx) -> StageReport:
     if not counts.get("train"):
         raise StageError(f"{data_dir / 'train.jsonl'}: no training rows")
     details = {"counts": counts, "report": report.to_dict() if hasattr(report, "to_dict") else report}
+    for note in getattr(report, "notes", []):  # what the data stage left out is said, not only filed
+        ctx.log(f"[data] {note}")
     return StageReport(
         outputs={"data_dir": str(data_dir), "counts": counts},
         artifacts=[artifact("data", data_dir)],

@@ -57,3 +57,14 @@ def test_the_judge_says_why_each_gate_exists_and_which_artifact_it_read(tmp_path
     )
     assert by["loss_convergence"].artifact["path"].endswith("metrics.jsonl")
     assert "frozen" in by["parameter_updates"].why and by["memory_efficiency"].data["source"] == "estimated"
+
+
+def test_the_data_stage_says_what_it_left_out_on_the_console(tmp_path, toy_tokenizer):
+    lines: list[str] = []
+    cfg = own_config(tmp_path / "run", load_config("release", overrides=["data.template=chatml"]))
+    deps = fake_deps(toy_tokenizer, tmp_path / "m", FakeTrainer())
+    RECIPES["train"](cfg, tmp_path / "run", deps, log=lines.append)
+    assert any(
+        line.startswith("[data] held-out: 4 of 25 paraphrases ask about facts that landed in valid/test")
+        for line in lines
+    ), lines
