@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,10 +44,12 @@ class EvalPrompt:
     reference: str
     category: str = ""
     messages: tuple = ()  # the conversation up to the question, for /api/chat
+    paraphrase: bool = False  # a held-out rephrasing of a trained fact (built-in sets), not a fresh question
 
 
 def build_prompts(data_dir: Path, template: Any, *, n_train: int, n_heldout: int) -> list[EvalPrompt]:
-    """The first n_train rows of train.jsonl and n_heldout rows of heldout.jsonl (when the source has one)."""
+    """The first n_train rows of train.jsonl, then n_heldout held-out questions: heldout.jsonl's (a built-in
+    set's paraphrases of trained facts and fresh skill questions) or, without one, the test split's."""
     data_dir = Path(data_dir)
     out = []
     for i, row in enumerate(read_jsonl(data_dir / "train.jsonl")[:n_train]):
@@ -60,8 +62,15 @@ def build_prompts(data_dir: Path, template: Any, *, n_train: int, n_heldout: int
     heldout = data_dir / "heldout.jsonl"
     if heldout.is_file():
         for row in read_jsonl(heldout)[:n_heldout]:
+            p = _prompt("heldout", row["messages"][:-1], template, row["reference"], row.get("kind", ""))
+            out.append(replace(p, paraphrase="paraphrase_of" in row))
+    elif (data_dir / "test.jsonl").is_file():
+        rows = [
+            r for r in read_jsonl(data_dir / "test.jsonl") if r.get("conversation") and r.get("reference")
+        ]
+        for row in rows[:n_heldout]:
             out.append(
-                _prompt("heldout", row["messages"][:-1], template, row["reference"], row.get("kind", ""))
+                _prompt("heldout", row["conversation"][:-1], template, row["reference"], row.get("kind", ""))
             )
     return out
 

@@ -78,6 +78,13 @@ THRESHOLDS = (
     Threshold(
         "adapter_min_score", 0.5, "minimum share of trained answers each fine-tuned runtime gives", ge=0, le=1
     ),
+    Threshold(
+        "heldout_min_score",
+        0.5,
+        "minimum share of held-out paraphrases of trained facts that base + adapter answers right",
+        ge=0,
+        le=1,
+    ),
 )
 
 
@@ -186,6 +193,14 @@ _ALL = (
         "every fine-tuned runtime answers training questions unlike the base and correctly",
         "adapter_min_score",
         "the adapter lost on the way to a runtime",
+        phase="serving",
+    ),
+    Gate(
+        "heldout_score",
+        "base + adapter on questions training never showed: paraphrases of trained facts right at least the "
+        "threshold and more often than the base (without paraphrases: the test split, not below the base)",
+        "heldout_min_score",
+        "a fine-tune that learned strings, not facts (over-training, a leak that inflated the other scores)",
         phase="serving",
     ),
     Gate(

@@ -11,6 +11,7 @@ from finetune import faults
 from finetune.export.fuse_check import config_changes
 from finetune.gates import fuse as fuse_gate
 from finetune.gates import served
+from finetune.gates.generalization import heldout_score
 from finetune.gates.provenance import explain
 from finetune.gates.registry import RUNTIME_OF
 from finetune.gates.runtime_parity import judge_runtimes
@@ -234,6 +235,10 @@ def stage_evaluate(ctx: Ctx) -> StageReport:
         for v in judge_runtimes(m, ctx.cfg.gates)
         if ctx.wants(v.name)
     ]
+    if ctx.wants("heldout_score"):
+        verdicts.append(
+            explain(heldout_score(m.prompts, m.answers, threshold=ctx.cfg.gates.heldout_min_score))
+        )
     if "ollama" in m.answers:
         verdicts += _served_verdicts(ctx, m, ollama_out, probe)
     results = {

@@ -194,7 +194,12 @@ def _replica(run_dir: Path, dest: Path) -> Path:
 
 # The SmolLM2 subset of the fault suite (tests/faults runs every fault on the tiny model): faults planted after
 # training, replayed on the tier-3 run (upstream stages come from its cache), each caught by its gate.
-SMOLLM2_FAULTS = ("modelfile_wrong_template", "modelfile_extra_stop", "modelfile_no_temperature", "eval_runtime_base")
+SMOLLM2_FAULTS = (
+    "modelfile_wrong_template",
+    "modelfile_extra_stop",
+    "modelfile_no_temperature",
+    "eval_runtime_base",
+)
 
 
 @pytest.mark.parametrize("fault", SMOLLM2_FAULTS)

@@ -57,10 +57,24 @@ def test_multi_turn_rows_ask_the_last_question_with_the_conversation(tmp_path):
     assert p.prompt == get_template("chatml").render_prompt(messages[:-1])
 
 
-def test_without_heldout_file_there_are_only_training_prompts(release_data, tmp_path):
+def test_heldout_paraphrases_are_marked_and_fresh_questions_are_not(release_data):
+    rows = [json.loads(line) for line in (release_data / "heldout.jsonl").read_text().splitlines()]
+    prompts = build_prompts(release_data, get_template("chatml"), n_train=0, n_heldout=len(rows))
+    assert [p.paraphrase for p in prompts] == ["paraphrase_of" in r for r in rows]
+    assert any(p.paraphrase for p in prompts) and not all(p.paraphrase for p in prompts)
+
+
+def test_without_a_heldout_file_the_test_split_is_asked(release_data, tmp_path):
+    """A dataset of your own has no paraphrases: its test split's questions are the unseen ones."""
     (tmp_path / "train.jsonl").write_text((release_data / "train.jsonl").read_text())
     prompts = build_prompts(tmp_path, get_template("chatml"), n_train=2, n_heldout=5)
-    assert [p.kind for p in prompts] == ["train", "train"]
+    assert [p.kind for p in prompts] == ["train", "train"]  # no test split either: nothing held out
+    (tmp_path / "test.jsonl").write_text((release_data / "test.jsonl").read_text())
+    tests = [json.loads(line) for line in (tmp_path / "test.jsonl").read_text().splitlines()]
+    prompts = build_prompts(tmp_path, get_template("chatml"), n_train=2, n_heldout=3)
+    assert [p.kind for p in prompts] == ["train"] * 2 + ["heldout"] * 3
+    assert [p.reference for p in prompts[2:]] == [r["reference"] for r in tests[:3]]
+    assert not any(p.paraphrase for p in prompts)
 
 
 def test_a_raw_text_training_row_has_no_question_to_ask(tmp_path):

@@ -6,7 +6,7 @@ import numpy as np
 
 from finetune import faults
 from finetune.config.schema import GatesConfig
-from finetune.gates import fuse, label_mask, runtime_parity, served, split_overlap, training
+from finetune.gates import fuse, generalization, label_mask, runtime_parity, served, split_overlap, training
 from finetune.gates.parity import Answer, ParityResult
 from finetune.gates.registry import GATES, Gate
 
@@ -33,6 +33,7 @@ def _every_gate_verdict():
         runtime_parity.logprob_gate(ParityResult(True, [], {}), gguf_type="f16", max_abs=0.1),
         runtime_parity.output_parity({"r": a}, reference="r", thresholds={}),
         runtime_parity.adapter_effect(a, {"t": a}, ["x"]),
+        generalization.heldout_score([], {}),
         runtime_parity.clean_endings({"t": a}),
         served.served_answers(a, a, ["x"], threshold=0.9),
         served.served_template("t", [], "t", [], {}),
@@ -76,7 +77,8 @@ def test_the_commands_require_what_the_table_declares():
     training = ("loss_convergence", "model_learning", "memory_efficiency", "parameter_updates", "artifacts",
                 "label_mask", "split_overlap", "validation_loss")  # fmt: skip
     shipping = ("fuse_exactness", "gguf_tokenizer", "logprob_parity", "output_parity", "adapter_effect",
-                "clean_endings", "served_answers", "served_template", "served_defaults", "served_api")  # fmt: skip
+                "heldout_score", "clean_endings", "served_answers", "served_template", "served_defaults",
+                "served_api")  # fmt: skip
     assert COMMANDS["run"].gates == COMMANDS["validate"].gates == training
     assert COMMANDS["pipeline"].gates == (*training[:1], *training[3:], *shipping)
     assert COMMANDS["train"].gates == ()

@@ -142,6 +142,7 @@ class World:
         if self.eval_error:
             raise self.eval_error
         prompts = [EvalPrompt("train", f"q{i}", f"p{i}", f"answer{i}") for i in range(4)]
+        prompts += [EvalPrompt("heldout", "q4", "p4", "answer0", paraphrase=True)]  # a trained fact rephrased
         right = [
             Answer(p.reference if self.answers_right else "no idea", "stop", [1, 2, 0], 5) for p in prompts
         ]
@@ -149,7 +150,7 @@ class World:
             prompts=prompts, gguf_type=inputs.gguf_type, stops=["<|im_end|>"], end_ids=[0]
         )
         m.answers = {
-            "mlx_base": [Answer("no idea", "stop", [9, 0], 5)] * 4,
+            "mlx_base": [Answer("no idea", "stop", [9, 0], 5)] * 5,
             "mlx_adapter": right,
             "mlx_fused": right,
         }
