@@ -230,15 +230,7 @@ def stage_evaluate(ctx: Ctx) -> StageReport:
         ollama_reason=ollama_out.get("reason", "the model is not deployed to Ollama"),
     )
     m = ctx.deps.evaluate(inputs, ctx.log)
-    verdicts = [
-        explain(v, inputs.gguf if RUNTIME_OF.get(v.name) == "llamacpp" else None)  # llama.cpp reads the GGUF
-        for v in judge_runtimes(m, ctx.cfg.gates)
-        if ctx.wants(v.name)
-    ]
-    if ctx.wants("heldout_score"):
-        verdicts.append(
-            explain(heldout_score(m.prompts, m.answers, threshold=ctx.cfg.gates.heldout_min_score))
-        )
+    verdicts = _runtime_verdicts(ctx, m, inputs.gguf)
     if "ollama" in m.answers:
         verdicts += _served_verdicts(ctx, m, ollama_out, probe)
     results = {
@@ -264,6 +256,19 @@ def stage_evaluate(ctx: Ctx) -> StageReport:
         verdicts=verdicts,
         record=not crashed,
     )
+
+
+def _runtime_verdicts(ctx: Ctx, m: Any, gguf: Path) -> list[Verdict]:
+    """The runtimes against each other and the base (parity, effect, endings, held-out questions)."""
+    verdicts = [
+        explain(v, gguf if RUNTIME_OF.get(v.name) == "llamacpp" else None)  # llama.cpp reads the GGUF
+        for v in judge_runtimes(m, ctx.cfg.gates)
+        if ctx.wants(v.name)
+    ]
+    if ctx.wants("heldout_score"):
+        threshold = ctx.cfg.gates.heldout_min_score
+        verdicts.append(explain(heldout_score(m.prompts, m.answers, threshold=threshold)))
+    return verdicts
 
 
 def _served_verdicts(ctx: Ctx, m: Any, ollama_out: dict[str, Any], probe: dict[str, Any]) -> list[Verdict]:
