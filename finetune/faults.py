@@ -40,6 +40,7 @@ FAULTS: dict[str, tuple[str, str, str]] = {
         "split_overlap",
     ),
     "lr_zero": ("train", "the optimizer's learning rate is 0", "loss_convergence"),
+    "lr_too_high": ("train", "the optimizer's learning rate is 10x the configured one", "forgetting"),
     "frozen_lora": ("train", "LoRA gradients are zeroed before every update", "parameter_updates"),
     "one_adapter_frozen": (
         "train",
@@ -231,6 +232,7 @@ def _modelfile_wrong_template(template: str, chat_format: Callable) -> str:
 EFFECTS: dict[str, Callable[..., Any]] = {
     "split_leak": _split_leak,
     "lr_zero": lambda lr: 0.0,
+    "lr_too_high": lambda lr: (lambda step: 10 * lr(step)) if callable(lr) else 10 * lr,
     "frozen_lora": _frozen_lora,
     "one_adapter_frozen": _one_adapter_frozen,
     "base_weight_trained": _base_weight_trained,

@@ -110,7 +110,8 @@ def fake_learning(run_dir, base, cfg, stops, **_):
     ]
     return LearningMeasurement(before=["I do not know."] * len(rows), after=fake_answers(run_dir, cfg, learned=learned),
                                references=[r["reference"] for r in rows], loss_before=3.0,
-                               loss_after=1.0 if learned else 3.0)  # fmt: skip
+                               loss_after=1.0 if learned else 3.0, general_before=3.0,
+                               general_after=3.0 + 0.1 * learned)  # fmt: skip
 
 
 def fake_memory(run_dir, model_dir, model_config, cfg, *, available, **_):

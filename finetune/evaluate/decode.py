@@ -94,6 +94,17 @@ def logprobs(model: Any, token_ids: Sequence[int]) -> np.ndarray:
     return np.array(out - mx.logsumexp(out, axis=-1, keepdims=True))
 
 
+def text_nll(model: Any, tokenizer: Any, texts: Sequence[str]) -> float:
+    """Mean negative log-likelihood per predicted token of plain texts (their perplexity is exp of it)."""
+    total, count = 0.0, 0
+    for text in texts:
+        ids = list(tokenizer.encode(text))
+        lp = logprobs(model, ids)
+        total -= float(sum(lp[i, ids[i + 1]] for i in range(len(ids) - 1)))
+        count += len(ids) - 1
+    return total / count
+
+
 def teacher_forced_loss(model: Any, dataset: TokenDataset, batch_size: int, max_seq_length: int) -> float:
     """Mean masked cross-entropy of the reference answers given their prompts."""
     model.eval()

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from finetune.evaluate import decode
+from finetune.evaluate.general_text import GENERAL_TEXTS
 from finetune.gates.label_mask import MaskedRow
 from finetune.models.cache import cache_root
 from finetune.system.atomic import atomic_write_json
@@ -88,6 +89,9 @@ class LearningMeasurement:
     references: list[str]
     loss_before: float
     loss_after: float
+    # mean NLL per token on finetune.evaluate.general_text (no run trains on it), base and base + adapter
+    general_before: float | None = None
+    general_after: float | None = None
 
 
 def _answers_and_loss(
@@ -98,7 +102,7 @@ def _answers_and_loss(
     cfg: Any,
     stops: Sequence[str],
     max_tokens: int,
-) -> tuple[list[str], float]:
+) -> tuple[list[str], float, float]:
     from finetune.train.splits import load_split
 
     model, tokenizer = decode.load(model_dir, adapter_dir)
@@ -109,7 +113,7 @@ def _answers_and_loss(
         questions = load_split(Path(data_dir) / "train.jsonl", tokenizer, cfg.data.max_seq_length, True)
         questions.items, questions.rows = questions.items[: len(probes)], questions.rows[: len(probes)]
         loss = decode.teacher_forced_loss(model, questions, cfg.training.batch_size, cfg.data.max_seq_length)
-        return [a.text for a in answers], loss
+        return [a.text for a in answers], loss, decode.text_nll(model, tokenizer, GENERAL_TEXTS)
     finally:
         decode.release(model)
 
@@ -127,7 +131,7 @@ def measure_learning(
     data_dir = Path(run_dir) / "data"
     probes = probe_questions(data_dir, cfg.gates.learning_probes)
 
-    def answers_and_loss(adapter_dir: Path | None) -> tuple[list[str], float]:
+    def answers_and_loss(adapter_dir: Path | None) -> tuple[list[str], float, float]:
         return _answers_and_loss(base_dir, adapter_dir, probes, data_dir, cfg, stops, max_tokens)
 
     settings = {
@@ -137,17 +141,21 @@ def measure_learning(
         "max_tokens": max_tokens,
         "seq": cfg.data.max_seq_length,
         "batch": cfg.training.batch_size,
-        "v": 1,
+        "general": json_sha256(list(GENERAL_TEXTS)),
+        "v": 2,
     }
     cache = (cache_dir or cache_root() / "base-answers") / f"{json_sha256(settings)[:32]}.json"
     try:
         cached = json.loads(cache.read_text())
-        before, loss_before = cached["answers"], cached["loss"]
+        before, loss_before, general_before = cached["answers"], cached["loss"], cached["general"]
     except (OSError, ValueError, KeyError):
-        before, loss_before = answers_and_loss(None)
-        atomic_write_json(cache, {"answers": before, "loss": loss_before})
-    after, loss_after = answers_and_loss(Path(run_dir) / ADAPTER_DIR)
-    return LearningMeasurement(before, after, [p.reference for p in probes], loss_before, loss_after)
+        before, loss_before, general_before = answers_and_loss(None)
+        atomic_write_json(cache, {"answers": before, "loss": loss_before, "general": general_before})
+    after, loss_after, general_after = answers_and_loss(Path(run_dir) / ADAPTER_DIR)
+    references = [p.reference for p in probes]
+    return LearningMeasurement(
+        before, after, references, loss_before, loss_after, general_before, general_after
+    )
 
 
 # ---------------------------------------------------------------- artifacts and parameters

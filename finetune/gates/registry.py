@@ -70,6 +70,12 @@ THRESHOLDS = (
         lt=1,
     ),
     Threshold(
+        "max_perplexity_ratio",
+        5.0,
+        "maximum ratio of base + adapter's perplexity on general text (never trained on) to the base's",
+        ge=1,
+    ),
+    Threshold(
         "fuse_max_rel", 1e-3, "maximum relative error of a fused weight vs base + scale * B^T A^T", gt=0
     ),
     Threshold(
@@ -150,6 +156,13 @@ _ALL = (
         "training that changes nothing beyond its own rows: lr ~ 0, frozen adapters, or answers memorised "
         "without the task",
         metric=lambda result: 1 - result["best_val_loss"] / result["initial_val_loss"],
+    ),
+    Gate(
+        "forgetting",
+        "base + SAVED adapter's perplexity on general text no run trains on, as a multiple of the base's",
+        "max_perplexity_ratio",
+        "a fine-tune that damaged the language the base model had (over-training, a learning rate too high)",
+        lower_is_better=True,
     ),
     Gate(
         "fuse_exactness",

@@ -213,6 +213,27 @@ def artifacts(
 # ---------------------------------------------------------------- gates declared by their row alone
 
 
+def forgetting(
+    general_before: float | None,
+    general_after: float | None,
+    *,
+    texts: int,
+    max_ratio: float = DEFAULT["max_perplexity_ratio"],
+) -> Verdict:
+    """Base + SAVED adapter's perplexity on general text no run trains on (finetune.evaluate.general_text) is at
+    most max_ratio times the base's: the fine-tune kept the language it started from."""
+    name = "forgetting"
+    if general_before is None or general_after is None:
+        return verdict(name, False, None, max_ratio, "no general-text perplexity was measured")
+    ratio = float(np.exp(general_after - general_before))
+    detail = (
+        f"perplexity on {texts} general texts: base {np.exp(general_before):.2f}, base + adapter "
+        f"{np.exp(general_after):.2f} (x{ratio:.3f}, needs <= x{max_ratio:g})"
+    )
+    data = {"nll_before": general_before, "nll_after": general_after}
+    return verdict(name, ratio <= max_ratio, ratio, max_ratio, detail, data)
+
+
 def declared_gate(gate: Gate, result: dict[str, Any], threshold: float) -> Verdict:
     """A gate whose row gives its metric: the measured value from what training recorded, against threshold."""
     assert gate.metric is not None, gate.name

@@ -3,7 +3,7 @@ declared by its row alone is judged by judge_declared).
 
 Each function reads the artifacts its gate is about and returns that gate's verdict with the bytes it judged
 (explain). What several gates share is measured once: the learning probe (base + SAVED adapter answering the
-training questions) serves model_learning and artifacts.
+training questions, and their perplexity on general text) serves model_learning, artifacts and forgetting.
 """
 
 from __future__ import annotations
@@ -86,6 +86,17 @@ def judge_learning(j: Judging) -> Verdict:
     return explain(v, j.ctx.run_dir / ADAPTER_DIR)
 
 
+def judge_forgetting(j: Judging) -> Verdict:
+    from finetune.evaluate.general_text import GENERAL_TEXTS
+
+    m, limit = j.learning, j.ctx.cfg.gates.max_perplexity_ratio
+    before, after = (m.general_before, m.general_after) if m is not None else (None, None)
+    v = gates.forgetting(before, after, texts=len(GENERAL_TEXTS), max_ratio=limit)
+    if m is None:
+        v.detail = j.load_problem or v.detail
+    return explain(v, j.ctx.run_dir / ADAPTER_DIR)
+
+
 def judge_artifacts(j: Judging) -> Verdict:
     from finetune.evaluate import run_measurements
 
@@ -164,6 +175,7 @@ JUDGES: dict[str, Callable[[Judging], Verdict]] = {
     "loss_convergence": judge_loss,
     "model_learning": judge_learning,
     "artifacts": judge_artifacts,
+    "forgetting": judge_forgetting,
     "parameter_updates": judge_parameters,
     "label_mask": judge_label_mask,
     "split_overlap": judge_split_overlap,
@@ -197,7 +209,7 @@ def stage_judge(ctx: Ctx) -> StageReport:
     ]
     # the table's order, the memory measurement (the slowest) last
     wanted = sorted((n for n in TRAINING_GATES if ctx.wants(n)), key=lambda n: n == "memory_efficiency")
-    if {"model_learning", "artifacts"} & set(wanted):
+    if {"model_learning", "artifacts", "forgetting"} & set(wanted):
         j.measure_learning()
     verdicts += [JUDGES[n](j) if n in JUDGES else judge_declared(j, GATES[n]) for n in wanted]
     failed = [v.name for v in verdicts if v.status == "failed"]

@@ -58,7 +58,7 @@ def make_optimizer(cfg: RunConfig) -> optim.Optimizer:
         warm = optim.linear_schedule(0.0, t.learning_rate, t.warmup_steps)
         rest = lr if callable(lr) else (lambda _step, v=lr: v)
         lr = optim.join_schedules([warm, rest], [t.warmup_steps])
-    lr = faults.point("lr_zero", lr)
+    lr = faults.point("lr_too_high", faults.point("lr_zero", lr))
     if t.optimizer == "adamw":
         opt: optim.Optimizer = optim.AdamW(learning_rate=lr, weight_decay=t.weight_decay)
     elif t.optimizer == "sgd":

@@ -129,3 +129,33 @@ def test_the_run_passed(tier2):
     assert tier2.status == "passed" and tier2.exit_code == 0, tier2.reasons
     print(f"tier 2 took {tier2.seconds:.0f} s (budget {BUDGET_S} s, judged by make bench)")
     assert (Path(tier2.run_dir) / "report.html").is_file()
+
+
+# Training faults only a pretrained model can show (a random one has no language to forget: the tiny GPT-2's
+# general-text perplexity falls when it trains), planted in a run of tier 2's own model and settings.
+PRETRAINED_TRAIN_FAULTS = ("lr_too_high",)
+
+
+@pytest.mark.parametrize("fault", PRETRAINED_TRAIN_FAULTS)
+def test_a_training_fault_on_the_real_model_is_caught_by_its_gate(tier2, fault, tmp_path, plant_fault):
+    from finetune import faults
+    from finetune.recipes.commands import RECIPES
+    from finetune.stages.real import real_deps
+    from finetune.stages.rundir import own_config
+    from tests import fault_table
+
+    if tier2.status != "passed":
+        pytest.fail("the healthy tier-2 run did not pass: a planted fault proves nothing against it")
+    cfg = own_config(Path(tier2.run_dir), None).model_copy(deep=True)
+    cfg.gates.skip = ["memory_efficiency"]  # measured once by the healthy run; this fault is about training
+    run_dir = tmp_path / "run"
+    own_config(run_dir, cfg)
+    plant_fault(fault)
+    report = RECIPES["run"](cfg, run_dir, real_deps(), log=lambda _: None).report
+    gate = faults.FAULTS[fault][2]
+    failed = {g.name for g in report.gates if g.status == "failed"}
+    fault_table.save([dict(fault=fault, model=tier2.model, expected=gate, caught=gate in failed, status=report.status,
+                           failed=[f"{g.name} ({g.measured if g.measured is None else round(g.measured, 4)} vs "
+                                   f"{g.threshold})" for g in report.gates if g.status == "failed"])])  # fmt: skip
+    assert report.faults == [fault] and (report.status, report.exit_code) == (faults.STATUS, faults.EXIT_CODE)
+    assert gate in failed, f"{fault} was not caught by {gate}; failed: {sorted(failed)}"

@@ -106,6 +106,18 @@ def test_logprobs_are_a_normalized_log_softmax_of_the_logits(tiny_model):
     noise.within("logprobs of a prefix", noise.rel_max(decode.logprobs(model, ids[:4]), lp[:4]), floor, 8)
 
 
+def test_text_nll_is_the_mean_negative_log_likelihood_of_each_next_token(tiny_model):
+    model, tok = tiny_model
+    texts = ["The quick brown fox.", "Water flows downhill to the sea."]
+    by_hand = []
+    for text in texts:
+        ids = list(tok.encode(text))
+        lp = decode.logprobs(model, ids)
+        by_hand += [-float(lp[i, ids[i + 1]]) for i in range(len(ids) - 1)]
+    assert decode.text_nll(model, tok, texts) == pytest.approx(sum(by_hand) / len(by_hand), rel=1e-6)
+    assert decode.text_nll(model, tok, texts[:1]) != pytest.approx(decode.text_nll(model, tok, texts[1:]))
+
+
 def test_teacher_forced_loss_is_the_mean_masked_cross_entropy(tiny_model, tiny_sums_dir):
     from finetune.train.splits import load_split
 

@@ -233,15 +233,30 @@ def test_measure_learning_asks_base_and_base_plus_saved_adapter(learning_run, ti
     finally:
         decode.release(tuned)
     assert m.loss_after != pytest.approx(m.loss_before)
+    # perplexity on general text, base and base + adapter, each as text_nll measures it
+    from finetune.evaluate.general_text import GENERAL_TEXTS
+
+    assert m.general_before == pytest.approx(decode.text_nll(model, tok, GENERAL_TEXTS), rel=1e-5)
+    tuned, _ = decode.load(tiny_hf, learning_run / "adapter")
+    try:
+        assert m.general_after == pytest.approx(decode.text_nll(tuned, tok, GENERAL_TEXTS), rel=1e-5)
+    finally:
+        decode.release(tuned)
+    assert m.general_after != pytest.approx(m.general_before)
 
     # the base's answers are cached: a second measurement reads them instead of decoding again
     (cached,) = (tmp_path / "cache").glob("*.json")
-    assert json.loads(cached.read_text()) == {"answers": m.before, "loss": m.loss_before}
-    cached.write_text(json.dumps({"answers": ["from the cache"] * 4, "loss": 9.0}))
+    assert json.loads(cached.read_text()) == {
+        "answers": m.before,
+        "loss": m.loss_before,
+        "general": m.general_before,
+    }
+    cached.write_text(json.dumps({"answers": ["from the cache"] * 4, "loss": 9.0, "general": 7.0}))
     again = run_measurements.measure_learning(
         learning_run, tiny_hf, cfg, stops, max_tokens=6, cache_dir=tmp_path / "cache"
     )
     assert again.before == ["from the cache"] * 4 and again.loss_before == 9.0 and again.after == m.after
+    assert again.general_before == 7.0
 
 
 def test_measure_learning_fails_loudly_on_an_adapter_that_does_not_load(learning_run, tiny_hf, tmp_path):

@@ -26,6 +26,7 @@ def _every_gate_verdict():
             base_now={"f": "1"},
         ),
         training.artifacts([], ["a"], ["a"]),
+        training.forgetting(1.0, 1.0, texts=1),
         label_mask.label_mask([], mask_prompt=True),
         split_overlap.split_overlap({"train": []}),
         fuse.fuse_exactness(fuse.FuseMeasurement({}, {}, []), max_rel=1e-3),
@@ -75,7 +76,7 @@ def test_the_commands_require_what_the_table_declares():
     from finetune.recipes.commands import COMMANDS
 
     training = ("loss_convergence", "model_learning", "memory_efficiency", "parameter_updates", "artifacts",
-                "label_mask", "split_overlap", "validation_loss")  # fmt: skip
+                "label_mask", "split_overlap", "validation_loss", "forgetting")  # fmt: skip
     shipping = ("fuse_exactness", "gguf_tokenizer", "logprob_parity", "output_parity", "adapter_effect",
                 "heldout_score", "clean_endings", "served_answers", "served_template", "served_defaults",
                 "served_api")  # fmt: skip
@@ -84,7 +85,13 @@ def test_the_commands_require_what_the_table_declares():
     assert COMMANDS["train"].gates == ()
     assert RUNTIME_OF == {"gguf_tokenizer": "llamacpp", "logprob_parity": "llamacpp", "served_answers": "ollama",
                           "served_template": "ollama", "served_defaults": "ollama", "served_api": "ollama"}  # fmt: skip
-    assert {"loss_convergence", "split_overlap", "logprob_parity", "fuse_exactness"} == LOWER_IS_BETTER
+    assert {
+        "loss_convergence",
+        "split_overlap",
+        "forgetting",
+        "logprob_parity",
+        "fuse_exactness",
+    } == LOWER_IS_BETTER
     assert PARITY_GATES == ("logprob_parity", "output_parity", "served_answers")
 
 

@@ -363,3 +363,22 @@ def test_a_gate_declared_by_its_row_compares_its_metric_with_the_threshold():
     assert missing.status == "failed" and "best_val_loss" in missing.detail
     nan = declared_gate(gate, {"initial_val_loss": float("nan"), "best_val_loss": 1.0}, 0.02)
     assert nan.status == "failed" and "finite" in nan.detail
+
+
+# ---------------------------------------------------------------- forgetting
+
+
+def test_forgetting_passes_within_the_ratio_and_fails_beyond_it():
+    from finetune.gates.training import forgetting
+
+    ok = forgetting(3.0, 3.5, texts=12, max_ratio=2.0)
+    assert ok.passed and ok.measured == pytest.approx(np.exp(0.5)) and ok.threshold == 2.0
+    assert (
+        "perplexity on 12 general texts: base 20.09, base + adapter 33.12 (x1.649, needs <= x2)" in ok.detail
+    )
+    bad = forgetting(3.0, 4.0, texts=12, max_ratio=2.0)
+    assert not bad.passed and bad.measured == pytest.approx(np.e)
+    assert (
+        not forgetting(None, 3.0, texts=12).passed
+        and "no general-text perplexity" in forgetting(3.0, None, texts=1).detail
+    )

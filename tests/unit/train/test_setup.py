@@ -106,6 +106,15 @@ def test_lr_zero_fault(plant_fault):
     assert learning_rates(opt, 3) == [0.0, 0.0, 0.0]
 
 
+@pytest.mark.parametrize("sets", [["training.warmup_steps=2"], ["training.lr_schedule=cosine"], []])
+def test_lr_too_high_fault_multiplies_every_step_s_rate_by_ten(plant_fault, sets):
+    healthy = learning_rates(fresh(cfg("training.learning_rate=0.01", *sets)), 3)
+    plant_fault("lr_too_high")
+    # learning_rates rounds to 6 decimals: 10x a rounded rate is within 10 x 5e-7 of the rounded 10x rate
+    hot = learning_rates(fresh(cfg("training.learning_rate=0.01", *sets)), 3)
+    assert hot == pytest.approx([10 * r for r in healthy], abs=10 * 5e-7 + 5e-7)
+
+
 @pytest.mark.parametrize("fault", ["", "frozen_lora"])
 def test_frozen_lora_fault_zeroes_every_update(plant_fault, fault):
     plant_fault(fault)
