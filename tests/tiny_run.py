@@ -42,6 +42,9 @@ def healthy_sets(folder: Path, seed: int = 0) -> list[str]:
         "training.eval_every=50",
         "training.save_every=50",
         "gates.learning_probes=8",
+        # random weights have no language to forget: general-text perplexity ~1e17 for base and adapter alike
+        # (measured x0.12 and x7.9 on two healthy seeds); an explicit, reported skip, not a pass
+        "gates.skip=[forgetting]",
         # f32: the random model's sharp logits put f16 rounding at ~0.1 logprob, the parity tolerance itself
         # (a healthy seed measured 0.103 once); the real models keep f16
         "export.gguf_type=f32",
