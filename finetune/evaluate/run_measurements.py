@@ -124,7 +124,7 @@ def measure_learning(
     cfg: Any,
     stops: Sequence[str],
     *,
-    max_tokens: int = 24,
+    max_tokens: int,
     cache_dir: Path | None = None,
 ) -> LearningMeasurement:
     """Base answers are cached per (base files, probes, settings): the base never changes between runs."""

@@ -51,6 +51,12 @@ class Train(Protocol):  # finetune.train.engine.train_run
     ) -> Reported: ...
 
 
+class MeasureLearning(Protocol):  # finetune.evaluate.run_measurements.measure_learning -> LearningMeasurement
+    def __call__(
+        self, run_dir: Path, base_dir: Path, cfg: RunConfig, stops: Sequence[str], *, max_tokens: int
+    ) -> Any: ...
+
+
 class MeasureMemory(Protocol):  # finetune.train.peak_memory.measure_memory -> MemoryMeasurement
     def __call__(
         self, run_dir: Path, model_dir: Path, model_config: dict, cfg: RunConfig, *, available: int | None
@@ -77,8 +83,7 @@ class Deps:
         [RunConfig, dict, dict | None], Any
     ]  # (cfg, model config, prepare report) -> MemoryEstimate
     train: Train
-    # (run_dir, base_dir, cfg, stop strings) -> LearningMeasurement
-    measure_learning: Callable[[Path, Path, RunConfig, Sequence[str]], Any]
+    measure_learning: MeasureLearning
     measure_memory: MeasureMemory
     masked_rows: Callable[[Path, Any, int], list]  # (run_dir, tokenizer, max_seq_length) -> [MaskedRow]
     fuse: Fuse

@@ -51,10 +51,15 @@ class Judging:
             self.seconds[what] = round(time.perf_counter() - tic, 2)
 
     def measure_learning(self) -> None:
+        from finetune.evaluate.budget import answer_budget
+
         run_dir, cfg = self.ctx.run_dir, self.ctx.cfg
         try:
             with self.timed("learning"):
-                self.learning = self.ctx.deps.measure_learning(run_dir, self.base, cfg, self.stops)
+                budget = answer_budget(run_dir / "data", self.tokenizer).tokens  # as training's hook used
+                self.learning = self.ctx.deps.measure_learning(
+                    run_dir, self.base, cfg, self.stops, max_tokens=budget
+                )
         except Exception as exc:  # the saved adapter does not load: that is the finding
             self.load_problem = f"base + saved adapter does not load: {type(exc).__name__}: {str(exc)[:300]}"
 

@@ -147,6 +147,7 @@ def _resumable(ctx: Ctx, key: str) -> bool:
 
 def stage_train(ctx: Ctx) -> StageReport:
     from finetune.data.templates import get_template
+    from finetune.evaluate.budget import answer_budget
     from finetune.evaluate.run_measurements import probe_questions, record_in_memory
 
     run_dir, key = ctx.run_dir, _train_key(ctx)
@@ -158,7 +159,11 @@ def stage_train(ctx: Ctx) -> StageReport:
     if ctx.wants("artifacts"):
         tokenizer = ctx.deps.load_tokenizer(model_path)
         stops = get_template(ctx.cfg.data.template, tokenizer=tokenizer).stop_strings
-        hook = record_in_memory(run_dir, probe_questions(data_dir, ctx.cfg.gates.learning_probes), stops, 24)
+        probes, budget = (
+            probe_questions(data_dir, ctx.cfg.gates.learning_probes),
+            answer_budget(data_dir, tokenizer),
+        )
+        hook = record_in_memory(run_dir, probes, stops, budget.tokens)
     ctx.log(ctx.deps.describe_machine())
     result = ctx.deps.train(
         ctx.cfg, model_path, data_dir, run_dir, resume=resume, on_trained=hook, log=ctx.log

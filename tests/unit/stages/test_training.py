@@ -68,3 +68,23 @@ def test_the_data_stage_says_what_it_left_out_on_the_console(tmp_path, toy_token
         line.startswith("[data] held-out: 4 of 25 paraphrases ask about facts that landed in valid/test")
         for line in lines
     ), lines
+
+
+def test_the_learning_probe_answers_within_the_data_s_budget(tmp_path, toy_tokenizer):
+    """The judge asks base + adapter with the generation budget the data implies (a long-answer set is not cut
+    at a fixed 24 tokens), the one training's in-memory hook used."""
+    from dataclasses import replace
+
+    from finetune.evaluate.budget import answer_budget
+    from tests.fakes import fake_learning
+
+    seen = []
+
+    def spy(run_dir, base, cfg, stops, *, max_tokens):
+        seen.append(max_tokens)
+        return fake_learning(run_dir, base, cfg, stops)
+
+    cfg = own_config(tmp_path / "run", load_config("quick", overrides=["data.source=builtin:arithmetic"]))
+    deps = replace(fake_deps(toy_tokenizer, tmp_path / "m", FakeTrainer()), measure_learning=spy)
+    assert RECIPES["run"](cfg, tmp_path / "run", deps, log=lambda _: None).exit_code == 0
+    assert seen == [answer_budget(tmp_path / "run" / "data", toy_tokenizer).tokens] and seen[0] != 24
