@@ -50,9 +50,8 @@ class EvalInputs:
     max_tokens: int  # the generation budget of every runtime we ask with our own options
     settings: EvalSettings = field(default_factory=EvalSettings)
     llamacpp_reason: str | None = None  # why llama.cpp cannot run here; None = available
-    ollama: Callable[[Sequence[EvalPrompt]], list[Answer]] | None = (
-        None  # default requests; None = not deployed
-    )
+    # the served model asked with default requests (its Modelfile decides); None = not deployed
+    ollama: Callable[[Sequence[EvalPrompt]], list[Answer]] | None = None
     ollama_reason: str = "the model is not deployed to Ollama"
 
 
