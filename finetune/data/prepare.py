@@ -21,7 +21,7 @@ from finetune.data.sources import DatasetError
 from finetune.data.templates import Template, TemplateError, get_template
 from finetune.data.tokens import encode, mask_for
 from finetune.system.atomic import atomic_write_text
-from finetune.system.jsonl import read_jsonl
+from finetune.system.jsonl import read_jsonl, to_jsonl
 
 SPLIT_NAMES = ("train", "valid", "test")
 MAX_LISTED = 20  # cap on line numbers listed in reports and error messages
@@ -204,7 +204,7 @@ def _write_splits(rows: list[tuple[Example, dict]], counts: dict[str, int], out:
         chunk = rows[start : start + counts[name]]
         start += counts[name]
         path = out / f"{name}.jsonl"
-        atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for _, r in chunk))
+        atomic_write_text(path, to_jsonl([r for _, r in chunk]))
         files[name] = path.name
     return files
 
@@ -302,7 +302,7 @@ def keep_trained_heldout(out: Path) -> tuple[int, int]:
     rows = read_jsonl(path)
     kept = [r for r in rows if r.get("paraphrase_of") is None or r["paraphrase_of"] in trained]
     if len(kept) < len(rows):
-        atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
+        atomic_write_text(path, to_jsonl(kept))
     return len(kept), len(rows) - len(kept)
 
 

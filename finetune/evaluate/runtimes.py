@@ -64,23 +64,19 @@ def ollama_answers(server: Any, model: str, prompts: Sequence[EvalPrompt]) -> li
     """The conversation through the served TEMPLATE (/api/chat) as a user sends it: no options, so the
     Modelfile's PARAMETERs (temperature, num_predict, num_ctx, stop) decide. Each answer keeps the prompt
     the server rendered (from its debug log), to compare with training's token by token."""
-    from finetune.serve.rendered import log_size, rendered_since
+    from finetune.serve.rendered import asked_and_rendered
 
     client, log = server.client(), getattr(server, "log_path", None)
     out = []
     for p in prompts:
         messages = [dict(m) for m in p.messages] or [{"role": "user", "content": p.question}]
-        mark = log_size(log) if log is not None else 0
-        r = client.chat(model=model, messages=messages)
-        rendered = rendered_since(log, mark) if log is not None else []
+        r, rendered = asked_and_rendered(log, lambda m=messages: client.chat(model=model, messages=m))
         reason = _field(r, "done_reason")
         text = _field(_field(r, "message"), "content") or ""
         # An unexpected done_reason (None: Ollama aborted, e.g. its repeat limit) is kept, so the clean-endings
         # gate shows it instead of hiding it.
         finish = reason if reason in ("stop", "length") else f"unknown:{reason}"
-        out.append(
-            Answer(text, finish, None, _field(r, "prompt_eval_count"), rendered[-1] if rendered else None)
-        )
+        out.append(Answer(text, finish, None, _field(r, "prompt_eval_count"), rendered))
     return out
 
 
@@ -89,22 +85,20 @@ def openai_answers(server: Any, model: str, messages: Sequence[dict], *, samples
     (model and messages only), then one with temperature 0; each with the prompt the server rendered."""
     import httpx
 
-    from finetune.serve.rendered import log_size, rendered_since
+    from finetune.serve.rendered import asked_and_rendered
 
-    url, log = f"{server.base_url}/v1/chat/completions", server.log_path
+    url = f"{server.base_url}/v1/chat/completions"
 
-    def ask(**extra: Any) -> dict[str, Any]:
-        mark = log_size(log)
-        body = {"model": model, "messages": [dict(m) for m in messages], **extra}
+    def post(body: dict[str, Any]) -> dict[str, Any]:
         r = httpx.post(url, json=body, timeout=getattr(server, "request_timeout", 120.0))
         r.raise_for_status()
-        choice = r.json()["choices"][0]
-        rendered = rendered_since(log, mark)
-        return {
-            "text": (choice.get("message") or {}).get("content") or "",
-            "finish": choice.get("finish_reason"),
-            "rendered": rendered[-1] if rendered else None,
-        }
+        return r.json()["choices"][0]
+
+    def ask(**extra: Any) -> dict[str, Any]:
+        body = {"model": model, "messages": [dict(m) for m in messages], **extra}
+        choice, rendered = asked_and_rendered(server.log_path, lambda: post(body))
+        text = (choice.get("message") or {}).get("content") or ""
+        return {"text": text, "finish": choice.get("finish_reason"), "rendered": rendered}
 
     return {"defaults": [ask() for _ in range(samples)], "greedy": ask(temperature=0)}
 

@@ -81,11 +81,9 @@ def served_template(
             f"{len(off)}/{len(pairs)} prompts Ollama rendered differ from training's token ids (first at "
             f"position {at}: {list(s0[at : at + 4])} vs {list(t0[at : at + 4])}; {len(s0)} vs {len(t0)} ids)"
         )
-    counts = [(c, len(t)) for c, t in zip(prompts.get("served_counts", []), training, strict=False) if c]
-    if [c for c, n in counts if c != n]:
-        problems.append(
-            f"Ollama counted other prompt lengths than training's: {[c for c in counts if c[0] != c[1]][:3]}"
-        )
+    counted = zip(prompts.get("served_counts", []), training, strict=False)
+    if other := [(c, len(t)) for c, t in counted if c and c != len(t)]:
+        problems.append(f"Ollama counted other prompt lengths than training's: {other[:3]}")
     detail = (
         f"template and stop strings as training needs; {len(pairs) - len(off)}/{len(pairs)} rendered prompts "
         f"have training's token ids ({prompts.get('tokenizer', '?')})"
@@ -159,10 +157,11 @@ def _parameter_problems(shown: Mapping[str, Sequence[str]], configured: Mapping[
     problems = []
     for key, want in configured.items():
         got = shown.get(key)
+        number = _number(got)
         if not got:
             problems.append(f"{key} {want!r} is configured but not served")
-        elif _number(got) is not None and isinstance(want, int | float):
-            if abs(_number(got) - float(want)) > 1e-6:
+        elif number is not None and isinstance(want, int | float):
+            if abs(number - float(want)) > 1e-6:
                 problems.append(f"{key} is {got[-1]} as served, {want} as configured")
         elif str(got[-1]) != str(want):
             problems.append(f"{key} is {got[-1]!r} as served, {want!r} as configured")

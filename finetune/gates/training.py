@@ -210,7 +210,7 @@ def artifacts(
     return verdict(name, not problems, agreement, 1.0, detail)
 
 
-# ---------------------------------------------------------------- gates declared by their row alone
+# ---------------------------------------------------------------- forgetting
 
 
 def forgetting(
@@ -232,6 +232,9 @@ def forgetting(
     )
     data = {"nll_before": general_before, "nll_after": general_after}
     return verdict(name, ratio <= max_ratio, ratio, max_ratio, detail, data)
+
+
+# ---------------------------------------------------------------- gates declared by their row alone
 
 
 def declared_gate(gate: Gate, result: dict[str, Any], threshold: float) -> Verdict:

@@ -8,7 +8,11 @@ model was given, so it can be compared token by token with what training rendere
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
 
 DEBUG_ENV = {"OLLAMA_DEBUG": "1"}
 _LINE = re.compile(r'msg="(?:chat|generate) request" images=\d+ prompt=("(?:[^"\\]|\\.)*"|\S*)')
@@ -49,6 +53,14 @@ def rendered_prompts(log_text: str) -> list[str]:
 
 def log_size(log_path: Path) -> int:
     return log_path.stat().st_size if log_path.is_file() else 0
+
+
+def asked_and_rendered(log_path: Path | None, ask: Callable[[], T]) -> tuple[T, str | None]:
+    """ask()'s result and the last prompt the server logged rendering meanwhile (None without a log)."""
+    mark = log_size(log_path) if log_path is not None else 0
+    result = ask()
+    rendered = rendered_since(log_path, mark) if log_path is not None else []
+    return result, rendered[-1] if rendered else None
 
 
 def rendered_since(log_path: Path, offset: int) -> list[str]:

@@ -4,7 +4,6 @@ template; the real-server part needs an Ollama binary (the real_ollama fixture).
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -26,6 +25,7 @@ from finetune.serve.modelfile import (
 )
 from finetune.serve.modelfile_syntax import parse_modelfile
 from finetune.serve.ollama_server import OllamaServer
+from finetune.serve.rendered import DEBUG_ENV, asked_and_rendered
 from tests.conftest import RealOllama
 
 
@@ -245,7 +245,7 @@ def test_server_renders_each_format_like_the_training_templates(
     real_ollama: RealOllama, tmp_path: Path
 ) -> None:
     """With OLLAMA_DEBUG the server logs the prompt it built: it must be the text we train on."""
-    with OllamaServer(real_ollama.binary, tmp_path, env_extra={"OLLAMA_DEBUG": "1"}) as server:
+    with OllamaServer(real_ollama.binary, tmp_path, env_extra=DEBUG_ENV) as server:
         client = server.client(timeout=60)
         for name in FORMAT_NAMES:
             fmt = chat_format(name)
@@ -260,17 +260,16 @@ def test_server_renders_each_format_like_the_training_templates(
             assert shown["template"] == fmt.template
             assert all(json.dumps(s) in shown["parameters"] for s in fmt.stop)
 
-            before = len(server.log_path.read_text())
-            client.chat(model=f"fmt-{name}", messages=CONVERSATION)
-            logged = server.log_path.read_text()[before:]
-            match = re.search(r'msg="chat request" images=0 prompt=("(?:[^"\\]|\\.)*")', logged)
-            assert match, f"no prompt in the debug log for {name}"
+            _, rendered = asked_and_rendered(
+                server.log_path, lambda n=name: client.chat(model=f"fmt-{n}", messages=CONVERSATION)
+            )
+            assert rendered is not None, f"no prompt in the debug log for {name}"
             # The tokenizer adds BOS from the GGUF's add_bos_token; the training text spells it out.
             expected = get_template(name, tokenizer=SimpleNamespace(eos_token=DEFAULT_EOS)).render_prompt(
                 CONVERSATION
             )
             expected = expected.removeprefix("<|begin_of_text|>").removeprefix("<s>")
-            assert json.loads(match.group(1)) == expected, name
+            assert rendered == expected, name
 
 
 def test_gemma_and_plain_formats_have_their_end_markers_as_stops():

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune.serve.rendered import go_unquote, log_size, rendered_prompts, rendered_since
+from finetune.serve.rendered import asked_and_rendered, go_unquote, log_size, rendered_prompts, rendered_since
 from tests.conftest import RealOllama
 
 
@@ -42,6 +42,20 @@ def test_rendered_prompts_are_read_from_chat_and_generate_lines_in_order(tmp_pat
     assert rendered_prompts(log.read_text()) == ["<|im_start|>user\nHi", "plain"]
     assert rendered_since(log, mark) == ["plain"]
     assert log_size(tmp_path / "none.log") == 0
+
+
+def test_a_request_comes_back_with_the_last_prompt_rendered_while_it_ran(tmp_path):
+    log = tmp_path / "ollama-serve.log"
+    log.write_text('time=1 level=DEBUG msg="chat request" images=0 prompt="before"\n')
+
+    def ask():
+        with open(log, "a") as f:
+            f.write('time=2 level=DEBUG msg="chat request" images=0 prompt="a\\nb"\n')
+        return "answer"
+
+    assert asked_and_rendered(log, ask) == ("answer", "a\nb")
+    assert asked_and_rendered(log, lambda: "quiet") == ("quiet", None)  # nothing logged meanwhile
+    assert asked_and_rendered(None, lambda: "no log") == ("no log", None)
 
 
 # ---------------------------------------------------------------- real server
