@@ -63,6 +63,8 @@ FAULTS: dict[str, tuple[str, str, str]] = {
     "disk_full_checkpoint": ("train", "writing the second checkpoint fails with ENOSPC", "(stage error)"),
     "fuse_drops_adapter": ("fuse", "the fused folder is the base model", "fuse_exactness"),
     "fuse_scales_tensor": ("fuse", "the final norm is scaled by 1.02", "fuse_exactness"),
+    "fuse_config_drift": ("fuse", "the fused config.json's norm epsilon is 10x the base's", "(stage error)"),
+    "gguf_metadata_drift": ("gguf", "the GGUF's norm epsilon is 10x the model's", "(stage error)"),
     "gguf_pretokenizer_mislabelled": (
         "gguf",
         "tokenizer.ggml.pre names another pre-tokenizer",
@@ -225,6 +227,27 @@ def _gguf_pretokenizer_mislabelled(path: Path, rewrite_string: Callable) -> Path
     return path
 
 
+# HF config keys of the norm epsilon (Llama style, GPT-2 style), at the top or in a multimodal text_config
+EPSILON_KEYS = ("rms_norm_eps", "layer_norm_epsilon", "layer_norm_eps")
+
+
+def _fuse_config_drift(config: dict) -> dict:
+    for part in (config, config.get("text_config") or {}):
+        if key := next((k for k in EPSILON_KEYS if isinstance(part.get(k), float)), None):
+            part[key] *= 10
+            return config
+    raise KeyError("no norm epsilon in config.json to plant fuse_config_drift on")
+
+
+def _gguf_metadata_drift(path: Path, inspect_gguf: Callable, rewrite_number: Callable) -> Path:
+    info = inspect_gguf(path)
+    for suffix in ("attention.layer_norm_rms_epsilon", "attention.layer_norm_epsilon"):
+        if (old := info.metadata.get(f"{info.architecture}.{suffix}")) is not None:
+            rewrite_number(path, f"{info.architecture}.{suffix}", old * 10)
+            return path
+    raise KeyError(f"{path}: no norm epsilon to plant gguf_metadata_drift on")
+
+
 def _modelfile_wrong_template(template: str, chat_format: Callable) -> str:
     return chat_format("llama3" if "<|im_start|>" in template else "chatml").template
 
@@ -243,6 +266,8 @@ EFFECTS: dict[str, Callable[..., Any]] = {
     "disk_full_checkpoint": _disk_full_checkpoint,
     "fuse_drops_adapter": _fuse_drops_adapter,
     "fuse_scales_tensor": _fuse_scales_tensor,
+    "fuse_config_drift": _fuse_config_drift,
+    "gguf_metadata_drift": _gguf_metadata_drift,
     "gguf_pretokenizer_mislabelled": _gguf_pretokenizer_mislabelled,
     "modelfile_wrong_template": _modelfile_wrong_template,
     "modelfile_no_stop": lambda stops: [],

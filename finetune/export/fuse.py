@@ -98,6 +98,7 @@ def fuse(
         floating = (mx.float32, mx.float16, mx.bfloat16)
         model.update(tree_map(lambda p: p.astype(target) if p.dtype in floating else p, model.parameters()))
         config["torch_dtype"] = config["dtype"] = dtype
+    config = faults.point("fuse_config_drift", config)
     mx.eval(model.parameters())
     with atomic_dir(out_dir) as tmp:
         save(tmp, str(base_path), model, tokenizer, config, donate_model=False)

@@ -22,7 +22,7 @@ from pathlib import Path
 from finetune import faults
 from finetune.errors import UserError
 from finetune.export.converter import fetch_converter
-from finetune.export.gguf_inspect import rewrite_string
+from finetune.export.gguf_inspect import inspect_gguf, rewrite_number, rewrite_string
 from finetune.models.convert import EXPORT_OVERRIDES
 from finetune.system.procs import run_guarded
 
@@ -163,6 +163,7 @@ def convert_hf_to_gguf(
                 f"{_reason(proc.stderr, proc.stdout)}"
             )
         os.replace(tmp_out, out_path)
+    faults.point("gguf_metadata_drift", out_path, inspect_gguf, rewrite_number)
     return faults.point("gguf_pretokenizer_mislabelled", out_path, rewrite_string)
 
 

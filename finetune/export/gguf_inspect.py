@@ -66,8 +66,8 @@ def _read_header(
 ) -> tuple[dict[str, tuple[Any, Any]], list[GGUFTensor]]:
     """Parse the GGUF header directly: gguf.GGUFReader spends 2.5-4 s on a 49k-token vocab here (memmap views).
 
-    With `spans`, records where each scalar string value's bytes (length prefix included) lie, and the
-    header's end under the key "" (for rewrite_string)."""
+    With `spans`, records where each scalar value's bytes (a string's length prefix included) lie, and the
+    header's end under the key "" (for rewrite_string and rewrite_number)."""
     with open(path, "rb") as fh:
         buf = fh.read(min(os.path.getsize(path), 64 << 20))  # headers of these models are a few MB
     if buf[:4] != b"GGUF":
@@ -126,7 +126,7 @@ def _read_fields(
         if _VT(vt) != _VT.ARRAY:
             start = cur.pos
             fields[key] = (_VT(vt), cur.value(_VT(vt)))
-            if spans is not None and _VT(vt) == _VT.STRING:
+            if spans is not None:
                 spans[key] = (start, cur.pos)
             continue
         sub, count = cur.unpack("<IQ")
@@ -281,6 +281,8 @@ def rewrite_string(path: str | Path, key: str, value: str | None) -> str | None:
     fields, _ = _read_header(path, spans)
     if key not in spans:
         raise GGUFReadError(f"{path}: no string metadata key {key!r}")
+    if fields[key][0] != _VT.STRING:
+        raise GGUFReadError(f"{path}: metadata key {key!r} is not a string")
     current = fields[key][1]
     if value is None:
         return current
@@ -299,4 +301,17 @@ def rewrite_string(path: str | Path, key: str, value: str | None) -> str | None:
             while chunk := fh.read(1 << 24):
                 out.write(chunk)
     os.replace(tmp, path)
+    return current
+
+
+def rewrite_number(path: str | Path, key: str, value: float) -> float:
+    """Replace a numeric scalar metadata value in place (same type, so the same size); return the old one."""
+    path, spans = Path(path), {}
+    fields, _ = _read_header(path, spans)
+    vtype, current = fields.get(key, (None, None))
+    if key not in spans or vtype not in _SCALARS or vtype == _VT.BOOL:
+        raise GGUFReadError(f"{path}: no numeric metadata key {key!r}")
+    with open(path, "r+b") as fh:
+        fh.seek(spans[key][0])
+        fh.write(struct.pack(_SCALARS[vtype], type(current)(value)))
     return current

@@ -40,7 +40,8 @@ def stage_fuse(ctx: Ctx) -> StageReport:
         problems.append(f"weights are not all float32: {dtypes}")
     if problems:  # never re-quantize (or round) silently: the GGUF export must start from full precision
         raise StageError(
-            f"{out}: fused model is not the base in full precision: {'; '.join(problems)}", {"dtypes": dtypes}
+            f"{out}: the fused model is not the base's in full precision: {'; '.join(problems)}",
+            {"dtypes": dtypes},
         )
     verdicts = []
     if ctx.wants("fuse_exactness"):

@@ -32,7 +32,11 @@ TRAIN_FAULTS = [n for n, stage in GATED.items() if stage in ("data", "train") an
 # Gates that must fail on a fault besides the one it is planted for (a fault table row names one gate).
 ALSO_CAUGHT = {"lr_zero": ("validation_loss",), "frozen_lora": ("validation_loss",)}
 SHIP_FAULTS = [n for n, stage in GATED.items() if stage not in ("data", "train")]
-STAGE_ERROR_FAULTS = [n for n in faults.FAULTS if n not in GATED]
+STAGE_ERROR_FAULTS = [n for n, (stage, _, _) in faults.FAULTS.items() if n not in GATED and stage == "train"]
+# config.json and GGUF metadata are compared value by value with the base's: a drift stops its stage
+SHIP_STAGE_ERROR_FAULTS = [
+    n for n, (stage, _, _) in faults.FAULTS.items() if n not in GATED and stage != "train"
+]
 
 
 def _sets(folder: Path, seed: int = 0) -> list[str]:
@@ -106,7 +110,22 @@ def test_a_shipping_fault_is_caught_by_its_gate_and_only_its_stage_onward_reruns
     assert all(s.cached for s in report.stages[: order.index(stage)]), "upstream stages come from the cache"
 
 
-# The one stage-error fault we have; a new one fails here until it has its own case.
+@pytest.mark.parametrize("fault", SHIP_STAGE_ERROR_FAULTS)
+def test_a_shipping_file_that_drifts_from_the_base_stops_its_stage_naming_the_key(fault, healthy, tmp_path, data_dir,
+                                                                                   record, plant_fault):  # fmt: skip
+    run_dir = tmp_path / "run"
+    shutil.copytree(healthy[0], run_dir, symlinks=True)
+    plant_fault(fault)
+    report = _run("pipeline", run_dir, _sets(data_dir, 0))
+    stage = next(s for s in report.stages if s.name == faults.FAULTS[fault][0])
+    caught = stage.status == "failed" and "epsilon" in (stage.reason or "")
+    record(fault=fault, model=MODEL, expected=STAGE_ERROR, caught=caught, status=report.status,
+           failed=[f"{stage.name}: {(stage.reason or '')[:160]}"])  # fmt: skip
+    assert caught, stage.reason
+    assert report.faults == [fault] and (report.status, report.exit_code) == (faults.STATUS, faults.EXIT_CODE)
+
+
+# The one training stage-error fault we have; a new one fails here until it has its own case.
 @pytest.mark.parametrize("fault", STAGE_ERROR_FAULTS)
 def test_a_full_disk_during_a_checkpoint_fails_clearly_and_keeps_the_previous_one(fault, tmp_path, data_dir, record,
                                                                                    plant_fault):  # fmt: skip

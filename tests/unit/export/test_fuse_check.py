@@ -105,3 +105,17 @@ def test_config_changes_name_every_key_but_the_dtype():
         "config.json rope_theta: base 10000.0, fused 1.0",
         "config.json sliding_window: base None, fused 4",
     ]
+
+
+def test_a_fuse_that_changes_the_config_is_named_by_config_changes(
+    tiny_hf, tiny_adapter, tmp_path, plant_fault
+):
+    from finetune.export.fuse_check import config_changes
+
+    plant_fault("fuse_config_drift")
+    out = _fused(tiny_hf, tiny_adapter, tmp_path / "fused")
+    base, fused = (json.loads((d / "config.json").read_text()) for d in (tiny_hf, out))
+    assert fused["rms_norm_eps"] == pytest.approx(10 * base["rms_norm_eps"])
+    assert config_changes(base, fused) == [
+        f"config.json rms_norm_eps: base {base['rms_norm_eps']!r}, fused {fused['rms_norm_eps']!r}"
+    ]

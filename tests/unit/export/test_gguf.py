@@ -57,3 +57,14 @@ def test_the_pretokenizer_fault_mislabels_the_file(tiny_hf, tmp_path, plant_faul
     plant_fault("gguf_pretokenizer_mislabelled")
     gguf = convert_hf_to_gguf(tiny_hf, tmp_path / "m.gguf", "f16")
     assert inspect_gguf(gguf).tokenizer_pre == "llama-bpe"  # SmolLM2's tokenizer is "smollm"
+
+
+def test_the_metadata_fault_changes_the_norm_epsilon_and_check_gguf_names_it(tiny_hf, tmp_path, plant_fault):
+    plant_fault("gguf_metadata_drift")
+    gguf = convert_hf_to_gguf(tiny_hf, tmp_path / "m.gguf", "f16")
+    eps = json.loads((tiny_hf / "config.json").read_text())["rms_norm_eps"]
+    assert inspect_gguf(gguf).metadata["llama.attention.layer_norm_rms_epsilon"] == pytest.approx(10 * eps)
+    assert check_gguf(gguf, tiny_hf) == [
+        f"m.gguf: llama.attention.layer_norm_rms_epsilon is "
+        f"{inspect_gguf(gguf).metadata['llama.attention.layer_norm_rms_epsilon']}, HF config says {eps}"
+    ]

@@ -13,6 +13,7 @@ from finetune.export.gguf_inspect import (
     check_gguf,
     expected_tokenizer_model,
     inspect_gguf,
+    rewrite_number,
     rewrite_string,
 )
 
@@ -95,3 +96,17 @@ def test_rewrite_string_changes_one_value_and_keeps_the_tensors(tiny_f16_gguf, t
     assert rewrite_string(copy, "tokenizer.ggml.pre", None) == "a-much-longer-pre-tokenizer-name"
     with pytest.raises(GGUFReadError, match="no string metadata key"):
         rewrite_string(copy, "no.such.key", "x")
+
+
+def test_rewrite_number_changes_one_value_in_place_and_refuses_a_string(tiny_f16_gguf, tmp_path):
+    copy = tmp_path / "c.gguf"
+    shutil.copy(tiny_f16_gguf, copy)
+    before = inspect_gguf(copy)
+    assert rewrite_number(copy, "llama.rope.freq_base", 20000.0) == before.metadata["llama.rope.freq_base"]
+    after = inspect_gguf(copy)
+    assert after.metadata["llama.rope.freq_base"] == 20000.0 and after.tensors == before.tensors
+    assert copy.stat().st_size == tiny_f16_gguf.stat().st_size
+    with pytest.raises(GGUFReadError, match="no numeric metadata key"):
+        rewrite_number(copy, "tokenizer.ggml.pre", 1.0)
+    with pytest.raises(GGUFReadError, match="is not a string"):
+        rewrite_string(copy, "llama.rope.freq_base", "x")
