@@ -150,6 +150,28 @@ def top_logprobs(
     return [{int(t): lp for t, lp in row} for row in run_child(req, timeout=timeout, runner=runner)]
 
 
+def continuation_logprobs(
+    gguf_path: str | Path,
+    prompt_ids: Sequence[int],
+    n: int,
+    *,
+    k: int = 20,
+    n_ctx: int = 2048,
+    precise: bool = False,
+    timeout: float = 300.0,
+    runner: Runner = run_guarded,
+) -> list[tuple[int, dict[int, float]]]:
+    """llama.cpp's greedy continuation of prompt_ids, n tokens (its end token ignored), in ONE request: per
+    generated token, (its id, the k most likely tokens at that position as {id: log-probability} of the raw
+    logits). A long prompt is evaluated in batches, so a 1024-token context costs seconds, not one request
+    per position as top_logprobs does (see it for precise)."""
+    req = {"op": "continue", "gguf": str(gguf_path), "ids": [int(t) for t in prompt_ids], "n": n, "k": k,
+           "n_ctx": n_ctx, "precise": precise}  # fmt: skip
+    return [
+        (int(t), {int(i): lp for i, lp in row}) for t, row in run_child(req, timeout=timeout, runner=runner)
+    ]
+
+
 logits = top_logprobs  # the name the pipeline brief uses; the values are log-probabilities
 
 
@@ -182,12 +204,11 @@ def _serve(req: dict[str, Any]) -> Any:
     params.n_gpu_layers = 0
     params.cpuparams.n_threads = params.cpuparams_batch.n_threads = 1
     params.warmup = False
-    if (
-        req.get("kv_cache", "f16") != "f16"
-    ):  # f16 is llama.cpp's (and Ollama's) default; f32 isolates weight error
-        params.cache_type_k = params.cache_type_v = getattr(
-            xlc.ggml_type, f"GGML_TYPE_{req['kv_cache'].upper()}"
-        )
+    if req.get(
+        "precise"
+    ):  # f32 KV cache, no flash attention: only the GGUF's weights differ from a reference
+        params.cache_type_k = params.cache_type_v = xlc.ggml_type.GGML_TYPE_F32
+        params.flash_attn_type = xlc.llama_flash_attn_type.LLAMA_FLASH_ATTN_TYPE_DISABLED
     params.hostnames = ["127.0.0.1"]
     params.port = port
     server = xlc.Server(params)  # raises if the model does not load
@@ -256,7 +277,35 @@ def _op_logprobs(port: int, req: dict[str, Any]) -> list[list[tuple[int, float]]
     return rows
 
 
-_OPS = {"tokenize": _op_tokenize, "generate": _op_generate, "logprobs": _op_logprobs}
+def _op_continue(port: int, req: dict[str, Any]) -> list[tuple[int, list[tuple[int, float]]]]:
+    body = {
+        "prompt": req["ids"],
+        "n_predict": req["n"],
+        "n_probs": req["k"],
+        "temperature": 0.0,
+        "top_k": 1,
+        "ignore_eos": True,
+        "cache_prompt": False,
+        "post_sampling_probs": False,
+        "return_tokens": True,
+        "seed": 0,
+    }
+    r = _post(port, "/completion", body)
+    probs = r["completion_probabilities"]
+    # one entry per generated token, each naming its token; a server that merged or dropped one is refused
+    if [int(p["id"]) for p in probs] != [int(t) for t in r.get("tokens", [])]:
+        raise RuntimeError(
+            f"llama.cpp returned {len(probs)} probability rows for {len(r.get('tokens', []))} tokens"
+        )
+    return [(int(p["id"]), [(int(t["id"]), float(t["logprob"])) for t in p["top_logprobs"]]) for p in probs]
+
+
+_OPS = {
+    "tokenize": _op_tokenize,
+    "generate": _op_generate,
+    "logprobs": _op_logprobs,
+    "continue": _op_continue,
+}
 
 
 def _child_main(argv: Sequence[str]) -> int:
