@@ -13,7 +13,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from finetune.gates.parity import Answer
+from finetune.gates.parity import Answer, ReferenceRows
 from finetune.train.batches import TokenDataset, make_iterate_batches, masked_loss
 from finetune.train.gemma_scale import exact_embed_scale
 
@@ -92,6 +92,32 @@ def logprobs(model: Any, token_ids: Sequence[int]) -> np.ndarray:
     """log_softmax of the model's logits at every position of one sequence (positions x vocab), float32."""
     out = model(mx.array([list(token_ids)]))[0].astype(mx.float32)
     return np.array(out - mx.logsumexp(out, axis=-1, keepdims=True))
+
+
+def reference_rows(
+    model: Any, token_ids: Sequence[int], k: int, at: Sequence[Sequence[int]], start: int = 0
+) -> ReferenceRows:
+    """The model's log-softmax at positions start, start + 1, ... (one per row of `at`): its top-k there and
+    its values at the ids `at` names, without keeping positions x vocab rows on the host."""
+    logits = model(mx.array([list(token_ids)]))[0, start : start + len(at)].astype(mx.float32)
+    lsm = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    top_ids = mx.argpartition(-lsm, kth=k - 1, axis=-1)[:, :k]
+    width = max(1, *(len(a) for a in at))
+    wanted = np.array([[*a, *([a[0] if a else 0] * (width - len(a)))] for a in at], dtype=np.int32)
+    top_vals, at_vals = (
+        mx.take_along_axis(lsm, top_ids, axis=-1),
+        mx.take_along_axis(lsm, mx.array(wanted), axis=-1),
+    )
+    mx.eval(top_vals, at_vals)
+    ti, tv, av = np.array(top_ids), np.array(top_vals, dtype=np.float64), np.array(at_vals, dtype=np.float64)
+    tops = [
+        dict(sorted(zip(map(int, i), map(float, v), strict=True), key=lambda x: -x[1]))
+        for i, v in zip(ti, tv, strict=True)
+    ]
+    return ReferenceRows(
+        tops,
+        [{int(t): float(v) for t, v in zip(a, row, strict=False)} for a, row in zip(at, av, strict=True)],
+    )
 
 
 def text_nll(model: Any, tokenizer: Any, texts: Sequence[str]) -> float:

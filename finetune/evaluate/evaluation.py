@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from finetune import faults
-from finetune.evaluate.prompts import TOKENIZER_TEXTS, EvalPrompt, build_prompts
-from finetune.gates.parity import Answer
+from finetune.evaluate.prompts import TOKENIZER_TEXTS, EvalPrompt, build_prompts, long_context_text
+from finetune.gates.parity import Answer, ReferenceRows
 from finetune.gates.runtime_parity import RuntimeMeasurements
 from finetune.gates.scoring import answer_score
 
@@ -31,7 +31,10 @@ class EvalSettings:
     n_heldout: int = 12
     max_tokens: int | None = None  # None: the data's answer budget (finetune.evaluate.budget)
     logprob_prompts: int = 2  # prompt + answer sequences compared position by position (~25 tokens each)
-    top_k: int = 10
+    top_k: int = 20  # the tokens llama.cpp lists per position
+    ref_top_k: int = 5  # the reference's most likely tokens llama.cpp must list too (two-sided)
+    long_context: int = 1024  # tokens of the long-context sequence (at most the model's context)
+    long_positions: int = 64  # its last positions compared, as llama.cpp continues it
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -53,16 +56,20 @@ class EvalInputs:
     # the served model asked with default requests (its Modelfile decides); None = not deployed
     ollama: Callable[[Sequence[EvalPrompt]], list[Answer]] | None = None
     ollama_reason: str = "the model is not deployed to Ollama"
+    model_context: int | None = None  # the base model's context length (config.json); None: unknown
 
 
 @dataclass
 class Backends:
     load_tokenizer: Callable[[Path], Any]
     mlx_generate: Callable[[Path, Path | None, Sequence[str], int], list[Answer]]
-    mlx_logprobs: Callable[[Path, Sequence[int]], Any]
+    # (model dir, adapter dir, [(ids, ids to read per position, first position)], top k) -> ReferenceRows each
+    mlx_logprobs: Callable[[Path, Path | None, Sequence[tuple], int], list[ReferenceRows]]
     llamacpp_generate: Callable[[Path, Sequence[str], int, Sequence[str]], list[Answer]]
     llamacpp_tokenize: Callable[[Path, Sequence[str]], list[list[int]]]
     llamacpp_logprobs: Callable[[Path, Sequence[int], int], list[dict[int, float]]]
+    # (gguf, prompt ids, n, k) -> llama.cpp's greedy continuation, per token (id, its top-k logprobs)
+    llamacpp_continuation: Callable[[Path, Sequence[int], int, int], list[tuple[int, dict[int, float]]]]
 
 
 def score_runtime(name: str, prompts: Sequence[EvalPrompt], answers: Sequence[Answer]) -> dict[str, Any]:
@@ -183,16 +190,29 @@ def _served_prompts(m: RuntimeMeasurements, inputs: EvalInputs, backends: Backen
 def _logprob_parity(
     m: RuntimeMeasurements, inputs: EvalInputs, backends: Backends, tokenizer: Any, log: Log
 ) -> None:
-    """Both runtimes score the fused model's own answers, token by token."""
+    """llama.cpp and MLX score the same ids: the fine-tuned model's own short answers position by position
+    (llama.cpp as Ollama runs it), and a long context llama.cpp continues. The reference is base + SAVED adapter,
+    not the fused folder, which would share a fault of the fused config.json."""
     s = inputs.settings
-    log("[evaluate] logprob parity (llama.cpp vs fused MLX) ...")
+    log("[evaluate] logprob parity (llama.cpp vs MLX base + adapter, short answers and a long context) ...")
     try:
-        fused = m.answers["mlx_fused"]
         ids: list[int] = []
-        for p, a in list(zip(m.prompts, fused, strict=True))[: s.logprob_prompts]:
+        for p, a in list(zip(m.prompts, m.answers["mlx_fused"], strict=True))[: s.logprob_prompts]:
             ids += list(tokenizer.encode(p.prompt + a.text))
-        m.logprob_reference = backends.mlx_logprobs(inputs.fused_dir, ids)
-        m.logprob_candidate = backends.llamacpp_logprobs(inputs.gguf, ids, s.top_k)
+        short = backends.llamacpp_logprobs(inputs.gguf, ids, s.top_k)
+        # llama.cpp stops one token short of a full context: at most the model's context - 1
+        length = min(s.long_context, (inputs.model_context or s.long_context + 1) - 1)
+        text = long_context_text(inputs.data_dir, 8 * length)  # >= 1 token per 8 characters
+        prompt = list(tokenizer.encode(text))[: length - s.long_positions]
+        cont = backends.llamacpp_continuation(inputs.gguf, prompt, s.long_positions, s.top_k)
+        seq = prompt + [t for t, _ in cont]
+        requests = [(ids, [list(c) for c in short], 0), (seq, [list(c) for _, c in cont], len(prompt) - 1)]
+        ref_short, ref_long = backends.mlx_logprobs(
+            inputs.base_dir, inputs.adapter_dir, requests, s.ref_top_k
+        )
+        m.logprob_reference = ReferenceRows(ref_short.top + ref_long.top, ref_short.at + ref_long.at)
+        m.logprob_candidate = short + [c for _, c in cont]
+        m.logprob_long = {"context": len(seq), "positions": len(cont)}
     except Exception as exc:
         m.logprob_error = f"{type(exc).__name__}: {exc}"
 

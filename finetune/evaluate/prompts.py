@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -78,3 +79,18 @@ def build_prompts(data_dir: Path, template: Any, *, n_train: int, n_heldout: int
 def _prompt(kind: str, messages: list[dict], template: Any, reference: str, category: str) -> EvalPrompt:
     question, prompt = messages[-1]["content"], template.render_prompt(messages)
     return EvalPrompt(kind, question, prompt, reference, category, tuple(dict(m) for m in messages))
+
+
+def long_context_text(data_dir: Path, min_chars: int) -> str:
+    """At least min_chars of text in the run's own format: its training rows as rendered for training, with the
+    general texts (finetune.evaluate.general_text) between them, repeated as needed."""
+    from finetune.evaluate.general_text import GENERAL_TEXTS
+    from finetune.system.jsonl import read_jsonl
+
+    rows = [r["text"] for r in read_jsonl(Path(data_dir) / "train.jsonl") if r.get("text")]
+    general = itertools.cycle(GENERAL_TEXTS)
+    parts = [x for row in rows for x in (row, next(general))] or list(GENERAL_TEXTS)
+    out = ""
+    while len(out) < min_chars:
+        out += "\n\n".join(parts) + "\n\n"
+    return out

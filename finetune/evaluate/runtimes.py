@@ -6,12 +6,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from finetune.evaluate import decode
 from finetune.evaluate.evaluation import Backends
 from finetune.evaluate.prompts import EvalPrompt
-from finetune.gates.parity import Answer
+from finetune.gates.parity import Answer, ReferenceRows
 
 
 def mlx_generate(
@@ -25,10 +23,17 @@ def mlx_generate(
         decode.release(model)
 
 
-def mlx_logprobs(model_dir: Path, token_ids: Sequence[int]) -> np.ndarray:
-    model, _ = decode.load(model_dir)
+def mlx_logprobs(
+    model_dir: Path,
+    adapter_dir: Path | None,
+    requests: Sequence[tuple[Sequence[int], Sequence[Sequence[int]], int]],
+    k: int,
+) -> list[ReferenceRows]:
+    """model_dir (+ the saved adapter) scores each (token ids, the ids to read at each position, first position):
+    its top-k and its logprobs at those ids (decode.reference_rows); one load for every request."""
+    model, _ = decode.load(model_dir, adapter_dir)
     try:
-        return decode.logprobs(model, token_ids)
+        return [decode.reference_rows(model, ids, k, at, start) for ids, at, start in requests]
     finally:
         decode.release(model)
 
@@ -54,6 +59,16 @@ def llamacpp_logprobs(gguf: Path, token_ids: Sequence[int], k: int) -> list[dict
     from finetune.serve import llamacpp
 
     return llamacpp.top_logprobs(gguf, token_ids, k=k)
+
+
+def llamacpp_continuation(
+    gguf: Path, prompt_ids: Sequence[int], n: int, k: int
+) -> list[tuple[int, dict[int, float]]]:
+    """llama.cpp's greedy continuation of a long prompt with its top-k logprobs; precise (f32 KV cache), so at a
+    long context only the GGUF itself can differ from the reference (its f16 cache drifts 0.2 over 1024 tokens)."""
+    from finetune.serve import llamacpp
+
+    return llamacpp.continuation_logprobs(gguf, prompt_ids, n, k=k, n_ctx=len(prompt_ids) + n, precise=True)
 
 
 def _field(r: Any, key: str) -> Any:
@@ -113,4 +128,5 @@ def real_backends() -> Backends:
         llamacpp_generate=llamacpp_generate,
         llamacpp_tokenize=llamacpp_tokenize,
         llamacpp_logprobs=llamacpp_logprobs,
+        llamacpp_continuation=llamacpp_continuation,
     )

@@ -53,37 +53,68 @@ def tokenizer_parity(
     return ParityResult(not problems, problems, {"match_rate": rate, "texts": float(len(texts))})
 
 
+@dataclass(frozen=True)
+class ReferenceRows:
+    """Per position, what a logprob comparison needs of the reference's log-softmax: its own top-k, and its
+    values at the candidate's tokens (a full positions x vocab array is 1 GiB per 1024 positions of a 262k vocab)."""
+
+    top: list[dict[int, float]]
+    at: list[dict[int, float]]
+
+    @classmethod
+    def from_full(cls, rows: Any, candidate: Sequence[dict[int, float]], k: int) -> ReferenceRows:
+        rows = np.asarray(rows, dtype=np.float64)
+        tops = [{int(t): float(r[t]) for t in np.argsort(-r)[:k]} for r in rows]
+        return cls(tops, [{t: float(r[t]) for t in c} for r, c in zip(rows, candidate, strict=False)])
+
+    def __len__(self) -> int:
+        return len(self.top)
+
+
 def logprob_parity(
-    reference: np.ndarray,
+    reference: Any,
     candidate: Sequence[dict[int, float]],
     *,
     max_abs: float,
     min_top1: float = 1.0,
     tie_margin: float | None = None,
+    ref_k: int = 5,
 ) -> ParityResult:
-    """Compare llama.cpp's top-k logprobs with the reference's full log-softmax rows (positions x vocab).
-
-    Fails when any compared logprob differs by more than max_abs, or when llama.cpp's top-1 is not the
-    reference's top-1 at more than 1 - min_top1 of positions. A top-1 that differs only inside a near-tie
-    (reference gap <= tie_margin, default max_abs) counts as agreeing: either answer is within tolerance.
+    """Compare llama.cpp's top-k logprobs with the reference's (ReferenceRows, or full positions x vocab rows),
+    both ways: every token llama.cpp lists must be within max_abs of the reference, and every token of the
+    reference's top ref_k must be listed by llama.cpp within max_abs, or be so unlikely there that it may be
+    (at most max_abs above llama.cpp's last listed logprob). Fails too when llama.cpp's top-1 is not the
+    reference's at more than 1 - min_top1 of positions; a top-1 that differs only inside a near-tie (reference
+    gap <= tie_margin, default max_abs) counts as agreeing: either answer is within tolerance.
     """
     tie_margin = max_abs if tie_margin is None else tie_margin
-    reference = np.asarray(reference, dtype=np.float64)
-    if reference.ndim != 2 or len(reference) != len(candidate):
+    if not isinstance(reference, ReferenceRows):
+        full = np.asarray(reference)
+        if full.ndim != 2:
+            return ParityResult(
+                False, [f"shape mismatch: reference {full.shape}, llama.cpp {len(candidate)} rows"]
+            )
+        reference = ReferenceRows.from_full(full, candidate, ref_k)
+    if len(reference) != len(candidate):
         return ParityResult(
-            False, [f"shape mismatch: reference {reference.shape}, llama.cpp {len(candidate)} rows"]
+            False, [f"shape mismatch: reference {len(reference)} rows, llama.cpp {len(candidate)} rows"]
         )
-    worst, worst_at, strict, tolerant, diffs = 0.0, (0, 0), 0, 0, []
-    for pos, (ref, top) in enumerate(zip(reference, candidate, strict=True)):
+    worst, worst_at, strict, tolerant, missed, diffs = 0.0, (0, 0), 0, 0, 0, []
+    for pos, (ref_top, ref_at, top) in enumerate(zip(reference.top, reference.at, candidate, strict=True)):
         if not top:
             return ParityResult(False, [f"position {pos}: llama.cpp returned no logprobs"])
-        for tid, lp in top.items():
-            diffs.append(float(abs(ref[tid] - lp)))
-            if diffs[-1] > worst:
-                worst, worst_at = diffs[-1], (pos, tid)
-        cpp_top1 = max(top, key=top.get)
-        strict += int(cpp_top1 == int(np.argmax(ref)))
-        tolerant += int(ref[cpp_top1] >= ref.max() - tie_margin)
+        floor = min(top.values())
+        # llama.cpp's own list, then the reference's top tokens it left out (a lower bound of their error)
+        pairs = [(t, abs(ref_at[t] - lp)) for t, lp in top.items()]
+        unlisted = [(t, lp - floor) for t, lp in list(ref_top.items())[:ref_k] if t not in top]
+        missed += sum(1 for _, d in unlisted if d > max_abs)
+        for tid, d in pairs + [(t, max(d, 0.0)) for t, d in unlisted]:
+            diffs.append(float(d))
+            if d > worst:
+                worst, worst_at = float(d), (pos, tid)
+        cpp_top1, ref_best = max(top, key=top.get), max(ref_top.values())
+        strict += int(cpp_top1 == max(ref_top, key=ref_top.get))
+        tolerant += int(ref_at[cpp_top1] >= ref_best - tie_margin)
     n = len(candidate)
     metrics = {
         "max_abs_diff": worst,
@@ -91,12 +122,15 @@ def logprob_parity(
         "top1_agreement": strict / n,
         "top1_agreement_tol": tolerant / n,
         "positions": float(n),
+        "reference_top_missed": float(missed),
     }
     problems = []
     if worst > max_abs:
         problems.append(
             f"max |logprob diff| {worst:.3g} > {max_abs:g} (position {worst_at[0]}, token {worst_at[1]})"
         )
+    if missed:
+        problems.append(f"{missed} of the reference's top-{ref_k} tokens are missing from llama.cpp's top-k")
     if tolerant / n < min_top1:
         problems.append(
             f"top-1 agreement {tolerant / n:.1%} < {min_top1:.0%} ({n - tolerant} of {n} positions)"

@@ -185,7 +185,8 @@ _ALL = (
     ),
     Gate(
         "logprob_parity",
-        "top-10 next-token logprobs of the GGUF in llama.cpp vs the fused model in MLX",
+        "next-token logprobs both ways, the GGUF in llama.cpp vs base + saved adapter in MLX, short answers and "
+        "a 1024-token context",
         "logprob_max_abs",
         "a wrong tensor layout or broken export",
         phase="export",

@@ -12,8 +12,6 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from finetune.gates.parity import Answer, ParityResult, content_tokens, logprob_parity, tokenizer_parity
 from finetune.gates.scoring import answer_score
 from finetune.gates.verdict import Verdict, skipped, verdict
@@ -51,8 +49,13 @@ class RuntimeMeasurements:
     hf_ids: list[list[int]] = field(default_factory=list)
     gguf_ids: list[list[int]] | None = None
     gguf_ids_error: str | None = None
-    logprob_reference: Any = None  # positions x vocab log-softmax of the fused MLX model
+    logprob_reference: Any = (
+        None  # ReferenceRows of MLX base + adapter (or positions x vocab log-softmax rows)
+    )
     logprob_candidate: list[dict[int, float]] | None = None
+    logprob_long: dict[str, int] = field(
+        default_factory=dict
+    )  # {"context", "positions"} of the long sequence
     logprob_error: str | None = None
     training_prompt_ids: list[list[int]] = field(default_factory=list)  # the training render's, per prompt
     served_prompt_ids: list[list[int] | None] = field(default_factory=list)  # of the text Ollama rendered
@@ -200,8 +203,10 @@ def tokenizer_gate(
     return verdict("gguf_tokenizer", result.ok, rate, 1.0, detail, {"metrics": result.metrics})
 
 
-def logprob_gate(result: ParityResult | Exception, *, gguf_type: str, max_abs: float) -> Verdict:
-    """Wrap parity.logprob_parity (llama.cpp top-k logprobs vs the fused MLX model's) as a Verdict."""
+def logprob_gate(
+    result: ParityResult | Exception, *, gguf_type: str, max_abs: float, long: Mapping[str, int] | None = None
+) -> Verdict:
+    """Wrap parity.logprob_parity (llama.cpp's top-k logprobs vs MLX base + adapter, both ways) as a Verdict."""
     if isinstance(result, Exception):
         return verdict("logprob_parity", False, None, max_abs, f"could not compare logprobs: {result}")
     m = result.metrics
@@ -209,6 +214,8 @@ def logprob_gate(result: ParityResult | Exception, *, gguf_type: str, max_abs: f
         f"{gguf_type}: max |diff| {m.get('max_abs_diff', float('nan')):.3g} (tolerance {max_abs:g}), "
         f"top-1 agreement {m.get('top1_agreement_tol', 0):.0%} over {int(m.get('positions', 0))} positions"
     )
+    if long:
+        detail += f", the last {long['positions']} of a {long['context']}-token context among them"
     if result.problems:
         detail += "; " + "; ".join(result.problems)
     return verdict("logprob_parity", result.ok, m.get("max_abs_diff"), max_abs, detail, {"metrics": m})
@@ -263,10 +270,10 @@ def judge_runtimes(m: RuntimeMeasurements, g: Any) -> list[Verdict]:
         result: Any = RuntimeError(m.logprob_error or "no llama.cpp logprobs")
     else:
         result = logprob_parity(
-            np.asarray(m.logprob_reference),
+            m.logprob_reference,
             m.logprob_candidate,
             max_abs=max_abs,
             tie_margin=max_abs * TIE_SHARE,
         )
-    verdicts.append(logprob_gate(result, gguf_type=m.gguf_type, max_abs=max_abs))
+    verdicts.append(logprob_gate(result, gguf_type=m.gguf_type, max_abs=max_abs, long=m.logprob_long))
     return verdicts

@@ -291,6 +291,11 @@ def _op_continue(port: int, req: dict[str, Any]) -> list[tuple[int, list[tuple[i
         "seed": 0,
     }
     r = _post(port, "/completion", body)
+    if "completion_probabilities" not in r:  # e.g. the context filled up before the first token
+        raise RuntimeError(
+            f"llama.cpp returned no probabilities (stop_type {r.get('stop_type')!r}, "
+            f"{len(req['ids'])} prompt tokens + {req['n']}, n_ctx {req['n_ctx']})"
+        )
     probs = r["completion_probabilities"]
     # one entry per generated token, each naming its token; a server that merged or dropped one is refused
     if [int(p["id"]) for p in probs] != [int(t) for t in r.get("tokens", [])]:

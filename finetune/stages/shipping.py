@@ -208,6 +208,7 @@ def stage_evaluate(ctx: Ctx) -> StageReport:
     from finetune.data.templates import get_template
     from finetune.evaluate.budget import answer_budget
     from finetune.evaluate.evaluation import EvalInputs, EvalSettings, score_runtimes
+    from finetune.export.gguf_inspect import config_context_length
 
     ollama_out = ctx.outputs.get("ollama", {})
     probe: dict[str, Any] = {}  # what the OpenAI-compatible endpoint answered
@@ -229,6 +230,7 @@ def stage_evaluate(ctx: Ctx) -> StageReport:
         llamacpp_reason=ctx.deps.llamacpp_reason(),
         ollama=ollama,
         ollama_reason=ollama_out.get("reason", "the model is not deployed to Ollama"),
+        model_context=config_context_length(ctx.outputs["model"]["config"]),
     )
     m = ctx.deps.evaluate(inputs, ctx.log)
     verdicts = _runtime_verdicts(ctx, m, inputs.gguf)

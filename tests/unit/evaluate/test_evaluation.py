@@ -18,7 +18,7 @@ from finetune.evaluate.evaluation import (
     score_runtimes,
 )
 from finetune.evaluate.prompts import TOKENIZER_TEXTS, EvalPrompt, build_prompts
-from finetune.gates.parity import Answer
+from finetune.gates.parity import Answer, ReferenceRows
 from finetune.gates.runtime_parity import judge_runtimes
 
 EOS = 2
@@ -90,12 +90,17 @@ class Fakes:
         base = Answer("I am not sure, let me think about it", "length", list(range(3, 3 + max_tokens)))
         return [self.trained(self.by_prompt[p]) if tuned else base for p in prompts]
 
-    def mlx_logprobs(self, model_dir, ids):
-        self.calls.append(f"logprobs:{model_dir}")
-        self.logprob_ids = list(ids)
-        rows = np.full((len(ids), 60), -10.0)
-        rows[:, 5] = -0.01
-        return rows
+    def mlx_logprobs(self, model_dir, adapter_dir, requests, k):
+        self.calls.append(f"logprobs:{model_dir}:{adapter_dir}")
+        self.logprob_ids, self.long_ids = list(requests[0][0]), list(requests[1][0])
+        self.starts = [start for _, _, start in requests]
+        rows = [np.full((len(at), 60), -10.0) for _, at, _ in requests]
+        for r in rows:
+            r[:, 5] = -0.01
+        return [
+            ReferenceRows.from_full(r, [dict.fromkeys(a, 0.0) for a in at], k)
+            for r, (_, at, _) in zip(rows, requests, strict=True)
+        ]
 
     def llamacpp_generate(self, gguf, prompts, max_tokens, stops):
         self.calls.append("llamacpp")
@@ -110,13 +115,17 @@ class Fakes:
     def llamacpp_logprobs(self, gguf, ids, k):
         return [{5: -0.02, 7: -10.0} for _ in ids]
 
+    def llamacpp_continuation(self, gguf, prompt, n, k):
+        self.long_prompt = list(prompt)
+        return [(5, {5: -0.02, 7: -10.0})] * n
+
     def ollama(self, prompts):  # Ollama renders each conversation as training did
         self.calls.append("ollama")
         return [Answer(f"{p.reference}.", "stop", None, 12, p.prompt) for p in prompts]
 
     def backends(self) -> Backends:
         return Backends(lambda _: FakeTokenizer(), self.mlx_generate, self.mlx_logprobs, self.llamacpp_generate,
-                        self.llamacpp_tokenize, self.llamacpp_logprobs)  # fmt: skip
+                        self.llamacpp_tokenize, self.llamacpp_logprobs, self.llamacpp_continuation)  # fmt: skip
 
 
 def inputs(data_dir, fakes, **kw) -> EvalInputs:
@@ -166,7 +175,7 @@ def test_the_answers_use_the_given_budget_and_ollama_prompts_without_a_render_st
         ]
 
     backends = Backends(b.load_tokenizer, mlx, b.mlx_logprobs, b.llamacpp_generate, b.llamacpp_tokenize,
-                        b.llamacpp_logprobs)  # fmt: skip
+                        b.llamacpp_logprobs, b.llamacpp_continuation)  # fmt: skip
     m = evaluate(data_dir, fakes, backends, max_tokens=57, ollama=unrendered, llamacpp_reason="not here")
     assert seen == [57, 57, 57]
     assert m.served_prompt_ids[0] is None and m.served_prompt_ids[1:] == m.training_prompt_ids[1:]
@@ -183,7 +192,7 @@ def test_the_runtimes_get_the_right_folders(data_dir, prompts):
         "mlx:fused:None",
     ]
     assert [c for c in fakes.calls if c in ("llamacpp", "ollama")] == ["llamacpp", "ollama"]
-    assert fakes.calls[-1] == "logprobs:fused" and len(fakes.calls) == 6
+    assert fakes.calls[-1] == "logprobs:base:adapter" and len(fakes.calls) == 6  # not the fused folder
     assert (
         list(m.answers) == list(m.runtimes) == ["mlx_base", "mlx_adapter", "mlx_fused", "llamacpp", "ollama"]
     )
@@ -218,7 +227,21 @@ def test_tokenizer_texts_and_logprob_sequence(data_dir, prompts):
     assert m.hf_ids == [FakeTokenizer().encode(t) for t in m.tokenizer_texts]
     # logprob_prompts=1: the first prompt followed by the fused model's answer, the same ids for both runtimes
     assert fakes.logprob_ids == FakeTokenizer().encode(prompts[0].prompt + m.answers["mlx_fused"][0].text)
-    assert len(m.logprob_candidate) == len(fakes.logprob_ids) == len(m.logprob_reference)
+    # the long context: 1024 tokens of the run's own rows and general text, its last 64 positions continued by
+    # llama.cpp and scored by MLX from the same position on
+    n = SETTINGS.long_positions
+    assert len(fakes.long_prompt) == SETTINGS.long_context - n and fakes.long_ids[:-n] == fakes.long_prompt
+    assert fakes.starts == [0, len(fakes.long_prompt) - 1] and m.logprob_long == {
+        "context": 1024,
+        "positions": n,
+    }
+    assert len(m.logprob_candidate) == len(fakes.logprob_ids) + n == len(m.logprob_reference)
+
+
+def test_the_long_context_is_cut_to_the_models_own(data_dir, prompts):
+    fakes = Fakes(prompts)
+    m = evaluate(data_dir, fakes, model_context=512)
+    assert len(fakes.long_ids) == 511 and m.logprob_long["context"] == 511  # llama.cpp needs one slot free
 
 
 def test_a_fuse_that_drops_the_adapter_fails_parity_and_adapter_effect(data_dir, prompts):
@@ -257,7 +280,7 @@ def test_a_tokenize_or_logprob_crash_is_recorded_not_raised(data_dir, prompts):
 
     b = fakes.backends()
     m = evaluate(data_dir, fakes, Backends(b.load_tokenizer, b.mlx_generate, b.mlx_logprobs, b.llamacpp_generate,
-                                           crash, crash))  # fmt: skip
+                                           crash, crash, b.llamacpp_continuation))  # fmt: skip
     assert m.gguf_ids is None and m.gguf_ids_error == "RuntimeError: llama.cpp aborted"
     assert m.logprob_error == "RuntimeError: llama.cpp aborted"
     v = verdicts(m)
@@ -294,11 +317,12 @@ def test_quantized_gguf_parity_is_judged_more_loosely(data_dir, prompts):
 
     b = fakes.backends()
     broken = Backends(b.load_tokenizer, b.mlx_generate, b.mlx_logprobs, drifting, b.llamacpp_tokenize,
-                      b.llamacpp_logprobs)  # fmt: skip
+                      b.llamacpp_logprobs, b.llamacpp_continuation)  # fmt: skip
     assert verdicts(evaluate(data_dir, fakes, broken, gguf_type="q8_0"))["output_parity"].passed
     assert not verdicts(evaluate(data_dir, fakes, broken, gguf_type="f16"))["output_parity"].passed
 
 
 def test_settings_serialize():
     assert EvalSettings().to_dict() == {"n_train": 12, "n_heldout": 12, "max_tokens": None, "logprob_prompts": 2,
-                                        "top_k": 10}  # fmt: skip
+                                        "top_k": 20, "ref_top_k": 5, "long_context": 1024,
+                                        "long_positions": 64}  # fmt: skip

@@ -104,15 +104,22 @@ def test_mlx_generate_loads_and_decodes_like_decode_greedy(tiny_hf, tiny_lora, t
         decode.release(reloaded)
 
 
-def test_mlx_logprobs_loads_the_folder(tiny_hf, tiny_model):
+def test_mlx_logprobs_loads_the_folder_and_its_adapter_and_reads_only_what_is_asked(
+    tiny_hf, tiny_lora, tiny_model
+):
     model, tok = tiny_model
     ids = decode.prompt_ids(tok, PROMPTS[0])
     ref = decode.logprobs(model, ids)
     with noise.as_float64(model):
         floor = noise.rel_max(ref, decode.logprobs(model, ids))
-    noise.within(
-        "logprobs of the loaded folder", noise.rel_max(runtimes.mlx_logprobs(tiny_hf, ids), ref), floor, 4
-    )
+    at = [[int(i) for i in np.argsort(-row)[3:6]] for row in ref[2:]]  # 3 ids per position from position 2
+    (rows,) = runtimes.mlx_logprobs(tiny_hf, None, [(ids, at, 2)], 4)
+    got = np.array([[rows.at[j][i] for i in a] for j, a in enumerate(at)])
+    want = np.array([[ref[2 + j][i] for i in a] for j, a in enumerate(at)])
+    noise.within("logprobs of the loaded folder at the asked ids", noise.rel_max(got, want), floor, 4)
+    assert [list(t) for t in rows.top] == [[int(i) for i in np.argsort(-row)[:4]] for row in ref[2:]]
+    (tuned,) = runtimes.mlx_logprobs(tiny_hf, tiny_lora, [(ids, at, 2)], 4)
+    assert tuned.at != rows.at  # base + the saved adapter, not the base
 
 
 def test_real_backends_are_these_runtimes():
@@ -123,6 +130,7 @@ def test_real_backends_are_these_runtimes():
     assert (b.mlx_generate, b.mlx_logprobs) == (runtimes.mlx_generate, runtimes.mlx_logprobs)
     assert (b.llamacpp_generate, b.llamacpp_tokenize, b.llamacpp_logprobs) == (
         runtimes.llamacpp_generate, runtimes.llamacpp_tokenize, runtimes.llamacpp_logprobs)  # fmt: skip
+    assert b.llamacpp_continuation is runtimes.llamacpp_continuation
 
 
 # ---------------------------------------------------------------- llama.cpp

@@ -8,6 +8,7 @@ import pytest
 from finetune.gates.parity import (
     Answer,
     ParityResult,
+    ReferenceRows,
     content_tokens,
     greedy_parity,
     logprob_parity,
@@ -94,10 +95,24 @@ def test_logprob_parity_tie_margin_is_separate_from_max_abs():
 def test_logprob_parity_min_top1_allows_some_disagreement():
     ref = _logsoftmax(np.random.default_rng(2).normal(size=(4, 20)) * 3)
     cand = [_top(row) for row in ref]
-    second = sorted(cand[0], key=cand[0].get)[-2]
-    cand[0] = {second: float(ref[0, second])}  # a top-1 flip with an exact logprob
-    assert not logprob_parity(ref, cand, max_abs=1e-6).ok
-    assert logprob_parity(ref, cand, max_abs=1e-6, min_top1=0.75).ok
+    first, second = sorted(cand[0], key=cand[0].get)[-1], sorted(cand[0], key=cand[0].get)[-2]
+    cand[0] = {**cand[0], first: cand[0][second], second: cand[0][first]}  # a top-1 flip, each within max_abs
+    gap = float(ref[0, first] - ref[0, second])
+    assert not logprob_parity(ref, cand, max_abs=gap + 1e-6, tie_margin=0.0).ok
+    assert logprob_parity(ref, cand, max_abs=gap + 1e-6, tie_margin=0.0, min_top1=0.75).ok
+
+
+def test_logprob_parity_is_two_sided_a_reference_top_token_llamacpp_leaves_out_fails():
+    ref = _logsoftmax(np.random.default_rng(3).normal(size=(3, 30)) * 3)
+    cand = [_top(row, k=4) for row in ref]
+    third = sorted(cand[1], key=cand[1].get)[-3]
+    del cand[1][third]  # what llama.cpp lists is exact, but a likely token is missing from its list
+    r = logprob_parity(ref, cand, max_abs=1e-3)
+    assert not r.ok and r.metrics["reference_top_missed"] == 1.0
+    assert any("missing from llama.cpp's top-k" in p for p in r.problems)
+    assert logprob_parity(ref, cand, max_abs=1e-3, ref_k=2).ok  # only the top two are required
+    rows = ReferenceRows.from_full(ref, cand, 5)  # the sparse form judges the same
+    assert logprob_parity(rows, cand, max_abs=1e-3).metrics == r.metrics
 
 
 def test_logprob_parity_fails_on_shape_mismatch_or_an_empty_row():

@@ -369,3 +369,23 @@ def test_a_continuation_scores_a_long_context_in_one_request_and_precise_is_hono
             abs(float(ref[j][i]) - lp) for j, (_, top) in enumerate(rows) for i, lp in top.items()
         )
     assert errors[True] <= F32_PRECISE and errors[True] < errors[False] / 10, errors
+
+
+@needs_xllamacpp
+def test_the_long_context_check_judges_the_ggufs_own_rope_base(tiny_hf, mlx_tiny, tmp_path):
+    from finetune.export.gguf_inspect import inspect_gguf, rewrite_number
+
+    model, tok = mlx_tiny
+    gguf = convert_hf_to_gguf(tiny_hf, tmp_path / "f32.gguf", "f32")
+    prompt = tok.encode(" ".join(TOKENIZER_TEXTS * 40))[:447]  # + 64 continued: the tiny Llama's 512 - 1
+    errors = []
+    for factor in (1.0, 1.5):  # a rope base 1.5x the model's, as a converter bug would write it
+        rewrite_number(
+            gguf, "llama.rope.freq_base", inspect_gguf(gguf).metadata["llama.rope.freq_base"] * factor
+        )
+        rows = L.continuation_logprobs(gguf, prompt, 64, k=20, n_ctx=511, precise=True)
+        seq = prompt + [t for t, _ in rows]
+        ref = decode.reference_rows(model, seq, 5, [list(c) for _, c in rows], len(prompt) - 1)
+        errors.append(logprob_parity(ref, [c for _, c in rows], max_abs=F32_PRECISE))
+    assert errors[0].ok, errors[0].problems
+    assert not errors[1].ok and errors[1].metrics["max_abs_diff"] > 0.5, errors[1].metrics
