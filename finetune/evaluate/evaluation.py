@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune import faults
+from finetune.evaluate import logprob_cache
 from finetune.evaluate.prompts import TOKENIZER_TEXTS, EvalPrompt, build_prompts, long_context_text
 from finetune.gates.parity import Answer, ReferenceRows
 from finetune.gates.runtime_parity import RuntimeMeasurements
@@ -57,6 +58,9 @@ class EvalInputs:
     ollama: Callable[[Sequence[EvalPrompt]], list[Answer]] | None = None
     ollama_reason: str = "the model is not deployed to Ollama"
     model_context: int | None = None  # the base model's context length (config.json); None: unknown
+    cache_dir: Path | None = (
+        None  # logprob measurements kept by the content of what they measured; None: none
+    )
 
 
 @dataclass
@@ -199,11 +203,16 @@ def _logprob_parity(
         ids: list[int] = []
         for p, a in list(zip(m.prompts, m.answers["mlx_fused"], strict=True))[: s.logprob_prompts]:
             ids += list(tokenizer.encode(p.prompt + a.text))
-        short = backends.llamacpp_logprobs(inputs.gguf, ids, s.top_k)
         # llama.cpp stops one token short of a full context: at most the model's context - 1
         length = min(s.long_context, (inputs.model_context or s.long_context + 1) - 1)
         text = long_context_text(inputs.data_dir, 8 * length)  # >= 1 token per 8 characters
         prompt = list(tokenizer.encode(text))[: length - s.long_positions]
+        cached = logprob_cache.Cache(inputs.cache_dir, inputs, ids, prompt)
+        if (hit := cached.load()) is not None:
+            m.logprob_reference, m.logprob_candidate, m.logprob_long = hit
+            log("[evaluate] logprob parity: measured before on these exact files (content hashes)")
+            return
+        short = backends.llamacpp_logprobs(inputs.gguf, ids, s.top_k)
         cont = backends.llamacpp_continuation(inputs.gguf, prompt, s.long_positions, s.top_k)
         seq = prompt + [t for t, _ in cont]
         requests = [(ids, [list(c) for c in short], 0), (seq, [list(c) for _, c in cont], len(prompt) - 1)]
@@ -213,6 +222,7 @@ def _logprob_parity(
         m.logprob_reference = ReferenceRows(ref_short.top + ref_long.top, ref_short.at + ref_long.at)
         m.logprob_candidate = short + [c for _, c in cont]
         m.logprob_long = {"context": len(seq), "positions": len(cont)}
+        cached.save(m.logprob_reference, m.logprob_candidate, m.logprob_long)
     except Exception as exc:
         m.logprob_error = f"{type(exc).__name__}: {exc}"
 

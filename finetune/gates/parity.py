@@ -80,24 +80,19 @@ def logprob_parity(
     tie_margin: float | None = None,
     ref_k: int = 5,
 ) -> ParityResult:
-    """Compare llama.cpp's top-k logprobs with the reference's (ReferenceRows, or full positions x vocab rows),
-    both ways: every token llama.cpp lists must be within max_abs of the reference, and every token of the
-    reference's top ref_k must be listed by llama.cpp within max_abs, or be so unlikely there that it may be
-    (at most max_abs above llama.cpp's last listed logprob). Fails too when llama.cpp's top-1 is not the
-    reference's at more than 1 - min_top1 of positions; a top-1 that differs only inside a near-tie (reference
-    gap <= tie_margin, default max_abs) counts as agreeing: either answer is within tolerance.
-    """
+    """llama.cpp's top-k logprobs vs the reference's (ReferenceRows, or positions x vocab rows), both ways: each
+    token llama.cpp lists within max_abs of the reference; each of the reference's top ref_k listed within
+    max_abs, or at most max_abs above llama.cpp's last listed logprob. Top-1 must agree on min_top1 of positions,
+    where a flip inside a near-tie (reference gap <= tie_margin, default max_abs) agrees."""
     tie_margin = max_abs if tie_margin is None else tie_margin
     if not isinstance(reference, ReferenceRows):
         full = np.asarray(reference)
-        if full.ndim != 2:
-            return ParityResult(
-                False, [f"shape mismatch: reference {full.shape}, llama.cpp {len(candidate)} rows"]
-            )
-        reference = ReferenceRows.from_full(full, candidate, ref_k)
-    if len(reference) != len(candidate):
+        reference = (
+            ReferenceRows.from_full(full, candidate, ref_k) if full.ndim == 2 else ReferenceRows([], [])
+        )
+    if len(reference) != len(candidate) or not candidate:
         return ParityResult(
-            False, [f"shape mismatch: reference {len(reference)} rows, llama.cpp {len(candidate)} rows"]
+            False, [f"shape mismatch: reference {len(reference)} rows, llama.cpp {len(candidate)}"]
         )
     worst, worst_at, strict, tolerant, missed, diffs = 0.0, (0, 0), 0, 0, 0, []
     for pos, (ref_top, ref_at, top) in enumerate(zip(reference.top, reference.at, candidate, strict=True)):

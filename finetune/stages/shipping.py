@@ -231,6 +231,7 @@ def stage_evaluate(ctx: Ctx) -> StageReport:
         ollama=ollama,
         ollama_reason=ollama_out.get("reason", "the model is not deployed to Ollama"),
         model_context=config_context_length(ctx.outputs["model"]["config"]),
+        cache_dir=ctx.run_dir / "eval" / "logprobs",
     )
     m = ctx.deps.evaluate(inputs, ctx.log)
     verdicts = _runtime_verdicts(ctx, m, inputs.gguf)
