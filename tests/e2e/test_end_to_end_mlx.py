@@ -200,6 +200,7 @@ SMOLLM2_FAULTS = (
     "modelfile_wrong_template",
     "modelfile_extra_stop",
     "modelfile_no_temperature",
+    "modelfile_short_num_predict",
     "eval_runtime_base",
 )
 
