@@ -49,13 +49,11 @@ class RuntimeMeasurements:
     hf_ids: list[list[int]] = field(default_factory=list)
     gguf_ids: list[list[int]] | None = None
     gguf_ids_error: str | None = None
-    logprob_reference: Any = (
-        None  # ReferenceRows of MLX base + adapter (or positions x vocab log-softmax rows)
-    )
+    # ReferenceRows of MLX base + adapter (or positions x vocab log-softmax rows)
+    logprob_reference: Any = None
     logprob_candidate: list[dict[int, float]] | None = None
-    logprob_long: dict[str, int] = field(
-        default_factory=dict
-    )  # {"context", "positions"} of the long sequence
+    # {"context", "positions"} of the long sequence
+    logprob_long: dict[str, int] = field(default_factory=dict)
     logprob_error: str | None = None
     training_prompt_ids: list[list[int]] = field(default_factory=list)  # the training render's, per prompt
     served_prompt_ids: list[list[int] | None] = field(default_factory=list)  # of the text Ollama rendered
