@@ -58,9 +58,8 @@ class EvalInputs:
     ollama: Callable[[Sequence[EvalPrompt]], list[Answer]] | None = None
     ollama_reason: str = "the model is not deployed to Ollama"
     model_context: int | None = None  # the base model's context length (config.json); None: unknown
-    cache_dir: Path | None = (
-        None  # logprob measurements kept by the content of what they measured; None: none
-    )
+    # where logprob measurements are kept by the content of what they measured (logprob_cache); None: nowhere
+    cache_dir: Path | None = None
 
 
 @dataclass
