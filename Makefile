@@ -54,7 +54,7 @@ test-e2e-mlx: setup
 	$(PYTEST) -q -rs tests/e2e/test_end_to_end_mlx.py
 
 # The other architectures: Gemma 3 270M through tier 2 (its GGUF chunks come from PyPI) and the tiny GPT-2
-# through tier 3 with Ollama (a skip fails, as in test-e2e-all); gemma's tier 3 (~8 min): FT_E2E_MODEL_ID=gemma3-270m make test-e2e-mlx.
+# through tier 3 with Ollama (a skip fails, as in test-e2e-all); gemma's tier 3 (~25 min with its 5 fault replays): FT_E2E_MODEL_ID=gemma3-270m make test-e2e-mlx.
 test-e2e-models: setup
 	FT_RELEASE=1 FT_REAL_MODEL_ENABLE=1 FT_TEST_MODEL=gemma3-270m $(PYTEST) -q -rs tests/e2e/test_end_to_end_real_model.py
 	FT_RELEASE=1 FT_E2E_MODEL_ID=tiny-gpt2 $(PYTEST) -q -rs tests/e2e/test_end_to_end_mlx.py
