@@ -179,6 +179,13 @@ def _run_config(args) -> tuple[RunConfig, Path]:
         raise ConfigError("--resume needs --run-dir RUN (the run to continue)")
     given = bool(args.profile or args.config or args.set)
     exists = bool(args.run_dir) and (Path(args.run_dir) / "config.yaml").is_file()
+    if args.resume and not exists:  # never start a fresh run from the defaults and call it resumed
+        from finetune.config.loader import ConfigError
+
+        raise ConfigError(
+            f"--resume: {args.run_dir} holds no run to continue (no config.yaml); start one without --resume: "
+            f"finetune {args.command} --run-dir {args.run_dir} --profile PROFILE"
+        )
     requested = load_config(args.profile, args.config, args.set) if given or not exists else None
     if requested is not None and requested.profile is None:
         requested = requested.model_copy(update={"profile": "custom"})
