@@ -117,7 +117,10 @@ def test_mlx_logprobs_loads_the_folder_and_its_adapter_and_reads_only_what_is_as
     got = np.array([[rows.at[j][i] for i in a] for j, a in enumerate(at)])
     want = np.array([[ref[2 + j][i] for i in a] for j, a in enumerate(at)])
     noise.within("logprobs of the loaded folder at the asked ids", noise.rel_max(got, want), floor, 4)
-    assert [list(t) for t in rows.top] == [[int(i) for i in np.argsort(-row)[:4]] for row in ref[2:]]
+    for row, top in zip(ref[2:], rows.top, strict=True):  # its 4 most likely, by value (ties may swap ids)
+        best = np.sort(row)[::-1]
+        assert len(top) == 4 and max(top.values()) == pytest.approx(best[0], abs=1e-4)
+        assert min(top.values()) >= best[4] - 1e-4
     (tuned,) = runtimes.mlx_logprobs(tiny_hf, tiny_lora, [(ids, at, 2)], 4)
     assert tuned.at != rows.at  # base + the saved adapter, not the base
 
