@@ -167,6 +167,7 @@ def _dispatch(args, deps, out) -> int:
 def _run_config(args) -> tuple[RunConfig, Path]:
     """The run directory and the config it owns: a new run's is written there, an existing run keeps its own."""
     from finetune import faults
+    from finetune.config.loader import ConfigError
     from finetune.stages.rundir import new_run_dir, own_config
 
     faults.injected()  # FT_INJECT_FAULT without the harness's arming key: refused before any work (exit 2)
@@ -174,14 +175,10 @@ def _run_config(args) -> tuple[RunConfig, Path]:
         run_dir = Path(args.run_dir)
         return own_config(run_dir, None, command="validate"), run_dir
     if args.resume and not args.run_dir:
-        from finetune.config.loader import ConfigError
-
         raise ConfigError("--resume needs --run-dir RUN (the run to continue)")
     given = bool(args.profile or args.config or args.set)
     exists = bool(args.run_dir) and (Path(args.run_dir) / "config.yaml").is_file()
     if args.resume and not exists:  # never start a fresh run from the defaults and call it resumed
-        from finetune.config.loader import ConfigError
-
         raise ConfigError(
             f"--resume: {args.run_dir} holds no run to continue (no config.yaml); start one without --resume: "
             f"finetune {args.command} --run-dir {args.run_dir} --profile PROFILE"

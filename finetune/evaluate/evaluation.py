@@ -202,8 +202,9 @@ def _logprob_parity(
         ids: list[int] = []
         for p, a in list(zip(m.prompts, m.answers["mlx_fused"], strict=True))[: s.logprob_prompts]:
             ids += list(tokenizer.encode(p.prompt + a.text))
-        # llama.cpp stops one token short of a full context: at most the model's context - 1
-        length = min(s.long_context, (inputs.model_context or s.long_context + 1) - 1)
+        length = s.long_context
+        if inputs.model_context:  # llama.cpp stops one token short of a full context
+            length = min(length, inputs.model_context - 1)
         text = long_context_text(inputs.data_dir, 8 * length)  # >= 1 token per 8 characters
         prompt = list(tokenizer.encode(text))[: length - s.long_positions]
         cached = logprob_cache.Cache(inputs.cache_dir, inputs, ids, prompt)

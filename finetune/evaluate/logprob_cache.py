@@ -4,6 +4,7 @@ sha256 of each file, the token ids, the settings and FineTune's own source, neve
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -41,14 +42,18 @@ class Cache:
 
     def save(self, reference: ReferenceRows, candidate: list[dict[int, float]], long: dict[str, int]) -> None:
         if self.path is not None:
-            pairs = lambda rows: [list(r.items()) for r in rows]  # noqa: E731 (JSON keys would become strings)
-            atomic_write_json(self.path, {"top": pairs(reference.top), "at": pairs(reference.at),
-                                          "candidate": pairs(candidate), "long": long})  # fmt: skip
+            atomic_write_json(self.path, {"top": _pairs(reference.top), "at": _pairs(reference.at),
+                                          "candidate": _pairs(candidate), "long": long})  # fmt: skip
+
+
+def _pairs(rows: list[dict[int, float]]) -> list[list]:
+    return [list(r.items()) for r in rows]  # [id, value] pairs: JSON object keys would become strings
+
+
+def _rows(pairs: list[list]) -> list[dict[int, float]]:
+    return [{int(t): float(v) for t, v in row} for row in pairs]
 
 
 def _read(path: Path) -> tuple[ReferenceRows, list[dict[int, float]], dict[str, int]]:
-    import json
-
     data = json.loads(path.read_text())
-    rows = lambda key: [{int(t): float(v) for t, v in row} for row in data[key]]  # noqa: E731
-    return ReferenceRows(rows("top"), rows("at")), rows("candidate"), dict(data["long"])
+    return ReferenceRows(_rows(data["top"]), _rows(data["at"])), _rows(data["candidate"]), dict(data["long"])

@@ -204,9 +204,8 @@ def _serve(req: dict[str, Any]) -> Any:
     params.n_gpu_layers = 0
     params.cpuparams.n_threads = params.cpuparams_batch.n_threads = 1
     params.warmup = False
-    if req.get(
-        "precise"
-    ):  # f32 KV cache, no flash attention: only the GGUF's weights differ from a reference
+    # precise: f32 KV cache, no flash attention, so only the GGUF's weights differ from a reference
+    if req.get("precise"):
         params.cache_type_k = params.cache_type_v = xlc.ggml_type.GGML_TYPE_F32
         params.flash_attn_type = xlc.llama_flash_attn_type.LLAMA_FLASH_ATTN_TYPE_DISABLED
     params.hostnames = ["127.0.0.1"]

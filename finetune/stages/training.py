@@ -159,11 +159,8 @@ def stage_train(ctx: Ctx) -> StageReport:
     if ctx.wants("artifacts"):
         tokenizer = ctx.deps.load_tokenizer(model_path)
         stops = get_template(ctx.cfg.data.template, tokenizer=tokenizer).stop_strings
-        probes, budget = (
-            probe_questions(data_dir, ctx.cfg.gates.learning_probes),
-            answer_budget(data_dir, tokenizer),
-        )
-        hook = record_in_memory(run_dir, probes, stops, budget.tokens)
+        probes = probe_questions(data_dir, ctx.cfg.gates.learning_probes)
+        hook = record_in_memory(run_dir, probes, stops, answer_budget(data_dir, tokenizer).tokens)
     ctx.log(ctx.deps.describe_machine())
     result = ctx.deps.train(
         ctx.cfg, model_path, data_dir, run_dir, resume=resume, on_trained=hook, log=ctx.log
