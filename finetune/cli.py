@@ -143,10 +143,13 @@ def _dispatch(args, deps, out) -> int:
         print(doctor.render(doctor.collect()), file=out)
         return 0
     if args.command == "prepare":
+        from finetune.system.owned import claim
+
         cfg = load_config(args.profile, args.config, args.set)
         d = _deps(deps)
         tok = None if args.no_tokenizer else d.load_tokenizer(Path(d.resolve_model(cfg.model.name).path))
-        print(json.dumps(d.prepare_data(cfg.data, Path(args.out), tok).to_dict(), indent=2), file=out)
+        out_dir = claim(Path(args.out), flag="--out")  # never over a user's own train.jsonl
+        print(json.dumps(d.prepare_data(cfg.data, out_dir, tok).to_dict(), indent=2), file=out)
         return 0
     if args.command == "estimate":
         cfg = load_config(args.profile, args.config, args.set)

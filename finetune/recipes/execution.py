@@ -34,6 +34,7 @@ from finetune.stages.runner import Run, record_path
 from finetune.system import procs, signals
 from finetune.system.atomic import remove_stale_temporaries
 from finetune.system.lock import run_dir_lock
+from finetune.system.owned import MARKER, NotOwned, is_owned
 
 
 @dataclass
@@ -64,6 +65,8 @@ def open_run(
 ) -> Iterator[Run]:
     """A Run in run_dir (which must already own cfg as its config.yaml); `run.finished` holds the verdict after."""
     run_dir = Path(run_dir).absolute()
+    if not is_owned(run_dir):  # own_config claims it; a caller that skipped that must not write here
+        raise NotOwned(f"{run_dir}: not a FineTune run directory (no {MARKER}); start runs with own_config")
     faults.injected()  # a fault without the harness's arming key is refused before any work
     with run_dir_lock(run_dir, f"finetune {command.name}"), signals.handled():
         _tidy(run_dir, log, force)

@@ -16,6 +16,7 @@ from typing import Any
 
 from finetune.config.loader import ConfigError, load_file, parse_set, save_config
 from finetune.config.schema import RunConfig
+from finetune.system.owned import MARKER, claim, is_owned
 
 CONFIG_NAME = "config.yaml"
 OVERRIDES = "overrides.jsonl"
@@ -33,8 +34,18 @@ OVERRIDABLE = (
 
 
 def new_run_dir(cfg: RunConfig, base: Path | None = None) -> Path:
+    """A fresh, empty folder <output_dir>/<profile>-<time>[-N]: two runs started in one second never share one."""
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-    return Path(base or cfg.output_dir) / f"{cfg.profile or 'run'}-{stamp}"
+    parent = Path(base or cfg.output_dir)
+    parent.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 1000):
+        path = parent / f"{cfg.profile or 'run'}-{stamp}{'' if n == 1 else f'-{n}'}"
+        try:
+            path.mkdir()  # atomic: exactly one process creates it
+            return path
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"no free run folder name under {parent} for {stamp}")
 
 
 def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
@@ -96,13 +107,17 @@ def own_config(
 ) -> RunConfig:
     """The run's config: RUN/config.yaml if it exists (checked against `requested`), else `requested`, saved."""
     path = Path(run_dir) / CONFIG_NAME
+    if requested is None and not (path.is_file() and is_owned(run_dir)):
+        why = (
+            f"its {CONFIG_NAME} was not written by FineTune (no {MARKER})"
+            if path.is_file()
+            else f"no {CONFIG_NAME}"
+        )
+        raise ConfigError(f"{run_dir}: {why}: not a FineTune run directory (give a profile to start one)")
+    if overrides and not path.is_file():
+        raise ConfigError(f"--override: {run_dir} is a new run; set values with --set")
+    claim(run_dir)  # a non-empty folder FineTune did not create is refused before a byte is written
     if not path.is_file():
-        if requested is None:
-            raise ConfigError(
-                f"{run_dir}: no {CONFIG_NAME}: not a FineTune run directory (give a profile to start one)"
-            )
-        if overrides:
-            raise ConfigError(f"--override: {run_dir} is a new run; set values with --set")
         save_config(requested, path)
         return requested
     owned = load_file(path)

@@ -12,6 +12,7 @@ import json
 import shutil
 import signal
 from dataclasses import replace
+from hashlib import sha256
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -24,6 +25,7 @@ from finetune.data.templates import get_template
 from finetune.gates import registry
 from finetune.report.models import read_report
 from finetune.system.hashing import dir_sha256
+from finetune.system.owned import MARKER
 from finetune.system.signals import Interrupted
 from finetune.train.memory import from_run_config
 from tests.fakes import SMOLLM2_SHAPE, FakeTrainer, fake_deps
@@ -203,6 +205,62 @@ def test_an_adapter_replaced_by_a_same_sized_one_is_named_retrained_and_judged_a
         g.artifact for g in read_report(run).gates if g.artifact and g.artifact["path"].endswith("adapter")
     ]
     assert judged and {a["sha256"] for a in judged} == {dir_sha256(run / "adapter")[0]}
+
+
+def tree(folder: Path) -> dict[str, str]:
+    """Every entry under folder with its content hash ("dir" for folders)."""
+    return {str(p.relative_to(folder)): sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(folder.rglob("*"))}  # fmt: skip
+
+
+def test_a_users_folder_is_refused_by_every_command_and_left_byte_identical(tmp_path, toy_tokenizer):
+    # a project folder holding files under every name a run uses (data/train.jsonl, checkpoints/, metrics.jsonl,
+    # hidden *.tmp, a real config.yaml...) used to be overwritten and pruned by `--run-dir`, exit 0
+    world, run = World(tmp_path, toy_tokenizer), tmp_path / "run"
+    assert pipeline(world, run, FakeTrainer())[0] == 0
+    mine = tmp_path / "project"
+    for path in sorted(run.rglob("*")):
+        rel, target = path.relative_to(run), mine / path.relative_to(run)
+        if rel.name == MARKER:
+            continue
+        if path.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+            (target / ".notes.tmp").write_text(f"the user's draft in {rel}\n")
+        else:
+            target.parent.mkdir(
+                parents=True, exist_ok=True
+            )  # config.yaml stays a valid config: no marker alone
+            target.write_bytes(
+                path.read_bytes() if rel.name == "config.yaml" else f"the user's {rel}\n".encode()
+            )
+    before = tree(mine)
+    assert len(before) > 40 and "data/train.jsonl" in before and "checkpoints" in before
+    commands = [["run", "-p", "quick"], ["train", "-p", "quick"], ["pipeline", "-p", "release"], ["run"],
+                ["pipeline", "--resume"], ["run", "--override", "training.iters=3"]]  # fmt: skip
+    for argv in [[*a, "--run-dir", str(mine)] for a in commands] + [["validate", str(mine)]]:
+        code, out = run_cli(argv, world.deps(FakeTrainer()))
+        assert code == 2, (argv, out)
+        assert tree(mine) == before, f"{argv} changed the user's folder"
+    code, _ = run_cli(["prepare", "-p", "quick", "--out", str(mine / "data")], world.deps(FakeTrainer()))
+    assert code == 2 and tree(mine) == before
+
+
+def test_refusals_of_a_users_folder_say_why_and_what_to_do(tmp_path, toy_tokenizer, capsys):
+    mine = tmp_path / "project"
+    (mine / "data").mkdir(parents=True)
+    (mine / "data" / "train.jsonl").write_text('{"text": "mine"}\n')
+    assert run_cli(["run", "-p", "quick", "--run-dir", str(mine)], deps(toy_tokenizer, tmp_path))[0] == 2
+    err = capsys.readouterr().err
+    assert f"--run-dir {mine}: the folder exists, is not empty (data) and was not created by FineTune" in err
+    assert f"give a new path such as {mine / 'finetune-run'}" in err
+    (mine / "config.yaml").write_text(yaml.safe_dump(load_config("quick").to_dict()))
+    assert run_cli(["run", "--run-dir", str(mine), "--resume"], deps(toy_tokenizer, tmp_path))[0] == 2
+    assert f"{mine}: its config.yaml was not written by FineTune (no {MARKER})" in capsys.readouterr().err
+    code, out = run_cli(
+        ["run", "-p", "quick", "--run-dir", str(mine / "finetune-run")], deps(toy_tokenizer, tmp_path)
+    )
+    assert code == 0, out  # the suggested path works, and the user's files are untouched
+    assert (mine / "data" / "train.jsonl").read_text() == '{"text": "mine"}\n'
 
 
 class ResumeDoesNothing(FakeTrainer):

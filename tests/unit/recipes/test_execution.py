@@ -18,10 +18,10 @@ from tests.fakes import fake_deps
 
 def test_a_run_stops_servers_an_earlier_crashed_command_recorded(tmp_path, toy_tokenizer):
     run = tmp_path / "run"
+    cfg = own_config(run, load_config("quick"))
     stale = procs.spawn_guarded([sys.executable, "-c", "import time; time.sleep(60)"], pid_dir=run / "ollama" / "pids",
                                 name="ollama-serve")  # fmt: skip
     stale.watchdog.kill()  # the command that started it died without cleaning up
-    cfg = own_config(run, load_config("quick"))
     lines = []
     RECIPES["train"](cfg, run, fake_deps(toy_tokenizer, tmp_path / "m"), log=lines.append)
     assert stale.wait(timeout=15) is not None
