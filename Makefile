@@ -35,14 +35,14 @@ browser:
 # What CI runs first: unit tests + tier 1 + the README's and CI files' promises. Tests run on up to 4
 # workers (pytest-xdist): MLX trains with one BLAS thread, so the second core was idle (307 s -> 199 s here).
 test: setup
-	$(PYTEST) -q -n auto --maxprocesses 4 tests/unit tests/e2e/test_end_to_end_workflow.py tests/test_readme.py tests/test_ci_files.py \
+	$(PYTEST) -q -n auto --maxprocesses 4 tests/unit tests/e2e/test_end_to_end_workflow.py tests/e2e/test_own_data.py tests/test_readme.py tests/test_ci_files.py \
 	  tests/test_packaging.py
 
 test-unit: setup
 	$(PYTEST) -q tests/unit
 
 test-e2e-workflow: setup
-	$(PYTEST) -q tests/e2e/test_end_to_end_workflow.py
+	$(PYTEST) -q tests/e2e/test_end_to_end_workflow.py tests/e2e/test_own_data.py
 
 test-e2e-real-model: setup
 	@if [ "$$FT_REAL_MODEL_ENABLE" != "1" ]; then \

@@ -32,11 +32,12 @@ MAKE_TEST = [
     *("-n", "auto", "--maxprocesses", "4"),
     "tests/unit",
     "tests/e2e/test_end_to_end_workflow.py",
+    "tests/e2e/test_own_data.py",
     "tests/test_readme.py",
     "tests/test_ci_files.py",
     "tests/test_packaging.py",
 ]
-TIER1 = ["tests/e2e/test_end_to_end_workflow.py"]
+TIER1 = ["tests/e2e/test_end_to_end_workflow.py", "tests/e2e/test_own_data.py"]
 TIER2 = ["tests/e2e/test_end_to_end_real_model.py"]
 TIER3 = ["tests/e2e/test_end_to_end_mlx.py"]
 SUMMARY = re.compile(r"=*\s*((?:\d+ \w+(?:, )?)+) in [\d.]+s")

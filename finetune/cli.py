@@ -143,13 +143,23 @@ def _dispatch(args, deps, out) -> int:
         print(doctor.render(doctor.collect()), file=out)
         return 0
     if args.command == "prepare":
+        from finetune.config.loader import ConfigError
+        from finetune.data import drops
         from finetune.system.owned import claim
 
         cfg = load_config(args.profile, args.config, args.set)
+        if args.no_tokenizer and cfg.data.template in ("tokenizer", "auto"):
+            raise ConfigError(
+                f"--no-tokenizer: data.template is {cfg.data.template!r}, the model's own chat template, which "
+                "needs its tokenizer; name one (--set data.template=chatml, gemma, llama3, alpaca, plain) or "
+                "drop --no-tokenizer"
+            )
         d = _deps(deps)
         tok = None if args.no_tokenizer else d.load_tokenizer(Path(d.resolve_model(cfg.model.name).path))
         out_dir = claim(Path(args.out), flag="--out")  # never over a user's own train.jsonl
-        print(json.dumps(d.prepare_data(cfg.data, out_dir, tok).to_dict(), indent=2), file=out)
+        report = d.prepare_data(cfg.data, out_dir, tok).to_dict()
+        print(json.dumps(report, indent=2), file=out)
+        print("\n".join(f"[data] {line}" for line in drops.summary(report)), file=sys.stderr)
         return 0
     if args.command == "estimate":
         cfg = load_config(args.profile, args.config, args.set)

@@ -34,6 +34,30 @@ class DataConfig(_Section):
     mask_prompt: bool = True
     seed: int = 0
     num_examples: int = Field(120, ge=1)
+    # our field -> your dataset's column, e.g. {output: response, instruction: question}
+    fields: dict[str, str] = Field(default_factory=dict)
+    # the share of rows read that may be dropped (rejected, duplicate, nothing left to train) before a run stops
+    max_rejected: float = Field(0.05, ge=0, le=1)
+
+    @field_validator("fields")
+    @classmethod
+    def _known_fields(cls, fields: dict[str, str]) -> dict[str, str]:
+        known = (
+            "instruction",
+            "input",
+            "output",
+            "system",
+            "prompt",
+            "completion",
+            "text",
+            "messages",
+            "reference",
+        )
+        if unknown := sorted(set(fields) - set(known)):
+            raise ValueError(
+                f"unknown field {', '.join(unknown)}: data.fields maps one of {', '.join(known)} to your column"
+            )
+        return fields
 
     @field_validator("splits")
     @classmethod

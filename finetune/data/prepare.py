@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune import faults
+from finetune.data import drops
 from finetune.data.records import Example, LoadResult, Rejection, load_records
 from finetune.data.sources import DatasetError
 from finetune.data.templates import Template, TemplateError, get_template
@@ -123,11 +124,12 @@ def prepare(
     mask_prompt: bool = True,
     tokenizer: Any = None,
     format: str = "auto",
+    fields: dict[str, str] | None = None,
     load: Callable[..., LoadResult] = load_records,
 ) -> PrepareReport:
     """Load, render, dedupe, shuffle and split into out_dir/{train,valid,test}.jsonl + prepare_report.json."""
     tmpl = template if isinstance(template, Template) else get_template(template, tokenizer)
-    loaded = load(source, format)
+    loaded = load(source, format, fields=fields) if fields else load(source, format)
     rows, rejected, dup_lines = _render_unique(loaded, tmpl, mask_prompt)
     counts = split_counts(len(rows), splits)
     random.Random(seed).shuffle(rows)
@@ -277,6 +279,7 @@ def prepare_for_run(data_cfg: Any, out_dir: Path, tokenizer: Any) -> PrepareRepo
         mask_prompt=data_cfg.mask_prompt,
         tokenizer=tokenizer,
         format=data_cfg.format,
+        fields=data_cfg.fields,
     )
     kept, dropped = keep_trained_heldout(out)
     if dropped:
@@ -285,6 +288,7 @@ def prepare_for_run(data_cfg: Any, out_dir: Path, tokenizer: Any) -> PrepareRepo
             "(never trained) and were left out"
         )
         write_report(report, out)
+    drops.check(report.to_dict(), data_cfg.max_rejected, tuple(data_cfg.fields))
     return report
 
 

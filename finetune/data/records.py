@@ -57,8 +57,10 @@ class LoadResult:
 def _field(row: dict, key: str, *, required: bool = True, allow_empty: bool = False) -> str:
     value = row.get(key)
     if value is None:
-        if required:
-            raise Reject(f"missing field {key!r}")
+        if required:  # the row's own keys let the console suggest the data.fields mapping
+            raise Reject(
+                f"missing field {key!r} (the row has: {', '.join(sorted(map(str, row))) or 'nothing'})"
+            )
         return ""
     if not isinstance(value, str):
         raise Reject(f"field {key!r} must be a string, got {type(value).__name__}")
@@ -117,12 +119,20 @@ def _chat_messages(row: dict) -> list[dict]:
     return messages
 
 
-def normalize_record(row: Any, position: int, format: str = "auto") -> Example:
-    """Normalize one raw record; raises Reject with a specific reason for unusable rows."""
+def normalize_record(
+    row: Any, position: int, format: str = "auto", fields: dict[str, str] | None = None
+) -> Example:
+    """Normalize one raw record; raises Reject with a specific reason for unusable rows.
+
+    `fields` maps our field names to the dataset's own (data.fields, e.g. {"output": "response"})."""
     if isinstance(row, Reject):
         raise row
     if not isinstance(row, dict):
         raise Reject(f"expected a JSON object, got {type(row).__name__}")
+    if fields:
+        row = {k: v for k, v in row.items() if k not in fields.values()} | {
+            ours: row[theirs] for ours, theirs in fields.items() if theirs in row
+        }
     shape = _detect_shape(row) if format == "auto" else format
     if shape == "text":
         text = row.get("text")
@@ -161,6 +171,7 @@ def load_records(
     format: str = "auto",
     *,
     split: str = "train",
+    fields: dict[str, str] | None = None,
     is_online: Callable[[], bool] = hub_reachable,
     hub_loader: Callable[[str, str], Any] = load_hub,
 ) -> LoadResult:
@@ -174,7 +185,7 @@ def load_records(
     for position, row in rows:
         read += 1
         try:
-            examples.append(normalize_record(row, position, fmt))
+            examples.append(normalize_record(row, position, fmt, fields))
         except Reject as exc:
             rejected.append(Rejection(position, str(exc), unit))
     if not examples:

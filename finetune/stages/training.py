@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 from finetune import faults
+from finetune.data import drops
 from finetune.report.artifacts import artifact
 from finetune.report.models import StageReport
 from finetune.stages import keys
@@ -72,7 +73,9 @@ def stage_data(ctx: Ctx) -> StageReport:
     if not counts.get("train"):
         raise StageError(f"{data_dir / 'train.jsonl'}: no training rows")
     details = {"counts": counts, "report": report.to_dict() if hasattr(report, "to_dict") else report}
-    for note in getattr(report, "notes", []):  # what the data stage left out is said, not only filed
+    for line in drops.summary(details["report"]):  # what the data stage dropped is said, not only filed
+        ctx.log(f"[data] {line}")
+    for note in getattr(report, "notes", []):
         ctx.log(f"[data] {note}")
     return StageReport(
         outputs={"data_dir": str(data_dir), "counts": counts},
@@ -156,7 +159,7 @@ def stage_train(ctx: Ctx) -> StageReport:
     atomic_write_text(run_dir / TRAIN_KEY, key + "\n")
     model_path, data_dir = Path(ctx.outputs["model"]["path"]), Path(ctx.outputs["data"]["data_dir"])
     hook = None
-    if ctx.wants("artifacts"):
+    if "artifacts" not in ctx.cfg.gates.skip:  # `finetune train` records them too: `validate` judges it later
         tokenizer = ctx.deps.load_tokenizer(model_path)
         stops = get_template(ctx.cfg.data.template, tokenizer=tokenizer).stop_strings
         probes = probe_questions(data_dir, ctx.cfg.gates.learning_probes)

@@ -392,6 +392,11 @@ def test_prepare_reports_bad_rows_with_line_numbers(tmp_path, toy_tokenizer):
     src.write_text("\n".join(lines) + "\n")
     user = tmp_path / "user.yaml"
     user.write_text(f"data:\n  source: {src}\n  template: alpaca\n")
+    code, _ = run_cli(
+        ["prepare", "-c", str(user), "--out", str(tmp_path / "o")], deps(toy_tokenizer, tmp_path)
+    )
+    assert code == 2, "3 of 15 rows dropped is more than data.max_rejected's default 5%"
+    user.write_text(f"data:\n  source: {src}\n  template: alpaca\n  max_rejected: 0.25\n")
     code, out = run_cli(
         ["prepare", "-c", str(user), "--out", str(tmp_path / "out")], deps(toy_tokenizer, tmp_path)
     )

@@ -34,7 +34,7 @@ def test_prepare_writes_splits_with_spans_and_report(tmp_path):
 
     assert report.rows_read == 23 and report.rows_used == 20
     assert report.duplicates_removed == 2 and report.duplicate_lines == [21, 22]
-    assert [str(r) for r in report.rejected] == ["line 23: missing field 'output'"]
+    assert [str(r) for r in report.rejected] == ["line 23: missing field 'output' (the row has: instruction)"]
     assert report.split_counts == {"train": 16, "valid": 2, "test": 2}
     assert report.length_unit == "chars" and report.truncated_share is None
     assert any("need a tokenizer" in n for n in report.notes)
@@ -54,7 +54,9 @@ def test_prepare_writes_splits_with_spans_and_report(tmp_path):
 
     on_disk = json.loads((tmp_path / "out" / "prepare_report.json").read_text())
     assert on_disk == json.loads(json.dumps(report.to_dict()))
-    assert on_disk["rejected"] == [{"line": 23, "unit": "line", "reason": "missing field 'output'"}]
+    assert on_disk["rejected"] == [
+        {"line": 23, "unit": "line", "reason": "missing field 'output' (the row has: instruction)"}
+    ]
     assert (
         on_disk["files"]["report"] == "prepare_report.json"
     )  # relative: the folder may move (atomic_dir does)

@@ -76,7 +76,7 @@ def test_bad_jsonl_rows_are_reported_with_line_and_reason(tmp_path):
     assert [ex.line for ex in result.examples] == [1, 11]
     got = {r.line: r.reason for r in result.rejected}
     assert got[2].startswith("invalid JSON")
-    assert got[3] == "missing field 'output'"
+    assert got[3] == "missing field 'output' (the row has: instruction)"
     assert 4 not in got  # blank lines are skipped, not rejected
     assert got[5] == "empty field 'output'"
     assert got[6] == "field 'completion' must be a string, got int"
@@ -84,7 +84,7 @@ def test_bad_jsonl_rows_are_reported_with_line_and_reason(tmp_path):
     assert got[8].startswith("unrecognized record (keys: answer, question)")
     assert got[9] == "conversation must end with an assistant message, not 'user'"
     assert got[10] == "messages[1].content is empty"
-    assert str(result.rejected[1]) == "line 3: missing field 'output'"
+    assert str(result.rejected[1]) == "line 3: missing field 'output' (the row has: instruction)"
     assert result.rows_read == 10
 
 
@@ -176,3 +176,18 @@ def test_normalize_record_reference_and_kind():
     )
     assert bot.messages[1]["role"] == "assistant"
     assert str(Rejection(3, "why", "item")) == "item 3: why"
+
+
+def test_data_fields_map_a_datasets_own_column_names_to_ours():
+    row = {"question": "What is 2+2?", "response": "4", "output": "ignored: response is the answer"}
+    ex = normalize_record(row, 1, "auto", {"instruction": "question", "output": "response"})
+    assert ex.messages == [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}]
+    with pytest.raises(Reject, match=r"missing field 'output' \(the row has: instruction, response\)"):
+        normalize_record({"instruction": "q", "response": "a"}, 1)
+
+
+def test_data_fields_only_name_fields_we_read():
+    from finetune.config.loader import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="unknown field answer: data.fields maps one of instruction"):
+        load_config("quick", overrides=["data.fields.answer=response"])

@@ -1,0 +1,93 @@
+"""Tier 1: a user's own data and mistakes through the CLI (issue 20), model and trainer mocked.
+
+Each case runs `finetune` as a user would and asserts the exit code, the message, what the console says and
+that nothing of the user's was changed.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+from finetune import cli
+from tests.fakes import FakeTrainer, fake_deps
+
+
+def finetune(argv, tokenizer, tmp_path, trainer=None) -> tuple[int, str]:
+    out = io.StringIO()
+    return cli.main(argv, deps=fake_deps(tokenizer, tmp_path / "models", trainer), out=out), out.getvalue()
+
+
+def alpaca(i: int, answer: str = "output") -> dict:
+    return {"instruction": f"What colour is item {i}?", answer: f"Item {i} is red."}
+
+
+def write(path: Path, rows: list) -> Path:
+    path.write_bytes(b"".join(r if isinstance(r, bytes) else (json.dumps(r) + "\n").encode() for r in rows))
+    return path
+
+
+def run_on(source: Path, run_dir: Path, *sets: str) -> list[str]:
+    given = [f"data.source={source}", "data.template=chatml", *sets]
+    return ["run", "-p", "quick", *[a for s in given for a in ("--set", s)], "--run-dir", str(run_dir)]
+
+
+def test_rows_with_another_answer_field_stop_the_run_naming_the_fix(tmp_path, toy_tokenizer):
+    # 20 of 24 rows said `response`: the run trained on the 4 others, exit 0, console "[data] passed"
+    src = write(tmp_path / "mine.jsonl", [alpaca(i, "response" if i % 6 else "output") for i in range(24)])
+    before = src.read_bytes()
+    code, out = finetune(run_on(src, tmp_path / "r1"), toy_tokenizer, tmp_path)
+    assert code == 2, out
+    err = out  # the failed data stage and the verdict print the reason
+    assert "20 of 24 rows (83%) dropped, more than data.max_rejected 5%" in err
+    assert "20 missing field 'output' (lines 2, 3, 4, 5, 6, ...;" in err
+    assert (
+        "Likely fix: rows have 'response' where 'output' is expected: set data.fields.output: response" in err
+    )
+    assert src.read_bytes() == before
+    code, out = finetune(run_on(src, tmp_path / "r2", "data.fields.output=response"), toy_tokenizer, tmp_path)
+    assert code == 0, out
+    assert f"[data] 24 rows read from {src}, 24 used (" in out
+
+
+def test_every_kind_of_dropped_row_is_said_on_the_console(tmp_path, toy_tokenizer):
+    rows = [alpaca(i) for i in range(60)]
+    rows[7:7] = [b"{broken\n", b'{"instruction": "caf\xe9?", "output": "x"}\n', alpaca(3)]
+    src = write(tmp_path / "mine.jsonl", rows)
+    code, out = finetune(run_on(src, tmp_path / "r"), toy_tokenizer, tmp_path)
+    assert code == 0, out  # 3 of 63 dropped: under the default 5%
+    assert f"[data] 63 rows read from {src}, 60 used (" in out
+    assert "[data] dropped: 1 invalid JSON (line 8; e.g. invalid JSON (" in out
+    assert "[data] dropped: 1 not valid UTF-8 (line 9; e.g. not valid UTF-8 (" in out
+    assert "[data] dropped: 1 duplicates removed (line 10; " in out
+    code, out = finetune(run_on(src, tmp_path / "r3", "data.max_rejected=0.01"), toy_tokenizer, tmp_path)
+    assert code == 2 and "3 of 63 rows (5%) dropped, more than data.max_rejected 1%: 1 invalid JSON" in out
+
+
+def test_an_edited_dataset_is_trained_on_when_the_run_is_resumed(tmp_path, toy_tokenizer):
+    # resuming after editing the data used to train on the old rows (the prepared data was cached by path)
+    src, run, trainer = (
+        write(tmp_path / "mine.jsonl", [alpaca(i) for i in range(40)]),
+        tmp_path / "r",
+        FakeTrainer(),
+    )
+    assert finetune(run_on(src, run), toy_tokenizer, tmp_path, trainer)[0] == 0
+    src.write_text(src.read_text().replace("red", "tan"))  # same size, same path
+    code, out = finetune(["run", "--run-dir", str(run), "--resume"], toy_tokenizer, tmp_path, trainer)
+    assert code == 0, out
+    assert f"[data] rerunning: {src} (data.source) changed since it was recorded (sha256 " in out
+    assert [c["resume"] for c in trainer.calls] == [False, False], "new data trains afresh, not on old steps"
+    trained_on = (trainer.calls[-1]["data_dir"] / "train.jsonl").read_text()
+    assert "tan" in trained_on and "red" not in trained_on
+
+
+def test_validate_judges_a_run_made_by_train(tmp_path, toy_tokenizer):
+    # the fake trainer writes the in-memory answers only through the stage's hook, as the real one does
+    src, run = write(tmp_path / "mine.jsonl", [alpaca(i) for i in range(40)]), tmp_path / "r"
+    argv = run_on(src, run)
+    argv[0] = "train"
+    code, out = finetune(argv, toy_tokenizer, tmp_path)
+    assert code == 0 and "train NOT_JUDGED (exit 0)" in out, out
+    code, out = finetune(["validate", str(run)], toy_tokenizer, tmp_path)
+    assert code == 0 and "[PASS] artifacts: " in out, out  # it failed: "no probe answers to compare"
