@@ -99,24 +99,50 @@ def _chat_messages(row: dict) -> list[dict]:
         raise Reject(f"missing field {key!r}")
     if not isinstance(raw, list) or not raw:
         raise Reject(f"field {key!r} must be a non-empty list of messages")
-    messages = []
-    for i, msg in enumerate(raw):
-        if not isinstance(msg, dict):
-            raise Reject(f"{key}[{i}] must be an object, got {type(msg).__name__}")
-        role = msg.get("role", msg.get("from"))
-        content = msg.get("content", msg.get("value"))
-        if role is None or content is None:
-            raise Reject(f"{key}[{i}] needs 'role' and 'content'")
-        if not isinstance(content, str):
-            raise Reject(f"{key}[{i}].content must be a string, got {type(content).__name__}")
-        if not content.strip():
-            raise Reject(f"{key}[{i}].content is empty")
-        messages.append({"role": ROLE_ALIASES.get(role, role), "content": content.strip()})
+    messages = [_message(msg, f"{key}[{i}]") for i, msg in enumerate(raw)]
     try:
         validate_messages(messages)
     except TemplateError as exc:
         raise Reject(str(exc)) from exc
+    if all(m.get("weight") == 0 for m in messages if m["role"] == "assistant"):
+        raise Reject("every assistant turn has weight 0: nothing to train")
     return messages
+
+
+def _message(msg: Any, where: str) -> dict:
+    """One chat message: role, content (a string or OpenAI's text parts) and OpenAI's per-turn weight."""
+    if not isinstance(msg, dict):
+        raise Reject(f"{where} must be an object, got {type(msg).__name__}")
+    role = msg.get("role", msg.get("from"))
+    if (
+        role in ("tool", "function", "function_call", "observation", "ipython")
+        or msg.get("tool_calls")
+        or msg.get("function_call")
+    ):
+        raise Reject(
+            f"{where} is a tool call or result (role {role!r}): tool use is not trained by these chat "
+            "templates; leave such rows out or write the calls into the text"
+        )
+    content = msg.get("content", msg.get("value"))
+    if role is None or content is None:
+        raise Reject(f"{where} needs 'role' and 'content'")
+    if isinstance(content, list):  # OpenAI's content parts: the text parts, joined as OpenAI joins them
+        kinds = {p.get("type") if isinstance(p, dict) else type(p).__name__ for p in content}
+        if kinds - {"text"}:
+            raise Reject(
+                f"{where}.content has {', '.join(sorted(map(str, kinds - {'text'})))} parts: only text trains"
+            )
+        content = "".join(p.get("text") or "" for p in content)
+    if not isinstance(content, str):
+        raise Reject(f"{where}.content must be a string, got {type(content).__name__}")
+    if not content.strip():
+        raise Reject(f"{where}.content is empty")
+    out = {"role": ROLE_ALIASES.get(role, role), "content": content.strip()}
+    if "weight" in msg:  # OpenAI: 0 leaves that assistant turn untrained
+        if out["role"] != "assistant" or msg["weight"] not in (0, 1) or isinstance(msg["weight"], bool):
+            raise Reject(f"{where}.weight is {msg['weight']!r}: only assistant turns take a weight, 0 or 1")
+        out["weight"] = msg["weight"]
+    return out
 
 
 def normalize_record(

@@ -72,6 +72,11 @@ class Template:
     def render(self, messages: Sequence[dict]) -> Rendered:
         validate_messages(messages)
         text, spans, prompt_end = _join(self._segments(messages, False))
+        weights = [m.get("weight", 1) for m in messages if m["role"] == "assistant"]
+        if 0 in weights:  # every template trains one span per assistant turn: drop those weighted 0
+            if len(spans) != len(weights):
+                raise TemplateError(f"{len(spans)} trained spans for {len(weights)} assistant turns")
+            spans = [s for s, w in zip(spans, weights, strict=True) if w]
         return Rendered(text=text, train_spans=spans, prompt=text[:prompt_end])
 
     def render_prompt(self, messages: Sequence[dict]) -> str:

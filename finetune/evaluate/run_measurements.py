@@ -214,7 +214,7 @@ def masked_rows(run_dir: Path, tokenizer: Any, max_seq_length: int) -> list[Mask
         if current:
             runs.append(current)
         messages = rows[rec["row"]].get("conversation") or []
-        answers = [m["content"] for m in messages if m["role"] == "assistant"]
+        answers = [m["content"] for m in messages if m["role"] == "assistant" and m.get("weight", 1)]
         decoded = [tokenizer.decode(r) for r in runs]
         truncated = len(ids) >= max_seq_length
         out.append(MaskedRow(rec["row"], decoded, answers, len(ids), sum(mask[1:]), truncated))

@@ -91,3 +91,20 @@ def test_validate_judges_a_run_made_by_train(tmp_path, toy_tokenizer):
     assert code == 0 and "train NOT_JUDGED (exit 0)" in out, out
     code, out = finetune(["validate", str(run)], toy_tokenizer, tmp_path)
     assert code == 0 and "[PASS] artifacts: " in out, out  # it failed: "no probe answers to compare"
+
+
+def test_a_turn_weighted_0_is_not_trained_and_the_label_mask_gate_checks_it(tmp_path, toy_tokenizer):
+    # OpenAI's per-turn "weight": 0 used to be ignored (that turn was trained)
+    def row(i):
+        return {"messages": [{"role": "user", "content": f"Draft item {i}?"},
+                             {"role": "assistant", "content": f"Bad draft {i}.", "weight": 0},
+                             {"role": "user", "content": f"What colour is item {i}?"},
+                             {"role": "assistant", "content": [{"type": "text", "text": f"Item {i} is red."}]}]}  # fmt: skip
+
+    src, run = write(tmp_path / "chat.jsonl", [row(i) for i in range(40)]), tmp_path / "r"
+    code, out = finetune(run_on(src, run), toy_tokenizer, tmp_path)
+    assert code == 0, out
+    assert "[PASS] label_mask: 32/32 rows train answers only" in out
+    for r in map(json.loads, (run / "data" / "train.jsonl").read_text().splitlines()):
+        trained = [r["text"][a:b] for a, b in r["train_spans"]]
+        assert len(trained) == 1 and trained[0].startswith("Item ") and "Bad draft" not in "".join(trained)

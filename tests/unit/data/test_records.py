@@ -191,3 +191,45 @@ def test_data_fields_only_name_fields_we_read():
 
     with pytest.raises(ConfigError, match="unknown field answer: data.fields maps one of instruction"):
         load_config("quick", overrides=["data.fields.answer=response"])
+
+
+def chat(*turns: dict) -> dict:
+    return {"messages": list(turns)}
+
+
+def test_openai_weight_zero_leaves_that_turn_untrained_and_text_parts_are_joined():
+    from finetune.data.templates import get_template
+
+    row = chat({"role": "user", "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]},
+               {"role": "assistant", "content": "Old answer.", "weight": 0},
+               {"role": "user", "content": "Again?"}, {"role": "assistant", "content": "New answer.", "weight": 1})  # fmt: skip
+    ex = normalize_record(row, 1)
+    assert ex.messages[0]["content"] == "Hi there" and [m.get("weight") for m in ex.messages] == [
+        None,
+        0,
+        None,
+        1,
+    ]
+    rendered = get_template("chatml").render(ex.messages)
+    assert [rendered.text[a:b] for a, b in rendered.train_spans] == ["New answer.<|im_end|>"]
+
+
+@pytest.mark.parametrize(
+    ("turn", "reason"),
+    [
+        (
+            {"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]},
+            r"messages\[1\] is a tool call",
+        ),
+        ({"role": "tool", "content": "42"}, r"messages\[1\] is a tool call or result \(role 'tool'\)"),
+        (
+            {"role": "assistant", "content": [{"type": "image_url"}]},
+            r"content has image_url parts: only text",
+        ),
+        ({"role": "assistant", "content": "a", "weight": 0.5}, r"weight is 0.5: only assistant turns take a"),
+        ({"role": "assistant", "content": "a", "weight": 0}, "every assistant turn has weight 0"),
+    ],
+)
+def test_turns_that_cannot_train_are_rejected_with_the_real_reason(turn, reason):
+    with pytest.raises(Reject, match=reason):
+        normalize_record(chat({"role": "user", "content": "q"}, turn), 1)
