@@ -49,6 +49,13 @@ def load_hub(repo_id: str, split: str) -> Any:
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:
     with path.open("rb") as fh:
+        head = fh.read(64).lstrip()
+    if head.startswith(b"[") and not head.startswith(b"[]"):  # a JSON array would fail on every line
+        raise DatasetError(
+            f"{path}: starts with '[': this looks like a JSON array, not JSON Lines (one object per line); "
+            f"rename it to {path.with_suffix('.json').name}"
+        )
+    with path.open("rb") as fh:
         for lineno, raw in enumerate(fh, start=1):
             try:
                 line = raw.decode("utf-8").strip()
@@ -64,13 +71,16 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:
 
 
 def _json_rows(path: Path) -> Iterator[tuple[int, Any]]:
+    data = path.read_bytes()
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
+        doc = json.loads(data.decode("utf-8-sig"))
     except UnicodeDecodeError as exc:
-        raise DatasetError(f"{path}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from exc
+        raise _not_utf8(path, data, exc) from None
     except json.JSONDecodeError as exc:
+        lines = "one object per line: rename it to .jsonl" if exc.msg == "Extra data" else ""
         raise DatasetError(
             f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
+            + (f"; this looks like JSON Lines ({lines})" if lines else "")
         ) from exc
     if isinstance(doc, dict) and isinstance(doc.get("data"), list):
         doc = doc["data"]
@@ -79,8 +89,21 @@ def _json_rows(path: Path) -> Iterator[tuple[int, Any]]:
     yield from enumerate(doc, start=1)
 
 
+def _not_utf8(path: Path, data: bytes, exc: UnicodeDecodeError) -> DatasetError:
+    line = data[: exc.start].count(b"\n") + 1
+    return DatasetError(
+        f"{path}: line {line}: not valid UTF-8 (byte {data[exc.start]:#04x} at byte {exc.start}); the file "
+        "is probably Latin-1 or Windows-1252: save it as UTF-8 (e.g. iconv -f cp1252 -t utf-8)"
+    )
+
+
 def _csv_rows(path: Path) -> Iterator[tuple[int, Any]]:
-    with path.open(encoding="utf-8", newline="") as fh:
+    data = path.read_bytes()
+    try:  # decoded whole: a text stream fails on its first 8 KiB block and blames the header, with no line
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _not_utf8(path, data, exc) from None
+    with path.open(encoding="utf-8-sig", newline="") as fh:
         reader = csv.reader(fh)
         try:
             header = next(reader)

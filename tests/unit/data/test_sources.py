@@ -58,7 +58,7 @@ def test_bad_json_files_name_file_line_and_column(tmp_path):
     with pytest.raises(DatasetError, match="expected a JSON array"):
         read(tmp_path / "obj.json")
     (tmp_path / "latin.json").write_bytes(b'["\xe9"]')
-    with pytest.raises(DatasetError, match="latin.json: not valid UTF-8"):
+    with pytest.raises(DatasetError, match="latin.json: line 1: not valid UTF-8"):
         read(tmp_path / "latin.json")
 
 
@@ -129,3 +129,31 @@ def test_saved_datasets_and_parquet(tmp_path):
 def test_plain_folder_is_rejected(tmp_path):
     with pytest.raises(DatasetError, match="not one saved with datasets' save_to_disk"):
         read(tmp_path)
+
+
+def test_jsonl_saved_as_json_and_the_reverse_say_which_it_is(tmp_path):
+    rows = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(3)]
+    (tmp_path / "a.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(
+        DatasetError, match=r"a.json: invalid JSON at line 2 column 1: Extra data; this looks like JSON Lines"
+    ):
+        read(tmp_path / "a.json")
+    (tmp_path / "b.jsonl").write_text(json.dumps(rows, indent=2))
+    with pytest.raises(
+        DatasetError, match=r"b.jsonl: starts with '\[': this looks like a JSON array.*rename it to b.json"
+    ):
+        read(tmp_path / "b.jsonl")
+
+
+def test_a_latin1_csv_names_the_line_of_its_first_bad_byte_not_the_header(tmp_path):
+    body = "instruction,output\n" + "".join(f"q{i},a{i}\n" for i in range(900))  # past the first 8 KiB block
+    (tmp_path / "l.csv").write_bytes(body.encode() + "café,x\n".encode("latin-1"))
+    with pytest.raises(
+        DatasetError, match=r"l.csv: line 902: not valid UTF-8 \(byte 0xe9 .*save it as UTF-8"
+    ):
+        read(tmp_path / "l.csv")
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_column(tmp_path):
+    (tmp_path / "x.csv").write_bytes("\ufeffinstruction,output\nq,a\n".encode())
+    assert read(tmp_path / "x.csv") == ("line", [(2, {"instruction": "q", "output": "a"})])
