@@ -28,6 +28,12 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--set", "-s", action="append", default=[], metavar="KEY=VALUE", help="e.g. training.iters=50"
     )
+    p.add_argument(
+        "--data",
+        "-d",
+        metavar="PATH",
+        help="your dataset (= --set data.source=PATH): a file, saved dataset or Hub id",
+    )
 
 
 def _run_args(p: argparse.ArgumentParser) -> None:
@@ -129,7 +135,7 @@ def _deps(deps):
 def _dispatch(args, deps, out) -> int:
     if args.command == "config":
         if args.action == "show":
-            cfg = load_config(args.profile, args.config, args.set)
+            cfg = load_config(args.profile, args.config, _sets(args))
             print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), file=out, end="")
         elif args.action == "validate":
             cfg = load_file(args.file)
@@ -147,7 +153,7 @@ def _dispatch(args, deps, out) -> int:
         from finetune.data import drops
         from finetune.system.owned import claim
 
-        cfg = load_config(args.profile, args.config, args.set)
+        cfg = load_config(args.profile, args.config, _sets(args))
         if args.no_tokenizer and cfg.data.template in ("tokenizer", "auto"):
             raise ConfigError(
                 f"--no-tokenizer: data.template is {cfg.data.template!r}, the model's own chat template, which "
@@ -162,7 +168,7 @@ def _dispatch(args, deps, out) -> int:
         print("\n".join(f"[data] {line}" for line in drops.summary(report)), file=sys.stderr)
         return 0
     if args.command == "estimate":
-        cfg = load_config(args.profile, args.config, args.set)
+        cfg = load_config(args.profile, args.config, _sets(args))
         if args.model_config:
             model_cfg = json.loads(Path(args.model_config).read_text())
         else:
@@ -177,6 +183,11 @@ def _dispatch(args, deps, out) -> int:
     raise AssertionError(args.command)
 
 
+def _sets(args) -> list[str]:
+    """--set assignments, with --data as data.source (quoted, so a path is always a string)."""
+    return [*args.set, *([f"data.source={json.dumps(args.data)}"] if getattr(args, "data", None) else [])]
+
+
 def _run_config(args) -> tuple[RunConfig, Path]:
     """The run directory and the config it owns: a new run's is written there, an existing run keeps its own."""
     from finetune import faults
@@ -189,14 +200,14 @@ def _run_config(args) -> tuple[RunConfig, Path]:
         return own_config(run_dir, None, command="validate"), run_dir
     if args.resume and not args.run_dir:
         raise ConfigError("--resume needs --run-dir RUN (the run to continue)")
-    given = bool(args.profile or args.config or args.set)
+    given = bool(args.profile or args.config or _sets(args))
     exists = bool(args.run_dir) and (Path(args.run_dir) / "config.yaml").is_file()
     if args.resume and not exists:  # never start a fresh run from the defaults and call it resumed
         raise ConfigError(
             f"--resume: {args.run_dir} holds no run to continue (no config.yaml); start one without --resume: "
             f"finetune {args.command} --run-dir {args.run_dir} --profile PROFILE"
         )
-    requested = load_config(args.profile, args.config, args.set) if given or not exists else None
+    requested = load_config(args.profile, args.config, _sets(args)) if given or not exists else None
     if requested is not None and requested.profile is None:
         requested = requested.model_copy(update={"profile": "custom"})
     run_dir = Path(args.run_dir) if args.run_dir else new_run_dir(requested)

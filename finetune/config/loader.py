@@ -23,20 +23,57 @@ from finetune.system.atomic import atomic_write_text
 CONFIG_DIR = Path(os.environ.get("FT_CONFIG_DIR", Path(__file__).resolve().parent / "profiles"))
 
 # Names users bring from other tools: a direct hint beats fuzzy matching.
+# Names other tools use (Hugging Face Trainer, PEFT, axolotl, mlx-lm) -> ours, with what differs. A misspelling
+# is matched by spelling; these by meaning (data.path is data.source, not the nearest spelling, template).
 KNOWN_ALIASES = {
-    "lora_layers": "num_layers",
-    "lora_rank": "rank",
-    "r": "rank",
-    "lora_alpha": "alpha",
-    "lora_dropout": "dropout",
-    "target_modules": "keys",
-    "lr": "learning_rate",
-    "epochs": "iters",
-    "steps": "iters",
-    "gradient_checkpointing": "grad_checkpoint",
-    "gradient_accumulation_steps": "grad_accumulation_steps",
-    "steps_per_eval": "eval_every",
-    "steps_per_save": "save_every",
+    "lora_layers": ("lora.num_layers", ""),
+    "lora_rank": ("lora.rank", ""),
+    "r": ("lora.rank", ""),
+    "lora_r": ("lora.rank", ""),
+    "lora_alpha": ("lora.alpha", ""),
+    "lora_dropout": ("lora.dropout", ""),
+    "target_modules": ("lora.keys", ""),
+    "lora_target_modules": ("lora.keys", ""),
+    "lora_parameters": ("lora", "rank, scale, dropout and keys are keys of the lora section"),
+    "lr": ("training.learning_rate", ""),
+    "epochs": ("training.iters", "optimizer steps, not epochs: iters = epochs x train rows / batch_size"),
+    "num_epochs": ("training.iters", "optimizer steps, not epochs: iters = epochs x train rows / batch_size"),
+    "num_train_epochs": (
+        "training.iters",
+        "optimizer steps, not epochs: iters = epochs x train rows / batch_size",
+    ),
+    "steps": ("training.iters", ""),
+    "max_steps": ("training.iters", ""),
+    "per_device_train_batch_size": ("training.batch_size", ""),
+    "micro_batch_size": ("training.batch_size", ""),
+    "gradient_checkpointing": ("training.grad_checkpoint", ""),
+    "gradient_accumulation_steps": ("training.grad_accumulation_steps", ""),
+    "warmup_ratio": ("training.warmup_steps", "a number of steps, not a share"),
+    "steps_per_eval": ("training.eval_every", ""),
+    "eval_steps": ("training.eval_every", ""),
+    "steps_per_save": ("training.save_every", ""),
+    "save_steps": ("training.save_every", ""),
+    "path": ("data.source", "a file, a saved dataset folder or a Hub id"),
+    "data_path": ("data.source", "a file, a saved dataset folder or a Hub id"),
+    "dataset": ("data.source", "a file, a saved dataset folder or a Hub id"),
+    "datasets": ("data.source", "one file, saved dataset folder or Hub id"),
+    "train_file": ("data.source", "one file; the valid and test splits are cut from it by data.splits"),
+    "dataset_path": ("data.source", ""),
+    "max_seq_len": ("data.max_seq_length", ""),
+    "max_length": ("data.max_seq_length", ""),
+    "sequence_len": ("data.max_seq_length", ""),
+    "cutoff_len": ("data.max_seq_length", ""),
+    "chat_template": (
+        "data.template",
+        "a name: tokenizer, auto, chatml, gemma, llama3, llama2, alpaca, plain",
+    ),
+    "prompt_template": ("data.template", ""),
+    "train_on_inputs": ("data.mask_prompt", "the opposite sense: train_on_inputs true is mask_prompt false"),
+    "val_set_size": ("data.splits", "three shares (train, valid, test) summing to 1"),
+    "model_name_or_path": ("model.name", ""),
+    "base_model": ("model.name", ""),
+    "model_id": ("model.name", ""),
+    "model_path": ("model.name", "a packaged name, a local folder or a Hub id"),
 }
 
 
@@ -142,9 +179,12 @@ def _section_model(path: tuple) -> type[BaseModel] | None:
     return model
 
 
-def _suggest(key: str, valid: list[str]) -> str:
-    if key in KNOWN_ALIASES and KNOWN_ALIASES[key] in valid:
-        return f"; did you mean {KNOWN_ALIASES[key]}?"
+def _suggest(key: str, valid: list[str], prefix: tuple = ()) -> str:
+    if key in KNOWN_ALIASES:
+        target, note = KNOWN_ALIASES[key]
+        section, _, name = target.rpartition(".")
+        short = name if section == ".".join(map(str, prefix)) and name in valid else target
+        return f"; did you mean {short}?" + (f" ({note})" if note else "")
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
     return f"; did you mean {close[0]}?" if close else f"; valid keys: {', '.join(valid)}"
 
@@ -163,7 +203,7 @@ def _check_keys(data: dict, docs: list[_Doc], prefix: tuple = ()) -> None:
         path = (*prefix, key)
         if key not in valid:
             raise ConfigError(
-                f"{_locate(docs, path)}: {'.'.join(map(str, path))}: unknown key{_suggest(str(key), valid)}"
+                f"{_locate(docs, path)}: {'.'.join(map(str, path))}: unknown key{_suggest(str(key), valid, prefix)}"
             )
         if isinstance(value, dict):
             _check_keys(value, docs, path)
@@ -234,6 +274,7 @@ def load_config(
     docs = _profile_docs(profile or "base", config_dir)
     if user_file is not None:
         user = _read_yaml(Path(user_file))
+        _paths_from(user.data, Path(user_file).parent)
         parent = user.data.get("extends")  # a user file may name its profile itself
         if parent and profile is None:
             docs, profile = _profile_docs(parent, config_dir), parent
@@ -256,6 +297,23 @@ def load_config(
     data.pop("extends", None)
     data["profile"] = profile or data.get("profile")
     return _validate(data, docs)
+
+
+PATH_KEYS = (("data", "source"), ("model", "name"), ("output_dir",))
+
+
+def _paths_from(data: dict, folder: Path) -> None:
+    """A relative path in a user's YAML means relative to that YAML, as a reader of the file expects: it is
+    made absolute when it exists there or is written ./ or ../ (Hub ids, builtin: and packaged names stay)."""
+    for keys in PATH_KEYS:
+        node = data
+        for key in keys[:-1]:
+            node = node.get(key) if isinstance(node.get(key), dict) else {}
+        value = node.get(keys[-1])
+        if not isinstance(value, str) or ":" in value or Path(value).expanduser().is_absolute():
+            continue
+        if value.startswith(("./", "../")) or (keys != ("output_dir",) and (folder / value).exists()):
+            node[keys[-1]] = str((folder / value).resolve())
 
 
 def load_file(path: str | Path) -> RunConfig:

@@ -9,6 +9,7 @@ Specs:
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import re
@@ -60,6 +61,8 @@ def resolve_model(
     path = Path(spec).expanduser()
     if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") >= 2:
         return _resolved(spec, _check_local(path), "local")
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", spec) and path.parent.is_dir():
+        raise ModelUnavailable(_mistyped(path))  # "models/smolm2" with ./models here: a typo, not a Hub id
     if re.fullmatch(r"[\w.-]+/[\w.-]+", spec) or spec in HUB_NAMES:
         return _resolved(spec, _from_hub(spec, root, downloader or hub_download, env), "hub")
     raise ModelUnavailable(
@@ -127,6 +130,16 @@ def rope_problem(config: Mapping) -> str | None:
     ):
         return f'rope_theta {nested} is only in rope_parameters; mlx_lm would use 10000. Add "rope_theta": {nested}'
     return None
+
+
+def _mistyped(path: Path) -> str:
+    folders = [p.name for p in path.parent.iterdir() if p.is_dir()]
+    near = difflib.get_close_matches(path.name, folders, n=3, cutoff=0.5)
+    guess = f": did you mean {' or '.join(str(path.parent / n) for n in near)}?" if near else ""
+    return (
+        f"model folder {path} does not exist ({path.parent}/ is a local folder, so this is read as a path, "
+        f"not a Hub id){guess}"
+    )
 
 
 def hub_download(repo_id: str, cache: Path) -> Path:

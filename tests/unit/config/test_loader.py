@@ -205,3 +205,37 @@ def test_saved_config_is_plain_yaml_of_the_resolved_values(tmp_path):
     text = path.read_text()
     assert "alpha" not in text and "scale: 2.0" in text  # the resolved scale, not the alias
     assert load_file(path).lora.alpha == cfg.lora.alpha
+
+
+@pytest.mark.parametrize(
+    ("given", "suggested"),
+    [
+        ("data.path", "did you mean source? (a file, a saved dataset folder or a Hub id)"),  # not `template`
+        ("training.num_train_epochs", "did you mean iters? (optimizer steps, not epochs"),  # not trim_batches
+        ("num_train_epochs", "did you mean training.iters?"),
+        ("training.max_seq_len", "did you mean data.max_seq_length?"),
+        ("data.train_on_inputs", "did you mean mask_prompt? (the opposite sense"),
+    ],
+)
+def test_names_other_tools_use_are_matched_by_meaning_not_spelling(given, suggested):
+    with pytest.raises(ConfigError) as err:
+        load_config("quick", overrides=[f"{given}=1"])
+    assert suggested in str(err.value)
+
+
+def test_relative_paths_in_a_users_yaml_are_relative_to_that_yaml(tmp_path, monkeypatch):
+    project = tmp_path / "project"
+    (project / "data").mkdir(parents=True)
+    (project / "data" / "mine.jsonl").write_text("{}\n")
+    (project / "ft.yaml").write_text(
+        "data:\n  source: data/mine.jsonl\nmodel:\n  name: ./models/base\noutput_dir: ./runs\n"
+    )
+    monkeypatch.chdir(tmp_path)  # elsewhere: the cwd used to decide
+    cfg = load_config("quick", project / "ft.yaml")
+    assert cfg.data.source == str(project / "data" / "mine.jsonl")
+    assert (cfg.model.name, cfg.output_dir) == (str(project / "models" / "base"), str(project / "runs"))
+    (project / "ft.yaml").write_text(
+        "data:\n  source: builtin:geography\nmodel:\n  name: HuggingFaceTB/SmolLM2-135M\n"
+    )
+    cfg = load_config("quick", project / "ft.yaml")
+    assert (cfg.data.source, cfg.model.name) == ("builtin:geography", "HuggingFaceTB/SmolLM2-135M")

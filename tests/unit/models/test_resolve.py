@@ -128,3 +128,17 @@ def test_tiny_llama_resolves_as_built(tiny):
     assert (
         resolve_model(str(tiny.path), downloader=no_download).source == "local"
     )  # the folder itself works too
+
+
+def test_a_mistyped_relative_folder_is_named_as_a_path_not_a_failed_hub_download(tmp_path, monkeypatch):
+    (tmp_path / "models" / "smollm2").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+
+    def downloader(repo_id, cache):
+        raise AssertionError("a typo in a local path must not reach the Hub")
+
+    with pytest.raises(
+        ModelUnavailable,
+        match=r"model folder models/smolm2 does not exist \(models/ is a local folder.*did you mean models/smollm2\?",
+    ):
+        resolve_model("models/smolm2", cache_dir=tmp_path / "c", downloader=downloader, env={})
