@@ -23,11 +23,11 @@ from finetune.evaluate.run_measurements import (
     PROBES,
     LearningMeasurement,
     masked_rows,
+    probe_questions,
 )
 from finetune.stages import versions
 from finetune.stages.context import Deps
 from finetune.system.atomic import atomic_write_json
-from finetune.system.jsonl import read_jsonl
 from finetune.train.engine import RESULT
 from finetune.train.memory import from_run_config
 from finetune.train.peak_memory import MemoryMeasurement
@@ -98,19 +98,16 @@ class FakeTrainer:
 
 
 def fake_answers(run_dir: Path, cfg: Any, *, learned: bool) -> list[str]:
-    rows = [r for r in read_jsonl(Path(run_dir) / "data" / "train.jsonl") if r.get("prompt")]
-    rows = rows[: cfg.gates.learning_probes]
-    return [r["reference"] if learned else "I do not know." for r in rows]
+    probes = probe_questions(Path(run_dir) / "data", cfg.gates.learning_probes)  # the real probes
+    return [p.reference if learned else "I do not know." for p in probes]
 
 
 def fake_learning(run_dir, base, cfg, stops, **_):
     """What base + saved adapter would answer: right when the fake adapter moved (lr > 0)."""
     learned = cfg.training.learning_rate > 0
-    rows = [r for r in read_jsonl(Path(run_dir) / "data" / "train.jsonl") if r.get("prompt")][
-        : cfg.gates.learning_probes
-    ]
-    return LearningMeasurement(before=["I do not know."] * len(rows), after=fake_answers(run_dir, cfg, learned=learned),
-                               references=[r["reference"] for r in rows], loss_before=3.0,
+    probes = probe_questions(Path(run_dir) / "data", cfg.gates.learning_probes)
+    return LearningMeasurement(before=["I do not know."] * len(probes), after=fake_answers(run_dir, cfg, learned=learned),
+                               references=[p.reference for p in probes], loss_before=3.0,
                                loss_after=1.0 if learned else 3.0, general_before=3.0,
                                general_after=3.0 + 0.1 * learned)  # fmt: skip
 

@@ -18,9 +18,9 @@ from typing import Any
 from finetune import faults
 from finetune.data import drops
 from finetune.data.records import Example, LoadResult, Rejection, load_records
-from finetune.data.sources import DatasetError
+from finetune.data.sources import DatasetError, given_splits
 from finetune.data.templates import Template, TemplateError, get_template
-from finetune.data.tokens import encode, mask_for
+from finetune.data.tokens import measure_lengths
 from finetune.system.atomic import atomic_write_text
 from finetune.system.jsonl import read_jsonl, to_jsonl
 
@@ -129,13 +129,19 @@ def prepare(
 ) -> PrepareReport:
     """Load, render, dedupe, shuffle and split into out_dir/{train,valid,test}.jsonl + prepare_report.json."""
     tmpl = template if isinstance(template, Template) else get_template(template, tokenizer)
-    loaded = load(source, format, fields=fields) if fields else load(source, format)
-    rows, rejected, dup_lines = _render_unique(loaded, tmpl, mask_prompt)
-    counts = split_counts(len(rows), splits)
-    random.Random(seed).shuffle(rows)
+    given = given_splits(source)
+    if given:  # a DatasetDict's own splits are used as given, not pooled and cut again
+        loaded, rows, rejected, dup_lines, counts = _given(
+            source, given, format, fields, load, tmpl, mask_prompt, splits, seed
+        )
+    else:
+        loaded = load(source, format, fields=fields) if fields else load(source, format)
+        rows, rejected, dup_lines = _render_unique(loaded, tmpl, mask_prompt)
+        counts = split_counts(len(rows), splits)
+        random.Random(seed).shuffle(rows)
     out = Path(out_dir)
     files = _write_splits(rows, counts, out)
-    lengths = _measure(rows, tokenizer, max_seq_length, mask_prompt)
+    lengths = measure_lengths([r for _, r in rows], tokenizer, max_seq_length, mask_prompt)
     notes = list(lengths.notes)
     if any(ex.text is not None for ex, _ in rows):
         notes.append("text-shape rows are trained whole and have no prompt/reference for evaluation")
@@ -197,6 +203,35 @@ def _render_unique(
     return rows, rejected, dup_lines
 
 
+def _given(source, given, format, fields, load, tmpl, mask_prompt, splits, seed):
+    """Each given split loaded and rendered on its own; a valid/test row that is a train row is dropped as a
+    duplicate (a leak), and a split the dataset lacks is cut from train by data.splits."""
+    parts, rejected, dup_lines, read, seen = {}, [], [], 0, set()
+    for ours, theirs in given.items():
+        loaded = load(source, format, split=theirs, **({"fields": fields} if fields else {}))
+        loaded.rejected = [Rejection(r.line, r.reason, f"{theirs} row") for r in loaded.rejected]
+        loaded.unit = f"{theirs} row"
+        kept, bad, dups = _render_unique(loaded, tmpl, mask_prompt)
+        leaks = [ex.line for ex, row in kept if row["text"] in seen]
+        parts[ours] = [(ex, row) for ex, row in kept if row["text"] not in seen]
+        seen |= {row["text"] for _, row in parts[ours]}
+        dup_lines += dups + leaks
+        rejected, read = rejected + bad, read + loaded.rows_read
+    train = parts["train"]
+    random.Random(seed).shuffle(train)
+    for name, share in (("valid", splits[1]), ("test", splits[2])):
+        if name not in parts:
+            n = max(1, round(len(train) * share / (splits[0] + share)))
+            parts[name], train = train[:n], train[n:]
+    if not train or not parts["valid"] or not parts["test"]:
+        raise DatasetError(
+            f"{source}: the given splits leave {len(train)} train, {len(parts['valid'])} valid, {len(parts['test'])} test rows: each needs at least 1"
+        )
+    counts = {"train": len(train), "valid": len(parts["valid"]), "test": len(parts["test"])}
+    summary = LoadResult(str(source), [], rejected, read, "row")
+    return summary, train + parts["valid"] + parts["test"], rejected, sorted(dup_lines), counts
+
+
 def _write_splits(rows: list[tuple[Example, dict]], counts: dict[str, int], out: Path) -> dict[str, str]:
     """Consecutive chunks of the shuffled rows, one file per split; returns the file names."""
     out.mkdir(parents=True, exist_ok=True)
@@ -209,43 +244,6 @@ def _write_splits(rows: list[tuple[Example, dict]], counts: dict[str, int], out:
         atomic_write_text(path, to_jsonl([r for _, r in chunk]))
         files[name] = path.name
     return files
-
-
-@dataclass
-class _Lengths:
-    unit: str  # "tokens" with a tokenizer, otherwise "chars"
-    lengths: list[int]
-    notes: list[str]
-    truncated_share: float | None = None
-    untrained: int | None = None  # rows whose trained tokens all fall past max_seq_length
-    trained_tokens: dict[str, float] | None = None
-
-
-def _measure(
-    rows: list[tuple[Example, dict]], tokenizer: Any, max_seq_length: int, mask_prompt: bool
-) -> _Lengths:
-    if tokenizer is None:
-        note = "lengths are in characters: token stats and truncation need a tokenizer"
-        return _Lengths("chars", [len(r["text"]) for _, r in rows], [note])
-    lengths, truncated, untrained, per_row = [], 0, 0, []
-    for _, r in rows:
-        ids, offsets = encode(tokenizer, r["text"])
-        lengths.append(len(ids))
-        truncated += len(ids) > max_seq_length
-        mask = mask_for(offsets[:max_seq_length], r["train_spans"])
-        untrained += not any(mask)
-        per_row.append(sum(mask[1:]) if mask_prompt else max(0, min(len(ids), max_seq_length) - 1))
-    # what the LM head sees per row with loss positions only, and what a frozen-prefix cache would hold
-    trained_tokens = {
-        "mean": round(statistics.fmean(per_row), 2),
-        "max": max(per_row),
-        "total": sum(per_row),
-        "positions": sum(max(0, min(n, max_seq_length) - 1) for n in lengths),
-    }
-    notes = []
-    if untrained:
-        notes.append(f"{untrained} rows have no trained tokens left after truncation to {max_seq_length}")
-    return _Lengths("tokens", lengths, notes, round(truncated / len(rows), 4), untrained, trained_tokens)
 
 
 BUILTIN = "builtin:"

@@ -142,6 +142,21 @@ def _open_saved(path: Path, split: str) -> Any:
     return loaded
 
 
+# our split -> the names a dataset may give it
+GIVEN_SPLITS = {"train": ("train",), "valid": ("validation", "valid", "val", "dev"), "test": ("test",)}
+
+
+def given_splits(source: str | os.PathLike) -> dict[str, str]:
+    """A saved DatasetDict's own splits as {ours: theirs} when it has train and valid or test, else {}."""
+    index = Path(source).expanduser() / "dataset_dict.json"
+    if not index.is_file():
+        return {}
+    names = json.loads(index.read_text()).get("splits") or []
+    found = {ours: next((n for n in theirs if n in names), None) for ours, theirs in GIVEN_SPLITS.items()}
+    found = {k: v for k, v in found.items() if v}
+    return found if "train" in found and len(found) > 1 else {}
+
+
 def rows_of(
     source: str, split: str, is_online: Callable[[], bool], hub_loader: Callable
 ) -> tuple[str, Iterator]:

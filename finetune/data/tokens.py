@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 PAD_TO = 32  # batches pad to this bucket, like mlx-lm, so compiled shapes repeat (finetune.train.batches)
@@ -56,3 +58,39 @@ def tokenize_example(
 def mask_for(offsets: Sequence[tuple[int, int]], spans: Sequence[Sequence[int]]) -> list[int]:
     # A token is trained when its characters overlap a span; zero-width (added special) tokens never are.
     return [int(s < e and any(s < se and e > ss for ss, se in spans)) for s, e in offsets]
+
+
+@dataclass
+class Lengths:
+    unit: str  # "tokens" with a tokenizer, otherwise "chars"
+    lengths: list[int]
+    notes: list[str]
+    truncated_share: float | None = None
+    untrained: int | None = None  # rows whose trained tokens all fall past max_seq_length
+    trained_tokens: dict[str, float] | None = None
+
+
+def measure_lengths(rows: list[dict], tokenizer: Any, max_seq_length: int, mask_prompt: bool) -> Lengths:
+    """Rendered rows' lengths (tokens, or characters without a tokenizer), truncation and trained tokens."""
+    if tokenizer is None:
+        note = "lengths are in characters: token stats and truncation need a tokenizer"
+        return Lengths("chars", [len(r["text"]) for r in rows], [note])
+    lengths, truncated, untrained, per_row = [], 0, 0, []
+    for r in rows:
+        ids, offsets = encode(tokenizer, r["text"])
+        lengths.append(len(ids))
+        truncated += len(ids) > max_seq_length
+        mask = mask_for(offsets[:max_seq_length], r["train_spans"])
+        untrained += not any(mask)
+        per_row.append(sum(mask[1:]) if mask_prompt else max(0, min(len(ids), max_seq_length) - 1))
+    # what the LM head sees per row with loss positions only, and what a frozen-prefix cache would hold
+    trained_tokens = {
+        "mean": round(statistics.fmean(per_row), 2),
+        "max": max(per_row),
+        "total": sum(per_row),
+        "positions": sum(max(0, min(n, max_seq_length) - 1) for n in lengths),
+    }
+    notes = []
+    if untrained:
+        notes.append(f"{untrained} rows have no trained tokens left after truncation to {max_seq_length}")
+    return Lengths("tokens", lengths, notes, round(truncated / len(rows), 4), untrained, trained_tokens)

@@ -47,9 +47,18 @@ class Probe:
 
 
 def probe_questions(data_dir: Path, n: int) -> list[Probe]:
-    """The first n training rows that are conversations: questions whose answers the run was taught."""
-    rows = [r for r in read_jsonl(Path(data_dir) / "train.jsonl") if r.get("prompt")]
-    return [Probe(r["prompt"], r["reference"]) for r in rows[:n]]
+    """The first n training rows that are conversations: questions whose answers the run was taught. Plain
+    text rows (no prompt) fill what is left as continuations: their first half, then the rest to complete."""
+    rows = read_jsonl(Path(data_dir) / "train.jsonl")
+    probes = [Probe(r["prompt"], r["reference"]) for r in rows if r.get("prompt")]
+    for r in rows:
+        if len(probes) >= n:
+            break
+        text = r["text"].strip() if not r.get("prompt") else ""
+        cut = text.rfind(" ", 0, len(text) // 2 + 1)
+        if cut > 0:  # the space starts the continuation, as the tokenizer splits it
+            probes.append(Probe(text[:cut], text[cut:]))
+    return probes[:n]
 
 
 def base_file_digests(model_dir: Path) -> dict[str, str]:

@@ -193,6 +193,8 @@ def artifacts(
     if not problems:
         if disk_answers is None or memory_answers is None or len(disk_answers) != len(memory_answers):
             problems.append("no probe answers to compare (in-memory answers missing from the run)")
+        elif not disk_answers:  # 0 of 0 agreeing is no evidence that the saved adapter is the trained one
+            problems.append("no probe questions to compare the saved adapter with the in-memory model on")
         else:
             same = [a == b for a, b in zip(disk_answers, memory_answers, strict=True)]
             agreement = sum(same) / len(same) if same else 0.0

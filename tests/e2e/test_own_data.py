@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import io
 import json
+import re
+import shlex
 from pathlib import Path
 
 from finetune import cli
@@ -108,3 +110,57 @@ def test_a_turn_weighted_0_is_not_trained_and_the_label_mask_gate_checks_it(tmp_
     for r in map(json.loads, (run / "data" / "train.jsonl").read_text().splitlines()):
         trained = [r["text"][a:b] for a, b in r["train_spans"]]
         assert len(trained) == 1 and trained[0].startswith("Item ") and "Bad draft" not in "".join(trained)
+
+
+README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+
+
+def readme_data_commands() -> list[list[str]]:
+    section = README.split("### Your own data", 1)[1]
+    block = re.search(r"```bash\n(.*?)```", section, flags=re.S).group(1)
+    return [shlex.split(line.split("#")[0]) for line in block.splitlines() if line.strip()]
+
+
+def user_file(name: str, root: Path) -> None:
+    """The README's file `name`, 40 rows in the format its name stands for."""
+    q, a = (f"What colour is item {i}?" for i in range(40)), (f"Item {i} is red." for i in range(40))
+    pairs = list(zip(q, a, strict=True))
+    alpaca = [{"instruction": x, "output": y} for x, y in pairs]
+    rows = {
+        "mine.jsonl": alpaca, "mine.json": alpaca,
+        "chat.jsonl": [{"messages": [{"role": "user", "content": x}, {"role": "assistant", "content": y, "weight": 1}]} for x, y in pairs],
+        "sharegpt.json": [{"conversations": [{"from": "human", "value": x}, {"from": "gpt", "value": y}]} for x, y in pairs],
+        "pairs.jsonl": [{"prompt": x, "completion": y} for x, y in pairs],
+        "notes.jsonl": [{"text": f"{x} {y}"} for x, y in pairs],
+        "qa.jsonl": [{"question": x, "answer": y} for x, y in pairs],
+    }  # fmt: skip
+    path = root / name
+    if name == "mine.json" or name == "sharegpt.json":
+        path.write_text(json.dumps(rows[name]))
+    elif name.endswith(".jsonl"):
+        write(path, rows[name])
+    elif name == "mine.csv":
+        path.write_text("instruction,input,output\n" + "".join(f'"{x}",,"{y}"\n' for x, y in pairs))
+    else:
+        import datasets
+
+        if name == "mine.parquet":
+            datasets.Dataset.from_list(alpaca).to_parquet(str(path))
+        else:
+            datasets.DatasetDict({"train": datasets.Dataset.from_list(alpaca[:34]),
+                                  "test": datasets.Dataset.from_list(alpaca[34:])}).save_to_disk(str(path))  # fmt: skip
+
+
+def test_every_readme_command_for_your_own_data_runs(tmp_path, toy_tokenizer, monkeypatch):
+    commands = readme_data_commands()
+    assert len(commands) == 10 and all(c[:4] == ["finetune", "run", "-p", "quick"] for c in commands)
+    monkeypatch.chdir(tmp_path)
+    for i, argv in enumerate(commands):
+        name = argv[argv.index("--data") + 1]
+        user_file(name, tmp_path)
+        code, out = finetune(
+            [*argv[1:], "--set", "data.template=chatml", "--run-dir", f"r{i}"], toy_tokenizer, tmp_path
+        )
+        assert code == 0, (argv, out[-3000:])
+        assert f"[data] 40 rows read from {name}, 40 used (" in out, (argv, out)
+        assert "[data] dropped" not in out, (argv, out)

@@ -263,3 +263,22 @@ def test_the_split_leak_fault_writes_a_validation_row_into_train(tmp_path, plant
     assert split_overlap(splits).passed
     v = split_overlap(leaky)
     assert not v.passed and v.measured == 1 and "valid.jsonl row 1" in v.detail
+
+
+def test_a_saved_dataset_dicts_own_splits_are_used_as_given(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    train, test = (
+        [qa(i) for i in range(30)],
+        [qa(i) for i in range(100, 108)] + [qa(3)],
+    )  # qa(3) leaks from train
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(train), "test": datasets.Dataset.from_list(test)}
+                         ).save_to_disk(str(tmp_path / "dd"))  # fmt: skip
+    report = prepare(tmp_path / "dd", tmp_path / "out", template="chatml", splits=(0.8, 0.1, 0.1))
+    tested = [r["reference"] for r in read_jsonl(tmp_path / "out" / "test.jsonl")]
+    assert sorted(tested) == sorted(r["messages"][-1]["content"] for r in test[:8]), (
+        "test is the dataset's test split, minus the leak"
+    )
+    assert report.split_counts == {"train": 27, "valid": 3, "test": 8} and report.rows_read == 39
+    assert report.duplicates_removed == 1 and report.duplicate_lines == [9]
+    trained = {r["reference"] for r in read_jsonl(tmp_path / "out" / "train.jsonl")}
+    assert trained.isdisjoint(tested) and len(trained) == 27  # valid was cut from train, as data.splits says

@@ -21,7 +21,15 @@ def test_probe_questions_are_the_first_conversation_rows(tmp_path):
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     got = run_measurements.probe_questions(tmp_path, 3)
     assert got == [run_measurements.Probe(f"<q{i}>", f"a{i}") for i in range(3)]
-    assert len(run_measurements.probe_questions(tmp_path, 50)) == 5
+    assert len(run_measurements.probe_questions(tmp_path, 50)) == 6, "the text row fills in as a continuation"
+
+
+def test_plain_text_rows_are_probed_as_continuations_of_their_first_half(tmp_path):
+    rows = [{"text": "The heron waits in the shallow water until a fish comes by."}, {"text": "short"}]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert run_measurements.probe_questions(tmp_path, 5) == [
+        run_measurements.Probe("The heron waits in the", " shallow water until a fish comes by.")
+    ], "a text without a space in its first half is no probe"
 
 
 def test_base_file_digests_cover_weights_config_and_tokenizer_only(tmp_path):

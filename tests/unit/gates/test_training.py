@@ -192,6 +192,7 @@ def test_artifacts_gate_fails_without_answers_to_compare():
     assert "no probe answers" in artifacts([], ["8"], None).detail
     assert not artifacts([], None, ["8"]).passed
     assert not artifacts([], ["8"], ["8", "9"]).passed
+    assert not artifacts([], [], []).passed, "0 of 0 agreeing proves nothing (it passed at 0%)"
 
 
 # ---------------------------------------------------------------- real tiny training runs
