@@ -62,8 +62,11 @@ class DataConfig(_Section):
     @field_validator("splits")
     @classmethod
     def _splits_sum(cls, splits: tuple[float, float, float]) -> tuple[float, float, float]:
-        if any(s < 0 for s in splits) or abs(sum(splits) - 1.0) > 1e-6:
-            raise ValueError(f"splits must be three non-negative shares summing to 1, got {list(splits)}")
+        if any(s <= 0 for s in splits) or abs(sum(splits) - 1.0) > 1e-6:  # 0 used to pass here, fail later
+            raise ValueError(
+                f"splits must be three shares above 0 (train, valid, test: each needs a row) summing to 1, "
+                f"got {list(splits)}"
+            )
         return splits
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from finetune.models.cache import MARKER, Log, ModelUnavailable, cache_root, stderr_log
 from finetune.models.gemma import GEMMA3, build_gemma3
 from finetune.models.packaged import SMOLLM2, build_smollm2, converted_smollm2, smollm2_gguf
+from finetune.models.safetensors import SafetensorsError, read_header
 from finetune.models.tiny import TINY, TINY_GPT2, build_tiny_gpt2, build_tiny_llama
 
 
@@ -113,6 +114,13 @@ def _check_local(path: Path) -> Path:
     problem = rope_problem(read_config(path))
     if problem:
         raise ModelUnavailable(f"{path / 'config.json'}: {problem}")
+    for file in sorted(
+        path.glob("*.safetensors")
+    ):  # a truncated download is bad input, not a crash in training
+        try:
+            read_header(file)
+        except SafetensorsError as exc:
+            raise ModelUnavailable(f"model folder {path}: {exc}; download or copy it again") from None
     return path.resolve()
 
 

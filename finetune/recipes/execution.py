@@ -121,7 +121,32 @@ def _verdicts(command: Command, run: Run) -> list[Verdict]:
 
 
 def finish(command: Command, run: Run, started: datetime, tic: float) -> Finished:
-    """Decide the run's status from its stages and verdicts; write report.json, report.html and history."""
+    """Decide the run's status; write report.json, report.html and history. A signal while report.html is
+    drawn ends the run interrupted (exit 128+N, with its resume command, which draws it); one while the
+    report or history is written is acted on once they are whole."""
+    ctx = run.ctx
+    with signals.deferred():
+        report = _decided(command, run, started, tic)
+    try:
+        _draw(report, ctx)
+    except (signals.Interrupted, KeyboardInterrupt) as exc:
+        run.stop = signals.as_interrupted(exc)
+        ctx.log(
+            f"report.html not drawn: interrupted by {run.stop.name}; `{resume_command(command.name, ctx.run_dir)}` draws it"
+        )
+        with signals.deferred():
+            report = _decided(command, run, started, tic)
+    with signals.deferred():
+        if (signum := signals.pending()) is not None and run.stop is None:
+            run.stop = signals.Interrupted(signum)
+            report = _decided(command, run, started, tic)
+        path = write_report(report, ctx.run_dir)
+        _add_to_history(report, ctx)
+    return Finished(report, path, report.exit_code)
+
+
+def _decided(command: Command, run: Run, started: datetime, tic: float) -> RunReport:
+    """The run's report: its status decided from its stages and verdicts."""
     ctx, verdicts = run.ctx, _verdicts(command, run)
     outcome = decide(
         [s.model_dump() for s in run.reports],
@@ -162,9 +187,7 @@ def finish(command: Command, run: Run, started: datetime, tic: float) -> Finishe
         ollama=_ollama_report(run) if any(s.name == "ollama" for s in run.reports) else None,
         environment=_environment(ctx.deps.collect_env),
     )
-    path = write_report(report, ctx.run_dir)
-    _publish(report, ctx)
-    return Finished(report, path, code)
+    return report
 
 
 def _environment(collect: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -174,22 +197,23 @@ def _environment(collect: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         return {"error": f"{type(exc).__name__}: {exc}"}
 
 
-def _publish(report: RunReport, ctx: Ctx) -> None:
-    """report.html beside report.json, and one line in the run history; neither can change the verdict."""
-    from finetune.report import history
+def _draw(report: RunReport, ctx: Ctx) -> None:
+    """report.html beside report.json; a plot that fails must not turn a verdict into a crash."""
     from finetune.report.html import write_html
 
-    def add_to_history() -> None:
-        history.append(history.record_from_report(report), history.history_path(ctx.cfg.output_dir))
+    try:
+        write_html(report, ctx.run_dir)
+    except Exception as exc:
+        ctx.log(f"warning: could not write the report.html: {type(exc).__name__}: {exc}")
 
-    for what, publish in (
-        ("report.html", lambda: write_html(report, ctx.run_dir)),
-        ("history", add_to_history),
-    ):
-        try:
-            publish()
-        except Exception as exc:  # a plot or a full disk must not turn a verdict into a crash
-            ctx.log(f"warning: could not write the {what}: {type(exc).__name__}: {exc}")
+
+def _add_to_history(report: RunReport, ctx: Ctx) -> None:
+    from finetune.report import history
+
+    try:
+        history.append(history.record_from_report(report), history.history_path(ctx.cfg.output_dir))
+    except Exception as exc:  # a full disk must not turn a verdict into a crash
+        ctx.log(f"warning: could not write the history: {type(exc).__name__}: {exc}")
 
 
 def _ollama_report(run: Run) -> OllamaReport:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from finetune import faults
 from finetune.data import drops
+from finetune.data.sources import DatasetError
 from finetune.report.artifacts import artifact
 from finetune.report.models import StageReport
 from finetune.stages import keys
@@ -72,6 +73,12 @@ def stage_data(ctx: Ctx) -> StageReport:
     }
     if not counts.get("train"):
         raise StageError(f"{data_dir / 'train.jsonl'}: no training rows")
+    if counts["train"] < ctx.cfg.training.batch_size:  # bad input (exit 2), not a crash inside training
+        raise DatasetError(
+            f"{ctx.cfg.data.source}: {counts['train']} training rows, fewer than training.batch_size "
+            f"{ctx.cfg.training.batch_size}: add rows, lower training.batch_size, or give train a larger share "
+            "of data.splits"
+        )
     details = {"counts": counts, "report": report.to_dict() if hasattr(report, "to_dict") else report}
     for line in drops.summary(details["report"]):  # what the data stage dropped is said, not only filed
         ctx.log(f"[data] {line}")

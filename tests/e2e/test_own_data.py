@@ -8,17 +8,24 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import shlex
+import signal
 from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import save_file
 
 from finetune import cli
 from tests.fakes import FakeTrainer, fake_deps
 
 
-def finetune(argv, tokenizer, tmp_path, trainer=None) -> tuple[int, str]:
+def finetune(argv, tokenizer, tmp_path, trainer=None, **deps) -> tuple[int, str]:
     out = io.StringIO()
-    return cli.main(argv, deps=fake_deps(tokenizer, tmp_path / "models", trainer), out=out), out.getvalue()
+    return cli.main(
+        argv, deps=fake_deps(tokenizer, tmp_path / "models", trainer, **deps), out=out
+    ), out.getvalue()
 
 
 def alpaca(i: int, answer: str = "output") -> dict:
@@ -164,3 +171,58 @@ def test_every_readme_command_for_your_own_data_runs(tmp_path, toy_tokenizer, mo
         assert code == 0, (argv, out[-3000:])
         assert f"[data] 40 rows read from {name}, 40 used (" in out, (argv, out)
         assert "[data] dropped" not in out, (argv, out)
+
+
+def test_bad_input_exits_2_naming_the_problem(tmp_path, toy_tokenizer, capsys):
+    src = write(tmp_path / "few.jsonl", [alpaca(i) for i in range(6)])
+    cases = {  # each of these used to end exit 1, as if a stage had failed on a healthy input
+        "4 training rows, fewer than training.batch_size 8": run_on(src, tmp_path / "r1", "training.batch_size=8"),
+        "splits must be three shares above 0": run_on(src, tmp_path / "r2", "data.splits=[0.9,0.1,0]"),
+        "6 rows with no trained token left after truncation to 8": run_on(src, tmp_path / "r3", "data.max_seq_length=8"),
+    }  # fmt: skip
+    for message, argv in cases.items():
+        code, out = finetune(argv, toy_tokenizer, tmp_path)
+        assert code == 2 and message in out + capsys.readouterr().err, (message, out[-2000:])
+
+
+def test_truncated_model_weights_are_bad_input(tmp_path, toy_tokenizer):
+    from finetune.models.resolve import resolve_model
+    from tests.fakes import fake_model_folder
+
+    folder = fake_model_folder(tmp_path / "m", toy_tokenizer, "mine").path
+    save_file({"w": np.zeros((4, 4), np.float32)}, str(folder / "model.safetensors"))
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-9])  # an interrupted copy
+    src = write(tmp_path / "mine.jsonl", [alpaca(i) for i in range(40)])
+    argv = run_on(src, tmp_path / "r", f"model.name={folder}")
+    code, out = finetune(argv, toy_tokenizer, tmp_path, resolve_model=lambda spec: resolve_model(spec))
+    assert code == 2 and f"{weights}: " in out and "truncated; download or copy it again" in out, out
+
+
+def test_ctrl_c_while_report_html_is_drawn_exits_130_with_a_report_and_a_history_line(
+    tmp_path, toy_tokenizer, monkeypatch
+):
+    # it used to print a 119-line traceback and exit 1, with no report.html and no history line
+    from finetune.report import history, html
+
+    draw = html.write_html
+
+    def ctrl_c_while_drawing(report, run_dir):
+        os.kill(os.getpid(), signal.SIGINT)  # a real signal, to the real handler, mid-drawing
+        return draw(report, run_dir)
+
+    monkeypatch.setattr(html, "write_html", ctrl_c_while_drawing)
+    monkeypatch.setenv("FT_HISTORY", str(tmp_path / "history.jsonl"))
+    src, run = write(tmp_path / "mine.jsonl", [alpaca(i) for i in range(40)]), tmp_path / "r"
+    code, out = finetune(run_on(src, run), toy_tokenizer, tmp_path)
+    assert code == 130, out
+    assert (
+        f"report.html not drawn: interrupted by SIGINT; `finetune run --run-dir {run.absolute()} --resume`"
+        in out
+    )
+    report = json.loads((run / "report.json").read_text())
+    assert report["status"] == "interrupted" and report["resume_command"].endswith("--resume")
+    assert [r["status"] for r in history.load(tmp_path / "history.jsonl")] == ["interrupted"]
+    monkeypatch.setattr(html, "write_html", draw)
+    code, out = finetune(["run", "--run-dir", str(run), "--resume"], toy_tokenizer, tmp_path)
+    assert code == 0 and (run / "report.html").is_file(), out

@@ -107,10 +107,10 @@ def test_save_then_load_round_trips(tmp_path):
 
 
 def test_validation_errors_for_ranges(tmp_path):
-    with pytest.raises(
-        ConfigError, match="data.splits: splits must be three non-negative shares summing to 1"
-    ):
+    with pytest.raises(ConfigError, match="data.splits: splits must be three shares above 0 .* summing to 1"):
         load_config(overrides=["data.splits=[0.5, 0.1, 0.1]"])
+    with pytest.raises(ConfigError, match=r"each needs a row\) summing to 1, got \[0.9, 0.1, 0.0\]"):
+        load_config(overrides=["data.splits=[0.9, 0.1, 0]"])  # it passed here and failed at the data stage
     with pytest.raises(ConfigError, match="lora.num_layers"):
         load_config(overrides=["lora.num_layers=0"])
 

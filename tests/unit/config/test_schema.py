@@ -51,7 +51,7 @@ def test_alpha_and_scale_together_is_refused():
         (LoraConfig, {"rank": 0}, "rank"),
         (LoraConfig, {"scale": 0}, "scale"),
         (LoraConfig, {"dropout": 1.0}, "dropout"),
-        (DataConfig, {"splits": [0.5, 0.6, -0.1]}, "non-negative shares summing to 1"),
+        (DataConfig, {"splits": [0.5, 0.6, -0.1]}, "three shares above 0"),
         (DataConfig, {"splits": [0.5, 0.1, 0.1]}, "summing to 1"),
         (DataConfig, {"max_seq_length": 4}, "max_seq_length"),
         (DataConfig, {"template": "vicuna"}, "template"),

@@ -3,7 +3,9 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+from safetensors.numpy import save_file
 
 from finetune.models.cache import ModelUnavailable
 from finetune.models.convert import fix_config_for_mlx
@@ -19,10 +21,20 @@ def write_folder(path: Path, config: dict | str | None = None) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     cfg = config if config is not None else {"model_type": "llama", "rope_theta": 1e4}
     (path / "config.json").write_text(cfg if isinstance(cfg, str) else json.dumps(cfg))
-    (path / "model.safetensors").write_bytes(b"")
+    save_file({"w": np.zeros((2, 2), np.float32)}, str(path / "model.safetensors"))
     (path / "tokenizer.json").write_text("{}")
     (path / "tokenizer_config.json").write_text("{}")
     return path
+
+
+def test_truncated_weights_are_bad_input_naming_the_file(tmp_path):
+    folder = write_folder(tmp_path / "m")
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-5])  # an interrupted download
+    with pytest.raises(
+        ModelUnavailable, match=rf"model folder {folder}: {weights}: .* truncated; download or copy it again"
+    ):
+        resolve_model(str(folder), downloader=no_download)
 
 
 def test_local_folder_resolves(tmp_path):
