@@ -19,7 +19,7 @@ from finetune import faults
 from finetune.data import drops
 from finetune.data.records import Example, LoadResult, Rejection, load_records
 from finetune.data.sources import DatasetError, given_splits
-from finetune.data.templates import Template, TemplateError, get_template
+from finetune.data.templates import Template, TemplateError, check_special_tokens, get_template
 from finetune.data.tokens import measure_lengths
 from finetune.system.atomic import atomic_write_text
 from finetune.system.jsonl import read_jsonl, to_jsonl
@@ -265,6 +265,7 @@ def materialize_source(source: str, out_dir: Path, *, num_examples: int, seed: i
 def prepare_for_run(data_cfg: Any, out_dir: Path, tokenizer: Any) -> PrepareReport:
     """prepare() as a run's `data:` section asks (template by name, built-in sources generated first)."""
     template = get_template(data_cfg.template, tokenizer=tokenizer)
+    check_special_tokens(template, tokenizer)
     out = Path(out_dir)
     source = materialize_source(data_cfg.source, out, num_examples=data_cfg.num_examples, seed=data_cfg.seed)
     report = prepare(

@@ -68,6 +68,9 @@ class Template:
     name: str
     stop_strings: list[str]
     _segments: Callable[[Sequence[dict], bool], list[_Segment]] = field(repr=False)
+    special: tuple[
+        str, ...
+    ] = ()  # the control tokens it writes: each must be one token of the model's vocabulary
 
     def render(self, messages: Sequence[dict]) -> Rendered:
         validate_messages(messages)
@@ -272,27 +275,49 @@ def auto_template_name(tokenizer: Any) -> str:
     return next((name for marker, name in FAMILY_MARKERS if marker in str(source)), "tokenizer")
 
 
+LLAMA3_SPECIAL = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+
+
+def split_special_tokens(template: Template, tokenizer: Any) -> dict[str, int]:
+    """{control token: how many tokens it becomes} for each of the template's that the vocabulary lacks."""
+    tok = tokenizer._tokenizer if not callable(tokenizer) and hasattr(tokenizer, "_tokenizer") else tokenizer
+    counts = {s: len(tok(s, add_special_tokens=False)["input_ids"]) for s in template.special}
+    return {s: n for s, n in counts.items() if n != 1}
+
+
+def check_special_tokens(template: Template, tokenizer: Any) -> None:
+    """A template whose control tokens this model splits (llama3's <|eot_id|> on SmolLM2: 9 pieces) would
+    teach the model to spell its markers, and stop strings would end answers a few tokens late."""
+    if tokenizer is None or not (split := split_special_tokens(template, tokenizer)):
+        return
+    pieces = ", ".join(f"{s} -> {n} tokens" for s, n in split.items())
+    raise TemplateError(
+        f"data.template {template.name!r} writes control tokens this model's vocabulary does not have as one "
+        f"token ({pieces}); use data.template=auto, the model's own format ({auto_template_name(tokenizer)!r})"
+    )
+
+
 def get_template(name: str, tokenizer: Any = None) -> Template:
     """Template by name. "tokenizer" uses tokenizer.apply_chat_template; "auto" picks by the tokenizer's family
     (auto_template_name); alpaca ends answers with its EOS."""
     if name == "auto":
         name = auto_template_name(tokenizer)
     if name == "chatml":
-        return Template("chatml", ["<|im_end|>"], _chatml)
+        return Template("chatml", ["<|im_end|>"], _chatml, ("<|im_start|>", "<|im_end|>"))
     if name == "llama3":
-        return Template("llama3", ["<|eot_id|>"], _llama3)
+        return Template("llama3", ["<|eot_id|>"], _llama3, LLAMA3_SPECIAL)
     if name == "gemma":
-        return Template("gemma", ["<end_of_turn>"], _gemma)
+        return Template("gemma", ["<end_of_turn>"], _gemma, ("<start_of_turn>", "<end_of_turn>"))
     if name == "plain":
         eos = getattr(tokenizer, "eos_token", None)
         if not eos:
             raise TemplateError("template 'plain' ends each answer with the tokenizer's EOS: pass tokenizer=")
-        return Template("plain", [eos], _plain(eos))
+        return Template("plain", [eos], _plain(eos), (eos,))
     if name in ("llama2", "alpaca"):
         eos = getattr(tokenizer, "eos_token", None) or LLAMA2_DEFAULT_EOS
         if name == "llama2":
-            return Template("llama2", [eos], _llama2(eos))
-        return Template("alpaca", [eos, "### Instruction:"], _alpaca(eos))
+            return Template("llama2", [eos], _llama2(eos), ("<s>", eos))
+        return Template("alpaca", [eos, "### Instruction:"], _alpaca(eos), (eos,))
     if name == "tokenizer":
         if tokenizer is None or not hasattr(tokenizer, "apply_chat_template"):
             raise TemplateError(

@@ -226,3 +226,15 @@ def test_ctrl_c_while_report_html_is_drawn_exits_130_with_a_report_and_a_history
     monkeypatch.setattr(html, "write_html", draw)
     code, out = finetune(["run", "--run-dir", str(run), "--resume"], toy_tokenizer, tmp_path)
     assert code == 0 and (run / "report.html").is_file(), out
+
+
+def test_a_template_whose_control_tokens_the_model_lacks_is_bad_input(tmp_path, toy_tokenizer):
+    # llama3 on SmolLM2 split <|eot_id|> into characters and truncated 16.7% of rows, with no warning
+    src = write(tmp_path / "mine.jsonl", [alpaca(i) for i in range(40)])
+    code, out = finetune(run_on(src, tmp_path / "r", "data.template=llama3"), toy_tokenizer, tmp_path)
+    assert code == 2, out
+    assert (
+        "data.template 'llama3' writes control tokens this model's vocabulary does not have as one token"
+        in out
+    )
+    assert "<|eot_id|> -> " in out and "use data.template=auto, the model's own format ('chatml')" in out

@@ -289,3 +289,14 @@ def test_auto_picks_the_family_of_the_models_own_template(smollm2_tokenizer):
         assert auto_template_name(tok) == family, source
     with pytest.raises(TemplateError, match="pass tokenizer="):
         get_template("auto")
+
+
+def test_control_tokens_the_vocabulary_splits_are_named(toy_tokenizer):
+    from finetune.data.templates import check_special_tokens, split_special_tokens
+
+    assert split_special_tokens(get_template("chatml"), toy_tokenizer) == {}
+    split = split_special_tokens(get_template("gemma"), toy_tokenizer)
+    assert set(split) == {"<start_of_turn>", "<end_of_turn>"} and all(n > 1 for n in split.values())
+    check_special_tokens(get_template("chatml"), toy_tokenizer)
+    with pytest.raises(TemplateError, match=r"'gemma' writes control tokens .*<start_of_turn> -> \d+ tokens"):
+        check_special_tokens(get_template("gemma"), toy_tokenizer)
