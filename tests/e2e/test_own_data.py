@@ -238,3 +238,35 @@ def test_a_template_whose_control_tokens_the_model_lacks_is_bad_input(tmp_path, 
         in out
     )
     assert "<|eot_id|> -> " in out and "use data.template=auto, the model's own format ('chatml')" in out
+
+
+def test_misleading_messages_now_name_the_real_problem(tmp_path, toy_tokenizer, capsys, monkeypatch):
+    from finetune.models.resolve import resolve_model
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "smollm2").mkdir(parents=True)
+    rows = [alpaca(i) for i in range(40)]
+    lines = write(tmp_path / "lines.json", rows)  # JSON Lines saved as .json
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes(
+        b"instruction,output\n"
+        + "".join(f"q{i},a{i}\n" for i in range(900)).encode()
+        + "café,x\n".encode("latin-1")
+    )
+    good = write(tmp_path / "good.jsonl", rows)
+    cases = [
+        (run_on(lines, tmp_path / "r1"), "this looks like JSON Lines (one object per line: rename it to .jsonl)"),
+        (run_on(latin, tmp_path / "r2"), "latin.csv: line 902: not valid UTF-8 (byte 0xe9"),
+        (run_on(good, tmp_path / "r3", "model.name=models/smolm2"), "does not exist (models/ is a local folder, so this is read as a path, not a Hub id): did you mean models/smollm2"),
+        (run_on(good, tmp_path / "r4", "data.path=x"), "did you mean source? (a file, a saved dataset folder"),
+        (run_on(good, tmp_path / "r5", "training.num_train_epochs=3"), "did you mean iters? (optimizer steps, not epochs"),
+        (["prepare", "-p", "quick", "--no-tokenizer", "--data", str(good), "--out", "o"], "name one (--set data.template=chatml"),
+    ]  # fmt: skip
+    before = {p: p.read_bytes() for p in (lines, latin, good)}
+    for argv, message in cases:
+        real = (
+            {"resolve_model": resolve_model} if "model.name=models/smolm2" in argv else {}
+        )  # the rest: fake
+        code, out = finetune(argv, toy_tokenizer, tmp_path, **real)
+        assert code == 2 and message in out + capsys.readouterr().err, (argv, message, out[-1500:])
+    assert {p: p.read_bytes() for p in before} == before
