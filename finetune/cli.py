@@ -1,4 +1,4 @@
-"""`finetune` command line: config, prepare, estimate, doctor, train, run, validate, pipeline.
+"""`finetune` command line: config, prepare, estimate, doctor, train, run, validate, pipeline, export.
 
 Exit codes: 0 passed (or trained, for `train`), 1 a stage or gate failed, 2 bad input (config, data,
 model folder; FT_INJECT_FAULT without the test harness's arming key), 3 degraded (something required was
@@ -83,6 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("validate", help="judge a finished run again from what it saved (fresh process)")
     v.add_argument("run_dir")
+
+    e = sub.add_parser("export", help="a finished run's adapter in another runtime's form, judged there")
+    e.add_argument("run_dir")
+    e.add_argument("--as", dest="form", required=True, choices=("peft",), help="peft: transformers + peft")
+    e.add_argument("--out", help="default: RUN/export/<form>; elsewhere a new or empty folder")
 
     h = sub.add_parser(
         "history", help="trends of every run so far; --check compares the latest with its baseline"
@@ -180,6 +185,11 @@ def _dispatch(args, deps, out) -> int:
         return 0
     if args.command == "history":
         return _history(args, out)
+    if args.command == "export":
+        from finetune.recipes.export_adapter import export_run
+
+        target = Path(args.out) if args.out else None
+        return export_run(Path(args.run_dir), args.form, target, _deps(deps).resolve_model, _printer(out))
     raise AssertionError(args.command)
 
 

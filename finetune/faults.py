@@ -92,6 +92,11 @@ FAULTS: dict[str, tuple[str, str, str]] = {
         "served_defaults",
     ),
     "eval_runtime_base": ("evaluate", "the fused-MLX runtime answers with the base model", "output_parity"),
+    "peft_alpha_missing": (
+        "export",
+        "the PEFT adapter_config.json says lora_alpha = r (mlx-lm's scale left out: 1/scale of the adapter)",
+        "peft_parity",
+    ),
 }
 
 
@@ -275,4 +280,5 @@ EFFECTS: dict[str, Callable[..., Any]] = {
     "modelfile_short_num_predict": lambda params, longest: {**params, "num_predict": max(1, longest // 2)},
     "modelfile_no_temperature": lambda params: {k: v for k, v in params.items() if k != "temperature"},
     "eval_runtime_base": lambda fused_dir, base_dir: base_dir,
+    "peft_alpha_missing": lambda alpha, rank: float(rank),
 }

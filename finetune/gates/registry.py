@@ -91,6 +91,12 @@ THRESHOLDS = (
         ge=0,
         le=1,
     ),
+    Threshold(
+        "peft_floor_multiple",
+        10.0,
+        "how many times the two runtimes' own difference (base vs base) the exported adapter may differ by",
+        ge=1,
+    ),
 )
 
 
@@ -163,6 +169,17 @@ _ALL = (
         "max_perplexity_ratio",
         "a fine-tune that damaged the language the base model had (over-training, a learning rate too high)",
         lower_is_better=True,
+    ),
+    Gate(
+        "peft_parity",
+        "next-token logprobs of the PEFT export in transformers + peft vs base + saved adapter in MLX, every "
+        "vocabulary entry at every position of 4 training texts, as a multiple of base vs base",
+        "peft_floor_multiple",
+        "an adapter exported at the wrong strength (lora_alpha = r: 1/scale of it), transposed or misnamed",
+        phase="export",
+        in_pipeline=False,  # `finetune export --as peft`
+        lower_is_better=True,
+        parity=True,
     ),
     Gate(
         "fuse_exactness",

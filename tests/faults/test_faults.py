@@ -9,6 +9,8 @@ the stage cache reruns only the faulted stage and what follows it.
 
 from __future__ import annotations
 
+import io
+import json
 import shutil
 from pathlib import Path
 
@@ -31,7 +33,8 @@ PRETRAINED_ONLY = ("lr_too_high",)
 TRAIN_FAULTS = [n for n, stage in GATED.items() if stage in ("data", "train") and n not in PRETRAINED_ONLY]
 # Gates that must fail on a fault besides the one it is planted for (a fault table row names one gate).
 ALSO_CAUGHT = {"lr_zero": ("validation_loss",), "frozen_lora": ("validation_loss",)}
-SHIP_FAULTS = [n for n, stage in GATED.items() if stage not in ("data", "train")]
+SHIP_FAULTS = [n for n, stage in GATED.items() if stage not in ("data", "train", "export")]
+EXPORT_FAULTS = [n for n, stage in GATED.items() if stage == "export"]  # `finetune export` on a finished run
 STAGE_ERROR_FAULTS = [n for n, (stage, _, _) in faults.FAULTS.items() if n not in GATED and stage == "train"]
 # config.json and GGUF metadata are compared value by value with the base's: a drift stops its stage
 SHIP_STAGE_ERROR_FAULTS = [
@@ -108,6 +111,33 @@ def test_a_shipping_fault_is_caught_by_its_gate_and_only_its_stage_onward_reruns
     assert gate in failed, f"{fault} was not caught by {gate}; failed: {sorted(failed)}"
     order = [s.name for s in report.stages]
     assert all(s.cached for s in report.stages[: order.index(stage)]), "upstream stages come from the cache"
+
+
+def _export(run_dir: Path) -> tuple[int, dict]:
+    """`finetune export RUN --as peft` through the CLI; its exit code and the verdict it wrote."""
+    from finetune import cli
+
+    code = cli.main(["export", str(run_dir), "--as", "peft"], out=io.StringIO())
+    return code, json.loads((run_dir / "export" / "peft" / "parity.json").read_text())["verdict"]
+
+
+@pytest.mark.parametrize("fault", ["healthy", *EXPORT_FAULTS])
+def test_an_exported_adapter_is_judged_where_it_is_loaded(fault, healthy, tmp_path, record, plant_fault):
+    # tiny GPT-2: mlx-lm's module names differ from transformers' (model.h vs transformer.h) and its Conv1D
+    # weights are stored (in, out): the PEFT export must say so (fan_in_fan_out) to load at all
+    run_dir = tmp_path / "run"
+    shutil.copytree(healthy[0], run_dir, symlinks=True)
+    if fault != "healthy":
+        plant_fault(fault)
+    code, v = _export(run_dir)
+    gate = "peft_parity"
+    caught = v["status"] == "passed" if fault == "healthy" else v["status"] == "failed"
+    record(fault=f"{fault} (export)" if fault == "healthy" else fault, model=MODEL,
+           expected="(none fails)" if fault == "healthy" else gate, caught=caught,
+           status={0: "passed", 1: "failed", 4: faults.STATUS}.get(code, str(code)),
+           failed=[] if v["status"] == "passed" else [f"{gate} ({round(v['measured'], 4)} vs {v['threshold']})"])  # fmt: skip
+    assert caught, v["detail"]
+    assert code == (0 if fault == "healthy" else faults.EXIT_CODE)
 
 
 @pytest.mark.parametrize("fault", SHIP_STAGE_ERROR_FAULTS)

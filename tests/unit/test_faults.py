@@ -63,7 +63,7 @@ def test_an_unarmed_point_refuses_instead_of_planting(monkeypatch):
 
 
 def test_every_fault_names_a_real_gate_or_a_stage_error_and_has_an_effect():
-    stages = {"data", "train", "fuse", "gguf", "ollama", "evaluate"}
+    stages = {"data", "train", "fuse", "gguf", "ollama", "evaluate", "export"}
     for name, (stage, where, gate) in faults.FAULTS.items():
         assert stage in stages and where and (gate in GATES or gate == "(stage error)"), name
     assert set(faults.EFFECTS) == set(faults.FAULTS) and set(faults.FAULTS) >= faults.WRITE_ONLY

@@ -6,7 +6,17 @@ import numpy as np
 
 from finetune import faults
 from finetune.config.schema import GatesConfig
-from finetune.gates import fuse, generalization, label_mask, runtime_parity, served, split_overlap, training
+from finetune.evaluate.peft_measure import PeftMeasurement
+from finetune.gates import (
+    adapter_parity,
+    fuse,
+    generalization,
+    label_mask,
+    runtime_parity,
+    served,
+    split_overlap,
+    training,
+)
 from finetune.gates.parity import Answer, ParityResult
 from finetune.gates.registry import GATES, Gate
 
@@ -42,6 +52,7 @@ def _every_gate_verdict():
             {}, {}, trained_context=1, model_context=None, longest_answer=1, api_answers=a, openai=None
         ),  # fmt: skip
         served.served_api([]),
+        adapter_parity.peft_parity(PeftMeasurement(1e-5, 1e-5, 1.0, 1)),
     ]
 
 
@@ -91,8 +102,9 @@ def test_the_commands_require_what_the_table_declares():
         "forgetting",
         "logprob_parity",
         "fuse_exactness",
+        "peft_parity",
     } == LOWER_IS_BETTER
-    assert PARITY_GATES == ("logprob_parity", "output_parity", "served_answers")
+    assert PARITY_GATES == ("peft_parity", "logprob_parity", "output_parity", "served_answers")
 
 
 def test_the_readme_gate_table_lists_every_gate_with_its_threshold_and_default():

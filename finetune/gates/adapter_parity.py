@@ -1,0 +1,29 @@
+"""The adapter-export gate: the shipped adapter, loaded by the runtime users load it with, computes what the
+adapter the run trained and judged computes, within what those two runtimes differ by with no adapter at all."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from finetune.gates.registry import DEFAULT
+from finetune.gates.verdict import Verdict, verdict
+
+
+def peft_parity(m: Any, multiple: float = DEFAULT["peft_floor_multiple"]) -> Verdict:
+    """m: a finetune.evaluate.peft_measure.PeftMeasurement (floor, gap, effect, positions)."""
+    limit = multiple * m.floor
+    problems = []
+    if m.gap > limit:
+        problems.append(
+            f"the export differs by {m.gap:.3g}, more than {multiple:g} x the floor ({limit:.3g})"
+        )
+    if m.effect <= limit:  # an adapter that moves nothing would pass any export
+        problems.append(f"the adapter moves log p by only {m.effect:.3g}: nothing to compare")
+    detail = (
+        f"transformers + peft vs MLX + adapter: max |d log p| {m.gap:.3g} over {m.positions} positions; base vs "
+        f"base {m.floor:.3g} (allowed {multiple:g} x); the adapter itself moves log p by {m.effect:.3g}"
+    )
+    if problems:
+        detail += ": " + "; ".join(problems)
+    measured = m.gap / m.floor if m.floor else float("inf") if m.gap else 0.0
+    return verdict("peft_parity", not problems, measured, multiple, detail, m.to_dict())

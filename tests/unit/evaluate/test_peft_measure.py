@@ -1,0 +1,23 @@
+"""finetune.evaluate.peft_measure: transformers + peft vs MLX on the tiny Llama, with its own floor."""
+
+from __future__ import annotations
+
+import json
+
+from finetune.evaluate.peft_measure import measure_peft
+from finetune.export.peft_adapter import PEFT_CONFIG, export_peft
+from tests.unit.export.conftest import IDS, build_adapter
+
+
+def test_transformers_and_peft_compute_what_mlx_computes_and_a_weaker_alpha_does_not(tiny_hf, tmp_path):
+    tiny_adapter = build_adapter(tiny_hf, tmp_path / "adapter")
+    out = tmp_path / "peft"
+    export_peft(tiny_adapter, tiny_hf, out)
+    m = measure_peft(tiny_hf, tiny_adapter, out, [IDS, IDS[::-1]])
+    assert m.positions == 2 * len(IDS) and m.gap <= 10 * m.floor < m.effect
+    config = json.loads((out / PEFT_CONFIG).read_text())
+    (out / PEFT_CONFIG).write_text(
+        json.dumps(config | {"lora_alpha": config["r"]})
+    )  # the mlx-lm scale left out
+    weak = measure_peft(tiny_hf, tiny_adapter, out, [IDS, IDS[::-1]])
+    assert weak.gap > 100 * weak.floor and (weak.floor, weak.effect) == (m.floor, m.effect)

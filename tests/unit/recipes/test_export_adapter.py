@@ -1,0 +1,59 @@
+"""`finetune export RUN --as peft` through the CLI on a run dir holding the tiny Llama's adapter."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from types import SimpleNamespace
+
+from finetune import cli
+from finetune.config.loader import load_config
+from finetune.stages.rundir import own_config
+from tests.unit.export.conftest import build_adapter
+
+
+def export(run, tiny_hf, *extra):
+    deps = SimpleNamespace(resolve_model=lambda spec: SimpleNamespace(path=tiny_hf))
+    out = io.StringIO()
+    return cli.main(["export", str(run), "--as", "peft", *extra], deps=deps, out=out), out.getvalue()
+
+
+def a_run(tmp_path, tiny_hf):
+    run = tmp_path / "run"
+    own_config(run, load_config("quick", overrides=["model.name=tiny-llama"]))
+    rows = [
+        {"text": f"<|im_start|>user\nWhat is {i}?<|im_end|>\n<|im_start|>assistant\n{i}<|im_end|>\n"}
+        for i in range(6)
+    ]
+    (run / "data").mkdir()
+    (run / "data" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    build_adapter(tiny_hf, run / "adapter")
+    return run
+
+
+def test_a_runs_adapter_is_exported_and_judged(tmp_path, tiny_hf):
+    run = a_run(tmp_path, tiny_hf)
+    code, out = export(run, tiny_hf)
+    assert code == 0 and "[PASS] peft_parity: " in out and f"exported: {run / 'export' / 'peft'}" in out
+    verdict = json.loads((run / "export" / "peft" / "parity.json").read_text())["verdict"]
+    assert verdict["status"] == "passed" and verdict["data"]["positions"] > 20
+
+
+def test_a_failed_export_is_not_left_loadable(tmp_path, tiny_hf, plant_fault):
+    run = a_run(tmp_path, tiny_hf)
+    plant_fault("peft_alpha_missing")
+    code, out = export(run, tiny_hf)
+    assert code == 4 and "[FAIL] peft_parity: " in out and "NOT shippable" in out
+    peft = run / "export" / "peft"
+    assert (
+        not (peft / "adapter_model.safetensors").exists()
+        and (peft / "adapter_model.safetensors.rejected").exists()
+    )
+
+
+def test_a_run_without_an_adapter_or_a_users_folder_is_bad_input(tmp_path, tiny_hf, capsys):
+    run = a_run(tmp_path, tiny_hf)
+    shutil.rmtree(run / "adapter")
+    assert export(run, tiny_hf)[0] == 2 and "no trained adapter" in capsys.readouterr().err
+    assert export(tmp_path, tiny_hf)[0] == 2 and "not a FineTune run directory" in capsys.readouterr().err
