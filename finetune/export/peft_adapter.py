@@ -30,6 +30,13 @@ def _hf_module(path: str, model_type: str) -> str:
     return theirs + path[len(ours) :] if ours and path.startswith(ours) else path
 
 
+def _block(module: str) -> tuple[int, str]:
+    """(block index, the name of the block list) of a module path: model.layers.22.mlp.up_proj -> (22, layers)."""
+    parts = module.split(".")
+    i = next(i for i, p in enumerate(parts) if p.isdigit())
+    return int(parts[i]), parts[i - 1]
+
+
 def export_peft(
     adapter_dir: Path, base_dir: Path, out_dir: Path, *, base_name: str | None = None
 ) -> dict[str, Any]:
@@ -52,6 +59,7 @@ def export_peft(
         tensors[f"base_model.model.{hf}.{name}.weight"] = np.ascontiguousarray(value.T.astype(np.float32))
         modules.add(hf.rsplit(".", 1)[-1])
     rank = int(lora["rank"])
+    blocks = {_block(module) for module in (k.removeprefix("base_model.model.") for k in tensors)}
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -60,7 +68,9 @@ def export_peft(
         "lora_alpha": faults.point("peft_alpha_missing", float(lora["scale"]) * rank, rank),
         "lora_dropout": float(lora.get("dropout", 0.0)),
         "target_modules": sorted(modules),
-        "layers_to_transform": sorted({int(k.split(".")[2]) for k in tensors if k.split(".")[2].isdigit()}),
+        # only the adapted blocks: without these PEFT adds (zero) LoRA layers to every block and warns
+        "layers_to_transform": sorted({index for index, _ in blocks}),
+        "layers_pattern": sorted({pattern for _, pattern in blocks}),
         "fan_in_fan_out": model_type in CONV1D,
         "bias": "none",
         "inference_mode": True,

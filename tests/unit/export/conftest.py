@@ -13,8 +13,10 @@ LORA = {"rank": 4, "dropout": 0.0, "scale": 2.0}
 IDS = [19556, 905, 216, 1, 4093, 198, 33, 34, 35, 2]
 
 
-def build_adapter(base: Path, out: Path, *, kind: str = "lora", seed: int = 0, lora: dict = LORA) -> Path:
-    """An adapter on the last 2 blocks with lora_b moved off zero (a fused adapter at step 0 equals the base)."""
+def build_adapter(
+    base: Path, out: Path, *, kind: str = "lora", seed: int = 0, lora: dict = LORA, layers: int = 2
+) -> Path:
+    """An adapter on the last `layers` blocks with lora_b moved off zero (a fused adapter at step 0 equals the base)."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
     from mlx_lm.tuner.utils import linear_to_lora_layers
@@ -22,7 +24,7 @@ def build_adapter(base: Path, out: Path, *, kind: str = "lora", seed: int = 0, l
 
     model, _ = load_model(base)  # model only: loading the tokenizer costs ~1 s each time
     model.freeze()
-    linear_to_lora_layers(model, 2, lora, use_dora=kind == "dora")
+    linear_to_lora_layers(model, layers, lora, use_dora=kind == "dora")
     rng = np.random.default_rng(seed)
     params = dict(tree_flatten(model.trainable_parameters()))
     params |= {
@@ -32,7 +34,7 @@ def build_adapter(base: Path, out: Path, *, kind: str = "lora", seed: int = 0, l
     }
     out.mkdir(parents=True)
     mx.save_safetensors(str(out / "adapters.safetensors"), params)
-    cfg = {"fine_tune_type": kind, "num_layers": 2, "lora_parameters": lora}
+    cfg = {"fine_tune_type": kind, "num_layers": layers, "lora_parameters": lora}
     (out / "adapter_config.json").write_text(json.dumps(cfg))
     return out
 

@@ -18,6 +18,7 @@ def test_the_export_is_peft_layout_with_alpha_scale_times_rank(tiny_hf, tiny_ada
     config = export_peft(tiny_adapter, tiny_hf, tmp_path / "peft", base_name="tiny-llama")
     assert json.loads((tmp_path / "peft" / PEFT_CONFIG).read_text()) == config
     assert (config["r"], config["lora_alpha"], config["fan_in_fan_out"]) == (4, LORA["scale"] * 4, False)
+    assert (config["layers_to_transform"], config["layers_pattern"]) == ([0, 1], ["layers"])
     assert config["target_modules"] == [
         "down_proj",
         "gate_proj",
