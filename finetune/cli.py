@@ -86,7 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("export", help="a finished run's adapter in another runtime's form, judged there")
     e.add_argument("run_dir")
-    e.add_argument("--as", dest="form", required=True, choices=("peft",), help="peft: transformers + peft")
+    e.add_argument(
+        "--as",
+        dest="form",
+        required=True,
+        choices=("peft", "gguf-lora"),
+        help="peft: transformers + peft; gguf-lora: llama.cpp / Ollama ADAPTER, with the base GGUF",
+    )
     e.add_argument("--out", help="default: RUN/export/<form>; elsewhere a new or empty folder")
 
     h = sub.add_parser(

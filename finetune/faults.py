@@ -97,6 +97,11 @@ FAULTS: dict[str, tuple[str, str, str]] = {
         "the PEFT adapter_config.json says lora_alpha = r (mlx-lm's scale left out: 1/scale of the adapter)",
         "peft_parity",
     ),
+    "gguf_lora_alpha_missing": (
+        "export",
+        "the GGUF LoRA's adapter.lora.alpha says r (llama.cpp then applies 1/scale of the adapter)",
+        "gguf_lora_parity",
+    ),
 }
 
 
@@ -257,6 +262,11 @@ def _modelfile_wrong_template(template: str, chat_format: Callable) -> str:
     return chat_format("llama3" if "<|im_start|>" in template else "chatml").template
 
 
+def _gguf_lora_alpha_missing(path: Path, rewrite_number: Callable, rank: int) -> Path:
+    rewrite_number(path, "adapter.lora.alpha", float(rank))
+    return path
+
+
 EFFECTS: dict[str, Callable[..., Any]] = {
     "split_leak": _split_leak,
     "lr_zero": lambda lr: 0.0,
@@ -281,4 +291,5 @@ EFFECTS: dict[str, Callable[..., Any]] = {
     "modelfile_no_temperature": lambda params: {k: v for k, v in params.items() if k != "temperature"},
     "eval_runtime_base": lambda fused_dir, base_dir: base_dir,
     "peft_alpha_missing": lambda alpha, rank: float(rank),
+    "gguf_lora_alpha_missing": _gguf_lora_alpha_missing,
 }

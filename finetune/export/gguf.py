@@ -168,9 +168,10 @@ def convert_hf_to_gguf(
 
 
 def _run_converter(
-    tree: Path, args: list[str], cwd: str, timeout: float, hf_dir: Path
+    tree: Path, args: list[str], cwd: str, timeout: float, hf_dir: Path, script: str = "convert_hf_to_gguf.py"
 ) -> subprocess.CompletedProcess:
-    """llama.cpp's converter in a child: its own gguf-py first on the path, one BLAS thread, offline."""
+    """llama.cpp's converter (or its LoRA one) in a child: its own gguf-py first on the path, one BLAS thread,
+    offline."""
     env = {k: v for k, v in os.environ.items() if k != "NO_LOCAL_GGUF"}
     env.update(
         PYTHONPATH=os.pathsep.join([str(tree / "gguf-py"), str(tree)]),
@@ -181,11 +182,11 @@ def _run_converter(
         TRANSFORMERS_OFFLINE="1",
         TOKENIZERS_PARALLELISM="false",
     )
-    cmd = [sys.executable, str(tree / "convert_hf_to_gguf.py"), *args]
+    cmd = [sys.executable, str(tree / script), *args]
     try:
-        return run_guarded(cmd, timeout=timeout, env=env, cwd=cwd, name="convert_hf_to_gguf")
+        return run_guarded(cmd, timeout=timeout, env=env, cwd=cwd, name=script.removesuffix(".py"))
     except subprocess.TimeoutExpired as exc:
         raise GGUFExportError(
-            f"convert_hf_to_gguf {hf_dir}: timed out after {timeout:.0f} s"
+            f"{script.removesuffix('.py')} {hf_dir}: timed out after {timeout:.0f} s"
             f"{_reason(exc.stderr or '', exc.stdout or '')}"
         ) from None

@@ -38,9 +38,18 @@ def _block(module: str) -> tuple[int, str]:
 
 
 def export_peft(
-    adapter_dir: Path, base_dir: Path, out_dir: Path, *, base_name: str | None = None
+    adapter_dir: Path,
+    base_dir: Path,
+    out_dir: Path,
+    *,
+    base_name: str | None = None,
+    weight_layout: bool = False,
 ) -> dict[str, Any]:
-    """Write out_dir as a PEFT LoRA adapter of base_dir; returns its adapter_config.json."""
+    """Write out_dir as a PEFT LoRA adapter of base_dir; returns its adapter_config.json.
+
+    weight_layout: for llama.cpp's convert_lora_to_gguf.py, which reads B @ A as a delta of the HF weight
+    as stored and ignores fan_in_fan_out: a Conv1D weight (GPT-2) is stored (in, out), so A and B are given
+    as B^T and A^T (measured: otherwise llama.cpp refuses 'blk.0.attn_qkv.weight has incorrect shape')."""
     from safetensors.numpy import load_file, save
 
     acfg = read_adapter_config(adapter_dir)
@@ -55,8 +64,11 @@ def export_peft(
         if part not in ("lora_a", "lora_b"):
             raise FuseError(f"{adapter_dir}: {key} is not a LoRA tensor (lora_a / lora_b)")
         hf = _hf_module(module, model_type)
-        name = "lora_A" if part == "lora_a" else "lora_B"
-        tensors[f"base_model.model.{hf}.{name}.weight"] = np.ascontiguousarray(value.T.astype(np.float32))
+        swap = weight_layout and model_type in CONV1D  # (B @ A)^T = A^T B^T: lora_b is A, lora_a is B
+        name = ("lora_B" if swap else "lora_A") if part == "lora_a" else ("lora_A" if swap else "lora_B")
+        tensors[f"base_model.model.{hf}.{name}.weight"] = np.ascontiguousarray(
+            (value if swap else value.T).astype(np.float32)
+        )
         modules.add(hf.rsplit(".", 1)[-1])
     rank = int(lora["rank"])
     blocks = {_block(module) for module in (k.removeprefix("base_model.model.") for k in tensors)}
@@ -71,7 +83,7 @@ def export_peft(
         # only the adapted blocks: without these PEFT adds (zero) LoRA layers to every block and warns
         "layers_to_transform": sorted({index for index, _ in blocks}),
         "layers_pattern": sorted({pattern for _, pattern in blocks}),
-        "fan_in_fan_out": model_type in CONV1D,
+        "fan_in_fan_out": model_type in CONV1D and not weight_layout,
         "bias": "none",
         "inference_mode": True,
     }

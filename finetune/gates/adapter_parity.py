@@ -9,8 +9,17 @@ from finetune.gates.registry import DEFAULT
 from finetune.gates.verdict import Verdict, verdict
 
 
-def peft_parity(m: Any, multiple: float = DEFAULT["peft_floor_multiple"]) -> Verdict:
-    """m: a finetune.evaluate.peft_measure.PeftMeasurement (floor, gap, effect, positions)."""
+def peft_parity(m: Any, multiple: float = DEFAULT["adapter_floor_multiple"]) -> Verdict:
+    """m: a finetune.evaluate.adapter_measure.AdapterMeasurement (floor, gap, effect, positions)."""
+    return _parity("peft_parity", "transformers + peft", m, multiple)
+
+
+def gguf_lora_parity(m: Any, multiple: float = DEFAULT["adapter_floor_multiple"]) -> Verdict:
+    """The GGUF LoRA on the base GGUF in llama.cpp vs MLX (llama.cpp's top-k at every position)."""
+    return _parity("gguf_lora_parity", "llama.cpp + GGUF LoRA", m, multiple)
+
+
+def _parity(name: str, runtime: str, m: Any, multiple: float) -> Verdict:
     limit = multiple * m.floor
     problems = []
     if m.gap > limit:
@@ -20,10 +29,10 @@ def peft_parity(m: Any, multiple: float = DEFAULT["peft_floor_multiple"]) -> Ver
     if m.effect <= limit:  # an adapter that moves nothing would pass any export
         problems.append(f"the adapter moves log p by only {m.effect:.3g}: nothing to compare")
     detail = (
-        f"transformers + peft vs MLX + adapter: max |d log p| {m.gap:.3g} over {m.positions} positions; base vs "
+        f"{runtime} vs MLX + adapter: max |d log p| {m.gap:.3g} over {m.positions} positions; base vs "
         f"base {m.floor:.3g} (allowed {multiple:g} x); the adapter itself moves log p by {m.effect:.3g}"
     )
     if problems:
         detail += ": " + "; ".join(problems)
     measured = m.gap / m.floor if m.floor else float("inf") if m.gap else 0.0
-    return verdict("peft_parity", not problems, measured, multiple, detail, m.to_dict())
+    return verdict(name, not problems, measured, multiple, detail, m.to_dict())

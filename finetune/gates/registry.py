@@ -92,9 +92,9 @@ THRESHOLDS = (
         le=1,
     ),
     Threshold(
-        "peft_floor_multiple",
+        "adapter_floor_multiple",
         10.0,
-        "how many times the two runtimes' own difference (base vs base) the exported adapter may differ by",
+        "how many times the runtimes' own difference (base vs base) an exported adapter may differ by",
         ge=1,
     ),
 )
@@ -174,10 +174,21 @@ _ALL = (
         "peft_parity",
         "next-token logprobs of the PEFT export in transformers + peft vs base + saved adapter in MLX, every "
         "vocabulary entry at every position of 4 training texts, as a multiple of base vs base",
-        "peft_floor_multiple",
+        "adapter_floor_multiple",
         "an adapter exported at the wrong strength (lora_alpha = r: 1/scale of it), transposed or misnamed",
         phase="export",
         in_pipeline=False,  # `finetune export --as peft`
+        lower_is_better=True,
+        parity=True,
+    ),
+    Gate(
+        "gguf_lora_parity",
+        "next-token logprobs of the GGUF LoRA on the base GGUF in llama.cpp (its top-20, f32 KV cache) vs base + "
+        "saved adapter in MLX at every position of 4 training texts, as a multiple of base GGUF vs base",
+        "adapter_floor_multiple",
+        "an adapter shipped for llama.cpp/Ollama at the wrong strength (adapter.lora.alpha = r), or misconverted",
+        phase="export",
+        in_pipeline=False,  # `finetune export --as gguf-lora`
         lower_is_better=True,
         parity=True,
     ),

@@ -129,6 +129,7 @@ def top_logprobs(
     k: int = 10,
     n_ctx: int = 2048,
     precise: bool = False,
+    lora: str | Path | None = None,
     timeout: float = 300.0,
     runner: Runner = run_guarded,
 ) -> list[dict[int, float]]:
@@ -146,6 +147,7 @@ def top_logprobs(
         "k": k,
         "n_ctx": n_ctx,
         "precise": precise,
+        **({"lora": str(lora)} if lora else {}),  # a GGUF LoRA applied on gguf_path, at llama.cpp's scale 1
     }
     return [{int(t): lp for t, lp in row} for row in run_child(req, timeout=timeout, runner=runner)]
 
@@ -208,6 +210,8 @@ def _serve(req: dict[str, Any]) -> Any:
     if req.get("precise"):
         params.cache_type_k = params.cache_type_v = xlc.ggml_type.GGML_TYPE_F32
         params.flash_attn_type = xlc.llama_flash_attn_type.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    if req.get("lora"):
+        params.lora_adapters = [xlc.CommonAdapterLoraInfo(req["lora"], 1.0)]
     params.hostnames = ["127.0.0.1"]
     params.port = port
     server = xlc.Server(params)  # raises if the model does not load

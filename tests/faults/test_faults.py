@@ -113,31 +113,36 @@ def test_a_shipping_fault_is_caught_by_its_gate_and_only_its_stage_onward_reruns
     assert all(s.cached for s in report.stages[: order.index(stage)]), "upstream stages come from the cache"
 
 
-def _export(run_dir: Path) -> tuple[int, dict]:
-    """`finetune export RUN --as peft` through the CLI; its exit code and the verdict it wrote."""
+FORM = {"peft_alpha_missing": "peft", "gguf_lora_alpha_missing": "gguf-lora"}  # what each export fault breaks
+GATE_OF = {"peft": "peft_parity", "gguf-lora": "gguf_lora_parity"}
+
+
+def _export(run_dir: Path, form: str) -> tuple[int, dict]:
+    """`finetune export RUN --as FORM` through the CLI; its exit code and the verdict it wrote."""
     from finetune import cli
 
-    code = cli.main(["export", str(run_dir), "--as", "peft"], out=io.StringIO())
-    return code, json.loads((run_dir / "export" / "peft" / "parity.json").read_text())["verdict"]
+    code = cli.main(["export", str(run_dir), "--as", form], out=io.StringIO())
+    return code, json.loads((run_dir / "export" / form / "parity.json").read_text())["verdict"]
 
 
-@pytest.mark.parametrize("fault", ["healthy", *EXPORT_FAULTS])
+@pytest.mark.parametrize("fault", [*(f"healthy {form}" for form in GATE_OF), *EXPORT_FAULTS])
 def test_an_exported_adapter_is_judged_where_it_is_loaded(fault, healthy, tmp_path, record, plant_fault):
     # tiny GPT-2: mlx-lm's module names differ from transformers' (model.h vs transformer.h) and its Conv1D
     # weights are stored (in, out): the PEFT export must say so (fan_in_fan_out) to load at all
-    run_dir = tmp_path / "run"
+    run_dir, is_healthy = tmp_path / "run", fault.startswith("healthy")
     shutil.copytree(healthy[0], run_dir, symlinks=True)
-    if fault != "healthy":
+    form = fault.split()[1] if is_healthy else FORM[fault]
+    if not is_healthy:
         plant_fault(fault)
-    code, v = _export(run_dir)
-    gate = "peft_parity"
-    caught = v["status"] == "passed" if fault == "healthy" else v["status"] == "failed"
-    record(fault=f"{fault} (export)" if fault == "healthy" else fault, model=MODEL,
-           expected="(none fails)" if fault == "healthy" else gate, caught=caught,
+    code, v = _export(run_dir, form)
+    gate = GATE_OF[form]
+    caught = v["status"] == ("passed" if is_healthy else "failed")
+    record(fault=f"{fault} export" if is_healthy else fault, model=MODEL,
+           expected="(none fails)" if is_healthy else gate, caught=caught,
            status={0: "passed", 1: "failed", 4: faults.STATUS}.get(code, str(code)),
            failed=[] if v["status"] == "passed" else [f"{gate} ({round(v['measured'], 4)} vs {v['threshold']})"])  # fmt: skip
     assert caught, v["detail"]
-    assert code == (0 if fault == "healthy" else faults.EXIT_CODE)
+    assert code == (0 if is_healthy else faults.EXIT_CODE)
 
 
 @pytest.mark.parametrize("fault", SHIP_STAGE_ERROR_FAULTS)

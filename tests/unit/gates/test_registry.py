@@ -6,7 +6,7 @@ import numpy as np
 
 from finetune import faults
 from finetune.config.schema import GatesConfig
-from finetune.evaluate.peft_measure import PeftMeasurement
+from finetune.evaluate.adapter_measure import AdapterMeasurement
 from finetune.gates import (
     adapter_parity,
     fuse,
@@ -52,7 +52,8 @@ def _every_gate_verdict():
             {}, {}, trained_context=1, model_context=None, longest_answer=1, api_answers=a, openai=None
         ),  # fmt: skip
         served.served_api([]),
-        adapter_parity.peft_parity(PeftMeasurement(1e-5, 1e-5, 1.0, 1)),
+        adapter_parity.peft_parity(AdapterMeasurement(1e-5, 1e-5, 1.0, 1)),
+        adapter_parity.gguf_lora_parity(AdapterMeasurement(1e-5, 1e-5, 1.0, 1)),
     ]
 
 
@@ -103,8 +104,15 @@ def test_the_commands_require_what_the_table_declares():
         "logprob_parity",
         "fuse_exactness",
         "peft_parity",
+        "gguf_lora_parity",
     } == LOWER_IS_BETTER
-    assert PARITY_GATES == ("peft_parity", "logprob_parity", "output_parity", "served_answers")
+    assert PARITY_GATES == (
+        "peft_parity",
+        "gguf_lora_parity",
+        "logprob_parity",
+        "output_parity",
+        "served_answers",
+    )
 
 
 def test_the_readme_gate_table_lists_every_gate_with_its_threshold_and_default():
