@@ -57,3 +57,13 @@ def test_a_run_without_an_adapter_or_a_users_folder_is_bad_input(tmp_path, tiny_
     shutil.rmtree(run / "adapter")
     assert export(run, tiny_hf)[0] == 2 and "no trained adapter" in capsys.readouterr().err
     assert export(tmp_path, tiny_hf)[0] == 2 and "not a FineTune run directory" in capsys.readouterr().err
+
+
+def test_out_is_a_new_folder_or_refused_when_it_holds_someone_elses_files(tmp_path, tiny_hf, capsys):
+    run, mine = a_run(tmp_path, tiny_hf), tmp_path / "mine"
+    mine.mkdir()
+    (mine / "adapter_model.safetensors").write_bytes(b"the user's own adapter")
+    assert export(run, tiny_hf, "--out", str(mine))[0] == 2 and "is not empty" in capsys.readouterr().err
+    assert (mine / "adapter_model.safetensors").read_bytes() == b"the user's own adapter"
+    code, out = export(run, tiny_hf, "--out", str(tmp_path / "shipped"))
+    assert code == 0 and (tmp_path / "shipped" / "adapter_model.safetensors").is_file(), out
