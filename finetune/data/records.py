@@ -138,7 +138,9 @@ def _message(msg: Any, where: str) -> dict:
     if not content.strip():
         raise Reject(f"{where}.content is empty")
     out = {"role": ROLE_ALIASES.get(role, role), "content": content.strip()}
-    if "weight" in msg:  # OpenAI: 0 leaves that assistant turn untrained
+    if (
+        msg.get("weight") is not None
+    ):  # OpenAI: 0 leaves that turn untrained (a table gives None where absent)
         if out["role"] != "assistant" or msg["weight"] not in (0, 1) or isinstance(msg["weight"], bool):
             raise Reject(f"{where}.weight is {msg['weight']!r}: only assistant turns take a weight, 0 or 1")
         out["weight"] = msg["weight"]

@@ -212,6 +212,8 @@ def test_openai_weight_zero_leaves_that_turn_untrained_and_text_parts_are_joined
     ]
     rendered = get_template("chatml").render(ex.messages)
     assert [rendered.text[a:b] for a, b in rendered.train_spans] == ["New answer.<|im_end|>"]
+    row["messages"][3]["weight"] = None  # a Parquet/Arrow table fills the key in where a row lacks it
+    assert "weight" not in normalize_record(row, 1).messages[3]
 
 
 @pytest.mark.parametrize(
