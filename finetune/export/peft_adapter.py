@@ -3,7 +3,8 @@
 mlx-lm's LoRA computes W x + scale * (x @ lora_a) @ lora_b, with lora_a (in, r) and lora_b (r, out). PEFT
 computes W x + (lora_alpha / r) * B(A(x)), with A.weight (r, in) and B.weight (out, r). So A = lora_a^T,
 B = lora_b^T and lora_alpha = scale * r: an export that writes alpha = r (or no alpha: PEFT's default 8)
-applies the adapter at a fraction of its strength and nothing complains; measure_peft is what notices.
+applies the adapter at a fraction of its strength and nothing complains; finetune.evaluate.adapter_measure
+is what notices.
 """
 
 from __future__ import annotations
