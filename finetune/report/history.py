@@ -132,9 +132,28 @@ def record_from_report(report: RunReport, *, commit: str | None = _AUTO) -> dict
     }
 
 
+def _ours(path: Path) -> bool:
+    """The file is FineTune's history: empty, or one of its first 3 lines is a run record (a crash may have
+    torn the very first)."""
+    with open(path, "rb") as fh:
+        lines = [line for line in (fh.readline() for _ in range(3)) if line.strip()]
+    for line in lines:
+        try:
+            if {"status", "stages", "code_version"} <= set(json.loads(line)):
+                return True
+        except (ValueError, TypeError):
+            continue
+    return not lines
+
+
 def append(record: dict[str, Any], path: str | os.PathLike) -> Path:
-    """Append one record as one line in one write, flushed and fsynced: a crash tears at most that line."""
+    """Append one record as one line in one write, flushed and fsynced: a crash tears at most that line.
+    A file of that name that is not FineTune's history (output_dir pointed at a user's folder) is left alone."""
     path = Path(path)
+    if path.is_file() and not _ours(path):
+        raise ValueError(
+            f"{path} is not FineTune's history (its first line is not a run record); set {HISTORY_ENV}"
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     line = json.dumps(record, ensure_ascii=False, default=str) + "\n"
     with open(path, "ab") as fh:

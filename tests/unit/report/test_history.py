@@ -31,6 +31,14 @@ def test_append_and_load_survive_a_torn_last_line(tmp_path):
     assert path.read_text().count("\n") == 4  # the torn fragment stays on a line of its own
 
 
+def test_a_users_own_history_jsonl_is_never_appended_to(tmp_path):
+    path = tmp_path / "history.jsonl"  # output_dir pointed at a folder of the user's that has one
+    path.write_text('{"date": "2026-01-01", "note": "mine"}\n')
+    with pytest.raises(ValueError, match="is not FineTune's history .* set FT_HISTORY"):
+        history.append(rec(make_report(when="t1")), path)
+    assert path.read_text() == '{"date": "2026-01-01", "note": "mine"}\n'
+
+
 def test_load_of_a_missing_file_is_an_empty_history(tmp_path):
     assert history.load(tmp_path / "none.jsonl") == []
     from finetune.report import regressions
