@@ -139,7 +139,7 @@ def _ours(path: Path) -> bool:
         lines = [line for line in (fh.readline() for _ in range(3)) if line.strip()]
     for line in lines:
         try:
-            if {"status", "stages", "code_version"} <= set(json.loads(line)):
+            if {"status", "stages"} <= set(json.loads(line)):
                 return True
         except (ValueError, TypeError):
             continue
@@ -152,7 +152,7 @@ def append(record: dict[str, Any], path: str | os.PathLike) -> Path:
     path = Path(path)
     if path.is_file() and not _ours(path):
         raise ValueError(
-            f"{path} is not FineTune's history (its first line is not a run record); set {HISTORY_ENV}"
+            f"{path} is not FineTune's history (no run record in its first lines); set {HISTORY_ENV}"
         )
     path.parent.mkdir(parents=True, exist_ok=True)
     line = json.dumps(record, ensure_ascii=False, default=str) + "\n"
