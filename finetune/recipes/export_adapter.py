@@ -48,7 +48,9 @@ def export_run(
         base = Path(resolve_model(cfg.model.name).path)
         ids = probe_ids(run_dir, AutoTokenizer.from_pretrained(str(base)))
         shipped, v = (_peft if form == "peft" else _gguf_lora)(cfg, adapter, base, out, ids)
-        atomic_write_json(out / REPORT, {"verdict": v.model_dump(), "adapter_sha256": dir_sha256(adapter)[0]})
+        sizes = {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file() and p.name != REPORT}
+        record = {"verdict": v.model_dump(), "adapter_sha256": dir_sha256(adapter)[0], "bytes": sizes}
+        atomic_write_json(out / REPORT, record)
         rejected = shipped.with_name(f"{shipped.name}.rejected")
         if v.passed:
             rejected.unlink(missing_ok=True)  # an earlier export's, judged on other bytes
@@ -56,7 +58,8 @@ def export_run(
             shipped.replace(rejected)
     log(str(v))
     planted = faults.injected()  # an export with a fault planted is never called shippable
-    log(f"{'exported' if v.passed and not planted else 'NOT shippable'}: {out}")
+    shipped_bytes = ", ".join(f"{name} {size / 2**20:.1f} MiB" for name, size in sizes.items())
+    log(f"{'exported' if v.passed and not planted else 'NOT shippable'}: {out} ({shipped_bytes})")
     if planted:
         log(f"faults planted on purpose ({faults.ENV}): {', '.join(planted)}")
         return faults.EXIT_CODE

@@ -36,8 +36,10 @@ def test_a_runs_adapter_is_exported_and_judged(tmp_path, tiny_hf):
     run = a_run(tmp_path, tiny_hf)
     code, out = export(run, tiny_hf)
     assert code == 0 and "[PASS] peft_parity: " in out and f"exported: {run / 'export' / 'peft'}" in out
-    verdict = json.loads((run / "export" / "peft" / "parity.json").read_text())["verdict"]
-    assert verdict["status"] == "passed" and verdict["data"]["positions"] > 20
+    record = json.loads((run / "export" / "peft" / "parity.json").read_text())
+    assert record["verdict"]["status"] == "passed" and record["verdict"]["data"]["positions"] > 20
+    assert set(record["bytes"]) == {"adapter_config.json", "adapter_model.safetensors"}  # what ships, sized
+    assert "MiB" in out
 
 
 def test_a_failed_export_is_not_left_loadable(tmp_path, tiny_hf, plant_fault):
