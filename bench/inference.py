@@ -54,7 +54,7 @@ def mlx_child(model: str, prompt: str, max_tokens: int, reps: int) -> dict[str, 
 
 
 def llamacpp_op(port: int, req: dict[str, Any]) -> list[dict[str, Any]]:
-    from finetune.serve.llamacpp import _post
+    from finetune.serve.llamacpp_server import _post
 
     out = []
     for _ in range(req["reps"] + 1):
@@ -79,8 +79,8 @@ def llamacpp_op(port: int, req: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def llamacpp_child(gguf: str, prompt: str, max_tokens: int, reps: int) -> dict[str, Any]:
-    # Reuse finetune.serve.llamacpp's server start-up (1 thread, loopback port, health wait) with one more op.
-    from finetune.serve import llamacpp
+    # Reuse the llama.cpp child's server start-up (1 thread, loopback port, health wait) with one more op.
+    from finetune.serve import llamacpp_server as llamacpp
 
     llamacpp._OPS["speed"] = llamacpp_op
     req = {
