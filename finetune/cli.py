@@ -84,14 +84,15 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="judge a finished run again from what it saved (fresh process)")
     v.add_argument("run_dir")
 
-    e = sub.add_parser("export", help="a finished run's adapter in another runtime's form, judged there")
+    e = sub.add_parser("export", help="a finished run in the form a runtime loads, judged there")
     e.add_argument("run_dir")
     e.add_argument(
         "--as",
         dest="form",
         required=True,
-        choices=("peft", "gguf-lora"),
-        help="peft: transformers + peft; gguf-lora: llama.cpp / Ollama ADAPTER, with the base GGUF",
+        type=_export_form,
+        help="peft: transformers + peft; gguf-lora: llama.cpp / Ollama ADAPTER, with the base GGUF; "
+        "gguf:TYPE (q8_0, q6_K, q5_K_M, q4_K_M, ...): the fused model quantized, judged against its f16",
     )
     e.add_argument("--out", help="default: RUN/export/<form>; elsewhere a new or empty folder")
 
@@ -133,6 +134,15 @@ def main(argv: Sequence[str] | None = None, *, deps=None, out=None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _export_form(text: str) -> str:
+    from finetune.recipes.export_adapter import parse_form
+
+    try:
+        return parse_form(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _deps(deps):
@@ -195,7 +205,9 @@ def _dispatch(args, deps, out) -> int:
         from finetune.recipes.export_adapter import export_run
 
         target = Path(args.out) if args.out else None
-        return export_run(Path(args.run_dir), args.form, target, _deps(deps).resolve_model, _printer(out))
+        d = _deps(deps)
+        locate = getattr(d, "locate_ollama", None)
+        return export_run(Path(args.run_dir), args.form, target, d.resolve_model, _printer(out), locate)
     raise AssertionError(args.command)
 
 

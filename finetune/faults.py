@@ -102,6 +102,16 @@ FAULTS: dict[str, tuple[str, str, str]] = {
         "the GGUF LoRA's adapter.lora.alpha says r (llama.cpp then applies 1/scale of the adapter)",
         "gguf_lora_parity",
     ),
+    "quant_wrong_type": (
+        "export",
+        "the quantizer is asked for another type than the one shipped under the asked name (q4_0 for q4_K_M)",
+        "quant_types",
+    ),
+    "quant_tensor_damaged": (
+        "export",
+        "one quantized tensor (a middle block's ffn_down) has its rows shifted by one after quantizing",
+        "quant_quality",
+    ),
 }
 
 
@@ -267,6 +277,20 @@ def _gguf_lora_alpha_missing(path: Path, rewrite_number: Callable, rank: int) ->
     return path
 
 
+def _quant_tensor_damaged(path: Path) -> Path:
+    """Same type, same size, wrong values: what only a quality measurement can see."""
+    import gguf
+    import numpy as np
+
+    reader = gguf.GGUFReader(path, "r+")
+    blocks = sorted({int(t.name.split(".")[1]) for t in reader.tensors if t.name.startswith("blk.")})
+    name = f"blk.{blocks[len(blocks) // 2]}.ffn_down.weight"
+    tensor = next(t for t in reader.tensors if t.name == name)
+    tensor.data[...] = np.roll(np.array(tensor.data), 1, axis=0)
+    reader.data.flush()
+    return path
+
+
 EFFECTS: dict[str, Callable[..., Any]] = {
     "split_leak": _split_leak,
     "lr_zero": lambda lr: 0.0,
@@ -292,4 +316,6 @@ EFFECTS: dict[str, Callable[..., Any]] = {
     "eval_runtime_base": lambda fused_dir, base_dir: base_dir,
     "peft_alpha_missing": lambda alpha, rank: float(rank),
     "gguf_lora_alpha_missing": _gguf_lora_alpha_missing,
+    "quant_wrong_type": lambda qtype: "q4_0" if qtype != "q4_0" else "q8_0",
+    "quant_tensor_damaged": _quant_tensor_damaged,
 }

@@ -97,6 +97,22 @@ THRESHOLDS = (
         "how many times the runtimes' own difference (base vs base) an exported adapter may differ by",
         ge=1,
     ),
+    Threshold(
+        "quant_kl_mean_max",
+        0.10,
+        "maximum mean KL(f16 || quantized) of next-token distributions on held-out text, in llama.cpp",
+        gt=0,
+    ),
+    Threshold("quant_kl_p99_max", 0.60, "maximum 99th-percentile KL(f16 || quantized), held-out text", gt=0),
+    Threshold(
+        "quant_top1_min", 0.80, "minimum share of positions whose most likely token is the f16's", ge=0, le=1
+    ),
+    Threshold(
+        "quant_ppl_ratio_max",
+        1.20,
+        "maximum perplexity of the quantized GGUF as a multiple of the f16's",
+        ge=1,
+    ),
 )
 
 
@@ -189,6 +205,27 @@ _ALL = (
         "an adapter shipped for llama.cpp/Ollama at the wrong strength (adapter.lora.alpha = r), or misconverted",
         phase="export",
         in_pipeline=False,  # `finetune export --as gguf-lora`
+        lower_is_better=True,
+        parity=True,
+    ),
+    Gate(
+        "quant_types",
+        "the quantized GGUF's general.file_type and every tensor's type are what llama.cpp writes for the type "
+        "asked for (row-size fallbacks included); no tensor missing or reshaped",
+        "-",
+        "a file shipped under a quantization name it is not (q4_0 as q4_K_M), or tensors left unquantized",
+        phase="export",
+        in_pipeline=False,  # `finetune export --as gguf:TYPE`
+        lower_is_better=True,
+    ),
+    Gate(
+        "quant_quality",
+        "the quantized GGUF vs the f16 GGUF of the same fused model in llama.cpp, held-out text: KL mean and "
+        "p99, top-1 agreement, perplexity ratio",
+        "quant_kl_mean_max",
+        "a quantization too coarse for the model (q2_K, q4_0 on SmolLM2) or a tensor quantized wrong",
+        phase="export",
+        in_pipeline=False,  # `finetune export --as gguf:TYPE`
         lower_is_better=True,
         parity=True,
     ),

@@ -1,9 +1,11 @@
-"""`finetune export RUN --as peft|gguf-lora`: the adapter a run trained and judged, in the form another runtime
-loads, judged again there (finetune.gates.adapter_parity) before it is called shipped."""
+"""`finetune export RUN --as peft|gguf-lora|gguf:TYPE`: what a run trained and judged, in the form another runtime
+loads, judged again there (finetune.gates.adapter_parity, finetune.gates.quant_quality) before it is called
+shipped."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +17,34 @@ from finetune.system.lock import run_dir_lock
 from finetune.system.owned import claim
 from finetune.train.checkpoints import ADAPTER_DIR
 
-FORMS = ("peft", "gguf-lora")
+FORMS = ("peft", "gguf-lora")  # and gguf:<type>, finetune.recipes.export_quantized
+QUANTIZED = "gguf:"
 PROBE_TEXTS = 4  # training rows whose every position and vocabulary entry are compared
 PROBE_TOKENS = 128
 REPORT = "parity.json"
+
+
+def parse_form(text: str) -> str:
+    """peft, gguf-lora or gguf:<type>; ValueError naming the choices."""
+    from finetune.export.quant_types import TYPES
+
+    if text in FORMS or (text.startswith(QUANTIZED) and text[len(QUANTIZED) :] in TYPES):
+        return text
+    types = ", ".join(f"{QUANTIZED}{t}" for t in TYPES)
+    raise ValueError(f"{text!r}: choose peft, gguf-lora or a quantized GGUF ({types})")
+
+
+@dataclass(frozen=True)
+class Job:
+    """What every export form works from: the run's own config, its judged adapter and the base it trained."""
+
+    cfg: Any
+    run_dir: Path
+    adapter: Path
+    base: Path
+    out: Path
+    tokenizer: Any
+    locate_ollama: Callable[[], Any] | None = None
 
 
 def probe_ids(run_dir: Path, tokenizer: Any) -> list[list[int]]:
@@ -29,9 +55,14 @@ def probe_ids(run_dir: Path, tokenizer: Any) -> list[list[int]]:
 
 
 def export_run(
-    run_dir: Path, form: str, out: Path | None, resolve_model: Callable, log: Callable[[str], None]
+    run_dir: Path,
+    form: str,
+    out: Path | None,
+    resolve_model: Callable,
+    log: Callable[[str], None],
+    locate_ollama: Callable[[], Any] | None = None,
 ) -> int:
-    """Export, measure and judge; 0 when the export computes what the run's adapter computes, else 1."""
+    """Export, measure and judge; 0 when every gate of the form passed, else 1 (4 with a fault planted)."""
     from transformers import AutoTokenizer
 
     from finetune.stages.rundir import own_config
@@ -44,40 +75,59 @@ def export_run(
             f"{run_dir}: no trained adapter in {adapter}: train it first (finetune train --run-dir {run_dir})"
         )
     with run_dir_lock(run_dir, f"finetune export --as {form}"):
-        out = claim(out, flag="--out") if out else run_dir / "export" / form
+        out = claim(out, flag="--out") if out else run_dir / "export" / form.replace(":", "-")
         base = Path(resolve_model(cfg.model.name).path)
-        ids = probe_ids(run_dir, AutoTokenizer.from_pretrained(str(base)))
-        shipped, v = (_peft if form == "peft" else _gguf_lora)(cfg, adapter, base, out, ids)
-        sizes = {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file() and p.name != REPORT}
-        record = {"verdict": v.model_dump(), "adapter_sha256": dir_sha256(adapter)[0], "bytes": sizes}
+        job = Job(cfg, run_dir, adapter, base, out, AutoTokenizer.from_pretrained(str(base)), locate_ollama)
+        shipped, verdicts, extra = _form(form)(job)
+        passed = all(v.passed for v in verdicts)
+        sizes = {
+            p.name: p.stat().st_size
+            for p in sorted(out.iterdir())
+            if p.is_file() and p.name != REPORT and not p.name.endswith(".rejected")
+        }
+        record = {
+            "form": form,
+            "verdicts": [v.model_dump() for v in verdicts],
+            "adapter_sha256": dir_sha256(adapter)[0],
+            "bytes": sizes,
+            **extra,
+        }
         atomic_write_json(out / REPORT, record)
         rejected = shipped.with_name(f"{shipped.name}.rejected")
-        if v.passed:
+        if passed:
             rejected.unlink(missing_ok=True)  # an earlier export's, judged on other bytes
         else:  # nothing that failed its gate stays loadable by accident
             shipped.replace(rejected)
-    log(str(v))
+    for v in verdicts:
+        log(str(v))
     planted = faults.injected()  # an export with a fault planted is never called shippable
     shipped_bytes = ", ".join(f"{name} {size / 2**20:.1f} MiB" for name, size in sizes.items())
-    log(f"{'exported' if v.passed and not planted else 'NOT shippable'}: {out} ({shipped_bytes})")
+    log(f"{'exported' if passed and not planted else 'NOT shippable'}: {out} ({shipped_bytes})")
     if planted:
         log(f"faults planted on purpose ({faults.ENV}): {', '.join(planted)}")
         return faults.EXIT_CODE
-    return 0 if v.passed else 1
+    return 0 if passed else 1
 
 
-def _peft(cfg: Any, adapter: Path, base: Path, out: Path, ids: list[list[int]]) -> tuple[Path, Any]:
+def _form(form: str) -> Callable[[Job], tuple[Path, list[Any], dict[str, Any]]]:
+    if form.startswith(QUANTIZED):
+        from finetune.recipes.export_quantized import gguf_quantized
+
+        return lambda job: gguf_quantized(job, form[len(QUANTIZED) :])
+    return {"peft": _peft, "gguf-lora": _gguf_lora}[form]
+
+
+def _peft(job: Job) -> tuple[Path, list[Any], dict[str, Any]]:
     from finetune.evaluate.adapter_measure import measure_peft
     from finetune.export.peft_adapter import PEFT_WEIGHTS, export_peft
     from finetune.gates.adapter_parity import peft_parity
 
-    export_peft(adapter, base, out, base_name=cfg.model.name)
-    return out / PEFT_WEIGHTS, peft_parity(
-        measure_peft(base, adapter, out, ids), cfg.gates.adapter_floor_multiple
-    )
+    export_peft(job.adapter, job.base, job.out, base_name=job.cfg.model.name)
+    m = measure_peft(job.base, job.adapter, job.out, probe_ids(job.run_dir, job.tokenizer))
+    return job.out / PEFT_WEIGHTS, [peft_parity(m, job.cfg.gates.adapter_floor_multiple)], {}
 
 
-def _gguf_lora(cfg: Any, adapter: Path, base: Path, out: Path, ids: list[list[int]]) -> tuple[Path, Any]:
+def _gguf_lora(job: Job) -> tuple[Path, list[Any], dict[str, Any]]:
     """adapter.gguf from the PEFT form by llama.cpp's converter, and the base GGUF it applies to."""
     import tempfile
 
@@ -87,12 +137,13 @@ def _gguf_lora(cfg: Any, adapter: Path, base: Path, out: Path, ids: list[list[in
     from finetune.export.peft_adapter import export_peft
     from finetune.gates.adapter_parity import gguf_lora_parity
 
+    cfg, out = job.cfg, job.out
     lora, base_gguf = out / "adapter.gguf", out / f"base-{cfg.export.gguf_type}.gguf"
     with tempfile.TemporaryDirectory(
         prefix=".peft.", suffix=".tmp", dir=out if out.is_dir() else None
     ) as peft:
-        export_peft(adapter, base, Path(peft), base_name=cfg.model.name, weight_layout=True)
-        export_gguf_lora(Path(peft), base, lora)
-    convert_hf_to_gguf(base, base_gguf, cfg.export.gguf_type)
-    m = measure_gguf_lora(base, adapter, base_gguf, lora, ids)
-    return lora, gguf_lora_parity(m, cfg.gates.adapter_floor_multiple)
+        export_peft(job.adapter, job.base, Path(peft), base_name=cfg.model.name, weight_layout=True)
+        export_gguf_lora(Path(peft), job.base, lora)
+    convert_hf_to_gguf(job.base, base_gguf, cfg.export.gguf_type)
+    m = measure_gguf_lora(job.base, job.adapter, base_gguf, lora, probe_ids(job.run_dir, job.tokenizer))
+    return lora, [gguf_lora_parity(m, cfg.gates.adapter_floor_multiple)], {}

@@ -19,6 +19,7 @@ import pytest
 
 from finetune.recipes.commands import COMMANDS
 from finetune.system.atomic import atomic_write_json
+from tests import quant_cases
 from tests.conftest import SERVED_CHECK_NAMES
 from tests.e2e.test_end_to_end_real_model import model_sets, release_requires
 
@@ -234,3 +235,22 @@ def test_a_shipping_fault_on_the_real_model_is_caught_by_its_gate(tier3, fault, 
         s for s in report.stages[: order.index(stage)] if s.status != "skipped"
     ]  # an allowed skip reruns
     assert all(s.cached for s in upstream), "upstream stages come from the cache"
+
+
+@pytest.mark.parametrize("case", quant_cases.CASES)
+def test_a_quantized_export_of_the_real_model_is_judged_against_its_f16(tier3, case, tmp_path, plant_fault):
+    """What users of Ollama run (q8_0, q4_K_M) from the tier-3 run's judged fused model: judged, and the faults
+    (another type under the asked name, one tensor damaged) and a too-coarse q2_K caught on the real model."""
+    from finetune.serve.ollama_provision import locate_ollama
+    from tests import fault_table
+
+    if tier3["report"].status != "passed":
+        pytest.fail("the healthy tier-3 run did not pass: an export of it proves nothing")
+    if locate_ollama().binary is None:
+        pytest.skip(f"quantizing needs Ollama's quantizer: {locate_ollama().reason}")
+    row, code, want = quant_cases.run_case(
+        _replica(tier3["path"].parent, tmp_path / "run"), case, MODEL, plant_fault
+    )
+    fault_table.save([row])
+    assert row["caught"], row["failed"]
+    assert code == want

@@ -23,6 +23,7 @@ from finetune.recipes.commands import COMMANDS, RECIPES
 from finetune.serve.ollama_provision import locate_ollama
 from finetune.stages.real import real_deps
 from finetune.stages.rundir import own_config
+from tests import quant_cases
 from tests.tiny_run import MODEL, healthy_sets
 
 STAGE_ERROR = "(stage error)"  # no gate: the stage itself must fail, clearly
@@ -34,7 +35,8 @@ TRAIN_FAULTS = [n for n, stage in GATED.items() if stage in ("data", "train") an
 # Gates that must fail on a fault besides the one it is planted for (a fault table row names one gate).
 ALSO_CAUGHT = {"lr_zero": ("validation_loss",), "frozen_lora": ("validation_loss",)}
 SHIP_FAULTS = [n for n, stage in GATED.items() if stage not in ("data", "train", "export")]
-EXPORT_FAULTS = [n for n, stage in GATED.items() if stage == "export"]  # `finetune export` on a finished run
+# `finetune export` on a finished run: an adapter form's faults, and the quantized GGUF's (tests/quant_cases.py)
+EXPORT_FAULTS = [n for n, stage in GATED.items() if stage == "export" and n not in quant_cases.EXPECTED]
 STAGE_ERROR_FAULTS = [n for n, (stage, _, _) in faults.FAULTS.items() if n not in GATED and stage == "train"]
 # config.json and GGUF metadata are compared value by value with the base's: a drift stops its stage
 SHIP_STAGE_ERROR_FAULTS = [
@@ -122,7 +124,7 @@ def _export(run_dir: Path, form: str) -> tuple[int, dict]:
     from finetune import cli
 
     code = cli.main(["export", str(run_dir), "--as", form], out=io.StringIO())
-    return code, json.loads((run_dir / "export" / form / "parity.json").read_text())["verdict"]
+    return code, json.loads((run_dir / "export" / form / "parity.json").read_text())["verdicts"][0]
 
 
 @pytest.mark.parametrize("fault", [*(f"healthy {form}" for form in GATE_OF), *EXPORT_FAULTS])
@@ -143,6 +145,16 @@ def test_an_exported_adapter_is_judged_where_it_is_loaded(fault, healthy, tmp_pa
            failed=[] if v["status"] == "passed" else [f"{gate} ({round(v['measured'], 4)} vs {v['threshold']})"])  # fmt: skip
     assert caught, v["detail"]
     assert code == (0 if is_healthy else faults.EXIT_CODE)
+
+
+@pytest.mark.parametrize("case", quant_cases.CASES)
+def test_a_quantized_export_is_judged_against_its_f16(case, healthy, tmp_path, record, plant_fault):
+    run_dir = tmp_path / "run"
+    shutil.copytree(healthy[0], run_dir, symlinks=True)
+    row, code, want = quant_cases.run_case(run_dir, case, MODEL, plant_fault)
+    record(**row)
+    assert row["caught"], row["failed"]
+    assert code == want
 
 
 @pytest.mark.parametrize("fault", SHIP_STAGE_ERROR_FAULTS)

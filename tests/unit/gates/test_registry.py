@@ -7,11 +7,13 @@ import numpy as np
 from finetune import faults
 from finetune.config.schema import GatesConfig
 from finetune.evaluate.adapter_measure import AdapterMeasurement
+from finetune.evaluate.quant_measure import QuantMeasurement
 from finetune.gates import (
     adapter_parity,
     fuse,
     generalization,
     label_mask,
+    quant_quality,
     runtime_parity,
     served,
     split_overlap,
@@ -54,6 +56,10 @@ def _every_gate_verdict():
         served.served_api([]),
         adapter_parity.peft_parity(AdapterMeasurement(1e-5, 1e-5, 1.0, 1)),
         adapter_parity.gguf_lora_parity(AdapterMeasurement(1e-5, 1e-5, 1.0, 1)),
+        quant_quality.quant_types([], "q8_0", 1),
+        quant_quality.quant_quality(
+            QuantMeasurement(0, 0, 1, 1, 1, 1, 1, 1), "q8_0", quant_quality.limits_from(None)
+        ),
     ]
 
 
@@ -105,10 +111,13 @@ def test_the_commands_require_what_the_table_declares():
         "fuse_exactness",
         "peft_parity",
         "gguf_lora_parity",
+        "quant_types",
+        "quant_quality",
     } == LOWER_IS_BETTER
     assert PARITY_GATES == (
         "peft_parity",
         "gguf_lora_parity",
+        "quant_quality",
         "logprob_parity",
         "output_parity",
         "served_answers",

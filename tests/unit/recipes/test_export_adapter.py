@@ -7,6 +7,8 @@ import json
 import shutil
 from types import SimpleNamespace
 
+import pytest
+
 from finetune import cli
 from finetune.config.loader import load_config
 from finetune.stages.rundir import own_config
@@ -37,7 +39,7 @@ def test_a_runs_adapter_is_exported_and_judged(tmp_path, tiny_hf):
     code, out = export(run, tiny_hf)
     assert code == 0 and "[PASS] peft_parity: " in out and f"exported: {run / 'export' / 'peft'}" in out
     record = json.loads((run / "export" / "peft" / "parity.json").read_text())
-    assert record["verdict"]["status"] == "passed" and record["verdict"]["data"]["positions"] > 20
+    assert record["verdicts"][0]["status"] == "passed" and record["verdicts"][0]["data"]["positions"] > 20
     assert set(record["bytes"]) == {"adapter_config.json", "adapter_model.safetensors"}  # what ships, sized
     assert "MiB" in out
 
@@ -69,3 +71,23 @@ def test_out_is_a_new_folder_or_refused_when_it_holds_someone_elses_files(tmp_pa
     assert (mine / "adapter_model.safetensors").read_bytes() == b"the user's own adapter"
     code, out = export(run, tiny_hf, "--out", str(tmp_path / "shipped"))
     assert code == 0 and (tmp_path / "shipped" / "adapter_model.safetensors").is_file(), out
+
+
+def test_an_unknown_form_or_quantization_type_is_refused_naming_the_choices(tmp_path, tiny_hf, capsys):
+    run = a_run(tmp_path, tiny_hf)
+    deps = SimpleNamespace(resolve_model=lambda spec: SimpleNamespace(path=tiny_hf))
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["export", str(run), "--as", "gguf:q3"], deps=deps, out=io.StringIO())
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "'gguf:q3': choose peft, gguf-lora or a quantized GGUF" in err
+    assert "gguf:q4_K_M" in err and not (run / "export").exists()
+
+
+def test_a_quantized_export_without_ollama_says_where_to_get_it(tmp_path, tiny_hf, capsys):
+    run = a_run(tmp_path, tiny_hf)
+    deps = SimpleNamespace(resolve_model=lambda spec: SimpleNamespace(path=tiny_hf),
+                           locate_ollama=lambda: SimpleNamespace(binary=None, reason="run `make ollama`"))  # fmt: skip
+    assert cli.main(["export", str(run), "--as", "gguf:q8_0"], deps=deps, out=io.StringIO()) == 2
+    assert (
+        "quantizes with Ollama's quantizer, and none was found: run `make ollama`" in capsys.readouterr().err
+    )

@@ -1,0 +1,89 @@
+"""A quantized GGUF measured against the f16 GGUF of the same model, both in llama.cpp as users run them.
+
+Per position of held-out text (teacher forced): KL(f16 || quantized) of the next-token distributions, whether
+the most likely token agrees, and the log-probability each gives the text's real next token (perplexity).
+llama.cpp reports the top-k, so the KL is taken over the tokens both top-k lists name plus one "the rest"
+bucket: an exact KL of a coarser partition, hence never above the full-vocabulary KL (a lower bound that the
+top-k carrying nearly all the mass makes tight).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+Row = tuple[float | None, dict[int, float]]  # (log p of the real next token, top-k {id: log p})
+TOP_K = 32
+_TINY = 1e-12
+
+
+@dataclass(frozen=True)
+class QuantMeasurement:
+    kl_mean: float
+    kl_p99: float
+    top1: float  # share of positions whose most likely token is the f16's
+    ppl_ratio: float  # quantized perplexity / f16 perplexity on the real next tokens
+    positions: int
+    scored: int  # positions whose real next token both runs reported (the perplexity's)
+    reference_ppl: float
+    quantized_ppl: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def position_kl(p_top: dict[int, float], q_top: dict[int, float]) -> float:
+    """KL(P || Q) over the ids both top-k name, plus the rest of each distribution as one bucket."""
+    shared = sorted(set(p_top) & set(q_top))
+    lp, lq = np.array([p_top[t] for t in shared]), np.array([q_top[t] for t in shared])
+    p = np.exp(lp)
+    kl = float(np.sum(p * (lp - lq)))
+    p_rest, q_rest = 1.0 - float(p.sum()), 1.0 - float(np.exp(lq).sum())
+    if p_rest > _TINY:  # rounding can leave a hair of "rest" when the top-k holds everything
+        kl += p_rest * (math.log(p_rest) - math.log(max(q_rest, _TINY)))
+    return max(kl, 0.0)
+
+
+def compare(reference: Sequence[Sequence[Row]], quantized: Sequence[Sequence[Row]]) -> QuantMeasurement:
+    """reference / quantized: per text, per position, what finetune.serve.llamacpp.scored_logprobs returns."""
+    kls, agree, ref_nll, q_nll = [], 0, [], []
+    for ref_rows, q_rows in zip(reference, quantized, strict=True):
+        for (ref_lp, ref_top), (q_lp, q_top) in zip(ref_rows, q_rows, strict=True):
+            kls.append(position_kl(ref_top, q_top))
+            agree += bool(ref_top and q_top and max(ref_top, key=ref_top.get) == max(q_top, key=q_top.get))
+            if ref_lp is not None and q_lp is not None:
+                ref_nll.append(-ref_lp)
+                q_nll.append(-q_lp)
+    if not kls:
+        raise ValueError("no positions to compare: every held-out text was shorter than two tokens")
+    ref_ppl = math.exp(float(np.mean(ref_nll))) if ref_nll else math.nan
+    q_ppl = math.exp(float(np.mean(q_nll))) if q_nll else math.nan
+    return QuantMeasurement(
+        kl_mean=float(np.mean(kls)),
+        kl_p99=float(np.percentile(kls, 99)),
+        top1=agree / len(kls),
+        ppl_ratio=q_ppl / ref_ppl,
+        positions=len(kls),
+        scored=len(ref_nll),
+        reference_ppl=ref_ppl,
+        quantized_ppl=q_ppl,
+    )
+
+
+def measure_quantized(
+    reference_gguf: Path,
+    quantized_gguf: Path,
+    token_ids: Sequence[Sequence[int]],
+    *,
+    score: Callable[..., list[list[Row]]] | None = None,
+    k: int = TOP_K,
+) -> QuantMeasurement:
+    """Both GGUFs scored by llama.cpp on every text in token_ids, then compared."""
+    if score is None:
+        from finetune.serve.llamacpp import scored_logprobs as score
+    return compare(score(reference_gguf, token_ids, k=k), score(quantized_gguf, token_ids, k=k))

@@ -1,0 +1,55 @@
+"""The quantized-export gates: the file is the type asked for (quant_types), and it answers like the f16 GGUF of
+the same fused model on held-out text within the configured quality bar (quant_quality).
+
+The bar is a product decision, not a noise tolerance: measured here (docs/benchmarks.md, README), healthy q8_0,
+q6_K, q5_K_M and q4_K_M of SmolLM2 and Gemma 3 270M stay below KL 0.07 mean / 0.30 p99, top-1 >= 0.85,
+perplexity x1.15; q4_0, q2_K and one tensor's rows shifted are above KL 0.21 / 1.0, top-1 <= 0.71.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from finetune.gates.registry import DEFAULT
+from finetune.gates.verdict import Verdict, verdict
+
+
+def quant_types(problems: list[str], qtype: str, tensors: int) -> Verdict:
+    """problems: finetune.export.quant_types.check_quant_types's list for the shipped file."""
+    detail = f"{qtype}: file type and all {tensors} tensors' types as llama.cpp writes them" + (
+        ": " + "; ".join(problems) if problems else ""
+    )
+    return verdict("quant_types", not problems, float(len(problems)), 0.0, detail, {"problems": problems})
+
+
+def limits_from(gates: Any) -> dict[str, float]:
+    keys = ("quant_kl_mean_max", "quant_kl_p99_max", "quant_top1_min", "quant_ppl_ratio_max")
+    return {k: float(getattr(gates, k, DEFAULT[k])) for k in keys}
+
+
+def quant_quality(m: Any, qtype: str, limits: dict[str, float]) -> Verdict:
+    """m: a finetune.evaluate.quant_measure.QuantMeasurement of the shipped file vs the f16 GGUF."""
+    problems = []
+    if m.kl_mean > limits["quant_kl_mean_max"]:
+        problems.append(f"mean KL {m.kl_mean:.4f} > {limits['quant_kl_mean_max']:g}")
+    if m.kl_p99 > limits["quant_kl_p99_max"]:
+        problems.append(f"p99 KL {m.kl_p99:.4f} > {limits['quant_kl_p99_max']:g}")
+    if m.top1 < limits["quant_top1_min"]:
+        problems.append(f"top-1 agreement {m.top1:.3f} < {limits['quant_top1_min']:g}")
+    if not m.ppl_ratio <= limits["quant_ppl_ratio_max"]:  # NaN (nothing scored) fails too
+        problems.append(f"perplexity x{m.ppl_ratio:.3f} > x{limits['quant_ppl_ratio_max']:g}")
+    detail = (
+        f"{qtype} vs f16 in llama.cpp over {m.positions} held-out positions: KL mean {m.kl_mean:.4f}, p99 "
+        f"{m.kl_p99:.4f}; top-1 {m.top1:.3f}; perplexity {m.reference_ppl:.2f} -> {m.quantized_ppl:.2f} "
+        f"(x{m.ppl_ratio:.3f})"
+    )
+    if problems:
+        detail += ": " + "; ".join(problems)
+    return verdict(
+        "quant_quality",
+        not problems,
+        m.kl_mean,
+        limits["quant_kl_mean_max"],
+        detail,
+        {**m.to_dict(), **limits},
+    )

@@ -1,0 +1,91 @@
+"""`finetune export RUN --as gguf:TYPE`: the run's fused model quantized by the quantizer Ollama users have, judged
+against the f16 GGUF of the same fused model in llama.cpp on held-out text (finetune.gates.quant_quality), its
+tensor types checked (quant_types), and its decode speed measured in llama.cpp and Ollama, so a user picks a
+format on evidence (README: "Shipping a quantized GGUF")."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from finetune.errors import UserError
+from finetune.evaluate.general_text import GENERAL_TEXTS
+from finetune.system.jsonl import read_jsonl
+
+HELDOUT_ROWS = 8  # rows of the run's test split, beside the general texts no run trains on
+HELDOUT_TOKENS = 128
+SPEED_TOKENS = 48
+
+
+def heldout_ids(run_dir: Path, tokenizer: Any) -> list[list[int]]:
+    """General text and the run's own test split (never trained on), as token ids, each cut at 128 tokens."""
+    test = Path(run_dir) / "data" / "test.jsonl"
+    texts = [
+        *GENERAL_TEXTS,
+        *(r["text"] for r in (read_jsonl(test) if test.is_file() else [])[:HELDOUT_ROWS]),
+    ]
+    ids = [list(tokenizer.encode(t))[:HELDOUT_TOKENS] for t in texts]
+    return [x for x in ids if len(x) >= 2]
+
+
+def gguf_quantized(job: Any, qtype: str) -> tuple[Path, list[Any], dict[str, Any]]:
+    """job: a finetune.recipes.export_adapter.Job. Ships out/model-<qtype>.gguf."""
+    from finetune.evaluate.quant_measure import measure_quantized
+    from finetune.export.gguf import convert_hf_to_gguf
+    from finetune.export.gguf_inspect import inspect_gguf
+    from finetune.export.quant_types import check_quant_types
+    from finetune.gates.quant_quality import limits_from, quant_quality, quant_types
+    from finetune.serve import llamacpp
+    from finetune.serve.ollama_quantize import SPEED_PROMPT, quantize_gguf
+
+    binary = _ollama(job, qtype)
+    job.out.mkdir(parents=True, exist_ok=True)
+    shipped = job.out / f"model-{qtype}.gguf"
+    with tempfile.TemporaryDirectory(prefix=".quantize.", suffix=".tmp", dir=job.out) as tmp:
+        reference = Path(tmp) / "model-f16.gguf"
+        convert_hf_to_gguf(_fused(job, Path(tmp)), reference, "f16")
+        q = quantize_gguf(reference, shipped, qtype, binary=binary)
+        problems = check_quant_types(shipped, qtype, reference)
+        m = measure_quantized(reference, shipped, heldout_ids(job.run_dir, job.tokenizer))
+        speed = llamacpp.generate(shipped, [SPEED_PROMPT], max_tokens=SPEED_TOKENS)[0].tokens_per_second
+        reference_bytes = reference.stat().st_size
+    verdicts = [
+        quant_types(problems, qtype, len(inspect_gguf(shipped).tensors)),
+        quant_quality(m, qtype, limits_from(job.cfg.gates)),
+    ]
+    extra = {
+        "quantized": {
+            "type": qtype,
+            **m.to_dict(),
+            "f16_bytes": reference_bytes,
+            "quantize_seconds": round(q.seconds, 2),
+            "llamacpp_tokens_per_second": speed,
+            "ollama_tokens_per_second": q.ollama_tokens_per_second,
+        }
+    }
+    return shipped, verdicts, extra
+
+
+def _ollama(job: Any, qtype: str) -> Path:
+    if job.locate_ollama is None:
+        from finetune.serve.ollama_provision import locate_ollama
+
+        location = locate_ollama()
+    else:
+        location = job.locate_ollama()
+    if location.binary is None:
+        raise UserError(
+            f"--as gguf:{qtype} quantizes with Ollama's quantizer, and none was found: {location.reason}"
+        )
+    return Path(location.binary)
+
+
+def _fused(job: Any, tmp: Path) -> Path:
+    """The pipeline's fused folder (judged by fuse_exactness) when the run has one, else a fresh fuse in float32."""
+    from finetune.export.fuse import fuse
+
+    judged = job.run_dir / "fused"
+    if (judged / "config.json").is_file():
+        return judged
+    return fuse(job.base, job.adapter, tmp / "fused", dtype="float32")

@@ -1,0 +1,68 @@
+"""The quantization measurement on distributions written out here: the top-k KL is exact when the top-k holds the
+whole vocabulary, never above the full KL otherwise, and top-1 / perplexity read the rows they should."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from finetune.evaluate.quant_measure import compare, measure_quantized, position_kl
+
+
+def logp(p: np.ndarray) -> dict[int, float]:
+    return {i: math.log(v) for i, v in enumerate(p)}
+
+
+def top(d: dict[int, float], k: int) -> dict[int, float]:
+    return dict(sorted(d.items(), key=lambda kv: -kv[1])[:k])
+
+
+def full_kl(p: np.ndarray, q: np.ndarray) -> float:
+    return float(np.sum(p * np.log(p / q)))
+
+
+def test_the_kl_is_exact_over_the_whole_vocabulary_and_a_lower_bound_over_a_top_k():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        p, q = rng.dirichlet(np.ones(40) * 0.3), rng.dirichlet(np.ones(40) * 0.3)
+        assert position_kl(logp(p), logp(q)) == pytest.approx(full_kl(p, q), rel=1e-9)
+        assert position_kl(top(logp(p), 8), top(logp(q), 8)) <= full_kl(p, q) + 1e-12
+
+
+def test_the_same_distribution_has_no_divergence_and_a_moved_one_has_some():
+    p = np.array([0.7, 0.2, 0.1])
+    assert position_kl(logp(p), logp(p)) == 0.0
+    assert position_kl(logp(p), logp(np.array([0.2, 0.7, 0.1]))) > 0.5
+
+
+def test_compare_counts_top1_agreement_and_the_perplexity_of_the_real_tokens():
+    a, b = logp(np.array([0.6, 0.3, 0.1])), logp(np.array([0.3, 0.6, 0.1]))
+    ref = [[(math.log(0.6), a), (math.log(0.6), a)]]
+    quant = [[(math.log(0.6), a), (math.log(0.3), b)]]
+    m = compare(ref, quant)
+    assert (m.positions, m.scored, m.top1) == (2, 2, 0.5)
+    assert m.ppl_ratio == pytest.approx(math.sqrt(2)) and m.kl_mean > 0 and m.kl_p99 >= m.kl_mean
+
+
+def test_positions_without_the_real_tokens_log_probability_are_left_out_of_the_perplexity_only():
+    a = logp(np.array([0.5, 0.5]))
+    m = compare([[(None, a), (math.log(0.5), a)]], [[(math.log(0.5), a), (math.log(0.5), a)]])
+    assert (m.positions, m.scored, m.ppl_ratio) == (2, 1, 1.0)
+
+
+def test_nothing_to_compare_is_an_error():
+    with pytest.raises(ValueError, match="no positions"):
+        compare([[]], [[]])
+
+
+def test_measure_scores_both_files_on_the_same_texts():
+    seen = []
+
+    def score(path, texts, k):
+        seen.append((path, texts, k))
+        return [[(math.log(0.5), {0: math.log(0.5), 1: math.log(0.5)})] for _ in texts]
+
+    m = measure_quantized("f16.gguf", "q.gguf", [[1, 2]], score=score)
+    assert [s[0] for s in seen] == ["f16.gguf", "q.gguf"] and seen[0][1] == seen[1][1] and m.kl_mean == 0.0

@@ -1,0 +1,22 @@
+"""The quantized export's held-out text (the rest runs for real: tier 3 and the fault suite quantize SmolLM2 and
+the tiny GPT-2 through Ollama and judge them in llama.cpp)."""
+
+from __future__ import annotations
+
+import json
+
+from tests.unit.recipes.test_export_adapter import a_run
+
+
+def test_heldout_text_is_general_text_and_the_runs_test_split_never_its_training_rows(tmp_path, tiny_hf):
+    from transformers import AutoTokenizer
+
+    from finetune.evaluate.general_text import GENERAL_TEXTS
+    from finetune.recipes.export_quantized import heldout_ids
+
+    run = a_run(tmp_path, tiny_hf)
+    (run / "data" / "test.jsonl").write_text(json.dumps({"text": "A held-out row about the sea."}) + "\n")
+    tok = AutoTokenizer.from_pretrained(str(tiny_hf))
+    ids = heldout_ids(run, tok)
+    assert len(ids) == len(GENERAL_TEXTS) + 1 and ids[-1] == tok.encode("A held-out row about the sea.")
+    assert all(2 <= len(x) <= 128 for x in ids)
