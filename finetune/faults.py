@@ -102,6 +102,11 @@ FAULTS: dict[str, tuple[str, str, str]] = {
         "the GGUF LoRA's adapter.lora.alpha says r (llama.cpp then applies 1/scale of the adapter)",
         "gguf_lora_parity",
     ),
+    "adapter_wrong_base": (
+        "export",
+        "the GGUF LoRA ships with the fine-tuned (fused) model as its base: the adapter applied twice",
+        "gguf_lora_parity",
+    ),
     "quant_wrong_type": (
         "export",
         "the quantizer is asked for another type than the one shipped under the asked name (q4_0 for q4_K_M)",
@@ -316,6 +321,7 @@ EFFECTS: dict[str, Callable[..., Any]] = {
     "eval_runtime_base": lambda fused_dir, base_dir: base_dir,
     "peft_alpha_missing": lambda alpha, rank: float(rank),
     "gguf_lora_alpha_missing": _gguf_lora_alpha_missing,
+    "adapter_wrong_base": lambda base, fused: fused(),
     "quant_wrong_type": lambda qtype: "q4_0" if qtype != "q4_0" else "q8_0",
     "quant_tensor_damaged": _quant_tensor_damaged,
 }

@@ -26,8 +26,11 @@ def _parity(name: str, runtime: str, m: Any, multiple: float) -> Verdict:
         problems.append(
             f"the export differs by {m.gap:.3g}, more than {multiple:g} x the floor ({limit:.3g})"
         )
-    if m.effect <= limit:  # an adapter that moves nothing would pass any export
-        problems.append(f"the adapter moves log p by only {m.effect:.3g}: nothing to compare")
+    if m.effect <= limit:  # an adapter that moves nothing, or a base far from the trained one, proves nothing
+        problems.append(
+            f"the adapter moves log p by {m.effect:.3g}, within {multiple:g} x the base-vs-base floor "
+            f"({m.floor:.3g}): nothing to compare (a floor that large is a base other than the trained one)"
+        )
     detail = (
         f"{runtime} vs MLX + adapter: max |d log p| {m.gap:.3g} over {m.positions} positions; base vs "
         f"base {m.floor:.3g} (allowed {multiple:g} x); the adapter itself moves log p by {m.effect:.3g}"
@@ -36,3 +39,24 @@ def _parity(name: str, runtime: str, m: Any, multiple: float) -> Verdict:
         detail += ": " + "; ".join(problems)
     measured = m.gap / m.floor if m.floor else float("inf") if m.gap else 0.0
     return verdict(name, not problems, measured, multiple, detail, m.to_dict())
+
+
+def served_adapter(m: Any, threshold: float = DEFAULT["text_agreement"]) -> Verdict:
+    """m: a finetune.evaluate.served_adapter.ServedAdapterMeasurement (Ollama FROM base + ADAPTER vs MLX)."""
+    share = m.agree / m.prompts if m.prompts else 0.0
+    problems = []
+    if share < threshold:
+        problems.append(f"{m.agree} of {m.prompts} answers equal MLX + adapter's, below {threshold:g}")
+    if not m.adapter_changes:
+        problems.append("the adapter changes no answer in MLX: nothing to compare")
+    elif not m.served_changes:
+        problems.append(
+            "Ollama answers like the base wherever the adapter changes the answer: ADAPTER not applied"
+        )
+    detail = (
+        f"Ollama (FROM base GGUF + ADAPTER, default /api/chat requests) vs MLX + adapter: {m.agree}/{m.prompts} "
+        f"training answers equal; the adapter changes {m.adapter_changes} answers, Ollama {m.served_changes} of them"
+    )
+    if problems:
+        detail += ": " + "; ".join(problems)
+    return verdict("served_adapter", not problems, share, threshold, detail, m.to_dict())

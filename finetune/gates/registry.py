@@ -209,6 +209,16 @@ _ALL = (
         parity=True,
     ),
     Gate(
+        "served_adapter",
+        "`finetune export --as gguf-lora`: Ollama serving FROM the base GGUF with ADAPTER (the run's TEMPLATE and "
+        "PARAMETERs), default /api/chat requests, vs base + saved adapter in MLX on 8 training questions",
+        "text_agreement",
+        "an ADAPTER Ollama ignores or applies at the wrong strength, or a base it does not fit",
+        phase="export",
+        in_pipeline=False,
+        parity=True,
+    ),
+    Gate(
         "quant_types",
         "the quantized GGUF's general.file_type and every tensor's type are what llama.cpp writes for the type "
         "asked for (row-size fallbacks included); no tensor missing or reshaped",

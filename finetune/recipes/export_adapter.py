@@ -11,7 +11,8 @@ from typing import Any
 
 from finetune import faults
 from finetune.errors import UserError
-from finetune.system.atomic import atomic_write_json
+from finetune.gates.status import EXIT, allowed_skips
+from finetune.system.atomic import atomic_write_json, atomic_write_text
 from finetune.system.hashing import dir_sha256
 from finetune.system.lock import run_dir_lock
 from finetune.system.owned import claim
@@ -62,7 +63,8 @@ def export_run(
     log: Callable[[str], None],
     locate_ollama: Callable[[], Any] | None = None,
 ) -> int:
-    """Export, measure and judge; 0 when every gate of the form passed, else 1 (4 with a fault planted)."""
+    """Export, measure and judge; 0 when every gate of the form passed, 1 when one failed, 3 when one was skipped
+    (its runtime missing) without FT_ALLOW_SKIP naming it, 4 with a fault planted."""
     from transformers import AutoTokenizer
 
     from finetune.stages.rundir import own_config
@@ -79,7 +81,10 @@ def export_run(
         base = Path(resolve_model(cfg.model.name).path)
         job = Job(cfg, run_dir, adapter, base, out, AutoTokenizer.from_pretrained(str(base)), locate_ollama)
         shipped, verdicts, extra = _form(form)(job)
-        passed = all(v.passed for v in verdicts)
+        failed = [v.name for v in verdicts if v.status == "failed"]
+        allowed = allowed_skips()  # the only runtime an export can miss is Ollama
+        skips = [v.name for v in verdicts if v.status == "skipped" and not {v.name, "ollama"} & allowed]
+        passed = not failed
         sizes = {
             p.name: p.stat().st_size
             for p in sorted(out.iterdir())
@@ -102,11 +107,14 @@ def export_run(
         log(str(v))
     planted = faults.injected()  # an export with a fault planted is never called shippable
     shipped_bytes = ", ".join(f"{name} {size / 2**20:.1f} MiB" for name, size in sizes.items())
-    log(f"{'exported' if passed and not planted else 'NOT shippable'}: {out} ({shipped_bytes})")
+    verdict = "NOT shippable" if not passed or planted else "degraded" if skips else "exported"
+    log(f"{verdict}: {out} ({shipped_bytes})")
+    if skips:
+        log(f"not judged: {', '.join(skips)} (FT_ALLOW_SKIP={','.join(skips)} allows it)")
     if planted:
         log(f"faults planted on purpose ({faults.ENV}): {', '.join(planted)}")
         return faults.EXIT_CODE
-    return 0 if passed else 1
+    return EXIT["failed"] if failed else EXIT["degraded"] if skips else EXIT["passed"]
 
 
 def _form(form: str) -> Callable[[Job], tuple[Path, list[Any], dict[str, Any]]]:
@@ -128,10 +136,12 @@ def _peft(job: Job) -> tuple[Path, list[Any], dict[str, Any]]:
 
 
 def _gguf_lora(job: Job) -> tuple[Path, list[Any], dict[str, Any]]:
-    """adapter.gguf from the PEFT form by llama.cpp's converter, and the base GGUF it applies to."""
+    """adapter.gguf from the PEFT form by llama.cpp's converter, the base GGUF it applies to, and the Modelfile
+    Ollama users create the adapter model from; judged in llama.cpp (logprobs) and Ollama (served answers)."""
     import tempfile
 
     from finetune.evaluate.adapter_measure import measure_gguf_lora
+    from finetune.export.fuse import fuse
     from finetune.export.gguf import convert_hf_to_gguf
     from finetune.export.gguf_lora import export_gguf_lora
     from finetune.export.peft_adapter import export_peft
@@ -139,11 +149,33 @@ def _gguf_lora(job: Job) -> tuple[Path, list[Any], dict[str, Any]]:
 
     cfg, out = job.cfg, job.out
     lora, base_gguf = out / "adapter.gguf", out / f"base-{cfg.export.gguf_type}.gguf"
-    with tempfile.TemporaryDirectory(
-        prefix=".peft.", suffix=".tmp", dir=out if out.is_dir() else None
-    ) as peft:
-        export_peft(job.adapter, job.base, Path(peft), base_name=cfg.model.name, weight_layout=True)
-        export_gguf_lora(Path(peft), job.base, lora)
-    convert_hf_to_gguf(job.base, base_gguf, cfg.export.gguf_type)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".peft.", suffix=".tmp", dir=out) as tmp:
+        peft = Path(tmp) / "peft"
+        export_peft(job.adapter, job.base, peft, base_name=cfg.model.name, weight_layout=True)
+        export_gguf_lora(peft, job.base, lora)
+        base = faults.point(
+            "adapter_wrong_base",
+            job.base,
+            lambda: fuse(job.base, job.adapter, Path(tmp) / "fused", dtype="float32"),
+        )
+        convert_hf_to_gguf(base, base_gguf, cfg.export.gguf_type)
     m = measure_gguf_lora(job.base, job.adapter, base_gguf, lora, probe_ids(job.run_dir, job.tokenizer))
-    return lora, [gguf_lora_parity(m, cfg.gates.adapter_floor_multiple)], {}
+    verdicts = [gguf_lora_parity(m, cfg.gates.adapter_floor_multiple), _served_adapter(job, base_gguf, lora)]
+    return lora, verdicts, {}
+
+
+def _served_adapter(job: Job, base_gguf: Path, lora: Path) -> Any:
+    from finetune.evaluate.served_adapter import adapter_modelfile, measure_served_adapter
+    from finetune.gates.adapter_parity import served_adapter
+    from finetune.gates.verdict import skipped
+    from finetune.serve.ollama_provision import locate_ollama
+
+    modelfile = job.out / "Modelfile"
+    text = adapter_modelfile(job.cfg, job.run_dir, job.base, base_gguf, lora, job.out)
+    atomic_write_text(modelfile, text)
+    location = (job.locate_ollama or locate_ollama)()
+    if location.binary is None:
+        return skipped("served_adapter", f"no Ollama to serve the adapter with: {location.reason}")
+    m = measure_served_adapter(job.cfg, job.run_dir, job.base, job.adapter, modelfile, binary=location.binary)
+    return served_adapter(m, job.cfg.gates.text_agreement)

@@ -43,8 +43,7 @@ def gguf_quantized(job: Any, qtype: str) -> tuple[Path, list[Any], dict[str, Any
     job.out.mkdir(parents=True, exist_ok=True)
     shipped = job.out / f"model-{qtype}.gguf"
     with tempfile.TemporaryDirectory(prefix=".quantize.", suffix=".tmp", dir=job.out) as tmp:
-        reference = Path(tmp) / "model-f16.gguf"
-        convert_hf_to_gguf(_fused(job, Path(tmp)), reference, "f16")
+        reference = _reference(job, Path(tmp), convert_hf_to_gguf)
         q = quantize_gguf(reference, shipped, qtype, binary=binary)
         problems = check_quant_types(shipped, qtype, reference)
         m = measure_quantized(reference, shipped, heldout_ids(job.run_dir, job.tokenizer))
@@ -89,3 +88,12 @@ def _fused(job: Any, tmp: Path) -> Path:
     if (judged / "config.json").is_file():
         return judged
     return fuse(job.base, job.adapter, tmp / "fused", dtype="float32")
+
+
+def _reference(job: Any, tmp: Path, convert: Any) -> Path:
+    """The f16 GGUF of the fused model: the pipeline's own (judged by logprob_parity) when the run shipped f16,
+    else converted here."""
+    judged = job.run_dir / "gguf" / "model-f16.gguf"
+    if judged.is_file() and (job.run_dir / "fused" / "config.json").is_file():
+        return judged
+    return convert(_fused(job, tmp), tmp / "model-f16.gguf", "f16")

@@ -19,7 +19,7 @@ import pytest
 
 from finetune.recipes.commands import COMMANDS
 from finetune.system.atomic import atomic_write_json
-from tests import quant_cases
+from tests import export_cases
 from tests.conftest import SERVED_CHECK_NAMES
 from tests.e2e.test_end_to_end_real_model import model_sets, release_requires
 
@@ -237,18 +237,23 @@ def test_a_shipping_fault_on_the_real_model_is_caught_by_its_gate(tier3, fault, 
     assert all(s.cached for s in upstream), "upstream stages come from the cache"
 
 
-@pytest.mark.parametrize("case", quant_cases.CASES)
-def test_a_quantized_export_of_the_real_model_is_judged_against_its_f16(tier3, case, tmp_path, plant_fault):
-    """What users of Ollama run (q8_0, q4_K_M) from the tier-3 run's judged fused model: judged, and the faults
-    (another type under the asked name, one tensor damaged) and a too-coarse q2_K caught on the real model."""
+# Exports of the tier-3 run (its judged fused model, f16 GGUF and adapter), each judged where users load it; the
+# alpha faults run on the tiny model in the fault suite (SmolLM2's values are in the README's evidence table).
+EXPORT_CASES = tuple(c for c in export_cases.CASES if "alpha_missing" not in c)
+
+
+@pytest.mark.parametrize("case", EXPORT_CASES)
+def test_an_export_of_the_real_model_is_judged_where_it_is_loaded(tier3, case, tmp_path, plant_fault):
+    """What users ship besides the fused f16 GGUF: the adapter (PEFT; GGUF LoRA in llama.cpp and Ollama) and
+    quantized GGUFs (q8_0, q4_K_M); a too-coarse q2_K, the wrong base and a damaged quantization are caught."""
     from finetune.serve.ollama_provision import locate_ollama
     from tests import fault_table
 
     if tier3["report"].status != "passed":
         pytest.fail("the healthy tier-3 run did not pass: an export of it proves nothing")
     if locate_ollama().binary is None:
-        pytest.skip(f"quantizing needs Ollama's quantizer: {locate_ollama().reason}")
-    row, code, want = quant_cases.run_case(
+        pytest.skip(f"the exports are judged in Ollama too: {locate_ollama().reason}")
+    row, code, want = export_cases.run_case(
         _replica(tier3["path"].parent, tmp_path / "run"), case, MODEL, plant_fault
     )
     fault_table.save([row])

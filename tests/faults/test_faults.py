@@ -9,8 +9,6 @@ the stage cache reruns only the faulted stage and what follows it.
 
 from __future__ import annotations
 
-import io
-import json
 import shutil
 from pathlib import Path
 
@@ -23,7 +21,7 @@ from finetune.recipes.commands import COMMANDS, RECIPES
 from finetune.serve.ollama_provision import locate_ollama
 from finetune.stages.real import real_deps
 from finetune.stages.rundir import own_config
-from tests import quant_cases
+from tests import export_cases
 from tests.tiny_run import MODEL, healthy_sets
 
 STAGE_ERROR = "(stage error)"  # no gate: the stage itself must fail, clearly
@@ -35,8 +33,7 @@ TRAIN_FAULTS = [n for n, stage in GATED.items() if stage in ("data", "train") an
 # Gates that must fail on a fault besides the one it is planted for (a fault table row names one gate).
 ALSO_CAUGHT = {"lr_zero": ("validation_loss",), "frozen_lora": ("validation_loss",)}
 SHIP_FAULTS = [n for n, stage in GATED.items() if stage not in ("data", "train", "export")]
-# `finetune export` on a finished run: an adapter form's faults, and the quantized GGUF's (tests/quant_cases.py)
-EXPORT_FAULTS = [n for n, stage in GATED.items() if stage == "export" and n not in quant_cases.EXPECTED]
+
 STAGE_ERROR_FAULTS = [n for n, (stage, _, _) in faults.FAULTS.items() if n not in GATED and stage == "train"]
 # config.json and GGUF metadata are compared value by value with the base's: a drift stops its stage
 SHIP_STAGE_ERROR_FAULTS = [
@@ -115,43 +112,14 @@ def test_a_shipping_fault_is_caught_by_its_gate_and_only_its_stage_onward_reruns
     assert all(s.cached for s in report.stages[: order.index(stage)]), "upstream stages come from the cache"
 
 
-FORM = {"peft_alpha_missing": "peft", "gguf_lora_alpha_missing": "gguf-lora"}  # what each export fault breaks
-GATE_OF = {"peft": "peft_parity", "gguf-lora": "gguf_lora_parity"}
-
-
-def _export(run_dir: Path, form: str) -> tuple[int, dict]:
-    """`finetune export RUN --as FORM` through the CLI; its exit code and the verdict it wrote."""
-    from finetune import cli
-
-    code = cli.main(["export", str(run_dir), "--as", form], out=io.StringIO())
-    return code, json.loads((run_dir / "export" / form / "parity.json").read_text())["verdicts"][0]
-
-
-@pytest.mark.parametrize("fault", [*(f"healthy {form}" for form in GATE_OF), *EXPORT_FAULTS])
-def test_an_exported_adapter_is_judged_where_it_is_loaded(fault, healthy, tmp_path, record, plant_fault):
-    # tiny GPT-2: mlx-lm's module names differ from transformers' (model.h vs transformer.h) and its Conv1D
-    # weights are stored (in, out): the PEFT export must say so (fan_in_fan_out) to load at all
-    run_dir, is_healthy = tmp_path / "run", fault.startswith("healthy")
-    shutil.copytree(healthy[0], run_dir, symlinks=True)
-    form = fault.split()[1] if is_healthy else FORM[fault]
-    if not is_healthy:
-        plant_fault(fault)
-    code, v = _export(run_dir, form)
-    gate = GATE_OF[form]
-    caught = v["status"] == ("passed" if is_healthy else "failed")
-    record(fault=f"{fault} export" if is_healthy else fault, model=MODEL,
-           expected="(none fails)" if is_healthy else gate, caught=caught,
-           status={0: "passed", 1: "failed", 4: faults.STATUS}.get(code, str(code)),
-           failed=[] if v["status"] == "passed" else [f"{gate} ({round(v['measured'], 4)} vs {v['threshold']})"])  # fmt: skip
-    assert caught, v["detail"]
-    assert code == (0 if is_healthy else faults.EXIT_CODE)
-
-
-@pytest.mark.parametrize("case", quant_cases.CASES)
-def test_a_quantized_export_is_judged_against_its_f16(case, healthy, tmp_path, record, plant_fault):
+# `finetune export` on the healthy run: adapters and quantized GGUFs, and every export fault (tests/export_cases.py).
+# Tiny GPT-2: mlx-lm's module names differ from transformers' (model.h vs transformer.h) and its Conv1D weights are
+# stored (in, out): the PEFT export must say so (fan_in_fan_out) to load at all.
+@pytest.mark.parametrize("case", export_cases.CASES)
+def test_an_export_is_judged_where_it_is_loaded(case, healthy, tmp_path, record, plant_fault):
     run_dir = tmp_path / "run"
     shutil.copytree(healthy[0], run_dir, symlinks=True)
-    row, code, want = quant_cases.run_case(run_dir, case, MODEL, plant_fault)
+    row, code, want = export_cases.run_case(run_dir, case, MODEL, plant_fault)
     record(**row)
     assert row["caught"], row["failed"]
     assert code == want

@@ -8,6 +8,7 @@ from finetune import faults
 from finetune.config.schema import GatesConfig
 from finetune.evaluate.adapter_measure import AdapterMeasurement
 from finetune.evaluate.quant_measure import QuantMeasurement
+from finetune.evaluate.served_adapter import ServedAdapterMeasurement
 from finetune.gates import (
     adapter_parity,
     fuse,
@@ -56,6 +57,7 @@ def _every_gate_verdict():
         served.served_api([]),
         adapter_parity.peft_parity(AdapterMeasurement(1e-5, 1e-5, 1.0, 1)),
         adapter_parity.gguf_lora_parity(AdapterMeasurement(1e-5, 1e-5, 1.0, 1)),
+        adapter_parity.served_adapter(ServedAdapterMeasurement(1, 1, 1, 1)),
         quant_quality.quant_types([], "q8_0", 1),
         quant_quality.quant_quality(
             QuantMeasurement(0, 0, 1, 1, 1, 1, 1, 1), "q8_0", quant_quality.limits_from(None)
@@ -117,6 +119,7 @@ def test_the_commands_require_what_the_table_declares():
     assert PARITY_GATES == (
         "peft_parity",
         "gguf_lora_parity",
+        "served_adapter",
         "quant_quality",
         "logprob_parity",
         "output_parity",

@@ -91,3 +91,22 @@ def test_a_quantized_export_without_ollama_says_where_to_get_it(tmp_path, tiny_h
     assert (
         "quantizes with Ollama's quantizer, and none was found: run `make ollama`" in capsys.readouterr().err
     )
+
+
+def test_a_gguf_lora_on_the_wrong_base_fails_and_a_missing_ollama_is_a_skip_not_a_pass(tmp_path, tiny_hf,
+                                                                                       plant_fault):  # fmt: skip
+    run = a_run(tmp_path, tiny_hf)
+    deps = SimpleNamespace(resolve_model=lambda spec: SimpleNamespace(path=tiny_hf),
+                           locate_ollama=lambda: SimpleNamespace(binary=None, reason="none here"))  # fmt: skip
+    out = io.StringIO()
+    assert cli.main(["export", str(run), "--as", "gguf-lora"], deps=deps, out=out) == 3, out.getvalue()
+    assert (
+        "[PASS] gguf_lora_parity" in out.getvalue() and "[SKIP] served_adapter: no Ollama" in out.getvalue()
+    )
+    assert "degraded:" in out.getvalue() and (run / "export" / "gguf-lora" / "Modelfile").is_file()
+    plant_fault("adapter_wrong_base")
+    out = io.StringIO()
+    assert cli.main(["export", str(run), "--as", "gguf-lora"], deps=deps, out=out) == 4
+    assert (
+        "[FAIL] gguf_lora_parity" in out.getvalue() and "a base other than the trained one" in out.getvalue()
+    )

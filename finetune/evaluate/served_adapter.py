@@ -1,0 +1,119 @@
+"""The GGUF LoRA as Ollama users run it: a Modelfile `FROM` the base GGUF with `ADAPTER` (the run's chat TEMPLATE,
+stop strings and PARAMETERs, as the pipeline's own Modelfile has them), created in a private server and asked
+with default /api/chat requests; its answers to training questions against MLX base + the trained adapter's."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+PROBES = 8  # training questions asked
+NAME = "adapter-export"
+
+
+@dataclass(frozen=True)
+class ServedAdapterMeasurement:
+    prompts: int
+    agree: int  # Ollama (base + ADAPTER) answers equal to MLX base + adapter's
+    adapter_changes: int  # prompts where MLX base + adapter answers unlike the base
+    served_changes: int  # of those, where Ollama's answer is not the base's either
+    examples: list[dict[str, str]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def adapter_modelfile(cfg: Any, run_dir: Path, base_dir: Path, base_gguf: Path, lora: Path, out: Path) -> str:
+    """The Modelfile users create the adapter model from (paths relative to out, where it ships)."""
+    from transformers import AutoTokenizer
+
+    from finetune.evaluate.budget import answer_budget
+    from finetune.export.gguf_inspect import config_context_length
+    from finetune.serve.modelfile import render_modelfile, served_chat, served_parameters
+
+    tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
+    template, stops, system = served_chat(cfg.data.template, cfg.deploy, tokenizer)
+    params = served_parameters(
+        cfg.deploy.parameters,
+        trained_context=cfg.data.max_seq_length,
+        model_context=config_context_length(json.loads((base_dir / "config.json").read_text())),
+        num_predict=answer_budget(run_dir / "data", tokenizer).serve_tokens,
+    )
+    return render_modelfile(
+        base_gguf,
+        adapter=lora,
+        template=template,
+        stop=stops,
+        parameters=params,
+        system=system,
+        relative_to=out,
+    )
+
+
+def measure_served_adapter(
+    cfg: Any,
+    run_dir: Path,
+    base_dir: Path,
+    adapter_dir: Path,
+    modelfile: Path,
+    *,
+    binary: Path,
+    server: Callable[..., Any] | None = None,
+) -> ServedAdapterMeasurement:
+    """Ollama's default-request answers from the adapter model vs MLX's greedy answers, base and base + adapter."""
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    from finetune.data.templates import get_template
+    from finetune.evaluate import decode
+    from finetune.evaluate.budget import answer_budget
+    from finetune.evaluate.prompts import build_prompts
+
+    if server is None:
+        from finetune.serve.ollama_server import OllamaServer as server
+    tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
+    template = get_template(cfg.data.template, tokenizer=tokenizer)
+    prompts = build_prompts(run_dir / "data", template, n_train=PROBES, n_heldout=0)
+    tokens = answer_budget(run_dir / "data", tokenizer).tokens
+    base, tuned = [], []
+    for adapter, answers in ((None, base), (adapter_dir, tuned)):
+        model, tok = decode.load(base_dir, adapter)
+        answers += decode.greedy(model, tok, [p.prompt for p in prompts], max_tokens=tokens)
+        decode.release(model)
+    with (
+        tempfile.TemporaryDirectory(prefix=".ollama.", suffix=".tmp", dir=modelfile.parent) as tmp,
+        server(binary, tmp) as srv,
+    ):
+        srv.create_model(NAME, modelfile)
+        client = srv.client()  # default requests: the Modelfile's PARAMETERs decide, as for users
+        served = [client.chat(model=NAME, messages=[dict(m) for m in p.messages])["message"] for p in prompts]
+        with contextlib.suppress(Exception):  # the store is deleted with tmp anyway
+            srv.delete_model(NAME)
+    changed = [i for i, (b, t) in enumerate(zip(base, tuned, strict=True)) if b.text != t.text]
+    return ServedAdapterMeasurement(
+        prompts=len(prompts),
+        agree=sum(_same(s["content"], t) for s, t in zip(served, tuned, strict=True)),
+        adapter_changes=len(changed),
+        served_changes=sum(served[i]["content"].strip() != base[i].text for i in changed),
+        examples=[
+            {
+                "question": p.question,
+                "mlx_adapter": t.text,
+                "ollama_adapter": s["content"],
+                "mlx_base": b.text,
+            }
+            for p, b, t, s in list(zip(prompts, base, tuned, served, strict=True))[:3]
+        ],
+    )
+
+
+def _same(served: str, reference: Any) -> bool:
+    """Equal answers; where MLX stopped at its token budget (Ollama's num_predict is the serve budget, larger),
+    Ollama's answer must begin with MLX's."""
+    got, want = served.strip(), reference.text.strip()
+    return got == want or (reference.finish_reason == "length" and got.startswith(want))

@@ -1,0 +1,37 @@
+"""The export cases the fault suite (tiny GPT-2) and tier 3 (SmolLM2) run on a finished run, each through
+`finetune export RUN --as FORM`: healthy adapters and quantized GGUFs pass, q2_K is too coarse, and every planted
+export fault is caught by its gate (faults.FAULTS names it)."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+from finetune import cli, faults
+
+HEALTHY = ("healthy peft", "healthy gguf-lora", "healthy gguf:q8_0", "healthy gguf:q4_K_M")
+TOO_COARSE = {"too coarse gguf:q2_K": "quant_quality"}  # a user's choice the quality bar must refuse
+FORM_OF = {"peft_alpha_missing": "peft", "gguf_lora_alpha_missing": "gguf-lora", "adapter_wrong_base": "gguf-lora",
+           "quant_wrong_type": "gguf:q4_K_M", "quant_tensor_damaged": "gguf:q4_K_M"}  # fmt: skip
+FAULTS = tuple(n for n, (stage, _, _) in faults.FAULTS.items() if stage == "export")
+CASES = (*HEALTHY, *TOO_COARSE, *FAULTS)
+
+
+def run_case(run_dir: Path, case: str, model: str, plant_fault) -> tuple[dict, int, int]:
+    """(the fault-table row, the exit code, the exit code the case must give)."""
+    planted = case in faults.FAULTS
+    form = FORM_OF[case] if planted else case.split()[-1]
+    if planted:
+        plant_fault(case)
+    code = cli.main(["export", str(run_dir), "--as", form], out=io.StringIO())
+    record = json.loads((run_dir / "export" / form.replace(":", "-") / "parity.json").read_text())
+    failed = [v for v in record["verdicts"] if v["status"] != "passed"]
+    expected = faults.FAULTS[case][2] if planted else TOO_COARSE.get(case)
+    caught = not failed if expected is None else expected in {v["name"] for v in failed}
+    want = 0 if expected is None else faults.EXIT_CODE if planted else 1
+    row = dict(fault=case if planted else f"{case} export", model=model, expected=expected or "(none fails)",
+               caught=caught, status={0: "passed", 1: "failed", 3: "degraded", 4: faults.STATUS}.get(code, str(code)),
+               failed=[f"{v['name']} ({v['status']}: {v['measured'] if v['measured'] is None else round(v['measured'], 4)}"
+                       f" vs {v['threshold']})" for v in failed])  # fmt: skip
+    return row, code, want

@@ -1,0 +1,29 @@
+"""The Ollama ADAPTER path's Modelfile and answer comparison (the served answers themselves are real in the fault
+suite and tier 3: tests/faults, tests/e2e/test_end_to_end_mlx.py)."""
+
+from __future__ import annotations
+
+from finetune.evaluate.served_adapter import _same, adapter_modelfile
+from finetune.gates.parity import Answer
+from tests.unit.recipes.test_export_adapter import a_run
+
+
+def test_the_modelfile_serves_the_base_with_the_adapter_and_the_runs_own_chat_format(tmp_path, tiny_hf):
+    from finetune.stages.rundir import own_config
+
+    run = a_run(tmp_path, tiny_hf)
+    out = run / "export" / "gguf-lora"
+    text = adapter_modelfile(
+        own_config(run, None), run, tiny_hf, out / "base-f16.gguf", out / "adapter.gguf", out
+    )
+    lines = text.splitlines()
+    assert lines[:2] == ["FROM ./base-f16.gguf", "ADAPTER ./adapter.gguf"]
+    assert (
+        "<|im_start|>" in text and 'PARAMETER stop "<|im_end|>"' in text and "PARAMETER num_predict" in text
+    )
+
+
+def test_an_answer_cut_by_mlxs_budget_agrees_with_ollamas_longer_one_that_begins_with_it():
+    assert _same(" Paris is big and old", Answer("Paris is big", "length"))
+    assert not _same(" Paris is big and old", Answer("Paris is big", "stop"))
+    assert not _same("Lyon", Answer("Paris is big", "length"))
