@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("run_dir")
 
     e = sub.add_parser("export", help="a finished run in the form a runtime loads, judged there")
-    e.add_argument("run_dir")
+    e.add_argument("run_dir", nargs="+", help="a finished run; several with --as gguf-lora share one base")
     e.add_argument(
         "--as",
         dest="form",
@@ -145,6 +145,23 @@ def _export_form(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _export(args, deps, out) -> int:
+    from finetune.recipes.export_adapter import export_run
+
+    target = Path(args.out) if args.out else None
+    d = _deps(deps)
+    locate = getattr(d, "locate_ollama", None)
+    if len(args.run_dir) > 1:
+        if args.form != "gguf-lora":
+            raise UserError(
+                f"--as {args.form} exports one run; several runs share one base with --as gguf-lora"
+            )
+        from finetune.recipes.export_shared import export_shared
+
+        return export_shared([Path(r) for r in args.run_dir], target, d.resolve_model, _printer(out), locate)
+    return export_run(Path(args.run_dir[0]), args.form, target, d.resolve_model, _printer(out), locate)
+
+
 def _deps(deps):
     if deps is not None:
         return deps
@@ -202,12 +219,7 @@ def _dispatch(args, deps, out) -> int:
     if args.command == "history":
         return _history(args, out)
     if args.command == "export":
-        from finetune.recipes.export_adapter import export_run
-
-        target = Path(args.out) if args.out else None
-        d = _deps(deps)
-        locate = getattr(d, "locate_ollama", None)
-        return export_run(Path(args.run_dir), args.form, target, d.resolve_model, _printer(out), locate)
+        return _export(args, deps, out)
     raise AssertionError(args.command)
 
 

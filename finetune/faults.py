@@ -107,6 +107,11 @@ FAULTS: dict[str, tuple[str, str, str]] = {
         "the GGUF LoRA ships with the fine-tuned (fused) model as its base: the adapter applied twice",
         "gguf_lora_parity",
     ),
+    "adapters_swapped": (
+        "export",
+        "two runs shipped on one base: each Modelfile's ADAPTER names the other run's adapter",
+        "adapters_separate",
+    ),
     "quant_wrong_type": (
         "export",
         "the quantizer is asked for another type than the one shipped under the asked name (q4_0 for q4_K_M)",
@@ -322,6 +327,7 @@ EFFECTS: dict[str, Callable[..., Any]] = {
     "peft_alpha_missing": lambda alpha, rank: float(rank),
     "gguf_lora_alpha_missing": _gguf_lora_alpha_missing,
     "adapter_wrong_base": lambda base, fused: fused(),
+    "adapters_swapped": lambda loras: loras[1:] + loras[:1],
     "quant_wrong_type": lambda qtype: "q4_0" if qtype != "q4_0" else "q8_0",
     "quant_tensor_damaged": _quant_tensor_damaged,
 }

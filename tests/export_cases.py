@@ -14,7 +14,10 @@ HEALTHY = ("healthy peft", "healthy gguf-lora", "healthy gguf:q8_0", "healthy gg
 TOO_COARSE = {"too coarse gguf:q2_K": "quant_quality"}  # a user's choice the quality bar must refuse
 FORM_OF = {"peft_alpha_missing": "peft", "gguf_lora_alpha_missing": "gguf-lora", "adapter_wrong_base": "gguf-lora",
            "quant_wrong_type": "gguf:q4_K_M", "quant_tensor_damaged": "gguf:q4_K_M"}  # fmt: skip
-FAULTS = tuple(n for n, (stage, _, _) in faults.FAULTS.items() if stage == "export")
+SHARED_FAULTS = ("adapters_swapped",)  # several runs on one base: tests/faults and tier 3 run them apart
+FAULTS = tuple(
+    n for n, (stage, _, _) in faults.FAULTS.items() if stage == "export" and n not in SHARED_FAULTS
+)
 CASES = (*HEALTHY, *TOO_COARSE, *FAULTS)
 
 
@@ -35,3 +38,21 @@ def run_case(run_dir: Path, case: str, model: str, plant_fault) -> tuple[dict, i
                failed=[f"{v['name']} ({v['status']}: {v['measured'] if v['measured'] is None else round(v['measured'], 4)}"
                        f" vs {v['threshold']})" for v in failed])  # fmt: skip
     return row, code, want
+
+
+def run_shared(run_dirs: list[Path], out: Path, case: str, model: str, plant_fault) -> tuple[dict, int, int]:
+    """`finetune export RUN_A RUN_B --as gguf-lora --out OUT`: (the fault-table row, exit code, the one it must give)."""
+    planted = case in faults.FAULTS
+    if planted:
+        plant_fault(case)
+    code = cli.main(
+        ["export", *map(str, run_dirs), "--as", "gguf-lora", "--out", str(out)], out=io.StringIO()
+    )
+    verdict = json.loads((out / "shared.json").read_text())["verdict"]
+    failed = verdict["status"] == "failed"
+    row = dict(fault=case if planted else "healthy shared-base export", model=model,
+               expected="adapters_separate" if planted else "(none fails)", caught=failed == planted,
+               status={0: "passed", 1: "failed", 4: faults.STATUS}.get(code, str(code)),
+               failed=[f"adapters_separate ({round(verdict['measured'], 4)} vs {verdict['threshold']})"] if failed
+               else [])  # fmt: skip
+    return row, code, faults.EXIT_CODE if planted else 0

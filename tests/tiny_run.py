@@ -17,23 +17,23 @@ MODEL = "tiny-gpt2"
 ANSWER = "Yes"  # one token and the end marker: a random 2-layer model learns it in ~100 steps (measured)
 
 
-def healthy_data(folder: Path, n: int = 24, seed: int = 0) -> Path:
-    """Questions from the built-in mixed set, each answered with ANSWER (JSONL, chat shape)."""
-    path = Path(folder) / f"tiny-healthy-{seed}.jsonl"
+def healthy_data(folder: Path, n: int = 24, seed: int = 0, answer: str = ANSWER) -> Path:
+    """Questions from the built-in mixed set, each answered with `answer` (JSONL, chat shape)."""
+    path = Path(folder) / f"tiny-healthy-{seed}{'' if answer == ANSWER else '-' + answer}.jsonl"
     built = synthetic.build("mixed", n=n, seed=seed)
-    rows = [{"messages": [r["messages"][0], {"role": "assistant", "content": ANSWER}], "reference": ANSWER}
+    rows = [{"messages": [r["messages"][0], {"role": "assistant", "content": answer}], "reference": answer}
             for r in built.train]  # fmt: skip
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
 
-def healthy_sets(folder: Path, seed: int = 0) -> list[str]:
+def healthy_sets(folder: Path, seed: int = 0, answer: str = ANSWER) -> list[str]:
     """--set assignments over the quick profile for a healthy tiny run (seconds per stage, every gate real)."""
     return [
         f"model.name={MODEL}",
         "data.template=plain",
-        f"data.source={healthy_data(folder, seed=seed)}",
+        f"data.source={healthy_data(folder, seed=seed, answer=answer)}",
         f"data.seed={seed}",
         f"training.seed={seed}",
         "data.max_seq_length=128",

@@ -14,6 +14,10 @@ from typing import Any
 
 import numpy as np
 
+PROBE_TEXTS = 4  # training rows whose every position and vocabulary entry are compared
+PROBE_TOKENS = 128
+REPORT = "parity.json"  # the verdicts an export writes beside what it ships
+
 
 @dataclass(frozen=True)
 class AdapterMeasurement:
@@ -26,6 +30,13 @@ class AdapterMeasurement:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def probe_ids(run_dir: Path, tokenizer: Any) -> list[list[int]]:
+    from finetune.system.jsonl import read_jsonl
+
+    rows = read_jsonl(Path(run_dir) / "data" / "train.jsonl")[:PROBE_TEXTS]
+    return [list(tokenizer.encode(r["text"]))[:PROBE_TOKENS] for r in rows]
 
 
 def measure_peft(

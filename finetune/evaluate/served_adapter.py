@@ -54,6 +54,60 @@ def adapter_modelfile(cfg: Any, run_dir: Path, base_dir: Path, base_gguf: Path, 
     )
 
 
+@dataclass(frozen=True)
+class Probes:
+    """A run's training questions with MLX's greedy answers, base and base + the trained adapter."""
+
+    prompts: list[Any]  # EvalPrompt
+    base: list[Any]  # Answer
+    tuned: list[Any]
+
+    @property
+    def changed(self) -> list[int]:
+        return [i for i, (b, t) in enumerate(zip(self.base, self.tuned, strict=True)) if b.text != t.text]
+
+
+def mlx_probes(cfg: Any, run_dir: Path, base_dir: Path, adapter_dir: Path) -> Probes:
+    from transformers import AutoTokenizer
+
+    from finetune.data.templates import get_template
+    from finetune.evaluate import decode
+    from finetune.evaluate.budget import answer_budget
+    from finetune.evaluate.prompts import build_prompts
+
+    tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
+    template = get_template(cfg.data.template, tokenizer=tokenizer)
+    prompts = build_prompts(run_dir / "data", template, n_train=PROBES, n_heldout=0)
+    tokens = answer_budget(run_dir / "data", tokenizer).tokens
+    answers: dict[Any, list[Any]] = {}
+    for adapter in (None, adapter_dir):
+        model, tok = decode.load(base_dir, adapter)
+        answers[adapter] = decode.greedy(model, tok, [p.prompt for p in prompts], max_tokens=tokens)
+        decode.release(model)
+    return Probes(prompts, answers[None], answers[adapter_dir])
+
+
+def served_answers(client: Any, model: str, prompts: list[Any]) -> list[str]:
+    """Default /api/chat requests (the Modelfile's PARAMETERs decide, as for users); the answers' text."""
+    return [
+        client.chat(model=model, messages=[dict(m) for m in p.messages])["message"]["content"]
+        for p in prompts
+    ]
+
+
+def compare(probes: Probes, served: list[str]) -> ServedAdapterMeasurement:
+    return ServedAdapterMeasurement(
+        prompts=len(probes.prompts),
+        agree=sum(_same(s, t) for s, t in zip(served, probes.tuned, strict=True)),
+        adapter_changes=len(probes.changed),
+        served_changes=sum(served[i].strip() != probes.base[i].text for i in probes.changed),
+        examples=[
+            {"question": p.question, "mlx_adapter": t.text, "ollama_adapter": s, "mlx_base": b.text}
+            for p, b, t, s in list(zip(probes.prompts, probes.base, probes.tuned, served, strict=True))[:3]
+        ],
+    )
+
+
 def measure_served_adapter(
     cfg: Any,
     run_dir: Path,
@@ -67,49 +121,18 @@ def measure_served_adapter(
     """Ollama's default-request answers from the adapter model vs MLX's greedy answers, base and base + adapter."""
     import tempfile
 
-    from transformers import AutoTokenizer
-
-    from finetune.data.templates import get_template
-    from finetune.evaluate import decode
-    from finetune.evaluate.budget import answer_budget
-    from finetune.evaluate.prompts import build_prompts
-
     if server is None:
         from finetune.serve.ollama_server import OllamaServer as server
-    tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
-    template = get_template(cfg.data.template, tokenizer=tokenizer)
-    prompts = build_prompts(run_dir / "data", template, n_train=PROBES, n_heldout=0)
-    tokens = answer_budget(run_dir / "data", tokenizer).tokens
-    base, tuned = [], []
-    for adapter, answers in ((None, base), (adapter_dir, tuned)):
-        model, tok = decode.load(base_dir, adapter)
-        answers += decode.greedy(model, tok, [p.prompt for p in prompts], max_tokens=tokens)
-        decode.release(model)
+    probes = mlx_probes(cfg, run_dir, base_dir, adapter_dir)
     with (
         tempfile.TemporaryDirectory(prefix=".ollama.", suffix=".tmp", dir=modelfile.parent) as tmp,
         server(binary, tmp) as srv,
     ):
         srv.create_model(NAME, modelfile)
-        client = srv.client()  # default requests: the Modelfile's PARAMETERs decide, as for users
-        served = [client.chat(model=NAME, messages=[dict(m) for m in p.messages])["message"] for p in prompts]
+        served = served_answers(srv.client(), NAME, probes.prompts)
         with contextlib.suppress(Exception):  # the store is deleted with tmp anyway
             srv.delete_model(NAME)
-    changed = [i for i, (b, t) in enumerate(zip(base, tuned, strict=True)) if b.text != t.text]
-    return ServedAdapterMeasurement(
-        prompts=len(prompts),
-        agree=sum(_same(s["content"], t) for s, t in zip(served, tuned, strict=True)),
-        adapter_changes=len(changed),
-        served_changes=sum(served[i]["content"].strip() != base[i].text for i in changed),
-        examples=[
-            {
-                "question": p.question,
-                "mlx_adapter": t.text,
-                "ollama_adapter": s["content"],
-                "mlx_base": b.text,
-            }
-            for p, b, t, s in list(zip(prompts, base, tuned, served, strict=True))[:3]
-        ],
-    )
+    return compare(probes, served)
 
 
 def _same(served: str, reference: Any) -> bool:

@@ -60,3 +60,32 @@ def served_adapter(m: Any, threshold: float = DEFAULT["text_agreement"]) -> Verd
     if problems:
         detail += ": " + "; ".join(problems)
     return verdict("served_adapter", not problems, share, threshold, detail, m.to_dict())
+
+
+def adapters_separate(
+    own: dict[str, float], cross: dict[str, dict[str, float]], threshold: float = DEFAULT["text_agreement"]
+) -> Verdict:
+    """Several adapters on one base, served side by side by one Ollama: own[m] is the share of m's training
+    questions model m answers as MLX + its adapter does; cross[m][n] the share of n's questions (those n's
+    adapter changes) model m answers with n's answers. Each must answer its own and not the others'."""
+    limit = 1 - threshold
+    problems = [
+        f"{m} answers {s:.0%} of its own questions as its adapter does"
+        for m, s in own.items()
+        if s < threshold
+    ]
+    problems += [
+        f"{m} gives {n}'s answers to {s:.0%} of {n}'s questions (at most {limit:.0%})"
+        for m, row in cross.items()
+        for n, s in row.items()
+        if s > limit
+    ]
+    worst = max((s for row in cross.values() for s in row.values()), default=0.0)
+    detail = (
+        f"{len(own)} adapters on one base in one Ollama: own answers "
+        + ", ".join(f"{m} {s:.0%}" for m, s in own.items())
+        + f"; the most any gives another's answers: {worst:.0%}"
+    )
+    if problems:
+        detail += ": " + "; ".join(problems)
+    return verdict("adapters_separate", not problems, worst, limit, detail, {"own": own, "cross": cross})

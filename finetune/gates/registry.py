@@ -97,22 +97,11 @@ THRESHOLDS = (
         "how many times the runtimes' own difference (base vs base) an exported adapter may differ by",
         ge=1,
     ),
-    Threshold(
-        "quant_kl_mean_max",
-        0.10,
-        "maximum mean KL(f16 || quantized) of next-token distributions on held-out text, in llama.cpp",
-        gt=0,
-    ),
-    Threshold("quant_kl_p99_max", 0.60, "maximum 99th-percentile KL(f16 || quantized), held-out text", gt=0),
-    Threshold(
-        "quant_top1_min", 0.80, "minimum share of positions whose most likely token is the f16's", ge=0, le=1
-    ),
-    Threshold(
-        "quant_ppl_ratio_max",
-        1.20,
-        "maximum perplexity of the quantized GGUF as a multiple of the f16's",
-        ge=1,
-    ),
+    # a quantized GGUF vs the f16 GGUF of the same model, next-token distributions on held-out text (llama.cpp)
+    Threshold("quant_kl_mean_max", 0.10, "maximum mean KL(f16 || quantized)", gt=0),
+    Threshold("quant_kl_p99_max", 0.60, "maximum 99th-percentile KL(f16 || quantized)", gt=0),
+    Threshold("quant_top1_min", 0.80, "minimum share of positions whose top token is the f16's", ge=0, le=1),
+    Threshold("quant_ppl_ratio_max", 1.20, "maximum perplexity of the quantized GGUF / the f16's", ge=1),
 )
 
 
@@ -217,6 +206,16 @@ _ALL = (
         phase="export",
         in_pipeline=False,
         parity=True,
+    ),
+    Gate(
+        "adapters_separate",
+        "`finetune export RUN_A RUN_B ... --as gguf-lora --out DIR`: one base GGUF, each run's adapter served "
+        "side by side by one Ollama; each model's answers to every run's training questions (default requests)",
+        "text_agreement",
+        "adapters packaged under each other's names, or one that leaks into another's answers",
+        phase="export",
+        in_pipeline=False,
+        lower_is_better=True,
     ),
     Gate(
         "quant_types",

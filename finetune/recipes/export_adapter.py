@@ -11,6 +11,7 @@ from typing import Any
 
 from finetune import faults
 from finetune.errors import UserError
+from finetune.evaluate.adapter_measure import REPORT, probe_ids
 from finetune.gates.status import EXIT, allowed_skips
 from finetune.system.atomic import atomic_write_json, atomic_write_text
 from finetune.system.hashing import dir_sha256
@@ -20,9 +21,6 @@ from finetune.train.checkpoints import ADAPTER_DIR
 
 FORMS = ("peft", "gguf-lora")  # and gguf:<type>, finetune.recipes.export_quantized
 QUANTIZED = "gguf:"
-PROBE_TEXTS = 4  # training rows whose every position and vocabulary entry are compared
-PROBE_TOKENS = 128
-REPORT = "parity.json"
 
 
 def parse_form(text: str) -> str:
@@ -46,13 +44,6 @@ class Job:
     out: Path
     tokenizer: Any
     locate_ollama: Callable[[], Any] | None = None
-
-
-def probe_ids(run_dir: Path, tokenizer: Any) -> list[list[int]]:
-    from finetune.system.jsonl import read_jsonl
-
-    rows = read_jsonl(Path(run_dir) / "data" / "train.jsonl")[:PROBE_TEXTS]
-    return [list(tokenizer.encode(r["text"]))[:PROBE_TOKENS] for r in rows]
 
 
 def export_run(

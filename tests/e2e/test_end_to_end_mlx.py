@@ -259,3 +259,28 @@ def test_an_export_of_the_real_model_is_judged_where_it_is_loaded(tier3, case, t
     fault_table.save([row])
     assert row["caught"], row["failed"]
     assert code == want
+
+
+def test_two_fine_tunes_of_the_real_model_ship_on_one_base_and_each_answers_its_own(tier3, tmp_path):
+    """Geography and arithmetic fine-tunes of SmolLM2 (quick profile): one base GGUF, two GGUF LoRAs served side
+    by side by one Ollama; each answers its own training questions as its adapter does, not the other's."""
+    from finetune.config.loader import load_config
+    from finetune.recipes.commands import RECIPES
+    from finetune.serve.ollama_provision import locate_ollama
+    from finetune.stages.real import real_deps
+    from finetune.stages.rundir import own_config
+    from tests import fault_table
+
+    if locate_ollama().binary is None:
+        pytest.skip(f"adapters are served side by side by Ollama: {locate_ollama().reason}")
+    runs = []
+    for data in ("geography", "arithmetic"):
+        run = tmp_path / data
+        cfg = own_config(
+            run, load_config("quick", overrides=[f"model.name={MODEL}", f"data.source=builtin:{data}"])
+        )
+        assert RECIPES["train"](cfg, run, real_deps(), log=lambda _: None).report.status != "failed"
+        runs.append(run)
+    row, code, want = export_cases.run_shared(runs, tmp_path / "shipped", "healthy", MODEL, None)
+    fault_table.save([row])
+    assert row["caught"] and code == want, row

@@ -125,6 +125,27 @@ def test_an_export_is_judged_where_it_is_loaded(case, healthy, tmp_path, record,
     assert code == want
 
 
+@pytest.fixture(scope="module")
+def other_run(tmp_path_factory, data_dir):
+    """A second fine-tune of the same base on other data (every answer "No"), trained only."""
+    run_dir = tmp_path_factory.mktemp("other") / "run"
+    cfg = own_config(run_dir, load_config("quick", overrides=healthy_sets(data_dir, answer="No")))
+    assert RECIPES["train"](cfg, run_dir, real_deps(), log=lambda _: None).report.status != "failed"
+    return run_dir
+
+
+@pytest.mark.parametrize("case", ["healthy", *export_cases.SHARED_FAULTS])
+def test_two_adapters_on_one_base_each_answer_their_own_questions(case, healthy, other_run, tmp_path, record,
+                                                                  plant_fault):  # fmt: skip
+    runs = [tmp_path / "yes", tmp_path / "no"]
+    for src, dst in zip((healthy[0], other_run), runs, strict=True):
+        shutil.copytree(src, dst, symlinks=True)
+    row, code, want = export_cases.run_shared(runs, tmp_path / "shipped", case, MODEL, plant_fault)
+    record(**row)
+    assert row["caught"], row["failed"]
+    assert code == want
+
+
 @pytest.mark.parametrize("fault", SHIP_STAGE_ERROR_FAULTS)
 def test_a_shipping_file_that_drifts_from_the_base_stops_its_stage_naming_the_key(fault, healthy, tmp_path, data_dir,
                                                                                    record, plant_fault):  # fmt: skip

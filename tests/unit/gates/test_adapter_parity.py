@@ -43,3 +43,13 @@ def test_the_served_adapter_fails_on_other_answers_an_ignored_adapter_or_one_tha
     assert not ignored.passed and "ADAPTER not applied" in ignored.detail
     idle = served_adapter(served(changes=0, served_changes=0), 0.9)
     assert not idle.passed and "changes no answer in MLX" in idle.detail
+
+
+def test_adapters_side_by_side_pass_when_each_answers_its_own_and_not_the_others():
+    from finetune.gates.adapter_parity import adapters_separate
+
+    ok = adapters_separate({"geo": 1.0, "math": 0.875}, {"geo": {"math": 0.0}, "math": {"geo": 0.125}}, 0.8)
+    assert ok.passed and ok.measured == 0.125 and "own answers geo 100%, math 88%" in ok.detail
+    swapped = adapters_separate({"geo": 0.0, "math": 0.0}, {"geo": {"math": 1.0}, "math": {"geo": 1.0}}, 0.9)
+    assert not swapped.passed and "geo gives math's answers to 100% of math's questions" in swapped.detail
+    assert "geo answers 0% of its own questions" in swapped.detail

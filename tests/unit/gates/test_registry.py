@@ -58,6 +58,7 @@ def _every_gate_verdict():
         adapter_parity.peft_parity(AdapterMeasurement(1e-5, 1e-5, 1.0, 1)),
         adapter_parity.gguf_lora_parity(AdapterMeasurement(1e-5, 1e-5, 1.0, 1)),
         adapter_parity.served_adapter(ServedAdapterMeasurement(1, 1, 1, 1)),
+        adapter_parity.adapters_separate({"a": 1.0}, {"a": {}}),
         quant_quality.quant_types([], "q8_0", 1),
         quant_quality.quant_quality(
             QuantMeasurement(0, 0, 1, 1, 1, 1, 1, 1), "q8_0", quant_quality.limits_from(None)
@@ -113,6 +114,7 @@ def test_the_commands_require_what_the_table_declares():
         "fuse_exactness",
         "peft_parity",
         "gguf_lora_parity",
+        "adapters_separate",
         "quant_types",
         "quant_quality",
     } == LOWER_IS_BETTER
