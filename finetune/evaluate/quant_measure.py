@@ -20,6 +20,7 @@ import numpy as np
 Row = tuple[float | None, dict[int, float]]  # (log p of the real next token, top-k {id: log p})
 TOP_K = 32
 _TINY = 1e-12
+MASKED = -1e30  # llama.cpp reports a -inf logit as -FLT_MAX: probability 0, no perplexity to take
 
 
 @dataclass(frozen=True)
@@ -56,23 +57,26 @@ def compare(reference: Sequence[Sequence[Row]], quantized: Sequence[Sequence[Row
         for (ref_lp, ref_top), (q_lp, q_top) in zip(ref_rows, q_rows, strict=True):
             kls.append(position_kl(ref_top, q_top))
             agree += bool(ref_top and q_top and max(ref_top, key=ref_top.get) == max(q_top, key=q_top.get))
-            if ref_lp is not None and q_lp is not None:
+            if ref_lp is not None and q_lp is not None and min(ref_lp, q_lp) > MASKED:
                 ref_nll.append(-ref_lp)
                 q_nll.append(-q_lp)
     if not kls:
         raise ValueError("no positions to compare: every held-out text was shorter than two tokens")
-    ref_ppl = math.exp(float(np.mean(ref_nll))) if ref_nll else math.nan
-    q_ppl = math.exp(float(np.mean(q_nll))) if q_nll else math.nan
+    ref_mean, q_mean = (float(np.mean(x)) if x else math.nan for x in (ref_nll, q_nll))
     return QuantMeasurement(
         kl_mean=float(np.mean(kls)),
         kl_p99=float(np.percentile(kls, 99)),
         top1=agree / len(kls),
-        ppl_ratio=q_ppl / ref_ppl,
+        ppl_ratio=_exp(q_mean - ref_mean),
         positions=len(kls),
         scored=len(ref_nll),
-        reference_ppl=ref_ppl,
-        quantized_ppl=q_ppl,
+        reference_ppl=_exp(ref_mean),
+        quantized_ppl=_exp(q_mean),
     )
+
+
+def _exp(x: float) -> float:
+    return math.exp(x) if x < 700 else math.inf  # NaN stays NaN
 
 
 def measure_quantized(

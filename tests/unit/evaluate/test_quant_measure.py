@@ -66,3 +66,11 @@ def test_measure_scores_both_files_on_the_same_texts():
 
     m = measure_quantized("f16.gguf", "q.gguf", [[1, 2]], score=score)
     assert [s[0] for s in seen] == ["f16.gguf", "q.gguf"] and seen[0][1] == seen[1][1] and m.kl_mean == 0.0
+
+
+def test_a_token_llama_cpp_gives_probability_zero_is_left_out_of_the_perplexity_not_an_overflow():
+    a = logp(np.array([0.5, 0.5]))
+    m = compare(
+        [[(-3.4028234663852886e38, a), (math.log(0.5), a)]], [[(math.log(0.5), a), (math.log(0.25), a)]]
+    )
+    assert (m.positions, m.scored) == (2, 1) and m.ppl_ratio == pytest.approx(2.0) and m.reference_ppl == 2.0
