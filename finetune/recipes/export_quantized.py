@@ -16,6 +16,7 @@ from finetune.system.jsonl import read_jsonl
 HELDOUT_ROWS = 8  # rows of the run's test split, beside the general texts no run trains on
 HELDOUT_TOKENS = 128
 SPEED_TOKENS = 48
+SCORED = 8  # training and held-out questions each
 
 
 def heldout_ids(run_dir: Path, tokenizer: Any) -> list[list[int]]:
@@ -48,6 +49,7 @@ def gguf_quantized(job: Any, qtype: str) -> tuple[Path, list[Any], dict[str, Any
         problems = check_quant_types(shipped, qtype, reference)
         m = measure_quantized(reference, shipped, heldout_ids(job.run_dir, job.tokenizer))
         speed = llamacpp.generate(shipped, [SPEED_PROMPT], max_tokens=SPEED_TOKENS)[0].tokens_per_second
+        scores = answer_scores(job, {"f16": reference, qtype: shipped})
         reference_bytes = reference.stat().st_size
     verdicts = [
         quant_types(problems, qtype, len(inspect_gguf(shipped).tensors)),
@@ -61,9 +63,39 @@ def gguf_quantized(job: Any, qtype: str) -> tuple[Path, list[Any], dict[str, Any
             "quantize_seconds": round(q.seconds, 2),
             "llamacpp_tokens_per_second": speed,
             "ollama_tokens_per_second": q.ollama_tokens_per_second,
+            "scores": scores,
         }
     }
     return shipped, verdicts, extra
+
+
+def answer_scores(job: Any, ggufs: dict[str, Path]) -> dict[str, Any]:
+    """Share of SCORED training and held-out questions each GGUF answers right in llama.cpp (greedy, the training
+    template's prompt): what the fine-tune learned, kept or lost by the quantization."""
+    from finetune.data.templates import get_template
+    from finetune.evaluate.budget import answer_budget
+    from finetune.evaluate.prompts import build_prompts
+    from finetune.gates.scoring import answer_score
+    from finetune.serve import llamacpp
+
+    template = get_template(job.cfg.data.template, tokenizer=job.tokenizer)
+    try:
+        prompts = build_prompts(job.run_dir / "data", template, n_train=SCORED, n_heldout=SCORED)
+    except ValueError as exc:  # raw-text rows: no questions to ask
+        return {"skipped": str(exc)}
+    tokens = answer_budget(job.run_dir / "data", job.tokenizer).tokens
+    out: dict[str, Any] = {}
+    for name, path in ggufs.items():
+        answers = llamacpp.generate(path, [p.prompt for p in prompts], tokens, template.stop_strings)
+        out[name] = {}
+        for kind in ("train", "heldout"):
+            right = [
+                answer_score(a.text, p.reference) > 0
+                for a, p in zip(answers, prompts, strict=True)
+                if p.kind == kind
+            ]
+            out[name][kind] = sum(right) / len(right) if right else None
+    return out
 
 
 def _ollama(job: Any, qtype: str) -> Path:

@@ -20,3 +20,18 @@ def test_heldout_text_is_general_text_and_the_runs_test_split_never_its_training
     ids = heldout_ids(run, tok)
     assert len(ids) == len(GENERAL_TEXTS) + 1 and ids[-1] == tok.encode("A held-out row about the sea.")
     assert all(2 <= len(x) <= 128 for x in ids)
+
+
+def test_a_run_of_raw_text_has_no_questions_to_score_and_says_so(tmp_path, tiny_hf):
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from finetune.recipes.export_quantized import answer_scores
+    from finetune.stages.rundir import own_config
+
+    run = a_run(tmp_path, tiny_hf)
+    job = SimpleNamespace(
+        cfg=own_config(run, None), run_dir=run, tokenizer=AutoTokenizer.from_pretrained(str(tiny_hf))
+    )
+    assert "row 1 is raw text: there is no question to ask" in answer_scores(job, {})["skipped"]
