@@ -36,6 +36,8 @@ def export_shared(
         raise UserError(
             f"{len(run_dirs)} runs share one base GGUF: name the folder it ships in with --out DIR"
         )
+    if len({Path(r).resolve() for r in run_dirs}) < len(run_dirs):
+        raise UserError(f"a run is named twice in {', '.join(map(str, run_dirs))}: each run ships once")
     cfgs = [own_config(Path(r), None, command="export") for r in run_dirs]
     names = _names([Path(r) for r in run_dirs])
     base = _one(

@@ -41,6 +41,12 @@ def test_runs_on_different_bases_are_refused_naming_each(tmp_path, tiny_hf, caps
     assert "must share their base model; they differ" in err and "tiny-llama" in err and "smollm2-135m" in err
 
 
+def test_a_run_named_twice_is_refused(tmp_path, tiny_hf, capsys):
+    a = a_run(tmp_path / "a", tiny_hf)
+    assert export([a, a, "--as", "gguf-lora", "--out", tmp_path / "o"], deps(tiny_hf, Path("ollama"))) == 2
+    assert "is named twice" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
 def test_two_runs_of_one_name_get_distinct_folders(tmp_path):
     assert _names([tmp_path / "a" / "run", tmp_path / "b" / "run", tmp_path / "geo"]) == [
         "run",
