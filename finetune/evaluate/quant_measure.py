@@ -86,8 +86,17 @@ def measure_quantized(
     *,
     score: Callable[..., list[list[Row]]] | None = None,
     k: int = TOP_K,
+    reference_rows: list[list[Row]] | None = None,
 ) -> QuantMeasurement:
-    """Both GGUFs scored by llama.cpp on every text in token_ids, then compared."""
+    """Both GGUFs scored by llama.cpp on every text in token_ids (the reference's rows may be given: measured
+    before on the same bytes and texts), then compared."""
     if score is None:
         from finetune.serve.llamacpp import scored_logprobs as score
-    return compare(score(reference_gguf, token_ids, k=k), score(quantized_gguf, token_ids, k=k))
+    if reference_rows is None:
+        reference_rows = score(reference_gguf, token_ids, k=k)
+    return compare(reference_rows, score(quantized_gguf, token_ids, k=k))
+
+
+def rows_from_json(rows: list) -> list[list[Row]]:
+    """Rows read back from JSON (ids are string keys there)."""
+    return [[(lp, {int(t): v for t, v in top.items()}) for lp, top in text] for text in rows]

@@ -5,6 +5,7 @@ format on evidence (README: "Shipping a quantized GGUF")."""
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -47,9 +48,12 @@ def gguf_quantized(job: Any, qtype: str) -> tuple[Path, list[Any], dict[str, Any
         reference = _reference(job, Path(tmp), convert_hf_to_gguf)
         q = quantize_gguf(reference, shipped, qtype, binary=binary)
         problems = check_quant_types(shipped, qtype, reference)
-        m = measure_quantized(reference, shipped, heldout_ids(job.run_dir, job.tokenizer))
+        ids = heldout_ids(job.run_dir, job.tokenizer)
+        ref_rows, ref_scores = _reference_measured(job, reference, ids)
+        m = measure_quantized(reference, shipped, ids, reference_rows=ref_rows)
         speed = llamacpp.generate(shipped, [SPEED_PROMPT], max_tokens=SPEED_TOKENS)[0].tokens_per_second
-        scores = answer_scores(job, {"f16": reference, qtype: shipped})
+        scores = answer_scores(job, {qtype: shipped})
+        scores = scores if "skipped" in scores else {"f16": ref_scores, **scores}
         reference_bytes = reference.stat().st_size
     verdicts = [
         quant_types(problems, qtype, len(inspect_gguf(shipped).tensors)),
@@ -129,3 +133,26 @@ def _reference(job: Any, tmp: Path, convert: Any) -> Path:
     if judged.is_file() and (job.run_dir / "fused" / "config.json").is_file():
         return judged
     return convert(_fused(job, tmp), tmp / "model-f16.gguf", "f16")
+
+
+def _reference_measured(job: Any, reference: Path, ids: list[list[int]]) -> tuple[list, dict | None]:
+    """The f16 GGUF's rows on the held-out texts and its answer scores, measured once per content (sha256 of the
+    GGUF, the texts and the llama.cpp build) and kept under RUN/export/.cache for the next type exported."""
+    from importlib.metadata import version
+
+    from finetune.evaluate.quant_measure import TOP_K, rows_from_json
+    from finetune.serve.llamacpp import scored_logprobs
+    from finetune.system.atomic import atomic_write_json
+    from finetune.system.hashing import file_sha256, json_sha256
+
+    data = [file_sha256(f) for f in sorted((job.run_dir / "data").glob("*.jsonl"))]  # the scored questions
+    key = json_sha256([file_sha256(reference), ids, data, TOP_K, SCORED, version("xllamacpp")])
+    cached = job.run_dir / "export" / ".cache" / f"f16-{key[:24]}.json"
+    if cached.is_file():
+        saved = json.loads(cached.read_text())
+        return rows_from_json(saved["rows"]), saved["scores"]
+    rows = scored_logprobs(reference, ids, k=TOP_K)
+    scores = answer_scores(job, {"f16": reference}).get("f16")
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(cached, {"rows": rows, "scores": scores})
+    return rows, scores

@@ -74,3 +74,13 @@ def test_a_token_llama_cpp_gives_probability_zero_is_left_out_of_the_perplexity_
         [[(-3.4028234663852886e38, a), (math.log(0.5), a)]], [[(math.log(0.5), a), (math.log(0.25), a)]]
     )
     assert (m.positions, m.scored) == (2, 1) and m.ppl_ratio == pytest.approx(2.0) and m.reference_ppl == 2.0
+
+
+def test_rows_read_back_from_json_compare_as_the_rows_measured():
+    import json
+
+    from finetune.evaluate.quant_measure import rows_from_json
+
+    rows = [[(math.log(0.6), {3: math.log(0.6), 7: math.log(0.4)}), (None, {3: math.log(0.9)})]]
+    back = rows_from_json(json.loads(json.dumps(rows)))
+    assert back == [[(r[0], r[1]) for r in rows[0]]] and compare(back, rows).kl_mean == 0.0
