@@ -10,21 +10,30 @@ from pathlib import Path
 
 from finetune import cli, faults
 
-HEALTHY = ("healthy peft", "healthy gguf-lora", "healthy gguf:q8_0", "healthy gguf:q4_K_M")
 TOO_COARSE = {"too coarse gguf:q2_K": "quant_quality"}  # a user's choice the quality bar must refuse
 FORM_OF = {"peft_alpha_missing": "peft", "gguf_lora_alpha_missing": "gguf-lora", "adapter_wrong_base": "gguf-lora",
-           "quant_wrong_type": "gguf:q4_K_M", "quant_tensor_damaged": "gguf:q4_K_M"}  # fmt: skip
+           "quant_wrong_type": "gguf:{quant}", "quant_tensor_damaged": "gguf:{quant}"}  # fmt: skip
 SHARED_FAULTS = ("adapters_swapped",)  # several runs on one base: tests/faults and tier 3 run them apart
 FAULTS = tuple(
     n for n, (stage, _, _) in faults.FAULTS.items() if stage == "export" and n not in SHARED_FAULTS
 )
-CASES = (*HEALTHY, *TOO_COARSE, *FAULTS)
 
 
-def run_case(run_dir: Path, case: str, model: str, plant_fault) -> tuple[dict, int, int]:
+def cases(quant: str) -> tuple[str, ...]:
+    """quant: the type the model ships healthy and the quantization faults are planted on (the tiny GPT-2's
+    random, sharp logits measure KL 0.19 at q4_K_M: too coarse for it; q8_0 0.003)."""
+    healthy = dict.fromkeys(
+        ("healthy peft", "healthy gguf-lora", "healthy gguf:q8_0", f"healthy gguf:{quant}")
+    )
+    return (*healthy, *TOO_COARSE, *FAULTS)
+
+
+def run_case(
+    run_dir: Path, case: str, model: str, plant_fault, quant: str = "q4_K_M"
+) -> tuple[dict, int, int]:
     """(the fault-table row, the exit code, the exit code the case must give)."""
     planted = case in faults.FAULTS
-    form = FORM_OF[case] if planted else case.split()[-1]
+    form = FORM_OF[case].format(quant=quant) if planted else case.split()[-1]
     if planted:
         plant_fault(case)
     code = cli.main(["export", str(run_dir), "--as", form], out=io.StringIO())
