@@ -27,8 +27,11 @@ class ServedAdapterMeasurement:
         return asdict(self)
 
 
-def adapter_modelfile(cfg: Any, run_dir: Path, base_dir: Path, base_gguf: Path, lora: Path, out: Path) -> str:
-    """The Modelfile users create the adapter model from (paths relative to out, where it ships)."""
+def adapter_modelfile(
+    cfg: Any, run_dir: Path, base_dir: Path, base_gguf: Path, lora: Path | None, out: Path
+) -> str:
+    """The Modelfile users create the model from: base_gguf (+ the adapter), the run's chat format and PARAMETERs
+    (paths relative to out, where it ships)."""
     from transformers import AutoTokenizer
 
     from finetune.evaluate.budget import answer_budget

@@ -53,7 +53,8 @@ def gguf_quantized(job: Any, qtype: str) -> tuple[Path, list[Any], dict[str, Any
         m = measure_quantized(reference, shipped, ids, reference_rows=ref_rows)
         speed = llamacpp.generate(shipped, [SPEED_PROMPT], max_tokens=SPEED_TOKENS)[0].tokens_per_second
         scores = answer_scores(job, {qtype: shipped})
-        scores = scores if "skipped" in scores else {"f16": ref_scores, **scores}
+        if "skipped" not in scores:
+            scores = {"f16": ref_scores, **scores, f"ollama {qtype}": _served_scores(job, binary, shipped)}
         reference_bytes = reference.stat().st_size
     verdicts = [
         quant_types(problems, qtype, len(inspect_gguf(shipped).tensors)),
@@ -79,7 +80,6 @@ def answer_scores(job: Any, ggufs: dict[str, Path]) -> dict[str, Any]:
     from finetune.data.templates import get_template
     from finetune.evaluate.budget import answer_budget
     from finetune.evaluate.prompts import build_prompts
-    from finetune.gates.scoring import answer_score
     from finetune.serve import llamacpp
 
     template = get_template(job.cfg.data.template, tokenizer=job.tokenizer)
@@ -88,18 +88,44 @@ def answer_scores(job: Any, ggufs: dict[str, Path]) -> dict[str, Any]:
     except ValueError as exc:  # raw-text rows: no questions to ask
         return {"skipped": str(exc)}
     tokens = answer_budget(job.run_dir / "data", job.tokenizer).tokens
-    out: dict[str, Any] = {}
-    for name, path in ggufs.items():
-        answers = llamacpp.generate(path, [p.prompt for p in prompts], tokens, template.stop_strings)
-        out[name] = {}
-        for kind in ("train", "heldout"):
-            right = [
-                answer_score(a.text, p.reference) > 0
-                for a, p in zip(answers, prompts, strict=True)
-                if p.kind == kind
-            ]
-            out[name][kind] = sum(right) / len(right) if right else None
+    return {
+        name: _right([a.text for a in llamacpp.generate(path, [p.prompt for p in prompts], tokens,
+                                                         template.stop_strings)], prompts)
+        for name, path in ggufs.items()
+    }  # fmt: skip
+
+
+def _right(answers: list[str], prompts: list[Any]) -> dict[str, float | None]:
+    from finetune.gates.scoring import answer_score
+
+    out: dict[str, float | None] = {}
+    for kind in ("train", "heldout"):
+        right = [
+            answer_score(a, p.reference) > 0 for a, p in zip(answers, prompts, strict=True) if p.kind == kind
+        ]
+        out[kind] = sum(right) / len(right) if right else None
     return out
+
+
+def _served_scores(job: Any, binary: Path, shipped: Path) -> dict[str, float | None]:
+    """The quantized model as Ollama users run it: the shipped Modelfile (FROM the file, the run's TEMPLATE and
+    PARAMETERs), default /api/chat requests, the same questions as answer_scores."""
+    from finetune.data.templates import get_template
+    from finetune.evaluate.prompts import build_prompts
+    from finetune.evaluate.served_adapter import adapter_modelfile, served_answers
+    from finetune.serve.ollama_server import OllamaServer
+    from finetune.system.atomic import atomic_write_text
+
+    modelfile = job.out / "Modelfile"
+    atomic_write_text(modelfile, adapter_modelfile(job.cfg, job.run_dir, job.base, shipped, None, job.out))
+    template = get_template(job.cfg.data.template, tokenizer=job.tokenizer)
+    prompts = build_prompts(job.run_dir / "data", template, n_train=SCORED, n_heldout=SCORED)
+    with (
+        tempfile.TemporaryDirectory(prefix=".ollama.", suffix=".tmp", dir=job.out) as tmp,
+        OllamaServer(binary, tmp) as server,
+    ):
+        server.create_model("quantized", modelfile)
+        return _right(served_answers(server.client(), "quantized", prompts), prompts)
 
 
 def _ollama(job: Any, qtype: str) -> Path:

@@ -35,3 +35,17 @@ def test_a_run_of_raw_text_has_no_questions_to_score_and_says_so(tmp_path, tiny_
         cfg=own_config(run, None), run_dir=run, tokenizer=AutoTokenizer.from_pretrained(str(tiny_hf))
     )
     assert "row 1 is raw text: there is no question to ask" in answer_scores(job, {})["skipped"]
+
+
+def test_answers_are_scored_per_kind_against_their_references():
+    from types import SimpleNamespace as P
+
+    from finetune.recipes.export_quantized import _right
+
+    prompts = [
+        P(kind="train", reference="Paris"),
+        P(kind="train", reference="4"),
+        P(kind="heldout", reference="Rome"),
+    ]
+    assert _right(["Paris.", "5", "It is Rome"], prompts) == {"train": 0.5, "heldout": 1.0}
+    assert _right(["x"], prompts[:1]) == {"train": 0.0, "heldout": None}
