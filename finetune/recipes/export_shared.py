@@ -6,6 +6,7 @@ verdicts and the bytes shipped: the base once plus the adapters, against one fus
 from __future__ import annotations
 
 import contextlib
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -132,10 +133,13 @@ def _served_side_by_side(
         tempfile.TemporaryDirectory(prefix=".ollama.", suffix=".tmp", dir=out) as tmp,
         OllamaServer(binary, tmp) as server,
     ):
-        for name in names:
-            server.create_model(f"ft-{name}", out / name / "Modelfile")
+        model = {
+            n: f"ft-{i}-" + re.sub(r"[^a-z0-9._-]+", "-", n.lower()) for i, n in enumerate(names)
+        }  # Ollama's
+        for name in names:  # naming rules: a run folder named "My Run" still serves
+            server.create_model(model[name], out / name / "Modelfile")
         client = server.client()
-        return {m: {n: served_answers(client, f"ft-{m}", probes[n].prompts) for n in names} for m in names}
+        return {m: {n: served_answers(client, model[m], probes[n].prompts) for n in names} for m in names}
 
 
 def _gives(answers: list[str], probes: Any) -> float:
