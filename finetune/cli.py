@@ -159,7 +159,10 @@ def _export(args, deps, out) -> int:
         from finetune.recipes.export_shared import export_shared
 
         return export_shared([Path(r) for r in args.run_dir], target, d.resolve_model, _printer(out), locate)
-    return export_run(Path(args.run_dir[0]), args.form, target, d.resolve_model, _printer(out), locate)
+    server = getattr(d, "ollama_server", None)
+    return export_run(
+        Path(args.run_dir[0]), args.form, target, d.resolve_model, _printer(out), locate, server
+    )
 
 
 def _deps(deps):

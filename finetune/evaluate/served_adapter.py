@@ -15,6 +15,10 @@ PROBES = 8  # training questions asked
 NAME = "adapter-export"
 
 
+class NoQuestions(ValueError):
+    """The run's data are raw text: there is no conversation to send to /api/chat."""
+
+
 @dataclass(frozen=True)
 class ServedAdapterMeasurement:
     prompts: int
@@ -80,7 +84,10 @@ def mlx_probes(cfg: Any, run_dir: Path, base_dir: Path, adapter_dir: Path) -> Pr
 
     tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
     template = get_template(cfg.data.template, tokenizer=tokenizer)
-    prompts = build_prompts(run_dir / "data", template, n_train=PROBES, n_heldout=0)
+    try:
+        prompts = build_prompts(run_dir / "data", template, n_train=PROBES, n_heldout=0)
+    except ValueError as exc:  # raw-text rows
+        raise NoQuestions(f"no training questions to ask the served model: {exc}") from None
     tokens = answer_budget(run_dir / "data", tokenizer).tokens
     answers: dict[Any, list[Any]] = {}
     for adapter in (None, adapter_dir):

@@ -44,6 +44,9 @@ class Job:
     out: Path
     tokenizer: Any
     locate_ollama: Callable[[], Any] | None = None
+    ollama_server: Callable[..., Any] | None = (
+        None  # (binary, folder) -> a running server; None: the real one
+    )
 
 
 def export_run(
@@ -53,6 +56,7 @@ def export_run(
     resolve_model: Callable,
     log: Callable[[str], None],
     locate_ollama: Callable[[], Any] | None = None,
+    ollama_server: Callable[..., Any] | None = None,
 ) -> int:
     """Export, measure and judge; 0 when every gate of the form passed, 1 when one failed, 3 when one was skipped
     (its runtime missing) without FT_ALLOW_SKIP naming it, 4 with a fault planted."""
@@ -70,25 +74,14 @@ def export_run(
     with run_dir_lock(run_dir, f"finetune export --as {form}"):
         out = claim(out, flag="--out") if out else run_dir / "export" / form.replace(":", "-")
         base = Path(resolve_model(cfg.model.name).path)
-        job = Job(cfg, run_dir, adapter, base, out, AutoTokenizer.from_pretrained(str(base)), locate_ollama)
+        tokenizer = AutoTokenizer.from_pretrained(str(base))
+        job = Job(cfg, run_dir, adapter, base, out, tokenizer, locate_ollama, ollama_server)
         shipped, verdicts, extra = _form(form)(job)
         failed = [v.name for v in verdicts if v.status == "failed"]
         allowed = allowed_skips()  # the only runtime an export can miss is Ollama
         skips = [v.name for v in verdicts if v.status == "skipped" and not {v.name, "ollama"} & allowed]
         passed = not failed
-        sizes = {
-            p.name: p.stat().st_size
-            for p in sorted(out.iterdir())
-            if p.is_file() and p.name != REPORT and not p.name.endswith(".rejected")
-        }
-        record = {
-            "form": form,
-            "verdicts": [v.model_dump() for v in verdicts],
-            "adapter_sha256": dir_sha256(adapter)[0],
-            "bytes": sizes,
-            **extra,
-        }
-        atomic_write_json(out / REPORT, record)
+        sizes = _write_record(out, form, verdicts, adapter, extra)
         rejected = shipped.with_name(f"{shipped.name}.rejected")
         if passed:
             rejected.unlink(missing_ok=True)  # an earlier export's, judged on other bytes
@@ -106,6 +99,21 @@ def export_run(
         log(f"faults planted on purpose ({faults.ENV}): {', '.join(planted)}")
         return faults.EXIT_CODE
     return EXIT["failed"] if failed else EXIT["degraded"] if skips else EXIT["passed"]
+
+
+def _write_record(
+    out: Path, form: str, verdicts: list[Any], adapter: Path, extra: dict[str, Any]
+) -> dict[str, int]:
+    """parity.json: the verdicts, the adapter they judged (sha256) and the bytes shipped per file."""
+    sizes = {
+        p.name: p.stat().st_size
+        for p in sorted(out.iterdir())
+        if p.is_file() and p.name != REPORT and not p.name.endswith(".rejected")
+    }
+    record = {"form": form, "verdicts": [v.model_dump() for v in verdicts], "adapter_sha256": dir_sha256(adapter)[0],
+              "bytes": sizes, **extra}  # fmt: skip
+    atomic_write_json(out / REPORT, record)
+    return sizes
 
 
 def _form(form: str) -> Callable[[Job], tuple[Path, list[Any], dict[str, Any]]]:
@@ -157,10 +165,11 @@ def _gguf_lora(job: Job) -> tuple[Path, list[Any], dict[str, Any]]:
 
 
 def _served_adapter(job: Job, base_gguf: Path, lora: Path) -> Any:
-    from finetune.evaluate.served_adapter import adapter_modelfile, measure_served_adapter
+    from finetune.evaluate.served_adapter import NoQuestions, adapter_modelfile, measure_served_adapter
     from finetune.gates.adapter_parity import served_adapter
     from finetune.gates.verdict import skipped
     from finetune.serve.ollama_provision import locate_ollama
+    from finetune.serve.ollama_server import OllamaCommandError
 
     modelfile = job.out / "Modelfile"
     text = adapter_modelfile(job.cfg, job.run_dir, job.base, base_gguf, lora, job.out)
@@ -168,5 +177,18 @@ def _served_adapter(job: Job, base_gguf: Path, lora: Path) -> Any:
     location = (job.locate_ollama or locate_ollama)()
     if location.binary is None:
         return skipped("served_adapter", f"no Ollama to serve the adapter with: {location.reason}")
-    m = measure_served_adapter(job.cfg, job.run_dir, job.base, job.adapter, modelfile, binary=location.binary)
+    try:
+        m = measure_served_adapter(
+            job.cfg,
+            job.run_dir,
+            job.base,
+            job.adapter,
+            modelfile,
+            binary=location.binary,
+            server=job.ollama_server,
+        )
+    except OllamaCommandError as exc:  # e.g. an architecture it applies no LoRA to: a skip, never a pass
+        return skipped("served_adapter", f"Ollama could not serve the adapter: {exc}")
+    except NoQuestions as exc:
+        return skipped("served_adapter", str(exc))
     return served_adapter(m, job.cfg.gates.text_agreement)

@@ -83,7 +83,7 @@ def _ship(cfgs, run_dirs, names, base: Path, gguf_type: str, out: Path, binary: 
     from transformers import AutoTokenizer
 
     from finetune.evaluate.adapter_measure import measure_gguf_lora, probe_ids
-    from finetune.evaluate.served_adapter import adapter_modelfile, compare, mlx_probes
+    from finetune.evaluate.served_adapter import NoQuestions, adapter_modelfile, compare, mlx_probes
     from finetune.export.gguf import convert_hf_to_gguf
     from finetune.export.gguf_lora import export_gguf_lora
     from finetune.export.peft_adapter import export_peft
@@ -104,9 +104,12 @@ def _ship(cfgs, run_dirs, names, base: Path, gguf_type: str, out: Path, binary: 
         atomic_write_text(
             out / name / "Modelfile", adapter_modelfile(cfg, run, base, base_gguf, lora, out / name)
         )
-    probes = {
-        n: mlx_probes(c, r, base, r / ADAPTER_DIR) for c, r, n in zip(cfgs, run_dirs, names, strict=True)
-    }
+    try:
+        probes = {
+            n: mlx_probes(c, r, base, r / ADAPTER_DIR) for c, r, n in zip(cfgs, run_dirs, names, strict=True)
+        }
+    except NoQuestions as exc:  # side by side means asking each model every run's questions
+        raise UserError(f"adapters served side by side are judged on their runs' questions: {exc}") from None
     served = _served_side_by_side(out, names, probes, binary)
     own, cross = {}, {}
     for cfg, name in zip(cfgs, names, strict=True):

@@ -110,3 +110,41 @@ def test_a_gguf_lora_on_the_wrong_base_fails_and_a_missing_ollama_is_a_skip_not_
     assert (
         "[FAIL] gguf_lora_parity" in out.getvalue() and "a base other than the trained one" in out.getvalue()
     )
+
+
+def test_an_adapter_ollama_cannot_serve_is_a_skip_with_its_reason_and_the_export_degraded(tmp_path, tiny_hf):
+    from contextlib import contextmanager
+
+    from finetune.serve.ollama_server import OllamaCommandError
+
+    @contextmanager
+    def refusing(binary, folder):
+        def create_model(name, modelfile):
+            raise OllamaCommandError(
+                f"ollama create {name} -f {modelfile} failed (1): Error: unsupported architecture"
+            )
+
+        yield SimpleNamespace(create_model=create_model)
+
+    run = a_run(tmp_path, tiny_hf)
+    deps = SimpleNamespace(resolve_model=lambda spec: SimpleNamespace(path=tiny_hf), ollama_server=refusing,
+                           locate_ollama=lambda: SimpleNamespace(binary="ollama", reason="found"))  # fmt: skip
+    out = io.StringIO()
+    assert cli.main(["export", str(run), "--as", "gguf-lora"], deps=deps, out=out) == 3, out.getvalue()
+    assert (
+        "[SKIP] served_adapter: no training questions to ask the served model" in out.getvalue()
+    )  # raw text
+    rows = [{"text": f"<|im_start|>user\nWhat is {i}?<|im_end|>\n<|im_start|>assistant\n{i}<|im_end|>\n",
+             "conversation": [{"role": "user", "content": f"What is {i}?"}, {"role": "assistant", "content": str(i)}],
+             "reference": str(i)} for i in range(6)]  # fmt: skip
+    (run / "data" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    deps = SimpleNamespace(resolve_model=lambda spec: SimpleNamespace(path=tiny_hf), ollama_server=refusing,
+                           locate_ollama=lambda: SimpleNamespace(binary="ollama", reason="found"))  # fmt: skip
+    out = io.StringIO()
+    assert cli.main(["export", str(run), "--as", "gguf-lora"], deps=deps, out=out) == 3, out.getvalue()
+    text = out.getvalue()
+    assert (
+        "[SKIP] served_adapter: Ollama could not serve the adapter" in text
+        and "unsupported architecture" in text
+    )
+    assert "[PASS] gguf_lora_parity" in text and "degraded:" in text
