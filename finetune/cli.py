@@ -150,7 +150,9 @@ def _export(args, deps, out) -> int:
 
     target = Path(args.out) if args.out else None
     d = _deps(deps)
-    locate = getattr(d, "locate_ollama", None)
+    from finetune.serve.ollama_provision import locate_ollama
+
+    locate = getattr(d, "locate_ollama", None) or locate_ollama  # found once, for every export form
     if len(args.run_dir) > 1:
         if args.form != "gguf-lora":
             raise UserError(

@@ -43,7 +43,7 @@ class Job:
     base: Path
     out: Path
     tokenizer: Any
-    locate_ollama: Callable[[], Any] | None = None
+    locate_ollama: Callable[[], Any]  # -> OllamaLocation(binary, source, reason)
     ollama_server: Callable[..., Any] | None = (
         None  # (binary, folder) -> a running server; None: the real one
     )
@@ -55,7 +55,7 @@ def export_run(
     out: Path | None,
     resolve_model: Callable,
     log: Callable[[str], None],
-    locate_ollama: Callable[[], Any] | None = None,
+    locate_ollama: Callable[[], Any],
     ollama_server: Callable[..., Any] | None = None,
 ) -> int:
     """Export, measure and judge; 0 when every gate of the form passed, 1 when one failed, 3 when one was skipped
@@ -168,13 +168,12 @@ def _served_adapter(job: Job, base_gguf: Path, lora: Path) -> Any:
     from finetune.evaluate.served_adapter import NoQuestions, adapter_modelfile, measure_served_adapter
     from finetune.gates.adapter_parity import served_adapter
     from finetune.gates.verdict import skipped
-    from finetune.serve.ollama_provision import locate_ollama
     from finetune.serve.ollama_server import OllamaCommandError
 
     modelfile = job.out / "Modelfile"
     text = adapter_modelfile(job.cfg, job.run_dir, job.base, base_gguf, lora, job.out)
     atomic_write_text(modelfile, text)
-    location = (job.locate_ollama or locate_ollama)()
+    location = job.locate_ollama()
     if location.binary is None:
         return skipped("served_adapter", f"no Ollama to serve the adapter with: {location.reason}")
     try:

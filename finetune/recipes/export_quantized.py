@@ -129,12 +129,7 @@ def _served_scores(job: Any, binary: Path, shipped: Path) -> dict[str, float | N
 
 
 def _ollama(job: Any, qtype: str) -> Path:
-    if job.locate_ollama is None:
-        from finetune.serve.ollama_provision import locate_ollama
-
-        location = locate_ollama()
-    else:
-        location = job.locate_ollama()
+    location = job.locate_ollama()
     if location.binary is None:
         raise UserError(
             f"--as gguf:{qtype} quantizes with Ollama's quantizer, and none was found: {location.reason}"

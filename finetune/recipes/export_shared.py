@@ -28,7 +28,7 @@ def export_shared(
     out: Path | None,
     resolve_model: Callable,
     log: Callable[[str], None],
-    locate_ollama: Any,
+    locate_ollama: Callable[[], Any],
 ) -> int:
     from finetune.evaluate.adapter_measure import REPORT as PARITY
     from finetune.stages.rundir import own_config
@@ -53,9 +53,10 @@ def export_shared(
     for r in run_dirs:
         if not (Path(r) / ADAPTER_DIR / "adapters.safetensors").is_file():
             raise UserError(f"{r}: no trained adapter in {Path(r) / ADAPTER_DIR}: train it first")
-    binary = (locate_ollama or _locate)().binary
-    if binary is None:
-        raise UserError(f"serving adapters side by side needs Ollama: {(locate_ollama or _locate)().reason}")
+    location = locate_ollama()
+    if location.binary is None:
+        raise UserError(f"serving adapters side by side needs Ollama: {location.reason}")
+    binary = Path(location.binary)
     with contextlib.ExitStack() as stack:
         for r in run_dirs:
             stack.enter_context(run_dir_lock(Path(r), "finetune export --as gguf-lora (shared base)"))
@@ -168,12 +169,6 @@ def _one(values: set[str], what: str, run_dirs: list[Path], each: list[str]) -> 
         pairs = ", ".join(f"{r}: {v}" for r, v in zip(run_dirs, each, strict=True))
         raise UserError(f"runs shipped on one base must share their {what}; they differ ({pairs})")
     return values.pop()
-
-
-def _locate() -> Any:
-    from finetune.serve.ollama_provision import locate_ollama
-
-    return locate_ollama()
 
 
 def _bytes_line(b: dict[str, Any]) -> str:

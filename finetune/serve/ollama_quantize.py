@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune import faults
-from finetune.serve.ollama_server import OllamaCommandError, OllamaServer
+from finetune.serve.ollama_server import OllamaServer
 
 MODEL_LAYER = "application/vnd.ollama.image.model"
 NAME = "quantized"
@@ -49,8 +48,8 @@ def quantize_gguf(
     server: Callable[..., Any] = OllamaServer,
     timeout: float = 900.0,
 ) -> Quantized:
-    """`ollama create --quantize QTYPE` from an f16/f32 GGUF -> out_path (atomic); OllamaCommandError names why
-    not (a type this Ollama does not know, a source it cannot quantize)."""
+    """`ollama create --quantize QTYPE` from an f16/f32 GGUF -> out_path (atomic); OllamaServer.create_model's
+    OllamaCommandError names why not (a type this Ollama does not know, a source it cannot quantize)."""
     import time
 
     out_path = Path(out_path).resolve()
@@ -60,16 +59,7 @@ def quantize_gguf(
         modelfile.write_text(f"FROM {Path(source).resolve()}\n")
         with server(binary, tmp) as srv:
             start = time.monotonic()
-            try:
-                proc = srv.cli(["create", NAME, "-f", str(modelfile), "--quantize", asked], timeout=timeout)
-            except subprocess.TimeoutExpired as exc:
-                raise OllamaCommandError(f"ollama create --quantize {asked} took over {timeout:g} s") from exc
-            if proc.returncode != 0:
-                errors = [ln for ln in (proc.stderr + "\n" + proc.stdout).splitlines() if "rror" in ln]
-                raise OllamaCommandError(
-                    f"ollama create --quantize {asked} from {source} failed ({proc.returncode}): "
-                    + ("\n".join(errors[-3:]) or proc.stderr.strip()[-800:])
-                )
+            srv.create_model(NAME, modelfile, timeout=timeout, quantize=asked)
             seconds = time.monotonic() - start
             speed = decode_speed(srv.client(), NAME)
         os.replace(model_blob(Path(tmp) / "models", NAME), out_path)

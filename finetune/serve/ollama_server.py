@@ -250,19 +250,24 @@ class OllamaServer:
         proc.stdout, proc.stderr = _clean(proc.stdout), _clean(proc.stderr)
         return proc
 
-    def create_model(self, name: str, modelfile_path: str | Path, *, timeout: float = 600.0) -> str:
-        """`ollama create NAME -f Modelfile` (the Python client's create() gets a 400 from 0.5.4)."""
+    def create_model(
+        self, name: str, modelfile_path: str | Path, *, timeout: float = 600.0, quantize: str | None = None
+    ) -> str:
+        """`ollama create NAME -f Modelfile [--quantize TYPE]` (the Python client's create() gets a 400 from
+        0.5.4); quantize: llama.cpp's quantizer inside Ollama, from an f16/f32 GGUF."""
         path = Path(modelfile_path)
         if not path.is_file():
             raise OllamaCommandError(f"no Modelfile at {path}")
+        args = ["create", name, "-f", str(path), *(["--quantize", quantize] if quantize else [])]
+        what = "ollama " + " ".join(args)
         try:
-            proc = self.cli(["create", name, "-f", str(path)], timeout=timeout)
+            proc = self.cli(args, timeout=timeout)
         except subprocess.TimeoutExpired as exc:
-            raise OllamaCommandError(f"ollama create {name} -f {path} took over {timeout:g} s") from exc
+            raise OllamaCommandError(f"{what} took over {timeout:g} s") from exc
         if proc.returncode != 0:
             errors = [ln for ln in (proc.stderr + "\n" + proc.stdout).splitlines() if ln.startswith("Error")]
             message = "\n".join(errors) or (proc.stderr or proc.stdout).strip()[-2000:]
-            raise OllamaCommandError(f"ollama create {name} -f {path} failed ({proc.returncode}): {message}")
+            raise OllamaCommandError(f"{what} failed ({proc.returncode}): {message}")
         return proc.stdout + proc.stderr
 
     def delete_model(self, name: str) -> None:

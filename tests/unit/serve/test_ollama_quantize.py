@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from finetune.serve.ollama_quantize import MODEL_LAYER, NAME, decode_speed, model_blob, quantize_gguf
-from finetune.serve.ollama_server import OllamaCommandError
+from finetune.serve.ollama_server import OllamaCommandError, OllamaServer
 
 
 def a_gguf(path: Path) -> Path:
@@ -44,6 +44,8 @@ class FakeOllama:
             yield self
 
         return running()
+
+    create_model = OllamaServer.create_model  # the real command and its error report, over the fake cli
 
     def cli(self, args, timeout):
         self.asked.append(args)
