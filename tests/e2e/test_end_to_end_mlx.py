@@ -239,7 +239,7 @@ def test_a_shipping_fault_on_the_real_model_is_caught_by_its_gate(tier3, fault, 
 
 # Exports of the tier-3 run (its judged fused model, f16 GGUF and adapter), each judged where users load it; the
 # alpha faults run on the tiny model in the fault suite (SmolLM2's values are in the README's evidence table).
-EXPORT_CASES = tuple(c for c in export_cases.cases("q4_K_M") if "alpha_missing" not in c)
+EXPORT_CASES = tuple(c for c in export_cases.cases(export_cases.quant_for(MODEL)) if "alpha_missing" not in c)
 
 
 @pytest.mark.parametrize("case", EXPORT_CASES)

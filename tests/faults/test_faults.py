@@ -115,11 +115,11 @@ def test_a_shipping_fault_is_caught_by_its_gate_and_only_its_stage_onward_reruns
 # `finetune export` on the healthy run: adapters and quantized GGUFs, and every export fault (tests/export_cases.py).
 # Tiny GPT-2: mlx-lm's module names differ from transformers' (model.h vs transformer.h) and its Conv1D weights are
 # stored (in, out): the PEFT export must say so (fan_in_fan_out) to load at all.
-@pytest.mark.parametrize("case", export_cases.cases("q8_0"))
+@pytest.mark.parametrize("case", export_cases.cases(export_cases.quant_for(MODEL)))
 def test_an_export_is_judged_where_it_is_loaded(case, healthy, tmp_path, record, plant_fault):
     run_dir = tmp_path / "run"
     shutil.copytree(healthy[0], run_dir, symlinks=True)
-    row, code, want = export_cases.run_case(run_dir, case, MODEL, plant_fault, quant="q8_0")
+    row, code, want = export_cases.run_case(run_dir, case, MODEL, plant_fault)
     record(**row)
     assert row["caught"], row["failed"]
     assert code == want
