@@ -170,9 +170,12 @@ def _export(args, deps, out) -> int:
 def _deps(deps):
     if deps is not None:
         return deps
+    from finetune.recipes.export_adapter import ship_in_run
     from finetune.stages.real import real_deps
 
-    return real_deps()
+    d = real_deps()
+    d.ship_form = ship_in_run  # the pipeline ships its forms with `finetune export`'s own code
+    return d
 
 
 def _dispatch(args, deps, out) -> int:

@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
-from finetune.gates.registry import THRESHOLDS, Threshold
+from finetune.gates.thresholds import THRESHOLDS, Threshold
 
 
 class _Section(BaseModel):
@@ -177,8 +177,26 @@ GatesConfig = create_model(
 )
 
 
+# llama.cpp's quantized types Ollama's quantizer writes (finetune.export.quant_types.TYPES, checked equal by a test)
+QuantType = Literal["q8_0", "q6_K", "q5_K_M", "q5_K_S", "q4_K_M", "q4_K_S", "q4_0", "q3_K_M", "q2_K"]
+
+
 class ExportConfig(_Section):
-    gguf_type: Literal["f16", "q8_0", "f32"] = "f16"
+    gguf_type: Literal["f16", "q8_0", "f32"] = "f16"  # the GGUF the pipeline judges against MLX and serves
+    # What `finetune pipeline` ships beside it, each judged where users load it (`finetune export --as FORM`):
+    gguf_types: list[QuantType] = Field(default_factory=list)  # quantized GGUFs, each vs the f16 GGUF
+    adapters: list[Literal["peft", "gguf-lora"]] = Field(default_factory=list)  # the adapter on a shared base
+
+    @field_validator("gguf_types", "adapters")
+    @classmethod
+    def _once_each(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"each form once: {v}")
+        return v
+
+    def forms(self) -> list[str]:
+        """The `finetune export --as` forms these name, adapters first (they are smaller and quicker)."""
+        return [*self.adapters, *(f"gguf:{t}" for t in self.gguf_types)]
 
 
 class DeployConfig(_Section):

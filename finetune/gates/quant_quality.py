@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from finetune.gates.registry import DEFAULT
-from finetune.gates.verdict import Verdict, verdict
+from finetune.gates.verdict import Verdict, skipped, verdict
 
 
 def quant_types(problems: list[str], qtype: str, tensors: int) -> Verdict:
@@ -54,3 +54,29 @@ def quant_quality(m: Any, qtype: str, limits: dict[str, float]) -> Verdict:
         detail,
         {**m.to_dict(), **limits},
     )
+
+
+def quant_answers(scores: dict[str, Any], qtype: str, kept_min: float) -> Verdict:
+    """scores: export_quantized's {"f16": {train, heldout}, qtype: ..., "ollama <qtype>": ...} (shares right) or
+    {"skipped": why}. What the fine-tune taught, kept: right answers of the quantized file per right answer of the
+    f16, in each runtime; the worst runtime is the measure. An f16 with none right leaves nothing to judge: a skip."""
+    if "skipped" in scores:
+        return skipped("quant_answers", f"{qtype}: {scores['skipped']}", kept_min)
+    right = {name: sum(v or 0.0 for v in (s or {}).values()) for name, s in scores.items()}
+    if not right.get("f16"):
+        return skipped("quant_answers", f"{qtype}: the f16 GGUF answers none of the questions right: nothing "
+                       "to keep (train the run longer)", kept_min)  # fmt: skip
+    runtimes = {"llama.cpp": qtype, "Ollama": f"ollama {qtype}"}
+    kept = {rt: right.get(key, 0.0) / right["f16"] for rt, key in runtimes.items() if key in scores}
+    worst = min(kept.values(), default=0.0)
+    shares = "; ".join(f"{name} {_shares(s)}" for name, s in scores.items())
+    detail = f"{qtype} keeps " + ", ".join(f"{v:.0%} in {rt}" for rt, v in kept.items())
+    detail += f" of the f16's right answers (train/held-out: {shares})"
+    if set(kept) != set(runtimes):
+        detail += f"; not asked in {', '.join(sorted(set(runtimes) - set(kept)))}"
+    return verdict("quant_answers", worst >= kept_min and set(kept) == set(runtimes), worst, kept_min, detail,
+                   {"kept": kept, "scores": scores})  # fmt: skip
+
+
+def _shares(s: dict[str, float | None] | None) -> str:
+    return "/".join("-" if v is None else f"{v:.0%}" for v in (s or {}).values())

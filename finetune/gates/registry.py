@@ -10,6 +10,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from finetune.gates.thresholds import THRESHOLDS
+
 Phase = Literal["training", "export", "serving"]
 
 
@@ -19,9 +21,7 @@ class Gate:
     measures: str
     threshold: str  # the gates.<key> it compares with
     why: str  # the fault it exists to catch
-    phase: Phase = (
-        "training"  # training: the judge stage, from the run's files; export/serving: the ship stages
-    )
+    phase: Phase = "training"  # training: the judge stage, from the run's files; export/serving: shipping
     runtime: str | None = None  # the runtime it needs: its skip is allowed when that runtime's skip is
     in_pipeline: bool = True  # required by `finetune pipeline` (which judges learning where it ships instead)
     lower_is_better: bool = False  # how its measured value compares with its threshold, and a trend reads
@@ -29,80 +29,6 @@ class Gate:
     # A training gate judged from the numbers training recorded: train_result.json -> the measured value.
     # Such a gate needs nothing but its row (and its Threshold); the others have a judge in finetune/stages/judge.py.
     metric: Callable[[dict[str, Any]], float] | None = None
-
-
-@dataclass(frozen=True)
-class Threshold:
-    """A gates.<key> number: its default and bounds (the config schema's field is built from this row)."""
-
-    key: str
-    default: float
-    setting: str  # what the number means, for the config's description
-    ge: float | None = None
-    gt: float | None = None
-    le: float | None = None
-    lt: float | None = None
-
-
-# The gates' numbers (a structured one, gates.logprob_max_abs, per GGUF type, is in the config schema).
-THRESHOLDS = (
-    Threshold(
-        "loss_drop", 0.05, "minimum relative drop of the mean training loss, last vs first window", ge=0, lt=1
-    ),
-    Threshold(
-        "learning_improvement",
-        0.30,
-        "minimum share of probe answers the saved adapter gets right that the base did not",
-        ge=0,
-        le=1,
-    ),
-    Threshold(
-        "memory_saving", 0.30, "minimum relative saving of LoRA's peak memory vs full fine-tuning", ge=0, lt=1
-    ),
-    Threshold(
-        "lora_params_changed", 0.80, "minimum share of adapter elements that moved from step 0", ge=0, le=1
-    ),
-    Threshold(
-        "val_loss_drop",
-        0.02,
-        "minimum relative drop of the validation loss, best vs before training",
-        ge=0,
-        lt=1,
-    ),
-    Threshold(
-        "max_perplexity_ratio",
-        5.0,
-        "maximum ratio of base + adapter's perplexity on general text (never trained on) to the base's",
-        ge=1,
-    ),
-    Threshold(
-        "fuse_max_rel", 1e-3, "maximum relative error of a fused weight vs base + scale * B^T A^T", gt=0
-    ),
-    Threshold(
-        "text_agreement", 0.9, "minimum share of greedy answers equal to base + adapter in MLX", ge=0, le=1
-    ),
-    Threshold(
-        "adapter_min_score", 0.5, "minimum share of trained answers each fine-tuned runtime gives", ge=0, le=1
-    ),
-    Threshold(
-        "heldout_min_score",
-        0.5,
-        "minimum share of held-out paraphrases of trained facts that base + adapter answers right",
-        ge=0,
-        le=1,
-    ),
-    Threshold(
-        "adapter_floor_multiple",
-        10.0,
-        "how many times the runtimes' own difference (base vs base) an exported adapter may differ by",
-        ge=1,
-    ),
-    # a quantized GGUF vs the f16 GGUF of the same model, next-token distributions on held-out text (llama.cpp)
-    Threshold("quant_kl_mean_max", 0.10, "maximum mean KL(f16 || quantized)", gt=0),
-    Threshold("quant_kl_p99_max", 0.60, "maximum 99th-percentile KL(f16 || quantized)", gt=0),
-    Threshold("quant_top1_min", 0.80, "minimum share of positions whose top token is the f16's", ge=0, le=1),
-    Threshold("quant_ppl_ratio_max", 1.20, "maximum perplexity of the quantized GGUF / the f16's", ge=1),
-)
 
 
 _ALL = (
@@ -204,6 +130,7 @@ _ALL = (
         "text_agreement",
         "an ADAPTER Ollama ignores or applies at the wrong strength, or a base it does not fit",
         phase="export",
+        runtime="ollama",
         in_pipeline=False,
         parity=True,
     ),
@@ -224,6 +151,7 @@ _ALL = (
         "-",
         "a file shipped under a quantization name it is not (q4_0 as q4_K_M), or tensors left unquantized",
         phase="export",
+        runtime="ollama",  # its quantizer
         in_pipeline=False,  # `finetune export --as gguf:TYPE`
         lower_is_better=True,
     ),
@@ -234,9 +162,20 @@ _ALL = (
         "quant_kl_mean_max",
         "a quantization too coarse for the model (q2_K, q4_0 on SmolLM2) or a tensor quantized wrong",
         phase="export",
+        runtime="ollama",  # its quantizer
         in_pipeline=False,  # `finetune export --as gguf:TYPE`
         lower_is_better=True,
         parity=True,
+    ),
+    Gate(
+        "quant_answers",
+        "the training and held-out questions the f16 GGUF answers right (greedy, the training template), asked of "
+        "the quantized GGUF in llama.cpp and of its Modelfile in Ollama (default requests): share still right",
+        "quant_answers_kept",
+        "a quantization that keeps the distributions close on text but loses what the fine-tune taught",
+        phase="export",
+        runtime="ollama",  # its quantizer
+        in_pipeline=False,  # `finetune export --as gguf:TYPE`
     ),
     Gate(
         "fuse_exactness",

@@ -53,12 +53,20 @@ def validate(cfg: RunConfig, run_dir: Path, deps: Deps, **options: Any) -> Finis
 
 
 def pipeline(cfg: RunConfig, run_dir: Path, deps: Deps, **options: Any) -> Finished:
-    """`finetune pipeline` (tier 3): LoRA -> fuse -> GGUF -> Ollama -> the same questions in every runtime."""
+    """`finetune pipeline` (tier 3): LoRA -> fuse -> GGUF -> Ollama -> the same questions in every runtime, then
+    the other forms the config ships (quantized GGUFs, adapters)."""
     if options.get("settings") is None:
         from finetune.evaluate.evaluation import EvalSettings
 
         options["settings"] = EvalSettings()
-    with open_run(PIPELINE, cfg, run_dir, deps, **options) as r:
+    from dataclasses import replace
+
+    from finetune.stages.forms import SHIP, form_gates
+
+    command = replace(
+        PIPELINE, gates=PIPELINE_GATES + form_gates(cfg)
+    )  # what it ships is judged, or not green
+    with open_run(command, cfg, run_dir, deps, **options) as r:
         r.stage(MODEL)
         r.stage(DATA)
         r.stage(TRAIN)
@@ -67,6 +75,8 @@ def pipeline(cfg: RunConfig, run_dir: Path, deps: Deps, **options: Any) -> Finis
         r.stage(GGUF)  # llama.cpp's own converter; the file checked against the fused config
         r.stage(OLLAMA)  # a private server: create from the Modelfile, served checks
         r.stage(EVALUATE)  # adapter, fused, GGUF (llama.cpp) and Ollama answer the same questions
+        if cfg.export.forms():
+            r.stage(SHIP)  # export.adapters and export.gguf_types, each judged where users load it
     return r.finished
 
 

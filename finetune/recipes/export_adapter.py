@@ -49,6 +49,63 @@ class Job:
     )
 
 
+@dataclass(frozen=True)
+class Shipped:
+    """One form exported and judged: its folder, its verdicts and the bytes shipped per file."""
+
+    form: str
+    out: Path
+    verdicts: list[Any]
+    sizes: dict[str, int]
+    extra: dict[str, Any]
+
+    @property
+    def passed(self) -> bool:
+        return not any(v.status == "failed" for v in self.verdicts)
+
+
+def ship(job: Job, form: str) -> Shipped:
+    """Export, measure and judge one form into job.out with its parity.json; a file that failed its gate is
+    renamed *.rejected, so nothing unjudged stays loadable by accident."""
+    shipped, verdicts, extra = _form(form)(job)
+    result = Shipped(
+        form, job.out, verdicts, _write_record(job.out, form, verdicts, job.adapter, extra), extra
+    )
+    rejected = shipped.with_name(f"{shipped.name}.rejected")
+    if result.passed:
+        rejected.unlink(missing_ok=True)  # an earlier export's, judged on other bytes
+    else:
+        shipped.replace(rejected)
+    return result
+
+
+def ship_in_run(
+    cfg: Any,
+    run_dir: Path,
+    base: Path,
+    form: str,
+    locate_ollama: Callable[[], Any],
+    ollama_server: Callable[..., Any] | None = None,
+) -> Shipped:
+    """One form of a run into RUN/export/<form>/, as `finetune pipeline` ships export.adapters and
+    export.gguf_types (deps.ship_form): the same code as `finetune export RUN --as FORM`."""
+    from transformers import AutoTokenizer
+
+    out = Path(run_dir) / "export" / form.replace(":", "-")
+    tokenizer = AutoTokenizer.from_pretrained(str(base))
+    job = Job(
+        cfg,
+        Path(run_dir),
+        Path(run_dir) / ADAPTER_DIR,
+        Path(base),
+        out,
+        tokenizer,
+        locate_ollama,
+        ollama_server,
+    )
+    return ship(job, form)
+
+
 def export_run(
     run_dir: Path,
     form: str,
@@ -75,23 +132,16 @@ def export_run(
         out = claim(out, flag="--out") if out else run_dir / "export" / form.replace(":", "-")
         base = Path(resolve_model(cfg.model.name).path)
         tokenizer = AutoTokenizer.from_pretrained(str(base))
-        job = Job(cfg, run_dir, adapter, base, out, tokenizer, locate_ollama, ollama_server)
-        shipped, verdicts, extra = _form(form)(job)
-        failed = [v.name for v in verdicts if v.status == "failed"]
-        allowed = allowed_skips()  # the only runtime an export can miss is Ollama
-        skips = [v.name for v in verdicts if v.status == "skipped" and not {v.name, "ollama"} & allowed]
-        passed = not failed
-        sizes = _write_record(out, form, verdicts, adapter, extra)
-        rejected = shipped.with_name(f"{shipped.name}.rejected")
-        if passed:
-            rejected.unlink(missing_ok=True)  # an earlier export's, judged on other bytes
-        else:  # nothing that failed its gate stays loadable by accident
-            shipped.replace(rejected)
+        result = ship(Job(cfg, run_dir, adapter, base, out, tokenizer, locate_ollama, ollama_server), form)
+    verdicts = result.verdicts
+    failed = [v.name for v in verdicts if v.status == "failed"]
+    allowed = allowed_skips()  # the only runtime an export can miss is Ollama
+    skips = [v.name for v in verdicts if v.status == "skipped" and not {v.name, "ollama"} & allowed]
     for v in verdicts:
         log(str(v))
     planted = faults.injected()  # an export with a fault planted is never called shippable
-    shipped_bytes = ", ".join(f"{name} {size / 2**20:.1f} MiB" for name, size in sizes.items())
-    verdict = "NOT shippable" if not passed or planted else "degraded" if skips else "exported"
+    shipped_bytes = ", ".join(f"{name} {size / 2**20:.1f} MiB" for name, size in result.sizes.items())
+    verdict = "NOT shippable" if failed or planted else "degraded" if skips else "exported"
     log(f"{verdict}: {out} ({shipped_bytes})")
     if skips:
         log(f"not judged: {', '.join(skips)} (FT_ALLOW_SKIP={','.join(skips)} allows it)")

@@ -37,7 +37,7 @@ def gguf_quantized(job: Any, qtype: str) -> tuple[Path, list[Any], dict[str, Any
     from finetune.export.gguf import convert_hf_to_gguf
     from finetune.export.gguf_inspect import inspect_gguf
     from finetune.export.quant_types import check_quant_types
-    from finetune.gates.quant_quality import limits_from, quant_quality, quant_types
+    from finetune.gates.quant_quality import limits_from, quant_answers, quant_quality, quant_types
     from finetune.serve import llamacpp
     from finetune.serve.ollama_quantize import SPEED_PROMPT, quantize_gguf
 
@@ -59,6 +59,7 @@ def gguf_quantized(job: Any, qtype: str) -> tuple[Path, list[Any], dict[str, Any
     verdicts = [
         quant_types(problems, qtype, len(inspect_gguf(shipped).tensors)),
         quant_quality(m, qtype, limits_from(job.cfg.gates)),
+        quant_answers(scores, qtype, job.cfg.gates.quant_answers_kept),
     ]
     extra = {
         "quantized": {

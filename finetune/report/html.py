@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.gates.registry import LOWER_IS_BETTER
+from finetune.report.forms import HEADERS, form_rows
 from finetune.report.models import RunReport
 from finetune.report.plots import loss_plot, timeline_plot
 from finetune.system.atomic import atomic_write_text
@@ -189,6 +190,14 @@ def _parity(report: RunReport) -> str:
     return out
 
 
+def _forms(report: RunReport) -> str:
+    rows = form_rows(report)
+    if not rows:
+        return ""
+    cells = [[_e(c) if i != len(row) - 1 else _badge(c) for i, c in enumerate(row)] for row in rows]
+    return "<h2>Shipped forms</h2>" + _table(HEADERS, cells)
+
+
 def _split_score(split: Any) -> str:
     return f"{split.contains}/{split.n} ({split.score:.0%}), exact {split.exact}"
 
@@ -278,6 +287,7 @@ def render_html(report: RunReport, run_dir: str | Path | None = None) -> str:
         _loss(report, run_dir),
         _gates(report),
         _parity(report),
+        _forms(report),
         _stages(report),
         _answers(report, run_dir),
         _environment(report),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from finetune.report.forms import HEADERS, form_rows
 from finetune.report.models import RunReport
 
 MARK = {"passed": "PASS", "failed": "FAIL", "skipped": "SKIP"}
@@ -25,6 +26,9 @@ def render_summary(report: RunReport) -> str:
     for sc in report.scores:
         train, heldout = f"{sc.train.contains}/{sc.train.n}", f"{sc.heldout.contains}/{sc.heldout.n}"
         lines.append(f"  score {sc.runtime:12} train {train}  heldout {heldout}")
+    if rows := form_rows(report):  # what the run shipped besides the judged GGUF
+        lines.append("  shipped: " + " | ".join(HEADERS))
+        lines.extend("  shipped: " + " | ".join(row) for row in rows)
     for reason in report.reasons:
         lines.append(f"  ! {reason}")
     for allowed in report.allowed_skips:

@@ -106,6 +106,9 @@ class Deps:
     available_memory: Callable[[], int | None]
     tool_version: Callable[[str], str | None]  # a package (or keys.CONVERTER) -> its version
     ollama_version: Callable[[Path], str]  # a binary -> the version it reports
+    # (cfg, run_dir, base, form, locate_ollama, ollama_server) -> Shipped: `finetune export RUN --as FORM`'s
+    # own code (finetune.recipes.export_adapter.ship_in_run, a layer above: the CLI wires it in)
+    ship_form: Callable[..., Any] | None = None
     environ: Mapping[str, str] = field(default_factory=lambda: os.environ)
 
 

@@ -17,7 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from finetune.config.loader import load_config
 from finetune.recipes.commands import COMMANDS
+from finetune.stages.forms import form_gates
 from finetune.system.atomic import atomic_write_json
 from tests import export_cases
 from tests.conftest import SERVED_CHECK_NAMES
@@ -28,8 +30,13 @@ ARTIFACTS = Path(os.environ.get("FT_ARTIFACTS", ROOT / "artifacts"))
 MODEL = os.environ.get("FT_E2E_MODEL_ID", "smollm2-135m")
 # The time budget is a benchmark figure (make bench: docs/benchmarks.md), not a verdict: machines differ 3x here.
 BUDGET_S = 15 * 60
-STAGES = ("model", "data", "train", "judge", "fuse", "gguf", "ollama", "evaluate")
-OLLAMA_GATES = ("served_answers", "served_template", "served_defaults", "served_api")
+STAGES = ("model", "data", "train", "judge", "fuse", "gguf", "ollama", "evaluate", "ship")
+PROFILE = (
+    "ship"  # release, then the adapter forms and q8_0 + the type the model ships (export_cases.quant_for)
+)
+SHIPPED = {"export.gguf_types": list(dict.fromkeys(["q8_0", export_cases.quant_for(MODEL)]))}
+SHIP_GATES = form_gates(load_config(PROFILE))
+OLLAMA_GATES = ("served_answers", "served_template", "served_defaults", "served_api", "served_adapter")
 
 pytestmark = pytest.mark.e2e_mlx
 
@@ -96,12 +103,13 @@ def tier3(request):
         f"model.name={MODEL}",
         f"training.batch_size={choice.batch_size}",
         *model_sets(MODEL, "release", ARTIFACTS),
+        *(f"{k}=[{', '.join(v)}]" for k, v in SHIPPED.items()),
     ]
     out = _Progress(request.config.pluginmanager.getplugin("capturemanager"))
     saved = os.environ.get("FT_HISTORY")
     os.environ["FT_HISTORY"] = str(ARTIFACTS / "history.jsonl")  # tier runs are the history's subject
     try:
-        code = cli.main(["pipeline", "-p", "release", *[a for s in sets for a in ("--set", s)], "--run-dir",
+        code = cli.main(["pipeline", "-p", PROFILE, *[a for s in sets for a in ("--set", s)], "--run-dir",
                          str(run_dir)], out=out)  # fmt: skip
     finally:
         if saved is None:
@@ -146,11 +154,11 @@ def test_stage(tier3, stage):
     if stage == "ollama" and (why := _ollama_allowed_away(tier3)):
         pytest.skip(why)
     assert entry.status == "passed", f"{stage}: {entry.status}: {entry.reason}"
-    if stage in ("model", "data", "train", "fuse", "gguf", "evaluate"):
+    if stage in ("model", "data", "train", "fuse", "gguf", "evaluate", "ship"):
         assert entry.artifacts and all(len(a.sha256) == 64 and a.bytes > 0 for a in entry.artifacts)
 
 
-@pytest.mark.parametrize("gate", COMMANDS["pipeline"].gates)
+@pytest.mark.parametrize("gate", COMMANDS["pipeline"].gates + SHIP_GATES)
 def test_gate(tier3, gate):
     g = next((g for g in tier3["report"].gates if g.name == gate), None)
     assert g is not None, f"gate {gate} missing from the report"
@@ -239,7 +247,53 @@ def test_a_shipping_fault_on_the_real_model_is_caught_by_its_gate(tier3, fault, 
 
 # Exports of the tier-3 run (its judged fused model, f16 GGUF and adapter), each judged where users load it; the
 # alpha faults run on the tiny model in the fault suite (SmolLM2's values are in the README's evidence table).
-EXPORT_CASES = tuple(c for c in export_cases.cases(export_cases.quant_for(MODEL)) if "alpha_missing" not in c)
+EXPORT_CASES = tuple(
+    c
+    for c in export_cases.cases(export_cases.quant_for(MODEL))
+    if "alpha_missing" not in c
+    and not c.startswith("healthy")  # the healthy forms: the pipeline's ship stage
+)
+
+
+def test_the_pipeline_shipped_every_form_judged_where_it_is_loaded(tier3):
+    """The ship profile's forms, shipped by the pipeline itself: each folder holds its file (not .rejected) and
+    its parity.json, every gate of every form passed, and each form has its row in the report."""
+    import json
+
+    from finetune.report.forms import form_rows
+    from tests import fault_table
+
+    rep = tier3["report"]
+    ship = next(s for s in rep.stages if s.name == "ship")
+    cfg = load_config(None, tier3["path"].parent / "config.yaml")
+    assert (
+        list(ship.details["forms"])
+        == cfg.export.forms()
+        == ["peft", "gguf-lora", *(f"gguf:{t}" for t in SHIPPED["export.gguf_types"])]
+    )
+    assert [r[0] for r in form_rows(rep)] == cfg.export.forms()
+    allowed = "skipped" if _ollama_allowed_away(tier3) else "passed"  # Ollama's parts, when allowed away
+    rows = []
+    for form, row in ship.details["forms"].items():
+        record = json.loads((Path(row["folder"]) / "parity.json").read_text())
+        failed = [
+            f"{v['name']} ({v['status']}: {v['detail']})"
+            for v in record["verdicts"]
+            if v["status"] not in {"passed", allowed}
+        ]
+        rows.append(
+            dict(
+                fault=f"healthy {form} export",
+                model=MODEL,
+                expected="(none fails)",
+                caught=not failed,
+                status="passed" if not failed else "failed",
+                failed=failed,
+            )
+        )
+        assert not list(Path(row["folder"]).glob("*.rejected")), f"{form}: a shipped file was rejected"
+    fault_table.save(rows)
+    assert all(r["caught"] for r in rows), [r for r in rows if not r["caught"]]
 
 
 @pytest.mark.parametrize("case", EXPORT_CASES)

@@ -14,7 +14,7 @@ def run(argv, **kw):
 
 def test_profiles_are_listed_from_the_package():
     code, out = run(["config", "profiles"])
-    assert code == 0 and out.split() == ["default", "low-memory", "quality", "quick", "release"]
+    assert code == 0 and out.split() == ["default", "low-memory", "quality", "quick", "release", "ship"]
 
 
 def test_resume_needs_a_run_dir(capsys):

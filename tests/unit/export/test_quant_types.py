@@ -62,3 +62,11 @@ def test_a_missing_tensor_is_named(tmp_path, reference):
 def test_every_type_names_llama_cpp_file_type_and_its_main_weights_are_allowed():
     assert len({t.file_type for t in TYPES.values()}) == len(TYPES)
     assert all(t.main <= t.allowed for t in TYPES.values())
+
+
+def test_the_config_offers_exactly_the_types_this_module_checks():
+    from typing import get_args
+
+    from finetune.config.schema import QuantType
+
+    assert set(get_args(QuantType)) == set(TYPES)

@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 
 from finetune.evaluate.quant_measure import QuantMeasurement
-from finetune.gates.quant_quality import limits_from, quant_quality, quant_types
+from finetune.gates.quant_quality import limits_from, quant_answers, quant_quality, quant_types
 from finetune.gates.registry import DEFAULT
 
 # SmolLM2 q4_K_M vs its f16, measured here (see the README's quality table)
@@ -47,3 +47,42 @@ def test_quant_types_passes_only_without_problems():
     assert quant_types([], "q8_0", 29).passed
     v = quant_types(["general.file_type is 2, not 7 (q8_0)"], "q8_0", 29)
     assert not v.passed and "file_type is 2" in v.detail
+
+
+# SmolLM2's measured shares (README): f16 7/8 train; q8_0 6/8 in llama.cpp; q2_K 1/8.
+F16 = {"train": 0.875, "heldout": 0.5}
+
+
+def _scores(llama, ollama):
+    return {"f16": F16, "q4_K_M": llama, "ollama q4_K_M": ollama}
+
+
+def test_quant_answers_passes_a_quantization_that_keeps_what_was_taught():
+    v = quant_answers(_scores({"train": 0.75, "heldout": 0.5}, F16), "q4_K_M", 0.75)
+    assert (
+        v.passed
+        and v.measured == pytest.approx(1.25 / 1.375)
+        and "91% in llama.cpp, 100% in Ollama" in v.detail
+    )
+
+
+def test_quant_answers_fails_on_the_worst_runtime():
+    v = quant_answers(_scores(F16, {"train": 0.125, "heldout": 0.0}), "q4_K_M", 0.75)
+    assert (
+        v.status == "failed"
+        and v.measured == pytest.approx(0.125 / 1.375)
+        and v.data["kept"]["llama.cpp"] == 1
+    )
+
+
+def test_quant_answers_without_questions_or_anything_learned_is_a_skip_not_a_pass():
+    assert quant_answers({"skipped": "raw-text rows"}, "q8_0", 0.75).status == "skipped"
+    none_right = quant_answers(
+        {"f16": {"train": 0.0, "heldout": None}, "q8_0": F16, "ollama q8_0": F16}, "q8_0", 0.75
+    )
+    assert none_right.status == "skipped" and "nothing to keep" in none_right.detail
+
+
+def test_quant_answers_not_asked_in_ollama_fails():
+    v = quant_answers({"f16": F16, "q4_K_M": F16}, "q4_K_M", 0.75)
+    assert v.status == "failed" and "not asked in Ollama" in v.detail

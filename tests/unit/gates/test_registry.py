@@ -63,6 +63,7 @@ def _every_gate_verdict():
         quant_quality.quant_quality(
             QuantMeasurement(0, 0, 1, 1, 1, 1, 1, 1), "q8_0", quant_quality.limits_from(None)
         ),
+        quant_quality.quant_answers({"f16": {"train": 1.0}, "q8_0": {"train": 1.0}}, "q8_0", 0.75),
     ]
 
 
@@ -105,7 +106,7 @@ def test_the_commands_require_what_the_table_declares():
     assert COMMANDS["pipeline"].gates == (*training[:1], *training[3:], *shipping)
     assert COMMANDS["train"].gates == ()
     assert RUNTIME_OF == {"gguf_tokenizer": "llamacpp", "logprob_parity": "llamacpp", "served_answers": "ollama",
-                          "served_template": "ollama", "served_defaults": "ollama", "served_api": "ollama"}  # fmt: skip
+                          "served_template": "ollama", "served_defaults": "ollama", "served_api": "ollama", "served_adapter": "ollama", "quant_types": "ollama", "quant_quality": "ollama", "quant_answers": "ollama"}  # fmt: skip
     assert {
         "loss_convergence",
         "split_overlap",
