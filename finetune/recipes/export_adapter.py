@@ -191,10 +191,11 @@ def _gguf_lora(job: Job) -> tuple[Path, list[Any], dict[str, Any]]:
 
     from finetune.evaluate.adapter_measure import measure_gguf_lora
     from finetune.export.fuse import fuse
-    from finetune.export.gguf import convert_hf_to_gguf
+    from finetune.export.gguf import GGUFExportError, convert_hf_to_gguf
     from finetune.export.gguf_lora import export_gguf_lora
     from finetune.export.peft_adapter import export_peft
     from finetune.gates.adapter_parity import gguf_lora_parity
+    from finetune.gates.verdict import skipped
 
     cfg, out = job.cfg, job.out
     lora, base_gguf = out / "adapter.gguf", out / f"base-{cfg.export.gguf_type}.gguf"
@@ -202,7 +203,13 @@ def _gguf_lora(job: Job) -> tuple[Path, list[Any], dict[str, Any]]:
     with tempfile.TemporaryDirectory(prefix=".peft.", suffix=".tmp", dir=out) as tmp:
         peft = Path(tmp) / "peft"
         export_peft(job.adapter, job.base, peft, base_name=cfg.model.name, weight_layout=True)
-        export_gguf_lora(peft, job.base, lora)
+        try:
+            export_gguf_lora(peft, job.base, lora)
+        except (
+            GGUFExportError
+        ) as exc:  # e.g. an architecture llama.cpp applies no LoRA to: a skip, never a pass
+            why = f"llama.cpp's convert_lora_to_gguf.py could not convert the adapter: {exc}"
+            return lora, [skipped("gguf_lora_parity", why), skipped("served_adapter", why)], {}
         base = faults.point(
             "adapter_wrong_base",
             job.base,

@@ -148,3 +148,21 @@ def test_an_adapter_ollama_cannot_serve_is_a_skip_with_its_reason_and_the_export
         and "unsupported architecture" in text
     )
     assert "[PASS] gguf_lora_parity" in text and "degraded:" in text
+
+
+def test_an_architecture_llama_cpp_applies_no_lora_to_is_a_skip_with_its_reason_not_bad_input(
+    tmp_path, tiny_hf
+):
+    base = tmp_path / "base"
+    shutil.copytree(tiny_hf, base)
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "architectures": ["NotInLlamaCppForCausalLM"]}))
+    run = a_run(tmp_path, base)
+    deps = SimpleNamespace(resolve_model=lambda spec: SimpleNamespace(path=base),
+                           locate_ollama=lambda: SimpleNamespace(binary=None, reason="none here"))  # fmt: skip
+    out = io.StringIO()
+    assert cli.main(["export", str(run), "--as", "gguf-lora"], deps=deps, out=out) == 3, out.getvalue()
+    text = out.getvalue()
+    assert "[SKIP] gguf_lora_parity: llama.cpp's convert_lora_to_gguf.py could not convert" in text, text
+    assert "NotInLlamaCppForCausalLM" in text and "degraded:" in text
+    assert not (run / "export" / "gguf-lora" / "adapter.gguf").exists()
