@@ -122,6 +122,11 @@ FAULTS: dict[str, tuple[str, str, str]] = {
         "one quantized tensor (a middle block's ffn_down) has its rows shifted by one after quantizing",
         "quant_quality",
     ),
+    "quant_of_base": (
+        "export",
+        "the base model is quantized and shipped under the fine-tune's name, instead of the fused model",
+        "quant_answers",
+    ),
 }
 
 
@@ -330,4 +335,5 @@ EFFECTS: dict[str, Callable[..., Any]] = {
     "adapters_swapped": lambda loras: loras[1:] + loras[:1],
     "quant_wrong_type": lambda qtype: "q4_0" if qtype != "q4_0" else "q8_0",
     "quant_tensor_damaged": _quant_tensor_damaged,
+    "quant_of_base": lambda fused_gguf, base_gguf: base_gguf(),
 }

@@ -12,7 +12,8 @@ from finetune import cli, faults
 
 TOO_COARSE = {"too coarse gguf:q2_K": "quant_quality"}  # a user's choice the quality bar must refuse
 FORM_OF = {"peft_alpha_missing": "peft", "gguf_lora_alpha_missing": "gguf-lora", "adapter_wrong_base": "gguf-lora",
-           "quant_wrong_type": "gguf:{quant}", "quant_tensor_damaged": "gguf:{quant}"}  # fmt: skip
+           "quant_wrong_type": "gguf:{quant}", "quant_tensor_damaged": "gguf:{quant}",
+           "quant_of_base": "gguf:{quant}"}  # fmt: skip
 SHARED_FAULTS = ("adapters_swapped",)  # several runs on one base: tests/faults and tier 3 run them apart
 FAULTS = tuple(
     n for n, (stage, _, _) in faults.FAULTS.items() if stage == "export" and n not in SHARED_FAULTS

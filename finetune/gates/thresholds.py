@@ -73,8 +73,8 @@ THRESHOLDS = (
         ge=1,
     ),
     # a quantized GGUF vs the f16 GGUF of the same model, next-token distributions on held-out text (llama.cpp)
-    Threshold("quant_kl_mean_max", 0.10, "maximum mean KL(f16 || quantized)", gt=0),
-    Threshold("quant_kl_p99_max", 0.60, "maximum 99th-percentile KL(f16 || quantized)", gt=0),
+    Threshold("quant_kl_mean_max", 0.12, "maximum mean KL(f16 || quantized)", gt=0),
+    Threshold("quant_kl_p99_max", 0.95, "maximum 99th-percentile KL(f16 || quantized)", gt=0),
     Threshold("quant_top1_min", 0.80, "minimum share of positions whose top token is the f16's", ge=0, le=1),
     Threshold("quant_ppl_ratio_max", 1.20, "maximum perplexity of the quantized GGUF / the f16's", ge=1),
     Threshold(

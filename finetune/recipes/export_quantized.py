@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from finetune import faults
 from finetune.errors import UserError
 from finetune.evaluate.general_text import GENERAL_TEXTS
 from finetune.system.jsonl import read_jsonl
@@ -46,7 +47,12 @@ def gguf_quantized(job: Any, qtype: str) -> tuple[Path, list[Any], dict[str, Any
     shipped = job.out / f"model-{qtype}.gguf"
     with tempfile.TemporaryDirectory(prefix=".quantize.", suffix=".tmp", dir=job.out) as tmp:
         reference = _reference(job, Path(tmp), convert_hf_to_gguf)
-        q = quantize_gguf(reference, shipped, qtype, binary=binary)
+        source = faults.point(
+            "quant_of_base",
+            reference,
+            lambda: convert_hf_to_gguf(job.base, Path(tmp) / "base-f16.gguf", "f16"),
+        )
+        q = quantize_gguf(source, shipped, qtype, binary=binary)
         problems = check_quant_types(shipped, qtype, reference)
         ids = heldout_ids(job.run_dir, job.tokenizer)
         ref_rows, ref_scores = _reference_measured(job, reference, ids)

@@ -49,3 +49,14 @@ def test_answers_are_scored_per_kind_against_their_references():
     ]
     assert _right(["Paris.", "5", "It is Rome"], prompts) == {"train": 0.5, "heldout": 1.0}
     assert _right(["x"], prompts[:1]) == {"train": 0.0, "heldout": None}
+
+
+def test_planted_quant_of_base_hands_the_quantizer_the_base_instead_of_the_fused_model(plant_fault):
+    """Its effect here; that quant_answers catches it on a real model: tests/faults and tier 3 (export_cases)."""
+    from finetune import faults
+
+    base_built = []
+    assert faults.point("quant_of_base", "fused-f16.gguf", lambda: base_built.append(1)) == "fused-f16.gguf"
+    assert base_built == [], "healthy: the base is not even converted"
+    plant_fault("quant_of_base")
+    assert faults.point("quant_of_base", "fused-f16.gguf", lambda: "base-f16.gguf") == "base-f16.gguf"
