@@ -63,9 +63,8 @@ def pipeline(cfg: RunConfig, run_dir: Path, deps: Deps, **options: Any) -> Finis
 
     from finetune.stages.forms import SHIP, form_gates
 
-    command = replace(
-        PIPELINE, gates=PIPELINE_GATES + form_gates(cfg)
-    )  # what it ships is judged, or not green
+    # what it ships besides the judged GGUF is judged too, or the run is not green
+    command = replace(PIPELINE, gates=PIPELINE_GATES + form_gates(cfg))
     with open_run(command, cfg, run_dir, deps, **options) as r:
         r.stage(MODEL)
         r.stage(DATA)

@@ -56,9 +56,7 @@ def stage_ship(ctx: Ctx) -> StageReport:
     results, by_gate = [], {}
     ollama = ctx.deps.locate_ollama()
     for form in forms:
-        if (
-            form.startswith("gguf:") and ollama.binary is None
-        ):  # the quantizer is Ollama's: a skip, not a pass
+        if form.startswith("gguf:") and ollama.binary is None:  # the quantizer is Ollama's: a skip, no pass
             why = f"{form} is quantized by Ollama's quantizer, and none was found: {ollama.reason}"
             ctx.log(f"[ship] {form}: skipped: {why}")
             for g in FORM_GATES["gguf"]:
