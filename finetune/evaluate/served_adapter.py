@@ -4,7 +4,6 @@ with default /api/chat requests; its answers to training questions against MLX b
 
 from __future__ import annotations
 
-import contextlib
 import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -97,6 +96,32 @@ def mlx_probes(cfg: Any, run_dir: Path, base_dir: Path, adapter_dir: Path) -> Pr
     return Probes(prompts, answers[None], answers[adapter_dir])
 
 
+def ask_served(
+    binary: Path,
+    folder: Path,
+    modelfiles: dict[str, Path],
+    questions: dict[str, list[Any]],
+    server: Callable[..., Any] | None = None,
+) -> dict[str, dict[str, list[str]]]:
+    """One private Ollama (its store in a temporary folder under `folder`), a model created from each Modelfile,
+    each model asked every question set with default requests: {model key: {set key: answers}}."""
+    import re
+    import tempfile
+
+    if server is None:
+        from finetune.serve.ollama_server import OllamaServer as server
+    # Ollama's naming rules: a run folder named "My Run" still serves
+    names = {k: f"ft-{i}-" + re.sub(r"[^a-z0-9._-]+", "-", k.lower()) for i, k in enumerate(modelfiles)}
+    with (
+        tempfile.TemporaryDirectory(prefix=".ollama.", suffix=".tmp", dir=folder) as tmp,
+        server(binary, tmp) as srv,
+    ):
+        for key, modelfile in modelfiles.items():
+            srv.create_model(names[key], modelfile)
+        client = srv.client()
+        return {k: {q: served_answers(client, names[k], p) for q, p in questions.items()} for k in modelfiles}
+
+
 def served_answers(client: Any, model: str, prompts: list[Any]) -> list[str]:
     """Default /api/chat requests (the Modelfile's PARAMETERs decide, as for users); the answers' text."""
     return [
@@ -129,20 +154,9 @@ def measure_served_adapter(
     server: Callable[..., Any] | None = None,
 ) -> ServedAdapterMeasurement:
     """Ollama's default-request answers from the adapter model vs MLX's greedy answers, base and base + adapter."""
-    import tempfile
-
-    if server is None:
-        from finetune.serve.ollama_server import OllamaServer as server
     probes = mlx_probes(cfg, run_dir, base_dir, adapter_dir)
-    with (
-        tempfile.TemporaryDirectory(prefix=".ollama.", suffix=".tmp", dir=modelfile.parent) as tmp,
-        server(binary, tmp) as srv,
-    ):
-        srv.create_model(NAME, modelfile)
-        served = served_answers(srv.client(), NAME, probes.prompts)
-        with contextlib.suppress(Exception):  # the store is deleted with tmp anyway
-            srv.delete_model(NAME)
-    return compare(probes, served)
+    served = ask_served(binary, modelfile.parent, {NAME: modelfile}, {"training": probes.prompts}, server)
+    return compare(probes, served[NAME]["training"])
 
 
 def _same(served: str, reference: Any) -> bool:

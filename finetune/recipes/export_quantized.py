@@ -119,20 +119,15 @@ def _served_scores(job: Any, binary: Path, shipped: Path) -> dict[str, float | N
     PARAMETERs), default /api/chat requests, the same questions as answer_scores."""
     from finetune.data.templates import get_template
     from finetune.evaluate.prompts import build_prompts
-    from finetune.evaluate.served_adapter import adapter_modelfile, served_answers
-    from finetune.serve.ollama_server import OllamaServer
+    from finetune.evaluate.served_adapter import adapter_modelfile, ask_served
     from finetune.system.atomic import atomic_write_text
 
     modelfile = job.out / "Modelfile"
     atomic_write_text(modelfile, adapter_modelfile(job.cfg, job.run_dir, job.base, shipped, None, job.out))
     template = get_template(job.cfg.data.template, tokenizer=job.tokenizer)
     prompts = build_prompts(job.run_dir / "data", template, n_train=SCORED, n_heldout=SCORED)
-    with (
-        tempfile.TemporaryDirectory(prefix=".ollama.", suffix=".tmp", dir=job.out) as tmp,
-        OllamaServer(binary, tmp) as server,
-    ):
-        server.create_model("quantized", modelfile)
-        return _right(served_answers(server.client(), "quantized", prompts), prompts)
+    served = ask_served(binary, job.out, {"quantized": modelfile}, {"scored": prompts}, job.ollama_server)
+    return _right(served["quantized"]["scored"], prompts)
 
 
 def _ollama(job: Any, qtype: str) -> Path:

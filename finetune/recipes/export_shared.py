@@ -6,7 +6,6 @@ verdicts and the bytes shipped: the base once plus the adapters, against one fus
 from __future__ import annotations
 
 import contextlib
-import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -84,7 +83,13 @@ def _ship(cfgs, run_dirs, names, base: Path, gguf_type: str, out: Path, binary: 
     from transformers import AutoTokenizer
 
     from finetune.evaluate.adapter_measure import measure_gguf_lora, probe_ids
-    from finetune.evaluate.served_adapter import NoQuestions, adapter_modelfile, compare, mlx_probes
+    from finetune.evaluate.served_adapter import (
+        NoQuestions,
+        adapter_modelfile,
+        ask_served,
+        compare,
+        mlx_probes,
+    )
     from finetune.export.gguf import convert_hf_to_gguf
     from finetune.export.gguf_lora import export_gguf_lora
     from finetune.export.peft_adapter import export_peft
@@ -111,7 +116,9 @@ def _ship(cfgs, run_dirs, names, base: Path, gguf_type: str, out: Path, binary: 
         }
     except NoQuestions as exc:  # side by side means asking each model every run's questions
         raise UserError(f"adapters served side by side are judged on their runs' questions: {exc}") from None
-    served = _served_side_by_side(out, names, probes, binary)
+    served = ask_served(  # one private Ollama serving every model; each asked every run's questions
+        binary, out, {n: out / n / "Modelfile" for n in names}, {n: probes[n].prompts for n in names}
+    )
     own, cross = {}, {}
     for cfg, name in zip(cfgs, names, strict=True):
         v = served_adapter(compare(probes[name], served[name][name]), cfg.gates.text_agreement)
@@ -124,26 +131,6 @@ def _ship(cfgs, run_dirs, names, base: Path, gguf_type: str, out: Path, binary: 
     statuses = [v.status for vs in runs.values() for v in vs] + [verdict.status]
     return {"runs": runs, "verdict": verdict, "statuses": statuses,
             "bytes": {"base": base_bytes, "adapters": sizes, "fused_each": base_bytes}}  # fmt: skip
-
-
-def _served_side_by_side(
-    out: Path, names: list[str], probes: dict, binary: Path
-) -> dict[str, dict[str, list[str]]]:
-    """One private Ollama serving every model; each model asked every run's questions (default requests)."""
-    from finetune.evaluate.served_adapter import served_answers
-    from finetune.serve.ollama_server import OllamaServer
-
-    with (
-        tempfile.TemporaryDirectory(prefix=".ollama.", suffix=".tmp", dir=out) as tmp,
-        OllamaServer(binary, tmp) as server,
-    ):
-        model = {
-            n: f"ft-{i}-" + re.sub(r"[^a-z0-9._-]+", "-", n.lower()) for i, n in enumerate(names)
-        }  # Ollama's
-        for name in names:  # naming rules: a run folder named "My Run" still serves
-            server.create_model(model[name], out / name / "Modelfile")
-        client = server.client()
-        return {m: {n: served_answers(client, model[m], probes[n].prompts) for n in names} for m in names}
 
 
 def _gives(answers: list[str], probes: Any) -> float:
