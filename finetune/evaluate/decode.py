@@ -33,6 +33,17 @@ def release(model: Any) -> None:
     mx.clear_cache()
 
 
+def answers_from_disk(
+    model_dir: Path, adapter_dir: Path | None, prompts: Sequence[str], max_tokens: int
+) -> list[Answer]:
+    """Greedy answers of model_dir (+ the saved adapter), loaded from disk and released after, whatever happens."""
+    model, tokenizer = load(model_dir, adapter_dir)
+    try:
+        return greedy(model, tokenizer, prompts, max_tokens=max_tokens)
+    finally:
+        release(model)
+
+
 def prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
     """Token ids of a rendered prompt, with BOS added the way mlx-lm's generate adds it."""
     bos = getattr(tokenizer, "bos_token", None)

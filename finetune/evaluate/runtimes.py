@@ -12,17 +12,6 @@ from finetune.evaluate.prompts import EvalPrompt
 from finetune.gates.parity import Answer, ReferenceRows
 
 
-def mlx_generate(
-    model_dir: Path, adapter_dir: Path | None, prompts: Sequence[str], max_tokens: int
-) -> list[Answer]:
-    """Greedy answers of model_dir (+ the saved adapter), loaded from disk."""
-    model, tokenizer = decode.load(model_dir, adapter_dir)
-    try:
-        return decode.greedy(model, tokenizer, prompts, max_tokens=max_tokens)
-    finally:
-        decode.release(model)
-
-
 def mlx_logprobs(
     model_dir: Path,
     adapter_dir: Path | None,
@@ -123,7 +112,7 @@ def real_backends() -> Backends:
 
     return Backends(
         load_tokenizer=load_tokenizer,
-        mlx_generate=mlx_generate,
+        mlx_generate=decode.answers_from_disk,
         mlx_logprobs=mlx_logprobs,
         llamacpp_generate=llamacpp_generate,
         llamacpp_tokenize=llamacpp_tokenize,

@@ -88,12 +88,9 @@ def mlx_probes(cfg: Any, run_dir: Path, base_dir: Path, adapter_dir: Path) -> Pr
     except ValueError as exc:  # raw-text rows
         raise NoQuestions(f"no training questions to ask the served model: {exc}") from None
     tokens = answer_budget(run_dir / "data", tokenizer).tokens
-    answers: dict[Any, list[Any]] = {}
-    for adapter in (None, adapter_dir):
-        model, tok = decode.load(base_dir, adapter)
-        answers[adapter] = decode.greedy(model, tok, [p.prompt for p in prompts], max_tokens=tokens)
-        decode.release(model)
-    return Probes(prompts, answers[None], answers[adapter_dir])
+    texts = [p.prompt for p in prompts]
+    base, tuned = (decode.answers_from_disk(base_dir, a, texts, tokens) for a in (None, adapter_dir))
+    return Probes(prompts, base, tuned)
 
 
 def ask_served(

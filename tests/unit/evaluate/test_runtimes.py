@@ -91,12 +91,12 @@ def test_ollama_answers_read_response_objects_and_keep_odd_done_reasons():
 # ---------------------------------------------------------------- MLX from disk
 
 
-def test_mlx_generate_loads_and_decodes_like_decode_greedy(tiny_hf, tiny_lora, tiny_model):
+def test_the_mlx_backend_loads_from_disk_and_decodes_like_decode_greedy(tiny_hf, tiny_lora, tiny_model):
     model, tok = tiny_model
-    assert runtimes.mlx_generate(tiny_hf, None, PROMPTS, 5) == decode.greedy(
+    assert decode.answers_from_disk(tiny_hf, None, PROMPTS, 5) == decode.greedy(
         model, tok, PROMPTS, max_tokens=5
     )
-    tuned = runtimes.mlx_generate(tiny_hf, tiny_lora, PROMPTS, 5)
+    tuned = decode.answers_from_disk(tiny_hf, tiny_lora, PROMPTS, 5)
     reloaded, _ = decode.load(tiny_hf, tiny_lora)
     try:
         assert tuned == decode.greedy(reloaded, tok, PROMPTS, max_tokens=5)
@@ -130,7 +130,7 @@ def test_real_backends_are_these_runtimes():
 
     b = runtimes.real_backends()
     assert b.load_tokenizer is load_tokenizer
-    assert (b.mlx_generate, b.mlx_logprobs) == (runtimes.mlx_generate, runtimes.mlx_logprobs)
+    assert (b.mlx_generate, b.mlx_logprobs) == (decode.answers_from_disk, runtimes.mlx_logprobs)
     assert (b.llamacpp_generate, b.llamacpp_tokenize, b.llamacpp_logprobs) == (
         runtimes.llamacpp_generate, runtimes.llamacpp_tokenize, runtimes.llamacpp_logprobs)  # fmt: skip
     assert b.llamacpp_continuation is runtimes.llamacpp_continuation
