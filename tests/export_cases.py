@@ -9,6 +9,8 @@ import json
 from pathlib import Path
 
 from finetune import cli, faults
+from finetune.system.hashing import dir_sha256
+from finetune.train.checkpoints import ADAPTER_DIR
 
 TOO_COARSE = {"too coarse gguf:q2_K": "quant_quality"}  # a user's choice the quality bar must refuse
 FORM_OF = {"peft_alpha_missing": "peft", "gguf_lora_alpha_missing": "gguf-lora", "adapter_wrong_base": "gguf-lora",
@@ -66,6 +68,11 @@ def run_shared(run_dirs: list[Path], out: Path, case: str, model: str, plant_fau
         ["export", *map(str, run_dirs), "--as", "gguf-lora", "--out", str(out)], out=io.StringIO()
     )
     verdict = json.loads((out / "shared.json").read_text())["verdict"]
+    records = [json.loads(p.read_text()) for p in sorted(out.glob("*/parity.json"))]
+    adapters = {dir_sha256(r / ADAPTER_DIR)[0] for r in run_dirs}
+    assert len(records) == len(run_dirs) and {r["adapter_sha256"] for r in records} == adapters, (
+        "each run's parity.json names the adapter it judged, by content"
+    )
     failed = verdict["status"] == "failed"
     row = dict(fault=case if planted else "healthy shared-base export", model=model,
                expected="adapters_separate" if planted else "(none fails)", caught=failed == planted,

@@ -32,6 +32,25 @@ class AdapterMeasurement:
         return asdict(self)
 
 
+def write_record(
+    out: Path, form: str, verdicts: list[Any], adapter: Path, extra: dict[str, Any] | None = None
+) -> dict[str, int]:
+    """out/parity.json: the verdicts, the adapter they judged (sha256 of its folder) and the bytes shipped per file
+    (what failed is renamed *.rejected by the caller after, and is not counted as shipped)."""
+    from finetune.system.atomic import atomic_write_json
+    from finetune.system.hashing import dir_sha256
+
+    sizes = {
+        p.name: p.stat().st_size
+        for p in sorted(out.iterdir())
+        if p.is_file() and p.name != REPORT and not p.name.endswith(".rejected")
+    }
+    record = {"form": form, "verdicts": [v.model_dump() for v in verdicts], "adapter_sha256": dir_sha256(adapter)[0],
+              "bytes": sizes, **(extra or {})}  # fmt: skip
+    atomic_write_json(out / REPORT, record)
+    return sizes
+
+
 def probe_ids(run_dir: Path, tokenizer: Any) -> list[list[int]]:
     from finetune.system.jsonl import read_jsonl
 

@@ -11,10 +11,9 @@ from typing import Any
 
 from finetune import faults
 from finetune.errors import UserError
-from finetune.evaluate.adapter_measure import REPORT, probe_ids
+from finetune.evaluate.adapter_measure import probe_ids, write_record
 from finetune.gates.status import EXIT, allowed_skips
-from finetune.system.atomic import atomic_write_json, atomic_write_text
-from finetune.system.hashing import dir_sha256
+from finetune.system.atomic import atomic_write_text
 from finetune.system.lock import run_dir_lock
 from finetune.system.owned import claim
 from finetune.train.checkpoints import ADAPTER_DIR
@@ -69,7 +68,7 @@ def ship(job: Job, form: str) -> Shipped:
     renamed *.rejected, so nothing unjudged stays loadable by accident."""
     shipped, verdicts, extra = _form(form)(job)
     result = Shipped(
-        form, job.out, verdicts, _write_record(job.out, form, verdicts, job.adapter, extra), extra
+        form, job.out, verdicts, write_record(job.out, form, verdicts, job.adapter, extra), extra
     )
     rejected = shipped.with_name(f"{shipped.name}.rejected")
     if result.passed:
@@ -149,21 +148,6 @@ def export_run(
         log(f"faults planted on purpose ({faults.ENV}): {', '.join(planted)}")
         return faults.EXIT_CODE
     return EXIT["failed"] if failed else EXIT["degraded"] if skips else EXIT["passed"]
-
-
-def _write_record(
-    out: Path, form: str, verdicts: list[Any], adapter: Path, extra: dict[str, Any]
-) -> dict[str, int]:
-    """parity.json: the verdicts, the adapter they judged (sha256) and the bytes shipped per file."""
-    sizes = {
-        p.name: p.stat().st_size
-        for p in sorted(out.iterdir())
-        if p.is_file() and p.name != REPORT and not p.name.endswith(".rejected")
-    }
-    record = {"form": form, "verdicts": [v.model_dump() for v in verdicts], "adapter_sha256": dir_sha256(adapter)[0],
-              "bytes": sizes, **extra}  # fmt: skip
-    atomic_write_json(out / REPORT, record)
-    return sizes
 
 
 def _form(form: str) -> Callable[[Job], tuple[Path, list[Any], dict[str, Any]]]:

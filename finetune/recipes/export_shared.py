@@ -29,7 +29,7 @@ def export_shared(
     log: Callable[[str], None],
     locate_ollama: Callable[[], Any],
 ) -> int:
-    from finetune.evaluate.adapter_measure import REPORT as PARITY
+    from finetune.evaluate.adapter_measure import write_record
     from finetune.stages.rundir import own_config
 
     if out is None:
@@ -61,10 +61,8 @@ def export_shared(
             stack.enter_context(run_dir_lock(Path(r), "finetune export --as gguf-lora (shared base)"))
         out = claim(out, flag="--out")
         record = _ship(cfgs, [Path(r) for r in run_dirs], names, Path(base), gguf_type, out, binary)
-        for name, verdicts in record.pop("runs").items():
-            atomic_write_json(
-                out / name / PARITY, {"form": "gguf-lora", "verdicts": [v.model_dump() for v in verdicts]}
-            )
+        for run, (name, verdicts) in zip(run_dirs, record.pop("runs").items(), strict=True):
+            write_record(out / name, "gguf-lora", verdicts, Path(run) / ADAPTER_DIR)
             for v in verdicts:
                 log(f"{name}: {v}")
             if any(v.status == "failed" for v in verdicts):

@@ -12,6 +12,7 @@ import pytest
 from finetune import cli
 from finetune.config.loader import load_config
 from finetune.stages.rundir import own_config
+from finetune.system.hashing import dir_sha256
 from tests.unit.export.conftest import build_adapter
 
 
@@ -41,6 +42,7 @@ def test_a_runs_adapter_is_exported_and_judged(tmp_path, tiny_hf):
     record = json.loads((run / "export" / "peft" / "parity.json").read_text())
     assert record["verdicts"][0]["status"] == "passed" and record["verdicts"][0]["data"]["positions"] > 20
     assert set(record["bytes"]) == {"adapter_config.json", "adapter_model.safetensors"}  # what ships, sized
+    assert record["adapter_sha256"] == dir_sha256(run / "adapter")[0]  # the judged adapter, by content
     assert "MiB" in out
 
 
