@@ -38,26 +38,15 @@ def adapter_modelfile(
     from transformers import AutoTokenizer
 
     from finetune.evaluate.budget import answer_budget
-    from finetune.export.gguf_inspect import config_context_length
-    from finetune.serve.modelfile import render_modelfile, served_chat, served_parameters
+    from finetune.serve.modelfile import modelfile_parts, render_modelfile
 
     tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
-    template, stops, system = served_chat(cfg.data.template, cfg.deploy, tokenizer)
-    params = served_parameters(
-        cfg.deploy.parameters,
-        trained_context=cfg.data.max_seq_length,
-        model_context=config_context_length(json.loads((base_dir / "config.json").read_text())),
-        num_predict=answer_budget(run_dir / "data", tokenizer).serve_tokens,
+    model_config = json.loads((base_dir / "config.json").read_text())
+    parts = modelfile_parts(
+        cfg, tokenizer, model_config, answer_budget(run_dir / "data", tokenizer).serve_tokens
     )
-    return render_modelfile(
-        base_gguf,
-        adapter=lora,
-        template=template,
-        stop=stops,
-        parameters=params,
-        system=system,
-        relative_to=out,
-    )
+    return render_modelfile(base_gguf, adapter=lora, template=parts.template, stop=parts.stops,
+                            parameters=parts.parameters, system=parts.system, relative_to=out)  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -272,3 +272,28 @@ def render_modelfile(
         for item in value if isinstance(value, list | tuple) else [value]:
             lines.append(f"PARAMETER {key} {scalar(item, key)}")
     return "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True)
+class ModelfileParts:
+    """What a run's Modelfile holds besides FROM / ADAPTER: its chat format and PARAMETERs."""
+
+    template: str
+    stops: list[str]
+    system: str | None
+    parameters: dict[str, Any]
+    model_context: int | None
+
+
+def modelfile_parts(
+    cfg: Any, tokenizer: Any, model_config: Mapping[str, Any], num_predict: int
+) -> ModelfileParts:
+    """cfg: the run's RunConfig; model_config: the base's config.json; num_predict: the data's serve budget. The
+    one derivation the pipeline's Modelfile and every exported one (adapter, quantized) share."""
+    from finetune.export.gguf_inspect import config_context_length
+
+    template, stops, system = served_chat(cfg.data.template, cfg.deploy, tokenizer)
+    context = config_context_length(dict(model_config))
+    params = served_parameters(cfg.deploy.parameters, trained_context=cfg.data.max_seq_length,
+                               model_context=context, num_predict=num_predict)  # fmt: skip
+    return ModelfileParts(template, list(stops), system, params, context)

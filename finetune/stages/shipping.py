@@ -84,24 +84,17 @@ def _modelfile(ctx: Ctx, gguf: Path) -> tuple[str, dict[str, Any]]:
     """The Modelfile's text for this run's GGUF, and what it was meant to hold (TEMPLATE, stop strings and
     PARAMETERs training needs, derived apart from the text written, and the data's answer budget)."""
     from finetune.evaluate.budget import answer_budget
-    from finetune.export.gguf_inspect import config_context_length
-    from finetune.serve.modelfile import chat_format, render_modelfile, served_chat, served_parameters
+    from finetune.serve.modelfile import chat_format, modelfile_parts, render_modelfile, served_chat
 
     tokenizer = ctx.deps.load_tokenizer(Path(ctx.outputs["model"]["path"]))
     deploy = ctx.cfg.deploy
-    template, stops, system = served_chat(ctx.cfg.data.template, deploy, tokenizer)
+    budget = answer_budget(Path(ctx.outputs["data"]["data_dir"]), tokenizer)
+    parts = modelfile_parts(ctx.cfg, tokenizer, ctx.outputs["model"]["config"], budget.serve_tokens)
+    template, stops, params = parts.template, parts.stops, parts.parameters
     # the stop strings the training format justifies; a user's deploy.stop beyond them fails served_template
     # (only with a user's own deploy.template are the user's stops the expectation)
     own = deploy if deploy.template is not None else deploy.model_copy(update={"stop": []})
     justified = served_chat(ctx.cfg.data.template, own, tokenizer)[1]
-    budget = answer_budget(Path(ctx.outputs["data"]["data_dir"]), tokenizer)
-    model_context = config_context_length(ctx.outputs["model"]["config"])
-    params = served_parameters(
-        deploy.parameters,
-        trained_context=ctx.cfg.data.max_seq_length,
-        model_context=model_context,
-        num_predict=budget.serve_tokens,
-    )
     written = faults.point("modelfile_short_num_predict", params, budget.longest_answer)
     written = faults.point("modelfile_no_temperature", written)
     written_stops = faults.point("modelfile_extra_stop", faults.point("modelfile_no_stop", stops))
@@ -110,7 +103,7 @@ def _modelfile(ctx: Ctx, gguf: Path) -> tuple[str, dict[str, Any]]:
         template=faults.point("modelfile_wrong_template", template, chat_format),
         stop=written_stops,
         parameters=written,
-        system=system,
+        system=parts.system,
         relative_to=ctx.session.folder,
     )
     meant = {
@@ -119,7 +112,7 @@ def _modelfile(ctx: Ctx, gguf: Path) -> tuple[str, dict[str, Any]]:
         "parameters": params,
         "budget": budget.to_dict(),
         "trained_context": ctx.cfg.data.max_seq_length,
-        "model_context": model_context,
+        "model_context": parts.model_context,
     }
     return text, meant
 

@@ -280,3 +280,16 @@ def test_gemma_and_plain_formats_have_their_end_markers_as_stops():
     assert "<bos>" not in gemma.template  # Ollama adds BOS itself
     plain = chat_format("plain", eos="<|endoftext|>")
     assert plain.stop == ["<|endoftext|>"] and "{{ .Content }}<|endoftext|>" in plain.template
+
+
+def test_modelfile_parts_are_the_runs_chat_format_and_parameters_for_every_modelfile():
+    from finetune.config.loader import load_config
+    from finetune.serve.modelfile import modelfile_parts
+
+    cfg = load_config("release", overrides=["data.template=chatml", "data.max_seq_length=256"])
+    parts = modelfile_parts(cfg, None, {"max_position_embeddings": 8192}, num_predict=40)
+    assert parts.template == chat_format("chatml").template and parts.stops == chat_format("chatml").stop
+    assert parts.model_context == 8192 and parts.parameters["num_predict"] == 40
+    assert (
+        parts.parameters["num_ctx"] >= 256 and parts.parameters["temperature"] == 0
+    )  # the run's, trained context
