@@ -162,3 +162,24 @@ def test_a_training_fault_on_the_real_model_is_caught_by_its_gate(tier2, fault, 
                                    f"{g.threshold})" for g in report.gates if g.status == "failed"])])  # fmt: skip
     assert report.faults == [fault] and (report.status, report.exit_code) == (faults.STATUS, faults.EXIT_CODE)
     assert gate in failed, f"{fault} was not caught by {gate}; failed: {sorted(failed)}"
+
+
+# The run's adapter shipped where users load it (`finetune export RUN --as FORM`, the same code as the pipeline's
+# ship stage): Gemma 3 270M's own architecture through peft, llama.cpp's LoRA converter and Ollama's ADAPTER.
+# SmolLM2's forms are shipped and judged by tier 3's pipeline (profile ship), so they are not redone here.
+@pytest.mark.parametrize("form", ("peft", "gguf-lora"))
+def test_the_runs_adapter_is_judged_where_users_load_it(tier2, form, tmp_path):
+    import shutil
+
+    from tests import export_cases, fault_table
+
+    if tier2.status != "passed":
+        pytest.fail("the healthy tier-2 run did not pass: an export of it proves nothing")
+    if tier2.model == "smollm2-135m":
+        pytest.skip("SmolLM2's adapter forms are shipped and judged by tier 3's pipeline (profile ship)")
+    run_dir = tmp_path / "run"
+    shutil.copytree(tier2.run_dir, run_dir, symlinks=True)
+    row, code, want = export_cases.run_case(run_dir, f"healthy {form}", tier2.model, None)
+    fault_table.save([row])
+    assert row["caught"], row["failed"]
+    assert code == want
