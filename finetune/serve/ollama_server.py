@@ -255,7 +255,7 @@ class OllamaServer:
     ) -> str:
         """`ollama create NAME -f Modelfile [--quantize TYPE]` (the Python client's create() gets a 400 from
         0.5.4); quantize: llama.cpp's quantizer inside Ollama, from an f16/f32 GGUF."""
-        path = Path(modelfile_path)
+        path = Path(modelfile_path).absolute()  # the CLI runs in the server's folder, not the caller's cwd
         if not path.is_file():
             raise OllamaCommandError(f"no Modelfile at {path}")
         args = ["create", name, "-f", str(path), *(["--quantize", quantize] if quantize else [])]

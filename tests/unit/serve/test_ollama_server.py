@@ -36,6 +36,9 @@ if cmd == "create":
     if "bad" in sys.argv[2]:
         sys.stderr.write("\\x1b[?25lgathering model components \\x1b[?25h\\nError: unknown parameter 'temprature'\\n")
         sys.exit(1)
+    if not os.path.isfile(sys.argv[sys.argv.index("-f") + 1]):  # read from the server's folder, as Ollama does
+        sys.stderr.write("Error: specified Modelfile wasn't found\\n")
+        sys.exit(1)
     print("success")
     sys.exit(0)
 assert cmd == "serve", sys.argv
@@ -263,6 +266,19 @@ def test_create_model_surfaces_the_cli_error(tmp_path: Path, fake: Path) -> None
         server.create_model("bad", modelfile)
     with pytest.raises(OllamaCommandError, match="no Modelfile"):
         server.create_model("good", tmp_path / "missing")
+
+
+def test_a_modelfile_named_relative_to_the_callers_folder_is_found(
+    tmp_path: Path, fake: Path, monkeypatch
+) -> None:
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / "Modelfile").write_text("FROM x\n")
+    (tmp_path / "run").mkdir()
+    # `finetune export artifacts/run ...` names it from the user's folder; the CLI runs in the server's
+    monkeypatch.chdir(tmp_path)
+    assert "success" in OllamaServer(fake, tmp_path / "run", port=1234).create_model(
+        "m", Path("export/Modelfile")
+    )
 
 
 # ---------------------------------------------------------------- real server
