@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,8 +115,9 @@ def measure_memory(
     available: int | None,
     measure: Callable[..., dict] | None = None,
 ) -> MemoryMeasurement:
-    """LoRA vs full fine-tuning peaks for this run's model, batch and data, each in a fresh process; when full
-    fine-tuning would not fit, its peak is estimated (and labelled so) and LoRA's is still measured."""
+    """LoRA vs full fine-tuning peaks for this run's model, batch and data, each in a fresh process (side by side
+    when both fit at once); when full fine-tuning would not fit, its peak is estimated (and labelled so) and LoRA's
+    is still measured."""
     from finetune.data.prepare import read_report
     from finetune.train import memory
 
@@ -124,8 +127,19 @@ def measure_memory(
     est_lora = memory.from_run_config(model_config, cfg, data).total_bytes
     est_full = memory.from_run_config(model_config, full_cfg, data).total_bytes
     cfg_file, data_dir = Path(run_dir) / "config.yaml", Path(run_dir) / "data"
+    fits_full = available is not None and est_full * FULL_FIT_MARGIN <= available
+    estimates = f"estimates were {est_lora / 2**20:.0f} / {est_full / 2**20:.0f} MiB"
+    if fits_full and (est_full + est_lora) * FULL_FIT_MARGIN <= available and (os.cpu_count() or 1) >= 2:
+        # each probe trains on one BLAS thread: side by side they use the core a sequential probe leaves idle
+        # (peaks are per process, so neither sees the other's)
+        with ThreadPoolExecutor(2) as pool:
+            lora_f, full_f = (
+                pool.submit(measure, cfg_file, model_dir, data_dir, k) for k in ("lora", "full")
+            )
+            lora, full = lora_f.result()["peak_bytes"], full_f.result()["peak_bytes"]
+        return MemoryMeasurement(lora, full, "measured", f"{estimates}; the two probes ran side by side")
     lora = measure(cfg_file, model_dir, data_dir, "lora")["peak_bytes"]  # it trained here, so it fits
-    if available is None or est_full * FULL_FIT_MARGIN > available:
+    if not fits_full:
         # The full estimate, scaled down where the estimator over-estimated this run's measured LoRA peak
         # (never up): a LoRA that costs what full fine-tuning would still fails.
         scale = min(1.0, lora / est_lora) if est_lora else 1.0
@@ -137,7 +151,6 @@ def measure_memory(
         )
         return MemoryMeasurement(lora, full, "estimated", why)
     full = measure(cfg_file, model_dir, data_dir, "full")["peak_bytes"]
-    estimates = f"estimates were {est_lora / 2**20:.0f} / {est_full / 2**20:.0f} MiB"
     return MemoryMeasurement(lora, full, "measured", estimates)
 
 

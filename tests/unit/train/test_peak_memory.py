@@ -131,9 +131,30 @@ def test_memory_is_measured_in_separate_processes_when_it_fits(tmp_path):
         calls.append((cfg_file, model_dir, data_dir, kind))
         return {"peak_bytes": {"lora": 300 << 20, "full": 900 << 20}[kind]}
 
-    m = measure_memory(tmp_path / "run", tmp_path / "model", MODEL_CONFIG, cfg, available=full * 2,
+    tight = int(full * 1.5) + 1  # full fits, but not beside LoRA: one after the other
+    m = measure_memory(tmp_path / "run", tmp_path / "model", MODEL_CONFIG, cfg, available=tight,
                               measure=measure)  # fmt: skip
     assert (m.lora_peak, m.full_peak, m.source) == (300 << 20, 900 << 20, "measured")
     run = tmp_path / "run"
     assert calls == [(run / "config.yaml", tmp_path / "model", run / "data", k) for k in ("lora", "full")]
     assert cfg.training.fine_tune_type == "lora"  # the run's config was not changed
+
+
+def test_with_room_for_both_the_two_probes_run_side_by_side(tmp_path, monkeypatch):
+    import threading
+
+    from finetune.config.loader import load_config
+
+    cfg = load_config("quick")
+    lora, full = _estimates(cfg)
+    both = threading.Barrier(2, timeout=10)  # passes only if the two probes are running at the same time
+
+    def measure(cfg_file, model_dir, data_dir, kind):
+        both.wait()
+        return {"peak_bytes": {"lora": 300 << 20, "full": 900 << 20}[kind]}
+
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    m = measure_memory(tmp_path / "run", tmp_path / "model", MODEL_CONFIG, cfg, available=(lora + full) * 2,
+                       measure=measure)  # fmt: skip
+    assert (m.lora_peak, m.full_peak, m.source) == (300 << 20, 900 << 20, "measured")
+    assert "side by side" in m.detail
