@@ -10,15 +10,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+import tempfile
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import finetune  # noqa: F401  (loads the fast BLAS before mlx)
-from finetune.system.procs import run_guarded
+from finetune.system.procs import spawn_guarded, stop_group
 
 
 def measure(cfg_path: Path, model_path: Path, data_dir: Path, fine_tune_type: str, steps: int = 3) -> dict:
@@ -74,6 +76,55 @@ def measure(cfg_path: Path, model_path: Path, data_dir: Path, fine_tune_type: st
     }
 
 
+def measure_in_subprocesses(
+    cfg_path: Path,
+    model_path: Path,
+    data_dir: Path,
+    kinds: Sequence[str],
+    steps: int = 3,
+    timeout: float = 600,
+    poll: Callable[[], None] = lambda: time.sleep(0.1),
+) -> dict[str, dict]:
+    """One probe process per kind, all at once; their outputs go to files (no pipe to fill). Any exception here,
+    a signal's included, stops every probe before it propagates."""
+    args = [
+        "--config",
+        str(cfg_path),
+        "--model",
+        str(model_path),
+        "--data",
+        str(data_dir),
+        "--steps",
+        str(steps),
+    ]
+    with tempfile.TemporaryDirectory(prefix="finetune-peak-") as tmp:
+        procs: dict[str, Any] = {}
+        try:
+            for kind in kinds:
+                out, err = (open(Path(tmp) / f"{kind}.{n}", "w+") for n in ("out", "err"))  # noqa: SIM115
+                cmd = [sys.executable, "-m", "finetune.train.peak_memory", *args, "--type", kind]
+                procs[kind] = (spawn_guarded(cmd, name="peak-memory", stdout=out, stderr=err,
+                                             stdin=subprocess.DEVNULL), out, err)  # fmt: skip
+            deadline = time.monotonic() + timeout
+            while any(p.poll() is None for p, _, _ in procs.values()):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"memory probes ({', '.join(kinds)}) took over {timeout:g} s")
+                poll()
+        finally:
+            for p, _, _ in procs.values():
+                stop_group(p, grace=2)  # reaps the watchdogs; stops what still runs
+        return {kind: _result(kind, *entry) for kind, entry in procs.items()}
+
+
+def _result(kind: str, proc: Any, out: IO[str], err: IO[str]) -> dict:
+    out.seek(0), err.seek(0)
+    stdout, stderr = out.read(), err.read()
+    out.close(), err.close()
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory probe ({kind}) failed with exit {proc.returncode}: {stderr[-2000:]}")
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
 def measure_in_subprocess(
     cfg_path: Path,
     model_path: Path,
@@ -82,17 +133,9 @@ def measure_in_subprocess(
     steps: int = 3,
     timeout: float = 600,
 ) -> dict:
-    args = ["--config", str(cfg_path), "--model", str(model_path), "--data", str(data_dir)]
-    args += ["--type", fine_tune_type, "--steps", str(steps)]
-    cmd = [sys.executable, "-m", "finetune.train.peak_memory", *args]
-    proc = run_guarded(
-        cmd, timeout=timeout, name="peak-memory"
-    )  # a SIGKILLed parent must not leave it training
-    if proc.returncode != 0:
-        raise RuntimeError(
-            f"memory probe ({fine_tune_type}) failed with exit {proc.returncode}: {proc.stderr[-2000:]}"
-        )
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return measure_in_subprocesses(cfg_path, model_path, data_dir, [fine_tune_type], steps, timeout)[
+        fine_tune_type
+    ]
 
 
 @dataclass
@@ -113,7 +156,7 @@ def measure_memory(
     cfg: Any,
     *,
     available: int | None,
-    measure: Callable[..., dict] | None = None,
+    measure: Callable[..., dict[str, dict]] | None = None,
 ) -> MemoryMeasurement:
     """LoRA vs full fine-tuning peaks for this run's model, batch and data, each in a fresh process (side by side
     when both fit at once); when full fine-tuning would not fit, its peak is estimated (and labelled so) and LoRA's
@@ -121,7 +164,7 @@ def measure_memory(
     from finetune.data.prepare import read_report
     from finetune.train import memory
 
-    measure = measure or measure_in_subprocess
+    measure = measure or measure_in_subprocesses  # (config, model, data, kinds) -> {kind: probe result}
     full_cfg, data = cfg.model_copy(deep=True), read_report(Path(run_dir) / "data")
     full_cfg.training.fine_tune_type = "full"
     est_lora = memory.from_run_config(model_config, cfg, data).total_bytes
@@ -132,13 +175,10 @@ def measure_memory(
     if fits_full and (est_full + est_lora) * FULL_FIT_MARGIN <= available and (os.cpu_count() or 1) >= 2:
         # each probe trains on one BLAS thread: side by side they use the core a sequential probe leaves idle
         # (peaks are per process, so neither sees the other's)
-        with ThreadPoolExecutor(2) as pool:
-            lora_f, full_f = (
-                pool.submit(measure, cfg_file, model_dir, data_dir, k) for k in ("lora", "full")
-            )
-            lora, full = lora_f.result()["peak_bytes"], full_f.result()["peak_bytes"]
+        both = measure(cfg_file, model_dir, data_dir, ["lora", "full"])
+        lora, full = both["lora"]["peak_bytes"], both["full"]["peak_bytes"]
         return MemoryMeasurement(lora, full, "measured", f"{estimates}; the two probes ran side by side")
-    lora = measure(cfg_file, model_dir, data_dir, "lora")["peak_bytes"]  # it trained here, so it fits
+    lora = measure(cfg_file, model_dir, data_dir, ["lora"])["lora"]["peak_bytes"]  # it trained here: it fits
     if not fits_full:
         # The full estimate, scaled down where the estimator over-estimated this run's measured LoRA peak
         # (never up): a LoRA that costs what full fine-tuning would still fails.
@@ -150,7 +190,7 @@ def measure_memory(
             f"estimate x{scale:.2f} (measured / estimated LoRA peak, at most 1)"
         )
         return MemoryMeasurement(lora, full, "estimated", why)
-    full = measure(cfg_file, model_dir, data_dir, "full")["peak_bytes"]
+    full = measure(cfg_file, model_dir, data_dir, ["full"])["full"]["peak_bytes"]
     return MemoryMeasurement(lora, full, "measured", estimates)
 
 

@@ -7,7 +7,13 @@ import pytest
 from finetune.config.loader import load_config, save_config
 from finetune.models.tiny import tiny_llama_weights
 from finetune.train.memory import ModelShape
-from finetune.train.peak_memory import main, measure, measure_in_subprocess, measure_memory
+from finetune.train.peak_memory import (
+    main,
+    measure,
+    measure_in_subprocess,
+    measure_in_subprocesses,
+    measure_memory,
+)
 from tests.conftest import TOY_MODEL_CONFIG
 
 
@@ -71,6 +77,13 @@ MODEL_CONFIG = {"model_type": "llama", "hidden_size": 576, "num_hidden_layers": 
                 "tie_word_embeddings": True, "torch_dtype": "float32"}  # fmt: skip
 
 
+def per_kind(one):
+    """A one-probe fake as the probes runner: (config, model, data, kinds) -> {kind: result}."""
+    return lambda cfg_file, model_dir, data_dir, kinds: {
+        k: one(cfg_file, model_dir, data_dir, k) for k in kinds
+    }
+
+
 def _estimates(cfg):
     from finetune.train import memory
 
@@ -94,13 +107,15 @@ def test_when_full_fine_tuning_would_not_fit_lora_is_measured_and_full_estimated
         calls.append(kind)
         return {"peak_bytes": next(peaks)}
 
-    low = measure_memory(tmp_path, tmp_path, MODEL_CONFIG, cfg, available=None, measure=measure)
+    low = measure_memory(tmp_path, tmp_path, MODEL_CONFIG, cfg, available=None, measure=per_kind(measure))
     assert (low.lora_peak, low.full_peak, low.source) == (
         int(lora * 1.25),
         full,
         "estimated",
     )  # never scaled up
-    high = measure_memory(tmp_path, tmp_path, MODEL_CONFIG, cfg, available=int(full * 1.2), measure=measure)
+    high = measure_memory(
+        tmp_path, tmp_path, MODEL_CONFIG, cfg, available=int(full * 1.2), measure=per_kind(measure)
+    )
     assert (high.lora_peak, high.source) == (int(lora * 0.5), "estimated") and "not run" in high.detail
     assert (
         abs(high.full_peak - full * 0.5) <= 1 and "x0.50" in high.detail
@@ -115,7 +130,7 @@ def test_an_estimated_comparison_can_fail_when_lora_costs_what_full_would(tmp_pa
     cfg = load_config("quick")
     _, full = _estimates(cfg)
     m = measure_memory(tmp_path, tmp_path, MODEL_CONFIG, cfg, available=None,
-                       measure=lambda *a: {"peak_bytes": full})  # everything trainable: LoRA mis-wired  # fmt: skip
+                       measure=per_kind(lambda *a: {"peak_bytes": full}))  # everything trainable: LoRA mis-wired  # fmt: skip
     v = memory_efficiency(m.lora_peak, m.full_peak, source=m.source)
     assert not v.passed, str(v)
 
@@ -133,7 +148,7 @@ def test_memory_is_measured_in_separate_processes_when_it_fits(tmp_path):
 
     tight = int(full * 1.5) + 1  # full fits, but not beside LoRA: one after the other
     m = measure_memory(tmp_path / "run", tmp_path / "model", MODEL_CONFIG, cfg, available=tight,
-                              measure=measure)  # fmt: skip
+                              measure=per_kind(measure))  # fmt: skip
     assert (m.lora_peak, m.full_peak, m.source) == (300 << 20, 900 << 20, "measured")
     run = tmp_path / "run"
     assert calls == [(run / "config.yaml", tmp_path / "model", run / "data", k) for k in ("lora", "full")]
@@ -141,20 +156,44 @@ def test_memory_is_measured_in_separate_processes_when_it_fits(tmp_path):
 
 
 def test_with_room_for_both_the_two_probes_run_side_by_side(tmp_path, monkeypatch):
-    import threading
-
     from finetune.config.loader import load_config
 
     cfg = load_config("quick")
     lora, full = _estimates(cfg)
-    both = threading.Barrier(2, timeout=10)  # passes only if the two probes are running at the same time
+    calls = []
 
-    def measure(cfg_file, model_dir, data_dir, kind):
-        both.wait()
-        return {"peak_bytes": {"lora": 300 << 20, "full": 900 << 20}[kind]}
+    def measure(cfg_file, model_dir, data_dir, kinds):
+        calls.append(list(kinds))
+        return {k: {"peak_bytes": {"lora": 300 << 20, "full": 900 << 20}[k]} for k in kinds}
 
     monkeypatch.setattr("os.cpu_count", lambda: 2)
     m = measure_memory(tmp_path / "run", tmp_path / "model", MODEL_CONFIG, cfg, available=(lora + full) * 2,
                        measure=measure)  # fmt: skip
     assert (m.lora_peak, m.full_peak, m.source) == (300 << 20, 900 << 20, "measured")
-    assert "side by side" in m.detail
+    assert calls == [["lora", "full"]] and "side by side" in m.detail
+
+
+def test_probes_run_at_once_each_in_its_own_process(probe_cfg, toy_folder, sums_dir):
+    import time
+
+    tic = time.monotonic()
+    both = measure_in_subprocesses(probe_cfg, toy_folder, sums_dir, ["lora", "full"], steps=1, timeout=120)
+    alone = measure(probe_cfg, toy_folder, sums_dir, "lora", steps=1)
+    assert (
+        both["lora"]["peak_bytes"] < both["full"]["peak_bytes"] and both["lora"]["losses"] == alone["losses"]
+    )
+    assert time.monotonic() - tic < 120
+
+
+def test_an_interrupt_while_probes_run_stops_every_probe_before_it_propagates(
+    probe_cfg, toy_folder, sums_dir
+):
+    import psutil
+
+    def interrupted():  # Ctrl-C while the probes train
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        measure_in_subprocesses(probe_cfg, toy_folder, sums_dir, ["lora", "full"], steps=1, poll=interrupted)
+    probes = [c for c in psutil.Process().children(recursive=True) if "peak_memory" in " ".join(c.cmdline())]
+    assert probes == [], f"probes outlived the interrupt: {[p.pid for p in probes]}"
