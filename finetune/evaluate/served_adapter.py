@@ -31,16 +31,13 @@ class ServedAdapterMeasurement:
 
 
 def adapter_modelfile(
-    cfg: Any, run_dir: Path, base_dir: Path, base_gguf: Path, lora: Path | None, out: Path
+    cfg: Any, run_dir: Path, tokenizer: Any, base_dir: Path, base_gguf: Path, lora: Path | None, out: Path
 ) -> str:
     """The Modelfile users create the model from: base_gguf (+ the adapter), the run's chat format and PARAMETERs
-    (paths relative to out, where it ships)."""
-    from transformers import AutoTokenizer
-
+    (paths relative to out, where it ships); tokenizer: the base's, which the caller has loaded."""
     from finetune.evaluate.budget import answer_budget
     from finetune.serve.modelfile import modelfile_parts, render_modelfile
 
-    tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
     model_config = json.loads((base_dir / "config.json").read_text())
     parts = modelfile_parts(
         cfg, tokenizer, model_config, answer_budget(run_dir / "data", tokenizer).serve_tokens

@@ -212,7 +212,7 @@ def _served_adapter(job: Job, base_gguf: Path, lora: Path) -> Any:
     from finetune.serve.ollama_server import OllamaCommandError
 
     modelfile = job.out / "Modelfile"
-    text = adapter_modelfile(job.cfg, job.run_dir, job.base, base_gguf, lora, job.out)
+    text = adapter_modelfile(job.cfg, job.run_dir, job.tokenizer, job.base, base_gguf, lora, job.out)
     atomic_write_text(modelfile, text)
     location = job.locate_ollama()
     if location.binary is None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,13 +55,14 @@ def gguf_quantized(job: Any, qtype: str) -> tuple[Path, list[Any], dict[str, Any
         )
         q = quantize_gguf(source, shipped, qtype, binary=binary)
         problems = check_quant_types(shipped, qtype, reference)
-        ids = heldout_ids(job.run_dir, job.tokenizer)
-        ref_rows, ref_scores = _reference_measured(job, reference, ids)
+        ids, questions = heldout_ids(job.run_dir, job.tokenizer), scored_questions(job)
+        ref_rows, ref_scores = _reference_measured(job, reference, ids, questions)
         m = measure_quantized(reference, shipped, ids, reference_rows=ref_rows)
         speed = llamacpp.generate(shipped, [SPEED_PROMPT], max_tokens=SPEED_TOKENS)[0].tokens_per_second
-        scores = answer_scores(job, {qtype: shipped})
-        if "skipped" not in scores:
-            scores = {"f16": ref_scores, **scores, f"ollama {qtype}": _served_scores(job, binary, shipped)}
+        scores = answer_scores(job, {qtype: shipped}, questions)
+        if isinstance(questions, Questions):
+            served = _served_scores(job, binary, shipped, questions.prompts)
+            scores = {"f16": ref_scores, **scores, f"ollama {qtype}": served}
         reference_bytes = reference.stat().st_size
     verdicts = [
         quant_types(problems, qtype, len(inspect_gguf(shipped).tensors)),
@@ -81,23 +83,45 @@ def gguf_quantized(job: Any, qtype: str) -> tuple[Path, list[Any], dict[str, Any
     return shipped, verdicts, extra
 
 
-def answer_scores(job: Any, ggufs: dict[str, Path]) -> dict[str, Any]:
-    """Share of SCORED training and held-out questions each GGUF answers right in llama.cpp (greedy, the training
-    template's prompt): what the fine-tune learned, kept or lost by the quantization."""
+@dataclass(frozen=True)
+class Questions:
+    """SCORED training and held-out questions as llama.cpp is asked them: the training template's prompts, its
+    stop strings and the data's answer budget."""
+
+    prompts: list[Any]
+    stops: list[str]
+    tokens: int
+
+
+def scored_questions(job: Any) -> Questions | str:
+    """The questions every runtime of a quantized export is asked, built once; a str says why there are none."""
     from finetune.data.templates import get_template
     from finetune.evaluate.budget import answer_budget
     from finetune.evaluate.prompts import build_prompts
-    from finetune.serve import llamacpp
 
     template = get_template(job.cfg.data.template, tokenizer=job.tokenizer)
     try:
         prompts = build_prompts(job.run_dir / "data", template, n_train=SCORED, n_heldout=SCORED)
     except ValueError as exc:  # raw-text rows: no questions to ask
-        return {"skipped": str(exc)}
-    tokens = answer_budget(job.run_dir / "data", job.tokenizer).tokens
+        return str(exc)
+    return Questions(
+        prompts, list(template.stop_strings), answer_budget(job.run_dir / "data", job.tokenizer).tokens
+    )
+
+
+def answer_scores(
+    job: Any, ggufs: dict[str, Path], questions: Questions | str | None = None
+) -> dict[str, Any]:
+    """Share of SCORED training and held-out questions each GGUF answers right in llama.cpp (greedy, the training
+    template's prompt): what the fine-tune learned, kept or lost by the quantization."""
+    from finetune.serve import llamacpp
+
+    q = scored_questions(job) if questions is None else questions
+    if isinstance(q, str):
+        return {"skipped": q}
     return {
-        name: _right([a.text for a in llamacpp.generate(path, [p.prompt for p in prompts], tokens,
-                                                         template.stop_strings)], prompts)
+        name: _right([a.text for a in llamacpp.generate(path, [p.prompt for p in q.prompts], q.tokens, q.stops)],
+                     q.prompts)
         for name, path in ggufs.items()
     }  # fmt: skip
 
@@ -114,18 +138,16 @@ def _right(answers: list[str], prompts: list[Any]) -> dict[str, float | None]:
     return out
 
 
-def _served_scores(job: Any, binary: Path, shipped: Path) -> dict[str, float | None]:
+def _served_scores(job: Any, binary: Path, shipped: Path, prompts: list[Any]) -> dict[str, float | None]:
     """The quantized model as Ollama users run it: the shipped Modelfile (FROM the file, the run's TEMPLATE and
     PARAMETERs), default /api/chat requests, the same questions as answer_scores."""
-    from finetune.data.templates import get_template
-    from finetune.evaluate.prompts import build_prompts
     from finetune.evaluate.served_adapter import adapter_modelfile, ask_served
     from finetune.system.atomic import atomic_write_text
 
     modelfile = job.out / "Modelfile"
-    atomic_write_text(modelfile, adapter_modelfile(job.cfg, job.run_dir, job.base, shipped, None, job.out))
-    template = get_template(job.cfg.data.template, tokenizer=job.tokenizer)
-    prompts = build_prompts(job.run_dir / "data", template, n_train=SCORED, n_heldout=SCORED)
+    atomic_write_text(
+        modelfile, adapter_modelfile(job.cfg, job.run_dir, job.tokenizer, job.base, shipped, None, job.out)
+    )
     served = ask_served(binary, job.out, {"quantized": modelfile}, {"scored": prompts}, job.ollama_server)
     return _right(served["quantized"]["scored"], prompts)
 
@@ -158,7 +180,9 @@ def _reference(job: Any, tmp: Path, convert: Any) -> Path:
     return convert(_fused(job, tmp), tmp / "model-f16.gguf", "f16")
 
 
-def _reference_measured(job: Any, reference: Path, ids: list[list[int]]) -> tuple[list, dict | None]:
+def _reference_measured(
+    job: Any, reference: Path, ids: list[list[int]], questions: Questions | str
+) -> tuple[list, dict | None]:
     """The f16 GGUF's rows on the held-out texts and its answer scores, measured once per content (sha256 of the
     GGUF, the texts and the llama.cpp build) and kept under RUN/export/.cache for the next type exported."""
     from importlib.metadata import version
@@ -175,7 +199,7 @@ def _reference_measured(job: Any, reference: Path, ids: list[list[int]]) -> tupl
         saved = json.loads(cached.read_text())
         return rows_from_json(saved["rows"]), saved["scores"]
     rows = scored_logprobs(reference, ids, k=TOP_K)
-    scores = answer_scores(job, {"f16": reference}).get("f16")
+    scores = answer_scores(job, {"f16": reference}, questions).get("f16")
     cached.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(cached, {"rows": rows, "scores": scores})
     return rows, scores

@@ -106,7 +106,8 @@ def _ship(cfgs, run_dirs, names, base: Path, gguf_type: str, out: Path, binary: 
     packaged = faults.point("adapters_swapped", loras)  # what each Modelfile's ADAPTER names
     for cfg, run, name, lora in zip(cfgs, run_dirs, names, packaged, strict=True):
         atomic_write_text(
-            out / name / "Modelfile", adapter_modelfile(cfg, run, base, base_gguf, lora, out / name)
+            out / name / "Modelfile",
+            adapter_modelfile(cfg, run, tokenizer, base, base_gguf, lora, out / name),
         )
     try:
         probes = {

@@ -63,9 +63,8 @@ def stage_ship(ctx: Ctx) -> StageReport:
                 by_gate.setdefault(g, {})[form] = skipped(g, why)
             continue
         ctx.log(f"[ship] {form}: exporting and judging it where users load it")
-        result = ctx.deps.ship_form(
-            ctx.cfg, ctx.run_dir, base, form, ctx.deps.locate_ollama, ctx.deps.ollama_server
-        )
+        # located once above, for every form (as `finetune export` does)
+        result = ctx.deps.ship_form(ctx.cfg, ctx.run_dir, base, form, lambda: ollama, ctx.deps.ollama_server)
         for v in result.verdicts:
             ctx.log(f"[ship] {form} {v}")
             by_gate.setdefault(v.name, {})[form] = v

@@ -15,8 +15,11 @@ def test_the_modelfile_serves_the_base_with_the_adapter_and_the_runs_own_chat_fo
 
     run = a_run(tmp_path, tiny_hf)
     out = run / "export" / "gguf-lora"
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_hf))
     text = adapter_modelfile(
-        own_config(run, None), run, tiny_hf, out / "base-f16.gguf", out / "adapter.gguf", out
+        own_config(run, None), run, tokenizer, tiny_hf, out / "base-f16.gguf", out / "adapter.gguf", out
     )
     lines = text.splitlines()
     assert lines[:2] == ["FROM ./base-f16.gguf", "ADAPTER ./adapter.gguf"]
