@@ -7,12 +7,12 @@ from typing import Any
 
 from finetune.gates.parity import Answer
 from finetune.gates.registry import DEFAULT
-from finetune.gates.scoring import answer_score
+from finetune.gates.scoring import is_right
 from finetune.gates.verdict import Verdict, skipped, verdict
 
 
 def _right(answers: Sequence[Answer], prompts: Sequence[Any], idx: Sequence[int]) -> float:
-    return sum(answer_score(answers[i].text, prompts[i].reference) >= 1 for i in idx) / len(idx)
+    return sum(is_right(answers[i].text, prompts[i].reference) for i in idx) / len(idx)
 
 
 def heldout_score(

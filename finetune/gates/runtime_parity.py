@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from finetune.gates.parity import Answer, ParityResult, content_tokens, logprob_parity, tokenizer_parity
-from finetune.gates.scoring import answer_score
+from finetune.gates.scoring import is_right
 from finetune.gates.verdict import Verdict, skipped, verdict
 
 TUNED = ("mlx_adapter", "mlx_fused", "llamacpp", "ollama")
@@ -136,14 +136,14 @@ def adapter_effect(
         return verdict(
             name, False, None, min_score, "no training questions, base answers or fine-tuned runtimes"
         )
-    base_score = _rate([answer_score(b.text, r) >= 1 for b, r in zip(base, references, strict=True)])
+    base_score = _rate([is_right(b.text, r) for b, r in zip(base, references, strict=True)])
     problems, per_runtime = [], {}
     for runtime, got in tuned.items():
         if len(got) != len(references):
             problems.append(f"{runtime}: {len(got)} answers for {len(references)} questions")
             continue
         changed = _rate([a.text.strip() != b.text.strip() for a, b in zip(got, base, strict=True)])
-        score = _rate([answer_score(a.text, r) >= 1 for a, r in zip(got, references, strict=True)])
+        score = _rate([is_right(a.text, r) for a, r in zip(got, references, strict=True)])
         per_runtime[runtime] = {"changed": changed, "score": score}
         if changed < min_changed:
             problems.append(

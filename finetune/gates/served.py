@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from finetune.gates.parity import Answer
-from finetune.gates.scoring import answer_score
+from finetune.gates.scoring import is_right
 from finetune.gates.verdict import Verdict, verdict
 
 
@@ -20,11 +20,9 @@ def served_answers(
             name, False, None, threshold, f"{len(served)} served answers for {len(references)} questions"
         )
     same = [a.text.strip() == b.text.strip() for a, b in zip(served, reference, strict=True)]
-    right = [answer_score(a.text, r) >= 1 for a, r in zip(served, references, strict=True)]
+    right = [is_right(a.text, r) for a, r in zip(served, references, strict=True)]
     agree, correct = sum(same) / len(same), sum(right) / len(right)
-    ref_right = sum(answer_score(b.text, r) >= 1 for b, r in zip(reference, references, strict=True)) / len(
-        right
-    )
+    ref_right = sum(is_right(b.text, r) for b, r in zip(reference, references, strict=True)) / len(right)
     detail = f"Ollama == MLX+adapter on {sum(same)}/{len(same)} training questions; right on {correct:.0%} (MLX {ref_right:.0%})"
     problems = []
     if agree < threshold:

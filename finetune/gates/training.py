@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from finetune.gates.registry import DEFAULT, Gate
-from finetune.gates.scoring import answer_score
+from finetune.gates.scoring import MIN_GAIN, answer_score, improved, is_long
 from finetune.gates.verdict import Verdict, verdict
 
 ADAPTER_LEAVES = ("lora_a", "lora_b", "m")
@@ -63,14 +63,15 @@ def model_learning(
     loss_after: float,
     threshold: float = DEFAULT["learning_improvement"],
 ) -> Verdict:
-    """Trained answers beat the base's on > threshold of cases, and teacher-forced loss drops."""
+    """Trained answers beat the base's on > threshold of cases (a long reference's similarity by MIN_GAIN or
+    more), and teacher-forced loss drops."""
     name = "model_learning"
     if not (len(before) == len(after) == len(references)) or not references:
         return verdict(name, False, None, threshold, "answers and references differ in number or are empty")
     scores = [
         (answer_score(b, r), answer_score(a, r)) for b, a, r in zip(before, after, references, strict=True)
     ]
-    wins = sum(1 for b, a in scores if a > b)
+    wins = sum(1 for b, a in scores if improved(b, a))
     share = wins / len(scores)
     ok_share, ok_loss = share > threshold, loss_after < loss_before
     detail = (
@@ -79,6 +80,8 @@ def model_learning(
     )
     if not ok_loss:
         detail += " (did not drop)"
+    if graded := sum(map(is_long, references)):
+        detail += f"; {graded} long references graded by token similarity (a win gains >= {MIN_GAIN})"
     cases = [
         {"reference": r, "before": b, "after": a, "before_score": sb, "after_score": sa}
         for (sb, sa), b, a, r in zip(scores, before, after, references, strict=True)

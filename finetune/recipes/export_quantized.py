@@ -127,13 +127,11 @@ def answer_scores(
 
 
 def _right(answers: list[str], prompts: list[Any]) -> dict[str, float | None]:
-    from finetune.gates.scoring import answer_score
+    from finetune.gates.scoring import is_right
 
     out: dict[str, float | None] = {}
     for kind in ("train", "heldout"):
-        right = [
-            answer_score(a, p.reference) > 0 for a, p in zip(answers, prompts, strict=True) if p.kind == kind
-        ]
+        right = [is_right(a, p.reference) for a, p in zip(answers, prompts, strict=True) if p.kind == kind]
         out[kind] = sum(right) / len(right) if right else None
     return out
 

@@ -82,6 +82,19 @@ def test_learning_gate():
                               loss_before=3, loss_after=1, threshold=0.3).passed  # fmt: skip
 
 
+def test_learning_gate_grades_long_answers_by_similarity():
+    """A function body is never reproduced word for word: the trained answer wins when it is clearly closer."""
+    refs = ["    total = 0\n    for x in values:\n        total += x * x\n    return total\n"] * 2
+    before = ["Here is how you might compute the sum of squares of the values.", "return sum(values)"]
+    near = refs[0].replace("x * x", "x ** 2")  # one token off: not exact, not contained, 0.9+ similar
+    v = model_learning(before, [near, near], refs, loss_before=2.0, loss_after=0.4)
+    assert v.passed and v.measured == 1.0 and "2 long references graded" in v.detail
+    assert 0.9 < v.data["cases"][0]["after_score"] < 1
+    # a lr ~0 adapter changes a word here and there: gains under MIN_GAIN are no wins
+    drift = ["Here is how you could compute the sum of squares of the values.", "return sum(values)"]
+    assert model_learning(before, drift, refs, loss_before=2.0, loss_after=1.99).measured == 0.0
+
+
 def test_learning_gate_needs_matching_non_empty_answers():
     assert not model_learning([], [], [], loss_before=1, loss_after=0).passed
     v = model_learning(["a"], ["b", "c"], ["b"], loss_before=1, loss_after=0)
