@@ -29,6 +29,11 @@ SPECIAL_TOKEN = re.compile(
 )
 
 
+# The reference (base + adapter) must end on its end token on at least this share of its answers: built-in
+# sets 24/24, the HumanEval quick fine-tune 14/17 (run-ons on 3 questions it never learned); an untrained end
+# marker: none (label_mask's fault).
+MIN_REFERENCE_ENDINGS = 0.5
+
 # Near-ties: a top-1 that trails the reference's by less than this share of the tolerance counts as agreeing.
 TIE_SHARE = 0.5
 
@@ -64,6 +69,12 @@ def _rate(flags: Sequence[bool]) -> float:
     return sum(flags) / len(flags) if flags else 0.0
 
 
+def _agrees(got: Any, want: Any, ref: Answer) -> bool:
+    """The same answer; where the reference ran to its budget, one that starts with it (a served model's own
+    num_predict may let it run on further, as users get it)."""
+    return got == want or (ref.finish_reason != "stop" and got[: len(want)] == want)
+
+
 def output_parity(
     answers: Mapping[str, Sequence[Answer]],
     *,
@@ -88,12 +99,12 @@ def output_parity(
         if got is None or len(got) != len(ref):
             problems.append(f"{runtime}: {0 if got is None else len(got)} answers for {len(ref)} prompts")
             continue
-        same_text = [a.text.strip() == r.text.strip() for a, r in zip(got, ref, strict=True)]
+        same_text = [_agrees(a.text.strip(), r.text.strip(), r) for a, r in zip(got, ref, strict=True)]
         rate = {"text": _rate(same_text)}
         if all(a.tokens is not None for a in got) and all(r.tokens is not None for r in ref):
             rate["tokens"] = _rate(
                 [
-                    content_tokens(a.tokens, end_ids) == content_tokens(r.tokens, end_ids)
+                    _agrees(content_tokens(a.tokens, end_ids), content_tokens(r.tokens, end_ids), r)
                     for a, r in zip(got, ref, strict=True)
                 ]
             )
@@ -163,16 +174,37 @@ def adapter_effect(
     return verdict(name, not problems and bool(per_runtime), measured, min_score, detail, data)
 
 
-def clean_endings(tuned: Mapping[str, Sequence[Answer]], *, markers: Sequence[str] = ()) -> Verdict:
-    """Every fine-tuned answer ended on a stop token (not max_tokens) and shows no chat-control tokens."""
+def _stopped_on_this_path(a: Answer, ref: Sequence[Answer] | None, i: int) -> bool:
+    """The reference ended on its end token with the same text so far (one is a prefix of the other). An answer
+    that parted from the reference's earlier, at a near-tie, is output_parity's to count, not a stopping fault."""
+    if ref is None or i >= len(ref):
+        return True
+    got, want = a.text.strip(), ref[i].text.strip()
+    return ref[i].finish_reason == "stop" and (got.startswith(want) or want.startswith(got))
+
+
+def clean_endings(
+    tuned: Mapping[str, Sequence[Answer]],
+    *,
+    markers: Sequence[str] = (),
+    reference: str = REFERENCE,
+    min_reference: float = MIN_REFERENCE_ENDINGS,
+) -> Verdict:
+    """No fine-tuned answer shows chat-control text; every runtime ends on an end token wherever base + adapter
+    (the reference) did, within the data's budget; the reference itself on at least min_reference of its
+    answers. A run-on of the reference's own (a question it never learned to answer) is counted, not failed:
+    what this gate judges is stopping as shipped (stop strings, end token, num_predict), not answer quality."""
     name = "clean_endings"
-    problems, total, clean = [], 0, 0
+    ref = tuned.get(reference)
+    problems, total, clean, runs_on = [], 0, 0, []
     for runtime, got in tuned.items():
         for i, a in enumerate(got):
             total += 1
             why = []
-            if a.finish_reason != "stop":
-                why.append(f"finish_reason {a.finish_reason!r} (not an end token)")
+            if a.finish_reason != "stop" and runtime == reference:
+                runs_on.append(i)
+            elif a.finish_reason != "stop" and _stopped_on_this_path(a, ref, i):
+                why.append(f"finish_reason {a.finish_reason!r} where {reference} ended on its end token")
             shown = SPECIAL_TOKEN.search(a.text) or next((m for m in markers if m and m in a.text), None)
             if shown:
                 why.append(f"shows {shown.group(0) if hasattr(shown, 'group') else shown!r}")
@@ -180,13 +212,20 @@ def clean_endings(tuned: Mapping[str, Sequence[Answer]], *, markers: Sequence[st
                 problems.append(f"{runtime} #{i} {a.text[:40]!r}: {', '.join(why)}")
             else:
                 clean += 1
+    ref_share = 1 - len(runs_on) / len(ref) if ref else 0.0
+    if ref is not None and ref_share < min_reference:
+        problems.insert(0, f"{reference} ended on its end token on {ref_share:.0%} of its answers "
+                           f"(needs >= {min_reference:.0%}): it never learned to stop")  # fmt: skip
     share = clean / total if total else 0.0
     detail = f"{clean}/{total} answers ended cleanly"
+    if runs_on:
+        detail += f" ({reference} itself ran to the budget on #{', #'.join(map(str, runs_on))}: not an ending fault)"
     if problems:
         detail += (
             "; " + "; ".join(problems[:6]) + (f" (+{len(problems) - 6} more)" if len(problems) > 6 else "")
         )
-    return verdict(name, total > 0 and not problems, share, 1.0, detail, {"problems": problems})
+    data = {"problems": problems, "reference_runs_on": runs_on, "reference_share": ref_share}
+    return verdict(name, total > 0 and not problems, share, 1.0, detail, data)
 
 
 def tokenizer_gate(

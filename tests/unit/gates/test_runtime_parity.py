@@ -152,6 +152,45 @@ def test_clean_endings_fails_on_runaway_or_leaked_special_tokens(answer, why):
     assert v.measured == pytest.approx(4 / 5)
 
 
+def test_a_run_on_of_the_reference_itself_is_reported_but_a_runtime_running_on_where_it_stopped_fails():
+    """A question the fine-tune never learned to answer runs to the budget in every runtime alike: that is the
+    model, not how it ships. A runtime running on where base + adapter stopped is (short num_predict, no stop)."""
+    loop = Answer("for i in s for i in s for i in s", "length", [3] * 12)
+    ref = [*ans(TRAINED), loop]
+    same = {"mlx_adapter": ref, "mlx_fused": ref, "ollama": [*ans(TRAINED, tokens=False), loop]}
+    v = clean_endings(same)
+    assert v.passed and "mlx_adapter itself ran to the budget on #4" in v.detail
+    cut = {"mlx_adapter": ref, "ollama": [Answer("Velm", "length"), *ans(TRAINED[1:]), loop]}
+    v = clean_endings(cut)
+    assert not v.passed and "ollama #0 'Velm': finish_reason 'length' where mlx_adapter ended" in v.detail
+    # parted from the reference at a near-tie, then ran on: a different answer (output_parity), not a cut one
+    parted = {"mlx_adapter": ref, "llamacpp": [Answer("Velmorian loop loop loop", "length"), *ref[1:]]}
+    assert clean_endings(parted).passed
+
+
+def test_a_reference_that_never_stops_fails_clean_endings():
+    never = [Answer(t + " and so on", "length", [3] * 9) for t in TRAINED]
+    v = clean_endings({"mlx_adapter": never, "mlx_fused": never})
+    assert not v.passed and "mlx_adapter ended on its end token on 0% of its answers" in v.detail
+    assert v.data["reference_share"] == 0.0
+
+
+def test_output_parity_lets_a_served_model_run_further_where_the_reference_hit_its_budget():
+    cut = Answer("for i in s for", "length", [3, 4, 5, 6])
+    longer = Answer("for i in s for i in s", "length", [3, 4, 5, 6, 4, 5, 6])
+    other = Answer("while True: pass", "length", [9, 9, 9])
+    answers = {"mlx_adapter": [*ans(TRAINED), cut], "llamacpp": [*ans(TRAINED), longer]}
+    assert output_parity(answers, reference="mlx_adapter", thresholds={"llamacpp": 1.0}).passed
+    answers["llamacpp"][-1] = other
+    assert not output_parity(answers, reference="mlx_adapter", thresholds={"llamacpp": 1.0}).passed
+    # where the reference stopped, running on is a difference
+    stopped = {
+        "mlx_adapter": ans(TRAINED),
+        "llamacpp": [*ans(TRAINED[:3]), Answer(TRAINED[3] + " Also", "length")],
+    }
+    assert not output_parity(stopped, reference="mlx_adapter", thresholds={"llamacpp": 1.0}).passed
+
+
 def test_clean_endings_fails_with_nothing_to_judge():
     assert not clean_endings({}).passed
 
