@@ -324,5 +324,5 @@ def test_quantized_gguf_parity_is_judged_more_loosely(data_dir, prompts):
 
 def test_settings_serialize():
     assert EvalSettings().to_dict() == {"n_train": 12, "n_heldout": 12, "max_tokens": None, "logprob_prompts": 2,
-                                        "top_k": 20, "ref_top_k": 5, "long_context": 1024,
+                                        "short_depth": 160, "top_k": 20, "ref_top_k": 5, "long_context": 1024,
                                         "long_positions": 64}  # fmt: skip
