@@ -137,9 +137,16 @@ def test_the_run_passed(tier2):
 # Training faults only a pretrained model can show (a random one has no language to forget: the tiny GPT-2's
 # general-text perplexity falls when it trains), planted in a run of tier 2's own model and settings.
 PRETRAINED_TRAIN_FAULTS = ("lr_too_high",)
+# The training faults the tiny GPT-2 shows in the fault suite, planted on SmolLM2 too (issue 19: a leak between
+# splits, an end-of-turn marker that carries no loss, an adapted layer not wired in); Gemma's run keeps to the
+# pretrained-only fault (each of its trainings takes ~2 min).
+REAL_MODEL_TRAIN_FAULTS = ("split_leak", "end_marker_untrained", "one_adapter_frozen")
+TRAIN_FAULTS = PRETRAINED_TRAIN_FAULTS + (
+    () if os.environ.get("FT_TEST_MODEL") == "gemma3-270m" else REAL_MODEL_TRAIN_FAULTS
+)
 
 
-@pytest.mark.parametrize("fault", PRETRAINED_TRAIN_FAULTS)
+@pytest.mark.parametrize("fault", TRAIN_FAULTS)
 def test_a_training_fault_on_the_real_model_is_caught_by_its_gate(tier2, fault, tmp_path, plant_fault):
     from finetune import faults
     from finetune.recipes.commands import RECIPES
