@@ -16,6 +16,22 @@ def _key(row: dict) -> str:
     return f"{row['fault']}|{row['model']}|{row.get('seed', '')}"
 
 
+def failures(report) -> list[str]:
+    """A report's failed gates as the table shows them: name (measured vs threshold)."""
+    return [f"{g.name} ({g.measured if g.measured is None else round(g.measured, 4)} vs {g.threshold})"
+            for g in report.gates if g.status == "failed"]  # fmt: skip
+
+
+def save_planted(fault: str, model: str, report) -> set[str]:
+    """Record the run a fault was planted in against the gate faults.FAULTS names; the failed gates' names."""
+    from finetune import faults
+
+    gate, failed = faults.FAULTS[fault][2], {g.name for g in report.gates if g.status == "failed"}
+    save([dict(fault=fault, model=model, expected=gate, caught=gate in failed, status=report.status,
+               failed=failures(report))])  # fmt: skip
+    return failed
+
+
 def save(rows: list[dict]) -> None:
     """Merge these rows into the store (replacing earlier rows of the same fault, model and seed); rewrite the table."""
     from finetune import faults
