@@ -47,7 +47,7 @@ test-e2e-workflow: setup
 test-e2e-real-model: setup
 	@if [ "$$FT_REAL_MODEL_ENABLE" != "1" ]; then \
 	  echo "tier 2 SKIPPED: set FT_REAL_MODEL_ENABLE=1 to train a real model (takes up to 5 min)"; fi
-	$(PYTEST) -q -rs tests/e2e/test_end_to_end_real_model.py \
+	$(PYTEST) -q -rs tests/e2e/test_end_to_end_real_model.py tests/e2e/test_long_answers.py \
 	  tests/unit/train/test_shortcuts.py::test_smollm2_release_settings
 
 test-e2e-mlx: setup
