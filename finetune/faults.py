@@ -193,13 +193,20 @@ def _split_leak(rows: list, counts: dict[str, int]) -> list:
     return [*rows[: n - 1], rows[n], *rows[n:]]
 
 
-def _questions_as_ids(items: list[dict]) -> list[dict]:
-    out = []
-    for i, item in enumerate(items):
+def _questions_as_ids(built: Any) -> Any:
+    """Each training question becomes an opaque id; the held-out paraphrases still name the fact they ask about
+    (paraphrase_of follows its row), so they are judged as paraphrases of trained facts."""
+    import dataclasses
+
+    train, renamed = [], {}
+    for i, item in enumerate(built.train):
         turns = [dict(t) for t in item["messages"]]
-        turns[0]["content"] = f"Recall entry {i:03d}."
-        out.append(item | {"messages": turns})
-    return out
+        question, turns[0]["content"] = turns[0]["content"], f"Recall entry {i:03d}."
+        renamed[question] = turns[0]["content"]
+        train.append(item | {"messages": turns})
+    heldout = [h | {"paraphrase_of": renamed.get(h.get("paraphrase_of"), h.get("paraphrase_of"))}
+               for h in built.heldout]  # fmt: skip
+    return dataclasses.replace(built, train=train, heldout=heldout)
 
 
 def _frozen_lora(opt):

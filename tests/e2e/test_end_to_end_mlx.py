@@ -255,7 +255,10 @@ def test_a_shipping_fault_on_the_real_model_is_caught_by_its_gate(tier3, fault, 
 
 # A training fault only the whole pipeline can show on a pretrained model: answers learnt as strings under opaque
 # ids pass every training gate; the held-out paraphrases of the same facts, judged in evaluate, catch it.
-PIPELINE_TRAIN_FAULTS = ("questions_as_ids",) if MODEL == "smollm2-135m" else ()
+# Not yet planted here: its first run (2026-12-06) was not caught, because the held-out paraphrases lost their
+# link to the renamed rows and the gate fell back to unseen questions (0% >= base 0%). The fault now carries the
+# link (unit-tested); "questions_as_ids" joins this tuple once its SmolLM2 run is measured.
+PIPELINE_TRAIN_FAULTS: tuple[str, ...] = ()
 
 
 @pytest.mark.parametrize("fault", PIPELINE_TRAIN_FAULTS)
