@@ -20,7 +20,7 @@ from finetune.evaluate import logprob_cache
 from finetune.evaluate.prompts import TOKENIZER_TEXTS, EvalPrompt, build_prompts, long_context_text
 from finetune.gates.parity import Answer, ReferenceRows
 from finetune.gates.runtime_parity import RuntimeMeasurements
-from finetune.gates.scoring import answer_score, is_right
+from finetune.gates.scoring import answer_score, right_score
 
 Log = Callable[[str], None]
 
@@ -82,10 +82,12 @@ class Backends:
 def score_runtime(name: str, prompts: Sequence[EvalPrompt], answers: Sequence[Answer]) -> dict[str, Any]:
     out: dict[str, Any] = {"runtime": name}
     for kind in ("train", "heldout"):
-        pairs = [(a.text, p.reference) for p, a in zip(prompts, answers, strict=True) if p.kind == kind]
-        n = len(pairs)
-        contains = sum(is_right(*pair) for pair in pairs)  # graded by similarity for long references
-        exact = sum(answer_score(*pair) == 2 for pair in pairs)
+        scores = [
+            answer_score(a.text, p.reference) for p, a in zip(prompts, answers, strict=True) if p.kind == kind
+        ]
+        n = len(scores)
+        contains = sum(map(right_score, scores))  # graded by similarity for long references
+        exact = sum(s == 2 for s in scores)
         out[kind] = {"n": n, "exact": exact, "contains": contains, "score": contains / n if n else 0.0}
     return out
 

@@ -64,13 +64,17 @@ def answer_score(answer: str, reference: str) -> float:
     score = score_answer(answer, reference)
     if score["exact"] or score["contains"]:
         return 2 if score["exact"] else 1
-    return min(similarity(answer, reference), 1.0) if is_long(reference) else 0
+    return similarity(answer, reference) if is_long(reference) else 0
+
+
+def right_score(score: float) -> bool:
+    """An answer_score that counts as right: exact or contained (>= 1), or a long reference's similarity at
+    RIGHT_SIMILARITY or more (a short reference scores 0, 1 or 2, so one bar serves both)."""
+    return score >= RIGHT_SIMILARITY
 
 
 def is_right(answer: str, reference: str) -> bool:
-    """Exact or contained; a long reference also when its similarity reaches RIGHT_SIMILARITY."""
-    score = answer_score(answer, reference)
-    return score >= 1 or (is_long(reference) and score >= RIGHT_SIMILARITY)
+    return right_score(answer_score(answer, reference))
 
 
 def improved(before: float, after: float) -> bool:

@@ -21,7 +21,7 @@ from finetune.recipes.commands import COMMANDS, RECIPES
 from finetune.serve.ollama_provision import locate_ollama
 from finetune.stages.real import real_deps
 from finetune.stages.rundir import own_config
-from tests import export_cases
+from tests import export_cases, fault_table
 from tests.tiny_run import MODEL, healthy_sets
 
 STAGE_ERROR = "(stage error)"  # no gate: the stage itself must fail, clearly
@@ -52,11 +52,6 @@ def _run(tier: str, run_dir: Path, sets: list[str]):
     return RECIPES[tier](cfg, run_dir, real_deps(), log=lambda _: None, settings=settings).report
 
 
-def _failed(report) -> list[str]:
-    return [f"{g.name} ({g.measured if g.measured is None else round(g.measured, 4)} vs {g.threshold})"
-            for g in report.gates if g.status == "failed"]  # fmt: skip
-
-
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("data")
@@ -75,7 +70,7 @@ def healthy(tmp_path_factory, data_dir):
 def test_a_healthy_seed_passes_every_gate(seed, healthy, tmp_path, data_dir, record):
     report = healthy[1] if seed == 0 else _run("pipeline", tmp_path / "run", _sets(data_dir, seed))
     record(fault="healthy", seed=seed, model=MODEL, expected="(none fails)", caught=report.status == "passed",
-           status=report.status, failed=_failed(report))  # fmt: skip
+           status=report.status, failed=fault_table.failures(report))  # fmt: skip
     assert report.status == "passed", report.reasons
     assert {g.name for g in report.gates} >= set(COMMANDS["pipeline"].gates)
 
@@ -87,7 +82,7 @@ def test_a_training_fault_is_caught_by_its_gate(fault, tmp_path, data_dir, recor
     report = _run("run", tmp_path / "run", [*_sets(data_dir), "gates.skip=[memory_efficiency,forgetting]"])
     failed = {g.name for g in report.gates if g.status == "failed"}
     record(fault=fault, model=MODEL, expected=gate, caught=gate in failed, status=report.status,
-           failed=_failed(report))  # fmt: skip
+           failed=fault_table.failures(report))  # fmt: skip
     assert report.faults == [fault] and (report.status, report.exit_code) == (faults.STATUS, faults.EXIT_CODE)
     assert gate in failed, f"{fault} was not caught by {gate}; failed: {sorted(failed)}"
     for also in ALSO_CAUGHT.get(fault, ()):
@@ -105,7 +100,7 @@ def test_a_shipping_fault_is_caught_by_its_gate_and_only_its_stage_onward_reruns
     report = _run("pipeline", run_dir, _sets(data_dir, 0))
     failed = {g.name for g in report.gates if g.status == "failed"}
     record(fault=fault, model=MODEL, expected=gate, caught=gate in failed, status=report.status,
-           failed=_failed(report))  # fmt: skip
+           failed=fault_table.failures(report))  # fmt: skip
     assert report.faults == [fault] and (report.status, report.exit_code) == (faults.STATUS, faults.EXIT_CODE)
     assert gate in failed, f"{fault} was not caught by {gate}; failed: {sorted(failed)}"
     order = [s.name for s in report.stages]
