@@ -44,7 +44,8 @@ test-unit: setup
 test-e2e-workflow: setup
 	$(PYTEST) -q tests/e2e/test_end_to_end_workflow.py tests/e2e/test_own_data.py
 
-test-e2e-real-model: setup
+# Ollama too: the long-answer set goes through `finetune pipeline` (a run without it is degraded and fails).
+test-e2e-real-model: ollama
 	@if [ "$$FT_REAL_MODEL_ENABLE" != "1" ]; then \
 	  echo "tier 2 SKIPPED: set FT_REAL_MODEL_ENABLE=1 to train a real model (takes up to 5 min)"; fi
 	$(PYTEST) -q -rs tests/e2e/test_end_to_end_real_model.py tests/e2e/test_long_answers.py \
