@@ -34,10 +34,11 @@ EXIT_CODE = 4
 
 # name -> (the stage it is planted in, what it does, the gate that must catch it)
 FAULTS: dict[str, tuple[str, str, str]] = {
-    "split_leak": (
+    "split_leak": ("data", "the first validation row is written into train too", "split_overlap"),
+    "questions_as_ids": (
         "data",
-        "the first validation row is written into the training split too",
-        "split_overlap",
+        "training questions are opaque ids (answers not tied to facts)",
+        "heldout_score",
     ),
     "lr_zero": ("train", "the optimizer's learning rate is 0", "loss_convergence"),
     "lr_too_high": ("train", "the optimizer's learning rate is 10x the configured one", "forgetting"),
@@ -47,17 +48,10 @@ FAULTS: dict[str, tuple[str, str, str]] = {
         "one adapted layer's LoRA gradients are zeroed (an adapter that is not wired in)",
         "parameter_updates",
     ),
-    "base_weight_trained": (
-        "train",
-        "the final norm's weight is left trainable and trained",
-        "parameter_updates",
-    ),
+    "base_weight_trained": ("train", "the final norm's weight is trained too", "parameter_updates"),
+    "lora_trains_everything": ("train", "the base under the LoRA layers trains too", "memory_efficiency"),
     "mask_prompt_ignored": ("train", "prompt tokens are trained (loss mask all ones)", "label_mask"),
-    "end_marker_untrained": (
-        "train",
-        "the end-of-turn token after each answer carries no loss",
-        "label_mask",
-    ),
+    "end_marker_untrained": ("train", "the end-of-turn token after each answer has no loss", "label_mask"),
     "adapter_scale_zero": ("train", "the saved adapter_config.json says scale 0", "artifacts"),
     "adapter_truncated": ("train", "the saved adapters.safetensors is cut in half", "artifacts"),
     "disk_full_checkpoint": ("train", "writing the second checkpoint fails with ENOSPC", "(stage error)"),
@@ -70,11 +64,7 @@ FAULTS: dict[str, tuple[str, str, str]] = {
         "tokenizer.ggml.pre names another pre-tokenizer",
         "gguf_tokenizer",
     ),
-    "modelfile_wrong_template": (
-        "ollama",
-        "the Modelfile TEMPLATE is another chat format's",
-        "served_template",
-    ),
+    "modelfile_wrong_template": ("ollama", "the Modelfile TEMPLATE is another format's", "served_template"),
     "modelfile_no_stop": ("ollama", "the Modelfile has no stop strings", "served_template"),
     "modelfile_extra_stop": (
         "ollama",
@@ -185,6 +175,18 @@ def _split_leak(rows: list, counts: dict[str, int]) -> list:
     """The last training row replaced by the first validation row: a leak the split counts do not show."""
     n = counts["train"]
     return [*rows[: n - 1], rows[n], *rows[n:]]
+
+
+def _questions_as_ids(built: Any) -> Any:
+    """Each training question becomes an opaque id; a held-out paraphrase follows its row's new name."""
+    import dataclasses
+
+    ids = {row["messages"][0]["content"]: f"Recall entry {i:03d}." for i, row in enumerate(built.train)}
+    train = [r | {"messages": [r["messages"][0] | {"content": ids[r["messages"][0]["content"]]}, *r["messages"][1:]]}
+             for r in built.train]  # fmt: skip
+    heldout = [h | {"paraphrase_of": ids.get(h.get("paraphrase_of"), h.get("paraphrase_of"))}
+               for h in built.heldout]  # fmt: skip
+    return dataclasses.replace(built, train=train, heldout=heldout)
 
 
 def _frozen_lora(opt):
@@ -308,11 +310,13 @@ def _quant_tensor_damaged(path: Path) -> Path:
 
 EFFECTS: dict[str, Callable[..., Any]] = {
     "split_leak": _split_leak,
+    "questions_as_ids": _questions_as_ids,
     "lr_zero": lambda lr: 0.0,
     "lr_too_high": lambda lr: (lambda step: 10 * lr(step)) if callable(lr) else 10 * lr,
     "frozen_lora": _frozen_lora,
     "one_adapter_frozen": _one_adapter_frozen,
     "base_weight_trained": _base_weight_trained,
+    "lora_trains_everything": lambda model: model.unfreeze(),  # returns the module
     "mask_prompt_ignored": lambda mask: [1] * len(mask),
     "end_marker_untrained": _end_marker_untrained,
     "adapter_scale_zero": _adapter_scale_zero,

@@ -257,6 +257,7 @@ def materialize_source(source: str, out_dir: Path, *, num_examples: int, seed: i
 
     out_dir.mkdir(parents=True, exist_ok=True)
     built = synthetic.build(source[len(BUILTIN) :], n=num_examples, seed=seed)
+    built = faults.point("questions_as_ids", built)
     synthetic.write_jsonl(built.train, out_dir / "source.jsonl")
     synthetic.write_jsonl(built.heldout, out_dir / "heldout.jsonl")
     return str(out_dir / "source.jsonl")

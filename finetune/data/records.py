@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -54,6 +55,13 @@ class LoadResult:
 # ---------------------------------------------------------------- normalizing records
 
 
+def trimmed(text: str) -> str:
+    """Surrounding whitespace off, but a multi-line text keeps its first line's indentation: a code answer
+    ("    n = len(s)\n    return n") must train and be judged with the shape it has."""
+    text = re.sub(r"\A\s*\n", "", text.rstrip())  # leading blank lines go, the first line's indent stays
+    return text if "\n" in text else text.strip()
+
+
 def _field(row: dict, key: str, *, required: bool = True, allow_empty: bool = False) -> str:
     value = row.get(key)
     if value is None:
@@ -66,7 +74,7 @@ def _field(row: dict, key: str, *, required: bool = True, allow_empty: bool = Fa
         raise Reject(f"field {key!r} must be a string, got {type(value).__name__}")
     if not value.strip() and not allow_empty:
         raise Reject(f"empty field {key!r}")
-    return value.strip()
+    return trimmed(value)
 
 
 def _detect_shape(row: dict) -> str:
@@ -137,7 +145,7 @@ def _message(msg: Any, where: str) -> dict:
         raise Reject(f"{where}.content must be a string, got {type(content).__name__}")
     if not content.strip():
         raise Reject(f"{where}.content is empty")
-    out = {"role": ROLE_ALIASES.get(role, role), "content": content.strip()}
+    out = {"role": ROLE_ALIASES.get(role, role), "content": trimmed(content)}
     if (
         msg.get("weight") is not None
     ):  # OpenAI: 0 leaves that turn untrained (a table gives None where absent)
@@ -188,7 +196,7 @@ def normalize_record(
         ]
     reference = row.get("reference")
     reference = (
-        reference.strip() if isinstance(reference, str) and reference.strip() else messages[-1]["content"]
+        trimmed(reference) if isinstance(reference, str) and reference.strip() else messages[-1]["content"]
     )
     kind = row.get("kind") if isinstance(row.get("kind"), str) else None
     return Example(position, shape, messages=messages, reference=reference, kind=kind)

@@ -37,6 +37,7 @@ def prepare_model(model, cfg: RunConfig) -> dict[str, Any]:
         linear_to_lora_layers(
             model, acfg["num_layers"], acfg["lora_parameters"], use_dora=cfg.training.fine_tune_type == "dora"
         )
+        faults.point("lora_trains_everything", model)
     faults.point("base_weight_trained", model, final_norm)
     return acfg
 

@@ -265,6 +265,21 @@ def test_the_split_leak_fault_writes_a_validation_row_into_train(tmp_path, plant
     assert not v.passed and v.measured == 1 and "valid.jsonl row 1" in v.detail
 
 
+def test_the_questions_as_ids_fault_trains_answers_on_opaque_ids(tmp_path, plant_fault):
+
+    plant_fault("questions_as_ids")
+    faulty = read_jsonl(Path(materialize_source("builtin:mixed", tmp_path / "f", num_examples=20, seed=0)))
+    plant_fault()
+    healthy = read_jsonl(Path(materialize_source("builtin:mixed", tmp_path / "h", num_examples=20, seed=0)))
+    assert [r["messages"][1:] for r in faulty] == [r["messages"][1:] for r in healthy]  # answers unchanged
+    assert [r["messages"][0]["content"] for r in faulty][:2] == ["Recall entry 000.", "Recall entry 001."]
+    # the held-out paraphrases still ask about the facts those rows trained, and say which row
+    held_f, held_h = (read_jsonl(tmp_path / d / "heldout.jsonl") for d in ("f", "h"))
+    assert [r["messages"] for r in held_f] == [r["messages"] for r in held_h]
+    ids = {r["messages"][0]["content"] for r in faulty}
+    assert all(r["paraphrase_of"] in ids for r in held_f if r.get("paraphrase_of"))
+
+
 def test_a_saved_dataset_dicts_own_splits_are_used_as_given(tmp_path):
     datasets = pytest.importorskip("datasets")
     train, test = (

@@ -178,6 +178,26 @@ def test_normalize_record_reference_and_kind():
     assert str(Rejection(3, "why", "item")) == "item 3: why"
 
 
+def test_a_code_answer_keeps_its_first_lines_indentation_and_prose_is_trimmed():
+    body = "    n = len(s)\n    return n"
+    chat = normalize_record(
+        {
+            "messages": [
+                {"role": "user", "content": " Write it. "},
+                {"role": "assistant", "content": f"\n{body}\n\n"},
+            ]
+        },
+        1,
+    )
+    assert chat.messages[0]["content"] == "Write it." and chat.messages[1]["content"] == body
+    assert chat.reference == body  # judged with the shape it trained on
+    alpaca = normalize_record({"instruction": "Write it.", "output": body + "  "}, 2)
+    assert alpaca.messages[-1]["content"] == body
+    assert (
+        normalize_record({"prompt": "q", "completion": "  Paris.  "}, 3).messages[-1]["content"] == "Paris."
+    )
+
+
 def test_data_fields_map_a_datasets_own_column_names_to_ours():
     row = {"question": "What is 2+2?", "response": "4", "output": "ignored: response is the answer"}
     ex = normalize_record(row, 1, "auto", {"instruction": "question", "output": "response"})

@@ -53,6 +53,20 @@ def test_lora_and_full_measured_in_process(probe_cfg, toy_folder, sums_dir):
     )  # same model, same batch, before any update
 
 
+def test_a_lora_that_trains_every_weight_fails_the_memory_gate(probe_cfg, toy_folder, sums_dir, plant_fault):
+    from finetune.gates.training import memory_efficiency
+
+    plant_fault(
+        "lora_trains_everything"
+    )  # the probe builds the model as training does, so it carries the fault
+    lora = measure(probe_cfg, toy_folder, sums_dir, "lora", steps=2)
+    plant_fault()
+    full = measure(probe_cfg, toy_folder, sums_dir, "full", steps=2)
+    assert lora["trainable_params"] > full["trainable_params"]  # every weight, and the adapters on top
+    v = memory_efficiency(lora["peak_bytes"], full["peak_bytes"])
+    assert not v.passed and v.measured < 0.05, str(v)
+
+
 def test_main_prints_one_json_line(probe_cfg, toy_folder, sums_dir, capsys):
     assert main(["--config", str(probe_cfg), "--model", str(toy_folder), "--data", str(sums_dir),
                  "--type", "lora", "--steps", "1"]) == 0  # fmt: skip

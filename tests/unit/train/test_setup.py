@@ -66,6 +66,14 @@ def test_base_weight_trained_fault_leaves_one_norm_weight_trainable(plant_fault)
     assert all(".lora_" in n for n in trainable_names(healthy))
 
 
+def test_lora_trains_everything_fault_leaves_the_whole_base_trainable(plant_fault):
+    plant_fault("lora_trains_everything")
+    model = build_toy_model()
+    prepare_model(model, cfg())
+    names = trainable_names(model)
+    assert any(".lora_" in n for n in names) and "model.embed_tokens.weight" in names
+
+
 def learning_rates(opt, steps):
     """The learning rate each of the first `steps` updates used."""
     params, out = {"w": mx.zeros((2,))}, []
