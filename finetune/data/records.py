@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -55,13 +54,9 @@ class LoadResult:
 # ---------------------------------------------------------------- normalizing records
 
 
-def trimmed(text: str) -> str:
-    """Surrounding whitespace off, but a multi-line text keeps its first line's indentation: a code answer
-    ("    n = len(s)\n    return n") must train and be judged with the shape it has."""
-    text = re.sub(r"\A\s*\n", "", text.rstrip())  # leading blank lines go, the first line's indent stays
-    return text if "\n" in text else text.strip()
-
-
+# Every text is stripped, a code answer's first-line indentation too: leading spaces would merge with the chat
+# template's newline into one token ("\n   " in SmolLM2) that the served prompt, which ends in "\n", never has.
+# Kept, HumanEval's healthy quick run learned 11/16 (1 exact) instead of 15/16 (9 exact), 2026-12-06.
 def _field(row: dict, key: str, *, required: bool = True, allow_empty: bool = False) -> str:
     value = row.get(key)
     if value is None:
@@ -74,7 +69,7 @@ def _field(row: dict, key: str, *, required: bool = True, allow_empty: bool = Fa
         raise Reject(f"field {key!r} must be a string, got {type(value).__name__}")
     if not value.strip() and not allow_empty:
         raise Reject(f"empty field {key!r}")
-    return trimmed(value)
+    return value.strip()
 
 
 def _detect_shape(row: dict) -> str:
@@ -145,7 +140,7 @@ def _message(msg: Any, where: str) -> dict:
         raise Reject(f"{where}.content must be a string, got {type(content).__name__}")
     if not content.strip():
         raise Reject(f"{where}.content is empty")
-    out = {"role": ROLE_ALIASES.get(role, role), "content": trimmed(content)}
+    out = {"role": ROLE_ALIASES.get(role, role), "content": content.strip()}
     if (
         msg.get("weight") is not None
     ):  # OpenAI: 0 leaves that turn untrained (a table gives None where absent)
@@ -196,7 +191,7 @@ def normalize_record(
         ]
     reference = row.get("reference")
     reference = (
-        trimmed(reference) if isinstance(reference, str) and reference.strip() else messages[-1]["content"]
+        reference.strip() if isinstance(reference, str) and reference.strip() else messages[-1]["content"]
     )
     kind = row.get("kind") if isinstance(row.get("kind"), str) else None
     return Example(position, shape, messages=messages, reference=reference, kind=kind)

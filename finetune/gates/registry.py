@@ -49,9 +49,9 @@ _ALL = (
     ),
     Gate(
         "memory_efficiency",
-        "peak memory of LoRA vs full fine-tuning, each measured in its own process; when full fine-tuning would "
-        "not fit, LoRA is still measured and full is estimated (labelled so), scaled down where the estimator "
-        "over-estimated the LoRA peak",
+        "peak memory of LoRA (the run's own training peak) vs full fine-tuning (a probe in its own process, run "
+        "beside training when both fit, measured once per model, data, settings and code); when full fine-tuning "
+        "would not fit, it is estimated (labelled so), scaled down where the estimator over-estimated the LoRA peak",
         "memory_saving",
         "LoRA mis-wired so that everything trains",
         in_pipeline=False,

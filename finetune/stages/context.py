@@ -59,7 +59,14 @@ class MeasureLearning(Protocol):  # finetune.evaluate.run_measurements.measure_l
 
 class MeasureMemory(Protocol):  # finetune.train.peak_memory.measure_memory -> MemoryMeasurement
     def __call__(
-        self, run_dir: Path, model_dir: Path, model_config: dict, cfg: RunConfig, *, available: int | None
+        self,
+        run_dir: Path,
+        model_dir: Path,
+        model_config: dict,
+        cfg: RunConfig,
+        *,
+        available: int | None,
+        run_peak: int | None = None,
     ) -> Any: ...
 
 
@@ -110,6 +117,9 @@ class Deps:
     # own code (finetune.recipes.export_adapter.ship_in_run, a layer above: the CLI wires it in)
     ship_form: Callable[..., Any] | None = None
     environ: Mapping[str, str] = field(default_factory=lambda: os.environ)
+    # (run_dir, model_dir, model_config, cfg, available=) -> finish(cancel) -> what happened: the full fine-tuning
+    # probe run beside training (finetune.train.peak_memory.prefetch_full); tier 1 measures nothing
+    prefetch_memory: Callable[..., Callable[[bool], str]] = lambda *a, **k: lambda cancel: "no full probe"
 
 
 @dataclass(frozen=True)

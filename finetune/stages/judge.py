@@ -169,6 +169,7 @@ def judge_memory(j: Judging) -> Verdict:
             ctx.outputs["model"]["config"],
             ctx.cfg,
             available=ctx.deps.available_memory(),
+            run_peak=ctx.outputs.get("train", {}).get("peak_memory_bytes"),  # recorded by this run's training
         )
     v = gates.memory_efficiency(m.lora_peak, m.full_peak, saving=ctx.cfg.gates.memory_saving, source=m.source)
     v.detail += f" ({m.detail})"

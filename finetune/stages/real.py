@@ -37,6 +37,7 @@ def real_deps() -> Deps:
         train=train_run,
         measure_learning=run_measurements.measure_learning,
         measure_memory=peak_memory.measure_memory,
+        prefetch_memory=peak_memory.prefetch_full,
         masked_rows=run_measurements.masked_rows,
         fuse=fuse.fuse,  # dequantize=True is its default: a quantized base is fused in full precision
         measure_fuse=fuse_check.measure_fuse,

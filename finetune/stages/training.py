@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from finetune import faults
@@ -155,6 +156,14 @@ def _resumable(ctx: Ctx, key: str) -> bool:
     return not changed
 
 
+def _prefetch_full_peak(ctx: Ctx, model_path: Path) -> Callable[[bool], str]:
+    """The memory gate's full fine-tuning probe, run beside training on the core training leaves idle."""
+    if not ctx.wants("memory_efficiency"):
+        return lambda cancel: "memory_efficiency not judged: no full probe"
+    model_config, available = ctx.outputs["model"]["config"], ctx.deps.available_memory()
+    return ctx.deps.prefetch_memory(ctx.run_dir, model_path, model_config, ctx.cfg, available=available)
+
+
 def stage_train(ctx: Ctx) -> StageReport:
     from finetune.data.templates import get_template
     from finetune.evaluate.budget import answer_budget
@@ -172,9 +181,16 @@ def stage_train(ctx: Ctx) -> StageReport:
         probes = probe_questions(data_dir, ctx.cfg.gates.learning_probes)
         hook = record_in_memory(run_dir, probes, stops, answer_budget(data_dir, tokenizer).tokens)
     ctx.log(ctx.deps.describe_machine())
-    result = ctx.deps.train(
-        ctx.cfg, model_path, data_dir, run_dir, resume=resume, on_trained=hook, log=ctx.log
-    )
+    finish = _prefetch_full_peak(ctx, model_path)
+    try:
+        result = ctx.deps.train(
+            ctx.cfg, model_path, data_dir, run_dir, resume=resume, on_trained=hook, log=ctx.log
+        )
+    except BaseException:
+        finish(True)  # no probe outlives the training it ran beside
+        raise
+    prefetched = finish(False)
+    ctx.log(f"[train] {prefetched}")
     keep = (
         "steps",
         "start_step",
@@ -189,13 +205,17 @@ def stage_train(ctx: Ctx) -> StageReport:
         "extra",
     )
     summary = result.to_dict() if hasattr(result, "to_dict") else {}
-    details = {"resumed": resume, **{k: summary[k] for k in keep if k in summary}}
+    details = {"resumed": resume, **{k: summary[k] for k in keep if k in summary}, "memory_probe": prefetched}
     if not (run_dir / ADAPTER_DIR).is_dir():
         raise StageError(f"training returned without writing {run_dir / ADAPTER_DIR}", details)
     atomic_write_json(run_dir / TRAIN_KEPT, _kept(run_dir))
     arts = [artifact(name, run_dir / path) for name, path in TRAIN_ARTIFACTS if (run_dir / path).exists()]
     return StageReport(
-        outputs={"adapter_dir": str(run_dir / ADAPTER_DIR), "steps": summary.get("steps")},
+        outputs={
+            "adapter_dir": str(run_dir / ADAPTER_DIR),
+            "steps": summary.get("steps"),
+            "peak_memory_bytes": summary.get("peak_memory_bytes"),  # the memory gate's LoRA side
+        },
         artifacts=arts,
         details=details,
     )

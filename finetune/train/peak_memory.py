@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -20,10 +21,19 @@ from pathlib import Path
 from typing import IO, Any
 
 import finetune  # noqa: F401  (loads the fast BLAS before mlx)
+from finetune.models.cache import cache_root
+from finetune.system.atomic import atomic_write_json
+from finetune.system.hashing import dir_sha256, file_sha256, json_sha256, source_sha256
 from finetune.system.procs import spawn_guarded, stop_group
 
+PROBE_STEPS = (
+    3  # training steps a probe measures (the peak is reached in the first; Adam's state in the second)
+)
 
-def measure(cfg_path: Path, model_path: Path, data_dir: Path, fine_tune_type: str, steps: int = 3) -> dict:
+
+def measure(
+    cfg_path: Path, model_path: Path, data_dir: Path, fine_tune_type: str, steps: int = PROBE_STEPS
+) -> dict:
     import mlx.core as mx
     import mlx.nn as nn
     from mlx.utils import tree_flatten
@@ -81,7 +91,7 @@ def measure_in_subprocesses(
     model_path: Path,
     data_dir: Path,
     kinds: Sequence[str],
-    steps: int = 3,
+    steps: int = PROBE_STEPS,
     timeout: float = 600,
     poll: Callable[[], None] = lambda: time.sleep(0.1),
 ) -> dict[str, dict]:
@@ -130,7 +140,7 @@ def measure_in_subprocess(
     model_path: Path,
     data_dir: Path,
     fine_tune_type: str,
-    steps: int = 3,
+    steps: int = PROBE_STEPS,
     timeout: float = 600,
 ) -> dict:
     return measure_in_subprocesses(cfg_path, model_path, data_dir, [fine_tune_type], steps, timeout)[
@@ -149,6 +159,58 @@ class MemoryMeasurement:
 FULL_FIT_MARGIN = 1.5  # measure full fine-tuning only when 1.5x its estimated peak is free
 
 
+def full_probe_key(model_dir: Path, data_dir: Path, full_cfg: Any, steps: int = PROBE_STEPS) -> str:
+    """What full fine-tuning's peak depends on: the model's and training data's bytes, the model/data/training
+    settings, this code and the MLX it runs on. Equal keys measure the same thing, so the peak is measured once."""
+    from importlib.metadata import version
+
+    settings = full_cfg.model_dump(mode="json", include={"model", "data", "training"})
+    return json_sha256({
+        "model": dir_sha256(model_dir)[0], "train": file_sha256(Path(data_dir) / "train.jsonl"),
+        "settings": settings, "steps": steps, "code": source_sha256(),
+        "mlx": [version(p) for p in ("mlx", "mlx-lm")],
+    })[:32]  # fmt: skip
+
+
+@dataclass
+class _Plan:
+    """What measuring a run's memory needs: its estimates, its probe inputs and the full probe's cache file."""
+
+    est_lora: int
+    est_full: int
+    cfg_file: Path
+    model_dir: Path
+    data_dir: Path
+    cache: Path | None
+
+    def fits_full(self, available: int | None) -> bool:
+        return available is not None and self.est_full * FULL_FIT_MARGIN <= available
+
+    def fits_both(self, available: int | None) -> bool:
+        """LoRA's work and a full probe at once (two processes, one core each)."""
+        both = (self.est_full + self.est_lora) * FULL_FIT_MARGIN
+        return available is not None and both <= available and (os.cpu_count() or 1) >= 2
+
+
+def _plan(run_dir: Path, model_dir: Path, model_config: dict, cfg: Any, cache_dir: Path | None) -> _Plan:
+    from finetune.data.prepare import read_report
+    from finetune.train import memory
+
+    full_cfg, data = cfg.model_copy(deep=True), read_report(Path(run_dir) / "data")
+    full_cfg.training.fine_tune_type = "full"
+    data_dir = Path(run_dir) / "data"
+    # no training split, nothing to key the probe by: it is measured, not cached
+    key = full_probe_key(model_dir, data_dir, full_cfg) if (data_dir / "train.jsonl").is_file() else None
+    return _Plan(
+        memory.from_run_config(model_config, cfg, data).total_bytes,
+        memory.from_run_config(model_config, full_cfg, data).total_bytes,
+        Path(run_dir) / "config.yaml",
+        Path(model_dir),
+        data_dir,
+        None if key is None else (cache_dir or cache_root() / "memory") / f"{key}.json",
+    )
+
+
 def measure_memory(
     run_dir: Path,
     model_dir: Path,
@@ -156,42 +218,108 @@ def measure_memory(
     cfg: Any,
     *,
     available: int | None,
+    run_peak: int | None = None,
     measure: Callable[..., dict[str, dict]] | None = None,
+    cache_dir: Path | None = None,
 ) -> MemoryMeasurement:
-    """LoRA vs full fine-tuning peaks for this run's model, batch and data, each in a fresh process (side by side
-    when both fit at once); when full fine-tuning would not fit, its peak is estimated (and labelled so) and LoRA's
-    is still measured."""
-    from finetune.data.prepare import read_report
-    from finetune.train import memory
-
+    """LoRA vs full fine-tuning peaks for this run's model, batch and data. LoRA's is the run's own training
+    peak (run_peak) when it recorded one, else a probe's. Full's is a probe's, each probe in a fresh process,
+    cached by what it depends on (full_probe_key; prefetch_full may have measured it while the run trained);
+    when full fine-tuning would not fit, it is estimated (labelled so)."""
     measure = measure or measure_in_subprocesses  # (config, model, data, kinds) -> {kind: probe result}
-    full_cfg, data = cfg.model_copy(deep=True), read_report(Path(run_dir) / "data")
-    full_cfg.training.fine_tune_type = "full"
-    est_lora = memory.from_run_config(model_config, cfg, data).total_bytes
-    est_full = memory.from_run_config(model_config, full_cfg, data).total_bytes
-    cfg_file, data_dir = Path(run_dir) / "config.yaml", Path(run_dir) / "data"
-    fits_full = available is not None and est_full * FULL_FIT_MARGIN <= available
-    estimates = f"estimates were {est_lora / 2**20:.0f} / {est_full / 2**20:.0f} MiB"
-    if fits_full and (est_full + est_lora) * FULL_FIT_MARGIN <= available and (os.cpu_count() or 1) >= 2:
-        # each probe trains on one BLAS thread: side by side they use the core a sequential probe leaves idle
-        # (peaks are per process, so neither sees the other's)
-        both = measure(cfg_file, model_dir, data_dir, ["lora", "full"])
-        lora, full = both["lora"]["peak_bytes"], both["full"]["peak_bytes"]
-        return MemoryMeasurement(lora, full, "measured", f"{estimates}; the two probes ran side by side")
-    lora = measure(cfg_file, model_dir, data_dir, ["lora"])["lora"]["peak_bytes"]  # it trained here: it fits
-    if not fits_full:
+    plan = _plan(run_dir, model_dir, model_config, cfg, cache_dir)
+    notes = [f"estimates were {plan.est_lora / 2**20:.0f} / {plan.est_full / 2**20:.0f} MiB"]
+    if run_peak:
+        notes.append("LoRA: this run's own training peak")
+
+    def probe(*kinds: str) -> dict[str, int]:
+        got = measure(plan.cfg_file, plan.model_dir, plan.data_dir, list(kinds))
+        return {k: r["peak_bytes"] for k, r in got.items()}
+
+    if not plan.fits_full(available):
         # The full estimate, scaled down where the estimator over-estimated this run's measured LoRA peak
         # (never up): a LoRA that costs what full fine-tuning would still fails.
-        scale = min(1.0, lora / est_lora) if est_lora else 1.0
-        full = int(est_full * scale)
+        lora = run_peak or probe("lora")["lora"]  # it trained here: it fits
+        scale = min(1.0, lora / plan.est_lora) if plan.est_lora else 1.0
         have = "unknown" if available is None else f"{available / 2**30:.1f} GiB"
         why = (
-            f"LoRA measured; full fine-tuning needs ~{est_full / 2**30:.1f} GiB, {have} free: not run, its "
-            f"estimate x{scale:.2f} (measured / estimated LoRA peak, at most 1)"
+            f"LoRA measured; full fine-tuning needs ~{plan.est_full / 2**30:.1f} GiB, {have} free: not run, "
+            f"its estimate x{scale:.2f} (measured / estimated LoRA peak, at most 1)"
         )
-        return MemoryMeasurement(lora, full, "estimated", why)
-    full = measure(cfg_file, model_dir, data_dir, ["full"])["full"]["peak_bytes"]
-    return MemoryMeasurement(lora, full, "measured", estimates)
+        return MemoryMeasurement(lora, int(plan.est_full * scale), "estimated", "; ".join([why, *notes[1:]]))
+    if (full := _cached_peak(plan.cache)) is not None:
+        notes.append(f"full: measured for the same model, data, settings and code ({plan.cache})")
+        return MemoryMeasurement(run_peak or probe("lora")["lora"], full, "measured", "; ".join(notes))
+    if not run_peak and plan.fits_both(available):
+        # each probe trains on one BLAS thread: side by side they use the core a sequential probe leaves idle
+        # (peaks are per process, so neither sees the other's)
+        peaks = probe("lora", "full")
+        notes.append("the two probes ran side by side")
+    else:
+        peaks = {"lora": run_peak or probe("lora")["lora"], **probe("full")}
+    return MemoryMeasurement(
+        peaks["lora"], _save_peak(plan.cache, peaks["full"]), "measured", "; ".join(notes)
+    )
+
+
+class _Cancelled(Exception):
+    pass
+
+
+def prefetch_full(
+    run_dir: Path,
+    model_dir: Path,
+    model_config: dict,
+    cfg: Any,
+    *,
+    available: int | None,
+    measure: Callable[..., dict[str, dict]] | None = None,
+    cache_dir: Path | None = None,
+) -> Callable[[bool], str]:
+    """Measure full fine-tuning's peak in the background while the run trains (training uses one core, the
+    probe the other), when both fit in memory at once and it was not measured before; the result lands where
+    measure_memory looks. Returns finish(cancel) -> what happened: it waits for the probe, or stops it first."""
+    plan = _plan(run_dir, model_dir, model_config, cfg, cache_dir)
+    if not plan.fits_both(available) or _cached_peak(plan.cache) is not None:
+        return lambda cancel=False: "full probe not prefetched (measured before, or no room beside training)"
+    measure = measure or measure_in_subprocesses
+    stop, outcome = threading.Event(), ["full probe prefetched while training"]
+
+    def poll() -> None:
+        if stop.wait(0.1):
+            raise _Cancelled
+
+    def work() -> None:
+        try:
+            got = measure(plan.cfg_file, plan.model_dir, plan.data_dir, ["full"], poll=poll)
+            _save_peak(plan.cache, got["full"]["peak_bytes"])
+        except Exception as exc:  # the judge measures it again, and reports a failure there
+            outcome[0] = f"full probe not prefetched ({type(exc).__name__}: {str(exc)[:200]})"
+
+    thread = threading.Thread(target=work, name="prefetch-full-peak", daemon=True)
+    thread.start()
+
+    def finish(cancel: bool = False) -> str:
+        if cancel:
+            stop.set()
+        thread.join()
+        return outcome[0]
+
+    return finish
+
+
+def _cached_peak(path: Path | None) -> int | None:
+    try:
+        peak = json.loads(path.read_text())["full_peak_bytes"] if path else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return peak if isinstance(peak, int) and peak > 0 else None
+
+
+def _save_peak(path: Path | None, peak: int) -> int:
+    if path is not None:
+        atomic_write_json(path, {"full_peak_bytes": int(peak)})
+    return int(peak)
 
 
 def main(argv=None) -> int:
@@ -200,7 +328,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", required=True)
     p.add_argument("--data", required=True)
     p.add_argument("--type", choices=["lora", "dora", "full"], required=True)
-    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--steps", type=int, default=PROBE_STEPS)
     a = p.parse_args(argv)
     print(json.dumps(measure(Path(a.config), Path(a.model), Path(a.data), a.type, a.steps)))
     return 0

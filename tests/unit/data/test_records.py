@@ -178,7 +178,8 @@ def test_normalize_record_reference_and_kind():
     assert str(Rejection(3, "why", "item")) == "item 3: why"
 
 
-def test_a_code_answer_keeps_its_first_lines_indentation_and_prose_is_trimmed():
+def test_every_text_is_stripped_a_code_answers_indentation_too():
+    """Leading spaces would merge with the template's newline into a token the served prompt never ends with."""
     body = "    n = len(s)\n    return n"
     chat = normalize_record(
         {
@@ -189,13 +190,10 @@ def test_a_code_answer_keeps_its_first_lines_indentation_and_prose_is_trimmed():
         },
         1,
     )
-    assert chat.messages[0]["content"] == "Write it." and chat.messages[1]["content"] == body
-    assert chat.reference == body  # judged with the shape it trained on
+    assert chat.messages[0]["content"] == "Write it." and chat.messages[1]["content"] == body.lstrip()
+    assert chat.reference == body.lstrip()
     alpaca = normalize_record({"instruction": "Write it.", "output": body + "  "}, 2)
-    assert alpaca.messages[-1]["content"] == body
-    assert (
-        normalize_record({"prompt": "q", "completion": "  Paris.  "}, 3).messages[-1]["content"] == "Paris."
-    )
+    assert alpaca.messages[-1]["content"] == body.lstrip()
 
 
 def test_data_fields_map_a_datasets_own_column_names_to_ours():

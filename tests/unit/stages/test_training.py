@@ -88,3 +88,25 @@ def test_the_learning_probe_answers_within_the_data_s_budget(tmp_path, toy_token
     deps = replace(fake_deps(toy_tokenizer, tmp_path / "m", FakeTrainer()), measure_learning=spy)
     assert RECIPES["run"](cfg, tmp_path / "run", deps, log=lambda _: None).exit_code == 0
     assert seen == [answer_budget(tmp_path / "run" / "data", toy_tokenizer).tokens] and seen[0] != 24
+
+
+def test_the_full_memory_probe_runs_beside_training_and_stops_with_it(tmp_path, toy_tokenizer):
+    calls = []
+
+    def prefetch(run_dir, model_dir, model_config, cfg, *, available):
+        calls.append(run_dir.name)
+        return lambda cancel: calls.append("cancelled" if cancel else "joined") or "full probe prefetched"
+
+    def run(name, trainer, *sets):
+        cfg = own_config(tmp_path / name, load_config("quick", overrides=list(sets)))
+        deps = fake_deps(toy_tokenizer, tmp_path / "m", trainer, prefetch_memory=prefetch)
+        return RECIPES["run"](cfg, tmp_path / name, deps, log=lambda _: None).report
+
+    report = run("a", FakeTrainer())
+    assert calls == ["a", "joined"]
+    assert (
+        next(s for s in report.stages if s.name == "train").details["memory_probe"] == "full probe prefetched"
+    )
+    assert run("b", FakeTrainer(interrupt_at=4)).exit_code == 130 and calls[2:] == ["b", "cancelled"]
+    run("c", FakeTrainer(), "gates.skip=[memory_efficiency]")
+    assert calls[4:] == []  # nothing judges it: nothing is measured

@@ -1,6 +1,7 @@
 """finetune.train.peak_memory: peak MLX memory of a few real training steps, measured (in its own process)."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +14,7 @@ from finetune.train.peak_memory import (
     measure_in_subprocess,
     measure_in_subprocesses,
     measure_memory,
+    prefetch_full,
 )
 from tests.conftest import TOY_MODEL_CONFIG
 
@@ -98,6 +100,13 @@ def per_kind(one):
     }
 
 
+def _run_dir(tmp_path, rows: str = "{}\n") -> Path:
+    """A run folder as the memory gate reads it: the training split it keys the full probe by."""
+    (tmp_path / "run" / "data").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "run" / "data" / "train.jsonl").write_text(rows)
+    return tmp_path / "run"
+
+
 def _estimates(cfg):
     from finetune.train import memory
 
@@ -161,8 +170,8 @@ def test_memory_is_measured_in_separate_processes_when_it_fits(tmp_path):
         return {"peak_bytes": {"lora": 300 << 20, "full": 900 << 20}[kind]}
 
     tight = int(full * 1.5) + 1  # full fits, but not beside LoRA: one after the other
-    m = measure_memory(tmp_path / "run", tmp_path / "model", MODEL_CONFIG, cfg, available=tight,
-                              measure=per_kind(measure))  # fmt: skip
+    m = measure_memory(_run_dir(tmp_path), tmp_path / "model", MODEL_CONFIG, cfg, available=tight,
+                       measure=per_kind(measure), cache_dir=tmp_path / "cache")  # fmt: skip
     assert (m.lora_peak, m.full_peak, m.source) == (300 << 20, 900 << 20, "measured")
     run = tmp_path / "run"
     assert calls == [(run / "config.yaml", tmp_path / "model", run / "data", k) for k in ("lora", "full")]
@@ -181,10 +190,102 @@ def test_with_room_for_both_the_two_probes_run_side_by_side(tmp_path, monkeypatc
         return {k: {"peak_bytes": {"lora": 300 << 20, "full": 900 << 20}[k]} for k in kinds}
 
     monkeypatch.setattr("os.cpu_count", lambda: 2)
-    m = measure_memory(tmp_path / "run", tmp_path / "model", MODEL_CONFIG, cfg, available=(lora + full) * 2,
-                       measure=measure)  # fmt: skip
+    m = measure_memory(_run_dir(tmp_path), tmp_path / "model", MODEL_CONFIG, cfg, available=(lora + full) * 2,
+                       measure=measure, cache_dir=tmp_path / "cache")  # fmt: skip
     assert (m.lora_peak, m.full_peak, m.source) == (300 << 20, 900 << 20, "measured")
     assert calls == [["lora", "full"]] and "side by side" in m.detail
+
+
+def test_lora_is_the_runs_own_peak_and_full_is_measured_once_for_the_same_model_data_and_settings(tmp_path):
+    from finetune.config.loader import load_config
+
+    cfg = load_config("quick")
+    _, full = _estimates(cfg)
+    calls = []
+
+    def measure(cfg_file, model_dir, data_dir, kinds):
+        calls.append(list(kinds))
+        return {k: {"peak_bytes": 900 << 20} for k in kinds}
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "model.safetensors").write_bytes(b"weights")
+    run, room = _run_dir(tmp_path), full * 4
+
+    def judged(cfg=cfg, run_peak=300 << 20):
+        return measure_memory(run, tmp_path / "model", MODEL_CONFIG, cfg, available=room, run_peak=run_peak,
+                              measure=measure, cache_dir=tmp_path / "cache")  # fmt: skip
+
+    first, again = judged(), judged()
+    assert (first.lora_peak, first.full_peak) == (again.lora_peak, again.full_peak) == (300 << 20, 900 << 20)
+    assert calls == [["full"]] and "this run's own training peak" in first.detail
+    assert "full: measured for the same model" in again.detail and again.source == "measured"
+    larger = cfg.model_copy(deep=True)
+    larger.training.batch_size *= 2
+    judged(larger)  # another batch: another peak
+    _run_dir(tmp_path, '{"other": 1}\n')
+    judged()  # other training rows
+    (tmp_path / "model" / "model.safetensors").write_bytes(b"other weights")
+    judged()  # another model
+    assert calls == [["full"]] * 4
+    judged(run_peak=None)  # a run that recorded no peak: LoRA is probed, full still comes from before
+    assert calls[-1] == ["lora"]
+
+
+def test_a_run_too_large_for_full_fine_tuning_is_judged_on_its_own_peak_without_any_probe(tmp_path):
+    from finetune.config.loader import load_config
+
+    cfg = load_config("quick")
+    lora, full = _estimates(cfg)
+    m = measure_memory(_run_dir(tmp_path), tmp_path, MODEL_CONFIG, cfg, available=None, run_peak=lora // 2,
+                       measure=lambda *a: pytest.fail("no probe: the run measured LoRA, full is estimated"))  # fmt: skip
+    assert (m.lora_peak, m.source) == (lora // 2, "estimated") and abs(m.full_peak - full * 0.5) <= 1
+
+
+def test_the_full_probe_prefetched_beside_training_is_what_the_gate_reads(tmp_path, monkeypatch):
+    from finetune.config.loader import load_config
+
+    cfg, calls = load_config("quick"), []
+    lora, full = _estimates(cfg)
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+
+    def measure(cfg_file, model_dir, data_dir, kinds, poll=None):
+        calls.append(list(kinds))
+        return {k: {"peak_bytes": 900 << 20} for k in kinds}
+
+    run, room, model = _run_dir(tmp_path), (lora + full) * 2, tmp_path / "model"
+    model.mkdir()
+    kw = dict(measure=measure, cache_dir=tmp_path / "cache")
+    assert prefetch_full(run, model, MODEL_CONFIG, cfg, available=room, **kw)(False) == (
+        "full probe prefetched while training"
+    )
+    m = measure_memory(run, model, MODEL_CONFIG, cfg, available=room, run_peak=300 << 20, **kw)
+    assert (m.lora_peak, m.full_peak) == (300 << 20, 900 << 20) and calls == [["full"]]
+    assert "not prefetched" in prefetch_full(run, model, MODEL_CONFIG, cfg, available=room, **kw)(False)
+    tight = int(full * 1.5) + 1  # full fits alone, not beside training: the judge measures it after
+    other = cfg.model_copy(deep=True)
+    other.training.batch_size += 1
+    assert "no room" in prefetch_full(run, model, MODEL_CONFIG, other, available=tight, **kw)(False)
+    assert calls == [["full"]]
+
+
+def test_a_training_that_fails_stops_the_full_probe_beside_it(tmp_path, monkeypatch):
+    import threading
+
+    from finetune.config.loader import load_config
+
+    cfg, started = load_config("quick"), threading.Event()
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+
+    def measure(cfg_file, model_dir, data_dir, kinds, poll):
+        started.set()
+        while True:  # a probe still running: only the cancel poll raises out of it
+            poll()
+
+    finish = prefetch_full(_run_dir(tmp_path), tmp_path / "run", MODEL_CONFIG, cfg, available=1 << 40, measure=measure,
+                           cache_dir=tmp_path / "cache")  # fmt: skip
+    assert started.wait(10)
+    assert "not prefetched (_Cancelled" in finish(True)
+    assert not list((tmp_path / "cache").glob("*.json"))  # nothing half-measured is kept
 
 
 def test_probes_run_at_once_each_in_its_own_process(probe_cfg, toy_folder, sums_dir):
