@@ -10,6 +10,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from finetune.gates.parity import agrees
+
 PROBES = 8  # training questions asked
 NAME = "adapter-export"
 
@@ -145,5 +147,4 @@ def measure_served_adapter(
 def _same(served: str, reference: Any) -> bool:
     """Equal answers; where MLX stopped at its token budget (Ollama's num_predict is the serve budget, larger),
     Ollama's answer must begin with MLX's."""
-    got, want = served.strip(), reference.text.strip()
-    return got == want or (reference.finish_reason == "length" and got.startswith(want))
+    return agrees(served.strip(), reference.text.strip(), reference)

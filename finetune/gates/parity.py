@@ -26,6 +26,12 @@ class Answer:
         return asdict(self)
 
 
+def agrees(got: Any, want: Any, ref: Answer) -> bool:
+    """The same answer (text or token ids); where the reference ran to its token budget, one that starts with
+    it: a served model's own num_predict may let it run on further, as users get it."""
+    return got == want or (ref.finish_reason != "stop" and got[: len(want)] == want)
+
+
 @dataclass(frozen=True)
 class ParityResult:
     ok: bool

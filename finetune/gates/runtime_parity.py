@@ -12,7 +12,14 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from finetune.gates.parity import Answer, ParityResult, content_tokens, logprob_parity, tokenizer_parity
+from finetune.gates.parity import (
+    Answer,
+    ParityResult,
+    agrees,
+    content_tokens,
+    logprob_parity,
+    tokenizer_parity,
+)
 from finetune.gates.scoring import is_right
 from finetune.gates.verdict import Verdict, skipped, verdict
 
@@ -69,12 +76,6 @@ def _rate(flags: Sequence[bool]) -> float:
     return sum(flags) / len(flags) if flags else 0.0
 
 
-def _agrees(got: Any, want: Any, ref: Answer) -> bool:
-    """The same answer; where the reference ran to its budget, one that starts with it (a served model's own
-    num_predict may let it run on further, as users get it)."""
-    return got == want or (ref.finish_reason != "stop" and got[: len(want)] == want)
-
-
 def output_parity(
     answers: Mapping[str, Sequence[Answer]],
     *,
@@ -99,12 +100,12 @@ def output_parity(
         if got is None or len(got) != len(ref):
             problems.append(f"{runtime}: {0 if got is None else len(got)} answers for {len(ref)} prompts")
             continue
-        same_text = [_agrees(a.text.strip(), r.text.strip(), r) for a, r in zip(got, ref, strict=True)]
+        same_text = [agrees(a.text.strip(), r.text.strip(), r) for a, r in zip(got, ref, strict=True)]
         rate = {"text": _rate(same_text)}
         if all(a.tokens is not None for a in got) and all(r.tokens is not None for r in ref):
             rate["tokens"] = _rate(
                 [
-                    _agrees(content_tokens(a.tokens, end_ids), content_tokens(r.tokens, end_ids), r)
+                    agrees(content_tokens(a.tokens, end_ids), content_tokens(r.tokens, end_ids), r)
                     for a, r in zip(got, ref, strict=True)
                 ]
             )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from finetune.gates.parity import Answer
+from finetune.gates.parity import Answer, agrees
 from finetune.gates.scoring import is_right
 from finetune.gates.verdict import Verdict, verdict
 
@@ -19,7 +19,7 @@ def served_answers(
         return verdict(
             name, False, None, threshold, f"{len(served)} served answers for {len(references)} questions"
         )
-    same = [a.text.strip() == b.text.strip() for a, b in zip(served, reference, strict=True)]
+    same = [agrees(a.text.strip(), b.text.strip(), b) for a, b in zip(served, reference, strict=True)]
     right = [is_right(a.text, r) for a, r in zip(served, references, strict=True)]
     agree, correct = sum(same) / len(same), sum(right) / len(right)
     ref_right = sum(is_right(b.text, r) for b, r in zip(reference, references, strict=True)) / len(right)

@@ -27,6 +27,18 @@ def test_served_answers_ignore_surrounding_whitespace():
     assert served_answers(served([f" {r}.\n" for r in REFS]), MLX, REFS, threshold=1.0).passed
 
 
+def test_where_mlx_ran_to_its_budget_ollama_running_on_with_the_same_text_agrees():
+    """Ollama's default requests use the Modelfile's num_predict, which may exceed the evaluation's budget."""
+    cut = [Answer("def f(x):\n    return", "length", [1, 2]), *MLX[1:]]
+    longer = served(["def f(x):\n    return x + 1", *[f"{r}." for r in REFS[1:]]])
+    assert served_answers(longer, cut, REFS, threshold=1.0).passed
+    stopped = [
+        Answer("def f(x):\n    return", "stop", [1, 2]),
+        *MLX[1:],
+    ]  # it ended there: running on differs
+    assert served_answers(longer, stopped, REFS, threshold=1.0).measured == 0.75
+
+
 def test_a_wrong_template_fails_served_answers():
     # a TEMPLATE unlike training's: the model rambles instead of giving the trained answers
     rambling = served(["I am an AI assistant.", "Let me think.", "Rivers are long.", "Codes are secret."])
