@@ -249,17 +249,19 @@ def measure_memory(
         return MemoryMeasurement(lora, int(plan.est_full * scale), "estimated", "; ".join([why, *notes[1:]]))
     if (full := _cached_peak(plan.cache)) is not None:
         notes.append(f"full: measured for the same model, data, settings and code ({plan.cache})")
-        return MemoryMeasurement(run_peak or probe("lora")["lora"], full, "measured", "; ".join(notes))
-    if not run_peak and plan.fits_both(available):
+        peaks = {"lora": run_peak or probe("lora")["lora"], "full": full}
+    elif not run_peak and plan.fits_both(available):
         # each probe trains on one BLAS thread: side by side they use the core a sequential probe leaves idle
         # (peaks are per process, so neither sees the other's)
         peaks = probe("lora", "full")
         notes.append("the two probes ran side by side")
     else:
         peaks = {"lora": run_peak or probe("lora")["lora"], **probe("full")}
-    return MemoryMeasurement(
-        peaks["lora"], _save_peak(plan.cache, peaks["full"]), "measured", "; ".join(notes)
-    )
+    _save_peak(plan.cache, peaks["full"])
+    # the estimator (which sizes runs and picks tier models) checked against what was measured
+    notes.append(f"estimate error: LoRA {plan.est_lora / peaks['lora'] - 1:+.1%}, "
+                 f"full {plan.est_full / peaks['full'] - 1:+.1%}")  # fmt: skip
+    return MemoryMeasurement(peaks["lora"], peaks["full"], "measured", "; ".join(notes))
 
 
 class _Cancelled(Exception):

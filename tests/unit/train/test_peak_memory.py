@@ -218,6 +218,11 @@ def test_lora_is_the_runs_own_peak_and_full_is_measured_once_for_the_same_model_
     first, again = judged(), judged()
     assert (first.lora_peak, first.full_peak) == (again.lora_peak, again.full_peak) == (300 << 20, 900 << 20)
     assert calls == [["full"]] and "this run's own training peak" in first.detail
+    lora_est, full_est = _estimates(cfg)
+    assert (
+        f"estimate error: LoRA {lora_est / (300 << 20) - 1:+.1%}, full {full_est / (900 << 20) - 1:+.1%}"
+        in first.detail
+    )
     assert "full: measured for the same model" in again.detail and again.source == "measured"
     larger = cfg.model_copy(deep=True)
     larger.training.batch_size *= 2
