@@ -17,6 +17,7 @@ from typing import Any
 
 from finetune import faults
 from finetune.evaluate import logprob_cache
+from finetune.evaluate.base_answers import base_answers
 from finetune.evaluate.prompts import TOKENIZER_TEXTS, EvalPrompt, build_prompts, long_context_text
 from finetune.gates.parity import Answer, ReferenceRows
 from finetune.gates.runtime_parity import RuntimeMeasurements
@@ -64,6 +65,8 @@ class EvalInputs:
     model_context: int | None = None  # the base model's context length (config.json); None: unknown
     # where logprob measurements are kept by the content of what they measured (logprob_cache); None: nowhere
     cache_dir: Path | None = None
+    # where the base model's answers are kept by content, across runs (base_answers); None: decoded every time
+    base_answers_dir: Path | None = None
 
 
 @dataclass
@@ -155,7 +158,11 @@ def _answer_on_every_runtime(
     # llama.cpp and Ollama decode in child processes on the core MLX leaves idle (it trains and decodes with
     # one BLAS thread); a daemon thread, so Ctrl-C is not held up by a child that is still answering
     worker = _Worker(gguf_side)
-    run("mlx_base", lambda: backends.mlx_generate(inputs.base_dir, None, texts, budget))
+
+    def base() -> list[Answer]:
+        return backends.mlx_generate(inputs.base_dir, None, texts, budget)
+
+    run("mlx_base", lambda: base_answers(inputs.base_answers_dir, inputs.base_dir, texts, budget, base, log))
     run("mlx_adapter", lambda: backends.mlx_generate(inputs.base_dir, inputs.adapter_dir, texts, budget))
     run("mlx_fused", lambda: backends.mlx_generate(fused_dir, None, texts, budget))
     worker.join()

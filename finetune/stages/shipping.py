@@ -16,6 +16,7 @@ from finetune.gates.provenance import explain
 from finetune.gates.registry import RUNTIME_OF
 from finetune.gates.runtime_parity import judge_runtimes
 from finetune.gates.verdict import Verdict
+from finetune.models.cache import cache_root
 from finetune.models.safetensors import dtype_counts
 from finetune.report.artifacts import artifact
 from finetune.report.models import StageReport
@@ -225,6 +226,7 @@ def stage_evaluate(ctx: Ctx) -> StageReport:
         ollama_reason=ollama_out.get("reason", "the model is not deployed to Ollama"),
         model_context=config_context_length(ctx.outputs["model"]["config"]),
         cache_dir=ctx.run_dir / "eval" / "logprobs",
+        base_answers_dir=cache_root() / "base-answers" / "evaluate",  # the base is shared by every run of it
     )
     m = ctx.deps.evaluate(inputs, ctx.log)
     verdicts = _runtime_verdicts(ctx, m, inputs.gguf)

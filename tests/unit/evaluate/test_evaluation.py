@@ -326,3 +326,15 @@ def test_settings_serialize():
     assert EvalSettings().to_dict() == {"n_train": 12, "n_heldout": 12, "max_tokens": None, "logprob_prompts": 2,
                                         "short_depth": 160, "top_k": 20, "ref_top_k": 5, "long_context": 1024,
                                         "long_positions": 64}  # fmt: skip
+
+
+def test_the_base_runtime_decodes_once_for_the_same_base_and_prompts(data_dir, prompts, tmp_path):
+    fakes = Fakes(prompts)
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "model.safetensors").write_bytes(b"weights")
+    first = evaluate(data_dir, fakes, base_dir=base, base_answers_dir=tmp_path / "kept")
+    again = evaluate(data_dir, fakes, base_dir=base, base_answers_dir=tmp_path / "kept")
+    assert fakes.calls.count(f"mlx:{base}:None") == 1  # the second evaluation read what the first decoded
+    assert again.answers["mlx_base"] == first.answers["mlx_base"]
+    assert again.runtimes["mlx_base"]["status"] == "passed"
