@@ -26,9 +26,7 @@ from finetune.system.atomic import atomic_write_json
 from finetune.system.hashing import dir_sha256, file_sha256, json_sha256, source_sha256
 from finetune.system.procs import spawn_guarded, stop_group
 
-PROBE_STEPS = (
-    3  # training steps a probe measures (the peak is reached in the first; Adam's state in the second)
-)
+PROBE_STEPS = 3  # training steps a probe measures
 
 
 def measure(
