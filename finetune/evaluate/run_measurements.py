@@ -24,7 +24,7 @@ from finetune.evaluate.general_text import GENERAL_TEXTS
 from finetune.gates.label_mask import MaskedRow
 from finetune.models.cache import cache_root
 from finetune.system.atomic import atomic_write_json
-from finetune.system.hashing import file_sha256, json_sha256, source_sha256
+from finetune.system.hashing import dir_manifest, file_sha256, json_sha256, source_sha256
 from finetune.system.jsonl import read_jsonl
 from finetune.train.checkpoints import ADAPTER_CONFIG, ADAPTER_DIR, ADAPTER_FILE, INIT_DIR
 from finetune.train.metrics import METRICS, read_metrics
@@ -128,6 +128,19 @@ def _answers_and_loss(
         decode.release(model)
 
 
+def _kept(
+    path: Path, measure: Callable[[], tuple[list[str], float, float]]
+) -> tuple[list[str], float, float]:
+    """measure()'s answers, teacher-forced loss and general-text NLL, or what it gave before under this key."""
+    try:
+        kept = json.loads(path.read_text())
+        return kept["answers"], kept["loss"], kept["general"]
+    except (OSError, ValueError, KeyError):
+        answers, loss, general = measure()
+        atomic_write_json(path, {"answers": answers, "loss": loss, "general": general})
+        return answers, loss, general
+
+
 def measure_learning(
     run_dir: Path,
     base_dir: Path,
@@ -137,7 +150,8 @@ def measure_learning(
     max_tokens: int,
     cache_dir: Path | None = None,
 ) -> LearningMeasurement:
-    """Base answers are cached per (base files, probes, settings): the base never changes between runs."""
+    """Base answers are cached per (base files, probes, settings, code): the base never changes between runs.
+    The saved adapter's are kept in the run per the same and its files' content."""
     data_dir = Path(run_dir) / "data"
     probes = probe_questions(data_dir, cfg.gates.learning_probes)
 
@@ -157,13 +171,11 @@ def measure_learning(
         "v": 3,
     }
     cache = (cache_dir or cache_root() / "base-answers") / f"{json_sha256(settings)[:32]}.json"
-    try:
-        cached = json.loads(cache.read_text())
-        before, loss_before, general_before = cached["answers"], cached["loss"], cached["general"]
-    except (OSError, ValueError, KeyError):
-        before, loss_before, general_before = answers_and_loss(None)
-        atomic_write_json(cache, {"answers": before, "loss": loss_before, "general": general_before})
-    after, loss_after, general_after = answers_and_loss(Path(run_dir) / ADAPTER_DIR)
+    before, loss_before, general_before = _kept(cache, lambda: answers_and_loss(None))
+    # the saved adapter's, kept in the run by its files' content: a pipeline after a run judges the same bytes
+    adapter = {"adapter": dir_manifest(Path(run_dir) / ADAPTER_DIR)}
+    kept = Path(run_dir) / PROBES / f"saved-adapter-{json_sha256(settings | adapter)[:32]}.json"
+    after, loss_after, general_after = _kept(kept, lambda: answers_and_loss(Path(run_dir) / ADAPTER_DIR))
     references = [p.reference for p in probes]
     return LearningMeasurement(
         before, after, references, loss_before, loss_after, general_before, general_after

@@ -266,6 +266,18 @@ def test_measure_learning_asks_base_and_base_plus_saved_adapter(learning_run, ti
     assert again.before == ["from the cache"] * 4 and again.loss_before == 9.0 and again.after == m.after
     assert again.general_before == 7.0
 
+    # the saved adapter's are kept in the run by its files' content: the same bytes are not decoded again...
+    (kept,) = (learning_run / "probes").glob("saved-adapter-*.json")
+    kept.write_text(json.dumps({"answers": ["kept"] * 4, "loss": 1.0, "general": 2.0}))
+    measure = lambda: run_measurements.measure_learning(  # noqa: E731
+        learning_run, tiny_hf, cfg, stops, max_tokens=6, cache_dir=tmp_path / "cache"
+    )
+    assert measure().after == ["kept"] * 4
+    # ...other bytes are
+    config = learning_run / "adapter" / "adapter_config.json"
+    config.write_text(config.read_text() + "\n")
+    assert measure().after == m.after
+
 
 def test_measure_learning_fails_loudly_on_an_adapter_that_does_not_load(learning_run, tiny_hf, tmp_path):
     from finetune.config.loader import load_config
