@@ -14,6 +14,7 @@ from finetune.system.atomic import atomic_write_json
 from finetune.system.hashing import dir_sha256, json_sha256, source_sha256
 
 VERSION = 1
+FOLDER = Path("base-answers") / "evaluate"  # under the cache root (finetune.models.cache)
 
 
 def key_path(folder: Path, base_dir: Path, prompts: Sequence[str], budget: int) -> Path:

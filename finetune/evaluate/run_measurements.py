@@ -30,6 +30,7 @@ from finetune.train.checkpoints import ADAPTER_CONFIG, ADAPTER_DIR, ADAPTER_FILE
 from finetune.train.metrics import METRICS, read_metrics
 
 PROBES = "probes"
+JUDGED = "judge"  # the learning measurement of the saved adapter, by content (measure_learning)
 IN_MEMORY = "in_memory.json"
 REQUIRED = (
     "config.yaml",
@@ -172,9 +173,10 @@ def measure_learning(
     }
     cache = (cache_dir or cache_root() / "base-answers") / f"{json_sha256(settings)[:32]}.json"
     before, loss_before, general_before = _kept(cache, lambda: answers_and_loss(None))
-    # the saved adapter's, kept in the run by its files' content: a pipeline after a run judges the same bytes
+    # the saved adapter's, kept in the run by its files' content: a pipeline after a run judges the same bytes.
+    # In the judge's own folder: training's probes/ is a finished stage's artifact, never written after it.
     adapter = {"adapter": dir_manifest(Path(run_dir) / ADAPTER_DIR)}
-    kept = Path(run_dir) / PROBES / f"saved-adapter-{json_sha256(settings | adapter)[:32]}.json"
+    kept = Path(run_dir) / JUDGED / f"saved-adapter-{json_sha256(settings | adapter)[:32]}.json"
     after, loss_after, general_after = _kept(kept, lambda: answers_and_loss(Path(run_dir) / ADAPTER_DIR))
     references = [p.reference for p in probes]
     return LearningMeasurement(

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune import faults
+from finetune.evaluate import base_answers
 from finetune.export.fuse_check import config_changes
 from finetune.gates import fuse as fuse_gate
 from finetune.gates import served
@@ -226,7 +227,7 @@ def stage_evaluate(ctx: Ctx) -> StageReport:
         ollama_reason=ollama_out.get("reason", "the model is not deployed to Ollama"),
         model_context=config_context_length(ctx.outputs["model"]["config"]),
         cache_dir=ctx.run_dir / "eval" / "logprobs",
-        base_answers_dir=cache_root() / "base-answers" / "evaluate",  # the base is shared by every run of it
+        base_answers_dir=cache_root() / base_answers.FOLDER,  # the base is shared by every run of it
     )
     m = ctx.deps.evaluate(inputs, ctx.log)
     verdicts = _runtime_verdicts(ctx, m, inputs.gguf)

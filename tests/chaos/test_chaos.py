@@ -12,6 +12,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import time
@@ -20,6 +21,8 @@ from pathlib import Path
 import pytest
 
 from finetune import faults
+from finetune.evaluate import base_answers
+from finetune.models.cache import cache_root
 from finetune.serve.ollama_provision import locate_ollama
 from tests.chaos.harness import (
     EXIT,
@@ -36,8 +39,10 @@ PROFILE = {"run": "quick", "pipeline": "release"}
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGKILL)
 SAME_BYTES = ("data", "adapter", "fused_model", "gguf", "modelfile")  # artifacts that must be bit-identical
 TIMEOUT = 900
-# Peak memory of a fresh probe process differs by ~1e-4 between processes (MLX's allocator); the rest is exact.
-TOLERANCE = {"memory_efficiency": 1e-3}
+# memory_efficiency's LoRA side is the run's own training peak, which MLX's allocator makes differ between two
+# trainings of one config (saving 0.7400 vs 0.7421 here, 2026-12-06): a recovered run must reach its verdict,
+# not its value. Every other measurement is exact.
+VERDICT_ONLY = ("memory_efficiency",)
 
 
 def _needs(command: str) -> None:
@@ -88,9 +93,10 @@ def _differences(ref: dict, got: dict) -> list[str]:
         if g_status != status:
             out.append(f"gate {name}: {g_status} != {status}")
         elif (
-            measured is not None
+            name not in VERDICT_ONLY
+            and measured is not None
             and g_measured is not None
-            and abs(g_measured - measured) > TOLERANCE.get(name, 1e-6) * max(1, abs(measured))
+            and abs(g_measured - measured) > 1e-6 * max(1, abs(measured))
         ):
             out.append(f"gate {name}: measured {g_measured} != {measured}")
     for name in SAME_BYTES:
@@ -236,6 +242,9 @@ def test_an_ollama_runner_killed_mid_evaluation_fails_that_runtime_at_once_and_t
     _needs("pipeline")
     run_dir, ref = reference("pipeline")
     (run_dir / "stages" / "evaluate.json").unlink()  # everything else is reused; evaluation reruns
+    # the base decodes beside Ollama as on a first run: with its answers kept, the tiny model's evaluation can
+    # end before the runner is caught, and the kill would land after the last request
+    shutil.rmtree(cache_root() / base_answers.FOLDER, ignore_errors=True)
     cli = Cli(["pipeline", "--run-dir", str(run_dir), "--quiet"], _env())
     assert cli.wait_line(r"^\[evaluate\] ollama \.\.\.", TIMEOUT), cli.output[-2000:]
     deadline, runners = time.monotonic() + 60, []

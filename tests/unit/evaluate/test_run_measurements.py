@@ -267,7 +267,8 @@ def test_measure_learning_asks_base_and_base_plus_saved_adapter(learning_run, ti
     assert again.general_before == 7.0
 
     # the saved adapter's are kept in the run by its files' content: the same bytes are not decoded again...
-    (kept,) = (learning_run / "probes").glob("saved-adapter-*.json")
+    assert not (learning_run / "probes").exists()  # training's folder: the judge writes its own
+    (kept,) = (learning_run / "judge").glob("saved-adapter-*.json")
     kept.write_text(json.dumps({"answers": ["kept"] * 4, "loss": 1.0, "general": 2.0}))
     measure = lambda: run_measurements.measure_learning(  # noqa: E731
         learning_run, tiny_hf, cfg, stops, max_tokens=6, cache_dir=tmp_path / "cache"
