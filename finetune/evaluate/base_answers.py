@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from importlib.metadata import version
 from pathlib import Path
 
 from finetune.gates.parity import Answer
 from finetune.system.atomic import atomic_write_json
-from finetune.system.hashing import dir_sha256, json_sha256, source_sha256
+from finetune.system.hashing import dir_sha256, json_sha256, mlx_measurement_versions
 
 VERSION = 1
 FOLDER = Path("base-answers") / "evaluate"  # under the cache root (finetune.models.cache)
@@ -22,8 +21,7 @@ def key_path(folder: Path, base_dir: Path, prompts: Sequence[str], budget: int) 
         "base": dir_sha256(base_dir)[0],
         "prompts": list(prompts),
         "budget": budget,
-        "code": source_sha256(),
-        "mlx": [version(p) for p in ("mlx", "mlx-lm")],
+        **mlx_measurement_versions(),
         "v": VERSION,
     }
     return Path(folder) / f"{json_sha256(key)[:32]}.json"

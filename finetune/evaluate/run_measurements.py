@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ from finetune.evaluate.general_text import GENERAL_TEXTS
 from finetune.gates.label_mask import MaskedRow
 from finetune.models.cache import cache_root
 from finetune.system.atomic import atomic_write_json
-from finetune.system.hashing import dir_manifest, file_sha256, json_sha256, source_sha256
+from finetune.system.hashing import dir_manifest, file_sha256, json_sha256, mlx_measurement_versions
 from finetune.system.jsonl import read_jsonl
 from finetune.train.checkpoints import ADAPTER_CONFIG, ADAPTER_DIR, ADAPTER_FILE, INIT_DIR
 from finetune.train.metrics import METRICS, read_metrics
@@ -167,8 +166,7 @@ def measure_learning(
         "seq": cfg.data.max_seq_length,
         "batch": cfg.training.batch_size,
         "general": json_sha256(list(GENERAL_TEXTS)),
-        "code": source_sha256(),  # a decoder fix or an MLX upgrade must not replay old answers
-        "mlx": [version(p) for p in ("mlx", "mlx-lm")],
+        **mlx_measurement_versions(),
         "v": 3,
     }
     cache = (cache_dir or cache_root() / "base-answers") / f"{json_sha256(settings)[:32]}.json"

@@ -57,6 +57,14 @@ def json_sha256(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def mlx_measurement_versions() -> dict[str, Any]:
+    """What an MLX measurement depends on besides its inputs: FineTune's own source and the MLX it ran on (a
+    decoder fix or an MLX upgrade must not replay an old measurement)."""
+    from importlib.metadata import version
+
+    return {"code": source_sha256(), "mlx": [version(p) for p in ("mlx", "mlx-lm")]}
+
+
 _SOURCE: str | None = None
 
 

@@ -8,6 +8,7 @@ Peaks must not leak between LoRA and full fine-tuning, so each measurement is a 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -23,7 +24,7 @@ from typing import IO, Any
 import finetune  # noqa: F401  (loads the fast BLAS before mlx)
 from finetune.models.cache import cache_root
 from finetune.system.atomic import atomic_write_json
-from finetune.system.hashing import dir_sha256, file_sha256, json_sha256, source_sha256
+from finetune.system.hashing import dir_sha256, file_sha256, json_sha256, mlx_measurement_versions
 from finetune.system.procs import spawn_guarded, stop_group
 
 PROBE_STEPS = 3  # training steps a probe measures
@@ -160,13 +161,10 @@ FULL_FIT_MARGIN = 1.5  # measure full fine-tuning only when 1.5x its estimated p
 def full_probe_key(model_dir: Path, data_dir: Path, full_cfg: Any, steps: int = PROBE_STEPS) -> str:
     """What full fine-tuning's peak depends on: the model's and training data's bytes, the model/data/training
     settings, this code and the MLX it runs on. Equal keys measure the same thing, so the peak is measured once."""
-    from importlib.metadata import version
-
     settings = full_cfg.model_dump(mode="json", include={"model", "data", "training"})
     return json_sha256({
         "model": dir_sha256(model_dir)[0], "train": file_sha256(Path(data_dir) / "train.jsonl"),
-        "settings": settings, "steps": steps, "code": source_sha256(),
-        "mlx": [version(p) for p in ("mlx", "mlx-lm")],
+        "settings": settings, "steps": steps, **mlx_measurement_versions(),
     })[:32]  # fmt: skip
 
 
@@ -179,7 +177,8 @@ class _Plan:
     cfg_file: Path
     model_dir: Path
     data_dir: Path
-    cache: Path | None
+    full_cfg: Any
+    cache_dir: Path
 
     def fits_full(self, available: int | None) -> bool:
         return available is not None and self.est_full * FULL_FIT_MARGIN <= available
@@ -189,6 +188,14 @@ class _Plan:
         both = (self.est_full + self.est_lora) * FULL_FIT_MARGIN
         return available is not None and both <= available and (os.cpu_count() or 1) >= 2
 
+    @functools.cached_property
+    def cache(self) -> Path | None:
+        """The full probe's file, keyed on demand: a model too large for full fine-tuning is never hashed.
+        No training split, nothing to key the probe by: it is measured, not cached."""
+        if not (self.data_dir / "train.jsonl").is_file():
+            return None
+        return self.cache_dir / f"{full_probe_key(self.model_dir, self.data_dir, self.full_cfg)}.json"
+
 
 def _plan(run_dir: Path, model_dir: Path, model_config: dict, cfg: Any, cache_dir: Path | None) -> _Plan:
     from finetune.data.prepare import read_report
@@ -196,16 +203,14 @@ def _plan(run_dir: Path, model_dir: Path, model_config: dict, cfg: Any, cache_di
 
     full_cfg, data = cfg.model_copy(deep=True), read_report(Path(run_dir) / "data")
     full_cfg.training.fine_tune_type = "full"
-    data_dir = Path(run_dir) / "data"
-    # no training split, nothing to key the probe by: it is measured, not cached
-    key = full_probe_key(model_dir, data_dir, full_cfg) if (data_dir / "train.jsonl").is_file() else None
     return _Plan(
         memory.from_run_config(model_config, cfg, data).total_bytes,
         memory.from_run_config(model_config, full_cfg, data).total_bytes,
         Path(run_dir) / "config.yaml",
         Path(model_dir),
-        data_dir,
-        None if key is None else (cache_dir or cache_root() / "memory") / f"{key}.json",
+        Path(run_dir) / "data",
+        full_cfg,
+        cache_dir or cache_root() / "memory",
     )
 
 

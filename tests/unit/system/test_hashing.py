@@ -111,3 +111,11 @@ def test_path_identity_of_a_file_a_folder_or_nothing(tmp_path):
     (folder / "adapters.safetensors").write_bytes(b"two")
     assert hashing.path_identity(folder)["sha256"] != first["sha256"]  # other bytes, other identity
     assert hashing.path_identity(tmp_path / "missing") is None
+
+
+def test_an_mlx_measurement_is_keyed_on_this_code_and_the_installed_mlx():
+    from importlib.metadata import version
+
+    from finetune.system.hashing import mlx_measurement_versions, source_sha256
+
+    assert mlx_measurement_versions() == {"code": source_sha256(), "mlx": [version("mlx"), version("mlx-lm")]}
