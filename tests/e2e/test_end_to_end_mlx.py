@@ -266,13 +266,17 @@ def test_a_training_fault_on_the_real_model_is_caught_by_the_pipelines_gate(
     from finetune.recipes.commands import RECIPES
     from finetune.stages.real import real_deps
     from finetune.stages.rundir import own_config
-    from tests import fault_table
+    from tests import fault_table, tiny_run
 
+    if MODEL == tiny_run.MODEL:
+        pytest.skip(f"{fault} is judged on paraphrases of trained facts: {MODEL} has random weights and "
+                    "learns one answer, so it has none (SmolLM2 and Gemma run this test)")  # fmt: skip
     if tier3["report"].status != "passed":
         pytest.fail("the healthy tier-3 run did not pass: a planted fault proves nothing against it")
     cfg = own_config(tier3["path"].parent, None).model_copy(deep=True)
     cfg.export.adapters, cfg.export.gguf_types = [], []  # the shipped forms are judged by the healthy run
-    cfg.gates.skip = ["memory_efficiency"]  # measured by the healthy run; this fault is about what was learnt
+    # memory was measured by the healthy run; this fault is about what was learnt (its own allowed skips stay)
+    cfg.gates.skip = sorted({*cfg.gates.skip, "memory_efficiency"})
     run_dir = tmp_path / "run"
     own_config(run_dir, cfg)
     plant_fault(fault)
