@@ -129,6 +129,19 @@ class TrainingConfig(_Section):
         True, description="the LM head and loss run only where the loss mask is on"
     )
     trim_batches: bool = Field(True, description="columns after a batch's last loss position are dropped")
+    # Data parallel (finetune.train.ranks): each rank trains on its share of every batch of batch_size rows.
+    ranks: int = Field(1, ge=1, description="local ranks that share each batch (the same losses as 1 rank)")
+    rank_timeout_s: float = Field(
+        300.0, gt=0, description="a rank silent this long (no step, never connected) stops every rank"
+    )
+
+    @model_validator(mode="after")
+    def _ranks(self) -> TrainingConfig:
+        if self.ranks > self.batch_size:
+            raise ValueError(
+                f"ranks={self.ranks} needs batch_size >= ranks (each rank takes rows of every batch)"
+            )
+        return self
 
 
 class LogprobTolerance(_Section):

@@ -70,18 +70,19 @@ def base_file_digests(model_dir: Path) -> dict[str, str]:
 # ---------------------------------------------------------------- answers
 
 
-def record_in_memory(
-    run_dir: Path, probes: Sequence[Probe], stops: Sequence[str], max_tokens: int
-) -> Callable:
+@dataclass
+class record_in_memory:  # noqa: N801 - an on_trained hook, a class so a local rank can receive it pickled
     """An on_trained hook: the trained in-memory model's answers, written to RUN/probes/in_memory.json."""
 
-    def hook(model: Any, tokenizer: Any) -> None:
-        answers = decode.greedy(
-            model, tokenizer, [p.prompt for p in probes], max_tokens=max_tokens, stops=stops
-        )
-        atomic_write_json(Path(run_dir) / PROBES / IN_MEMORY, {"answers": [a.text for a in answers]})
+    run_dir: Path
+    probes: Sequence[Probe]
+    stops: Sequence[str]
+    max_tokens: int
 
-    return hook
+    def __call__(self, model: Any, tokenizer: Any) -> None:
+        prompts = [p.prompt for p in self.probes]
+        answers = decode.greedy(model, tokenizer, prompts, max_tokens=self.max_tokens, stops=self.stops)
+        atomic_write_json(Path(self.run_dir) / PROBES / IN_MEMORY, {"answers": [a.text for a in answers]})
 
 
 def in_memory_answers(run_dir: Path) -> list[str] | None:

@@ -28,13 +28,16 @@ def real_deps() -> Deps:
     from finetune.train import peak_memory
     from finetune.train.engine import train_run
     from finetune.train.memory import from_run_config
+    from finetune.train.ranks import data_parallel
 
     return Deps(
         resolve_model=resolve_model,
         load_tokenizer=load_tokenizer,
         prepare_data=prepare_for_run,
         estimate=lambda cfg, model_config, data: from_run_config(model_config, cfg, data),
-        train=train_run,
+        train=data_parallel(
+            train_run
+        ),  # one rank, training.ranks local ranks, or a rank of mlx.launch's world
         measure_learning=run_measurements.measure_learning,
         measure_memory=peak_memory.measure_memory,
         prefetch_memory=peak_memory.prefetch_full,

@@ -39,7 +39,16 @@ TRAIN_ARTIFACTS = (
     ("probes", PROBES),
 )
 # Cadence keys: changing them (--override) continues the same training instead of restarting it.
-CADENCE = ("iters", "eval_every", "save_every", "early_stopping_patience", "val_batches")
+# The ranks sharing each batch change where the work runs, not the maths: a run continues on another count.
+CADENCE = (
+    "iters",
+    "eval_every",
+    "save_every",
+    "early_stopping_patience",
+    "val_batches",
+    "ranks",
+    "rank_timeout_s",
+)
 
 
 # ---------------------------------------------------------------- model, data, estimate

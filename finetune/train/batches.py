@@ -67,11 +67,16 @@ def batch_at(dataset: TokenDataset, batch_size: int, seed: int, index: int) -> l
 
 
 def make_iterate_batches(
-    seed: int, start_batch: int = 0, build: Callable[[list, int], Any] | None = None
+    seed: int,
+    start_batch: int = 0,
+    build: Callable[[list, int], Any] | None = None,
+    train_build: Callable[[list, int], Any] | None = None,
 ) -> Callable[..., Iterator]:
     """An `iterate_batches` for mlx_lm.tuner.train that starts at batch `start_batch`; `build(rows,
-    max_seq_length)` makes a batch of the chosen examples (default: padded ids + mask)."""
+    max_seq_length)` makes a batch of the chosen examples (default: padded ids + mask), `train_build` a training
+    batch (default: build; a rank of a data-parallel run builds its shard: finetune.train.distributed)."""
     build = build or _pack
+    train_build = train_build or build
 
     def iterate_batches(dataset, batch_size, max_seq_length, loop=False, comm_group=None, **_):
         if len(dataset) < batch_size:
@@ -86,7 +91,9 @@ def make_iterate_batches(
             return
         index = start_batch
         while True:
-            yield build([dataset[j] for j in batch_at(dataset, batch_size, seed, index)], max_seq_length)
+            yield train_build(
+                [dataset[j] for j in batch_at(dataset, batch_size, seed, index)], max_seq_length
+            )
             index += 1
 
     return iterate_batches

@@ -7,6 +7,7 @@ stopping, and stopping on a signal at the next step boundary with a checkpoint t
 from __future__ import annotations
 
 import json
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +19,7 @@ from mlx_lm.tuner.callbacks import TrainingCallback
 from mlx_lm.tuner.trainer import evaluate
 
 from finetune.system import signals
+from finetune.train import distributed
 from finetune.train.checkpoints import BEST_DIR, save_adapter, save_checkpoint
 from finetune.train.metrics import METRICS
 
@@ -47,14 +49,17 @@ class RunCallback(TrainingCallback):
         loss: Callable,
         start_step: int,
         state: dict,
+        world: distributed.World = distributed.SINGLE,
     ) -> None:
         self.run_dir, self.cfg, self.model, self.optimizer = run_dir, cfg, model, optimizer
+        self.world, self.writer = world, world.writer  # in a data-parallel run only rank 0 writes
         self.acfg, self.val_set, self.iterate, self.loss = acfg, val_set, iterate, loss
         self.step = start_step
         self.best_val = state.get("best_val")
         self.bad_evals = state.get("bad_evals", 0)
         self.last_train_loss = state.get("last_train_loss")
-        self.metrics = open(run_dir / METRICS, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()
+        # closed by close(); a rank other than 0 writes nothing
+        self.metrics = open(run_dir / METRICS, "a", encoding="utf-8") if self.writer else None  # noqa: SIM115
         # The trainable weights and optimizer state as of the last reported step: references, not copies
         # (MLX arrays are immutable), so an interrupt between an update and its report can step back.
         self.snapshot = None if cfg.training.fine_tune_type == "full" else self._take()
@@ -74,11 +79,13 @@ class RunCallback(TrainingCallback):
         return True
 
     def close(self) -> None:
-        self.metrics.close()
+        if self.metrics is not None:
+            self.metrics.close()
 
     def _write(self, row: dict) -> None:
-        self.metrics.write(json.dumps(row) + "\n")
-        self.metrics.flush()
+        if self.metrics is not None:
+            self.metrics.write(json.dumps(row) + "\n")
+            self.metrics.flush()
 
     def state(self) -> dict:
         return {
@@ -87,7 +94,9 @@ class RunCallback(TrainingCallback):
             "last_train_loss": self.last_train_loss,
         }
 
-    def checkpoint(self) -> Path:
+    def checkpoint(self) -> Path | None:
+        if not self.writer:
+            return None
         return save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.acfg, self.state())
 
     def evaluate(self) -> float | None:
@@ -109,7 +118,8 @@ class RunCallback(TrainingCallback):
         )
         if self.best_val is None or val < self.best_val:
             self.best_val, self.bad_evals = val, 0
-            save_adapter(self.model, self.acfg, self.run_dir / BEST_DIR)
+            if self.writer:
+                save_adapter(self.model, self.acfg, self.run_dir / BEST_DIR)
         else:
             self.bad_evals += 1
         return val
@@ -136,9 +146,15 @@ class RunCallback(TrainingCallback):
         at_update = self.step % t.grad_accumulation_steps == 0  # optimizer state is consistent only here
         if at_update and self.step % t.save_every == 0:
             self.checkpoint()
-        if at_update and signals.pending() is not None and self.step < t.iters:
+        distributed.beat(self.world, f"step {self.step}")
+        if (
+            at_update
+            and self.step < t.iters
+            and distributed.stop_requested(self.world, signals.pending() is not None)
+        ):
             self.checkpoint()  # stop on the signal with a checkpoint this exact step resumes from
             signals.check()
+            raise signals.Interrupted(signal.SIGTERM)  # another rank was signalled: all stop at this step
         if self.snapshot is not None:
             self.snapshot = self._take()
         if t.early_stopping_patience and self.bad_evals >= t.early_stopping_patience:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,8 @@ from mlx_lm.tuner.trainer import train as mlx_train
 from finetune.config.schema import RunConfig
 from finetune.system import signals
 from finetune.system.atomic import atomic_write_json
-from finetune.train import shortcuts
+from finetune.system.hashing import dir_manifest, json_sha256
+from finetune.train import distributed, shortcuts
 from finetune.train.callback import EarlyStop, RunCallback, step_seed
 from finetune.train.checkpoints import (
     ADAPTER_DIR,
@@ -35,33 +36,12 @@ from finetune.train.checkpoints import (
 )
 from finetune.train.gemma_scale import exact_embed_scale
 from finetune.train.metrics import METRICS, read_metrics, truncate_metrics, val_losses
+from finetune.train.result import TrainResult
 from finetune.train.setup import make_optimizer, prepare_model
 from finetune.train.shortcut_plan import enabled_shortcuts
 from finetune.train.splits import TOKENS, load_split, record_tokens
 
 FINAL_MLX_ADAPTER = ".mlx_lm_final.safetensors"  # mlx-lm saves here at its end; deleted, ours is ADAPTER_DIR
-
-
-@dataclass
-class TrainResult:
-    run_dir: str
-    adapter_dir: str
-    best_adapter_dir: str | None
-    steps: int
-    start_step: int
-    stopped_early: bool = False
-    interrupted: str | None = None  # the signal's name when a signal stopped training
-    initial_val_loss: float | None = None
-    best_val_loss: float | None = None
-    final_train_loss: float | None = None
-    peak_memory_bytes: int = 0
-    wall_time_s: float = 0.0
-    trainable_params: int = 0
-    total_params: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 # ---------------------------------------------------------------- the run
@@ -90,15 +70,17 @@ def train_run(
     train_fn: Callable = mlx_train,
     on_trained: Callable[[Any, Any], None] | None = None,
     log: Callable[[str], None] = print,
+    world: distributed.World = distributed.SINGLE,
 ) -> TrainResult:
     """Train per `cfg` on the prepared splits in data_dir; everything lands in run_dir.
 
     `load` and `train_fn` are injectable for tests. `on_trained(model, tokenizer)` sees the trained model
     still in memory (the artifacts gate later compares the saved adapter's answers with its answers).
     A signal stops training at the next step boundary with a checkpoint and re-raises signals.Interrupted.
+    In a data-parallel `world` each rank trains on its shard of every batch and only rank 0 writes.
     """
     run_dir = Path(run_dir)
-    run, fast, cb, result = _prepare(cfg, Path(model_path), Path(data_dir), run_dir, resume, load, log)
+    run, fast, cb, result = _prepare(cfg, Path(model_path), Path(data_dir), run_dir, resume, load, log, world)
     remaining = cfg.training.iters - result.start_step
     tic = time.perf_counter()
     try:
@@ -112,7 +94,7 @@ def train_run(
                     run.train_set,
                     None,
                     args=_training_args(cfg, run_dir, remaining),
-                    loss=fast.loss,
+                    loss=distributed.sharded_loss(fast.loss, world) if world.sharded else fast.loss,
                     iterate_batches=fast.iterate_train,
                     training_callback=cb,
                 )
@@ -121,12 +103,13 @@ def train_run(
         result.stopped_early = True
         log(f"early stopping at step {cb.step}: {why}")
     except (signals.Interrupted, KeyboardInterrupt) as exc:
-        _stopped(cfg, run, run_dir, cb, result, exc, tic, log)
+        _stopped(cfg, run, run_dir, cb, result, exc, tic, log, world)
         raise
     finally:
         cb.close()
-        (run_dir / FINAL_MLX_ADAPTER).unlink(missing_ok=True)
-    return _finished(run, run_dir, cb, result, tic, on_trained)
+        if world.writer:
+            (run_dir / FINAL_MLX_ADAPTER).unlink(missing_ok=True)
+    return _finished(run, run_dir, cb, result, tic, on_trained if world.writer else None)
 
 
 def _prepare(
@@ -137,28 +120,38 @@ def _prepare(
     resume: bool,
     load: Callable | None,
     log: Callable[[str], None],
+    world: distributed.World,
 ) -> tuple[_Loaded, shortcuts.Shortcuts, RunCallback, TrainResult]:
     """Load model and splits, restore a checkpoint or record step 0, plan the shortcuts, make the callback."""
     if load is None:
         from mlx_lm import load
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if world.writer:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    distributed.agree(world, distributed.run_digest(cfg, model_path, data_dir) if world.sharded else {})
     mx.random.seed(cfg.training.seed)
     run = _load(cfg, load, model_path, data_dir)
-    start_step, state = _start_point(run_dir, run, resume, log)
-    fast = _setup_shortcuts(cfg, run, start_step)
+    start_step, state = _start_point(run_dir, run, resume, log, world.writer)
+    if world.sharded:  # every rank continues from the same checkpoint (several machines have several disks)
+        ckpt = latest_checkpoint(run_dir) if start_step else None
+        distributed.agree(
+            world, {"resume point": json_sha256([start_step, dir_manifest(ckpt) if ckpt else {}])}
+        )
+    fast = _setup_shortcuts(cfg, run, start_step, world)
     log(fast.plan.summary())
-    truncate_metrics(run_dir / METRICS, start_step)
-    if start_step == 0:
+    if world.writer:
+        truncate_metrics(run_dir / METRICS, start_step)
+    if start_step == 0 and world.writer:
         # the parameter-update gate compares against this
         save_adapter(run.model, run.acfg, run_dir / INIT_DIR)
         record_tokens(run.train_set, run_dir / TOKENS)  # what the label-mask gate checks
     mx.random.seed(step_seed(cfg.training.seed, start_step))
-    cb = _callback(cfg, run, run_dir, fast, start_step, state)
+    cb = _callback(cfg, run, run_dir, fast, start_step, state, world)
     result = _new_result(run, run_dir, start_step, fast)
     if start_step > 0:  # the loss before training was measured by the run this one continues
         before = [loss for step, loss in val_losses(read_metrics(run_dir / METRICS)) if step == 0]
         result.initial_val_loss = before[0] if before else None
     mx.reset_peak_memory()
+    distributed.beat(world, f"ready {start_step}")
     return run, fast, cb, result
 
 
@@ -200,8 +193,11 @@ def _stopped(
     exc: BaseException,
     tic: float,
     log: Callable[[str], None],
+    world: distributed.World,
 ) -> None:
     """A signal stopped training: a resumable checkpoint and the result so far, before it is re-raised."""
+    if not world.writer:
+        return
     if isinstance(exc, KeyboardInterrupt):  # no handlers here: it may have landed anywhere in a step
         _checkpoint_mid_step(cfg, run, run_dir, cb)
     result.interrupted = signals.as_interrupted(exc).name
@@ -219,6 +215,8 @@ def _finished(
     on_trained: Callable[[Any, Any], None] | None,
 ) -> TrainResult:
     _measured(cb, result, tic)
+    if not cb.writer:
+        return result
     save_final_adapter(run.model, run.acfg, run_dir / ADAPTER_DIR)
     if (run_dir / BEST_DIR).exists():
         result.best_adapter_dir = str(run_dir / BEST_DIR)
@@ -240,11 +238,13 @@ def _load(cfg: RunConfig, load: Callable, model_path: Path, data_dir: Path) -> _
     return _Loaded(model, tokenizer, acfg, optimizer, train_set, val_set)
 
 
-def _start_point(run_dir: Path, run: _Loaded, resume: bool, log: Callable[[str], None]) -> tuple[int, dict]:
+def _start_point(
+    run_dir: Path, run: _Loaded, resume: bool, log: Callable[[str], None], writer: bool
+) -> tuple[int, dict]:
     """The step to start from and the callback state saved with it; a fresh run drops old metrics."""
     ckpt = latest_checkpoint(run_dir) if resume else None
     if ckpt is None:
-        if not resume:
+        if not resume and writer:
             (run_dir / METRICS).unlink(missing_ok=True)
         return 0, {}
     state = restore_checkpoint(ckpt, run.model, run.optimizer)
@@ -252,7 +252,9 @@ def _start_point(run_dir: Path, run: _Loaded, resume: bool, log: Callable[[str],
     return state["step"], state
 
 
-def _setup_shortcuts(cfg: RunConfig, run: _Loaded, start_step: int) -> shortcuts.Shortcuts:
+def _setup_shortcuts(
+    cfg: RunConfig, run: _Loaded, start_step: int, world: distributed.World
+) -> shortcuts.Shortcuts:
     return shortcuts.setup(
         run.model,
         seed=cfg.training.seed,
@@ -262,11 +264,18 @@ def _setup_shortcuts(cfg: RunConfig, run: _Loaded, start_step: int) -> shortcuts
         start_batch=start_step,
         cfg=cfg,
         enable=enabled_shortcuts(cfg),
+        world=world,
     )
 
 
 def _callback(
-    cfg: RunConfig, run: _Loaded, run_dir: Path, fast: shortcuts.Shortcuts, start_step: int, state: dict
+    cfg: RunConfig,
+    run: _Loaded,
+    run_dir: Path,
+    fast: shortcuts.Shortcuts,
+    start_step: int,
+    state: dict,
+    world: distributed.World,
 ) -> RunCallback:
     return RunCallback(
         run_dir=run_dir,
@@ -279,6 +288,7 @@ def _callback(
         loss=fast.loss,
         start_step=start_step,
         state=state,
+        world=world,
     )
 
 

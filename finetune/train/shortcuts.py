@@ -32,7 +32,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from finetune.train import batches
+from finetune.train import batches, distributed
 from finetune.train.arch import ARCHS, Arch, run_blocks
 from finetune.train.batches import masked_loss, pack
 from finetune.train.shortcut_plan import Plan, plan
@@ -137,12 +137,20 @@ def build_batch(rows, max_seq_length: int, p: Plan, cache: PrefixCache | None) -
 
 
 def make_iterate_batches(
-    p: Plan, cache: PrefixCache | None, seed: int, start_batch: int = 0
+    p: Plan,
+    cache: PrefixCache | None,
+    seed: int,
+    start_batch: int = 0,
+    world: distributed.World = distributed.SINGLE,
 ) -> Callable[..., Iterator]:
-    """finetune.train.batches.make_iterate_batches with the plan's batches: same examples, same order."""
-    return batches.make_iterate_batches(
-        seed, start_batch, build=lambda rows, max_seq_length: build_batch(rows, max_seq_length, p, cache)
-    )
+    """finetune.train.batches.make_iterate_batches with the plan's batches: same examples, same order; a rank
+    of a data-parallel world trains on its shard of each batch and evaluates every N-th batch."""
+
+    def build(rows, max_seq_length):
+        return build_batch(rows, max_seq_length, p, cache)
+
+    iterate = batches.make_iterate_batches(seed, start_batch, build, distributed.shard_build(build, world))
+    return distributed.shard_batches(iterate, world)
 
 
 # ---------------------------------------------------------------- the loss
@@ -244,6 +252,7 @@ def setup(
     start_batch: int = 0,
     cfg=None,
     warm: bool = True,
+    world: distributed.World = distributed.SINGLE,
     **plan_kw,
 ) -> Shortcuts:
     """Plan, build the cache (optionally warm: the one-off cost is then paid before step 1), loss, batches.
@@ -261,6 +270,6 @@ def setup(
         plan=p,
         cache=cache,
         loss=make_loss(p),
-        iterate_train=make_iterate_batches(p, cache, seed, start_batch),
-        iterate_eval=make_iterate_batches(p, cache, seed),
+        iterate_train=make_iterate_batches(p, cache, seed, start_batch, world),
+        iterate_eval=make_iterate_batches(p, cache, seed, world=world),
     )
