@@ -28,6 +28,8 @@ OVERRIDABLE = (
     "training.save_every",
     "training.early_stopping_patience",
     "training.val_batches",
+    "training.ranks",  # data parallel: the same global batches, on another number of ranks
+    "training.rank_timeout_s",
     "gates.",
     "deploy.model_name",
 )
