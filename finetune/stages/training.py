@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -105,7 +106,10 @@ def stage_estimate(ctx: Ctx) -> StageReport:
     from finetune.data.prepare import read_report
 
     est = ctx.deps.estimate(ctx.cfg, ctx.outputs["model"]["config"], read_report(ctx.run_dir / "data"))
-    return StageReport(outputs={"total_bytes": est.total_bytes}, details={"estimate": est.to_dict()})
+    ranks = ctx.cfg.training.ranks  # the estimate is one rank's; local ranks each hold their own copy
+    details = {"estimate": est.to_dict(), **({"ranks": ranks, "machine_bytes": est.total_bytes * ranks}
+                                             if ranks > 1 else {})}  # fmt: skip
+    return StageReport(outputs={"total_bytes": est.total_bytes}, details=details)
 
 
 # ---------------------------------------------------------------- train
@@ -169,6 +173,8 @@ def _prefetch_full_peak(ctx: Ctx, model_path: Path) -> Callable[[bool], str]:
     """The memory gate's full fine-tuning probe, run beside training on the core training leaves idle."""
     if not ctx.wants("memory_efficiency"):
         return lambda cancel: "memory_efficiency not judged: no full probe"
+    if ctx.cfg.training.ranks >= (os.cpu_count() or 1):  # no idle core to run it beside training
+        return lambda cancel: f"full probe left to the judge: {ctx.cfg.training.ranks} ranks use every core"
     model_config, available = ctx.outputs["model"]["config"], ctx.deps.available_memory()
     return ctx.deps.prefetch_memory(ctx.run_dir, model_path, model_config, ctx.cfg, available=available)
 

@@ -278,8 +278,10 @@ def from_run_config(
     model_config: Mapping[str, Any], run: Any, data: Mapping[str, Any] | None = None
 ) -> MemoryEstimate:
     """Estimate for a FineTune RunConfig; with `data` (a prepare_report.json) the batch is priced as the
-    shortcuts really build it: trimmed to the longest row, the LM head only where the loss is."""
+    shortcuts really build it: trimmed to the longest row, the LM head only where the loss is. With ranks > 1,
+    one rank's: the whole model, optimizer and cache, and rank 0's share of each batch (local ranks: N x it)."""
     t, lora = run.training, run.lora
+    batch = per_rank_batch(t.batch_size, t.ranks)
     shape = ModelShape.from_hf_config(model_config)
     seq_len, loss_tokens, cache_tokens = run.data.max_seq_length, None, 0
     stats = (data or {}).get("length_stats") if (data or {}).get("length_unit") == "tokens" else None
@@ -287,13 +289,13 @@ def from_run_config(
     if stats:
         seq_len = min(int(stats["max"]), run.data.max_seq_length)
         if t.loss_positions_only and trained.get("max"):
-            loss_tokens = t.batch_size * int(trained["max"])
+            loss_tokens = batch * int(trained["max"])
         if t.cache_frozen_prefix and t.fine_tune_type != "full" and prefix_applies(shape, lora):
             cache_tokens = int(trained.get("positions") or 0)
     return estimate(
         shape,
         fine_tune_type=t.fine_tune_type,
-        batch_size=t.batch_size,
+        batch_size=batch,
         seq_len=max(1, seq_len),
         lora_rank=lora.rank,
         lora_num_layers=lora.num_layers,
@@ -303,6 +305,11 @@ def from_run_config(
         loss_tokens=loss_tokens,
         cache_tokens=cache_tokens,
     )
+
+
+def per_rank_batch(batch_size: int, ranks: int) -> int:
+    """Rows of each global batch the busiest rank trains on (finetune.train.distributed.shard: rank 0's)."""
+    return -(-batch_size // max(1, ranks))
 
 
 def prefix_applies(shape: ModelShape, lora: Any) -> bool:

@@ -89,3 +89,26 @@ def choose_for_memory(
         f"only {have:.2f} GiB available; {model or 'the smallest packaged model'} needs "
         f">= {smallest / GIB:.1f} GiB (estimated): skipping",
     )
+
+
+def choose_ranks(
+    requested: str | None, cpus: int | None, available_bytes: int | None, shape: ModelShape | None, batch: int
+) -> tuple[int, str]:
+    """Local data-parallel ranks for a tier run: `requested` (FT_RANKS) when given, else 2 where there are two
+    cores, two rows per batch and memory for two LoRA ranks plus the memory gate's full probe (run after)."""
+    if requested:
+        n = int(requested)
+        if not 1 <= n <= batch:
+            raise ValueError(f"FT_RANKS={requested}: needs 1 <= ranks <= the batch size ({batch})")
+        return n, f"FT_RANKS={n}"
+    if (cpus or 1) < 2 or batch < 2:
+        return 1, f"1 rank ({cpus or 1} core(s), batch {batch})"
+    if shape is None or available_bytes is None:
+        return 1, "1 rank (the memory two ranks need is not known here)"
+    per_rank = estimate(shape, fine_tune_type="lora", batch_size=-(-batch // 2), seq_len=SIZING_SEQ_LEN,
+                        lora_num_layers=8).total_bytes  # fmt: skip
+    full = estimate(shape, fine_tune_type="full", batch_size=batch, seq_len=SIZING_SEQ_LEN).total_bytes
+    need = max(2 * per_rank, full) + RUNTIME_OVERHEAD
+    if available_bytes < need:
+        return 1, f"1 rank: {available_bytes / GIB:.1f} GiB < {need / GIB:.1f} GiB for 2"
+    return 2, f"2 local ranks: {cpus} cores, {available_bytes / GIB:.1f} GiB >= {need / GIB:.1f} GiB"

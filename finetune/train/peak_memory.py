@@ -39,7 +39,7 @@ def measure(
     from mlx_lm import load
 
     from finetune.config.loader import load_file
-    from finetune.train import shortcuts
+    from finetune.train import memory, shortcuts
     from finetune.train.setup import make_optimizer, prepare_model
     from finetune.train.shortcut_plan import enabled_shortcuts
     from finetune.train.splits import load_split
@@ -62,7 +62,9 @@ def measure(
         cfg=cfg,
         enable=enabled_shortcuts(cfg),
     )
-    batch = next(fast.iterate_train(data, cfg.training.batch_size, cfg.data.max_seq_length, loop=True))
+    # one rank's load: a data-parallel run's rank 0 trains on its share of each batch
+    rows = memory.per_rank_batch(cfg.training.batch_size, cfg.training.ranks)
+    batch = next(fast.iterate_train(data, rows, cfg.data.max_seq_length, loop=True))
     value_and_grad = nn.value_and_grad(model, fast.loss)
     mx.eval(model.parameters())
     mx.clear_cache()

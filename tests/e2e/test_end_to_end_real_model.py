@@ -80,7 +80,7 @@ def tier2():
     from finetune.stages.real import real_deps
     from finetune.stages.rundir import own_config
     from finetune.system.resources import available_memory_bytes
-    from finetune.train.model_choice import choose_for_memory
+    from finetune.train.model_choice import SHAPES, choose_for_memory, choose_ranks
 
     def resolved(spec: str):
         try:
@@ -98,9 +98,13 @@ def tier2():
     if not named:
         resolved(model)
     run_dir = ARTIFACTS / f"tier2-{datetime.now(UTC):%Y%m%d-%H%M%S}"
+    ranks, why = choose_ranks(os.environ.get("FT_RANKS"), os.cpu_count(), available_memory_bytes(),
+                              SHAPES.get(model), choice.batch_size)  # fmt: skip
+    print(f"tier 2 ranks: {why}")
     sets = [
         f"model.name={model}",
         f"training.batch_size={choice.batch_size}",
+        f"training.ranks={ranks}",
         *model_sets(model, "quick", ARTIFACTS),
     ]
     cfg = own_config(run_dir, load_config("quick", overrides=sets))

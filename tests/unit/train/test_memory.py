@@ -184,3 +184,15 @@ def test_tiny_measured_lora_step_is_near_the_estimate():
         mx.eval(model.parameters(), opt.state, loss)
     est = estimate(ModelShape.from_hf_config(cfg), fine_tune_type="lora", batch_size=batch, seq_len=seq)
     assert compare(est, mx.get_peak_memory() - before).within(15)
+
+
+def test_a_rank_is_priced_with_its_share_of_the_batch_and_everything_else_whole():
+    from finetune.config.loader import load_config
+    from finetune.train.memory import from_run_config, per_rank_batch
+
+    config = {"hidden_size": 576, "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
+              "intermediate_size": 1536, "vocab_size": 49152}  # fmt: skip
+    two = from_run_config(config, load_config(overrides=["training.batch_size=4", "training.ranks=2"]))
+    half = from_run_config(config, load_config(overrides=["training.batch_size=2"]))
+    assert two.total_bytes == half.total_bytes and two.inputs["batch_size"] == 2
+    assert [per_rank_batch(4, n) for n in (1, 2, 3, 4)] == [4, 2, 2, 1]  # rank 0's share is the largest
