@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -243,6 +244,7 @@ def _run_config(args) -> tuple[RunConfig, Path]:
     from finetune.stages.rundir import new_run_dir, own_config
 
     faults.injected()  # FT_INJECT_FAULT without the harness's arming key: refused before any work (exit 2)
+    _not_one_of_several_ranks()
     if args.command == "validate":
         run_dir = Path(args.run_dir)
         return own_config(run_dir, None, command="validate"), run_dir
@@ -260,6 +262,20 @@ def _run_config(args) -> tuple[RunConfig, Path]:
         requested = requested.model_copy(update={"profile": "custom"})
     run_dir = Path(args.run_dir) if args.run_dir else new_run_dir(requested)
     return own_config(run_dir, requested, args.override, command=args.command), run_dir
+
+
+def _not_one_of_several_ranks() -> None:
+    """Every rank of a launcher runs the whole command: only training knows ranks, the other stages would all
+    write the run directory. Local ranks (training.ranks) are FineTune's own; several machines are not yet."""
+    from finetune.config.loader import ConfigError
+    from finetune.train import distributed
+
+    if distributed.launched() and distributed.expects_peers():
+        raise ConfigError(
+            f"started by a launcher as rank {os.environ.get('MLX_RANK', '?')} of several: `finetune` under "
+            "mlx.launch/mpirun is not supported yet (every rank would write the run directory); on one machine "
+            "set training.ranks=N and FineTune starts the ranks itself (docs/distributed.md)"
+        )
 
 
 def _history(args, out) -> int:

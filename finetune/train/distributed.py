@@ -62,14 +62,15 @@ def join(backend: str = "any") -> World:
     try:
         group = mx.distributed.init(strict=True, backend=backend)
     except RuntimeError as exc:
-        if not _expects_peers():  # e.g. mlx.launch -n 1: no hostfile, a world of one
+        if not expects_peers():  # e.g. mlx.launch -n 1: no hostfile, a world of one
             return SINGLE
         raise RuntimeError(f"started as rank {os.environ.get('MLX_RANK', '?')} of a data-parallel world, but MLX "
                            f"could not join it ({exc}): check the hostfile and the backend") from exc  # fmt: skip
     return World(group.rank(), group.size(), group)
 
 
-def _expects_peers() -> bool:
+def expects_peers() -> bool:
+    """The launcher said this world has more than one rank."""
     sizes = (os.environ.get(k, "1") for k in ("MLX_WORLD_SIZE", "OMPI_COMM_WORLD_SIZE"))
     return bool(os.environ.get("MLX_HOSTFILE") or os.environ.get("MLX_JACCL_COORDINATOR")) or any(
         int(v) > 1 for v in sizes if v.isdigit()

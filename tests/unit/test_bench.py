@@ -634,3 +634,24 @@ def test_the_bench_times_make_test_as_the_makefile_runs_it():
     recipe = root.joinpath("Makefile").read_text().split("\ntest: setup\n", 1)[1].split("\n\n", 1)[0]
     args = recipe.replace("\\\n", " ").split()
     assert args[:2] == ["$(PYTEST)", "-q"] and args[2:] == MAKE_TEST
+
+
+def _metrics(folder: Path, rows: list[tuple[float, float, float]]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps({"kind": "train", "step": i + 1, "time": t, "trained_tokens": n, "train_loss": loss})
+             for i, (t, n, loss) in enumerate(rows)]  # fmt: skip
+    (folder / "metrics.jsonl").write_text("\n".join([*lines, json.dumps({"kind": "val", "step": 1})]) + "\n")
+    return folder
+
+
+def test_ranks_figures_read_steady_steps_from_the_runs_metrics(tmp_path):
+    from bench import ranks_bench
+
+    # 3 warmup steps (slow), then 1 s per step and 100 tokens per step
+    one = _metrics(tmp_path / "one", [(0, 100, 5.0), (5, 200, 4.0), (9, 300, 3.0), (12, 400, 2.0), (13, 500, 1.0),
+                                      (14, 600, 0.5), (15, 700, 0.25)])  # fmt: skip
+    two = _metrics(tmp_path / "two", [(0, 100, 5.0), (5, 200, 4.0), (9, 300, 3.0), (12, 400, 2.0),
+                                      (12.5, 500, 1.0), (13, 600, 0.5), (13.5, 700, 0.2)])  # fmt: skip
+    assert ranks_bench.tokens_per_second(one) == 100 and ranks_bench.tokens_per_second(two) == 200
+    assert ranks_bench.step_seconds(one) == 1 and ranks_bench.step_seconds(two) == 0.5
+    assert ranks_bench.loss_gap(one, two) == pytest.approx(0.2)  # |0.2 - 0.25| / 0.25
