@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -119,12 +118,19 @@ def main(argv: Sequence[str] | None = None, *, deps=None, out=None) -> int:
                 return _dispatch(args, deps, out)
             from finetune.recipes.commands import RECIPES
             from finetune.recipes.execution import print_result
+            from finetune.train import distributed
 
-            cfg, run_dir = _run_config(args)
-            heartbeat_s = 0 if getattr(args, "quiet", False) else 15.0
-            result = RECIPES[args.command](
-                cfg, run_dir, _deps(deps), log=_printer(out), heartbeat_s=heartbeat_s
-            )
+            # Under mlx.launch or mpirun every rank runs this command: rank 0 runs it, the others train the
+            # shard of what rank 0 sends them and write nothing (docs/distributed.md).
+            world = distributed.join() if distributed.launched() else distributed.SINGLE
+            if world.sharded and not world.writer:
+                return _follow(world)
+            with distributed.leading(world):
+                cfg, run_dir = _run_config(args)
+                heartbeat_s = 0 if getattr(args, "quiet", False) else 15.0
+                result = RECIPES[args.command](
+                    cfg, run_dir, _deps(deps), log=_printer(out), heartbeat_s=heartbeat_s
+                )
             print_result(result, out)
             return result.exit_code
     except UserError as exc:
@@ -135,6 +141,13 @@ def main(argv: Sequence[str] | None = None, *, deps=None, out=None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _follow(world) -> int:
+    from finetune.train.engine import train_run
+    from finetune.train.follower import follow
+
+    return follow(world, train_run)
 
 
 def _export_form(text: str) -> str:
@@ -244,7 +257,6 @@ def _run_config(args) -> tuple[RunConfig, Path]:
     from finetune.stages.rundir import new_run_dir, own_config
 
     faults.injected()  # FT_INJECT_FAULT without the harness's arming key: refused before any work (exit 2)
-    _not_one_of_several_ranks()
     if args.command == "validate":
         run_dir = Path(args.run_dir)
         return own_config(run_dir, None, command="validate"), run_dir
@@ -262,20 +274,6 @@ def _run_config(args) -> tuple[RunConfig, Path]:
         requested = requested.model_copy(update={"profile": "custom"})
     run_dir = Path(args.run_dir) if args.run_dir else new_run_dir(requested)
     return own_config(run_dir, requested, args.override, command=args.command), run_dir
-
-
-def _not_one_of_several_ranks() -> None:
-    """Every rank of a launcher runs the whole command: only training knows ranks, the other stages would all
-    write the run directory. Local ranks (training.ranks) are FineTune's own; several machines are not yet."""
-    from finetune.config.loader import ConfigError
-    from finetune.train import distributed
-
-    if distributed.launched() and distributed.expects_peers():
-        raise ConfigError(
-            f"started by a launcher as rank {os.environ.get('MLX_RANK', '?')} of several: `finetune` under "
-            "mlx.launch/mpirun is not supported yet (every rank would write the run directory); on one machine "
-            "set training.ranks=N and FineTune starts the ranks itself (docs/distributed.md)"
-        )
 
 
 def _history(args, out) -> int:

@@ -11,9 +11,11 @@ the same code, config, data and model as rank 0 (finetune.train.ranks starts and
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ from finetune.data.tokens import batch_width
 from finetune.system.hashing import dir_manifest, file_sha256, json_sha256, mlx_measurement_versions
 
 BEAT = "\x1eFT-RANK"  # a rank's heartbeat line on its stdout, read by the supervisor (finetune.train.ranks)
+SUPERVISED = "FT_RANK_SUPERVISED"  # set by finetune.train.ranks for the ranks it starts
 LAUNCH_ENV = ("MLX_RANK", "MLX_HOSTFILE", "MLX_WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "MLX_JACCL_COORDINATOR")
 
 
@@ -78,9 +81,55 @@ def expects_peers() -> bool:
 
 
 def beat(world: World, what: str) -> None:
-    """Tell the supervisor this rank is alive and where it is (nothing to say when alone)."""
-    if world.sharded:
+    """Tell FineTune's supervisor (finetune.train.ranks) this rank is alive and where it is; under another
+    launcher nobody reads it."""
+    if world.sharded and os.environ.get(SUPERVISED):
         print(f"{BEAT} {world.rank} {what}", file=sys.stdout, flush=True)
+
+
+# ---------------------------------------------------------------- the job, from rank 0 to every rank
+
+
+def broadcast_bytes(world: World, payload: bytes | None) -> bytes:
+    """Rank 0's bytes on every rank (an all_sum to which the others add zeros)."""
+    mine = len(payload) if world.writer and payload is not None else 0
+    n = int(mx.distributed.all_sum(mx.array(mine, mx.int32), group=world.group, stream=mx.cpu).item())
+    if n == 0:
+        return b""
+    buf = np.frombuffer(payload, np.uint8) if world.writer else np.zeros(n, np.uint8)
+    out = mx.distributed.all_sum(mx.array(buf), group=world.group, stream=mx.cpu)
+    return bytes(np.asarray(out, np.uint8))
+
+
+def send_job(world: World, cfg: Any, checkpoint: Path | None) -> None:
+    """Rank 0 tells every rank what to train (the config) and from where (the checkpoint's files): a rank on
+    another machine has neither (finetune.train.follower)."""
+    files = {p.name: p.read_bytes().hex() for p in sorted(checkpoint.iterdir())} if checkpoint else {}
+    job = {"config": cfg.model_dump(mode="json"), "checkpoint": checkpoint.name if checkpoint else None,
+           "files": files}  # fmt: skip
+    broadcast_bytes(world, json.dumps(job).encode())
+    _job["sent"] = True
+
+
+def receive_job(world: World) -> dict | None:
+    """The job rank 0 sent, or None when rank 0 had nothing to train (its training was done, or failed)."""
+    raw = broadcast_bytes(world, None)
+    return json.loads(raw) if raw else None
+
+
+_job = {"sent": False}
+
+
+@contextlib.contextmanager
+def leading(world: World) -> Iterator[None]:
+    """Around rank 0's whole command: if it never sent a job (its training was cached, or a stage before it
+    failed), the waiting ranks are told there is nothing to train instead of waiting for ever."""
+    _job["sent"] = False
+    try:
+        yield
+    finally:
+        if world.sharded and world.writer and not _job["sent"]:
+            broadcast_bytes(world, None)
 
 
 # ---------------------------------------------------------------- batches and loss

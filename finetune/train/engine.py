@@ -127,6 +127,11 @@ def _prepare(
         from mlx_lm import load
     if world.writer:
         run_dir.mkdir(parents=True, exist_ok=True)
+    if world.size > cfg.training.batch_size:
+        raise ValueError(f"{world.size} ranks need training.batch_size >= {world.size} (each takes rows of every "
+                         f"batch), got {cfg.training.batch_size}")  # fmt: skip
+    if world.sharded and world.writer:  # every other rank waits for what to train (finetune.train.follower)
+        distributed.send_job(world, cfg, latest_checkpoint(run_dir) if resume else None)
     distributed.agree(world, distributed.run_digest(cfg, model_path, data_dir) if world.sharded else {})
     mx.random.seed(cfg.training.seed)
     run = _load(cfg, load, model_path, data_dir)

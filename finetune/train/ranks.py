@@ -130,7 +130,7 @@ def _start(
     lines: queue.Queue,
 ) -> _Rank:
     env = {**os.environ, **extra, "MLX_RANK": str(r), "MLX_HOSTFILE": str(hosts), "MLX_WORLD_SIZE": str(n)}
-    env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONUNBUFFERED"], env[distributed.SUPERVISED] = "1", "1"
     err = tmp / f"rank{r}.err"
     proc = procs.spawn_guarded(
         [python, "-m", ENTRY, str(spec)],

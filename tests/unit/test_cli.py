@@ -39,11 +39,3 @@ def test_every_command_has_help():
     parser = cli.build_parser()
     for command in ("config", "prepare", "estimate", "doctor", "train", "run", "pipeline", "validate"):
         assert command in parser.format_help()
-
-
-def test_one_of_several_ranks_of_a_launcher_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("MLX_RANK", "1")
-    monkeypatch.setenv("MLX_HOSTFILE", str(tmp_path / "hosts.json"))
-    assert cli.main(["run", "-p", "quick", "--run-dir", str(tmp_path / "run")]) == 2
-    assert "started by a launcher as rank 1 of several" in capsys.readouterr().err
-    assert not (tmp_path / "run").exists()  # nothing written
