@@ -49,14 +49,14 @@ def test_a_model_that_is_not_packaged_is_sized_from_its_config():
     assert choose_for_memory(GIB // 4, "tiny-llama", TINY_CONFIG).model_spec is None
 
 
-def test_two_local_ranks_where_two_cores_and_the_memory_allow():
+def test_two_local_ranks_where_the_cores_and_the_memory_allow():
     from finetune.train.model_choice import SHAPES, choose_ranks
 
     shape = SHAPES["smollm2-135m"]
-    assert choose_ranks(None, 2, 16 * GIB, shape, 4)[0] == 2
-    assert choose_ranks(None, 1, 16 * GIB, shape, 4) == (1, "1 rank (1 core(s), batch 4)")
+    assert choose_ranks(None, 4, 16 * GIB, shape, 4)[0] == 2
+    assert choose_ranks(None, 2, 16 * GIB, shape, 4) == (1, "1 rank (2 core(s), batch 4)")  # the probe's core
     assert choose_ranks(None, 8, 16 * GIB, shape, 1)[0] == 1  # one row per batch cannot be shared
-    assert choose_ranks(None, 2, GIB, shape, 4)[1].startswith("1 rank: 1.0 GiB < ")
+    assert choose_ranks(None, 4, GIB, shape, 4)[1].startswith("1 rank: 1.0 GiB < ")
     assert choose_ranks("3", 2, GIB, shape, 4) == (3, "FT_RANKS=3")
     with pytest.raises(ValueError, match="FT_RANKS=5: needs 1 <= ranks <= the batch size"):
         choose_ranks("5", 2, GIB, shape, 4)
