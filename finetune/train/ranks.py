@@ -40,6 +40,9 @@ from finetune.train.result import TrainResult
 
 ENTRY = "finetune.train.rank_main"
 STOP_GRACE_S = 5.0  # a rank stopped by the supervisor: SIGTERM, then SIGKILL after this
+# After a rank failed the others wait inside a collective with SIGTERM deferred: they are killed sooner (rank 0
+# writes checkpoints atomically, so one cut short leaves the previous one intact).
+FAILED_GRACE_S = 1.0
 
 
 class RankFailure(RuntimeError):
@@ -105,7 +108,7 @@ def train_local_ranks(
             _forward(ranks, cfg.training.rank_timeout_s)
             raise
         except RankFailure as exc:
-            _stop(ranks)
+            _stop(ranks, FAILED_GRACE_S)
             ckpt = latest_checkpoint(run_dir)
             kept = (
                 f"the last checkpoint, {ckpt.name}, is intact: --resume continues from it"
@@ -222,6 +225,6 @@ def _forward(ranks: list[_Rank], timeout: float) -> None:
             k.proc.wait(timeout=STOP_GRACE_S)
 
 
-def _stop(ranks: list[_Rank]) -> None:
+def _stop(ranks: list[_Rank], grace: float = STOP_GRACE_S) -> None:
     for k in ranks:
-        procs.stop_group(k.proc, grace=STOP_GRACE_S if k.proc.poll() is None else 0.1)
+        procs.stop_group(k.proc, grace=grace if k.proc.poll() is None else 0.1)
