@@ -89,7 +89,7 @@ def train_local_ranks(
     rank_env: Callable[[int], dict[str, str]] = lambda _rank: {},
     python: str = sys.executable,
 ):
-    """Train on cfg.training.ranks local ranks; returns rank 0's TrainResult (read from RUN/result.json)."""
+    """Train on cfg.training.ranks local ranks; returns rank 0's TrainResult (read from RUN/train_result.json)."""
     n, run_dir = cfg.training.ranks, Path(run_dir)
     with tempfile.TemporaryDirectory(prefix="finetune-ranks-") as tmp:
         spec = Path(tmp) / "spec.pkl"
@@ -135,17 +135,18 @@ def _start(
     env = {**os.environ, **extra, "MLX_RANK": str(r), "MLX_HOSTFILE": str(hosts), "MLX_WORLD_SIZE": str(n)}
     env["PYTHONUNBUFFERED"], env[distributed.SUPERVISED] = "1", "1"
     err = tmp / f"rank{r}.err"
-    proc = procs.spawn_guarded(
-        [python, "-m", ENTRY, str(spec)],
-        pid_dir=run_dir / procs.PID_DIR,
-        name=f"rank{r}",
-        env=env,
-        cwd=tmp,  # not the caller's folder: `-m` would import a finetune/ found there before the installed one
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=err.open("wb"),
-        text=True,
-    )
+    with err.open("wb") as stderr:  # the child keeps its own copy
+        proc = procs.spawn_guarded(
+            [python, "-m", ENTRY, str(spec)],
+            pid_dir=run_dir / procs.PID_DIR,
+            name=f"rank{r}",
+            env=env,
+            cwd=tmp,  # not the caller's folder: `-m` would import a finetune/ found there before the installed one
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+        )
     threading.Thread(target=_read, args=(r, proc.stdout, lines), daemon=True).start()
     return _Rank(r, proc, err)
 
