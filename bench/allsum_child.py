@@ -6,12 +6,12 @@ import json
 import sys
 import time
 
-import mlx.core as mx
-
 import finetune  # noqa: F401  (the same BLAS and thread defaults as training)
 
 
 def main(argv: list[str]) -> int:
+    import mlx.core as mx  # after finetune: its BLAS first
+
     world = mx.distributed.init(strict=True, backend="ring")
     x = mx.ones((int(argv[0]),))
     mx.eval(mx.distributed.all_sum(x, stream=mx.cpu))
