@@ -21,12 +21,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import finetune  # noqa: F401  (OpenBLAS before any mlx import, and the same thread defaults as training)
-from bench import blas_bench, inference, memory_bench, ranks_bench, report, tiers, training
+from bench import blas_bench, inference, memory_bench, ranks_bench, report, roofline, tiers, training
 from bench.stats import Figure, Goal, Section
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH_BUDGET_S = 900.0  # `make bench` on a fresh clone in under 15 minutes
-SECTIONS = ("blas", "training", "ranks", "memory", "tiers", "inference")
+SECTIONS = ("blas", "training", "roofline", "ranks", "memory", "tiers", "inference")
 
 
 def cpu_model() -> str:
@@ -134,6 +134,11 @@ def build_plan(
         profile = args.profile if quick else "release"  # the goal is the release profile's
         return ranks_bench.run_section(work / "ranks", model, profile, iters=12 if quick else 40, log=log)
 
+    def roof() -> Section:
+        if quick:
+            return roofline.run_section([model], args.profile, steps=4, sets=train_overrides, log=log)
+        return roofline.run_section([model, "gemma3-270m"], "release", steps=16, log=log)
+
     def memory() -> Section:
         from finetune.config.loader import load_config
         from finetune.data.prepare import prepare_for_run
@@ -164,6 +169,7 @@ def build_plan(
     plan = [
         ("blas", "BLAS: MLX matmul vs numpy", blas),
         ("training", "Training throughput", train),
+        ("roofline", "Roofline", roof),
         ("ranks", "Data-parallel training", ranks),
         ("memory", "Peak training memory", memory),
         ("tiers", "Test tiers", tier_times),
