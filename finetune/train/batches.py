@@ -58,6 +58,12 @@ def _length_buckets(dataset: TokenDataset, batch_size: int) -> list[list[int]]:
     return [order[i : i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
 
 
+def longest_batch(dataset: TokenDataset, batch_size: int) -> list[int]:
+    """Example indices of the batch of the longest rows: every epoch trains it, and it sets a run's peak memory."""
+    buckets = _length_buckets(dataset, batch_size)
+    return buckets[-1] if buckets else list(range(len(dataset)))
+
+
 def batch_at(dataset: TokenDataset, batch_size: int, seed: int, index: int) -> list[int]:
     """Example indices of training batch number `index` (0-based): a pure function, for exact resume."""
     buckets = _length_buckets(dataset, batch_size)

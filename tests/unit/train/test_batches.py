@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from finetune.data.tokens import PAD_TO
-from finetune.train.batches import TokenDataset, batch_at, make_iterate_batches, masked_loss
+from finetune.train.batches import TokenDataset, batch_at, longest_batch, make_iterate_batches, masked_loss
 
 DATA = TokenDataset(
     [(list(range(1, n + 1)), [0] * (n // 2) + [1] * (n - n // 2)) for n in range(4, 20)], "toy"
@@ -19,6 +19,14 @@ def test_batch_order_is_a_pure_function_of_seed_and_index():
     # every epoch covers each bucket once
     assert sorted(map(tuple, first[:4])) == sorted(map(tuple, first[4:8]))
     assert sorted(i for b in first[:4] for i in b) == list(range(16))
+
+
+def test_the_longest_batch_is_one_every_epoch_trains():
+    longest = longest_batch(DATA, 4)
+    assert sorted(len(DATA[i][0]) for i in longest) == [16, 17, 18, 19]  # the four longest rows
+    epoch = [sorted(batch_at(DATA, 4, seed=3, index=i)) for i in range(4)]
+    assert sorted(longest) in epoch
+    assert longest_batch(TokenDataset(DATA.items[:3], "few"), 4) == [0, 1, 2]  # fewer rows than a batch
 
 
 def test_iterator_resumes_at_a_given_batch():

@@ -7,6 +7,7 @@ import pytest
 
 from finetune.config.loader import load_config, save_config
 from finetune.models.tiny import tiny_llama_weights
+from finetune.models.tokenizer import load_tokenizer
 from finetune.train.memory import ModelShape
 from finetune.train.peak_memory import (
     main,
@@ -16,6 +17,7 @@ from finetune.train.peak_memory import (
     measure_memory,
     prefetch_full,
 )
+from finetune.train.splits import load_split
 from tests.conftest import TOY_MODEL_CONFIG
 
 
@@ -53,6 +55,30 @@ def test_lora_and_full_measured_in_process(probe_cfg, toy_folder, sums_dir):
     assert lora["losses"][0] == pytest.approx(
         full["losses"][0], rel=1e-5
     )  # same model, same batch, before any update
+
+
+def test_the_probe_trains_the_batch_of_the_longest_rows(probe_cfg, toy_folder, tmp_path):
+    """That batch sets a run's peak (every epoch trains it); the run's first batch is a shorter one here."""
+    from finetune.data.prepare import prepare
+    from finetune.train.batches import batch_at, longest_batch
+
+    rows = [
+        {"prompt": f"Say {i}.", "completion": " ".join(["word"] * (2 if i % 5 else 40))} for i in range(25)
+    ]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = tmp_path / "prepared"
+    prepare(
+        tmp_path / "rows.jsonl",
+        data,
+        template="chatml",
+        tokenizer=load_tokenizer(toy_folder),
+        max_seq_length=64,
+    )
+    split = load_split(data / "train.jsonl", load_tokenizer(toy_folder), 64, True)
+    longest = max(len(ids) for ids, _ in split)
+    assert sorted(batch_at(split, 4, seed=0, index=0)) != sorted(longest_batch(split, 4))  # the test can tell
+    got = measure(probe_cfg, toy_folder, data, "lora", steps=1)
+    assert longest - 2 <= got["batch_shape"][1] <= longest  # trimming drops at most the trailing newline
 
 
 def test_a_lora_that_trains_every_weight_fails_the_memory_gate(probe_cfg, toy_folder, sums_dir, plant_fault):
