@@ -75,7 +75,7 @@ def measure_lengths(rows: list[dict], tokenizer: Any, max_seq_length: int, mask_
     if tokenizer is None:
         note = "lengths are in characters: token stats and truncation need a tokenizer"
         return Lengths("chars", [len(r["text"]) for r in rows], [note])
-    lengths, truncated, untrained, per_row = [], 0, 0, []
+    lengths, truncated, untrained, per_row, last = [], 0, 0, [], 0
     for r in rows:
         ids, offsets = encode(tokenizer, r["text"])
         lengths.append(len(ids))
@@ -83,12 +83,16 @@ def measure_lengths(rows: list[dict], tokenizer: Any, max_seq_length: int, mask_
         mask = mask_for(offsets[:max_seq_length], r["train_spans"])
         untrained += not any(mask)
         per_row.append(sum(mask[1:]) if mask_prompt else max(0, min(len(ids), max_seq_length) - 1))
+        if not mask_prompt:
+            mask = [1] * min(len(ids), max_seq_length)
+        last = max(last, max((i for i, m in enumerate(mask) if m and i), default=0))
     # what the LM head sees per row with loss positions only, and what a frozen-prefix cache would hold
     trained_tokens = {
         "mean": round(statistics.fmean(per_row), 2),
         "max": max(per_row),
         "total": sum(per_row),
         "positions": sum(max(0, min(n, max_seq_length) - 1) for n in lengths),
+        "last": last,  # tokens a batch trimmed after its last trained token feeds the model, at most
     }
     notes = []
     if untrained:

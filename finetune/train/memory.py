@@ -278,16 +278,16 @@ def from_run_config(
     model_config: Mapping[str, Any], run: Any, data: Mapping[str, Any] | None = None
 ) -> MemoryEstimate:
     """Estimate for a FineTune RunConfig; with `data` (a prepare_report.json) the batch is priced as the
-    shortcuts really build it: trimmed to the longest row, the LM head only where the loss is. With ranks > 1,
+    shortcuts build it: trimmed after its last trained token, the LM head only where the loss is. With ranks > 1,
     one rank's: the whole model, optimizer and cache, and rank 0's share of each batch (local ranks: N x it)."""
-    t, lora = run.training, run.lora
+    t, lora, shape = run.training, run.lora, ModelShape.from_hf_config(model_config)
     batch = per_rank_batch(t.batch_size, t.ranks)
-    shape = ModelShape.from_hf_config(model_config)
     seq_len, loss_tokens, cache_tokens = run.data.max_seq_length, None, 0
     stats = (data or {}).get("length_stats") if (data or {}).get("length_unit") == "tokens" else None
     trained = (data or {}).get("trained_tokens") or {}
     if stats:
         seq_len = min(int(stats["max"]), run.data.max_seq_length)
+        seq_len = min(seq_len, int(trained["last"])) if t.trim_batches and trained.get("last") else seq_len
         if t.loss_positions_only and trained.get("max"):
             loss_tokens = batch * int(trained["max"])
         if t.cache_frozen_prefix and t.fine_tune_type != "full" and prefix_applies(shape, lora):

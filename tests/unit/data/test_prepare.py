@@ -154,6 +154,11 @@ def test_prepare_with_tokenizer_reports_token_stats(tmp_path, smollm2_tokenizer)
     longest = len(smollm2_tokenizer(long_text, add_special_tokens=False)["input_ids"])
     assert stats["max"] == longest > 25
     assert report.truncated_share == pytest.approx(1 / 11, abs=1e-4)
+    # the most tokens a batch trimmed after its last trained token feeds: within max_seq_length, and up to the
+    # answer's end marker (only the newline after it is untrained)
+    kept = max(n for n in (len(smollm2_tokenizer(get_template("chatml").render(qa(i)["messages"]).text,
+                                                 add_special_tokens=False)["input_ids"]) for i in range(10)))  # fmt: skip
+    assert kept - 2 <= report.trained_tokens["last"] <= min(kept, 25) - 1
 
 
 def test_rows_left_without_trained_tokens_are_counted(tmp_path, toy_tokenizer):

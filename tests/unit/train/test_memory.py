@@ -196,3 +196,20 @@ def test_a_rank_is_priced_with_its_share_of_the_batch_and_everything_else_whole(
     half = from_run_config(config, load_config(overrides=["training.batch_size=2"]))
     assert two.total_bytes == half.total_bytes and two.inputs["batch_size"] == 2
     assert [per_rank_batch(4, n) for n in (1, 2, 3, 4)] == [4, 2, 2, 1]  # rank 0's share is the largest
+
+
+def test_trimmed_batches_are_priced_up_to_the_last_trained_token_not_the_longest_row():
+    from finetune.config.loader import load_config
+    from finetune.train.memory import from_run_config
+
+    config = {"hidden_size": 576, "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
+              "intermediate_size": 1536, "vocab_size": 49152}  # fmt: skip
+    # long prompts with the answer early or cut off by max_seq_length: rows of 600 tokens, trained up to 400
+    data = {"length_unit": "tokens", "length_stats": {"max": 600},
+            "trained_tokens": {"max": 14, "positions": 9000, "last": 400}}  # fmt: skip
+    cfg = load_config(overrides=["data.max_seq_length=512"])
+    assert from_run_config(config, cfg, data).inputs["seq_len"] == 400
+    untrimmed = load_config(overrides=["data.max_seq_length=512", "training.trim_batches=false"])
+    assert from_run_config(config, untrimmed, data).inputs["seq_len"] == 512
+    older = {**data, "trained_tokens": {"max": 14, "positions": 9000}}  # a report from before "last"
+    assert from_run_config(config, cfg, older).inputs["seq_len"] == 512
