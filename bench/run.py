@@ -140,18 +140,8 @@ def build_plan(
         return roofline.run_section([model, "gemma3-270m"], "release", steps=16, log=log)
 
     def memory() -> Section:
-        from finetune.config.loader import load_config
-        from finetune.data.prepare import prepare_for_run
-        from finetune.models.resolve import resolve_model
-        from finetune.models.tokenizer import load_tokenizer
-
-        cfg = load_config(args.profile, None, [f"model.name={model}", "data.mask_prompt=false", *overrides])
-        path = Path(resolve_model(model).path)
-        data_dir = work / "memory" / "data"
-        if not (data_dir / "train.jsonl").exists():
-            prepare_for_run(cfg.data, data_dir, load_tokenizer(path))
         return memory_bench.run_section(
-            work / "memory", cfg, path, data_dir, steps=2 if quick else 3, log=log
+            work / "memory", args.profile, model, overrides, steps=2 if quick else 3, log=log
         )
 
     def infer() -> Section:

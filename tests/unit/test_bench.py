@@ -446,12 +446,14 @@ def _memory_row(measured, predicted, error_pct):
 
 def test_memory_summary_passes_within_and_fails_outside_15_percent():
     rows = {"lora": _memory_row(1000, 1100, 10.0), "full": _memory_row(4000, 3000, -25.0)}
-    figs = {f.key: f for f in memory_bench.summarize("m", rows).figures}
-    assert figs["memory.lora_error_pct"].met is True
-    assert (
-        figs["memory.full_error_pct"].met is False and "undershoots" in figs["memory.full_error_pct"].reason
-    )
-    assert figs["memory.lora_saving"].value == pytest.approx(75.0)
+    section = memory_bench.summarize("m", {"long answers": rows}, {"long prompts": "no package"})
+    figs = {f.key: f for f in section.figures}
+    assert figs["memory.long_answers.lora_error_pct"].met is True
+    full = figs["memory.long_answers.full_error_pct"]
+    assert full.met is False and "undershoots" in full.reason
+    assert figs["memory.long_answers.lora_saving"].value == pytest.approx(75.0)
+    skipped = figs["memory.long_prompts.lora_error_pct"]  # a dataset not measured is said, never a pass
+    assert skipped.value is None and skipped.met is None and "no package" in skipped.reason
 
 
 def test_blas_summary_flags_reference_blas():
