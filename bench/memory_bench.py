@@ -67,10 +67,12 @@ def estimate(model_config: dict, cfg: Any, fine_tune_type: str, data_report: dic
 
 
 def _row(measured: dict, est: Any) -> dict[str, Any]:
+    from finetune.train.memory import compare
+
     return {
         "measured": measured,
         "predicted_bytes": est.total_bytes,
-        "error_pct": 100 * (est.total_bytes / measured["peak_bytes"] - 1),
+        "error_pct": compare(est, measured["peak_bytes"]).error_pct,
         "predicted_params": est.trainable_params,
         "breakdown": est.breakdown,
         "peak_phase": est.peak_phase,

@@ -22,6 +22,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import finetune  # noqa: F401  (OpenBLAS before any mlx import, and the same thread defaults as training)
+from finetune.system.blas import gflops, seconds_per_call
+
+MAX_REPS = 10_000  # a step's matmul shapes are timed for their budget, not a count
 
 
 @dataclass(frozen=True)
@@ -94,8 +97,6 @@ def profiling_trainer(steps: int, out: dict) -> Callable:
         import mlx.core as mx
         import mlx.nn as nn
 
-        from finetune.system.blas import gflops
-
         value_grad = nn.value_and_grad(model, loss)
         state = [model.state, optimizer.state]
         batches = iterate_batches(dataset=train_dataset, batch_size=args.batch_size,
@@ -135,15 +136,6 @@ def profiling_trainer(steps: int, out: dict) -> Callable:
     return train
 
 
-def _seconds(run: Callable[[], object], budget_s: float) -> float:
-    run()
-    reps, tic = 0, time.perf_counter()
-    while time.perf_counter() - tic < budget_s:
-        run()
-        reps += 1
-    return (time.perf_counter() - tic) / reps
-
-
 def shape_gflops(m: Shapes, tokens: int, head_rows: int, model, budget_s: float = 0.3) -> dict[str, float]:
     """GFLOP/s MLX reaches on the step's own matmuls, in the layouts training uses: x @ W.T forward and
     g @ W for the input gradient, per weight shape; "weighted" weighs each by the FLOPs it carries in a step
@@ -163,8 +155,8 @@ def shape_gflops(m: Shapes, tokens: int, head_rows: int, model, budget_s: float 
             mx.random.normal((n_out, n_in)),
         )
         mx.eval(x, g, w)
-        per = _seconds(lambda x=x, w=w: mx.eval(x @ w.T), budget_s) + _seconds(
-            lambda g=g, w=w: mx.eval(g @ w), budget_s
+        per = seconds_per_call(lambda x=x, w=w: mx.eval(x @ w.T), budget_s, MAX_REPS) + seconds_per_call(
+            lambda g=g, w=w: mx.eval(g @ w), budget_s, MAX_REPS
         )
         f = 4 * rows * n_in * n_out
         out[f"{rows}x{n_in}x{n_out}"] = f / per / 1e9

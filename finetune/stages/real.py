@@ -35,9 +35,8 @@ def real_deps() -> Deps:
         load_tokenizer=load_tokenizer,
         prepare_data=prepare_for_run,
         estimate=lambda cfg, model_config, data: from_run_config(model_config, cfg, data),
-        train=data_parallel(
-            train_run
-        ),  # one rank, training.ranks local ranks, or a rank of mlx.launch's world
+        # one rank, training.ranks local ranks, or a rank of mlx.launch's world
+        train=data_parallel(train_run),
         measure_learning=run_measurements.measure_learning,
         measure_memory=peak_memory.measure_memory,
         prefetch_memory=peak_memory.prefetch_full,

@@ -281,8 +281,8 @@ def status() -> BlasStatus | None:
 # ---------------------------------------------------------------- measurement
 
 
-def gflops(run: Callable[[], object], n: int, budget_s: float, max_reps: int = 50) -> float:
-    """GFLOP/s of `run` (an n x n matmul), repeated for `budget_s` after one warm-up call."""
+def seconds_per_call(run: Callable[[], object], budget_s: float, max_reps: int = 50) -> float:
+    """Mean seconds of `run`, repeated for `budget_s` (at most max_reps times) after one warm-up call."""
     run()  # warm-up: allocations and first-use setup
     reps, start = 0, time.perf_counter()
     while True:
@@ -290,7 +290,12 @@ def gflops(run: Callable[[], object], n: int, budget_s: float, max_reps: int = 5
         reps += 1
         elapsed = time.perf_counter() - start
         if elapsed >= budget_s or reps >= max_reps:
-            return 2 * n**3 * reps / elapsed / 1e9
+            return elapsed / reps
+
+
+def gflops(run: Callable[[], object], n: int, budget_s: float, max_reps: int = 50) -> float:
+    """GFLOP/s of `run` (an n x n matmul), repeated for `budget_s` after one warm-up call."""
+    return 2 * n**3 / seconds_per_call(run, budget_s, max_reps) / 1e9
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from finetune.models.gemma import GEMMA3
 from finetune.models.packaged import SMOLLM2
-from finetune.train.memory import estimate
+from finetune.train.memory import estimate, per_rank_batch
 from finetune.train.model_shape import ModelShape
 
 GIB = 1024**3
@@ -106,7 +106,7 @@ def choose_ranks(
         return 1, f"1 rank ({cpus or 1} core(s), batch {batch})"
     if shape is None or available_bytes is None:
         return 1, "1 rank (the memory two ranks need is not known here)"
-    per_rank = estimate(shape, fine_tune_type="lora", batch_size=-(-batch // 2), seq_len=SIZING_SEQ_LEN,
+    per_rank = estimate(shape, fine_tune_type="lora", batch_size=per_rank_batch(batch, 2), seq_len=SIZING_SEQ_LEN,
                         lora_num_layers=8).total_bytes  # fmt: skip
     full = estimate(shape, fine_tune_type="full", batch_size=batch, seq_len=SIZING_SEQ_LEN).total_bytes
     need = max(2 * per_rank, full) + RUNTIME_OVERHEAD

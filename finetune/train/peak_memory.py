@@ -39,7 +39,7 @@ def measure(
     from mlx_lm import load
 
     from finetune.config.loader import load_file
-    from finetune.train import batches, shortcuts
+    from finetune.train import batches, distributed, shortcuts
     from finetune.train.setup import make_optimizer, prepare_model
     from finetune.train.shortcut_plan import enabled_shortcuts
     from finetune.train.splits import load_split
@@ -64,7 +64,8 @@ def measure(
     )
     # The batch of the longest rows sets a run's peak (every epoch trains it); a data-parallel run's rank 0
     # trains its share of it (finetune.train.distributed.shard).
-    picked = batches.longest_batch(data, cfg.training.batch_size)[:: max(1, cfg.training.ranks)]
+    rank0 = distributed.World(0, cfg.training.ranks)
+    picked = distributed.shard(batches.longest_batch(data, cfg.training.batch_size), rank0)
     batch = shortcuts.build_batch([data[j] for j in picked], cfg.data.max_seq_length, fast.plan, fast.cache)
     value_and_grad = nn.value_and_grad(model, fast.loss)
     mx.eval(model.parameters())
