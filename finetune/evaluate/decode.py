@@ -63,9 +63,11 @@ def greedy(
     *,
     max_tokens: int = 24,
     stops: Sequence[str] = (),
-    batch_size: int = 8,
+    batch_size: int = 32,
 ) -> list[Answer]:
-    """Temperature-0 answers, `batch_size` prompts decoded together (mlx-lm's BatchGenerator).
+    """Temperature-0 answers, `batch_size` prompts decoded together (mlx-lm's BatchGenerator; its default
+    completion batch). Prefill dominates short answers: tier 3's 24 SmolLM2 prompts took 4.3 s in one batch,
+    5.4 s in batches of 8, with the same answers.
 
     Generation ends at the tokenizer's EOS ids (the chat end token); text is cut at a stop string. tokens
     are the generated ids including the EOS that ended them.

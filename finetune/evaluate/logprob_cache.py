@@ -12,18 +12,29 @@ from finetune.gates.parity import ReferenceRows
 from finetune.system.atomic import atomic_write_json
 from finetune.system.hashing import dir_sha256, file_sha256, json_sha256, source_sha256
 
-VERSION = 1
+VERSION = 2  # 2: the short answers and the long context kept apart
+
+
+def files_key(inputs: Any) -> dict[str, str] | None:
+    """What every part's key shares (hashed once per evaluation): the files scored; None: nothing is kept."""
+    if inputs.cache_dir is None:
+        return None
+    return {
+        "gguf": file_sha256(inputs.gguf),
+        "adapter": dir_sha256(inputs.adapter_dir)[0],
+        "base": dir_sha256(inputs.base_dir)[0],
+    }
 
 
 class Cache:
-    def __init__(self, folder: Path | None, inputs: Any, ids: list[int], prompt: list[int]):
+    def __init__(
+        self, folder: Path | None, files: dict | None, inputs: Any, ids: list[int], prompt: list[int]
+    ):
         self.path = None
-        if folder is not None:
+        if folder is not None and files is not None:
             s = inputs.settings
             key = {
-                "gguf": file_sha256(inputs.gguf),
-                "adapter": dir_sha256(inputs.adapter_dir)[0],
-                "base": dir_sha256(inputs.base_dir)[0],
+                **files,
                 "ids": ids,
                 "prompt": prompt,
                 "settings": [s.top_k, s.ref_top_k, s.long_positions],

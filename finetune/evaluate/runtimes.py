@@ -12,19 +12,40 @@ from finetune.evaluate.prompts import EvalPrompt
 from finetune.gates.parity import Answer, ReferenceRows
 
 
-def mlx_logprobs(
-    model_dir: Path,
-    adapter_dir: Path | None,
-    requests: Sequence[tuple[Sequence[int], Sequence[Sequence[int]], int]],
-    k: int,
-) -> list[ReferenceRows]:
-    """model_dir (+ the saved adapter) scores each (token ids, the ids to read at each position, first position):
-    its top-k and its logprobs at those ids (decode.reference_rows); one load for every request."""
-    model, _ = decode.load(model_dir, adapter_dir)
-    try:
+class LoadedMlx:
+    """The MLX runtimes of one evaluation, keeping the last model loaded from disk: base + adapter answers last
+    and then scores the logprob reference, loaded once (3 s of SmolLM2's evaluate). One model at a time."""
+
+    def __init__(self, load: Any = None):
+        self.load = load or decode.load
+        self.key: tuple[str, str | None] | None = None
+        self.model: Any = None
+        self.tokenizer: Any = None
+
+    def get(self, model_dir: Path, adapter_dir: Path | None) -> tuple[Any, Any]:
+        key = (str(model_dir), None if adapter_dir is None else str(adapter_dir))
+        if key != self.key:
+            self.close()
+            self.model, self.tokenizer = self.load(model_dir, adapter_dir)
+            self.key = key
+        return self.model, self.tokenizer
+
+    def generate(
+        self, model_dir: Path, adapter_dir: Path | None, prompts: Sequence[str], max_tokens: int
+    ) -> list[Answer]:
+        model, tokenizer = self.get(model_dir, adapter_dir)
+        return decode.greedy(model, tokenizer, prompts, max_tokens=max_tokens)
+
+    def logprobs(
+        self, model_dir: Path, adapter_dir: Path | None, requests: Sequence[tuple], k: int
+    ) -> list[ReferenceRows]:
+        model, _ = self.get(model_dir, adapter_dir)
         return [decode.reference_rows(model, ids, k, at, start) for ids, at, start in requests]
-    finally:
-        decode.release(model)
+
+    def close(self) -> None:
+        if self.model is not None:
+            self.key = self.model = self.tokenizer = None
+            decode.release(None)
 
 
 def llamacpp_generate(
@@ -110,12 +131,14 @@ def openai_answers(server: Any, model: str, messages: Sequence[dict], *, samples
 def real_backends() -> Backends:
     from finetune.models.tokenizer import load_tokenizer
 
+    mlx = LoadedMlx()
     return Backends(
         load_tokenizer=load_tokenizer,
-        mlx_generate=decode.answers_from_disk,
-        mlx_logprobs=mlx_logprobs,
+        mlx_generate=mlx.generate,
+        mlx_logprobs=mlx.logprobs,
         llamacpp_generate=llamacpp_generate,
         llamacpp_tokenize=llamacpp_tokenize,
         llamacpp_logprobs=llamacpp_logprobs,
         llamacpp_continuation=llamacpp_continuation,
+        close=mlx.close,
     )

@@ -185,11 +185,12 @@ def test_the_answers_use_the_given_budget_and_ollama_prompts_without_a_render_st
 def test_the_runtimes_get_the_right_folders(data_dir, prompts):
     fakes = Fakes(prompts)
     m = evaluate(data_dir, fakes)
-    # MLX in the caller's thread, llama.cpp then Ollama beside it (child processes on the idle core)
+    # MLX in the caller's thread, llama.cpp then Ollama beside it (child processes on the idle core); base +
+    # adapter last, so the real backend scores the logprob reference with the model it has loaded
     assert [c for c in fakes.calls if c.startswith("mlx:")] == [
         "mlx:base:None",
-        "mlx:base:adapter",
         "mlx:fused:None",
+        "mlx:base:adapter",
     ]
     assert [c for c in fakes.calls if c in ("llamacpp", "ollama")] == ["llamacpp", "ollama"]
     assert fakes.calls[-1] == "logprobs:base:adapter" and len(fakes.calls) == 6  # not the fused folder
@@ -218,6 +219,31 @@ def test_llamacpp_and_ollama_run_beside_mlx(data_dir, prompts):
     backends.mlx_generate, backends.llamacpp_generate = mlx_waits, cpp_waits
     m = evaluate(data_dir, fakes, backends)
     assert all(r["status"] == "passed" for r in m.runtimes.values()), m.runtimes
+
+
+def test_mlx_scores_the_long_context_while_llamacpp_and_ollama_still_answer(data_dir, prompts):
+    import threading
+
+    fakes = Fakes(prompts)
+    scored = threading.Event()
+    b = fakes.backends()
+
+    def cpp_waits(*args):  # the worker continued the long context first, then answers only once MLX scored it
+        assert scored.wait(10), "MLX waited for llama.cpp's answers before scoring the long context"
+        return b.llamacpp_generate(*args)
+
+    def mlx_scores(*args):
+        assert hasattr(fakes, "long_prompt")
+        out = b.mlx_logprobs(*args)
+        scored.set()
+        return out
+
+    closed = []
+    backends = Backends(b.load_tokenizer, b.mlx_generate, mlx_scores, cpp_waits, b.llamacpp_tokenize,
+                        b.llamacpp_logprobs, b.llamacpp_continuation, lambda: closed.append(1))  # fmt: skip
+    m = evaluate(data_dir, fakes, backends)
+    assert m.runtimes["llamacpp"]["status"] == "passed" and m.logprob_error is None and closed == [1]
+    assert list(m.runtimes) == ["mlx_base", "mlx_adapter", "mlx_fused", "llamacpp", "ollama"]
 
 
 def test_tokenizer_texts_and_logprob_sequence(data_dir, prompts):

@@ -23,11 +23,12 @@ def test_the_same_files_reuse_the_measurement(data_dir, prompts, tmp_path):  # n
     again_fakes = Fakes(prompts)
     again = evaluate(data_dir, again_fakes, **files)
     assert not hasattr(again_fakes, "long_prompt"), "llama.cpp was asked again for the same files"
+    assert not [c for c in again_fakes.calls if c.startswith("logprobs:")], "MLX scored again"
     assert (again.logprob_reference, again.logprob_candidate, again.logprob_long) == (
         first.logprob_reference, first.logprob_candidate, first.logprob_long)  # fmt: skip
-    assert len(list(files["cache_dir"].glob("*.json"))) == 1
+    assert len(list(files["cache_dir"].glob("*.json"))) == 2  # the short answers' and the long context's
     # one byte of the GGUF changed, same size: measured again, kept beside the first
     files["gguf"].write_bytes(b"GGUF" + bytes(99) + b"\1")
     changed_fakes = Fakes(prompts)
     evaluate(data_dir, changed_fakes, **files)
-    assert hasattr(changed_fakes, "long_prompt") and len(list(files["cache_dir"].glob("*.json"))) == 2
+    assert hasattr(changed_fakes, "long_prompt") and len(list(files["cache_dir"].glob("*.json"))) == 4

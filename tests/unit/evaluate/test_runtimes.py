@@ -113,7 +113,8 @@ def test_mlx_logprobs_loads_the_folder_and_its_adapter_and_reads_only_what_is_as
     with noise.as_float64(model):
         floor = noise.rel_max(ref, decode.logprobs(model, ids))
     at = [[int(i) for i in np.argsort(-row)[3:6]] for row in ref[2:]]  # 3 ids per position from position 2
-    (rows,) = runtimes.mlx_logprobs(tiny_hf, None, [(ids, at, 2)], 4)
+    mlx = runtimes.LoadedMlx()
+    (rows,) = mlx.logprobs(tiny_hf, None, [(ids, at, 2)], 4)
     got = np.array([[rows.at[j][i] for i in a] for j, a in enumerate(at)])
     want = np.array([[ref[2 + j][i] for i in a] for j, a in enumerate(at)])
     noise.within("logprobs of the loaded folder at the asked ids", noise.rel_max(got, want), floor, 4)
@@ -121,8 +122,27 @@ def test_mlx_logprobs_loads_the_folder_and_its_adapter_and_reads_only_what_is_as
         best = np.sort(row)[::-1]
         assert len(top) == 4 and max(top.values()) == pytest.approx(best[0], abs=1e-4)
         assert min(top.values()) >= best[4] - 1e-4
-    (tuned,) = runtimes.mlx_logprobs(tiny_hf, tiny_lora, [(ids, at, 2)], 4)
+    (tuned,) = mlx.logprobs(tiny_hf, tiny_lora, [(ids, at, 2)], 4)
     assert tuned.at != rows.at  # base + the saved adapter, not the base
+    mlx.close()
+    assert mlx.model is None
+
+
+def test_the_mlx_runtimes_keep_one_model_loaded_until_another_is_asked_for(tiny_hf, tiny_lora, tiny_model):
+    loads = []
+
+    def load(model_dir, adapter_dir):
+        loads.append((model_dir, adapter_dir))
+        return decode.load(model_dir, adapter_dir)
+
+    mlx = runtimes.LoadedMlx(load)
+    tuned = mlx.generate(tiny_hf, tiny_lora, PROMPTS, 5)
+    ids = decode.prompt_ids(tiny_model[1], PROMPTS[0])
+    mlx.logprobs(tiny_hf, tiny_lora, [(ids, [[1]] * 2, 2)], 2)
+    assert loads == [(tiny_hf, tiny_lora)]  # answered, then scored, with one load
+    assert mlx.generate(tiny_hf, None, PROMPTS, 5) != tuned and loads[-1] == (tiny_hf, None)
+    assert mlx.generate(tiny_hf, tiny_lora, PROMPTS, 5) == tuned and len(loads) == 3  # reloaded: the same
+    mlx.close()
 
 
 def test_real_backends_are_these_runtimes():
@@ -130,7 +150,9 @@ def test_real_backends_are_these_runtimes():
 
     b = runtimes.real_backends()
     assert b.load_tokenizer is load_tokenizer
-    assert (b.mlx_generate, b.mlx_logprobs) == (decode.answers_from_disk, runtimes.mlx_logprobs)
+    loaded = b.mlx_generate.__self__
+    assert isinstance(loaded, runtimes.LoadedMlx) and b.close == loaded.close
+    assert (b.mlx_generate, b.mlx_logprobs) == (loaded.generate, loaded.logprobs)
     assert (b.llamacpp_generate, b.llamacpp_tokenize, b.llamacpp_logprobs) == (
         runtimes.llamacpp_generate, runtimes.llamacpp_tokenize, runtimes.llamacpp_logprobs)  # fmt: skip
     assert b.llamacpp_continuation is runtimes.llamacpp_continuation
