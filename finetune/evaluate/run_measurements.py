@@ -142,6 +142,40 @@ def _kept(
         return answers, loss, general
 
 
+def _settings(data_dir: Path, base_dir: Path, cfg: Any, stops: Sequence[str], max_tokens: int) -> dict:
+    """What a learning measurement depends on besides the adapter (its cache key)."""
+    return {
+        "base": base_file_digests(base_dir),
+        "probes": [asdict(p) for p in probe_questions(data_dir, cfg.gates.learning_probes)],
+        "stops": list(stops),
+        "max_tokens": max_tokens,
+        "seq": cfg.data.max_seq_length,
+        "batch": cfg.training.batch_size,
+        "general": json_sha256(list(GENERAL_TEXTS)),
+        **mlx_measurement_versions(),
+        "v": 3,
+    }
+
+
+def base_learning(
+    run_dir: Path,
+    base_dir: Path,
+    cfg: Any,
+    stops: Sequence[str],
+    *,
+    max_tokens: int,
+    cache_dir: Path | None = None,
+) -> tuple[list[str], float, float]:
+    """The base model's answers, teacher-forced loss and general-text NLL, cached per (base files, probes,
+    settings, code): the base never changes between runs, and nothing here depends on the adapter, so
+    finetune.evaluate.base_prefetch measures it while the run trains."""
+    data_dir = Path(run_dir) / "data"
+    settings = _settings(data_dir, base_dir, cfg, stops, max_tokens)
+    probes = probe_questions(data_dir, cfg.gates.learning_probes)
+    cache = (cache_dir or cache_root() / "base-answers") / f"{json_sha256(settings)[:32]}.json"
+    return _kept(cache, lambda: _answers_and_loss(base_dir, None, probes, data_dir, cfg, stops, max_tokens))
+
+
 def measure_learning(
     run_dir: Path,
     base_dir: Path,
@@ -151,32 +185,21 @@ def measure_learning(
     max_tokens: int,
     cache_dir: Path | None = None,
 ) -> LearningMeasurement:
-    """Base answers are cached per (base files, probes, settings, code): the base never changes between runs.
-    The saved adapter's are kept in the run per the same and its files' content."""
+    """The base's answers (base_learning) and the saved adapter's, kept in the run per the same settings and
+    its files' content."""
     data_dir = Path(run_dir) / "data"
     probes = probe_questions(data_dir, cfg.gates.learning_probes)
-
-    def answers_and_loss(adapter_dir: Path | None) -> tuple[list[str], float, float]:
-        return _answers_and_loss(base_dir, adapter_dir, probes, data_dir, cfg, stops, max_tokens)
-
-    settings = {
-        "base": base_file_digests(base_dir),
-        "probes": [asdict(p) for p in probes],
-        "stops": list(stops),
-        "max_tokens": max_tokens,
-        "seq": cfg.data.max_seq_length,
-        "batch": cfg.training.batch_size,
-        "general": json_sha256(list(GENERAL_TEXTS)),
-        **mlx_measurement_versions(),
-        "v": 3,
-    }
-    cache = (cache_dir or cache_root() / "base-answers") / f"{json_sha256(settings)[:32]}.json"
-    before, loss_before, general_before = _kept(cache, lambda: answers_and_loss(None))
+    before, loss_before, general_before = base_learning(
+        run_dir, base_dir, cfg, stops, max_tokens=max_tokens, cache_dir=cache_dir
+    )
     # the saved adapter's, kept in the run by its files' content: a pipeline after a run judges the same bytes.
     # In the judge's own folder: training's probes/ is a finished stage's artifact, never written after it.
-    adapter = {"adapter": dir_manifest(Path(run_dir) / ADAPTER_DIR)}
-    kept = Path(run_dir) / JUDGED / f"saved-adapter-{json_sha256(settings | adapter)[:32]}.json"
-    after, loss_after, general_after = _kept(kept, lambda: answers_and_loss(Path(run_dir) / ADAPTER_DIR))
+    adapter_dir = Path(run_dir) / ADAPTER_DIR
+    key = _settings(data_dir, base_dir, cfg, stops, max_tokens) | {"adapter": dir_manifest(adapter_dir)}
+    kept = Path(run_dir) / JUDGED / f"saved-adapter-{json_sha256(key)[:32]}.json"
+    after, loss_after, general_after = _kept(
+        kept, lambda: _answers_and_loss(base_dir, adapter_dir, probes, data_dir, cfg, stops, max_tokens)
+    )
     references = [p.reference for p in probes]
     return LearningMeasurement(
         before, after, references, loss_before, loss_after, general_before, general_after

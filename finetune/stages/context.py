@@ -120,6 +120,9 @@ class Deps:
     # (run_dir, model_dir, model_config, cfg, available=) -> finish(cancel) -> what happened: the full fine-tuning
     # probe run beside training (finetune.train.peak_memory.prefetch_full); tier 1 measures nothing
     prefetch_memory: Callable[..., Callable[[bool], str]] = lambda *a, **k: lambda cancel: "no full probe"
+    # (run_dir, base_dir, after=finish) -> finish(cancel): the base model's learning measurement, made beside
+    # training once `after` is done (finetune.evaluate.base_prefetch); tier 1 measures nothing
+    prefetch_base_learning: Callable[..., Callable[[bool], str]] = lambda run_dir, base_dir, after: after
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ def llamacpp_reason() -> str | None:
 
 def real_deps() -> Deps:
     from finetune.data.prepare import prepare_for_run
-    from finetune.evaluate import run_measurements
+    from finetune.evaluate import base_prefetch, run_measurements
     from finetune.evaluate.evaluation import run_evaluation
     from finetune.evaluate.runtimes import ollama_answers, openai_answers, real_backends
     from finetune.export import fuse, fuse_check, gguf, gguf_inspect
@@ -40,6 +40,7 @@ def real_deps() -> Deps:
         measure_learning=run_measurements.measure_learning,
         measure_memory=peak_memory.measure_memory,
         prefetch_memory=peak_memory.prefetch_full,
+        prefetch_base_learning=base_prefetch.prefetch,
         masked_rows=run_measurements.masked_rows,
         fuse=fuse.fuse,  # dequantize=True is its default: a quantized base is fused in full precision
         measure_fuse=fuse_check.measure_fuse,

@@ -179,6 +179,26 @@ def _prefetch_full_peak(ctx: Ctx, model_path: Path) -> Callable[[bool], str]:
     return ctx.deps.prefetch_memory(ctx.run_dir, model_path, model_config, ctx.cfg, available=available)
 
 
+def _beside_training(ctx: Ctx, model_path: Path) -> Callable[[bool], str]:
+    """What the judge needs that the adapter does not change, measured on the core training leaves idle, one
+    child at a time: the full fine-tuning probe, then the base model's learning measurement."""
+    finish = _prefetch_full_peak(ctx, model_path)
+    if not any(ctx.wants(g) for g in ("model_learning", "artifacts", "forgetting")):
+        return finish
+    if ctx.cfg.training.ranks >= (os.cpu_count() or 1):
+        return finish  # no idle core; _prefetch_full_peak said so
+    available, weights = (
+        ctx.deps.available_memory(),
+        sum(f.stat().st_size for f in model_path.glob("*.safetensors")),
+    )
+    if (
+        available is not None
+        and available < ctx.outputs.get("estimate", {}).get("total_bytes", 0) + 3 * weights
+    ):
+        return lambda cancel: f"{finish(cancel)}; base answers left to the judge: no room beside training"
+    return ctx.deps.prefetch_base_learning(ctx.run_dir, model_path, after=finish)
+
+
 def stage_train(ctx: Ctx) -> StageReport:
     from finetune.data.templates import get_template
     from finetune.evaluate.budget import answer_budget
@@ -196,7 +216,7 @@ def stage_train(ctx: Ctx) -> StageReport:
         probes = probe_questions(data_dir, ctx.cfg.gates.learning_probes)
         hook = record_in_memory(run_dir, probes, stops, answer_budget(data_dir, tokenizer).tokens)
     ctx.log(ctx.deps.describe_machine())
-    finish = _prefetch_full_peak(ctx, model_path)
+    finish = _beside_training(ctx, model_path)
     try:
         result = ctx.deps.train(
             ctx.cfg, model_path, data_dir, run_dir, resume=resume, on_trained=hook, log=ctx.log
@@ -220,7 +240,11 @@ def stage_train(ctx: Ctx) -> StageReport:
         "extra",
     )
     summary = result.to_dict() if hasattr(result, "to_dict") else {}
-    details = {"resumed": resume, **{k: summary[k] for k in keep if k in summary}, "memory_probe": prefetched}
+    details = {
+        "resumed": resume,
+        **{k: summary[k] for k in keep if k in summary},
+        "beside_training": prefetched,
+    }
     if not (run_dir / ADAPTER_DIR).is_dir():
         raise StageError(f"training returned without writing {run_dir / ADAPTER_DIR}", details)
     atomic_write_json(run_dir / TRAIN_KEPT, _kept(run_dir))

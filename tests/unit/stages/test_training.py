@@ -105,8 +105,42 @@ def test_the_full_memory_probe_runs_beside_training_and_stops_with_it(tmp_path, 
     report = run("a", FakeTrainer())
     assert calls == ["a", "joined"]
     assert (
-        next(s for s in report.stages if s.name == "train").details["memory_probe"] == "full probe prefetched"
+        next(s for s in report.stages if s.name == "train").details["beside_training"]
+        == "full probe prefetched"
     )
     assert run("b", FakeTrainer(interrupt_at=4)).exit_code == 130 and calls[2:] == ["b", "cancelled"]
     run("c", FakeTrainer(), "gates.skip=[memory_efficiency]")
     assert calls[4:] == []  # nothing judges it: nothing is measured
+
+
+def test_the_base_learning_measurement_runs_beside_training_after_the_full_probe(tmp_path, toy_tokenizer):
+    calls = []
+
+    def prefetch_memory(run_dir, model_dir, model_config, cfg, *, available):
+        return lambda cancel: calls.append(("probe", cancel)) or "full probe prefetched"
+
+    def prefetch_base(run_dir, base_dir, *, after):
+        calls.append(("base", base_dir.name))
+        return lambda cancel: f"{after(cancel)}; " + (calls.append(("base", cancel)) or "base measured")
+
+    def run(name, trainer, *sets, memory=8 * 2**30):
+        cfg = own_config(tmp_path / name, load_config("quick", overrides=list(sets)))
+        deps = fake_deps(toy_tokenizer, tmp_path / "m", trainer, prefetch_memory=prefetch_memory,
+                         prefetch_base_learning=prefetch_base, available_memory=lambda: memory)  # fmt: skip
+        report = RECIPES["run"](cfg, tmp_path / name, deps, log=lambda _: None).report
+        return report, next((s.details for s in report.stages if s.name == "train"), {})
+
+    _, details = run("a", FakeTrainer())
+    assert calls == [("base", "smollm2-135m"), ("probe", False), ("base", False)]
+    assert details["beside_training"] == "full probe prefetched; base measured"
+    calls.clear()
+    report, _ = run("b", FakeTrainer(interrupt_at=4))
+    assert report.exit_code == 130 and calls == [("base", "smollm2-135m"), ("probe", True), ("base", True)]
+    calls.clear()
+    run("c", FakeTrainer(), "gates.skip=[model_learning,artifacts,forgetting]")
+    assert calls == [("probe", False)]  # nothing judges the base's answers: they are not measured
+    calls.clear()
+    _, details = run("d", FakeTrainer(), memory=1)
+    assert ("base", "smollm2-135m") not in calls and details["beside_training"].endswith(
+        "no room beside training"
+    )

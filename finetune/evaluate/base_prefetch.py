@@ -1,0 +1,83 @@
+"""The base model's learning measurement, made while the run trains, on the core training leaves idle.
+
+Nothing in it depends on the adapter (run_measurements.base_learning: the base's answers to the probes, its
+teacher-forced loss and general-text NLL), and it lands in the cache the judge reads by content, so the judge
+decodes only the saved adapter. It runs in a child process (`python -m finetune.evaluate.base_prefetch RUN
+BASE`) after the full fine-tuning probe, one child beside training at a time; a child that fails leaves the
+judge to measure it, saying so.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from finetune.system.procs import spawn_guarded, stop_group
+
+Finish = Callable[[bool], str]
+
+
+def prefetch(run_dir: Path, base_dir: Path, *, after: Finish | None = None, timeout: float = 900) -> Finish:
+    """Start measuring once `after` (the work already beside training) is done. Returns finish(cancel): it waits
+    for both (or stops both first) and says what happened."""
+    stop, outcome = threading.Event(), ["base answers measured beside training"]
+
+    def work() -> None:
+        if after is not None:
+            after(False)
+        if stop.is_set():
+            outcome[0] = "base answers not prefetched (training stopped)"
+            return
+        cmd = [sys.executable, "-m", "finetune.evaluate.base_prefetch", str(run_dir), str(base_dir)]
+        with tempfile.TemporaryFile("w+") as err:
+            proc = spawn_guarded(cmd, name="base-learning", stdout=subprocess.DEVNULL, stderr=err,
+                                 stdin=subprocess.DEVNULL)  # fmt: skip
+            deadline = time.monotonic() + timeout
+            try:
+                while proc.poll() is None and not stop.wait(0.1) and time.monotonic() < deadline:
+                    pass
+            finally:
+                stop_group(proc, grace=2)
+            if proc.returncode != 0:
+                err.seek(0)
+                tail = " | ".join(err.read().strip().splitlines()[-3:])[:300]
+                why = "stopped" if stop.is_set() else f"exit {proc.returncode}: {tail}"
+                outcome[0] = f"base answers not prefetched ({why}); the judge measures them"
+
+    thread = threading.Thread(target=work, name="prefetch-base-learning", daemon=True)
+    thread.start()
+
+    def finish(cancel: bool = False) -> str:
+        if cancel:
+            stop.set()
+        before = after(cancel) if after is not None else None
+        thread.join()
+        return "; ".join(x for x in (before, outcome[0]) if x)
+
+    return finish
+
+
+def main(argv: list[str] | None = None) -> int:
+    from finetune.config.loader import load_file
+    from finetune.data.templates import get_template
+    from finetune.evaluate.budget import answer_budget
+    from finetune.evaluate.run_measurements import base_learning
+    from finetune.models.tokenizer import load_tokenizer
+    from finetune.stages.rundir import CONFIG_NAME
+
+    run_dir, base_dir = (Path(a) for a in (argv or sys.argv[1:]))
+    cfg = load_file(run_dir / CONFIG_NAME)
+    tokenizer = load_tokenizer(base_dir)  # stops and budget as the judge derives them: the same cache key
+    stops = get_template(cfg.data.template, tokenizer=tokenizer).stop_strings
+    budget = answer_budget(run_dir / "data", tokenizer).tokens
+    base_learning(run_dir, base_dir, cfg, stops, max_tokens=budget)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
