@@ -107,12 +107,26 @@ def logprobs(model: Any, token_ids: Sequence[int]) -> np.ndarray:
     return np.array(out - mx.logsumexp(out, axis=-1, keepdims=True))
 
 
+def logits_at(model: Any, token_ids: Sequence[int], start: int, n: int) -> mx.array:
+    """The model's logits at positions start .. start + n - 1 of one sequence, the head run only there (through
+    finetune.train.arch, which equals model(ids)): Gemma 3's 262k-vocabulary head over a 1024-token context
+    costs more than its blocks, and the long-context reference reads 64 positions of it."""
+    from finetune.train.arch import arch_of, run_blocks
+
+    ids = mx.array([list(token_ids)])
+    arch = arch_of(model)
+    if arch is None or arch.check(model) is not None:
+        return model(ids)[0, start : start + n]
+    h = run_blocks(model, arch, arch.embed(model, ids), 0, len(arch.blocks(model)))
+    return arch.head(model, arch.norm(model, h[0, start : start + n]))
+
+
 def reference_rows(
     model: Any, token_ids: Sequence[int], k: int, at: Sequence[Sequence[int]], start: int = 0
 ) -> ReferenceRows:
     """The model's log-softmax at positions start, start + 1, ... (one per row of `at`): its top-k there and
     its values at the ids `at` names, without keeping positions x vocab rows on the host."""
-    logits = model(mx.array([list(token_ids)]))[0, start : start + len(at)].astype(mx.float32)
+    logits = logits_at(model, token_ids, start, len(at)).astype(mx.float32)
     lsm = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
     top_ids = mx.argpartition(-lsm, kth=k - 1, axis=-1)[:, :k]
     width = max(1, *(len(a) for a in at))

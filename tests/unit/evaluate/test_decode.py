@@ -106,6 +106,28 @@ def test_logprobs_are_a_normalized_log_softmax_of_the_logits(tiny_model):
     noise.within("logprobs of a prefix", noise.rel_max(decode.logprobs(model, ids[:4]), lp[:4]), floor, 8)
 
 
+def test_logits_at_runs_the_head_only_where_asked_and_equals_the_models_own(tiny_model):
+    import mlx.core as mx
+
+    from finetune.train.arch import arch_of
+
+    model, tok = tiny_model
+    ids = decode.prompt_ids(tok, PROMPTS[1])
+    full = np.array(model(mx.array([ids]))[0, 5:9].astype(mx.float32))
+    assert arch_of(model) is not None  # the tiny Llama goes through finetune.train.arch
+    got = np.array(decode.logits_at(model, ids, 5, 4).astype(mx.float32))
+    with noise.as_float64(model):  # floor: the same rows in float64
+        floor = noise.rel_max(full, np.array(model(mx.array([ids]))[0, 5:9]))
+    assert got.shape == full.shape == (4, model.args.vocab_size)
+    noise.within("logits at positions 5..8 vs the model's own", noise.rel_max(got, full), floor, 4)
+
+    class Unknown:  # no adapter for its architecture: the model's own forward, sliced
+        def __call__(self, x):
+            return model(x)
+
+    assert np.array_equal(np.array(decode.logits_at(Unknown(), ids, 5, 4).astype(mx.float32)), full)
+
+
 def test_text_nll_is_the_mean_negative_log_likelihood_of_each_next_token(tiny_model):
     model, tok = tiny_model
     texts = ["The quick brown fox.", "Water flows downhill to the sea."]
