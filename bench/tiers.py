@@ -25,8 +25,18 @@ ROOT = Path(__file__).resolve().parents[1]
 # runs) gets tier 2's 5 minutes here: an assumption, not a stated goal.
 BUDGETS_S = {"make_test": 300.0, "tier1": 30.0, "tier2": 300.0, "tier3": 900.0}
 # Speed goals for the tiers' own runs (report seconds, warm model cache), tighter than the budgets.
-SPEED_GOALS_S = {"tier2": 90.0, "tier3": 150.0}
+SPEED_GOALS_S = {"tier2": 45.0, "tier3": 150.0}
 DEFAULT_MODEL = "smollm2-135m"
+GEMMA = "gemma3-270m"
+# Where a run's time goes, against issue 23's goals: (key, tier command, folder prefix, model, what, goal).
+# what: a stage's seconds, "run" (the report's), or "judge/train" (the judge stage over the train stage).
+STAGE_GOALS = (
+    ("smollm2_tier2_judge_ratio", "run", "tier2", DEFAULT_MODEL, "judge/train", 0.5),
+    ("smollm2_tier3_evaluate_s", "pipeline", "tier3", DEFAULT_MODEL, "evaluate", 12.0),
+    ("gemma_tier2_run_s", "run", "tier2", GEMMA, "run", 100.0),
+    ("gemma_tier3_evaluate_s", "pipeline", "tier3", GEMMA, "evaluate", 30.0),
+    ("gemma_tier3_run_s", "pipeline", "tier3", GEMMA, "run", 200.0),
+)
 # As the Makefile's `test` recipe runs it (xdist workers; the wheel and CI-file tests too).
 MAKE_TEST = [
     *("-n", "auto", "--maxprocesses", "4"),
@@ -69,9 +79,11 @@ def _mtime(path: Path) -> str:
     return datetime.fromtimestamp(path.stat().st_mtime, UTC).isoformat(timespec="seconds")
 
 
-def _newest_report(artifacts: Path, command: str, prefix: str) -> dict[str, Any] | None:
+def _newest_report(
+    artifacts: Path, command: str, prefix: str, model: str | None = None
+) -> dict[str, Any] | None:
     """The newest passed report of a tier's runs (artifacts/<prefix>-*/report.json), on the default model
-    (SmolLM2) before others: the tier times the README and the speed goals speak of."""
+    (SmolLM2) before others: the tier times the README and the speed goals speak of; only `model`'s if given."""
     found = []
     for path in artifacts.glob(f"{prefix}-*/report.json"):
         try:
@@ -81,6 +93,8 @@ def _newest_report(artifacts: Path, command: str, prefix: str) -> dict[str, Any]
         if not isinstance(data, dict) or "seconds" not in data:
             continue
         if data.get("command", data.get("tier")) != command:  # "tier" in reports before schema 3
+            continue
+        if model is not None and data.get("model") != model:
             continue
         rank = (
             data.get("status") == "passed",
@@ -97,7 +111,46 @@ def _newest_report(artifacts: Path, command: str, prefix: str) -> dict[str, Any]
         "model": data.get("model"),
         "recorded": data.get("finished_at") or _mtime(path),
         "source": str(path),
+        "stages": {
+            st.get("name"): st.get("seconds") for st in data.get("stages") or [] if isinstance(st, dict)
+        },
     }
+
+
+def stage_figures(s: Section, artifacts: Path) -> None:
+    """STAGE_GOALS' figures from the newest recorded report of each tier and model (pure but for reading)."""
+    rows = []
+    for key, command, prefix, model, what, limit in STAGE_GOALS:
+        tier = "tier 2" if prefix == "tier2" else "tier 3"
+        label = f"{model} {tier}: " + (
+            "the run" if what == "run" else what if "/" in what else f"{what} stage"
+        )
+        unit, text = ("x", f"≤ {limit:g}x") if "/" in what else ("s", f"≤ {limit:g} s")
+        goal = Goal("<=", limit, text)
+        rec = _newest_report(artifacts, command, prefix, model)
+        if rec is None or rec.get("status") != "passed":
+            why = (
+                "no passed report recorded"
+                if rec is None
+                else f"the newest report did not pass ({rec['status']})"
+            )
+            s.add(Figure(f"tiers.{key}", label, None, unit, goal, reason=f"{why}; run the tier on {model}"))
+            continue
+        stages = rec["stages"]
+        if what == "run":
+            value = rec["seconds"]
+        elif "/" in what:
+            top, bottom = (stages.get(x) for x in what.split("/"))
+            value = top / bottom if top is not None and bottom else None
+        else:
+            value = stages.get(what)
+        detail = f"from {rec['source']}: " + ", ".join(
+            f"{k} {v:.1f} s" for k, v in stages.items() if v is not None
+        )
+        s.add(Figure(f"tiers.{key}", label, value, unit, goal, detail=detail, recorded=rec["recorded"]))
+        rows.append([label, "—" if value is None else f"{value:.2f}", text, rec["recorded"]])
+    if rows:
+        s.table(["where the time goes", "value", "goal", "recorded"], rows)
 
 
 def recorded_tier2(artifacts: Path) -> dict[str, Any] | None:
@@ -179,4 +232,6 @@ def run_section(artifacts: Path, *, live_slow: bool = False, quick: bool = False
             live["tier3"] = run_pytest(TIER3, {"FT_E2E_MLX_ENABLE": "1"})
             log(f"  tier 3: {live['tier3']['seconds']:.1f} s")
     recorded = {"tier2": recorded_tier2(artifacts), "tier3": recorded_tier3(artifacts)}
-    return summarize(live, recorded)
+    s = summarize(live, recorded)
+    stage_figures(s, artifacts)
+    return s

@@ -518,12 +518,39 @@ def test_recorded_tiers_prefer_a_passed_run_on_the_default_model(tmp_path):
 
 def test_tier_runs_are_also_judged_against_the_speed_goals():
     recorded = {
-        "tier2": _recorded(71.0, "passed", "smollm2-135m", "d", "x"),
+        "tier2": _recorded(43.0, "passed", "smollm2-135m", "d", "x"),
         "tier3": _recorded(160.0, "passed", "smollm2-135m", "d", "y"),
     }
     figs = {f.key: f for f in tiers.summarize({}, recorded).figures}
     assert figs["tiers.tier2_speed_s"].met is True and figs["tiers.tier3_speed_s"].met is False
     assert figs["tiers.tier3_s"].met is True  # within the README's 15-minute budget all the same
+
+
+def test_where_a_tiers_time_goes_is_read_per_model_from_its_newest_passed_report(tmp_path):
+    from bench.stats import Section
+
+    def report(name, command, model, status, seconds, **stages):
+        (tmp_path / name).mkdir()
+        data = {"seconds": seconds, "status": status, "model": model, "finished_at": name, "command": command,
+                "stages": [{"name": k, "seconds": v} for k, v in stages.items()]}  # fmt: skip
+        (tmp_path / name / "report.json").write_text(json.dumps(data))
+
+    report("tier2-a", "run", "smollm2-135m", "passed", 43.0, train=30.0, judge=10.5)
+    report("tier2-b", "run", "gemma3-270m", "passed", 117.8, train=61.4, judge=52.8)
+    report("tier2-c", "run", "gemma3-270m", "failed", 80.0, train=60.0, judge=15.0)  # newer, did not pass
+    report("tier3-d", "pipeline", "smollm2-135m", "passed", 200.0, train=55.0, evaluate=22.0)
+    s = Section("tiers", "t")
+    tiers.stage_figures(s, tmp_path)
+    figs = {f.key: f for f in s.figures}
+    ratio = figs["tiers.smollm2_tier2_judge_ratio"]
+    assert ratio.value == pytest.approx(0.35) and ratio.met is True and "judge 10.5 s" in ratio.detail
+    assert figs["tiers.gemma_tier2_run_s"].value == 117.8 and figs["tiers.gemma_tier2_run_s"].met is False
+    assert (
+        figs["tiers.smollm2_tier3_evaluate_s"].value == 22.0
+        and figs["tiers.smollm2_tier3_evaluate_s"].met is False
+    )
+    gemma3 = figs["tiers.gemma_tier3_evaluate_s"]
+    assert gemma3.value is None and gemma3.met is None and "run the tier on gemma3-270m" in gemma3.reason
 
 
 def test_inference_summary_reports_skipped_engines():
