@@ -11,15 +11,14 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from finetune import faults
-from finetune.evaluate import logprob_cache
 from finetune.evaluate.base_answers import base_answers
-from finetune.evaluate.prompts import TOKENIZER_TEXTS, EvalPrompt, build_prompts, long_context_text
+from finetune.evaluate.logprob_parity import LogprobParity
+from finetune.evaluate.prompts import TOKENIZER_TEXTS, EvalPrompt, build_prompts
 from finetune.gates.parity import Answer, ReferenceRows
 from finetune.gates.runtime_parity import RuntimeMeasurements
 from finetune.gates.scoring import answer_score, right_score
@@ -126,53 +125,30 @@ def run_evaluation(inputs: EvalInputs, backends: Backends, *, log: Log = print) 
     end_ids = _end_ids(tokenizer, inputs.stops)
     stops = list(inputs.stops)
     m = RuntimeMeasurements(prompts=prompts, gguf_type=inputs.gguf_type, stops=stops, end_ids=end_ids)
-    long = _LongContext(inputs, tokenizer) if inputs.llamacpp_reason is None else None
+    parity = LogprobParity(inputs, tokenizer) if inputs.llamacpp_reason is None else None
     try:
-        finish = _answer_on_every_runtime(m, inputs, backends, log, long)
-        if long is not None:  # while llama.cpp and Ollama may still be answering beside
-            _tokenizer_parity(m, inputs, backends, tokenizer, log)
-            _logprob_parity(m, inputs, backends, tokenizer, log, long)
+        finish = _answer_on_every_runtime(m, inputs, backends, tokenizer, log, parity)
+        if parity is not None:  # while llama.cpp and Ollama may still be answering beside
+            parity.measure(m, backends, log)
     finally:
         backends.close()
+        if parity is not None:
+            parity.fused_answered.set()  # a worker still waiting for it is not left waiting
     finish()
-    if "ollama" in m.answers:
-        _served_prompts(m, inputs, backends, tokenizer)
     return m
 
 
-class _LongContext:
-    """The long context llama.cpp continues and MLX scores: its prompt ids, what was kept for these exact files,
-    and llama.cpp's continuation (measured in the worker thread, first: it needs nothing the runtimes answer)."""
-
-    def __init__(self, inputs: EvalInputs, tokenizer: Any):
-        s = inputs.settings
-        length = s.long_context
-        if inputs.model_context:  # llama.cpp stops one token short of a full context
-            length = min(length, inputs.model_context - 1)
-        text = long_context_text(inputs.data_dir, 8 * length)  # >= 1 token per 8 characters
-        self.prompt = list(tokenizer.encode(text))[: length - s.long_positions]
-        self.files = logprob_cache.files_key(inputs)
-        self.cache = logprob_cache.Cache(inputs.cache_dir, self.files, inputs, [], self.prompt)
-        self.kept = self.cache.load()
-        self.continuation: Future = Future()
-
-    def continue_in_llamacpp(self, inputs: EvalInputs, backends: Backends) -> None:
-        if self.kept is not None:
-            return
-        s = inputs.settings
-        try:
-            got = backends.llamacpp_continuation(inputs.gguf, self.prompt, s.long_positions, s.top_k)
-        except Exception as exc:  # _logprob_parity records it
-            self.continuation.set_exception(exc)
-        else:
-            self.continuation.set_result(got)
-
-
 def _answer_on_every_runtime(
-    m: RuntimeMeasurements, inputs: EvalInputs, backends: Backends, log: Log, long: _LongContext | None
+    m: RuntimeMeasurements,
+    inputs: EvalInputs,
+    backends: Backends,
+    tokenizer: Any,
+    log: Log,
+    parity: LogprobParity | None,
 ) -> Callable[[], None]:
     """Every runtime answers the same prompts; one that fails is recorded as failed, one not built as skipped.
-    MLX answers here; llama.cpp and Ollama beside. Returns finish(): it waits for them."""
+    MLX answers here; llama.cpp and Ollama beside, then llama.cpp's tokenizer and logprob measurements.
+    Returns finish(): it waits for them."""
     prompts, budget = m.prompts, inputs.max_tokens
     texts = [p.prompt for p in prompts]
 
@@ -184,8 +160,8 @@ def _answer_on_every_runtime(
     fused_dir = faults.point("eval_runtime_base", inputs.fused_dir, inputs.base_dir)
 
     def gguf_side() -> None:
-        if long is not None:
-            long.continue_in_llamacpp(inputs, backends)
+        if parity is not None:
+            parity.llamacpp_long(backends)
         if inputs.llamacpp_reason is None:
             run("llamacpp", lambda: backends.llamacpp_generate(inputs.gguf, texts, budget, inputs.stops))
         else:
@@ -194,6 +170,11 @@ def _answer_on_every_runtime(
             run("ollama", lambda: inputs.ollama(prompts))
         else:
             m.runtimes["ollama"] = {"status": "skipped", "reason": inputs.ollama_reason}
+        if "ollama" in m.answers:
+            _served_prompts(m, inputs, backends, tokenizer)
+        if parity is not None:
+            _tokenizer_parity(m, inputs, backends, tokenizer, log)
+            parity.llamacpp_short(m, backends)
 
     # llama.cpp and Ollama decode in child processes on the core MLX leaves idle (it trains and decodes with
     # one BLAS thread); a daemon thread, so Ctrl-C is not held up by a child that is still answering
@@ -204,6 +185,8 @@ def _answer_on_every_runtime(
 
     run("mlx_base", lambda: base_answers(inputs.base_answers_dir, inputs.base_dir, texts, budget, base, log))
     run("mlx_fused", lambda: backends.mlx_generate(fused_dir, None, texts, budget))
+    if parity is not None:
+        parity.fused_answered.set()
     # last: the logprob reference is base + adapter too, and the real backend keeps it loaded for it
     run("mlx_adapter", lambda: backends.mlx_generate(inputs.base_dir, inputs.adapter_dir, texts, budget))
 
@@ -244,60 +227,6 @@ def _served_prompts(m: RuntimeMeasurements, inputs: EvalInputs, backends: Backen
         ids = iter([prompt_ids(tokenizer, r) for r in shown])
         m.served_ids_tokenizer = f"HF's (llama.cpp: {type(exc).__name__}: {str(exc)[:80]})"
     m.served_prompt_ids = [None if r is None else list(next(ids)) for r in rendered]
-
-
-def _logprob_parity(
-    m: RuntimeMeasurements,
-    inputs: EvalInputs,
-    backends: Backends,
-    tokenizer: Any,
-    log: Log,
-    long: _LongContext,
-) -> None:
-    """llama.cpp and MLX score the same ids: the fine-tuned model's own short answers position by position
-    (llama.cpp as Ollama runs it), and a long context llama.cpp continues. The reference is base + SAVED adapter,
-    not the fused folder, which would share a fault of the fused config.json. Each part is kept by the content
-    of what it measured (logprob_cache)."""
-    s = inputs.settings
-    log("[evaluate] logprob parity (llama.cpp vs MLX base + adapter, short answers and a long context) ...")
-    try:
-        seqs = [
-            list(tokenizer.encode(p.prompt + a.text))[: s.short_depth]
-            for p, a in list(zip(m.prompts, m.answers["mlx_fused"], strict=True))[: s.logprob_prompts]
-        ]
-        ids = [t for seq in seqs for t in [*seq, -1]]  # the cache key: every sequence, each ended by -1
-        short_cache = logprob_cache.Cache(inputs.cache_dir, long.files, inputs, ids, [])
-        short, requests = short_cache.load(), []
-        if short is None:
-            shorts = [backends.llamacpp_logprobs(inputs.gguf, seq, s.top_k) for seq in seqs]
-            requests = [(q, [list(c) for c in got], 0) for q, got in zip(seqs, shorts, strict=True)]
-        long_kept, cont = long.kept, []
-        if long_kept is None:
-            cont = long.continuation.result()
-            seq = long.prompt + [t for t, _ in cont]
-            requests.append((seq, [list(c) for _, c in cont], len(long.prompt) - 1))
-        refs = []
-        if requests:
-            refs = backends.mlx_logprobs(inputs.base_dir, inputs.adapter_dir, requests, s.ref_top_k)
-        if short is None:
-            rows = refs[: len(seqs)]
-            short = (_joined(rows), [c for got in shorts for c in got], {})
-            short_cache.save(*short)
-        if long_kept is None:
-            info = {"context": len(long.prompt) + len(cont), "positions": len(cont)}
-            long_kept = (refs[-1], [c for _, c in cont], info)
-            long.cache.save(*long_kept)
-        m.logprob_reference = _joined([short[0], long_kept[0]])
-        m.logprob_candidate = short[1] + long_kept[1]
-        m.logprob_long = long_kept[2]
-        if short_cache.path is not None and requests == []:
-            log("[evaluate] logprob parity: measured before on these exact files (content hashes)")
-    except Exception as exc:
-        m.logprob_error = f"{type(exc).__name__}: {exc}"
-
-
-def _joined(rows: Sequence[ReferenceRows]) -> ReferenceRows:
-    return ReferenceRows([t for r in rows for t in r.top], [a for r in rows for a in r.at])
 
 
 RUNTIMES = ("mlx_base", "mlx_adapter", "mlx_fused", "llamacpp", "ollama")

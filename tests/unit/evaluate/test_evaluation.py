@@ -79,6 +79,8 @@ class Fakes:
             fused_drops_adapter, cpp_crashes, cpp_tokens_differ)  # fmt: skip
         self.calls: list[str] = []
         self.logprob_ids: list[int] = []
+        self.long_ids: list[int] = []
+        self.starts: list[int] = []
 
     @staticmethod
     def trained(ref):
@@ -92,8 +94,10 @@ class Fakes:
 
     def mlx_logprobs(self, model_dir, adapter_dir, requests, k):
         self.calls.append(f"logprobs:{model_dir}:{adapter_dir}")
-        self.logprob_ids, self.long_ids = list(requests[0][0]), list(requests[1][0])
-        self.starts = [start for _, _, start in requests]
+        for ids, _, start in requests:  # the long context is scored from its last prompt position on
+            self.long_ids = list(ids) if start else self.long_ids
+            self.logprob_ids = self.logprob_ids if start else list(ids)
+            self.starts.append(start)
         rows = [np.full((len(at), 60), -10.0) for _, at, _ in requests]
         for r in rows:
             r[:, 5] = -0.01
@@ -193,7 +197,8 @@ def test_the_runtimes_get_the_right_folders(data_dir, prompts):
         "mlx:base:adapter",
     ]
     assert [c for c in fakes.calls if c in ("llamacpp", "ollama")] == ["llamacpp", "ollama"]
-    assert fakes.calls[-1] == "logprobs:base:adapter" and len(fakes.calls) == 6  # not the fused folder
+    # the long context, then the short answers: base + adapter, not the fused folder
+    assert fakes.calls[-2:] == ["logprobs:base:adapter"] * 2 and len(fakes.calls) == 7
     assert (
         list(m.answers) == list(m.runtimes) == ["mlx_base", "mlx_adapter", "mlx_fused", "llamacpp", "ollama"]
     )
@@ -257,7 +262,7 @@ def test_tokenizer_texts_and_logprob_sequence(data_dir, prompts):
     # llama.cpp and scored by MLX from the same position on
     n = SETTINGS.long_positions
     assert len(fakes.long_prompt) == SETTINGS.long_context - n and fakes.long_ids[:-n] == fakes.long_prompt
-    assert fakes.starts == [0, len(fakes.long_prompt) - 1] and m.logprob_long == {
+    assert fakes.starts == [len(fakes.long_prompt) - 1, 0] and m.logprob_long == {
         "context": 1024,
         "positions": n,
     }
