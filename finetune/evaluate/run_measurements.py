@@ -184,14 +184,12 @@ def measure_learning(
     *,
     max_tokens: int,
     cache_dir: Path | None = None,
+    base_ready: Callable[[], None] = lambda: None,
 ) -> LearningMeasurement:
-    """The base's answers (base_learning) and the saved adapter's, kept in the run per the same settings and
-    its files' content."""
+    """The saved adapter's answers, kept in the run per the same settings and its files' content, then the
+    base's (base_learning), once base_ready() returns: it waits for the base measured beside training."""
     data_dir = Path(run_dir) / "data"
     probes = probe_questions(data_dir, cfg.gates.learning_probes)
-    before, loss_before, general_before = base_learning(
-        run_dir, base_dir, cfg, stops, max_tokens=max_tokens, cache_dir=cache_dir
-    )
     # the saved adapter's, kept in the run by its files' content: a pipeline after a run judges the same bytes.
     # In the judge's own folder: training's probes/ is a finished stage's artifact, never written after it.
     adapter_dir = Path(run_dir) / ADAPTER_DIR
@@ -199,6 +197,10 @@ def measure_learning(
     kept = Path(run_dir) / JUDGED / f"saved-adapter-{json_sha256(key)[:32]}.json"
     after, loss_after, general_after = _kept(
         kept, lambda: _answers_and_loss(base_dir, adapter_dir, probes, data_dir, cfg, stops, max_tokens)
+    )
+    base_ready()
+    before, loss_before, general_before = base_learning(
+        run_dir, base_dir, cfg, stops, max_tokens=max_tokens, cache_dir=cache_dir
     )
     references = [p.reference for p in probes]
     return LearningMeasurement(

@@ -77,6 +77,7 @@ def open_run(
                 cfg, run_dir, deps, log, command.name, command.gates, settings=settings, session=session
             )
             ctx.expected, ctx.heartbeat_s = _usual_seconds(command.name, cfg), heartbeat_s
+            stack.callback(_stop_beside, ctx)  # nothing started beside a stage outlives the command
             run = Run(ctx)
             try:
                 yield run
@@ -87,6 +88,12 @@ def open_run(
                     session.delete_models()
         # The ExitStack has stopped the server (also on a signal): its cleanup record is complete now.
         run.finished = finish(command, run, started, tic)
+
+
+def _stop_beside(ctx: Ctx) -> None:
+    for name in list(ctx.beside):
+        with contextlib.suppress(Exception):
+            ctx.beside.pop(name)(True)
 
 
 def _tidy(run_dir: Path, log: Log, force: Sequence[str]) -> None:

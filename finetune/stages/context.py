@@ -120,9 +120,9 @@ class Deps:
     # (run_dir, model_dir, model_config, cfg, available=) -> finish(cancel) -> what happened: the full fine-tuning
     # probe run beside training (finetune.train.peak_memory.prefetch_full); tier 1 measures nothing
     prefetch_memory: Callable[..., Callable[[bool], str]] = lambda *a, **k: lambda cancel: "no full probe"
-    # (run_dir, base_dir, after=finish) -> finish(cancel): the base model's learning measurement, made beside
-    # training once `after` is done (finetune.evaluate.base_prefetch); tier 1 measures nothing
-    prefetch_base_learning: Callable[..., Callable[[bool], str]] = lambda run_dir, base_dir, after: after
+    # (run_dir, base_dir, after=finish) -> finish(cancel), or None: the base model's learning measurement, made
+    # beside training once `after` is done (finetune.evaluate.base_prefetch); tier 1 measures nothing
+    prefetch_base_learning: Callable[..., Callable[[bool], str] | None] = lambda run_dir, base_dir, after: None
 
 
 @dataclass(frozen=True)
@@ -131,6 +131,9 @@ class Stage:
     run: Callable[[Ctx], StageReport]
     inputs: Callable[[Ctx], dict[str, Any]]
     required: bool = True  # a skip of a required stage degrades the run unless allowed
+
+
+BASE_LEARNING = "base_learning"  # Ctx.beside: the base's learning measurement, which the judge waits for
 
 
 @dataclass
@@ -151,6 +154,9 @@ class Ctx:
     expected: dict[str, float] = field(default_factory=dict)  # stage -> usual seconds (history), for the ETA
     heartbeat_s: float = 15.0  # 0: no progress lines (--quiet)
     changed: str | None = None  # a stage whose artifacts changed under the run: it and all later ones rerun
+    # work a stage started beside itself that a later stage waits for: name -> finish(cancel) -> what happened;
+    # what no stage took is stopped when the command ends (finetune.recipes.execution)
+    beside: dict[str, Callable[[bool], str]] = field(default_factory=dict)
 
     def wants(self, gate: str) -> bool:
         """The command requires this gate and the user did not skip it."""

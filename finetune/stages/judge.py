@@ -23,7 +23,7 @@ from finetune.gates.registry import GATES, TRAINING_GATES, Gate
 from finetune.gates.split_overlap import HELD_OUT, split_overlap
 from finetune.gates.verdict import Verdict, skipped
 from finetune.report.models import StageReport
-from finetune.stages.context import Ctx, Stage
+from finetune.stages.context import BASE_LEARNING, Ctx, Stage
 from finetune.system.jsonl import read_jsonl
 from finetune.train.checkpoints import ADAPTER_DIR, INIT_DIR, RESULT
 from finetune.train.metrics import METRICS, read_metrics, train_losses
@@ -41,6 +41,7 @@ class Judging:
     seconds: dict[str, float] = field(default_factory=dict)  # where the judge's time goes
     learning: Any = None
     load_problem: str | None = None
+    notes: list[str] = field(default_factory=list)  # what happened to the work done beside training
 
     @contextlib.contextmanager
     def timed(self, what: str) -> Iterator[None]:
@@ -54,14 +55,25 @@ class Judging:
         from finetune.evaluate.budget import answer_budget
 
         run_dir, cfg = self.ctx.run_dir, self.ctx.cfg
+        pending = self.ctx.beside.pop(BASE_LEARNING, None)  # measured beside training, maybe still running
+
+        def base_ready() -> None:
+            nonlocal pending
+            if pending is not None:
+                with self.timed("waited for the base"):
+                    self.notes.append(pending(False))
+                pending = None
+
         try:
             with self.timed("learning"):
                 budget = answer_budget(run_dir / "data", self.tokenizer).tokens  # as training's hook used
                 self.learning = self.ctx.deps.measure_learning(
-                    run_dir, self.base, cfg, self.stops, max_tokens=budget
+                    run_dir, self.base, cfg, self.stops, max_tokens=budget, base_ready=base_ready
                 )
         except Exception as exc:  # the saved adapter does not load: that is the finding
             self.load_problem = f"base + saved adapter does not load: {type(exc).__name__}: {str(exc)[:300]}"
+        finally:
+            base_ready()  # its answers are kept for the next run however this one went
 
 
 def judge_loss(j: Judging) -> Verdict:
@@ -220,6 +232,8 @@ def stage_judge(ctx: Ctx) -> StageReport:
     verdicts += [JUDGES[n](j) if n in JUDGES else judge_declared(j, GATES[n]) for n in wanted]
     failed = [v.name for v in verdicts if v.status == "failed"]
     details = {"failed": failed, "judged": [v.name for v in verdicts], "seconds": j.seconds}
+    if j.notes:
+        details["beside_training"] = "; ".join(j.notes)
     return StageReport(outputs={"verdicts": [v.name for v in verdicts]}, verdicts=verdicts, details=details)
 
 

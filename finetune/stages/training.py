@@ -17,7 +17,7 @@ from finetune.data.sources import DatasetError
 from finetune.report.artifacts import artifact
 from finetune.report.models import StageReport
 from finetune.stages import keys
-from finetune.stages.context import Ctx, Stage, StageError
+from finetune.stages.context import BASE_LEARNING, Ctx, Stage, StageError
 from finetune.stages.keys import code_version
 from finetune.system.atomic import atomic_dir, atomic_write_json, atomic_write_text
 from finetune.system.hashing import dir_manifest, file_sha256, json_sha256
@@ -179,14 +179,15 @@ def _prefetch_full_peak(ctx: Ctx, model_path: Path) -> Callable[[bool], str]:
     return ctx.deps.prefetch_memory(ctx.run_dir, model_path, model_config, ctx.cfg, available=available)
 
 
-def _beside_training(ctx: Ctx, model_path: Path) -> Callable[[bool], str]:
-    """What the judge needs that the adapter does not change, measured on the core training leaves idle, one
-    child at a time: the full fine-tuning probe, then the base model's learning measurement."""
-    finish = _prefetch_full_peak(ctx, model_path)
+def _beside_training(
+    ctx: Ctx, model_path: Path, probe: Callable[[bool], str]
+) -> Callable[[bool], str] | None:
+    """The base model's learning measurement (the adapter does not change it), made on the core training
+    leaves idle once the full probe is done; None where it is not made here (the judge makes it)."""
     if not any(ctx.wants(g) for g in ("model_learning", "artifacts", "forgetting")):
-        return finish
+        return None
     if ctx.cfg.training.ranks >= (os.cpu_count() or 1):
-        return finish  # no idle core; _prefetch_full_peak said so
+        return None  # no idle core; _prefetch_full_peak said so
     available, weights = (
         ctx.deps.available_memory(),
         sum(f.stat().st_size for f in model_path.glob("*.safetensors")),
@@ -195,8 +196,9 @@ def _beside_training(ctx: Ctx, model_path: Path) -> Callable[[bool], str]:
         available is not None
         and available < ctx.outputs.get("estimate", {}).get("total_bytes", 0) + 3 * weights
     ):
-        return lambda cancel: f"{finish(cancel)}; base answers left to the judge: no room beside training"
-    return ctx.deps.prefetch_base_learning(ctx.run_dir, model_path, after=finish)
+        ctx.log("[train] base answers left to the judge: no room beside training")
+        return None
+    return ctx.deps.prefetch_base_learning(ctx.run_dir, model_path, after=probe)
 
 
 def stage_train(ctx: Ctx) -> StageReport:
@@ -216,15 +218,19 @@ def stage_train(ctx: Ctx) -> StageReport:
         probes = probe_questions(data_dir, ctx.cfg.gates.learning_probes)
         hook = record_in_memory(run_dir, probes, stops, answer_budget(data_dir, tokenizer).tokens)
     ctx.log(ctx.deps.describe_machine())
-    finish = _beside_training(ctx, model_path)
+    probe = _prefetch_full_peak(ctx, model_path)
+    base = _beside_training(ctx, model_path, probe)
     try:
         result = ctx.deps.train(
             ctx.cfg, model_path, data_dir, run_dir, resume=resume, on_trained=hook, log=ctx.log
         )
     except BaseException:
-        finish(True)  # no probe outlives the training it ran beside
+        (base or probe)(True)  # nothing outlives the training it ran beside
         raise
-    prefetched = finish(False)
+    prefetched = probe(False)
+    if base is not None:  # the judge waits for it once it has measured the saved adapter
+        ctx.beside[BASE_LEARNING] = base
+        prefetched += "; base answers being measured beside (the judge waits for them)"
     ctx.log(f"[train] {prefetched}")
     keep = (
         "steps",

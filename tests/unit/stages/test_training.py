@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import shutil
+from dataclasses import replace
+
 import pytest
 
 from finetune.config.loader import load_config
 from finetune.recipes.commands import RECIPES
 from finetune.stages.rundir import own_config
 from finetune.stages.training import TRAIN_KEY
-from tests.fakes import FakeTrainer, fake_deps
+from tests.fakes import FakeTrainer, fake_deps, fake_learning
 
 
 def _run(tmp_path, tokenizer, trainer, *sets, overrides=()):
@@ -73,14 +76,11 @@ def test_the_data_stage_says_what_it_left_out_on_the_console(tmp_path, toy_token
 def test_the_learning_probe_answers_within_the_data_s_budget(tmp_path, toy_tokenizer):
     """The judge asks base + adapter with the generation budget the data implies (a long-answer set is not cut
     at a fixed 24 tokens), the one training's in-memory hook used."""
-    from dataclasses import replace
-
     from finetune.evaluate.budget import answer_budget
-    from tests.fakes import fake_learning
 
     seen = []
 
-    def spy(run_dir, base, cfg, stops, *, max_tokens):
+    def spy(run_dir, base, cfg, stops, *, max_tokens, **_):
         seen.append(max_tokens)
         return fake_learning(run_dir, base, cfg, stops)
 
@@ -113,7 +113,9 @@ def test_the_full_memory_probe_runs_beside_training_and_stops_with_it(tmp_path, 
     assert calls[4:] == []  # nothing judges it: nothing is measured
 
 
-def test_the_base_learning_measurement_runs_beside_training_after_the_full_probe(tmp_path, toy_tokenizer):
+def test_the_base_learning_measurement_runs_beside_training_and_the_judge_waits_for_it(
+    tmp_path, toy_tokenizer
+):
     calls = []
 
     def prefetch_memory(run_dir, model_dir, model_config, cfg, *, available):
@@ -123,24 +125,43 @@ def test_the_base_learning_measurement_runs_beside_training_after_the_full_probe
         calls.append(("base", base_dir.name))
         return lambda cancel: f"{after(cancel)}; " + (calls.append(("base", cancel)) or "base measured")
 
+    def learning(*a, base_ready, **k):  # the judge measures the saved adapter, then waits for the base
+        calls.append("adapter")
+        base_ready()
+        return fake_learning(*a, **k)
+
     def run(name, trainer, *sets, memory=8 * 2**30):
         cfg = own_config(tmp_path / name, load_config("quick", overrides=list(sets)))
         deps = fake_deps(toy_tokenizer, tmp_path / "m", trainer, prefetch_memory=prefetch_memory,
                          prefetch_base_learning=prefetch_base, available_memory=lambda: memory)  # fmt: skip
+        deps = replace(deps, measure_learning=learning)
         report = RECIPES["run"](cfg, tmp_path / name, deps, log=lambda _: None).report
-        return report, next((s.details for s in report.stages if s.name == "train"), {})
+        return report, {s.name: s.details for s in report.stages}
 
-    _, details = run("a", FakeTrainer())
-    assert calls == [("base", "smollm2-135m"), ("probe", False), ("base", False)]
-    assert details["beside_training"] == "full probe prefetched; base measured"
+    report, details = run("a", FakeTrainer())
+    assert report.exit_code == 0
+    base = ("base", "smollm2-135m")
+    assert calls == [base, ("probe", False), "adapter", ("probe", False), ("base", False)]
+    assert details["train"]["beside_training"].startswith(
+        "full probe prefetched; base answers being measured"
+    )
+    assert details["judge"]["beside_training"] == "full probe prefetched; base measured"
     calls.clear()
     report, _ = run("b", FakeTrainer(interrupt_at=4))
-    assert report.exit_code == 130 and calls == [("base", "smollm2-135m"), ("probe", True), ("base", True)]
+    assert report.exit_code == 130 and calls == [base, ("probe", True), ("base", True)]
     calls.clear()
     run("c", FakeTrainer(), "gates.skip=[model_learning,artifacts,forgetting]")
     assert calls == [("probe", False)]  # nothing judges the base's answers: they are not measured
     calls.clear()
-    _, details = run("d", FakeTrainer(), memory=1)
-    assert ("base", "smollm2-135m") not in calls and details["beside_training"].endswith(
-        "no room beside training"
-    )
+    run("d", FakeTrainer(), memory=1)
+    assert base not in calls and "adapter" in calls
+    calls.clear()
+
+    class NoAdapter(FakeTrainer):  # the train stage fails after training: no judge takes the base's
+        def __call__(self, *a, **k):
+            out = super().__call__(*a, **k)
+            shutil.rmtree(tmp_path / "e" / "adapter")
+            return out
+
+    report, _ = run("e", NoAdapter())
+    assert report.exit_code != 0 and calls == [base, ("probe", False), ("probe", True), ("base", True)]
