@@ -1,10 +1,11 @@
-"""The base model's learning measurement, made while the run trains, on the core training leaves idle.
+"""The base model's measurements, made while the run trains, on the core training leaves idle.
 
-Nothing in it depends on the adapter (run_measurements.base_learning: the base's answers to the probes, its
-teacher-forced loss and general-text NLL), and it lands in the cache the judge reads by content, so the judge
-decodes only the saved adapter. It runs in a child process (`python -m finetune.evaluate.base_prefetch RUN
-BASE`) after the full fine-tuning probe, one child beside training at a time; a child that fails leaves the
-judge to measure it, saying so.
+Nothing in them depends on the adapter: the learning measurement's base part (run_measurements.base_learning:
+the base's answers to the probes, its teacher-forced loss and general-text NLL) and, for a pipeline, the base's
+answers to the evaluation's prompts (base_answers). They land in the caches the judge and the evaluation read
+by content, so those decode only what the run made. It runs in a child process (`python -m
+finetune.evaluate.base_prefetch RUN BASE [--evaluation]`) after the full fine-tuning probe, one child beside
+training at a time; a child that fails leaves the judge to measure it, saying so.
 """
 
 from __future__ import annotations
@@ -22,7 +23,14 @@ from finetune.system.procs import spawn_guarded, stop_group
 Finish = Callable[[bool], str]
 
 
-def prefetch(run_dir: Path, base_dir: Path, *, after: Finish | None = None, timeout: float = 900) -> Finish:
+def prefetch(
+    run_dir: Path,
+    base_dir: Path,
+    *,
+    after: Finish | None = None,
+    evaluation: bool = False,
+    timeout: float = 900,
+) -> Finish:
     """Start measuring once `after` (the work already beside training) is done. Returns finish(cancel): it waits
     for both (or stops both first) and says what happened."""
     stop, outcome = threading.Event(), ["base answers measured beside training"]
@@ -34,6 +42,7 @@ def prefetch(run_dir: Path, base_dir: Path, *, after: Finish | None = None, time
             outcome[0] = "base answers not prefetched (training stopped)"
             return
         cmd = [sys.executable, "-m", "finetune.evaluate.base_prefetch", str(run_dir), str(base_dir)]
+        cmd += ["--evaluation"] if evaluation else []
         with tempfile.TemporaryFile("w+") as err:
             proc = spawn_guarded(cmd, name="base-learning", stdout=subprocess.DEVNULL, stderr=err,
                                  stdin=subprocess.DEVNULL)  # fmt: skip
@@ -70,13 +79,38 @@ def main(argv: list[str] | None = None) -> int:
     from finetune.models.tokenizer import load_tokenizer
     from finetune.stages.rundir import CONFIG_NAME
 
-    run_dir, base_dir = (Path(a) for a in (argv or sys.argv[1:]))
+    args = list(argv if argv is not None else sys.argv[1:])
+    evaluation = "--evaluation" in args
+    run_dir, base_dir = (Path(a) for a in args if a != "--evaluation")
     cfg = load_file(run_dir / CONFIG_NAME)
     tokenizer = load_tokenizer(base_dir)  # stops and budget as the judge derives them: the same cache key
-    stops = get_template(cfg.data.template, tokenizer=tokenizer).stop_strings
+    template = get_template(cfg.data.template, tokenizer=tokenizer)
     budget = answer_budget(run_dir / "data", tokenizer).tokens
-    base_learning(run_dir, base_dir, cfg, stops, max_tokens=budget)
+    base_learning(run_dir, base_dir, cfg, template.stop_strings, max_tokens=budget)
+    if evaluation:
+        _evaluation_answers(run_dir, base_dir, template, budget)
     return 0
+
+
+def _evaluation_answers(run_dir: Path, base_dir: Path, template: object, budget: int) -> None:
+    """The base's answers to the evaluation's prompts, as its mlx_base runtime decodes them (default settings;
+    a pipeline run with others misses this cache and decodes them itself)."""
+    from finetune.evaluate import decode
+    from finetune.evaluate.base_answers import FOLDER, base_answers
+    from finetune.evaluate.evaluation import EvalSettings
+    from finetune.evaluate.prompts import build_prompts
+    from finetune.models.cache import cache_root
+
+    s = EvalSettings()
+    prompts = build_prompts(run_dir / "data", template, n_train=s.n_train, n_heldout=s.n_heldout)
+    texts, tokens = [p.prompt for p in prompts], s.max_tokens or budget
+    base_answers(
+        cache_root() / FOLDER,
+        base_dir,
+        texts,
+        tokens,
+        lambda: decode.answers_from_disk(base_dir, None, texts, tokens),
+    )
 
 
 if __name__ == "__main__":

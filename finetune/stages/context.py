@@ -120,9 +120,10 @@ class Deps:
     # (run_dir, model_dir, model_config, cfg, available=) -> finish(cancel) -> what happened: the full fine-tuning
     # probe run beside training (finetune.train.peak_memory.prefetch_full); tier 1 measures nothing
     prefetch_memory: Callable[..., Callable[[bool], str]] = lambda *a, **k: lambda cancel: "no full probe"
-    # (run_dir, base_dir, after=finish) -> finish(cancel), or None: the base model's learning measurement, made
-    # beside training once `after` is done (finetune.evaluate.base_prefetch); tier 1 measures nothing
-    prefetch_base_learning: Callable[..., Callable[[bool], str] | None] = lambda run_dir, base_dir, after: None
+    # (run_dir, base_dir, after=finish, evaluation=) -> finish(cancel), or None: the base model's learning
+    # measurement (and evaluation answers), made beside training once `after` is done
+    # (finetune.evaluate.base_prefetch); tier 1 measures nothing
+    prefetch_base_learning: Callable[..., Callable[[bool], str] | None] = lambda *a, **k: None
 
 
 @dataclass(frozen=True)

@@ -198,7 +198,8 @@ def _beside_training(
     ):
         ctx.log("[train] base answers left to the judge: no room beside training")
         return None
-    return ctx.deps.prefetch_base_learning(ctx.run_dir, model_path, after=probe)
+    evaluation = ctx.command == "pipeline"  # its evaluation asks the base too
+    return ctx.deps.prefetch_base_learning(ctx.run_dir, model_path, after=probe, evaluation=evaluation)
 
 
 def stage_train(ctx: Ctx) -> StageReport:

@@ -53,3 +53,28 @@ def test_cancelled_with_training_it_stops_first(learning_run, tiny_hf, tmp_path,
     )
     assert True in cancelled and "base answers not prefetched" in msg
     assert not (tmp_path / "cache" / "base-answers").exists()
+
+
+def test_for_a_pipeline_it_also_answers_the_evaluation_prompts(learning_run, tiny_hf, tmp_path, monkeypatch):  # noqa: F811
+    from finetune.evaluate import decode
+    from finetune.evaluate.base_answers import FOLDER, base_answers
+    from finetune.evaluate.evaluation import EvalSettings
+    from finetune.evaluate.prompts import build_prompts
+
+    monkeypatch.setenv("FT_CACHE_DIR", str(tmp_path / "cache"))
+    save_config(load_config(overrides=OVERRIDES), learning_run / "config.yaml")
+    assert base_prefetch.prefetch(learning_run, tiny_hf, evaluation=True)(False).endswith("beside training")
+    # what stage_evaluate asks for, derived as it derives it
+    cfg, tok, s = load_config(overrides=OVERRIDES), load_tokenizer(tiny_hf), EvalSettings()
+    template = get_template(cfg.data.template, tokenizer=tok)
+    texts = [
+        p.prompt
+        for p in build_prompts(learning_run / "data", template, n_train=s.n_train, n_heldout=s.n_heldout)
+    ]
+    budget = answer_budget(learning_run / "data", tok).tokens
+
+    def decoded_again():
+        raise AssertionError("the evaluation decoded the base again")
+
+    got = base_answers(tmp_path / "cache" / FOLDER, tiny_hf, texts, budget, decoded_again)
+    assert got == decode.answers_from_disk(tiny_hf, None, texts, budget)  # what mlx_base would have decoded

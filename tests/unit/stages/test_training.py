@@ -121,7 +121,8 @@ def test_the_base_learning_measurement_runs_beside_training_and_the_judge_waits_
     def prefetch_memory(run_dir, model_dir, model_config, cfg, *, available):
         return lambda cancel: calls.append(("probe", cancel)) or "full probe prefetched"
 
-    def prefetch_base(run_dir, base_dir, *, after):
+    def prefetch_base(run_dir, base_dir, *, after, evaluation):
+        assert evaluation is False  # `run` has no evaluation to ask the base for
         calls.append(("base", base_dir.name))
         return lambda cancel: f"{after(cancel)}; " + (calls.append(("base", cancel)) or "base measured")
 
