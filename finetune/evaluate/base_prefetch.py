@@ -15,12 +15,10 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
+from finetune.system.beside import Finish, beside
 from finetune.system.procs import spawn_guarded, stop_group
-
-Finish = Callable[[bool], str]
 
 
 def prefetch(
@@ -33,14 +31,10 @@ def prefetch(
 ) -> Finish:
     """Start measuring once `after` (the work already beside training) is done. Returns finish(cancel): it waits
     for both (or stops both first) and says what happened."""
-    stop, outcome = threading.Event(), ["base answers measured beside training"]
 
-    def work() -> None:
-        if after is not None:
-            after(False)
+    def work(stop: threading.Event) -> str:
         if stop.is_set():
-            outcome[0] = "base answers not prefetched (training stopped)"
-            return
+            return "base answers not prefetched (training stopped)"
         cmd = [sys.executable, "-m", "finetune.evaluate.base_prefetch", str(run_dir), str(base_dir)]
         cmd += ["--evaluation"] if evaluation else []
         with tempfile.TemporaryFile("w+") as err:
@@ -52,23 +46,14 @@ def prefetch(
                     pass
             finally:
                 stop_group(proc, grace=2)
-            if proc.returncode != 0:
-                err.seek(0)
-                tail = " | ".join(err.read().strip().splitlines()[-3:])[:300]
-                why = "stopped" if stop.is_set() else f"exit {proc.returncode}: {tail}"
-                outcome[0] = f"base answers not prefetched ({why}); the judge measures them"
+            if proc.returncode == 0:
+                return "base answers measured beside training"
+            err.seek(0)
+            tail = " | ".join(err.read().strip().splitlines()[-3:])[:300]
+            why = "stopped" if stop.is_set() else f"exit {proc.returncode}: {tail}"
+            return f"base answers not prefetched ({why}); the judge measures them"
 
-    thread = threading.Thread(target=work, name="prefetch-base-learning", daemon=True)
-    thread.start()
-
-    def finish(cancel: bool = False) -> str:
-        if cancel:
-            stop.set()
-        before = after(cancel) if after is not None else None
-        thread.join()
-        return "; ".join(x for x in (before, outcome[0]) if x)
-
-    return finish
+    return beside(work, "prefetch-base-learning", after=after)
 
 
 def main(argv: list[str] | None = None) -> int:

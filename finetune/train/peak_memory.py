@@ -24,6 +24,7 @@ from typing import IO, Any
 import finetune  # noqa: F401  (loads the fast BLAS before mlx)
 from finetune.models.cache import cache_root
 from finetune.system.atomic import atomic_write_json
+from finetune.system.beside import beside
 from finetune.system.hashing import dir_sha256, file_sha256, json_sha256, mlx_measurement_versions
 from finetune.system.procs import spawn_guarded, stop_group
 
@@ -292,29 +293,20 @@ def prefetch_full(
     if not plan.fits_both(available) or _cached_peak(plan.cache) is not None:
         return lambda cancel=False: "full probe not prefetched (measured before, or no room beside training)"
     measure = measure or measure_in_subprocesses
-    stop, outcome = threading.Event(), ["full probe prefetched while training"]
 
-    def poll() -> None:
-        if stop.wait(0.1):
-            raise _Cancelled
+    def work(stop: threading.Event) -> str:
+        def poll() -> None:
+            if stop.wait(0.1):
+                raise _Cancelled
 
-    def work() -> None:
         try:
             got = measure(plan.cfg_file, plan.model_dir, plan.data_dir, ["full"], poll=poll)
             _save_peak(plan.cache, got["full"]["peak_bytes"])
         except Exception as exc:  # the judge measures it again, and reports a failure there
-            outcome[0] = f"full probe not prefetched ({type(exc).__name__}: {str(exc)[:200]})"
+            return f"full probe not prefetched ({type(exc).__name__}: {str(exc)[:200]})"
+        return "full probe prefetched while training"
 
-    thread = threading.Thread(target=work, name="prefetch-full-peak", daemon=True)
-    thread.start()
-
-    def finish(cancel: bool = False) -> str:
-        if cancel:
-            stop.set()
-        thread.join()
-        return outcome[0]
-
-    return finish
+    return beside(work, "prefetch-full-peak")
 
 
 def _cached_peak(path: Path | None) -> int | None:

@@ -1,0 +1,34 @@
+"""Work beside the main one: it runs once what was already beside is done, and stops when asked."""
+
+from __future__ import annotations
+
+import threading
+
+from finetune.system.beside import beside
+
+
+def test_it_runs_after_the_earlier_work_and_says_what_happened_to_both():
+    order, release = [], threading.Event()
+
+    def earlier(cancel):
+        release.wait(5)
+        order.append(("earlier", cancel))
+        return "earlier done"
+
+    finish = beside(lambda stop: order.append("work") or "work done", "t", after=earlier)
+    assert order == []  # waits for the earlier work
+    release.set()
+    assert finish(False) == "earlier done; work done"
+    assert order[:2] == [("earlier", False), "work"]
+
+
+def test_cancel_sets_stop_and_waits_for_the_work_to_return():
+    started = threading.Event()
+
+    def work(stop):
+        started.set()
+        return "stopped" if stop.wait(5) else "ran out"
+
+    finish = beside(work, "t")
+    assert started.wait(5)
+    assert finish(True) == "stopped"
