@@ -62,12 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     from finetune.evaluate.budget import answer_budget
     from finetune.evaluate.run_measurements import base_learning
     from finetune.models.tokenizer import load_tokenizer
-    from finetune.stages.rundir import CONFIG_NAME
 
     args = list(argv if argv is not None else sys.argv[1:])
     evaluation = "--evaluation" in args
     run_dir, base_dir = (Path(a) for a in args if a != "--evaluation")
-    cfg = load_file(run_dir / CONFIG_NAME)
+    cfg = load_file(run_dir / "config.yaml")  # the run's own (finetune.stages.rundir)
     tokenizer = load_tokenizer(base_dir)  # stops and budget as the judge derives them: the same cache key
     template = get_template(cfg.data.template, tokenizer=tokenizer)
     budget = answer_budget(run_dir / "data", tokenizer).tokens

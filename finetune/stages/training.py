@@ -202,22 +202,28 @@ def _beside_training(
     return ctx.deps.prefetch_base_learning(ctx.run_dir, model_path, after=probe, evaluation=evaluation)
 
 
-def stage_train(ctx: Ctx) -> StageReport:
+def _in_memory_hook(ctx: Ctx, model_path: Path, data_dir: Path) -> Callable | None:
+    """The trained in-memory model's answers to the probes, for the artifacts gate; `finetune train` records
+    them too: `validate` judges it later."""
     from finetune.data.templates import get_template
     from finetune.evaluate.budget import answer_budget
     from finetune.evaluate.run_measurements import probe_questions, record_in_memory
 
+    if "artifacts" in ctx.cfg.gates.skip:
+        return None
+    tokenizer = ctx.deps.load_tokenizer(model_path)
+    stops = get_template(ctx.cfg.data.template, tokenizer=tokenizer).stop_strings
+    probes = probe_questions(data_dir, ctx.cfg.gates.learning_probes)
+    return record_in_memory(ctx.run_dir, probes, stops, answer_budget(data_dir, tokenizer).tokens)
+
+
+def stage_train(ctx: Ctx) -> StageReport:
     run_dir, key = ctx.run_dir, _train_key(ctx)
     resume = _resumable(ctx, key)
     _clear(run_dir, REMADE if resume else TRAIN_OUTPUTS)  # a resume makes the adapter again, from checkpoints
     atomic_write_text(run_dir / TRAIN_KEY, key + "\n")
     model_path, data_dir = Path(ctx.outputs["model"]["path"]), Path(ctx.outputs["data"]["data_dir"])
-    hook = None
-    if "artifacts" not in ctx.cfg.gates.skip:  # `finetune train` records them too: `validate` judges it later
-        tokenizer = ctx.deps.load_tokenizer(model_path)
-        stops = get_template(ctx.cfg.data.template, tokenizer=tokenizer).stop_strings
-        probes = probe_questions(data_dir, ctx.cfg.gates.learning_probes)
-        hook = record_in_memory(run_dir, probes, stops, answer_budget(data_dir, tokenizer).tokens)
+    hook = _in_memory_hook(ctx, model_path, data_dir)
     ctx.log(ctx.deps.describe_machine())
     probe = _prefetch_full_peak(ctx, model_path)
     base = _beside_training(ctx, model_path, probe)
