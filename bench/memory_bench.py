@@ -59,11 +59,9 @@ DATASETS = (
 
 
 def estimate(model_config: dict, cfg: Any, fine_tune_type: str, data_report: dict | None):
-    from finetune.train.memory import from_run_config
+    from finetune.train.memory import from_run_config, with_type
 
-    cfg = cfg.model_copy(deep=True)
-    cfg.training.fine_tune_type = fine_tune_type
-    return from_run_config(model_config, cfg, data_report)
+    return from_run_config(model_config, with_type(cfg, fine_tune_type), data_report)
 
 
 def _row(measured: dict, est: Any) -> dict[str, Any]:

@@ -206,8 +206,7 @@ def _plan(run_dir: Path, model_dir: Path, model_config: dict, cfg: Any, cache_di
     from finetune.data.prepare import read_report
     from finetune.train import memory
 
-    full_cfg, data = cfg.model_copy(deep=True), read_report(Path(run_dir) / "data")
-    full_cfg.training.fine_tune_type = "full"
+    full_cfg, data = memory.with_type(cfg, "full"), read_report(Path(run_dir) / "data")
     return _Plan(
         memory.from_run_config(model_config, cfg, data).total_bytes,
         memory.from_run_config(model_config, full_cfg, data).total_bytes,
