@@ -67,6 +67,14 @@ def _stage(run_dir: Path, name: str) -> dict:
     return next(s for s in _report(run_dir)["stages"] if s["name"] == name)
 
 
+def _own_seconds(stage: dict) -> float:
+    """A stage's own work: the judge's time waiting for the base measured beside training is left out. The
+    reference runs first, on a cold cache, and may wait; a later run finds the base kept and does not, so a
+    signal timed by the wait would land after the run had ended."""
+    waited = ((stage.get("details") or {}).get("seconds") or {}).get("waited for the base", 0.0)
+    return max(0.0, stage["seconds"] - waited)
+
+
 def _snapshot(run_dir: Path) -> dict:
     """What an uninterrupted run must be equal to."""
     report = _report(run_dir)
@@ -78,7 +86,7 @@ def _snapshot(run_dir: Path) -> dict:
         "status": report["status"],
         "gates": {g["name"]: (g["status"], g["measured"]) for g in report["gates"]},
         "artifacts": {a["name"]: a["sha256"] for s in report["stages"] for a in s["artifacts"]},
-        "seconds": {s["name"]: s["seconds"] for s in report["stages"]},
+        "seconds": {s["name"]: _own_seconds(s) for s in report["stages"]},
         "losses": losses(run_dir),
         "answers": answers,
     }
