@@ -59,7 +59,8 @@ DATASETS = (
 
 
 def estimate(model_config: dict, cfg: Any, fine_tune_type: str, data_report: dict | None):
-    from finetune.train.memory import from_run_config, with_type
+    from finetune.train.memory import from_run_config
+    from finetune.train.peak_memory import with_type
 
     return from_run_config(model_config, with_type(cfg, fine_tune_type), data_report)
 

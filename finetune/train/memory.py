@@ -274,13 +274,6 @@ def compare(estimate: MemoryEstimate, measured_peak_bytes: int) -> MemoryCompari
     return MemoryComparison(predicted, int(measured_peak_bytes), round(error, 2))
 
 
-def with_type(run: Any, fine_tune_type: str) -> Any:
-    """A copy of the run's config that trains fine_tune_type (the full probe's config and its estimate)."""
-    out = run.model_copy(deep=True)
-    out.training.fine_tune_type = fine_tune_type
-    return out
-
-
 def from_run_config(
     model_config: Mapping[str, Any], run: Any, data: Mapping[str, Any] | None = None
 ) -> MemoryEstimate:

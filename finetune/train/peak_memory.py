@@ -202,11 +202,17 @@ class _Plan:
         return self.cache_dir / f"{full_probe_key(self.model_dir, self.data_dir, self.full_cfg)}.json"
 
 
+def with_type(run: Any, fine_tune_type: str) -> Any:
+    """A copy of the run's config that trains fine_tune_type (the full probe's config and its estimate)."""
+    training = run.training.model_copy(update={"fine_tune_type": fine_tune_type})
+    return run.model_copy(update={"training": training}, deep=True)
+
+
 def _plan(run_dir: Path, model_dir: Path, model_config: dict, cfg: Any, cache_dir: Path | None) -> _Plan:
     from finetune.data.prepare import read_report
     from finetune.train import memory
 
-    full_cfg, data = memory.with_type(cfg, "full"), read_report(Path(run_dir) / "data")
+    full_cfg, data = with_type(cfg, "full"), read_report(Path(run_dir) / "data")
     return _Plan(
         memory.from_run_config(model_config, cfg, data).total_bytes,
         memory.from_run_config(model_config, full_cfg, data).total_bytes,

@@ -213,16 +213,3 @@ def test_trimmed_batches_are_priced_up_to_the_last_trained_token_not_the_longest
     assert from_run_config(config, untrimmed, data).inputs["seq_len"] == 512
     older = {**data, "trained_tokens": {"max": 14, "positions": 9000}}  # a report from before "last"
     assert from_run_config(config, cfg, older).inputs["seq_len"] == 512
-
-
-def test_with_type_prices_another_fine_tune_type_without_touching_the_run():
-    from finetune.config.loader import load_config
-    from finetune.train.memory import from_run_config, with_type
-
-    cfg = load_config("quick")
-    full = with_type(cfg, "full")
-    assert (full.training.fine_tune_type, cfg.training.fine_tune_type) == ("full", "lora")
-    assert full.training.batch_size == cfg.training.batch_size and full.lora == cfg.lora
-    model = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4,
-             "intermediate_size": 128, "vocab_size": 256}  # fmt: skip
-    assert from_run_config(model, full).total_bytes > from_run_config(model, cfg).total_bytes

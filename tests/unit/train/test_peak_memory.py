@@ -343,3 +343,17 @@ def test_an_interrupt_while_probes_run_stops_every_probe_before_it_propagates(
         measure_in_subprocesses(probe_cfg, toy_folder, sums_dir, ["lora", "full"], steps=1, poll=interrupted)
     probes = [c for c in psutil.Process().children(recursive=True) if "peak_memory" in " ".join(c.cmdline())]
     assert probes == [], f"probes outlived the interrupt: {[p.pid for p in probes]}"
+
+
+def test_with_type_prices_another_fine_tune_type_without_touching_the_run():
+    from finetune.config.loader import load_config
+    from finetune.train.memory import from_run_config
+    from finetune.train.peak_memory import with_type
+
+    cfg = load_config("quick")
+    full = with_type(cfg, "full")
+    assert (full.training.fine_tune_type, cfg.training.fine_tune_type) == ("full", "lora")
+    assert full.training.batch_size == cfg.training.batch_size and full.lora == cfg.lora
+    model = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4,
+             "intermediate_size": 128, "vocab_size": 256}  # fmt: skip
+    assert from_run_config(model, full).total_bytes > from_run_config(model, cfg).total_bytes
