@@ -142,11 +142,13 @@ def _kept(
         return answers, loss, general
 
 
-def _settings(data_dir: Path, base_dir: Path, cfg: Any, stops: Sequence[str], max_tokens: int) -> dict:
-    """What a learning measurement depends on besides the adapter (its cache key)."""
-    return {
+def _setup(run_dir: Path, base_dir: Path, cfg: Any, stops: Sequence[str], max_tokens: int) -> tuple:
+    """(data folder, probes, what a learning measurement depends on besides the adapter: its cache key)."""
+    data_dir = Path(run_dir) / "data"
+    probes = probe_questions(data_dir, cfg.gates.learning_probes)
+    settings = {
         "base": base_file_digests(base_dir),
-        "probes": [asdict(p) for p in probe_questions(data_dir, cfg.gates.learning_probes)],
+        "probes": [asdict(p) for p in probes],
         "stops": list(stops),
         "max_tokens": max_tokens,
         "seq": cfg.data.max_seq_length,
@@ -155,6 +157,7 @@ def _settings(data_dir: Path, base_dir: Path, cfg: Any, stops: Sequence[str], ma
         **mlx_measurement_versions(),
         "v": 3,
     }
+    return data_dir, probes, settings
 
 
 def base_learning(
@@ -165,13 +168,12 @@ def base_learning(
     *,
     max_tokens: int,
     cache_dir: Path | None = None,
+    setup: tuple | None = None,
 ) -> tuple[list[str], float, float]:
     """The base model's answers, teacher-forced loss and general-text NLL, cached per (base files, probes,
     settings, code): the base never changes between runs, and nothing here depends on the adapter, so
-    finetune.evaluate.base_prefetch measures it while the run trains."""
-    data_dir = Path(run_dir) / "data"
-    settings = _settings(data_dir, base_dir, cfg, stops, max_tokens)
-    probes = probe_questions(data_dir, cfg.gates.learning_probes)
+    finetune.evaluate.base_prefetch measures it while the run trains. setup: _setup's, when made already."""
+    data_dir, probes, settings = setup or _setup(run_dir, base_dir, cfg, stops, max_tokens)
     cache = (cache_dir or cache_root() / "base-answers") / f"{json_sha256(settings)[:32]}.json"
     return _kept(cache, lambda: _answers_and_loss(base_dir, None, probes, data_dir, cfg, stops, max_tokens))
 
@@ -188,19 +190,18 @@ def measure_learning(
 ) -> LearningMeasurement:
     """The saved adapter's answers, kept in the run per the same settings and its files' content, then the
     base's (base_learning), once base_ready() returns: it waits for the base measured beside training."""
-    data_dir = Path(run_dir) / "data"
-    probes = probe_questions(data_dir, cfg.gates.learning_probes)
+    setup = data_dir, probes, settings = _setup(run_dir, base_dir, cfg, stops, max_tokens)
     # the saved adapter's, kept in the run by its files' content: a pipeline after a run judges the same bytes.
     # In the judge's own folder: training's probes/ is a finished stage's artifact, never written after it.
     adapter_dir = Path(run_dir) / ADAPTER_DIR
-    key = _settings(data_dir, base_dir, cfg, stops, max_tokens) | {"adapter": dir_manifest(adapter_dir)}
+    key = settings | {"adapter": dir_manifest(adapter_dir)}
     kept = Path(run_dir) / JUDGED / f"saved-adapter-{json_sha256(key)[:32]}.json"
     after, loss_after, general_after = _kept(
         kept, lambda: _answers_and_loss(base_dir, adapter_dir, probes, data_dir, cfg, stops, max_tokens)
     )
     base_ready()
     before, loss_before, general_before = base_learning(
-        run_dir, base_dir, cfg, stops, max_tokens=max_tokens, cache_dir=cache_dir
+        run_dir, base_dir, cfg, stops, max_tokens=max_tokens, cache_dir=cache_dir, setup=setup
     )
     references = [p.reference for p in probes]
     return LearningMeasurement(
