@@ -33,6 +33,7 @@ from typing import Any
 
 import psutil
 
+from finetune.errors import UserError
 from finetune.system import procs, signals
 from finetune.train import distributed
 from finetune.train.checkpoints import RESULT, latest_checkpoint
@@ -49,8 +50,24 @@ class RankFailure(RuntimeError):
     """A rank died, hung or never connected; every rank was stopped."""
 
 
+PORTS_ENV = (
+    "FT_RANK_PORTS"  # the local ranks' ports, comma-separated (a container's open range); else free ones
+)
+
+
 def free_ports(n: int) -> list[int]:
-    return [procs.free_port() for _ in range(n)]
+    """n ports for n local ranks on 127.0.0.1: the ones FT_RANK_PORTS names, else free ones."""
+    pinned = os.environ.get(PORTS_ENV, "").strip()
+    if not pinned:
+        return [procs.free_port() for _ in range(n)]
+    try:
+        ports = [int(p) for p in pinned.split(",")]
+    except ValueError:
+        ports = []
+    if len(ports) != n or not all(0 < p < 65536 for p in ports) or len(set(ports)) != n:
+        raise UserError(f"{PORTS_ENV}={pinned!r}: give {n} distinct ports (1-65535), comma-separated, one per "
+                        "rank (training.ranks), or unset it to use free ones")  # fmt: skip
+    return ports
 
 
 def data_parallel(train_run: Callable) -> Callable:

@@ -1,5 +1,6 @@
 """`make test-chaos`, data parallel: `finetune train` on 2 local ranks (training.ranks=2, tiny GPT-2) with a rank
-killed (SIGKILL), a rank hung (SIGSTOP), or FineTune itself signalled, at a seeded random step. Every rank must
+killed (SIGKILL), a rank hung (SIGSTOP), or FineTune itself signalled, at a seeded random step, or a rank that
+cannot connect (its address taken by a socket that accepts and never speaks). Every rank must
 stop, the run must end failed (naming the rank and the cause) or interrupted, no process may outlive it, the last
 checkpoint must be intact, and the resumed run, on 2 ranks or on 1, must equal the uninterrupted 2-rank run:
 bit for bit on 2 ranks. On 1 rank the same maths is summed in another order: each step's loss must be within
@@ -14,6 +15,7 @@ import json
 import os
 import random
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -21,6 +23,7 @@ import pytest
 
 from finetune.system import procs
 from finetune.train.checkpoints import ADAPTER_DIR, latest_checkpoint
+from finetune.train.ranks import PORTS_ENV
 from tests.chaos.harness import EXIT, Cli, losses, orphans
 from tests.chaos.test_chaos import _env
 from tests.tiny_run import healthy_sets
@@ -96,6 +99,26 @@ def _strike(cli: Cli, run_dir: Path, target: str, sig: signal.Signals, step: int
     return landed
 
 
+def _reason(run_dir: Path) -> str:
+    report = (
+        json.loads((run_dir / "report.json").read_text()) if (run_dir / "report.json").is_file() else None
+    )
+    return next((s.get("reason") or "" for s in (report or {}).get("stages", []) if s["name"] == "train"), "")
+
+
+def _resume(run_dir: Path, ranks: int) -> Cli:
+    args = [
+        "train",
+        "--run-dir",
+        str(run_dir),
+        "--resume",
+        "--override",
+        f"training.ranks={ranks}",
+        "--quiet",
+    ]
+    return Cli(args, _env())
+
+
 def _events() -> list[str]:
     """Every event; FT_CHAOS_SAMPLE=N keeps a killed rank and N-1 others (seeded), for a CI's time budget."""
     sample = os.environ.get("FT_CHAOS_SAMPLE")
@@ -119,18 +142,11 @@ def test_a_rank_fault_stops_every_rank_and_the_resumed_run_equals_the_uninterrup
     code = cli.wait(TIMEOUT)
     stopped_in = time.monotonic() - tic
     left = orphans(cli, run_dir)
-    report = (
-        json.loads((run_dir / "report.json").read_text()) if (run_dir / "report.json").is_file() else None
-    )
-    reason = next(
-        (s.get("reason") or "" for s in (report or {}).get("stages", []) if s["name"] == "train"), ""
-    )
+    reason = _reason(run_dir)
     checkpoint = latest_checkpoint(run_dir)
     # resume: on 1 rank for the kills, on 2 for the rest (another N must continue exactly too)
     again_ranks = 1 if "killed" in event else 2
-    resume = ["train", "--run-dir", str(run_dir), "--resume", "--override", f"training.ranks={again_ranks}",
-              "--quiet"]  # fmt: skip
-    again = Cli(resume, _env())
+    again = _resume(run_dir, again_ranks)
     code2 = again.wait(TIMEOUT)
     got, ref = losses(run_dir), losses(dirs[2])
     start = int(checkpoint.name.split("-")[1]) if checkpoint else 0
@@ -158,3 +174,37 @@ def test_a_rank_fault_stops_every_rank_and_the_resumed_run_equals_the_uninterrup
         assert stopped_in < HANG_TIMEOUT_S + 30
     assert code2 == 0, again.output[-3000:]
     assert same, f"resumed on {again_ranks} rank(s): max loss gap {worst:.2e} (f {f:.1e})"
+
+
+def test_a_rank_that_cannot_connect_stops_every_rank_and_the_resumed_run_equals_the_uninterrupted_one(
+    references, data_dir, tmp_path, record
+):
+    """Rank 1's port (FT_RANK_PORTS) is held by another program that accepts and never speaks: rank 1 cannot
+    join, rank 0 waits on a silent peer. The run must end failed at once, naming rank 1 and why, with nothing
+    left running and nothing written to resume from; --resume then trains the whole run, equal bit for bit."""
+    dirs, _ = references
+    run_dir = tmp_path / "run"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        env = {**_env(), PORTS_ENV: f"{procs.free_port()},{taken.getsockname()[1]}"}
+        tic = time.monotonic()
+        cli = Cli(_args(run_dir, data_dir, 2), env)
+        code = cli.wait(TIMEOUT)
+        stopped_in = time.monotonic() - tic
+    left, reason, checkpoint = orphans(cli, run_dir), _reason(run_dir), latest_checkpoint(run_dir)
+    again = _resume(run_dir, 2)
+    code2 = again.wait(TIMEOUT)
+    same = losses(run_dir) == losses(dirs[2]) and _adapter_sha(run_dir) == _adapter_sha(dirs[2])
+    record(case="2 local ranks: rank 1 cannot connect (its port held by a silent listener), then resumed on 2",
+           command="train", fault="port taken", target="rank1", landed="start", code=code, expected=1,
+           orphans=left + orphans(again, run_dir), bytes_lost=0, recovered=code2 == 0 and same,
+           detail=f"stopped in {stopped_in:.1f} s from the command's start: {reason[:200]}; last checkpoint "
+                  f"{checkpoint.name if checkpoint else None}; resumed run equal to the uninterrupted one: {same}")  # fmt: skip
+    assert code == 1, cli.output[-3000:]
+    assert "rank 1 " in reason and ("could not connect" in reason or "could not join" in reason), reason
+    assert stopped_in < HANG_TIMEOUT_S + 30
+    assert not left, left
+    assert checkpoint is None
+    assert code2 == 0, again.output[-3000:]
+    assert same

@@ -158,3 +158,18 @@ def test_a_rank_that_never_connects_is_named_within_the_timeout(tiny_hf, sums_di
     assert "no checkpoint was written yet" in str(caught.value)
     assert procs.orphans(procs.recorded(run_dir / procs.PID_DIR)) == []
     assert json.dumps(str(caught.value))
+
+
+def test_the_local_ranks_ports_come_from_ft_rank_ports_or_are_free(monkeypatch):
+    from finetune.errors import UserError
+    from finetune.train.ranks import PORTS_ENV, free_ports
+
+    monkeypatch.delenv(PORTS_ENV, raising=False)
+    free = free_ports(2)
+    assert len(set(free)) == 2 and all(0 < p < 65536 for p in free)
+    monkeypatch.setenv(PORTS_ENV, "29500, 29501")
+    assert free_ports(2) == [29500, 29501]
+    for bad in ("29500", "29500,29500", "29500,x", "29500,70000"):
+        monkeypatch.setenv(PORTS_ENV, bad)
+        with pytest.raises(UserError, match=rf"{PORTS_ENV}=.*give 2 distinct ports"):
+            free_ports(2)
