@@ -63,14 +63,13 @@ def allsum_ms(floats: int, timeout: float = 300) -> float:
     """Median ms of one all_sum of `floats` float32 between 2 local ranks (ring backend, 127.0.0.1)."""
     import tempfile
 
-    from finetune.system.procs import free_port
+    from finetune.train.ranks import free_ports, local_hostfile, rank_env
 
     with tempfile.TemporaryDirectory() as tmp:
-        hosts = Path(tmp) / "hosts.json"
-        hosts.write_text(json.dumps([[f"127.0.0.1:{free_port()}"] for _ in range(2)]))
+        hosts = local_hostfile(Path(tmp), free_ports(2))
         cmd = [sys.executable, "-m", "bench.allsum_child", str(floats)]
         procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True,
-                                  env={**os.environ, "MLX_RANK": str(r), "MLX_HOSTFILE": str(hosts)})
+                                  env={**os.environ, **rank_env(r, 2, hosts)})
                  for r in range(2)]  # fmt: skip
         outs = [p.communicate(timeout=timeout)[0] for p in procs]
     return float(json.loads(outs[0].strip().splitlines()[-1])["median_ms"])

@@ -70,6 +70,18 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
+def local_hostfile(folder: Path, ports: Sequence[int]) -> Path:
+    """MLX's ring hostfile for len(ports) ranks on 127.0.0.1, one port each."""
+    hosts = folder / "hosts.json"
+    hosts.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in ports]))
+    return hosts
+
+
+def rank_env(rank: int, n: int, hostfile: Path) -> dict[str, str]:
+    """What makes a process rank `rank` of the ring world in `hostfile` (as mlx.launch sets it)."""
+    return {"MLX_RANK": str(rank), "MLX_HOSTFILE": str(hostfile), "MLX_WORLD_SIZE": str(n)}
+
+
 def data_parallel(train_run: Callable) -> Callable:
     """train_run (finetune.train.engine's) on one rank, on `training.ranks` local ranks, or as a rank of the
     world mlx.launch started this process in."""
@@ -114,8 +126,7 @@ def train_local_ranks(
                                                          ("run_dir", run_dir))}  # fmt: skip
         job = dict(cfg=cfg, resume=resume, on_trained=on_trained, **paths)
         spec.write_bytes(pickle.dumps(job))
-        hosts = Path(tmp) / "hosts.json"
-        hosts.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in ports(n)]))
+        hosts = local_hostfile(Path(tmp), ports(n))
         log(f"[train] {n} local ranks (MLX ring backend on 127.0.0.1), rank 0 writes {run_dir}")
         lines: queue.Queue = queue.Queue()
         ranks = [_start(r, n, spec, hosts, Path(tmp), run_dir, python, rank_env(r), lines) for r in range(n)]
@@ -149,7 +160,7 @@ def _start(
     extra: dict,
     lines: queue.Queue,
 ) -> _Rank:
-    env = {**os.environ, **extra, "MLX_RANK": str(r), "MLX_HOSTFILE": str(hosts), "MLX_WORLD_SIZE": str(n)}
+    env = {**os.environ, **extra, **rank_env(r, n, hosts)}
     env["PYTHONUNBUFFERED"], env[distributed.SUPERVISED] = "1", "1"
     err = tmp / f"rank{r}.err"
     with err.open("wb") as stderr:  # the child keeps its own copy
