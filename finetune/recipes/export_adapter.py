@@ -4,6 +4,7 @@ shipped."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,7 @@ class Job:
     ollama_server: Callable[..., Any] | None = (
         None  # (binary, folder) -> a running server; None: the real one
     )
+    speed: bool = True  # a quantized GGUF's decode speed measured now; False: Shipped.later measures it
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,9 @@ class Shipped:
     verdicts: list[Any]
     sizes: dict[str, int]
     extra: dict[str, Any]
+    # what was left for a moment when nothing runs beside (Job.speed False): measures the decode speeds, adds
+    # them to extra["quantized"] and to the form's parity.json, returns them
+    later: Callable[[], dict[str, Any]] | None = None
 
     @property
     def passed(self) -> bool:
@@ -67,8 +72,9 @@ def ship(job: Job, form: str) -> Shipped:
     """Export, measure and judge one form into job.out with its parity.json; a file that failed its gate is
     renamed *.rejected, so nothing unjudged stays loadable by accident."""
     shipped, verdicts, extra = _form(form)(job)
+    later = _speeds_later(job, shipped, extra) if form.startswith(QUANTIZED) and not job.speed else None
     result = Shipped(
-        form, job.out, verdicts, write_record(job.out, form, verdicts, job.adapter, extra), extra
+        form, job.out, verdicts, write_record(job.out, form, verdicts, job.adapter, extra), extra, later
     )
     rejected = shipped.with_name(f"{shipped.name}.rejected")
     if result.passed:
@@ -78,6 +84,23 @@ def ship(job: Job, form: str) -> Shipped:
     return result
 
 
+def _speeds_later(job: Job, shipped: Path, extra: dict[str, Any]) -> Callable[[], dict[str, Any]]:
+    def measure() -> dict[str, Any]:
+        from finetune.evaluate.adapter_measure import REPORT
+        from finetune.recipes.export_quantized import measure_speeds
+        from finetune.system.atomic import atomic_write_json
+
+        rejected = shipped.with_name(f"{shipped.name}.rejected")  # ship() renames a file that failed its gate
+        speeds = measure_speeds(job, shipped if shipped.is_file() else rejected)
+        extra.setdefault("quantized", {}).update(speeds)
+        record = json.loads((job.out / REPORT).read_text())
+        record.setdefault("quantized", {}).update(speeds)
+        atomic_write_json(job.out / REPORT, record)
+        return speeds
+
+    return measure
+
+
 def ship_in_run(
     cfg: Any,
     run_dir: Path,
@@ -85,9 +108,12 @@ def ship_in_run(
     form: str,
     locate_ollama: Callable[[], Any],
     ollama_server: Callable[..., Any] | None = None,
+    *,
+    speed: bool = True,
 ) -> Shipped:
     """One form of a run into RUN/export/<form>/, as `finetune pipeline` ships export.adapters and
-    export.gguf_types (deps.ship_form): the same code as `finetune export RUN --as FORM`."""
+    export.gguf_types (deps.ship_form): the same code as `finetune export RUN --as FORM`. speed False: a
+    quantized GGUF's decode speeds are left to Shipped.later (the pipeline ships forms side by side)."""
     from transformers import AutoTokenizer
 
     out = Path(run_dir) / "export" / form.replace(":", "-")
@@ -101,6 +127,7 @@ def ship_in_run(
         tokenizer,
         locate_ollama,
         ollama_server,
+        speed,
     )
     return ship(job, form)
 

@@ -40,8 +40,7 @@ def gguf_quantized(job: Any, qtype: str) -> tuple[Path, list[Any], dict[str, Any
     from finetune.export.gguf_inspect import inspect_gguf
     from finetune.export.quant_types import check_quant_types
     from finetune.gates.quant_quality import limits_from, quant_answers, quant_quality, quant_types
-    from finetune.serve import llamacpp
-    from finetune.serve.ollama_quantize import SPEED_PROMPT, quantize_gguf
+    from finetune.serve.ollama_quantize import quantize_gguf
 
     binary = _ollama(job, qtype)
     job.out.mkdir(parents=True, exist_ok=True)
@@ -53,12 +52,12 @@ def gguf_quantized(job: Any, qtype: str) -> tuple[Path, list[Any], dict[str, Any
             reference,
             lambda: convert_hf_to_gguf(job.base, Path(tmp) / "base-f16.gguf", "f16"),
         )
-        q = quantize_gguf(source, shipped, qtype, binary=binary)
+        q = quantize_gguf(source, shipped, qtype, binary=binary, speed=job.speed)
         problems = check_quant_types(shipped, qtype, reference)
         ids, questions = heldout_ids(job.run_dir, job.tokenizer), scored_questions(job)
         ref_rows, ref_scores = _reference_measured(job, reference, ids, questions)
         m = measure_quantized(reference, shipped, ids, reference_rows=ref_rows)
-        speed = llamacpp.generate(shipped, [SPEED_PROMPT], max_tokens=SPEED_TOKENS)[0].tokens_per_second
+        speed = _llamacpp_speed(shipped) if job.speed else None  # else measured later, nothing beside
         scores = answer_scores(job, {qtype: shipped}, questions)
         if isinstance(questions, Questions):
             served = _served_scores(job, binary, shipped, questions.prompts)
@@ -81,6 +80,25 @@ def gguf_quantized(job: Any, qtype: str) -> tuple[Path, list[Any], dict[str, Any
         }
     }
     return shipped, verdicts, extra
+
+
+def measure_speeds(job: Any, gguf: Path) -> dict[str, float | None]:
+    """A quantized GGUF's decode tokens/s in llama.cpp and in Ollama (served FROM the file), for a moment when
+    nothing runs beside (the pipeline ships its forms side by side: speeds measured then would be shared)."""
+    from finetune.serve.ollama_quantize import served_speed
+
+    kw = {} if job.ollama_server is None else {"server": job.ollama_server}
+    return {
+        "llamacpp_tokens_per_second": _llamacpp_speed(gguf),
+        "ollama_tokens_per_second": served_speed(gguf, binary=_ollama(job, "speed"), **kw),
+    }
+
+
+def _llamacpp_speed(gguf: Path) -> float | None:
+    from finetune.serve import llamacpp
+    from finetune.serve.ollama_quantize import SPEED_PROMPT
+
+    return llamacpp.generate(gguf, [SPEED_PROMPT], max_tokens=SPEED_TOKENS)[0].tokens_per_second
 
 
 @dataclass(frozen=True)

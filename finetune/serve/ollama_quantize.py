@@ -47,9 +47,11 @@ def quantize_gguf(
     binary: Path,
     server: Callable[..., Any] = OllamaServer,
     timeout: float = 900.0,
+    speed: bool = True,
 ) -> Quantized:
     """`ollama create --quantize QTYPE` from an f16/f32 GGUF -> out_path (atomic); OllamaServer.create_model's
-    OllamaCommandError names why not (a type this Ollama does not know, a source it cannot quantize)."""
+    OllamaCommandError names why not (a type this Ollama does not know, a source it cannot quantize). speed:
+    decode a few tokens there too (off when other work runs beside: served_speed measures it later)."""
     import time
 
     out_path = Path(out_path).resolve()
@@ -61,10 +63,24 @@ def quantize_gguf(
             start = time.monotonic()
             srv.create_model(NAME, modelfile, timeout=timeout, quantize=asked)
             seconds = time.monotonic() - start
-            speed = decode_speed(srv.client(), NAME)
+            tokens_per_second = decode_speed(srv.client(), NAME) if speed else None
         os.replace(model_blob(Path(tmp) / "models", NAME), out_path)
     faults.point("quant_tensor_damaged", out_path)
-    return Quantized(out_path, seconds, speed)
+    return Quantized(out_path, seconds, tokens_per_second)
+
+
+def served_speed(
+    gguf: Path, *, binary: Path, server: Callable[..., Any] = OllamaServer, timeout: float = 600.0
+) -> float | None:
+    """Ollama's decode tokens/s for a GGUF, served as users serve it (FROM the file), in a private server whose
+    store is a temporary folder beside it."""
+    gguf = Path(gguf).resolve()
+    with tempfile.TemporaryDirectory(prefix=f".{gguf.name}.speed.", suffix=".tmp", dir=gguf.parent) as tmp:
+        modelfile = Path(tmp) / "Modelfile"
+        modelfile.write_text(f"FROM {gguf}\n")
+        with server(binary, tmp) as srv:
+            srv.create_model(NAME, modelfile, timeout=timeout)
+            return decode_speed(srv.client(), NAME)
 
 
 def decode_speed(client: Any, model: str) -> float | None:

@@ -5,6 +5,11 @@ per-form verdicts and measurements kept for the report's table of formats."""
 
 from __future__ import annotations
 
+import contextlib
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -52,25 +57,18 @@ def stage_ship(ctx: Ctx) -> StageReport:
         return StageReport(
             status="skipped", reason=why, verdicts=[skipped(g, why) for g in gates], record=False
         )
-    base = Path(ctx.outputs["model"]["path"])
-    results, by_gate = [], {}
-    ollama = ctx.deps.locate_ollama()
-    for form in forms:
-        if form.startswith("gguf:") and ollama.binary is None:  # the quantizer is Ollama's: a skip, no pass
-            why = f"{form} is quantized by Ollama's quantizer, and none was found: {ollama.reason}"
-            ctx.log(f"[ship] {form}: skipped: {why}")
-            for g in FORM_GATES["gguf"]:
-                by_gate.setdefault(g, {})[form] = skipped(g, why)
-            continue
-        ctx.log(f"[ship] {form}: exporting and judging it where users load it")
-        # located once above, for every form (as `finetune export` does)
-        result = ctx.deps.ship_form(ctx.cfg, ctx.run_dir, base, form, lambda: ollama, ctx.deps.ollama_server)
-        for v in result.verdicts:
-            ctx.log(f"[ship] {form} {v}")
+    shipped = _ship_every_form(ctx, forms)
+    by_gate: dict[str, dict[str, Verdict]] = {}
+    results, seconds = [], {}
+    for form in forms:  # the config's order, however they finished
+        got = shipped[form]
+        if not isinstance(got, list):
+            got, seconds[form] = got
+            results.append(got)
+        for v in got if isinstance(got, list) else got.verdicts:
             by_gate.setdefault(v.name, {})[form] = v
-        results.append(result)
     verdicts = [combined(name, per_form) for name, per_form in by_gate.items()]
-    details = {"forms": {r.form: _row(r) for r in results}}
+    details = {"forms": {r.form: {**_row(r), "seconds": seconds[r.form]} for r in results}}
     return StageReport(
         outputs={"forms": {r.form: str(r.out) for r in results}},
         artifacts=[artifact(f"export {r.form}", r.out) for r in results],
@@ -78,6 +76,72 @@ def stage_ship(ctx: Ctx) -> StageReport:
         verdicts=verdicts,
         record=not any(v.status == "skipped" for v in verdicts),  # a missing runtime may be there next time
     )
+
+
+def _ship_every_form(ctx: Ctx, forms: list[str]) -> dict[str, Any]:
+    """form -> (its Shipped, seconds), or the skipped verdicts of a form that could not be made here."""
+    base = Path(ctx.outputs["model"]["path"])
+    ollama = ctx.deps.locate_ollama()  # located once, for every form (as `finetune export` does)
+    shipped: dict[str, Any] = {}
+    lock = threading.Lock()
+
+    def log(line: str) -> None:  # two threads log: one whole line at a time
+        with lock:
+            ctx.log(line)
+
+    # The quantized GGUFs are made and judged by child processes (Ollama's quantizer, llama.cpp, Ollama): they
+    # ship on the other core while this thread ships the adapters, which it judges against MLX in-process.
+    # Their decode speeds are measured after, when nothing runs beside.
+    quantized = [f for f in forms if f.startswith("gguf:")]
+    side_by_side = bool(quantized) and len(quantized) < len(forms)
+
+    def one(form: str) -> None:
+        if form.startswith("gguf:") and ollama.binary is None:  # the quantizer is Ollama's: a skip, no pass
+            why = f"{form} is quantized by Ollama's quantizer, and none was found: {ollama.reason}"
+            log(f"[ship] {form}: skipped: {why}")
+            shipped[form] = [skipped(g, why) for g in FORM_GATES["gguf"]]
+            return
+        log(f"[ship] {form}: exporting and judging it where users load it")
+        tic = time.perf_counter()
+        result = ctx.deps.ship_form(ctx.cfg, ctx.run_dir, base, form, lambda: ollama, ctx.deps.ollama_server,
+                                    speed=not side_by_side)  # fmt: skip
+        for v in result.verdicts:
+            log(f"[ship] {form} {v}")
+        shipped[form] = (result, round(time.perf_counter() - tic, 2))
+
+    beside = _in_thread(lambda: [one(f) for f in quantized]) if side_by_side else None
+    try:
+        for form in forms:
+            if beside is None or form not in quantized:
+                one(form)
+    except Exception:
+        if beside is not None:  # nothing of this stage writes after it has ended
+            with contextlib.suppress(Exception):
+                beside.result()
+        raise
+    if beside is not None:
+        beside.result()  # re-raises what a quantized form raised
+    for form in quantized:
+        result = shipped[form][0] if isinstance(shipped[form], tuple) else None
+        if result is not None and result.later is not None:
+            speeds = result.later()
+            log(f"[ship] {form} decode speed, nothing beside: " + ", ".join(
+                f"{k.split('_')[0]} {v:.0f} tok/s" for k, v in speeds.items() if v))  # fmt: skip
+    return shipped
+
+
+def _in_thread(fn: Callable[[], Any]) -> Future:
+    """fn in a daemon thread (a Ctrl-C is not held up by it; its children cannot outlive this process)."""
+    future: Future = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(fn())
+        except BaseException as exc:  # handed to the caller by result()
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name="ft-ship-gguf", daemon=True).start()
+    return future
 
 
 def _row(r: Any) -> dict[str, Any]:

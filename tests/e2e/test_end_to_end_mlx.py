@@ -333,6 +333,11 @@ def test_the_pipeline_shipped_every_form_judged_where_it_is_loaded(tier3):
             )
         )
         assert not list(Path(row["folder"]).glob("*.rejected")), f"{form}: a shipped file was rejected"
+        if form.startswith("gguf:") and allowed == "passed":  # measured after the forms shipped side by side
+            speeds = {
+                k: record["quantized"][k] for k in ("llamacpp_tokens_per_second", "ollama_tokens_per_second")
+            }
+            assert all(v and v > 0 for v in speeds.values()) and speeds == {k: row[k] for k in speeds}, speeds
     fault_table.save(rows)
     assert all(r["caught"] for r in rows), [r for r in rows if not r["caught"]]
 

@@ -14,7 +14,14 @@ import gguf
 import numpy as np
 import pytest
 
-from finetune.serve.ollama_quantize import MODEL_LAYER, NAME, decode_speed, model_blob, quantize_gguf
+from finetune.serve.ollama_quantize import (
+    MODEL_LAYER,
+    NAME,
+    decode_speed,
+    model_blob,
+    quantize_gguf,
+    served_speed,
+)
 from finetune.serve.ollama_server import OllamaCommandError, OllamaServer
 
 
@@ -61,7 +68,12 @@ class FakeOllama:
         return subprocess.CompletedProcess(args, 0, "success\n", "")
 
     def client(self):
-        return SimpleNamespace(generate=lambda **kw: {"eval_count": 48, "eval_duration": 2 * 10**9})
+        def generate(**kw):
+            self.generated.append(kw["model"])
+            return {"eval_count": 48, "eval_duration": 2 * 10**9}
+
+        self.generated = getattr(self, "generated", [])
+        return SimpleNamespace(generate=generate)
 
 
 def test_the_quantized_layer_is_moved_out_and_measured(tmp_path):
@@ -72,6 +84,16 @@ def test_the_quantized_layer_is_moved_out_and_measured(tmp_path):
         "f16.gguf",
         "out.gguf",
     ]
+
+
+def test_without_speed_nothing_is_decoded_and_served_speed_measures_the_shipped_file_later(tmp_path):
+    ollama, src = FakeOllama(), a_gguf(tmp_path / "f16.gguf")
+    q = quantize_gguf(src, tmp_path / "out.gguf", "q8_0", binary=Path("ollama"), server=ollama, speed=False)
+    assert q.ollama_tokens_per_second is None and getattr(ollama, "generated", []) == []
+    later = FakeOllama()
+    assert served_speed(q.path, binary=Path("ollama"), server=later) == 24.0
+    assert "--quantize" not in later.asked[0] and later.generated == [NAME]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f16.gguf", "out.gguf"]  # its store was temporary
 
 
 def test_a_type_ollama_refuses_is_an_error_naming_it_and_writes_nothing(tmp_path):

@@ -26,8 +26,9 @@ class FakeShipper:
 
     def __init__(self):
         self.calls, self.status = [], {}  # form -> {gate: "failed" | "skipped"}
+        self.done, self.later = [], []  # forms shipped; (form, the forms shipped when its later() ran)
 
-    def __call__(self, cfg, run_dir, base, form, locate_ollama, ollama_server):
+    def __call__(self, cfg, run_dir, base, form, locate_ollama, ollama_server, *, speed=True):
         self.calls.append(form)
         out = Path(run_dir) / "export" / form.replace(":", "-")
         out.mkdir(parents=True, exist_ok=True)
@@ -38,7 +39,17 @@ class FakeShipper:
         )
         verdicts = [self._verdict(n, self.status.get(form, {}).get(n, "passed")) for n in names]
         extra = {"quantized": {"kl_mean": 0.01, "top1": 0.97, "scores": {}}} if family == "gguf" else {}
-        return Shipped(form, out, verdicts, {"model.bin": len(form)}, extra)
+        later = None
+        if family == "gguf" and not speed:  # as export_adapter.ship leaves it: measured when called
+
+            def later():
+                self.later.append((form, list(self.done)))
+                speeds = {"llamacpp_tokens_per_second": 90.0, "ollama_tokens_per_second": 80.0}
+                extra["quantized"].update(speeds)
+                return speeds
+
+        self.done.append(form)
+        return Shipped(form, out, verdicts, {"model.bin": len(form)}, extra, later)
 
     @staticmethod
     def _verdict(name: str, status: str) -> Verdict:
@@ -64,13 +75,72 @@ def test_every_configured_form_is_shipped_and_its_gates_are_required(world):
     rep = result.report
     assert result.exit_code == 0 and rep.status == "passed", rep.reasons
     assert [s.name for s in rep.stages][-1] == "ship"
-    assert shipper.calls == ["peft", "gguf-lora", "gguf:q8_0", "gguf:q4_K_M"]
+    ship = next(s for s in rep.stages if s.name == "ship")
+    assert sorted(shipper.calls) == sorted(["peft", "gguf-lora", "gguf:q8_0", "gguf:q4_K_M"])
+    quantized = [c for c in shipper.calls if c.startswith("gguf:")]
+    assert quantized == ["gguf:q8_0", "gguf:q4_K_M"] and [c for c in shipper.calls if c not in quantized] == [
+        "peft",
+        "gguf-lora",
+    ]
+    assert list(ship.details["forms"]) == [
+        "peft",
+        "gguf-lora",
+        "gguf:q8_0",
+        "gguf:q4_K_M",
+    ]  # the config's order
+    assert all(row["seconds"] >= 0 for row in ship.details["forms"].values())
     gates = {g.name: g for g in rep.gates}
     assert {"peft_parity", "gguf_lora_parity", "served_adapter", "quant_types", "quant_quality"} <= set(gates)
     assert set(gates["quant_quality"].data["forms"]) == {"gguf:q8_0", "gguf:q4_K_M"}
-    ship = next(s for s in rep.stages if s.name == "ship")
     assert ship.details["forms"]["gguf:q4_K_M"]["kl_mean"] == 0.01
     assert {a.name for a in ship.artifacts} == {f"export {f}" for f in shipper.calls}
+
+
+def test_the_quantized_forms_ship_beside_the_adapter_forms(world):
+    import threading
+
+    started = {"peft": threading.Event(), "gguf:q8_0": threading.Event()}
+    met = {}
+
+    class Meeting(FakeShipper):
+        """peft and q8_0 each wait (5 s at most) until the other has started: only side by side do both meet."""
+
+        def __call__(self, cfg, run_dir, base, form, *rest, **kw):
+            if form in started:
+                started[form].set()
+                other = next(f for f in started if f != form)
+                met[form] = started[other].wait(5)
+            return super().__call__(cfg, run_dir, base, form, *rest, **kw)
+
+    shipper = Meeting()
+    result = _run(world, shipper, *FORMS)
+    assert result.exit_code == 0 and met == {"peft": True, "gguf:q8_0": True}
+    # their speeds are measured after every form was shipped, one after the other, and reach the report
+    everything = sorted(["peft", "gguf-lora", "gguf:q8_0", "gguf:q4_K_M"])
+    assert [(f, sorted(done)) for f, done in shipper.later] == [
+        ("gguf:q8_0", everything),
+        ("gguf:q4_K_M", everything),
+    ]
+    ship = next(s for s in result.report.stages if s.name == "ship")
+    assert ship.details["forms"]["gguf:q4_K_M"]["ollama_tokens_per_second"] == 80.0
+
+
+def test_quantized_forms_alone_measure_their_speed_as_they_ship(world):
+    shipper = FakeShipper()
+    result = _run(world, shipper, "export.adapters=[]", "export.gguf_types=[q8_0, q4_K_M]")
+    assert result.exit_code == 0 and shipper.calls == ["gguf:q8_0", "gguf:q4_K_M"] and shipper.later == []
+
+
+def test_a_quantized_form_that_raises_fails_the_ship_stage(world):
+    class Broken(FakeShipper):
+        def __call__(self, cfg, run_dir, base, form, *rest, **kw):
+            if form == "gguf:q4_K_M":
+                raise RuntimeError("the quantizer crashed")
+            return super().__call__(cfg, run_dir, base, form, *rest, **kw)
+
+    result = _run(world, Broken(), *FORMS)
+    ship = next(s for s in result.report.stages if s.name == "ship")
+    assert ship.status == "failed" and "the quantizer crashed" in ship.reason and result.exit_code != 0
 
 
 def test_one_failed_form_fails_the_run_naming_it(world):
