@@ -5,7 +5,8 @@ the base's answers to the probes, its teacher-forced loss and general-text NLL) 
 answers to the evaluation's prompts (base_answers). They land in the caches the judge and the evaluation read
 by content, so those decode only what the run made. It runs in a child process (`python -m
 finetune.evaluate.base_prefetch RUN BASE [--evaluation]`) after the full fine-tuning probe, one child beside
-training at a time; a child that fails leaves the judge to measure it, saying so.
+training at a time (when the ranks use every core: once training ends, beside the judge's measurement of the
+adapter); a child that fails leaves the judge to measure it, saying so.
 """
 
 from __future__ import annotations
@@ -28,13 +29,15 @@ def prefetch(
     after: Finish | None = None,
     evaluation: bool = False,
     timeout: float = 900,
+    where: str = "beside training",
 ) -> Finish:
     """Start measuring once `after` (the work already beside training) is done. Returns finish(cancel): it waits
-    for both (or stops both first) and says what happened."""
+    for both (or stops both first) and says what happened; `where` it ran (ranks on every core: beside the
+    judge)."""
 
     def work(stop: threading.Event) -> str:
         if stop.is_set():
-            return "base answers not prefetched (training stopped)"
+            return "base answers not prefetched (stopped)"
         cmd = [sys.executable, "-m", "finetune.evaluate.base_prefetch", str(run_dir), str(base_dir)]
         cmd += ["--evaluation"] if evaluation else []
         with tempfile.TemporaryFile("w+") as err:
@@ -47,7 +50,7 @@ def prefetch(
             finally:
                 stop_group(proc, grace=2)
             if proc.returncode == 0:
-                return "base answers measured beside training"
+                return f"base answers measured {where}"
             err.seek(0)
             tail = " | ".join(err.read().strip().splitlines()[-3:])[:300]
             why = "stopped" if stop.is_set() else f"exit {proc.returncode}: {tail}"

@@ -173,21 +173,28 @@ def _prefetch_full_peak(ctx: Ctx, model_path: Path) -> Callable[[bool], str]:
     """The memory gate's full fine-tuning probe, run beside training on the core training leaves idle."""
     if not ctx.wants("memory_efficiency"):
         return lambda cancel: "memory_efficiency not judged: no full probe"
-    if ctx.cfg.training.ranks >= (os.cpu_count() or 1):  # no idle core to run it beside training
+    if _every_core(ctx):  # no idle core to run it beside training
         return lambda cancel: f"full probe left to the judge: {ctx.cfg.training.ranks} ranks use every core"
     model_config, available = ctx.outputs["model"]["config"], ctx.deps.available_memory()
     return ctx.deps.prefetch_memory(ctx.run_dir, model_path, model_config, ctx.cfg, available=available)
 
 
+def _every_core(ctx: Ctx) -> bool:
+    return ctx.cfg.training.ranks >= (os.cpu_count() or 1)
+
+
+def _wants_base(ctx: Ctx) -> bool:
+    return any(ctx.wants(g) for g in ("model_learning", "artifacts", "forgetting"))
+
+
 def _beside_training(
-    ctx: Ctx, model_path: Path, probe: Callable[[bool], str]
+    ctx: Ctx, model_path: Path, probe: Callable[[bool], str] | None, *, trained: bool = False
 ) -> Callable[[bool], str] | None:
     """The base model's learning measurement (the adapter does not change it), made on the core training
-    leaves idle once the full probe is done; None where it is not made here (the judge makes it)."""
-    if not any(ctx.wants(g) for g in ("model_learning", "artifacts", "forgetting")):
+    leaves idle once the full probe is done; when the ranks use every core, after training (trained), beside
+    the judge's measurement of the adapter. None where the judge makes it."""
+    if not _wants_base(ctx) or (_every_core(ctx) and not trained):
         return None
-    if ctx.cfg.training.ranks >= (os.cpu_count() or 1):
-        return None  # no idle core; _prefetch_full_peak said so
     available, weights = (
         ctx.deps.available_memory(),
         sum(f.stat().st_size for f in model_path.glob("*.safetensors")),
@@ -199,7 +206,17 @@ def _beside_training(
         ctx.log("[train] base answers left to the judge: no room beside training")
         return None
     evaluation = ctx.command == "pipeline"  # its evaluation asks the base too
-    return ctx.deps.prefetch_base_learning(ctx.run_dir, model_path, after=probe, evaluation=evaluation)
+    where = "beside the judge (the ranks used every core)" if trained else "beside training"
+    return ctx.deps.prefetch_base_learning(
+        ctx.run_dir, model_path, after=probe, evaluation=evaluation, where=where
+    )
+
+
+def _beside_judge(ctx: Ctx, model_path: Path) -> Callable[[bool], str] | None:
+    """The ranks used every core, so nothing ran beside training: the base's measurement starts now, beside the
+    judge's measurement of the adapter. The full probe stays the judge's: chained before the base it made the
+    judge no faster (2 ranks, SmolLM2 tier 2: judge 32.1 s vs 31.7 s; both in the judge, 39.8 s)."""
+    return _beside_training(ctx, model_path, None, trained=True)
 
 
 def _in_memory_hook(ctx: Ctx, model_path: Path, data_dir: Path) -> Callable | None:
@@ -236,8 +253,11 @@ def stage_train(ctx: Ctx) -> StageReport:
         raise
     prefetched = probe(False)
     if base is not None:  # the judge waits for it once it has measured the saved adapter
-        ctx.beside[BASE_LEARNING] = base
         prefetched += "; base answers being measured beside (the judge waits for them)"
+    elif _every_core(ctx) and (base := _beside_judge(ctx, model_path)) is not None:  # the cores are free now
+        prefetched += "; base answers being measured beside the judge (the ranks used every core)"
+    if base is not None:
+        ctx.beside[BASE_LEARNING] = base
     ctx.log(f"[train] {prefetched}")
     keep = (
         "steps",

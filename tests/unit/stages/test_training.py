@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import replace
 
@@ -121,10 +122,11 @@ def test_the_base_learning_measurement_runs_beside_training_and_the_judge_waits_
     def prefetch_memory(run_dir, model_dir, model_config, cfg, *, available):
         return lambda cancel: calls.append(("probe", cancel)) or "full probe prefetched"
 
-    def prefetch_base(run_dir, base_dir, *, after, evaluation):
+    def prefetch_base(run_dir, base_dir, *, after, evaluation, where):
         assert evaluation is False  # `run` has no evaluation to ask the base for
         calls.append(("base", base_dir.name))
-        return lambda cancel: f"{after(cancel)}; " + (calls.append(("base", cancel)) or "base measured")
+        before = (lambda cancel: f"{after(cancel)}; ") if after else (lambda cancel: "")
+        return lambda cancel: before(cancel) + (calls.append(("base", cancel)) or f"base measured {where}")
 
     def learning(*a, base_ready, **k):  # the judge measures the saved adapter, then waits for the base
         calls.append("adapter")
@@ -146,7 +148,7 @@ def test_the_base_learning_measurement_runs_beside_training_and_the_judge_waits_
     assert details["train"]["beside_training"].startswith(
         "full probe prefetched; base answers being measured"
     )
-    assert details["judge"]["beside_training"] == "full probe prefetched; base measured"
+    assert details["judge"]["beside_training"] == "full probe prefetched; base measured beside training"
     calls.clear()
     report, _ = run("b", FakeTrainer(interrupt_at=4))
     assert report.exit_code == 130 and calls == [base, ("probe", True), ("base", True)]
@@ -166,3 +168,21 @@ def test_the_base_learning_measurement_runs_beside_training_and_the_judge_waits_
 
     report, _ = run("e", NoAdapter())
     assert report.exit_code != 0 and calls == [base, ("probe", False), ("probe", True), ("base", True)]
+    calls.clear()
+
+    class Marked(FakeTrainer):  # says when training ended
+        def __call__(self, *a, **k):
+            out = super().__call__(*a, **k)
+            calls.append("trained")
+            return out
+
+    # ranks on every core: no core beside training; the base is measured beside the judge's adapter instead
+    # the base starts after it, and the judge waits for it after the adapter; the full probe stays the judge's
+    n = os.cpu_count() or 1
+    report, details = run("f", Marked(), f"training.ranks={n}", f"training.batch_size={max(4, n)}")
+    assert report.exit_code == 0 and calls == ["trained", base, "adapter", ("base", False)]
+    assert "base answers being measured beside the judge" in details["train"]["beside_training"]
+    assert details["judge"]["beside_training"] == "base measured beside the judge (the ranks used every core)"
+    calls.clear()
+    report, details = run("g", Marked(), f"training.ranks={n}", f"training.batch_size={max(4, n)}", memory=1)
+    assert calls == ["trained", "adapter"]  # no room for the base: the judge measures it
