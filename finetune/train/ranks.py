@@ -50,9 +50,8 @@ class RankFailure(RuntimeError):
     """A rank died, hung or never connected; every rank was stopped."""
 
 
-PORTS_ENV = (
-    "FT_RANK_PORTS"  # the local ranks' ports, comma-separated (a container's open range); else free ones
-)
+# the local ranks' ports, comma-separated (a container's open range); unset: free ones
+PORTS_ENV = "FT_RANK_PORTS"
 
 
 def free_ports(n: int) -> list[int]:
