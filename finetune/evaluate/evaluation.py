@@ -8,7 +8,6 @@ This module only measures; finetune.gates.runtime_parity.judge_runtimes judges. 
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -22,6 +21,7 @@ from finetune.evaluate.prompts import TOKENIZER_TEXTS, EvalPrompt, build_prompts
 from finetune.gates.parity import Answer, ReferenceRows
 from finetune.gates.runtime_parity import RuntimeMeasurements
 from finetune.gates.scoring import answer_score, right_score
+from finetune.system.beside import Worker
 
 Log = Callable[[str], None]
 
@@ -178,7 +178,7 @@ def _answer_on_every_runtime(
 
     # llama.cpp and Ollama decode in child processes on the core MLX leaves idle (it trains and decodes with
     # one BLAS thread); a daemon thread, so Ctrl-C is not held up by a child that is still answering
-    worker = _Worker(gguf_side)
+    worker = Worker(gguf_side, "ft-eval-gguf")
 
     def base() -> list[Answer]:
         return backends.mlx_generate(inputs.base_dir, None, texts, budget)
@@ -230,27 +230,6 @@ def _served_prompts(m: RuntimeMeasurements, inputs: EvalInputs, backends: Backen
 
 
 RUNTIMES = ("mlx_base", "mlx_adapter", "mlx_fused", "llamacpp", "ollama")
-
-
-class _Worker(threading.Thread):
-    """Runs fn beside the caller; join() re-raises what fn raised (run() already turns runtime errors into
-    failed runtimes, so this is only for bugs)."""
-
-    def __init__(self, fn: Callable[[], None]):
-        super().__init__(name="ft-eval-gguf", daemon=True)
-        self.fn, self.error = fn, None
-        self.start()
-
-    def run(self) -> None:
-        try:
-            self.fn()
-        except BaseException as exc:  # handed to the caller in join()
-            self.error = exc
-
-    def join(self, timeout: float | None = None) -> None:
-        super().join(timeout)
-        if self.error is not None:
-            raise self.error
 
 
 def _end_ids(tokenizer: Any, stops: Sequence[str]) -> list[int]:

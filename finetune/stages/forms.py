@@ -8,8 +8,6 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +17,7 @@ from finetune.gates.verdict import Verdict, skipped
 from finetune.report.artifacts import artifact
 from finetune.report.models import StageReport
 from finetune.stages.context import Ctx, Stage
+from finetune.system.beside import Worker
 
 # The gates `finetune export --as FORM` judges, by form ("gguf" for every gguf:<type>).
 FORM_GATES = {
@@ -57,16 +56,12 @@ def stage_ship(ctx: Ctx) -> StageReport:
         return StageReport(
             status="skipped", reason=why, verdicts=[skipped(g, why) for g in gates], record=False
         )
-    shipped = _ship_every_form(ctx, forms)
+    shipped, seconds, skips = _ship_every_form(ctx, forms)
     by_gate: dict[str, dict[str, Verdict]] = {}
-    results, seconds = [], {}
     for form in forms:  # the config's order, however they finished
-        got = shipped[form]
-        if not isinstance(got, list):
-            got, seconds[form] = got
-            results.append(got)
-        for v in got if isinstance(got, list) else got.verdicts:
+        for v in skips[form] if form in skips else shipped[form].verdicts:
             by_gate.setdefault(v.name, {})[form] = v
+    results = [shipped[f] for f in forms if f in shipped]
     verdicts = [combined(name, per_form) for name, per_form in by_gate.items()]
     details = {"forms": {r.form: {**_row(r), "seconds": seconds[r.form]} for r in results}}
     return StageReport(
@@ -78,11 +73,13 @@ def stage_ship(ctx: Ctx) -> StageReport:
     )
 
 
-def _ship_every_form(ctx: Ctx, forms: list[str]) -> dict[str, Any]:
-    """form -> (its Shipped, seconds), or the skipped verdicts of a form that could not be made here."""
+def _ship_every_form(ctx: Ctx, forms: list[str]) -> tuple[dict[str, Any], dict[str, float], dict[str, list]]:
+    """(form -> its Shipped, form -> seconds, form -> the skipped verdicts of a form that could not be made)."""
     base = Path(ctx.outputs["model"]["path"])
     ollama = ctx.deps.locate_ollama()  # located once, for every form (as `finetune export` does)
     shipped: dict[str, Any] = {}
+    seconds: dict[str, float] = {}
+    skips: dict[str, list] = {}
     lock = threading.Lock()
 
     def log(line: str) -> None:  # two threads log: one whole line at a time
@@ -99,7 +96,7 @@ def _ship_every_form(ctx: Ctx, forms: list[str]) -> dict[str, Any]:
         if form.startswith("gguf:") and ollama.binary is None:  # the quantizer is Ollama's: a skip, no pass
             why = f"{form} is quantized by Ollama's quantizer, and none was found: {ollama.reason}"
             log(f"[ship] {form}: skipped: {why}")
-            shipped[form] = [skipped(g, why) for g in FORM_GATES["gguf"]]
+            skips[form] = [skipped(g, why) for g in FORM_GATES["gguf"]]
             return
         log(f"[ship] {form}: exporting and judging it where users load it")
         tic = time.perf_counter()
@@ -107,41 +104,26 @@ def _ship_every_form(ctx: Ctx, forms: list[str]) -> dict[str, Any]:
                                     speed=not side_by_side)  # fmt: skip
         for v in result.verdicts:
             log(f"[ship] {form} {v}")
-        shipped[form] = (result, round(time.perf_counter() - tic, 2))
+        shipped[form], seconds[form] = result, round(time.perf_counter() - tic, 2)
 
-    beside = _in_thread(lambda: [one(f) for f in quantized]) if side_by_side else None
+    worker = Worker(lambda: [one(f) for f in quantized], "ft-ship-gguf") if side_by_side else None
     try:
         for form in forms:
-            if beside is None or form not in quantized:
+            if worker is None or form not in quantized:
                 one(form)
     except Exception:
-        if beside is not None:  # nothing of this stage writes after it has ended
+        if worker is not None:  # nothing of this stage writes after it has ended
             with contextlib.suppress(Exception):
-                beside.result()
+                worker.join()
         raise
-    if beside is not None:
-        beside.result()  # re-raises what a quantized form raised
+    if worker is not None:
+        worker.join()  # re-raises what a quantized form raised
     for form in quantized:
-        result = shipped[form][0] if isinstance(shipped[form], tuple) else None
-        if result is not None and result.later is not None:
-            speeds = result.later()
+        if form in shipped and shipped[form].later is not None:
+            speeds = shipped[form].later()
             log(f"[ship] {form} decode speed, nothing beside: " + ", ".join(
                 f"{k.split('_')[0]} {v:.0f} tok/s" for k, v in speeds.items() if v))  # fmt: skip
-    return shipped
-
-
-def _in_thread(fn: Callable[[], Any]) -> Future:
-    """fn in a daemon thread (a Ctrl-C is not held up by it; its children cannot outlive this process)."""
-    future: Future = Future()
-
-    def run() -> None:
-        try:
-            future.set_result(fn())
-        except BaseException as exc:  # handed to the caller by result()
-            future.set_exception(exc)
-
-    threading.Thread(target=run, name="ft-ship-gguf", daemon=True).start()
-    return future
+    return shipped, seconds, skips
 
 
 def _row(r: Any) -> dict[str, Any]:

@@ -1,5 +1,5 @@
 """Work run beside the main one, on the core it leaves idle (training uses one BLAS thread): a daemon thread
-that a stage later waits for, or stops."""
+that a stage later waits for, or stops (beside), or whose errors it takes back (Worker)."""
 
 from __future__ import annotations
 
@@ -31,3 +31,24 @@ def beside(work: Callable[[threading.Event], str], name: str, *, after: Finish |
         return "; ".join(x for x in (before, outcome[0]) if x)
 
     return finish
+
+
+class Worker(threading.Thread):
+    """fn in a daemon thread (a Ctrl-C is not held up by it; the children it runs cannot outlive this process);
+    join() re-raises what fn raised."""
+
+    def __init__(self, fn: Callable[[], object], name: str):
+        super().__init__(name=name, daemon=True)
+        self.fn, self.error = fn, None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self.fn()
+        except BaseException as exc:  # handed to the caller in join()
+            self.error = exc
+
+    def join(self, timeout: float | None = None) -> None:
+        super().join(timeout)
+        if self.error is not None:
+            raise self.error

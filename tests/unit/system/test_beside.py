@@ -34,3 +34,20 @@ def test_cancel_sets_stop_and_waits_for_the_work_to_return():
     finish = beside(work, "t")
     assert started.wait(5)
     assert finish(True) == "stopped"
+
+
+def test_a_worker_hands_back_what_its_work_raised():
+    import pytest
+
+    from finetune.system.beside import Worker
+
+    def broken():
+        raise RuntimeError("the child crashed")
+
+    worker = Worker(broken, "t")
+    assert worker.daemon  # a Ctrl-C of the caller is not held up by it
+    with pytest.raises(RuntimeError, match="the child crashed"):
+        worker.join()
+    done = []
+    Worker(lambda: done.append(1), "t").join()
+    assert done == [1]
