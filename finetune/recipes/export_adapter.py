@@ -72,11 +72,11 @@ def ship(job: Job, form: str) -> Shipped:
     """Export, measure and judge one form into job.out with its parity.json; a file that failed its gate is
     renamed *.rejected, so nothing unjudged stays loadable by accident."""
     shipped, verdicts, extra = _form(form)(job)
-    later = _speeds_later(job, shipped, extra) if form.startswith(QUANTIZED) and not job.speed else None
+    later = _speeds_later(job, form, shipped, extra) if form.startswith(QUANTIZED) and not job.speed else None
     result = Shipped(
         form, job.out, verdicts, write_record(job.out, form, verdicts, job.adapter, extra), extra, later
     )
-    rejected = shipped.with_name(f"{shipped.name}.rejected")
+    rejected = _rejected(shipped)
     if result.passed:
         rejected.unlink(missing_ok=True)  # an earlier export's, judged on other bytes
     else:
@@ -84,14 +84,19 @@ def ship(job: Job, form: str) -> Shipped:
     return result
 
 
-def _speeds_later(job: Job, shipped: Path, extra: dict[str, Any]) -> Callable[[], dict[str, Any]]:
+def _rejected(shipped: Path) -> Path:
+    """Where ship() keeps a file that failed its gate."""
+    return shipped.with_name(f"{shipped.name}.rejected")
+
+
+def _speeds_later(job: Job, form: str, shipped: Path, extra: dict[str, Any]) -> Callable[[], dict[str, Any]]:
     def measure() -> dict[str, Any]:
         from finetune.evaluate.adapter_measure import REPORT
         from finetune.recipes.export_quantized import measure_speeds
         from finetune.system.atomic import atomic_write_json
 
-        rejected = shipped.with_name(f"{shipped.name}.rejected")  # ship() renames a file that failed its gate
-        speeds = measure_speeds(job, shipped if shipped.is_file() else rejected)
+        qtype = form[len(QUANTIZED) :]
+        speeds = measure_speeds(job, shipped if shipped.is_file() else _rejected(shipped), qtype)
         extra.setdefault("quantized", {}).update(speeds)
         record = json.loads((job.out / REPORT).read_text())
         record.setdefault("quantized", {}).update(speeds)

@@ -18,7 +18,6 @@ from finetune.system.jsonl import read_jsonl
 
 HELDOUT_ROWS = 8  # rows of the run's test split, beside the general texts no run trains on
 HELDOUT_TOKENS = 128
-SPEED_TOKENS = 48
 SCORED = 8  # training and held-out questions each
 
 
@@ -82,7 +81,7 @@ def gguf_quantized(job: Any, qtype: str) -> tuple[Path, list[Any], dict[str, Any
     return shipped, verdicts, extra
 
 
-def measure_speeds(job: Any, gguf: Path) -> dict[str, float | None]:
+def measure_speeds(job: Any, gguf: Path, qtype: str) -> dict[str, float | None]:
     """A quantized GGUF's decode tokens/s in llama.cpp and in Ollama (served FROM the file), for a moment when
     nothing runs beside (the pipeline ships its forms side by side: speeds measured then would be shared)."""
     from finetune.serve.ollama_quantize import served_speed
@@ -90,13 +89,13 @@ def measure_speeds(job: Any, gguf: Path) -> dict[str, float | None]:
     kw = {} if job.ollama_server is None else {"server": job.ollama_server}
     return {
         "llamacpp_tokens_per_second": _llamacpp_speed(gguf),
-        "ollama_tokens_per_second": served_speed(gguf, binary=_ollama(job, "speed"), **kw),
+        "ollama_tokens_per_second": served_speed(gguf, binary=_ollama(job, qtype), **kw),
     }
 
 
 def _llamacpp_speed(gguf: Path) -> float | None:
     from finetune.serve import llamacpp
-    from finetune.serve.ollama_quantize import SPEED_PROMPT
+    from finetune.serve.ollama_quantize import SPEED_PROMPT, SPEED_TOKENS
 
     return llamacpp.generate(gguf, [SPEED_PROMPT], max_tokens=SPEED_TOKENS)[0].tokens_per_second
 

@@ -184,7 +184,9 @@ def test_a_training_fault_on_the_real_model_is_caught_by_its_gate(tier2, fault, 
 
 
 def _one_epoch(tier2, cfg) -> int:
-    rows = (Path(tier2.run_dir) / "data" / "train.jsonl").read_text().count("\n")
+    from finetune.system.jsonl import read_jsonl
+
+    rows = len(read_jsonl(Path(tier2.run_dir) / "data" / "train.jsonl"))
     return -(-rows // cfg.training.batch_size)
 
 
