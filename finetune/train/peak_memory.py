@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import gc
 import json
 import os
 import subprocess
@@ -70,6 +71,9 @@ def measure(
     batch = shortcuts.build_batch([data[j] for j in picked], cfg.data.max_seq_length, fast.plan, fast.cache)
     value_and_grad = nn.value_and_grad(model, fast.loss)
     mx.eval(model.parameters())
+    # The peak is this probe's training alone: MLX arrays that earlier work in this process left as garbage
+    # (cycles not collected yet) would count too (a fresh probe process has none; a test process does).
+    gc.collect()
     mx.clear_cache()
     mx.reset_peak_memory()
     losses = []
