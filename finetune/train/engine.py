@@ -21,6 +21,7 @@ from finetune.config.schema import RunConfig
 from finetune.system import signals
 from finetune.system.atomic import atomic_write_json
 from finetune.system.hashing import dir_manifest, json_sha256
+from finetune.system.mlx_peak import reset_peak
 from finetune.train import distributed, shortcuts
 from finetune.train.callback import EarlyStop, RunCallback, step_seed
 from finetune.train.checkpoints import (
@@ -155,7 +156,7 @@ def _prepare(
     if start_step > 0:  # the loss before training was measured by the run this one continues
         before = [loss for step, loss in val_losses(read_metrics(run_dir / METRICS)) if step == 0]
         result.initial_val_loss = before[0] if before else None
-    mx.reset_peak_memory()
+    reset_peak()  # the run's own peak (the memory gate's LoRA side), not garbage of what ran before in-process
     distributed.beat(world, f"ready {start_step}")
     return run, fast, cb, result
 

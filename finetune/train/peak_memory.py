@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import gc
 import json
 import os
 import subprocess
@@ -27,6 +26,7 @@ from finetune.models.cache import cache_root
 from finetune.system.atomic import atomic_write_json
 from finetune.system.beside import beside
 from finetune.system.hashing import dir_sha256, file_sha256, json_sha256, mlx_measurement_versions
+from finetune.system.mlx_peak import reset_peak
 from finetune.system.procs import spawn_guarded, stop_group
 
 PROBE_STEPS = 3  # training steps a probe measures
@@ -71,11 +71,8 @@ def measure(
     batch = shortcuts.build_batch([data[j] for j in picked], cfg.data.max_seq_length, fast.plan, fast.cache)
     value_and_grad = nn.value_and_grad(model, fast.loss)
     mx.eval(model.parameters())
-    # The peak is this probe's training alone: MLX arrays that earlier work in this process left as garbage
-    # (cycles not collected yet) would count too (a fresh probe process has none; a test process does).
-    gc.collect()
     mx.clear_cache()
-    mx.reset_peak_memory()
+    reset_peak()
     losses = []
     for _ in range(steps):
         (loss, _ntoks), grads = value_and_grad(model, *batch)
@@ -105,16 +102,8 @@ def measure_in_subprocesses(
 ) -> dict[str, dict]:
     """One probe process per kind, all at once; their outputs go to files (no pipe to fill). Any exception here,
     a signal's included, stops every probe before it propagates."""
-    args = [
-        "--config",
-        str(cfg_path),
-        "--model",
-        str(model_path),
-        "--data",
-        str(data_dir),
-        "--steps",
-        str(steps),
-    ]
+    args = ["--config", str(cfg_path), "--model", str(model_path), "--data", str(data_dir),
+            "--steps", str(steps)]  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="finetune-peak-") as tmp:
         procs: dict[str, Any] = {}
         try:

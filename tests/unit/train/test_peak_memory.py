@@ -57,26 +57,6 @@ def test_lora_and_full_measured_in_process(probe_cfg, toy_folder, sums_dir):
     )  # same model, same batch, before any update
 
 
-def test_garbage_an_earlier_test_left_is_not_counted_in_a_probes_peak(probe_cfg, toy_folder, sums_dir):
-    import gc
-
-    import mlx.core as mx
-
-    clean = measure(probe_cfg, toy_folder, sums_dir, "lora", steps=1)
-    planted = 32 * 2**20
-    gc.disable()  # as when the collector has not run yet: the cycle's arrays are still allocated
-    try:
-        cycle = {"weights": mx.ones((planted // 4,), dtype=mx.float32)}
-        mx.eval(cycle["weights"])
-        cycle["self"] = cycle
-        del cycle
-        dirty = measure(probe_cfg, toy_folder, sums_dir, "lora", steps=1)
-    finally:
-        gc.enable()
-    # nearer the clean peak than the clean peak plus the garbage (the full-vs-LoRA order flipped on it once)
-    assert dirty["peak_bytes"] - clean["peak_bytes"] < planted / 2, (dirty["peak_bytes"], clean["peak_bytes"])
-
-
 def test_the_probe_trains_the_batch_of_the_longest_rows(probe_cfg, toy_folder, tmp_path):
     """That batch sets a run's peak (every epoch trains it); the run's first batch is a shorter one here."""
     from finetune.data.prepare import prepare
